@@ -1,0 +1,111 @@
+//! The object-store layout of the round protocol.
+//!
+//! ```text
+//! <prefix>/<namespace>/<name>-<uid8>/round-0003/clients/<client>/adapter.safetensors
+//!                                              /clients/<client>/manifest.json
+//!                                   /round-0003/global/adapter.safetensors
+//!                                              /global/manifest.json
+//! ```
+//!
+//! A writer uploads its data first and its manifest last: the manifest is the
+//! commit marker. A round is complete exactly when its global manifest exists.
+//! The run directory includes the first 8 characters of the resource's UID,
+//! so a re-created resource with the same name never reads an old run.
+
+/// File name of an adapter artifact.
+pub const ADAPTER_FILE: &str = "adapter.safetensors";
+/// File name of a manifest (the commit marker).
+pub const MANIFEST_FILE: &str = "manifest.json";
+
+/// Paths (object keys, `/`-separated, relative to the store root) of one run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunLayout {
+    run_dir: String,
+}
+
+impl RunLayout {
+    /// The layout of run `name` in `namespace` whose UID starts with `uid`.
+    /// `prefix` is the path part of the storage URI (may be empty).
+    pub fn new(prefix: &str, namespace: &str, name: &str, uid: &str) -> Self {
+        let uid8: String = uid.chars().filter(|c| *c != '-').take(8).collect();
+        let prefix = prefix.trim_matches('/');
+        let run = format!("{namespace}/{name}-{uid8}");
+        let run_dir = if prefix.is_empty() {
+            run
+        } else {
+            format!("{prefix}/{run}")
+        };
+        RunLayout { run_dir }
+    }
+
+    /// The run's directory.
+    pub fn run_dir(&self) -> &str {
+        &self.run_dir
+    }
+
+    /// Directory of round `round` (1-based; round 0 holds the initial state).
+    pub fn round_dir(&self, round: u32) -> String {
+        format!("{}/round-{round:04}", self.run_dir)
+    }
+
+    /// Directory of `client`'s artifact in `round`.
+    pub fn client_dir(&self, round: u32, client: &str) -> String {
+        format!("{}/clients/{client}", self.round_dir(round))
+    }
+
+    /// Directory of the global artifact of `round`.
+    pub fn global_dir(&self, round: u32) -> String {
+        format!("{}/global", self.round_dir(round))
+    }
+
+    /// `client`'s adapter in `round`.
+    pub fn client_adapter(&self, round: u32, client: &str) -> String {
+        format!("{}/{ADAPTER_FILE}", self.client_dir(round, client))
+    }
+
+    /// `client`'s manifest in `round`.
+    pub fn client_manifest(&self, round: u32, client: &str) -> String {
+        format!("{}/{MANIFEST_FILE}", self.client_dir(round, client))
+    }
+
+    /// The global adapter after `round`.
+    pub fn global_adapter(&self, round: u32) -> String {
+        format!("{}/{ADAPTER_FILE}", self.global_dir(round))
+    }
+
+    /// The global manifest after `round` (its existence completes the round).
+    pub fn global_manifest(&self, round: u32) -> String {
+        format!("{}/{MANIFEST_FILE}", self.global_dir(round))
+    }
+
+    /// The spec the run was started with (checked on resume).
+    pub fn spec_file(&self) -> String {
+        format!("{}/spec.json", self.run_dir)
+    }
+
+    /// The run's report folder.
+    pub fn report_dir(&self) -> String {
+        format!("{}/report", self.run_dir)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_follow_the_documented_layout() {
+        let l = RunLayout::new("/runs/", "team-a", "trec", "0f1e2d3c-4b5a-6978-8091-a2b3c4d5e6f7");
+        assert_eq!(l.run_dir(), "runs/team-a/trec-0f1e2d3c");
+        assert_eq!(
+            l.client_adapter(3, "site-1"),
+            "runs/team-a/trec-0f1e2d3c/round-0003/clients/site-1/adapter.safetensors"
+        );
+        assert_eq!(
+            l.global_manifest(12),
+            "runs/team-a/trec-0f1e2d3c/round-0012/global/manifest.json"
+        );
+        let bare = RunLayout::new("", "ns", "x", "abc");
+        assert_eq!(bare.round_dir(1), "ns/x-abc/round-0001");
+    }
+}

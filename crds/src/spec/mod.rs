@@ -1,0 +1,182 @@
+//! `FederatedTune` (`heterotune.dev/v1alpha1`): the desired state.
+//!
+//! Field names follow what users of neighbouring tools already know:
+//! `rounds` and `minClients` (Flower's `num_rounds`, FLARE's `min_clients`),
+//! `roundDeadlineSeconds` (FLARE's `train_timeout`), `suspend` and
+//! `storage.uri` + `credentialsSecret` (Kubeflow Trainer's TrainJob).
+
+mod adapter;
+mod aggregation;
+mod client;
+mod storage;
+mod task;
+mod training;
+
+pub use adapter::{AdapterKind, AdapterSpec, LayerSelectionMode, LayerSelectionSpec, SharePolicy};
+pub use aggregation::{
+    AggregationAlgorithm, AggregationSpec, AlignmentRule, FamilyWeighting, NormBoundAction,
+};
+pub use client::{ClientDataSpec, ClientResources, ClientSpec, Dtype, ModelFamily, ModelSpec, Toleration};
+pub use storage::{RetentionPolicy, RetentionSpec, SecretKeyRef, StorageSpec, TrainerSpec};
+pub use task::{DatasetFormat, DatasetSpec, PartitionSpec, PartitionStrategy, SplitSpec, TaskSpec};
+pub use training::{Pooling, PrefixCacheSpec, TrainingSpec};
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+#[cfg(feature = "kube")]
+use crate::status::FederatedTuneStatus;
+
+/// A federated fine-tuning run over heterogeneous clients.
+///
+/// Each round every client fine-tunes its own frozen backbone's adapters on
+/// its own data and uploads only the shared adapter part; an aggregation job
+/// combines the uploads (CMGA by default) into the next round's global state.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[cfg_attr(feature = "kube", derive(kube::CustomResource))]
+#[cfg_attr(
+    feature = "kube",
+    kube(
+        group = "heterotune.dev",
+        version = "v1alpha1",
+        kind = "FederatedTune",
+        plural = "federatedtunes",
+        singular = "federatedtune",
+        namespaced,
+        status = "FederatedTuneStatus",
+        shortname = "ft",
+        shortname = "fedtune",
+        category = "heterotune",
+        printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+        printcolumn = r#"{"name":"Round","type":"string","jsonPath":".status.progress","description":"completed rounds / rounds"}"#,
+        printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.readyClients","description":"clients whose artifact for the current round is committed"}"#,
+        printcolumn = r#"{"name":"Accuracy","type":"number","jsonPath":".status.lastAccuracy","description":"global test accuracy after the last completed round"}"#,
+        printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    )
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.minClients) || self.minClients <= size(self.clients)",
+        "message": "minClients must not exceed the number of clients",
+        "fieldPath": ".minClients",
+        "reason": "FieldValueInvalid"
+    },
+    {
+        "rule": "self.task.partition.strategy != 'shards' || self.clients.all(c, has(c.data))",
+        "message": "partition strategy 'shards' needs data.uri on every client",
+        "fieldPath": ".clients",
+        "reason": "FieldValueRequired"
+    },
+    {
+        "rule": "!(self.aggregation.algorithm in ['cmga', 'fedavg']) || self.adapter.type == 'dema'",
+        "message": "algorithms cmga and fedavg aggregate DeMA's shared part: set adapter.type to dema",
+        "fieldPath": ".aggregation.algorithm",
+        "reason": "FieldValueInvalid"
+    },
+    {
+        "rule": "!(self.aggregation.algorithm in ['hetlora', 'flexlora']) || self.adapter.type == 'lora'",
+        "message": "algorithms hetlora and flexlora aggregate LoRA factors: set adapter.type to lora",
+        "fieldPath": ".aggregation.algorithm",
+        "reason": "FieldValueInvalid"
+    },
+    {
+        "rule": "self.adapter.type == 'lora' || self.clients.all(c, !has(c.loraRank))",
+        "message": "clients[].loraRank applies to adapter.type lora only",
+        "fieldPath": ".clients",
+        "reason": "FieldValueForbidden"
+    }
+]))]
+pub struct FederatedTuneSpec {
+    /// Number of federated rounds (Flower `num_rounds`). Raising it on a
+    /// finished run continues it from the last global state.
+    #[serde(default = "defaults::rounds")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub rounds: u32,
+
+    /// Quorum: the number of committed client artifacts a round needs before
+    /// it is aggregated (FLARE `min_clients`). Defaults to every client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub min_clients: Option<u32>,
+
+    /// Wall-clock limit of one round. At the deadline the round is aggregated
+    /// with what arrived if quorum holds, else it fails (FLARE `train_timeout`).
+    #[serde(default = "defaults::round_deadline_seconds")]
+    #[schemars(range(min = 10, max = 604800))]
+    pub round_deadline_seconds: u32,
+
+    /// After quorum is reached, wait this long for stragglers before
+    /// aggregating (FLARE `wait_time_after_min_received`). 0 aggregates as
+    /// soon as every client has reported or quorum holds and the deadline passed.
+    #[serde(default)]
+    #[schemars(range(max = 86400))]
+    pub wait_after_min_clients_seconds: u32,
+
+    /// How often a failed client run is retried within a round before the
+    /// client is excluded from that round.
+    #[serde(default = "defaults::max_retries_per_client")]
+    #[schemars(range(max = 20))]
+    pub max_retries_per_client: u32,
+
+    /// Pause the run: no new trainer or aggregation jobs start; running ones finish.
+    #[serde(default)]
+    pub suspend: bool,
+
+    /// The participants. Each runs its own model family and size.
+    #[schemars(
+        length(min = 1, max = 1000),
+        extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"])
+    )]
+    pub clients: Vec<ClientSpec>,
+
+    /// What is learned: dataset, label set, splits and the non-IID partition.
+    pub task: TaskSpec,
+
+    /// Local training settings shared by all clients.
+    #[serde(default)]
+    pub training: TrainingSpec,
+
+    /// The adapter every client trains (DeMA by default).
+    #[serde(default)]
+    pub adapter: AdapterSpec,
+
+    /// How client updates are combined each round.
+    #[serde(default)]
+    pub aggregation: AggregationSpec,
+
+    /// Where artifacts live (the round protocol's object store).
+    #[serde(default)]
+    pub storage: StorageSpec,
+
+    /// The trainer container (used in a cluster; ignored by the local runner).
+    #[serde(default)]
+    pub trainer: TrainerSpec,
+
+    /// What happens to artifacts over time and when the resource is deleted.
+    #[serde(default)]
+    pub retention: RetentionSpec,
+}
+
+impl FederatedTuneSpec {
+    /// The quorum in force: `minClients`, or every client when unset.
+    pub fn quorum(&self) -> u32 {
+        self.min_clients.unwrap_or(self.clients.len() as u32)
+    }
+}
+
+/// Default values, shared by serde and the generated schema.
+pub(crate) mod defaults {
+    pub fn rounds() -> u32 {
+        10
+    }
+    pub fn round_deadline_seconds() -> u32 {
+        3600
+    }
+    pub fn max_retries_per_client() -> u32 {
+        2
+    }
+    pub fn yes() -> bool {
+        true
+    }
+}

@@ -1,0 +1,160 @@
+//! `FederatedTune` status: the observed state, written by the operator with
+//! server-side apply (and mirrored in the local runner's report).
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Most round summaries kept in status (older ones live in the store's report).
+pub const MAX_HISTORY: usize = 50;
+
+/// Observed state of a FederatedTune.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FederatedTuneStatus {
+    /// Coarse state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// The round in progress (1-based), or the last one when finished.
+    #[serde(default)]
+    pub round: u32,
+    /// Completed rounds as "done/total" (printed by kubectl).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<String>,
+    /// Completed fraction of the run, 0-100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress_percent: Option<f64>,
+    /// Estimated completion time (RFC 3339), from the mean round duration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimated_completion_time: Option<String>,
+    /// Clients whose artifact for the current round is committed.
+    #[serde(default)]
+    pub ready_clients: u32,
+    /// Global test accuracy after the last completed round.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_accuracy: Option<f64>,
+    /// The spec generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Ready, Progressing, Degraded, Suspended, Complete, Failed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Per-client state in the current round.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clients: Vec<ClientStatus>,
+    /// The last rounds, newest last (at most 50).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<RoundSummary>,
+    /// Where the run's artifacts are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifacts: Option<ArtifactLocations>,
+    /// When the first round started (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<String>,
+    /// When the run finished (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<String>,
+}
+
+/// Coarse state of a run.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Phase {
+    /// Accepted, nothing started yet.
+    Pending,
+    /// Clients are training.
+    Running,
+    /// The round's aggregation job is running.
+    Aggregating,
+    /// Paused by `spec.suspend`.
+    Suspended,
+    /// All rounds completed.
+    Succeeded,
+    /// Stopped by an error that needs a person (see the conditions).
+    Failed,
+}
+
+/// A status condition (the Kubernetes convention).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// Ready, Progressing, Degraded, Suspended, Complete or Failed.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// "True", "False" or "Unknown".
+    pub status: String,
+    /// Machine-readable cause, e.g. QuorumNotMet, DeadlineExceeded,
+    /// NoGpuProfileFits, InvalidSpec, StorageUnavailable.
+    pub reason: String,
+    /// Human-readable detail.
+    #[serde(default)]
+    pub message: String,
+    /// When the status last changed (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<String>,
+    /// The generation the condition was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// One client's state in the current round.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientStatus {
+    /// Client name.
+    pub name: String,
+    /// Pending, Training, Committed, Failed, Excluded or Rejected.
+    pub state: String,
+    /// Attempts in the current round.
+    #[serde(default)]
+    pub attempts: u32,
+    /// Last round this client's artifact was aggregated in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_round: Option<u32>,
+    /// The GPU profile chosen for this client ("cpu" for CPU-only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_profile: Option<String>,
+    /// Estimated trainer memory in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimated_memory_bytes: Option<u64>,
+    /// Last error or note.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// Summary of a completed round.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RoundSummary {
+    /// Round number (1-based).
+    pub round: u32,
+    /// Global test accuracy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accuracy: Option<f64>,
+    /// Global test accuracy per model family.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub accuracy_by_family: BTreeMap<String, f64>,
+    /// Bytes uploaded by clients in this round.
+    #[serde(default)]
+    pub bytes_uploaded: u64,
+    /// Wall time of the round in seconds.
+    #[serde(default)]
+    pub duration_seconds: f64,
+    /// Clients aggregated.
+    #[serde(default)]
+    pub participants: u32,
+    /// Artifacts rejected, by reason.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rejected: BTreeMap<String, u32>,
+}
+
+/// Where a run's artifacts are.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ArtifactLocations {
+    /// The run's prefix in the store.
+    pub prefix: String,
+    /// The latest global manifest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest_global: Option<String>,
+}

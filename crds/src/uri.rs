@@ -1,0 +1,87 @@
+//! Resolution of the URIs a spec uses for models and datasets.
+//!
+//! * `cache://REL` → `$HETEROTUNE_CACHE/REL` (default `~/.cache/heterotune`),
+//!   the cache that `scripts/setup.sh` fills;
+//! * `file:///abs`, `file://rel` and `/abs` → a local path;
+//! * `s3://bucket/key` → an object in an S3-compatible store.
+
+use std::path::{Path, PathBuf};
+
+/// Environment variable naming the model/data cache.
+pub const CACHE_ENV: &str = "HETEROTUNE_CACHE";
+
+/// A parsed location.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// A local file or directory.
+    Local(PathBuf),
+    /// An object (or prefix) in an S3-compatible store.
+    S3 { bucket: String, key: String },
+}
+
+/// Why a URI could not be resolved.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UriError {
+    #[error("unsupported URI {0:?}: use cache://, file://, an absolute path, or s3://bucket/key")]
+    Unsupported(String),
+    #[error("{0:?} has no bucket: use s3://bucket/key")]
+    NoBucket(String),
+    #[error("cannot resolve {0:?}: neither HETEROTUNE_CACHE nor HOME is set")]
+    NoCache(String),
+}
+
+/// The cache root: `$HETEROTUNE_CACHE`, else `$HOME/.cache/heterotune`.
+pub fn cache_root() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os(CACHE_ENV).filter(|v| !v.is_empty()) {
+        return Some(PathBuf::from(dir));
+    }
+    std::env::var_os("HOME").map(|home| Path::new(&home).join(".cache").join("heterotune"))
+}
+
+/// Resolves `uri` to a [`Location`].
+pub fn resolve(uri: &str) -> Result<Location, UriError> {
+    if let Some(rest) = uri.strip_prefix("cache://") {
+        let root = cache_root().ok_or_else(|| UriError::NoCache(uri.to_string()))?;
+        Ok(Location::Local(root.join(rest.trim_start_matches('/'))))
+    } else if let Some(rest) = uri.strip_prefix("file://") {
+        Ok(Location::Local(PathBuf::from(rest)))
+    } else if let Some(rest) = uri.strip_prefix("s3://") {
+        let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(UriError::NoBucket(uri.to_string()));
+        }
+        Ok(Location::S3 {
+            bucket: bucket.to_string(),
+            key: key.trim_matches('/').to_string(),
+        })
+    } else if uri.starts_with('/') {
+        Ok(Location::Local(PathBuf::from(uri)))
+    } else {
+        Err(UriError::Unsupported(uri.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_each_scheme() {
+        assert_eq!(resolve("file:///data/x.csv"), Ok(Location::Local("/data/x.csv".into())));
+        assert_eq!(resolve("file://runs"), Ok(Location::Local("runs".into())));
+        assert_eq!(resolve("/abs/dir"), Ok(Location::Local("/abs/dir".into())));
+        assert_eq!(
+            resolve("s3://bucket/a/b/"),
+            Ok(Location::S3 {
+                bucket: "bucket".into(),
+                key: "a/b".into()
+            })
+        );
+        assert_eq!(resolve("s3:///x"), Err(UriError::NoBucket("s3:///x".into())));
+        assert!(matches!(resolve("http://x"), Err(UriError::Unsupported(_))));
+        match resolve("cache://models/m") {
+            Ok(Location::Local(p)) => assert!(p.ends_with("models/m")),
+            other => panic!("{other:?}"),
+        }
+    }
+}

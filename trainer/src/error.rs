@@ -1,0 +1,65 @@
+//! The trainer library's error type. Every variant names the file or field
+//! that is wrong and, where there is one, the fix.
+
+use std::path::PathBuf;
+
+/// Errors raised by the trainer library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A model directory or checkpoint is missing something or is inconsistent.
+    #[error("model {path}: {message}")]
+    Model { path: PathBuf, message: String },
+    /// A dataset file or its configuration is unusable.
+    #[error("dataset {path}: {message}")]
+    Data { path: PathBuf, message: String },
+    /// A configuration value is out of range or inconsistent.
+    #[error("invalid configuration `{field}`: {message}")]
+    Config { field: String, message: String },
+    /// An error raised by libtorch.
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+/// Result alias for the trainer library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Builds an [`Error::Io`] for `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// Builds an [`Error::Model`] for `path`.
+    pub fn model(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Error::Model {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+
+    /// Builds an [`Error::Data`] for `path`.
+    pub fn data(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Error::Data {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+
+    /// Builds an [`Error::Config`] for `field`.
+    pub fn config(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::Config {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
