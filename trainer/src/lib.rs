@@ -9,9 +9,13 @@
 //!   splits and non-IID partitions over clients.
 
 pub mod adapters;
+pub mod artifact;
 pub mod data;
 pub mod error;
+pub mod job;
+pub mod metrics;
 pub mod models;
 pub mod tokenizer;
+pub mod train;
 
 pub use error::{Error, Result};

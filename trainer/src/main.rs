@@ -1,6 +1,334 @@
-//! `heterotune-trainer`: train / aggregate / eval subcommands (in progress).
+//! `heterotune-trainer`: one client's local training for one round (`train`)
+//! and evaluation of a saved state (`eval`). Aggregation comes next.
 
-fn main() {
-    eprintln!("heterotune-trainer: the train/aggregate/eval subcommands are not implemented yet");
-    std::process::exit(2);
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use heterotune_crds::manifest::{ArtifactKind, ArtifactManifest, FileDigest, MANIFEST_SCHEMA_VERSION};
+use heterotune_crds::spec::{AggregationAlgorithm, FederatedTuneSpec, Pooling as SpecPooling};
+use heterotune_trainer::adapters::head::Pooling;
+use heterotune_trainer::artifact::{self, StoreDtype};
+use heterotune_trainer::data::partition::federate;
+use heterotune_trainer::job;
+use heterotune_trainer::models::load_backbone;
+use heterotune_trainer::tokenizer::TextTokenizer;
+use heterotune_trainer::train::{ClientModel, TrainSettings};
+use tch::{Device, Tensor};
+
+#[derive(Parser)]
+#[command(name = "heterotune-trainer", version, about = "HeteroTune trainer: local training and evaluation of one client")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct Common {
+    /// The FederatedTune (YAML or JSON; the whole object or its spec).
+    #[arg(long)]
+    spec: PathBuf,
+    /// The client's name in the spec.
+    #[arg(long)]
+    client: String,
+    /// libtorch intra-op threads (default: all cores).
+    #[arg(long)]
+    threads: Option<i32>,
+    /// `cpu`, `cuda`, or `auto` (CUDA when available).
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train one client for one round and write its artifact.
+    Train {
+        #[command(flatten)]
+        common: Common,
+        /// The round being trained (1-based).
+        #[arg(long)]
+        round: u32,
+        /// Directory of the previous round's global artifact (absent in round 1).
+        #[arg(long)]
+        global: Option<PathBuf>,
+        /// The client's private state directory (adapter parts that are not
+        /// shared persist here between rounds; never uploaded).
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// Where to write adapter.safetensors and manifest.json.
+        #[arg(long)]
+        out: PathBuf,
+        /// The run this artifact belongs to (written into the manifest).
+        #[arg(long, default_value = "local")]
+        run: String,
+    },
+}
+
+fn device(name: &str) -> anyhow::Result<Device> {
+    match name {
+        "auto" => Ok(Device::cuda_if_available()),
+        "cpu" => Ok(Device::Cpu),
+        "cuda" if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
+        "cuda" => anyhow::bail!("--device cuda: no CUDA device is available"),
+        other => anyhow::bail!("--device {other:?}: use cpu, cuda or auto"),
+    }
+}
+
+const STATE_FILE: &str = "state.safetensors";
+
+/// Names (in this client's var store) of what leaves the client each round.
+fn shared_names(model: &ClientModel, spec: &FederatedTuneSpec) -> Vec<String> {
+    if spec.aggregation.algorithm == AggregationAlgorithm::LocalOnly {
+        return Vec::new();
+    }
+    let mut names = model.dema.shared_names();
+    if spec.adapter.share.family_parts {
+        names.extend(model.dema.family_names());
+    }
+    if spec.adapter.share.head {
+        names.extend(model.head.names());
+    }
+    names
+}
+
+/// Maps a global artifact's tensors to this client's variable names: shared
+/// tensors as they are, this family's parts from `family/<key>/...`.
+fn global_for_client(global: BTreeMap<String, Tensor>, family_key: &str) -> BTreeMap<String, Tensor> {
+    let prefix = format!("family/{family_key}/");
+    global
+        .into_iter()
+        .filter_map(|(name, t)| {
+            if let Some(local) = name.strip_prefix(&prefix) {
+                Some((local.to_string(), t))
+            } else if name.starts_with("shared.") {
+                Some((name, t))
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn train(
+    common: &Common,
+    round: u32,
+    global: Option<&Path>,
+    state: Option<&Path>,
+    out: &Path,
+    run: &str,
+) -> anyhow::Result<()> {
+    let spec = job::read_spec(&common.spec)?;
+    let index = job::client_index(&spec, &common.client)?;
+    let client = &spec.clients[index];
+    if let Some(t) = common.threads {
+        tch::set_num_threads(t);
+    }
+    let device = device(&common.device)?;
+    let model_dir = job::local_path(&client.model.uri, &format!("spec.clients[{index}].model.uri"))?;
+    let load_start = std::time::Instant::now();
+    let backbone = load_backbone(&model_dir, device, job::kind_of(client.model.dtype))
+        .with_context(|| format!("loading the backbone of client {}", client.name))?;
+    let info = backbone.info().clone();
+    let tokenizer = TextTokenizer::for_model(&model_dir, info.vocab_size)?;
+    let load_seconds = load_start.elapsed().as_secs_f64();
+
+    let data = federate(&job::data_config(&spec)?).context("preparing the data")?;
+    let mine = &data.clients[index];
+    let mut test = data.test.clone();
+    if let Some(max) = spec.task.max_test_examples {
+        test.truncate(max as usize);
+    }
+    let num_classes = data.labels.len();
+
+    let slots = job::resolve_slots(&spec)?;
+    let dema_cfg = job::dema_config(&spec, index, info.num_layers, slots);
+    let pooling = match spec.training.pooling {
+        SpecPooling::Mean => Pooling::Mean,
+        SpecPooling::LastToken => Pooling::LastToken,
+    };
+    let mut model = ClientModel::new(backbone, tokenizer, &dema_cfg, num_classes, pooling, device)?;
+    let all_names: Vec<String> = model.vs.variables().keys().cloned().collect();
+
+    // Private state first, then the global state on top of it.
+    if let Some(state) = state {
+        let file = state.join(STATE_FILE);
+        if file.is_file() {
+            let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let values = artifact::from_safetensors(&bytes, &file)?;
+            model.import(&values, &all_names)?;
+        }
+    }
+    let family_key = job::family_key(&client.model.uri);
+    let mut base_round = 0;
+    if let Some(global) = global {
+        let (manifest, tensors) = artifact::read_artifact(global)
+            .with_context(|| format!("reading the global artifact in {}", global.display()))?;
+        base_round = manifest.round;
+        let mapped = global_for_client(tensors, &family_key);
+        model.import(&mapped, &all_names)?;
+    }
+    let send = shared_names(&model, &spec);
+    let before = model.export(&send)?;
+
+    let settings = TrainSettings {
+        steps: spec.training.local_steps as usize,
+        batch_size: spec.training.batch_size as usize,
+        learning_rate: spec.training.learning_rate,
+        head_learning_rate: spec.training.head_learning_rate,
+        weight_decay: spec.training.weight_decay,
+        warmup_steps: spec.training.warmup_steps as usize,
+        max_grad_norm: spec.training.max_grad_norm,
+        max_seq_length: spec.training.max_seq_length as usize,
+        eval_batch_size: spec.training.eval_batch_size as usize,
+        seed: spec
+            .training
+            .seed
+            .wrapping_mul(1_000_003)
+            .wrapping_add(u64::from(round) * 1_009 + index as u64),
+        prefix_cache: spec.training.prefix_cache.enabled,
+        prefix_cache_bytes: spec.training.prefix_cache.max_memory_mib as usize * 1024 * 1024,
+    };
+    let report = model.train(&mine.train, &settings)?;
+    let max_len = settings.max_seq_length;
+    let (val, val_loss) = model.evaluate(&mine.validation, max_len, settings.eval_batch_size, num_classes)?;
+    let (tst, _) = model.evaluate(&test, max_len, settings.eval_batch_size, num_classes)?;
+
+    if let Some(state) = state {
+        let values = model.export(&all_names)?;
+        let (bytes, _) = artifact::to_safetensors(&values, StoreDtype::F32)?;
+        artifact::write_atomic(&state.join(STATE_FILE), &bytes)?;
+    }
+
+    let after = model.export(&send)?;
+    let delta: BTreeMap<String, Tensor> = after
+        .iter()
+        .map(|(name, t)| (name.clone(), t - &before[name]))
+        .collect();
+    let trainable = model.dema.shared_parameter_count() + model.dema.family_parameter_count() + model.head.parameter_count();
+    let mut metrics = BTreeMap::new();
+    metrics.insert("loss".into(), report.final_loss);
+    metrics.insert("mean_train_loss".into(), report.mean_loss);
+    metrics.insert("validation_loss".into(), val_loss);
+    metrics.insert("accuracy".into(), val.accuracy);
+    metrics.insert("macro_f1".into(), val.macro_f1);
+    metrics.insert("validation_examples".into(), val.examples as f64);
+    metrics.insert("test_accuracy".into(), tst.accuracy);
+    metrics.insert("test_macro_f1".into(), tst.macro_f1);
+    metrics.insert("test_examples".into(), tst.examples as f64);
+    metrics.insert("steps".into(), report.steps as f64);
+    metrics.insert("steps_per_second".into(), report.steps_per_second);
+    metrics.insert("tokens_per_second".into(), report.tokens_per_second);
+    metrics.insert("train_seconds".into(), report.seconds);
+    metrics.insert("prefix_cache_seconds".into(), report.prefix_seconds);
+    metrics.insert("prefix_cached_examples".into(), report.cached_examples as f64);
+    metrics.insert("load_seconds".into(), load_seconds);
+    metrics.insert("trainable_parameters".into(), trainable as f64);
+    metrics.insert("backbone_parameters".into(), info.num_parameters as f64);
+    if let Some(rss) = report.peak_rss_bytes {
+        metrics.insert("peak_rss_bytes".into(), rss as f64);
+    }
+    let manifest = ArtifactManifest {
+        schema_version: MANIFEST_SCHEMA_VERSION,
+        kind: ArtifactKind::Client,
+        run: run.to_string(),
+        round,
+        base_round,
+        client: Some(client.name.clone()),
+        family: Some(family_key.clone()),
+        artifact: FileDigest {
+            path: String::new(),
+            sha256: String::new(),
+            bytes: 0,
+        },
+        tensors: Vec::new(),
+        num_examples: mine.train.len() as u64,
+        metrics,
+        stats: serde_json::json!({"familyArchitecture": client.model.family.as_str(), "prefixLayers": model.prefix_layers()}),
+        writer_version: format!("heterotune-trainer {}", env!("CARGO_PKG_VERSION")),
+        created_at: now_rfc3339(),
+    };
+    let written = artifact::write_artifact(out, &delta, StoreDtype::Bf16, manifest)?;
+
+    println!(
+        "client {} ({}, {} layers, frozen prefix of {} layers): round {round}, {} train / {} validation / {} test examples",
+        client.name,
+        family_key,
+        info.num_layers,
+        model.prefix_layers(),
+        mine.train.len(),
+        mine.validation.len(),
+        test.len()
+    );
+    println!(
+        "  trained {} steps in {:.1} s ({:.2} steps/s, {:.0} tokens/s; prefix cache {:.1} s for {} examples; model load {:.1} s)",
+        report.steps, report.seconds, report.steps_per_second, report.tokens_per_second, report.prefix_seconds, report.cached_examples, load_seconds
+    );
+    println!(
+        "  loss {:.4} -> validation accuracy {:.3}, macro-F1 {:.3}; global test accuracy {:.3}, macro-F1 {:.3}",
+        report.final_loss, val.accuracy, val.macro_f1, tst.accuracy, tst.macro_f1
+    );
+    println!(
+        "  parameters: {} trainable of {} in the backbone ({:.4} %); upload {} bytes ({} tensors, bf16); peak RSS {:.0} MiB",
+        trainable,
+        info.num_parameters,
+        100.0 * trainable as f64 / info.num_parameters.max(1) as f64,
+        written.artifact.bytes,
+        written.tensors.len(),
+        report.peak_rss_bytes.map(mib).unwrap_or(f64::NAN)
+    );
+    println!("  artifact: {}", out.display());
+    Ok(())
+}
+
+fn now_rfc3339() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    // Civil date from days since the epoch (Howard Hinnant's algorithm).
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Train {
+            common,
+            round,
+            global,
+            state,
+            out,
+            run,
+        } => train(common, *round, global.as_deref(), state.as_deref(), out, run),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("heterotune-trainer: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -3,9 +3,9 @@
 //! * [`source`]: a [`DatasetConfig`] (URI, CSV / TSV / JSONL, text and label
 //!   fields, label map and aliases) is read into a deduplicated
 //!   [`Dataset`] with a [`LoadReport`];
-//! * [`split`]: a seeded, stratified train / validation / test split, and
+//! * [`split`](mod@split): a seeded, stratified train / validation / test split, and
 //!   the portable seeded sampling (ChaCha8) everything random here uses;
-//! * [`partition`]: IID, Dirichlet(α) label skew, explicit index lists or
+//! * [`partition`](mod@partition): IID, Dirichlet(α) label skew, explicit index lists or
 //!   one shard file per client; [`federate`] runs the whole pipeline from a
 //!   [`DataConfig`].
 

@@ -1,0 +1,250 @@
+//! Writing and reading adapter artifacts: `adapter.safetensors` plus its
+//! `manifest.json`, the commit marker of the round protocol.
+//!
+//! Both files are written to a temporary name and renamed into place, data
+//! first and manifest last, so a reader never sees a manifest without its
+//! complete data, and a crash never leaves a partial artifact that looks
+//! complete.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::Path;
+
+use heterotune_crds::layout::{ADAPTER_FILE, MANIFEST_FILE};
+use heterotune_crds::manifest::{ArtifactManifest, FileDigest, TensorInfo};
+use sha2::{Digest, Sha256};
+use tch::{Kind, Tensor};
+
+use crate::{Error, Result};
+
+/// Numeric type tensors are stored in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreDtype {
+    /// bfloat16: what clients send (deltas; half the bytes).
+    Bf16,
+    /// float32: global states.
+    F32,
+}
+
+impl StoreDtype {
+    fn kind(self) -> Kind {
+        match self {
+            StoreDtype::Bf16 => Kind::BFloat16,
+            StoreDtype::F32 => Kind::Float,
+        }
+    }
+}
+
+/// Hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Writes `bytes` to `path` atomically (temporary file, fsync, rename).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let tmp = path.with_extension(format!(
+        "{}.tmp-{}",
+        path.extension().and_then(|e| e.to_str()).unwrap_or(""),
+        std::process::id()
+    ));
+    let mut file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    file.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
+    file.sync_all().map_err(|e| Error::io(&tmp, e))?;
+    drop(file);
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// A tensor's raw little-endian bytes, ready for safetensors.
+struct RawTensor {
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+impl safetensors::View for &RawTensor {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+fn raw(tensor: &Tensor, dtype: StoreDtype) -> Result<RawTensor> {
+    let t = tensor
+        .detach()
+        .to_device(tch::Device::Cpu)
+        .to_kind(dtype.kind())
+        .contiguous();
+    let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
+    let data = Vec::<u8>::try_from(t.flatten(0, -1).view_dtype(Kind::Uint8))?;
+    Ok(RawTensor {
+        dtype: match dtype {
+            StoreDtype::Bf16 => safetensors::Dtype::BF16,
+            StoreDtype::F32 => safetensors::Dtype::F32,
+        },
+        shape,
+        data,
+    })
+}
+
+/// Serialises named tensors to safetensors bytes in `dtype`. The same values
+/// give the same bytes (names are sorted; no timestamps).
+pub fn to_safetensors(tensors: &BTreeMap<String, Tensor>, dtype: StoreDtype) -> Result<(Vec<u8>, Vec<TensorInfo>)> {
+    let mut raws = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        raws.push((name.clone(), raw(t, dtype)?));
+    }
+    let infos = raws
+        .iter()
+        .map(|(name, r)| TensorInfo {
+            name: name.clone(),
+            dtype: format!("{:?}", r.dtype),
+            shape: r.shape.clone(),
+        })
+        .collect();
+    let bytes = safetensors::serialize(raws.iter().map(|(n, r)| (n.as_str(), r)), None)
+        .map_err(|e| Error::config("artifact", format!("cannot serialise safetensors: {e}")))?;
+    Ok((bytes, infos))
+}
+
+/// Parses safetensors bytes into f32 CPU tensors; `origin` names the source in errors.
+pub fn from_safetensors(bytes: &[u8], origin: &Path) -> Result<BTreeMap<String, Tensor>> {
+    let st = safetensors::SafeTensors::deserialize(bytes)
+        .map_err(|e| Error::data(origin, format!("not valid safetensors: {e}")))?;
+    let mut out = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        let kind = match view.dtype() {
+            safetensors::Dtype::BF16 => Kind::BFloat16,
+            safetensors::Dtype::F16 => Kind::Half,
+            safetensors::Dtype::F32 => Kind::Float,
+            other => {
+                return Err(Error::data(
+                    origin,
+                    format!("tensor {name}: dtype {other:?} is not a float type (BF16, F16, F32)"),
+                ))
+            }
+        };
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        let t = Tensor::f_from_data_size(view.data(), &shape, kind)?.to_kind(Kind::Float);
+        out.insert(name, t);
+    }
+    Ok(out)
+}
+
+/// Writes an artifact into `dir`: the adapter data, then the manifest.
+/// `manifest.artifact` and `manifest.tensors` are filled in here.
+pub fn write_artifact(
+    dir: &Path,
+    tensors: &BTreeMap<String, Tensor>,
+    dtype: StoreDtype,
+    mut manifest: ArtifactManifest,
+) -> Result<ArtifactManifest> {
+    let (bytes, infos) = to_safetensors(tensors, dtype)?;
+    manifest.artifact = FileDigest {
+        path: ADAPTER_FILE.to_string(),
+        sha256: sha256_hex(&bytes),
+        bytes: bytes.len() as u64,
+    };
+    manifest.tensors = infos;
+    write_atomic(&dir.join(ADAPTER_FILE), &bytes)?;
+    let json = serde_json::to_vec_pretty(&manifest)
+        .map_err(|e| Error::config("manifest", format!("cannot serialise: {e}")))?;
+    write_atomic(&dir.join(MANIFEST_FILE), &json)?;
+    Ok(manifest)
+}
+
+/// Reads a committed artifact from `dir`, checking the data against its
+/// manifest (size and sha256). Tensors come back as f32 on the CPU.
+pub fn read_artifact(dir: &Path) -> Result<(ArtifactManifest, BTreeMap<String, Tensor>)> {
+    let manifest_path = dir.join(MANIFEST_FILE);
+    let text = std::fs::read(&manifest_path).map_err(|e| Error::io(&manifest_path, e))?;
+    let manifest: ArtifactManifest = serde_json::from_slice(&text)
+        .map_err(|e| Error::data(&manifest_path, format!("not a valid manifest: {e}")))?;
+    let data_path = dir.join(&manifest.artifact.path);
+    if manifest.artifact.path.contains('/') || manifest.artifact.path.contains("..") {
+        return Err(Error::data(&manifest_path, "artifact.path must be a plain file name"));
+    }
+    let bytes = std::fs::read(&data_path).map_err(|e| Error::io(&data_path, e))?;
+    if bytes.len() as u64 != manifest.artifact.bytes {
+        return Err(Error::data(
+            &data_path,
+            format!("size {} differs from the manifest's {}", bytes.len(), manifest.artifact.bytes),
+        ));
+    }
+    let digest = sha256_hex(&bytes);
+    if digest != manifest.artifact.sha256 {
+        return Err(Error::data(&data_path, "sha256 differs from the manifest's"));
+    }
+    let tensors = from_safetensors(&bytes, &data_path)?;
+    Ok((manifest, tensors))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use heterotune_crds::manifest::{ArtifactKind, MANIFEST_SCHEMA_VERSION};
+
+    fn manifest() -> ArtifactManifest {
+        ArtifactManifest {
+            schema_version: MANIFEST_SCHEMA_VERSION,
+            kind: ArtifactKind::Client,
+            run: "ns/run-abc".into(),
+            round: 1,
+            base_round: 0,
+            client: Some("a".into()),
+            family: Some("bert".into()),
+            artifact: FileDigest {
+                path: String::new(),
+                sha256: String::new(),
+                bytes: 0,
+            },
+            tensors: Vec::new(),
+            num_examples: 10,
+            metrics: BTreeMap::new(),
+            stats: serde_json::Value::Null,
+            writer_version: "test".into(),
+            created_at: "2026-01-01T00:00:00Z".into(),
+        }
+    }
+
+    #[test]
+    fn round_trip_and_tamper_detection() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut tensors = BTreeMap::new();
+        tensors.insert("shared.slot0.gate.bias".to_string(), Tensor::from_slice(&[1.0f32, -2.5, 3.0]));
+        let written = write_artifact(dir.path(), &tensors, StoreDtype::Bf16, manifest()).expect("write");
+        assert_eq!(written.tensors[0].dtype, "BF16");
+        assert_eq!(written.tensors[0].shape, vec![3]);
+        let (m, back) = read_artifact(dir.path()).expect("read");
+        assert_eq!(m, written);
+        let t = &back["shared.slot0.gate.bias"];
+        assert_eq!(Vec::<f32>::try_from(t).expect("f32"), vec![1.0, -2.5, 3.0]);
+        // Same values, same bytes.
+        let (a, _) = to_safetensors(&tensors, StoreDtype::Bf16).expect("bytes");
+        let (b, _) = to_safetensors(&tensors, StoreDtype::Bf16).expect("bytes");
+        assert_eq!(a, b);
+        // A flipped byte is caught.
+        let data = dir.path().join(ADAPTER_FILE);
+        let mut bytes = std::fs::read(&data).expect("read");
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&data, bytes).expect("write");
+        let err = read_artifact(dir.path()).expect_err("tampered");
+        assert!(err.to_string().contains("sha256"), "{err}");
+        // No temporary files are left behind.
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .expect("list")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+    }
+}

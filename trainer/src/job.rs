@@ -1,0 +1,221 @@
+//! From a `FederatedTune` spec to the trainer's own configuration for one
+//! client: data, DeMA, optimisation. The spec is the one source of truth:
+//! the runner and the operator hand the trainer the validated spec (JSON or
+//! YAML, with defaults applied) and the client's name.
+
+use std::path::{Path, PathBuf};
+
+use heterotune_crds::spec::{
+    Dtype, FederatedTuneSpec, LayerSelectionMode, LayerSelectionSpec, PartitionStrategy,
+};
+use heterotune_crds::uri::{self, Location};
+
+use crate::adapters::dema::DemaConfig;
+use crate::adapters::layers::LayerSelection;
+use crate::data::partition::{DataConfig, PartitionConfig, PartitionScheme};
+use crate::data::source::DatasetConfig;
+use crate::data::split::SplitFractions;
+use crate::{Error, Result};
+
+/// Reads a spec file: a whole FederatedTune (YAML or JSON) or just its spec.
+pub fn read_spec(path: &Path) -> Result<FederatedTuneSpec> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let value: serde_json::Value = serde_saphyr::from_str(&text)
+        .map_err(|e| Error::config(path.display().to_string(), format!("not valid YAML/JSON: {e}")))?;
+    let spec = value.get("spec").cloned().unwrap_or(value);
+    serde_json::from_value(spec).map_err(|e| {
+        Error::config(
+            path.display().to_string(),
+            format!("not a FederatedTune spec: {e} (check it with `heterotune validate -f`)"),
+        )
+    })
+}
+
+/// Resolves a model or dataset URI to a local path (`s3://` is staged by the
+/// runner before the trainer starts).
+pub fn local_path(uri_text: &str, field: &str) -> Result<PathBuf> {
+    match uri::resolve(uri_text) {
+        Ok(Location::Local(p)) => Ok(p),
+        Ok(Location::S3 { .. }) => Err(Error::config(
+            field,
+            format!("{uri_text} is in object storage: the runner stages it to a local path before training"),
+        )),
+        Err(e) => Err(Error::config(field, e.to_string())),
+    }
+}
+
+/// Index of client `name` in the spec.
+pub fn client_index(spec: &FederatedTuneSpec, name: &str) -> Result<usize> {
+    spec.clients.iter().position(|c| c.name == name).ok_or_else(|| {
+        let names: Vec<&str> = spec.clients.iter().map(|c| c.name.as_str()).collect();
+        Error::config("client", format!("no client {name:?} in the spec; clients: {}", names.join(", ")))
+    })
+}
+
+/// The data configuration shared by every client of the spec.
+pub fn data_config(spec: &FederatedTuneSpec) -> Result<DataConfig> {
+    let task = &spec.task;
+    let dataset_path = local_path(&task.dataset.uri, "spec.task.dataset.uri")?;
+    let dataset = DatasetConfig {
+        uri: dataset_path.display().to_string(),
+        format: task.dataset.format.map(|f| match f {
+            heterotune_crds::spec::DatasetFormat::Csv => crate::data::source::DataFormat::Csv,
+            heterotune_crds::spec::DatasetFormat::Tsv => crate::data::source::DataFormat::Tsv,
+            heterotune_crds::spec::DatasetFormat::Jsonl => crate::data::source::DataFormat::Jsonl,
+        }),
+        text_field: task.dataset.text_field.clone(),
+        label_field: task.dataset.label_field.clone(),
+        labels: Some(task.labels.clone()),
+        label_aliases: if task.dataset.label_aliases.is_empty() {
+            None
+        } else {
+            Some(task.dataset.label_aliases.clone())
+        },
+        max_examples: None,
+    };
+    let scheme = match task.partition.strategy {
+        PartitionStrategy::Dirichlet => PartitionScheme::Dirichlet {
+            alpha: task.partition.alpha,
+        },
+        PartitionStrategy::Iid => PartitionScheme::Iid,
+        PartitionStrategy::Shards => {
+            let mut uris = Vec::with_capacity(spec.clients.len());
+            for (i, c) in spec.clients.iter().enumerate() {
+                let field = format!("spec.clients[{i}].data.uri");
+                let data = c
+                    .data
+                    .as_ref()
+                    .ok_or_else(|| Error::config(&field, "required with partition strategy shards"))?;
+                uris.push(local_path(&data.uri, &field)?.display().to_string());
+            }
+            PartitionScheme::Shards { uris }
+        }
+    };
+    let validation = task.splits.validation;
+    let test = task.splits.test;
+    Ok(DataConfig {
+        dataset,
+        split: SplitFractions {
+            train: 1.0 - validation - test,
+            validation,
+            test,
+        },
+        split_seed: task.splits.seed,
+        partition: PartitionConfig {
+            clients: spec.clients.len(),
+            scheme,
+            seed: task.partition.seed,
+            min_examples: task.partition.min_examples_per_client as usize,
+            min_validation_examples: 0,
+        },
+    })
+}
+
+fn selection(spec: &LayerSelectionSpec, num_layers: usize) -> LayerSelection {
+    match spec.mode {
+        LayerSelectionMode::SlotEnds => LayerSelection::SlotEnds,
+        LayerSelectionMode::TopWindow => LayerSelection::TopWindow {
+            layers: spec.window.map(|w| w as usize).unwrap_or(num_layers),
+        },
+    }
+}
+
+/// The layer selection in force for client `index`.
+pub fn layer_selection_spec(spec: &FederatedTuneSpec, index: usize) -> &LayerSelectionSpec {
+    spec.clients[index]
+        .model
+        .adapted_layers
+        .as_ref()
+        .unwrap_or(&spec.adapter.layers)
+}
+
+/// The number of slots: `adapter.slots`, or the depth of the shallowest
+/// client's adapted window (read from each local model's config.json).
+pub fn resolve_slots(spec: &FederatedTuneSpec) -> Result<usize> {
+    if let Some(s) = spec.adapter.slots {
+        return Ok(s as usize);
+    }
+    let mut depth = usize::MAX;
+    for (i, c) in spec.clients.iter().enumerate() {
+        let dir = local_path(&c.model.uri, &format!("spec.clients[{i}].model.uri")).map_err(|_| {
+            Error::config(
+                "spec.adapter.slots",
+                "cannot infer the number of slots from models in object storage: set adapter.slots",
+            )
+        })?;
+        let layers = num_layers(&dir)?;
+        let window = match selection(layer_selection_spec(spec, i), layers) {
+            LayerSelection::SlotEnds => layers,
+            LayerSelection::TopWindow { layers: w } => w.min(layers),
+        };
+        depth = depth.min(window);
+    }
+    Ok(depth.max(1))
+}
+
+/// `num_hidden_layers` from a model directory's config.json.
+pub fn num_layers(dir: &Path) -> Result<usize> {
+    let file = dir.join("config.json");
+    let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
+    let config: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::model(&file, format!("not valid JSON: {e}")))?;
+    config
+        .get("num_hidden_layers")
+        .and_then(|v| v.as_u64())
+        .map(|v| v as usize)
+        .ok_or_else(|| Error::model(&file, "num_hidden_layers is missing"))
+}
+
+/// DeMA settings of client `index` for a backbone of `num_layers` layers.
+pub fn dema_config(spec: &FederatedTuneSpec, index: usize, num_layers: usize, slots: usize) -> DemaConfig {
+    let sel = layer_selection_spec(spec, index);
+    DemaConfig {
+        rank: spec.adapter.rank as usize,
+        experts: spec.adapter.experts as usize,
+        slots,
+        scale: spec.adapter.scale,
+        layer_selection: selection(sel, num_layers),
+        every_layer_in_group: sel.every_layer_in_group,
+        // Every client starts from the same shared initial values.
+        init_seed: spec.training.seed,
+    }
+}
+
+/// libtorch kind of a spec dtype.
+pub fn kind_of(dtype: Dtype) -> tch::Kind {
+    match dtype {
+        Dtype::Float32 => tch::Kind::Float,
+        Dtype::Bfloat16 => tch::Kind::BFloat16,
+        Dtype::Float16 => tch::Kind::Half,
+    }
+}
+
+/// A short, stable key naming a client's model family in global artifacts:
+/// the model directory's name plus 6 hex digits of the URI's hash, so two
+/// checkpoints with the same directory name never mix.
+pub fn family_key(model_uri: &str) -> String {
+    let base: String = model_uri
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or("model")
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '_' })
+        .collect();
+    let digest = crate::artifact::sha256_hex(model_uri.trim_end_matches('/').as_bytes());
+    format!("{base}.{}", &digest[..6])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn family_keys_are_readable_and_distinct() {
+        let a = family_key("cache://models/all-MiniLM-L6-v2");
+        assert!(a.starts_with("all-MiniLM-L6-v2."), "{a}");
+        assert_eq!(a.len(), "all-MiniLM-L6-v2.".len() + 6);
+        assert_ne!(a, family_key("/other/all-MiniLM-L6-v2"));
+        assert_eq!(a, family_key("cache://models/all-MiniLM-L6-v2/"));
+    }
+}

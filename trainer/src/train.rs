@@ -1,0 +1,340 @@
+//! Local training of one client for one round, and evaluation.
+//!
+//! The backbone is frozen (no gradients, no optimiser state). DeMA acts on
+//! the output of its adapted layers, so the embeddings and every layer up to
+//! and including the first adapted one (the frozen prefix) see the same
+//! inputs every step: their output is computed once per example and cached
+//! (bounded by `training.prefixCache.maxMemoryMiB`; examples beyond the bound
+//! are recomputed). Gradients flow only through the layers above.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
+
+use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
+
+use crate::adapters::dema::{export_named, load_named, Dema, DemaConfig};
+use crate::adapters::head::{ClassifierHead, Pooling};
+use crate::data::source::Example;
+use crate::data::split::{seeded_rng, shuffle};
+use crate::metrics::{peak_rss_bytes, scores, Scores};
+use crate::models::Backbone;
+use crate::tokenizer::TextTokenizer;
+use crate::{Error, Result};
+
+/// Optimisation settings of one round.
+#[derive(Debug, Clone)]
+pub struct TrainSettings {
+    pub steps: usize,
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    pub head_learning_rate: f64,
+    pub weight_decay: f64,
+    pub warmup_steps: usize,
+    pub max_grad_norm: f64,
+    pub max_seq_length: usize,
+    pub eval_batch_size: usize,
+    pub seed: u64,
+    pub prefix_cache: bool,
+    pub prefix_cache_bytes: usize,
+}
+
+/// Tokenised examples, unpadded.
+struct Tokens {
+    ids: Vec<Vec<i64>>,
+    labels: Vec<i64>,
+}
+
+/// One client's model: frozen backbone + DeMA + head.
+pub struct ClientModel {
+    backbone: Box<dyn Backbone>,
+    tokenizer: TextTokenizer,
+    /// Adapter and head variables (f32).
+    pub vs: nn::VarStore,
+    pub dema: Dema,
+    pub head: ClassifierHead,
+    device: Device,
+    /// Number of layers in the frozen prefix (through the first adapted layer).
+    prefix_layers: usize,
+}
+
+/// What a round of local training measured.
+#[derive(Debug, Clone)]
+pub struct TrainReport {
+    pub steps: usize,
+    pub final_loss: f64,
+    pub mean_loss: f64,
+    pub seconds: f64,
+    pub prefix_seconds: f64,
+    pub steps_per_second: f64,
+    pub tokens_per_second: f64,
+    pub cached_examples: usize,
+    pub peak_rss_bytes: Option<u64>,
+}
+
+/// The frozen-prefix cache: the prefix output of each example, unpadded.
+struct PrefixCache {
+    states: HashMap<usize, Tensor>,
+}
+
+impl ClientModel {
+    /// Builds the adapters and head for `backbone`.
+    pub fn new(
+        backbone: Box<dyn Backbone>,
+        tokenizer: TextTokenizer,
+        dema_cfg: &DemaConfig,
+        num_classes: usize,
+        pooling: Pooling,
+        device: Device,
+    ) -> Result<Self> {
+        let vs = nn::VarStore::new(device);
+        let info = backbone.info().clone();
+        let dema = Dema::new(&vs.root(), dema_cfg, &info)?;
+        let head = ClassifierHead::new_seeded(&vs.root().set_group(1), info.hidden_size, num_classes, dema_cfg.init_seed)?
+            .with_pooling(pooling);
+        let prefix_layers = dema.slot_map().first_adapted_layer() + 1;
+        Ok(ClientModel {
+            backbone,
+            tokenizer,
+            vs,
+            dema,
+            head,
+            device,
+            prefix_layers,
+        })
+    }
+
+    /// The backbone.
+    pub fn backbone(&self) -> &dyn Backbone {
+        self.backbone.as_ref()
+    }
+
+    /// Layers in the frozen, cacheable prefix: `0..prefix_layers()`.
+    pub fn prefix_layers(&self) -> usize {
+        self.prefix_layers
+    }
+
+    fn tokenize(&self, examples: &[Example], max_len: usize) -> Result<Tokens> {
+        let mut ids = Vec::with_capacity(examples.len());
+        for e in examples {
+            let t = self.tokenizer.encode(&e.text, max_len)?;
+            ids.push(t.into_iter().map(i64::from).collect());
+        }
+        Ok(Tokens {
+            ids,
+            labels: examples.iter().map(|e| e.label as i64).collect(),
+        })
+    }
+
+    /// Right-pads `rows` of `tokens` into `[b, t]` ids and mask.
+    fn batch(&self, tokens: &Tokens, rows: &[usize]) -> (Tensor, Tensor, Tensor) {
+        let t = rows.iter().map(|&i| tokens.ids[i].len()).max().unwrap_or(1).max(1);
+        let pad = self.tokenizer.pad_id();
+        let mut ids = Vec::with_capacity(rows.len() * t);
+        let mut mask = Vec::with_capacity(rows.len() * t);
+        for &i in rows {
+            let row = &tokens.ids[i];
+            ids.extend_from_slice(row);
+            mask.extend(std::iter::repeat_n(1i64, row.len()));
+            ids.extend(std::iter::repeat_n(pad, t - row.len()));
+            mask.extend(std::iter::repeat_n(0i64, t - row.len()));
+        }
+        let b = rows.len() as i64;
+        let labels: Vec<i64> = rows.iter().map(|&i| tokens.labels[i]).collect();
+        (
+            Tensor::from_slice(&ids).view([b, t as i64]).to_device(self.device),
+            Tensor::from_slice(&mask).view([b, t as i64]).to_device(self.device),
+            Tensor::from_slice(&labels).to_device(self.device),
+        )
+    }
+
+    /// Output of the frozen prefix (no gradient).
+    fn prefix(&self, ids: &Tensor, mask: &Tensor) -> Tensor {
+        tch::no_grad(|| {
+            let mut h = self.backbone.embed(ids);
+            for l in 0..self.prefix_layers {
+                h = self.backbone.layer(l, &h, mask, None);
+            }
+            h
+        })
+    }
+
+    /// The first adapter, the layers above the prefix with their adapters,
+    /// final norm and head: the logits.
+    fn window(&self, h: Tensor, mask: &Tensor) -> Tensor {
+        let layers = self.backbone.info().num_layers;
+        let first = self.prefix_layers - 1;
+        let mut h = if self.dema.is_adapted(first) {
+            self.dema.apply(first, &h)
+        } else {
+            h
+        };
+        for l in self.prefix_layers..layers {
+            h = self.backbone.layer(l, &h, mask, None);
+            if self.dema.is_adapted(l) {
+                h = self.dema.apply(l, &h);
+            }
+        }
+        let h = self.backbone.final_norm(&h);
+        self.head.forward(&h, mask)
+    }
+
+    /// Builds the prefix cache for `rows` of `tokens`, within `budget` bytes.
+    fn build_cache(&self, tokens: &Tokens, batch: usize, budget: usize) -> PrefixCache {
+        let mut states = HashMap::new();
+        let d = self.backbone.info().hidden_size;
+        let mut used = 0usize;
+        let all: Vec<usize> = (0..tokens.ids.len()).collect();
+        for chunk in all.chunks(batch.max(1)) {
+            let (ids, mask, _) = self.batch(tokens, chunk);
+            let h = self.prefix(&ids, &mask);
+            for (j, &i) in chunk.iter().enumerate() {
+                let len = tokens.ids[i].len() as i64;
+                let bytes = len as usize * d * h.kind().elt_size_in_bytes();
+                if used + bytes > budget {
+                    return PrefixCache { states };
+                }
+                used += bytes;
+                states.insert(i, h.get(j as i64).narrow(0, 0, len).copy());
+            }
+        }
+        PrefixCache { states }
+    }
+
+    /// Window input for `rows`: from the cache where every row is cached, else recomputed.
+    fn window_input(&self, cache: Option<&PrefixCache>, rows: &[usize], ids: &Tensor, mask: &Tensor) -> Tensor {
+        if let Some(cache) = cache {
+            if rows.iter().all(|i| cache.states.contains_key(i)) {
+                let t = ids.size()[1];
+                let parts: Vec<Tensor> = rows
+                    .iter()
+                    .map(|i| {
+                        let s = &cache.states[i];
+                        let pad = t - s.size()[0];
+                        if pad > 0 {
+                            s.constant_pad_nd([0, 0, 0, pad])
+                        } else {
+                            s.shallow_clone()
+                        }
+                    })
+                    .collect();
+                return Tensor::stack(&parts, 0);
+            }
+        }
+        self.prefix(ids, mask)
+    }
+
+    /// Trains for `settings.steps` steps on `examples`.
+    pub fn train(&mut self, examples: &[Example], settings: &TrainSettings) -> Result<TrainReport> {
+        if examples.is_empty() {
+            return Err(Error::config("data", "this client has no training examples"));
+        }
+        let start = Instant::now();
+        let tokens = self.tokenize(examples, settings.max_seq_length)?;
+        let cache = if settings.prefix_cache {
+            Some(self.build_cache(&tokens, settings.eval_batch_size, settings.prefix_cache_bytes))
+        } else {
+            None
+        };
+        let prefix_seconds = start.elapsed().as_secs_f64();
+        let cached_examples = cache.as_ref().map(|c| c.states.len()).unwrap_or(0);
+
+        let mut opt = nn::AdamW {
+            wd: settings.weight_decay,
+            ..Default::default()
+        }
+        .build(&self.vs, settings.learning_rate)?;
+        opt.set_lr_group(1, settings.head_learning_rate);
+
+        let mut rng = seeded_rng(settings.seed, 0x7472_6169_6e);
+        let mut order: Vec<usize> = (0..examples.len()).collect();
+        let mut cursor = order.len();
+        let mut losses = Vec::with_capacity(settings.steps);
+        let mut tokens_seen = 0i64;
+        let train_start = Instant::now();
+        for step in 0..settings.steps {
+            let warm = if settings.warmup_steps > 0 && step < settings.warmup_steps {
+                (step + 1) as f64 / settings.warmup_steps as f64
+            } else {
+                1.0
+            };
+            opt.set_lr_group(0, settings.learning_rate * warm);
+            opt.set_lr_group(1, settings.head_learning_rate * warm);
+            let mut rows = Vec::with_capacity(settings.batch_size);
+            while rows.len() < settings.batch_size.min(examples.len()) {
+                if cursor >= order.len() {
+                    shuffle(&mut rng, &mut order);
+                    cursor = 0;
+                }
+                rows.push(order[cursor]);
+                cursor += 1;
+            }
+            let (ids, mask, labels) = self.batch(&tokens, &rows);
+            tokens_seen += mask.sum(Kind::Int64).int64_value(&[]);
+            let h = self.window_input(cache.as_ref(), &rows, &ids, &mask);
+            let logits = self.window(h, &mask);
+            let loss = logits.cross_entropy_for_logits(&labels);
+            opt.zero_grad();
+            loss.backward();
+            if settings.max_grad_norm > 0.0 {
+                opt.clip_grad_norm(settings.max_grad_norm);
+            }
+            opt.step();
+            let value = loss.double_value(&[]);
+            if !value.is_finite() {
+                return Err(Error::config(
+                    "training.learningRate",
+                    format!("loss became {value} at step {step}: lower the learning rate"),
+                ));
+            }
+            losses.push(value);
+        }
+        let train_seconds = train_start.elapsed().as_secs_f64();
+        let steps = losses.len();
+        Ok(TrainReport {
+            steps,
+            final_loss: losses.last().copied().unwrap_or(f64::NAN),
+            mean_loss: losses.iter().sum::<f64>() / steps.max(1) as f64,
+            seconds: start.elapsed().as_secs_f64(),
+            prefix_seconds,
+            steps_per_second: steps as f64 / train_seconds.max(1e-9),
+            tokens_per_second: tokens_seen as f64 / train_seconds.max(1e-9),
+            cached_examples,
+            peak_rss_bytes: peak_rss_bytes(),
+        })
+    }
+
+    /// Accuracy and macro-F1 on `examples`, and the mean loss.
+    pub fn evaluate(&self, examples: &[Example], max_seq_length: usize, batch_size: usize, num_classes: usize) -> Result<(Scores, f64)> {
+        if examples.is_empty() {
+            return Ok((scores(&[], &[], num_classes), f64::NAN));
+        }
+        let tokens = self.tokenize(examples, max_seq_length)?;
+        let mut predictions = Vec::with_capacity(examples.len());
+        let mut loss_sum = 0.0;
+        let all: Vec<usize> = (0..examples.len()).collect();
+        tch::no_grad(|| -> Result<()> {
+            for chunk in all.chunks(batch_size.max(1)) {
+                let (ids, mask, labels) = self.batch(&tokens, chunk);
+                let h = self.window_input(None, chunk, &ids, &mask);
+                let logits = self.window(h, &mask);
+                loss_sum += logits.cross_entropy_for_logits(&labels).double_value(&[]) * chunk.len() as f64;
+                let pred = Vec::<i64>::try_from(logits.argmax(-1, false).to_device(Device::Cpu))?;
+                predictions.extend(pred.into_iter().map(|p| p as usize));
+            }
+            Ok(())
+        })?;
+        let labels: Vec<usize> = examples.iter().map(|e| e.label).collect();
+        Ok((scores(&predictions, &labels, num_classes), loss_sum / examples.len() as f64))
+    }
+
+    /// Current values of the named variables (detached f32 CPU copies).
+    pub fn export(&self, names: &[String]) -> Result<BTreeMap<String, Tensor>> {
+        Ok(export_named(&self.vs, names)?.into_iter().collect())
+    }
+
+    /// Loads the named variables from `values` (shapes checked).
+    pub fn import(&self, values: &BTreeMap<String, Tensor>, names: &[String]) -> Result<usize> {
+        let map: HashMap<String, Tensor> = values.iter().map(|(k, v)| (k.clone(), v.shallow_clone())).collect();
+        load_named(&self.vs, &map, names, false)
+    }
+}
