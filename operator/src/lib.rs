@@ -5,4 +5,5 @@
 //! * [`telemetry`]: logging set-up (human or JSON).
 
 pub mod checks;
+pub mod planner;
 pub mod telemetry;

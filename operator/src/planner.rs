@@ -1,0 +1,280 @@
+//! The round planner: observed state in, actions out, no I/O.
+//!
+//! Both executors (the local runner and the Kubernetes controller) observe
+//! the run (the object store says which rounds are complete and which client
+//! artifacts are committed; their own jobs say what is running and how often
+//! it failed), ask [`plan`] what to do, and carry the actions out. Because
+//! the decision is a pure function of the observation, a restarted executor
+//! that observes the same store and jobs makes the same decision: it never
+//! repeats a completed round and never counts a client twice.
+
+use heterotune_crds::spec::FederatedTuneSpec;
+use heterotune_crds::status::Phase;
+
+/// What an executor knows about one client in the current round.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ClientObservation {
+    /// Client name (as in the spec).
+    pub name: String,
+    /// Its artifact for the current round is committed (manifest present).
+    pub committed: bool,
+    /// A trainer for it is running now.
+    pub running: bool,
+    /// Failed attempts in the current round (crashes, timeouts, runs that
+    /// ended without a committed artifact).
+    pub failed_attempts: u32,
+}
+
+/// State of the current round's aggregation job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AggregationState {
+    /// Not started in this round.
+    #[default]
+    NotStarted,
+    /// Running now.
+    Running,
+    /// Its last attempt failed (the count is in [`Observation::aggregation_failures`]).
+    Failed,
+}
+
+/// Everything the planner needs, gathered by an executor.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Observation {
+    /// Now, in seconds on the executor's clock.
+    pub now: f64,
+    /// Rounds whose global manifest exists (rounds 1..=completed_rounds).
+    pub completed_rounds: u32,
+    /// When the current round's first trainer started (None: not started).
+    pub round_started_at: Option<f64>,
+    /// When the current round first had a quorum of committed artifacts.
+    pub quorum_reached_at: Option<f64>,
+    /// One entry per spec client, in spec order.
+    pub clients: Vec<ClientObservation>,
+    /// The current round's aggregation.
+    pub aggregation: AggregationState,
+    /// Failed aggregation attempts in the current round.
+    pub aggregation_failures: u32,
+}
+
+/// Why a run stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureReason {
+    /// Fewer committed artifacts than `minClients` and no client left to wait for.
+    QuorumNotMet,
+    /// The round deadline passed below quorum.
+    DeadlineExceeded,
+    /// The aggregation failed more often than `maxRetriesPerClient` allows.
+    AggregationFailed,
+}
+
+impl FailureReason {
+    /// The condition reason (CamelCase, as Kubernetes conditions use).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureReason::QuorumNotMet => "QuorumNotMet",
+            FailureReason::DeadlineExceeded => "DeadlineExceeded",
+            FailureReason::AggregationFailed => "AggregationFailed",
+        }
+    }
+}
+
+/// Something the executor must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Start a trainer for `client` in `round` (attempt numbers start at 1).
+    StartClient { client: String, round: u32, attempt: u32 },
+    /// Stop a trainer that is no longer needed (its round is being aggregated).
+    CancelClient { client: String, round: u32 },
+    /// Record that `client` is out of `round` after exhausting its retries.
+    ExcludeClient { client: String, round: u32, failures: u32 },
+    /// Start the aggregation of `round` over exactly `participants`.
+    StartAggregation { round: u32, participants: Vec<String>, attempt: u32 },
+    /// All rounds are complete.
+    Complete,
+    /// The run cannot continue without a person.
+    Fail { reason: FailureReason, message: String },
+}
+
+/// The planner's decision.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    /// The phase to report.
+    pub phase: Phase,
+    /// The round in progress (or the last one, when finished).
+    pub round: u32,
+    /// What to do now, in order.
+    pub actions: Vec<Action>,
+    /// Observe again after this many seconds at the latest (a deadline or a
+    /// straggler wait ends then), in addition to any job event.
+    pub requeue_after: Option<f64>,
+}
+
+/// Decides what to do next for `spec` given `obs`.
+pub fn plan(spec: &FederatedTuneSpec, obs: &Observation) -> Plan {
+    let rounds = spec.rounds;
+    if obs.completed_rounds >= rounds {
+        return Plan {
+            phase: Phase::Succeeded,
+            round: rounds,
+            actions: vec![Action::Complete],
+            requeue_after: None,
+        };
+    }
+    let round = obs.completed_rounds + 1;
+    let retries = spec.max_retries_per_client;
+    let mut actions = Vec::new();
+
+    if obs.aggregation == AggregationState::Running {
+        return Plan {
+            phase: Phase::Aggregating,
+            round,
+            actions,
+            requeue_after: None,
+        };
+    }
+    if obs.aggregation == AggregationState::Failed && obs.aggregation_failures > retries {
+        return fail(
+            round,
+            FailureReason::AggregationFailed,
+            format!(
+                "the aggregation of round {round} failed {} times (maxRetriesPerClient is {retries})",
+                obs.aggregation_failures
+            ),
+        );
+    }
+
+    let committed: Vec<&ClientObservation> = obs.clients.iter().filter(|c| c.committed).collect();
+    let excluded: Vec<&ClientObservation> = obs
+        .clients
+        .iter()
+        .filter(|c| !c.committed && !c.running && c.failed_attempts > retries)
+        .collect();
+    let running: Vec<&ClientObservation> = obs.clients.iter().filter(|c| !c.committed && c.running).collect();
+    let pending: Vec<&ClientObservation> = obs
+        .clients
+        .iter()
+        .filter(|c| !c.committed && !c.running && c.failed_attempts <= retries)
+        .collect();
+    for c in &excluded {
+        actions.push(Action::ExcludeClient {
+            client: c.name.clone(),
+            round,
+            failures: c.failed_attempts,
+        });
+    }
+
+    let quorum = spec.quorum() as usize;
+    let deadline = obs
+        .round_started_at
+        .map(|t| t + f64::from(spec.round_deadline_seconds));
+    let past_deadline = deadline.map(|d| obs.now >= d).unwrap_or(false);
+    let nothing_left = running.is_empty() && pending.is_empty();
+
+    // An earlier aggregation attempt failed but may be retried: the
+    // participants are the committed clients, as before.
+    let retry_aggregation = obs.aggregation == AggregationState::Failed;
+    if committed.len() >= quorum {
+        let wait_over = match (spec.wait_after_min_clients_seconds, obs.quorum_reached_at) {
+            (0, _) => false,
+            (w, Some(t)) => obs.now >= t + f64::from(w),
+            (_, None) => false,
+        };
+        if retry_aggregation || nothing_left || past_deadline || wait_over {
+            if spec.suspend {
+                return suspended(round, actions);
+            }
+            for c in &running {
+                actions.push(Action::CancelClient {
+                    client: c.name.clone(),
+                    round,
+                });
+            }
+            actions.push(Action::StartAggregation {
+                round,
+                participants: committed.iter().map(|c| c.name.clone()).collect(),
+                attempt: obs.aggregation_failures + 1,
+            });
+            return Plan {
+                phase: Phase::Aggregating,
+                round,
+                actions,
+                requeue_after: None,
+            };
+        }
+    } else if nothing_left {
+        return fail(
+            round,
+            FailureReason::QuorumNotMet,
+            format!(
+                "round {round}: {} of {} clients committed an artifact and none is left to wait for; minClients is {quorum}",
+                committed.len(),
+                obs.clients.len()
+            ),
+        );
+    } else if past_deadline {
+        return fail(
+            round,
+            FailureReason::DeadlineExceeded,
+            format!(
+                "round {round} passed its deadline ({} s) with {} of {quorum} required artifacts",
+                spec.round_deadline_seconds,
+                committed.len()
+            ),
+        );
+    }
+
+    if spec.suspend {
+        return suspended(round, actions);
+    }
+    for c in &pending {
+        actions.push(Action::StartClient {
+            client: c.name.clone(),
+            round,
+            attempt: c.failed_attempts + 1,
+        });
+    }
+    let mut wake: Vec<f64> = Vec::new();
+    if let Some(d) = deadline {
+        wake.push(d - obs.now);
+    }
+    if let (w, Some(t)) = (spec.wait_after_min_clients_seconds, obs.quorum_reached_at) {
+        if w > 0 && committed.len() >= quorum {
+            wake.push(t + f64::from(w) - obs.now);
+        }
+    }
+    let requeue_after = wake.into_iter().map(|s| s.max(0.0)).reduce(f64::min);
+    let idle = obs.completed_rounds == 0
+        && obs.round_started_at.is_none()
+        && obs.clients.iter().all(|c| !c.committed && !c.running && c.failed_attempts == 0);
+    Plan {
+        phase: if idle && actions.is_empty() {
+            Phase::Pending
+        } else {
+            Phase::Running
+        },
+        round,
+        actions,
+        requeue_after,
+    }
+}
+
+fn fail(round: u32, reason: FailureReason, message: String) -> Plan {
+    Plan {
+        phase: Phase::Failed,
+        round,
+        actions: vec![Action::Fail { reason, message }],
+        requeue_after: None,
+    }
+}
+
+fn suspended(round: u32, actions: Vec<Action>) -> Plan {
+    Plan {
+        phase: Phase::Suspended,
+        round,
+        actions,
+        requeue_after: None,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,286 @@
+//! Planner tests: hand-written scenarios, then every combination of small
+//! client states checked against the invariants the round protocol needs.
+
+use heterotune_crds::spec::FederatedTuneSpec;
+use heterotune_crds::status::Phase;
+
+use super::*;
+
+fn spec(clients: usize, min_clients: u32, wait: u32) -> FederatedTuneSpec {
+    let names: Vec<String> = (0..clients).map(|i| format!("    - name: c{i}\n      model: {{ family: bert, uri: \"/m\" }}\n")).collect();
+    let yaml = format!(
+        "apiVersion: heterotune.dev/v1alpha1\nkind: FederatedTune\nmetadata: {{ name: t }}\nspec:\n  rounds: 3\n  minClients: {min_clients}\n  roundDeadlineSeconds: 100\n  waitAfterMinClientsSeconds: {wait}\n  maxRetriesPerClient: 1\n  clients:\n{}  task:\n    dataset: {{ uri: \"/d.jsonl\" }}\n    labels: [neg, pos]\n",
+        names.concat()
+    );
+    heterotune_crds::validate::parse_federated_tune(&yaml).expect("valid test spec").spec
+}
+
+fn client(name: &str, committed: bool, running: bool, failed: u32) -> ClientObservation {
+    ClientObservation {
+        name: name.into(),
+        committed,
+        running,
+        failed_attempts: failed,
+    }
+}
+
+fn obs(clients: Vec<ClientObservation>) -> Observation {
+    Observation {
+        now: 10.0,
+        completed_rounds: 0,
+        round_started_at: Some(0.0),
+        quorum_reached_at: None,
+        clients,
+        aggregation: AggregationState::NotStarted,
+        aggregation_failures: 0,
+    }
+}
+
+#[test]
+fn a_new_run_starts_every_client() {
+    let s = spec(3, 2, 0);
+    let mut o = obs((0..3).map(|i| client(&format!("c{i}"), false, false, 0)).collect());
+    o.round_started_at = None;
+    let p = plan(&s, &o);
+    assert_eq!(p.phase, Phase::Running);
+    assert_eq!(p.round, 1);
+    let starts: Vec<&Action> = p.actions.iter().filter(|a| matches!(a, Action::StartClient { .. })).collect();
+    assert_eq!(starts.len(), 3);
+    assert_eq!(
+        starts[0],
+        &Action::StartClient {
+            client: "c0".into(),
+            round: 1,
+            attempt: 1
+        }
+    );
+}
+
+#[test]
+fn all_committed_aggregates_over_exactly_them() {
+    let s = spec(3, 2, 0);
+    let o = obs(vec![client("c0", true, false, 0), client("c1", true, false, 1), client("c2", false, false, 2)]);
+    let p = plan(&s, &o);
+    assert_eq!(p.phase, Phase::Aggregating);
+    assert_eq!(
+        p.actions,
+        vec![
+            Action::ExcludeClient {
+                client: "c2".into(),
+                round: 1,
+                failures: 2
+            },
+            Action::StartAggregation {
+                round: 1,
+                participants: vec!["c0".into(), "c1".into()],
+                attempt: 1
+            }
+        ]
+    );
+}
+
+#[test]
+fn quorum_waits_for_stragglers_until_the_deadline() {
+    let s = spec(3, 2, 0);
+    let mut o = obs(vec![client("c0", true, false, 0), client("c1", true, false, 0), client("c2", false, true, 0)]);
+    let p = plan(&s, &o);
+    assert_eq!(p.phase, Phase::Running);
+    assert!(p.actions.is_empty(), "{:?}", p.actions);
+    assert_eq!(p.requeue_after, Some(90.0));
+    o.now = 100.0;
+    let p = plan(&s, &o);
+    assert_eq!(
+        p.actions,
+        vec![
+            Action::CancelClient {
+                client: "c2".into(),
+                round: 1
+            },
+            Action::StartAggregation {
+                round: 1,
+                participants: vec!["c0".into(), "c1".into()],
+                attempt: 1
+            }
+        ]
+    );
+}
+
+#[test]
+fn straggler_wait_after_quorum() {
+    let s = spec(3, 2, 30);
+    let mut o = obs(vec![client("c0", true, false, 0), client("c1", true, false, 0), client("c2", false, true, 0)]);
+    o.quorum_reached_at = Some(5.0);
+    let p = plan(&s, &o);
+    assert!(p.actions.is_empty());
+    assert_eq!(p.requeue_after, Some(25.0));
+    o.now = 35.0;
+    let p = plan(&s, &o);
+    assert!(matches!(p.actions.last(), Some(Action::StartAggregation { .. })));
+}
+
+#[test]
+fn failures_retry_then_exclude_then_fail_below_quorum() {
+    let s = spec(2, 2, 0);
+    let o = obs(vec![client("c0", true, false, 0), client("c1", false, false, 1)]);
+    let p = plan(&s, &o);
+    assert_eq!(
+        p.actions,
+        vec![Action::StartClient {
+            client: "c1".into(),
+            round: 1,
+            attempt: 2
+        }]
+    );
+    let o = obs(vec![client("c0", true, false, 0), client("c1", false, false, 2)]);
+    let p = plan(&s, &o);
+    assert_eq!(p.phase, Phase::Failed);
+    assert!(matches!(
+        p.actions.last(),
+        Some(Action::Fail {
+            reason: FailureReason::QuorumNotMet,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn deadline_below_quorum_fails() {
+    let s = spec(2, 2, 0);
+    let mut o = obs(vec![client("c0", true, false, 0), client("c1", false, true, 0)]);
+    o.now = 150.0;
+    let p = plan(&s, &o);
+    assert!(matches!(
+        p.actions.last(),
+        Some(Action::Fail {
+            reason: FailureReason::DeadlineExceeded,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn aggregation_running_failed_and_retried() {
+    let s = spec(2, 1, 0);
+    let mut o = obs(vec![client("c0", true, false, 0), client("c1", true, false, 0)]);
+    o.aggregation = AggregationState::Running;
+    assert_eq!(plan(&s, &o).phase, Phase::Aggregating);
+    assert!(plan(&s, &o).actions.is_empty());
+    o.aggregation = AggregationState::Failed;
+    o.aggregation_failures = 1;
+    let p = plan(&s, &o);
+    assert!(matches!(p.actions.last(), Some(Action::StartAggregation { attempt: 2, .. })));
+    o.aggregation_failures = 2;
+    let p = plan(&s, &o);
+    assert!(matches!(
+        p.actions.last(),
+        Some(Action::Fail {
+            reason: FailureReason::AggregationFailed,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn finished_runs_complete_and_suspended_runs_start_nothing() {
+    let mut s = spec(2, 1, 0);
+    let mut o = obs(vec![client("c0", false, false, 0), client("c1", false, false, 0)]);
+    o.completed_rounds = 3;
+    assert_eq!(plan(&s, &o).actions, vec![Action::Complete]);
+    o.completed_rounds = 1;
+    s.suspend = true;
+    let p = plan(&s, &o);
+    assert_eq!(p.phase, Phase::Suspended);
+    assert_eq!(p.round, 2);
+    assert!(p.actions.is_empty());
+}
+
+/// Every combination of per-client states (committed / running / failed
+/// 0..=3 times) for 1-3 clients, quorum 1..=n, suspend on/off, before and
+/// after the deadline: the decision must respect the protocol's invariants.
+#[test]
+fn invariants_hold_over_all_small_states() {
+    let states: Vec<(bool, bool, u32)> = {
+        let mut v = Vec::new();
+        for failed in 0..=3 {
+            v.push((true, false, failed));
+            v.push((false, true, failed));
+            v.push((false, false, failed));
+        }
+        v
+    };
+    let mut checked = 0usize;
+    for n in 1..=3usize {
+        for quorum in 1..=n as u32 {
+            for suspend in [false, true] {
+                let mut s = spec(n, quorum, 0);
+                s.suspend = suspend;
+                let combos = states.len().pow(n as u32);
+                for mut code in 0..combos {
+                    let mut clients = Vec::new();
+                    for i in 0..n {
+                        let (c, r, f) = states[code % states.len()];
+                        code /= states.len();
+                        clients.push(client(&format!("c{i}"), c, r, f));
+                    }
+                    for now in [10.0, 500.0] {
+                        let mut o = obs(clients.clone());
+                        o.now = now;
+                        let p = plan(&s, &o);
+                        check_invariants(&s, &o, &p);
+                        checked += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert!(checked > 10_000, "only {checked} states checked");
+}
+
+fn check_invariants(s: &FederatedTuneSpec, o: &Observation, p: &Plan) {
+    let committed = o.clients.iter().filter(|c| c.committed).count();
+    let starts: Vec<&String> = p
+        .actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::StartClient { client, .. } => Some(client),
+            _ => None,
+        })
+        .collect();
+    let aggregations: Vec<&Vec<String>> = p
+        .actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::StartAggregation { participants, .. } => Some(participants),
+            _ => None,
+        })
+        .collect();
+    for name in &starts {
+        let c = o.clients.iter().find(|c| &&c.name == name).expect("known client");
+        assert!(!c.committed, "restarted committed client {name}: {o:?}");
+        assert!(!c.running, "started a running client twice {name}: {o:?}");
+        assert!(c.failed_attempts <= s.max_retries_per_client, "retried past the limit: {o:?}");
+    }
+    assert!(aggregations.len() <= 1);
+    if let Some(participants) = aggregations.first() {
+        assert!(starts.is_empty(), "aggregating while starting clients: {p:?}");
+        assert!(participants.len() >= s.quorum() as usize, "aggregated below quorum: {o:?}");
+        assert_eq!(participants.len(), committed, "participants are exactly the committed clients");
+        for name in participants.iter() {
+            assert!(o.clients.iter().any(|c| &c.name == name && c.committed));
+        }
+    }
+    if s.suspend {
+        assert!(starts.is_empty() && aggregations.is_empty(), "suspended but acting: {p:?}");
+    }
+    let failed = p.actions.iter().any(|a| matches!(a, Action::Fail { .. }));
+    assert_eq!(failed, p.phase == Phase::Failed);
+    if failed {
+        assert!(committed < s.quorum() as usize, "failed with a quorum: {o:?}");
+    }
+    // Progress: unless failed or suspended, something is running, started,
+    // or being aggregated.
+    if !failed && !s.suspend {
+        let running = o.clients.iter().any(|c| c.running && !c.committed);
+        assert!(running || !starts.is_empty() || !aggregations.is_empty(), "stuck: {o:?} -> {p:?}");
+    }
+}
