@@ -6,4 +6,5 @@
 
 pub mod checks;
 pub mod planner;
+pub mod store;
 pub mod telemetry;

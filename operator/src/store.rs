@@ -1,0 +1,372 @@
+//! The object store of the round protocol: a local folder or an
+//! S3-compatible bucket, through the `object_store` crate.
+//!
+//! Writers upload data first and the manifest last (the commit marker);
+//! readers treat an artifact as present only when its manifest is. Transient
+//! errors are retried with exponential backoff. Error messages name the
+//! store by its URI and never include credentials.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use heterotune_crds::layout::{RunLayout, ADAPTER_FILE, MANIFEST_FILE};
+use heterotune_crds::spec::{FederatedTuneSpec, StorageSpec};
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+
+/// Environment variables read for S3 credentials (a Secret mounted as env in
+/// a cluster; the user's environment locally).
+pub const ACCESS_KEY_ENV: &str = "AWS_ACCESS_KEY_ID";
+/// See [`ACCESS_KEY_ENV`].
+pub const SECRET_KEY_ENV: &str = "AWS_SECRET_ACCESS_KEY";
+
+/// Store errors. The URI is the store's, without credentials.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The storage URI or settings are unusable.
+    #[error("storage {uri}: {message}")]
+    Config { uri: String, message: String },
+    /// An operation failed after its retries.
+    #[error("storage {uri}: {op} {key}: {source}")]
+    Operation {
+        uri: String,
+        op: &'static str,
+        key: String,
+        #[source]
+        source: object_store::Error,
+    },
+    /// A local file could not be read or written while staging.
+    #[error("{path}: {source}")]
+    Local {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl StoreError {
+    /// Label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            StoreError::Config { .. } => "store_config",
+            StoreError::Operation { .. } => "store_operation",
+            StoreError::Local { .. } => "store_local_io",
+        }
+    }
+}
+
+/// An object store plus the key prefix of the storage URI.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<dyn ObjectStore>,
+    prefix: String,
+    uri: String,
+    attempts: u32,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("uri", &self.uri).finish()
+    }
+}
+
+impl Store {
+    /// Opens the store `spec` names. A local path is taken relative to `base`.
+    pub fn from_spec(spec: &StorageSpec, base: &Path) -> Result<Store, StoreError> {
+        let uri = spec.uri.clone();
+        if let Some(rest) = uri.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(StoreError::Config {
+                    uri,
+                    message: "no bucket: use s3://bucket/prefix".into(),
+                });
+            }
+            let mut builder = object_store::aws::AmazonS3Builder::from_env()
+                .with_bucket_name(bucket)
+                .with_virtual_hosted_style_request(!spec.force_path_style)
+                .with_retry(object_store::RetryConfig {
+                    max_retries: 5,
+                    retry_timeout: Duration::from_secs(60),
+                    ..Default::default()
+                });
+            if let Some(endpoint) = &spec.endpoint {
+                builder = builder
+                    .with_endpoint(endpoint)
+                    .with_allow_http(endpoint.starts_with("http://"));
+            }
+            if let Some(region) = &spec.region {
+                builder = builder.with_region(region);
+            }
+            let store = builder.build().map_err(|e| StoreError::Config {
+                uri: uri.clone(),
+                message: format!(
+                    "{e} (credentials come from {ACCESS_KEY_ENV} / {SECRET_KEY_ENV} or the credentials Secret)"
+                ),
+            })?;
+            return Ok(Store {
+                inner: Arc::new(store),
+                prefix: prefix.trim_matches('/').to_string(),
+                uri,
+                attempts: 4,
+            });
+        }
+        let local = if let Some(rest) = uri.strip_prefix("file://") {
+            PathBuf::from(rest)
+        } else if uri.contains("://") {
+            return Err(StoreError::Config {
+                uri,
+                message: "unsupported scheme: use s3://bucket/prefix, file://path or a path".into(),
+            });
+        } else {
+            PathBuf::from(&uri)
+        };
+        let root = if local.is_absolute() { local } else { base.join(local) };
+        std::fs::create_dir_all(&root).map_err(|e| StoreError::Local {
+            path: root.clone(),
+            source: e,
+        })?;
+        let fs = object_store::local::LocalFileSystem::new_with_prefix(&root).map_err(|e| StoreError::Config {
+            uri: uri.clone(),
+            message: e.to_string(),
+        })?;
+        Ok(Store {
+            inner: Arc::new(fs),
+            prefix: String::new(),
+            uri,
+            attempts: 4,
+        })
+    }
+
+    /// The storage URI (no credentials).
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// The key prefix inside the bucket (what [`RunLayout::new`] takes).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    fn path(key: &str) -> ObjectPath {
+        ObjectPath::from(key)
+    }
+
+    async fn retry<T, F, Fut>(&self, op: &'static str, key: &str, mut f: F) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, object_store::Error>>,
+    {
+        let mut delay = Duration::from_millis(100);
+        let mut attempt = 1;
+        loop {
+            match f().await {
+                Ok(v) => return Ok(v),
+                Err(e @ object_store::Error::NotFound { .. }) | Err(e @ object_store::Error::NotSupported { .. }) => {
+                    return Err(self.op_error(op, key, e))
+                }
+                Err(e) if attempt >= self.attempts => return Err(self.op_error(op, key, e)),
+                Err(e) => {
+                    tracing::warn!(store = %self.uri, op, key, attempt, error = %e, "transient store error; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    fn op_error(&self, op: &'static str, key: &str, source: object_store::Error) -> StoreError {
+        StoreError::Operation {
+            uri: self.uri.clone(),
+            op,
+            key: key.to_string(),
+            source,
+        }
+    }
+
+    /// Reads `key`; `None` when it does not exist.
+    pub async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
+        let path = Self::path(key);
+        let result = self
+            .retry("get", key, || async { self.inner.get(&path).await?.bytes().await })
+            .await;
+        match result {
+            Ok(b) => Ok(Some(b)),
+            Err(StoreError::Operation {
+                source: object_store::Error::NotFound { .. },
+                ..
+            }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Writes `key`.
+    pub async fn put(&self, key: &str, bytes: Bytes) -> Result<(), StoreError> {
+        let path = Self::path(key);
+        self.retry("put", key, || async { self.inner.put(&path, PutPayload::from(bytes.clone())).await })
+            .await
+            .map(|_| ())
+    }
+
+    /// True when `key` exists.
+    pub async fn exists(&self, key: &str) -> Result<bool, StoreError> {
+        let path = Self::path(key);
+        match self.retry("head", key, || async { self.inner.head(&path).await }).await {
+            Ok(_) => Ok(true),
+            Err(StoreError::Operation {
+                source: object_store::Error::NotFound { .. },
+                ..
+            }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Every key under `prefix`, sorted.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let path = Self::path(prefix);
+        let mut keys: Vec<String> = self
+            .retry("list", prefix, || async {
+                self.inner
+                    .list(Some(&path))
+                    .map_ok(|m| m.location.to_string())
+                    .try_collect::<Vec<_>>()
+                    .await
+            })
+            .await?;
+        keys.sort();
+        Ok(keys)
+    }
+
+    /// Deletes every key under `prefix`; returns how many.
+    pub async fn delete_prefix(&self, prefix: &str) -> Result<usize, StoreError> {
+        let keys = self.list(prefix).await?;
+        for key in &keys {
+            let path = Self::path(key);
+            self.retry("delete", key, || async { self.inner.delete(&path).await }).await?;
+        }
+        Ok(keys.len())
+    }
+
+    /// Uploads an artifact directory (`adapter.safetensors` then
+    /// `manifest.json`, the commit marker) to `key_dir`.
+    pub async fn upload_artifact(&self, local_dir: &Path, key_dir: &str) -> Result<u64, StoreError> {
+        let mut total = 0;
+        for name in [ADAPTER_FILE, MANIFEST_FILE] {
+            let file = local_dir.join(name);
+            let bytes = tokio::fs::read(&file).await.map_err(|e| StoreError::Local {
+                path: file.clone(),
+                source: e,
+            })?;
+            total += bytes.len() as u64;
+            self.put(&format!("{key_dir}/{name}"), Bytes::from(bytes)).await?;
+        }
+        Ok(total)
+    }
+
+    /// Downloads a committed artifact (manifest first: without it there is
+    /// nothing) from `key_dir` into `local_dir`. Returns false when absent.
+    pub async fn download_artifact(&self, key_dir: &str, local_dir: &Path) -> Result<bool, StoreError> {
+        let Some(manifest) = self.get(&format!("{key_dir}/{MANIFEST_FILE}")).await? else {
+            return Ok(false);
+        };
+        let Some(data) = self.get(&format!("{key_dir}/{ADAPTER_FILE}")).await? else {
+            return Ok(false);
+        };
+        tokio::fs::create_dir_all(local_dir).await.map_err(|e| StoreError::Local {
+            path: local_dir.to_path_buf(),
+            source: e,
+        })?;
+        for (name, bytes) in [(ADAPTER_FILE, data), (MANIFEST_FILE, manifest)] {
+            let file = local_dir.join(name);
+            tokio::fs::write(&file, &bytes).await.map_err(|e| StoreError::Local {
+                path: file.clone(),
+                source: e,
+            })?;
+        }
+        Ok(true)
+    }
+
+    /// Rounds `1..=n` whose global manifest exists, counted from round 1
+    /// without gaps (the completed rounds of the run).
+    pub async fn completed_rounds(&self, layout: &RunLayout, max: u32) -> Result<u32, StoreError> {
+        let mut done = 0;
+        while done < max && self.exists(&layout.global_manifest(done + 1)).await? {
+            done += 1;
+        }
+        Ok(done)
+    }
+
+    /// Which clients of `spec` have a committed artifact in `round`.
+    pub async fn committed_clients(
+        &self,
+        layout: &RunLayout,
+        spec: &FederatedTuneSpec,
+        round: u32,
+    ) -> Result<Vec<bool>, StoreError> {
+        let mut out = Vec::with_capacity(spec.clients.len());
+        for c in &spec.clients {
+            out.push(self.exists(&layout.client_manifest(round, &c.name)).await?);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn local(dir: &Path) -> Store {
+        let spec = StorageSpec {
+            uri: "file://store".into(),
+            ..StorageSpec::default()
+        };
+        Store::from_spec(&spec, dir).expect("local store")
+    }
+
+    #[tokio::test]
+    async fn local_round_trip_list_and_delete() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = local(dir.path());
+        assert!(dir.path().join("store").is_dir());
+        assert_eq!(store.get("a/b.json").await.expect("get"), None);
+        store.put("a/b.json", Bytes::from_static(b"{}")).await.expect("put");
+        store.put("a/c/d.bin", Bytes::from_static(b"xy")).await.expect("put");
+        assert_eq!(store.get("a/b.json").await.expect("get").as_deref(), Some(&b"{}"[..]));
+        assert!(store.exists("a/c/d.bin").await.expect("exists"));
+        assert_eq!(store.list("a").await.expect("list"), vec!["a/b.json", "a/c/d.bin"]);
+        assert_eq!(store.delete_prefix("a/c").await.expect("delete"), 1);
+        assert!(!store.exists("a/c/d.bin").await.expect("exists"));
+    }
+
+    #[tokio::test]
+    async fn rounds_are_counted_by_global_manifests_without_gaps() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = local(dir.path());
+        let layout = RunLayout::new("", "ns", "run", "uid");
+        for r in [1, 2, 4] {
+            store.put(&layout.global_manifest(r), Bytes::from_static(b"{}")).await.expect("put");
+        }
+        assert_eq!(store.completed_rounds(&layout, 10).await.expect("rounds"), 2);
+        assert_eq!(store.completed_rounds(&layout, 1).await.expect("rounds"), 1);
+    }
+
+    #[test]
+    fn bad_uris_are_clear() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spec = StorageSpec {
+            uri: "gs://bucket".into(),
+            ..StorageSpec::default()
+        };
+        let err = Store::from_spec(&spec, dir.path()).expect_err("unsupported");
+        assert!(err.to_string().contains("unsupported scheme"), "{err}");
+        let spec = StorageSpec {
+            uri: "s3:///x".into(),
+            ..StorageSpec::default()
+        };
+        assert!(Store::from_spec(&spec, dir.path()).expect_err("no bucket").to_string().contains("no bucket"));
+    }
+}
