@@ -21,4 +21,4 @@ cargo build --workspace --bins --quiet
 echo "== cargo test"
 cargo test --workspace
 echo "== pytest (converters)"
-python -m pytest -q scripts/tests
+HETEROTUNE_REQUIRE_CACHE=1 python -m pytest -q scripts/tests

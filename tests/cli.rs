@@ -27,7 +27,10 @@ fn heterotune(args: &[&str]) -> (i32, String, String) {
 fn quickstart_validates() {
     let (code, stdout, stderr) = heterotune(&["validate", "-f", "examples/quickstart.yaml"]);
     assert_eq!(code, 0, "{stdout}{stderr}");
-    assert!(stdout.contains("valid FederatedTune \"quickstart\""), "{stdout}");
+    assert!(
+        stdout.contains("valid FederatedTune \"quickstart\""),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -55,7 +58,11 @@ spec:
     let path = file.to_string_lossy().into_owned();
     let (code, _, stderr) = heterotune(&["validate", "-f", &path]);
     assert_eq!(code, 1, "{stderr}");
-    for field in ["spec.rounds:", "spec.clients[0].model.family:", "spec.task.dataset.colour:"] {
+    for field in [
+        "spec.rounds:",
+        "spec.clients[0].model.family:",
+        "spec.task.dataset.colour:",
+    ] {
         assert!(stderr.contains(field), "missing {field} in:\n{stderr}");
     }
 }

@@ -95,7 +95,12 @@ mod tests {
 
     #[test]
     fn paths_follow_the_documented_layout() {
-        let l = RunLayout::new("/runs/", "team-a", "trec", "0f1e2d3c-4b5a-6978-8091-a2b3c4d5e6f7");
+        let l = RunLayout::new(
+            "/runs/",
+            "team-a",
+            "trec",
+            "0f1e2d3c-4b5a-6978-8091-a2b3c4d5e6f7",
+        );
         assert_eq!(l.run_dir(), "runs/team-a/trec-0f1e2d3c");
         assert_eq!(
             l.client_adapter(3, "site-1"),

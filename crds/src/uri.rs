@@ -67,7 +67,10 @@ mod tests {
 
     #[test]
     fn resolves_each_scheme() {
-        assert_eq!(resolve("file:///data/x.csv"), Ok(Location::Local("/data/x.csv".into())));
+        assert_eq!(
+            resolve("file:///data/x.csv"),
+            Ok(Location::Local("/data/x.csv".into()))
+        );
         assert_eq!(resolve("file://runs"), Ok(Location::Local("runs".into())));
         assert_eq!(resolve("/abs/dir"), Ok(Location::Local("/abs/dir".into())));
         assert_eq!(
@@ -77,7 +80,10 @@ mod tests {
                 key: "a/b".into()
             })
         );
-        assert_eq!(resolve("s3:///x"), Err(UriError::NoBucket("s3:///x".into())));
+        assert_eq!(
+            resolve("s3:///x"),
+            Err(UriError::NoBucket("s3:///x".into()))
+        );
         assert!(matches!(resolve("http://x"), Err(UriError::Unsupported(_))));
         match resolve("cache://models/m") {
             Ok(Location::Local(p)) => assert!(p.ends_with("models/m")),

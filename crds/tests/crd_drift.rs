@@ -21,13 +21,23 @@ fn committed_crds_match_the_generated_one() {
 #[test]
 fn generated_crd_has_the_promised_shape() {
     let crd = heterotune_crds::crd::crd();
-    assert_eq!(crd.metadata.name.as_deref(), Some("federatedtunes.heterotune.dev"));
+    assert_eq!(
+        crd.metadata.name.as_deref(),
+        Some("federatedtunes.heterotune.dev")
+    );
     assert_eq!(crd.spec.scope, "Namespaced");
     let names = &crd.spec.names;
-    assert_eq!(names.short_names.as_deref(), Some(&["ft".to_string(), "fedtune".to_string()][..]));
+    assert_eq!(
+        names.short_names.as_deref(),
+        Some(&["ft".to_string(), "fedtune".to_string()][..])
+    );
     let v = &crd.spec.versions[0];
     assert_eq!(v.name, "v1alpha1");
-    assert!(v.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some());
+    assert!(v
+        .subresources
+        .as_ref()
+        .and_then(|s| s.status.as_ref())
+        .is_some());
     let columns: Vec<&str> = v
         .additional_printer_columns
         .as_ref()
@@ -35,8 +45,13 @@ fn generated_crd_has_the_promised_shape() {
         .unwrap_or_default();
     assert_eq!(columns, ["Phase", "Round", "Ready", "Accuracy", "Age"]);
     let schema = heterotune_crds::crd::schema_json();
-    let rules = schema.pointer("/properties/spec/x-kubernetes-validations").and_then(|r| r.as_array());
-    assert!(rules.map(|r| r.len() >= 5).unwrap_or(false), "spec CEL rules missing");
+    let rules = schema
+        .pointer("/properties/spec/x-kubernetes-validations")
+        .and_then(|r| r.as_array());
+    assert!(
+        rules.map(|r| r.len() >= 5).unwrap_or(false),
+        "spec CEL rules missing"
+    );
     // Structural schema: no references left for the API server to reject.
     let text = schema.to_string();
     assert!(!text.contains("$ref") && !text.contains("anyOf") && !text.contains("oneOf"));

@@ -4,7 +4,9 @@
 
 use std::path::Path;
 
-use heterotune_crds::spec::{FederatedTuneSpec, LayerSelectionMode, LayerSelectionSpec, ModelFamily, PartitionStrategy};
+use heterotune_crds::spec::{
+    FederatedTuneSpec, LayerSelectionMode, LayerSelectionSpec, ModelFamily, PartitionStrategy,
+};
 use heterotune_crds::uri::{self, Location};
 use heterotune_crds::validate::{Problem, ProblemKind};
 
@@ -31,9 +33,12 @@ fn problem(path: String, message: String) -> Problem {
 pub fn read_model_facts(dir: &Path) -> Result<ModelFacts, String> {
     let file = dir.join("config.json");
     let text = std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
-    let config: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| format!("{}: not valid JSON: {e}", file.display()))?;
-    let model_type = config.get("model_type").and_then(|v| v.as_str()).unwrap_or_default();
+    let config: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| format!("{}: not valid JSON: {e}", file.display()))?;
+    let model_type = config
+        .get("model_type")
+        .and_then(|v| v.as_str())
+        .unwrap_or_default();
     let family = match model_type {
         "bert" => Some(ModelFamily::Bert),
         "llama" => Some(ModelFamily::Llama),
@@ -69,7 +74,11 @@ pub fn check_local_references(spec: &FederatedTuneSpec) -> Vec<Problem> {
                 continue;
             }
         };
-        let missing: Vec<&str> = MODEL_FILES.iter().copied().filter(|f| !dir.join(f).is_file()).collect();
+        let missing: Vec<&str> = MODEL_FILES
+            .iter()
+            .copied()
+            .filter(|f| !dir.join(f).is_file())
+            .collect();
         if !missing.is_empty() {
             problems.push(problem(
                 path,
@@ -102,11 +111,18 @@ pub fn check_local_references(spec: &FederatedTuneSpec) -> Vec<Problem> {
             )),
             None => problems.push(problem(
                 path.clone(),
-                format!("{}: model_type is neither bert nor llama", dir.join("config.json").display()),
+                format!(
+                    "{}: model_type is neither bert nor llama",
+                    dir.join("config.json").display()
+                ),
             )),
         }
         if let Some(layers) = facts.num_layers {
-            let selection = client.model.adapted_layers.as_ref().unwrap_or(&spec.adapter.layers);
+            let selection = client
+                .model
+                .adapted_layers
+                .as_ref()
+                .unwrap_or(&spec.adapter.layers);
             if let Some(window) = selection.window {
                 if u64::from(window) > layers {
                     problems.push(problem(
@@ -129,11 +145,19 @@ pub fn check_local_references(spec: &FederatedTuneSpec) -> Vec<Problem> {
             ));
         }
     }
-    check_dataset(&spec.task.dataset.uri, "spec.task.dataset.uri", &mut problems);
+    check_dataset(
+        &spec.task.dataset.uri,
+        "spec.task.dataset.uri",
+        &mut problems,
+    );
     if spec.task.partition.strategy == PartitionStrategy::Shards {
         for (i, client) in spec.clients.iter().enumerate() {
             if let Some(data) = &client.data {
-                check_dataset(&data.uri, &format!("spec.clients[{i}].data.uri"), &mut problems);
+                check_dataset(
+                    &data.uri,
+                    &format!("spec.clients[{i}].data.uri"),
+                    &mut problems,
+                );
             }
         }
     }
@@ -176,13 +200,17 @@ spec:
             dir.display(),
             dir.join("data.jsonl").display()
         );
-        heterotune_crds::validate::parse_federated_tune(&yaml).expect("valid").spec
+        heterotune_crds::validate::parse_federated_tune(&yaml)
+            .expect("valid")
+            .spec
     }
 
     fn write_model(dir: &Path, model_type: &str, layers: u64) {
         std::fs::write(
             dir.join("config.json"),
-            format!(r#"{{"model_type":"{model_type}","num_hidden_layers":{layers},"hidden_size":32}}"#),
+            format!(
+                r#"{{"model_type":"{model_type}","num_hidden_layers":{layers},"hidden_size":32}}"#
+            ),
         )
         .expect("write");
         std::fs::write(dir.join("model.safetensors"), b"x").expect("write");
@@ -194,9 +222,18 @@ spec:
         let dir = tempfile::tempdir().expect("tempdir");
         let problems = check_local_references(&spec_with(dir.path(), "bert", 1));
         let text: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
-        assert!(text[0].starts_with("spec.clients[0].model.uri:"), "{text:?}");
-        assert!(text[0].contains("config.json, model.safetensors, tokenizer.json"), "{text:?}");
-        assert!(text.iter().any(|t| t.starts_with("spec.task.dataset.uri:")), "{text:?}");
+        assert!(
+            text[0].starts_with("spec.clients[0].model.uri:"),
+            "{text:?}"
+        );
+        assert!(
+            text[0].contains("config.json, model.safetensors, tokenizer.json"),
+            "{text:?}"
+        );
+        assert!(
+            text.iter().any(|t| t.starts_with("spec.task.dataset.uri:")),
+            "{text:?}"
+        );
     }
 
     #[test]
@@ -206,7 +243,10 @@ spec:
         std::fs::write(dir.path().join("data.jsonl"), b"{}").expect("write");
         let problems = check_local_references(&spec_with(dir.path(), "bert", 3));
         let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
-        assert_eq!(paths, ["spec.clients[0].model.family", "spec.adapter.slots"]);
+        assert_eq!(
+            paths,
+            ["spec.clients[0].model.family", "spec.adapter.slots"]
+        );
         let ok = check_local_references(&spec_with(dir.path(), "llama", 2));
         assert!(ok.is_empty(), "{ok:?}");
     }

@@ -5,6 +5,11 @@
 //! * [`telemetry`]: logging set-up (human or JSON).
 
 pub mod checks;
+pub mod controller;
+pub mod metrics;
 pub mod planner;
+pub mod report;
+pub mod runner;
+pub mod sizing;
 pub mod store;
 pub mod telemetry;

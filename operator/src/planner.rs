@@ -82,17 +82,32 @@ impl FailureReason {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     /// Start a trainer for `client` in `round` (attempt numbers start at 1).
-    StartClient { client: String, round: u32, attempt: u32 },
+    StartClient {
+        client: String,
+        round: u32,
+        attempt: u32,
+    },
     /// Stop a trainer that is no longer needed (its round is being aggregated).
     CancelClient { client: String, round: u32 },
     /// Record that `client` is out of `round` after exhausting its retries.
-    ExcludeClient { client: String, round: u32, failures: u32 },
+    ExcludeClient {
+        client: String,
+        round: u32,
+        failures: u32,
+    },
     /// Start the aggregation of `round` over exactly `participants`.
-    StartAggregation { round: u32, participants: Vec<String>, attempt: u32 },
+    StartAggregation {
+        round: u32,
+        participants: Vec<String>,
+        attempt: u32,
+    },
     /// All rounds are complete.
     Complete,
     /// The run cannot continue without a person.
-    Fail { reason: FailureReason, message: String },
+    Fail {
+        reason: FailureReason,
+        message: String,
+    },
 }
 
 /// The planner's decision.
@@ -149,7 +164,11 @@ pub fn plan(spec: &FederatedTuneSpec, obs: &Observation) -> Plan {
         .iter()
         .filter(|c| !c.committed && !c.running && c.failed_attempts > retries)
         .collect();
-    let running: Vec<&ClientObservation> = obs.clients.iter().filter(|c| !c.committed && c.running).collect();
+    let running: Vec<&ClientObservation> = obs
+        .clients
+        .iter()
+        .filter(|c| !c.committed && c.running)
+        .collect();
     let pending: Vec<&ClientObservation> = obs
         .clients
         .iter()
@@ -245,7 +264,10 @@ pub fn plan(spec: &FederatedTuneSpec, obs: &Observation) -> Plan {
     let requeue_after = wake.into_iter().map(|s| s.max(0.0)).reduce(f64::min);
     let idle = obs.completed_rounds == 0
         && obs.round_started_at.is_none()
-        && obs.clients.iter().all(|c| !c.committed && !c.running && c.failed_attempts == 0);
+        && obs
+            .clients
+            .iter()
+            .all(|c| !c.committed && !c.running && c.failed_attempts == 0);
     Plan {
         phase: if idle && actions.is_empty() {
             Phase::Pending

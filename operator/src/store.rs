@@ -124,14 +124,20 @@ impl Store {
         } else {
             PathBuf::from(&uri)
         };
-        let root = if local.is_absolute() { local } else { base.join(local) };
+        let root = if local.is_absolute() {
+            local
+        } else {
+            base.join(local)
+        };
         std::fs::create_dir_all(&root).map_err(|e| StoreError::Local {
             path: root.clone(),
             source: e,
         })?;
-        let fs = object_store::local::LocalFileSystem::new_with_prefix(&root).map_err(|e| StoreError::Config {
-            uri: uri.clone(),
-            message: e.to_string(),
+        let fs = object_store::local::LocalFileSystem::new_with_prefix(&root).map_err(|e| {
+            StoreError::Config {
+                uri: uri.clone(),
+                message: e.to_string(),
+            }
         })?;
         Ok(Store {
             inner: Arc::new(fs),
@@ -165,7 +171,8 @@ impl Store {
         loop {
             match f().await {
                 Ok(v) => return Ok(v),
-                Err(e @ object_store::Error::NotFound { .. }) | Err(e @ object_store::Error::NotSupported { .. }) => {
+                Err(e @ object_store::Error::NotFound { .. })
+                | Err(e @ object_store::Error::NotSupported { .. }) => {
                     return Err(self.op_error(op, key, e))
                 }
                 Err(e) if attempt >= self.attempts => return Err(self.op_error(op, key, e)),
@@ -192,7 +199,9 @@ impl Store {
     pub async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
         let path = Self::path(key);
         let result = self
-            .retry("get", key, || async { self.inner.get(&path).await?.bytes().await })
+            .retry("get", key, || async {
+                self.inner.get(&path).await?.bytes().await
+            })
             .await;
         match result {
             Ok(b) => Ok(Some(b)),
@@ -207,15 +216,20 @@ impl Store {
     /// Writes `key`.
     pub async fn put(&self, key: &str, bytes: Bytes) -> Result<(), StoreError> {
         let path = Self::path(key);
-        self.retry("put", key, || async { self.inner.put(&path, PutPayload::from(bytes.clone())).await })
-            .await
-            .map(|_| ())
+        self.retry("put", key, || async {
+            self.inner.put(&path, PutPayload::from(bytes.clone())).await
+        })
+        .await
+        .map(|_| ())
     }
 
     /// True when `key` exists.
     pub async fn exists(&self, key: &str) -> Result<bool, StoreError> {
         let path = Self::path(key);
-        match self.retry("head", key, || async { self.inner.head(&path).await }).await {
+        match self
+            .retry("head", key, || async { self.inner.head(&path).await })
+            .await
+        {
             Ok(_) => Ok(true),
             Err(StoreError::Operation {
                 source: object_store::Error::NotFound { .. },
@@ -246,46 +260,62 @@ impl Store {
         let keys = self.list(prefix).await?;
         for key in &keys {
             let path = Self::path(key);
-            self.retry("delete", key, || async { self.inner.delete(&path).await }).await?;
+            self.retry("delete", key, || async { self.inner.delete(&path).await })
+                .await?;
         }
         Ok(keys.len())
     }
 
     /// Uploads an artifact directory (`adapter.safetensors` then
     /// `manifest.json`, the commit marker) to `key_dir`.
-    pub async fn upload_artifact(&self, local_dir: &Path, key_dir: &str) -> Result<u64, StoreError> {
+    pub async fn upload_artifact(
+        &self,
+        local_dir: &Path,
+        key_dir: &str,
+    ) -> Result<u64, StoreError> {
         let mut total = 0;
         for name in [ADAPTER_FILE, MANIFEST_FILE] {
             let file = local_dir.join(name);
-            let bytes = tokio::fs::read(&file).await.map_err(|e| StoreError::Local {
-                path: file.clone(),
-                source: e,
-            })?;
+            let bytes = tokio::fs::read(&file)
+                .await
+                .map_err(|e| StoreError::Local {
+                    path: file.clone(),
+                    source: e,
+                })?;
             total += bytes.len() as u64;
-            self.put(&format!("{key_dir}/{name}"), Bytes::from(bytes)).await?;
+            self.put(&format!("{key_dir}/{name}"), Bytes::from(bytes))
+                .await?;
         }
         Ok(total)
     }
 
     /// Downloads a committed artifact (manifest first: without it there is
     /// nothing) from `key_dir` into `local_dir`. Returns false when absent.
-    pub async fn download_artifact(&self, key_dir: &str, local_dir: &Path) -> Result<bool, StoreError> {
+    pub async fn download_artifact(
+        &self,
+        key_dir: &str,
+        local_dir: &Path,
+    ) -> Result<bool, StoreError> {
         let Some(manifest) = self.get(&format!("{key_dir}/{MANIFEST_FILE}")).await? else {
             return Ok(false);
         };
         let Some(data) = self.get(&format!("{key_dir}/{ADAPTER_FILE}")).await? else {
             return Ok(false);
         };
-        tokio::fs::create_dir_all(local_dir).await.map_err(|e| StoreError::Local {
-            path: local_dir.to_path_buf(),
-            source: e,
-        })?;
-        for (name, bytes) in [(ADAPTER_FILE, data), (MANIFEST_FILE, manifest)] {
-            let file = local_dir.join(name);
-            tokio::fs::write(&file, &bytes).await.map_err(|e| StoreError::Local {
-                path: file.clone(),
+        tokio::fs::create_dir_all(local_dir)
+            .await
+            .map_err(|e| StoreError::Local {
+                path: local_dir.to_path_buf(),
                 source: e,
             })?;
+        for (name, bytes) in [(ADAPTER_FILE, data), (MANIFEST_FILE, manifest)] {
+            let file = local_dir.join(name);
+            tokio::fs::write(&file, &bytes)
+                .await
+                .map_err(|e| StoreError::Local {
+                    path: file.clone(),
+                    source: e,
+                })?;
         }
         Ok(true)
     }
@@ -333,11 +363,23 @@ mod tests {
         let store = local(dir.path());
         assert!(dir.path().join("store").is_dir());
         assert_eq!(store.get("a/b.json").await.expect("get"), None);
-        store.put("a/b.json", Bytes::from_static(b"{}")).await.expect("put");
-        store.put("a/c/d.bin", Bytes::from_static(b"xy")).await.expect("put");
-        assert_eq!(store.get("a/b.json").await.expect("get").as_deref(), Some(&b"{}"[..]));
+        store
+            .put("a/b.json", Bytes::from_static(b"{}"))
+            .await
+            .expect("put");
+        store
+            .put("a/c/d.bin", Bytes::from_static(b"xy"))
+            .await
+            .expect("put");
+        assert_eq!(
+            store.get("a/b.json").await.expect("get").as_deref(),
+            Some(&b"{}"[..])
+        );
         assert!(store.exists("a/c/d.bin").await.expect("exists"));
-        assert_eq!(store.list("a").await.expect("list"), vec!["a/b.json", "a/c/d.bin"]);
+        assert_eq!(
+            store.list("a").await.expect("list"),
+            vec!["a/b.json", "a/c/d.bin"]
+        );
         assert_eq!(store.delete_prefix("a/c").await.expect("delete"), 1);
         assert!(!store.exists("a/c/d.bin").await.expect("exists"));
     }
@@ -348,9 +390,15 @@ mod tests {
         let store = local(dir.path());
         let layout = RunLayout::new("", "ns", "run", "uid");
         for r in [1, 2, 4] {
-            store.put(&layout.global_manifest(r), Bytes::from_static(b"{}")).await.expect("put");
+            store
+                .put(&layout.global_manifest(r), Bytes::from_static(b"{}"))
+                .await
+                .expect("put");
         }
-        assert_eq!(store.completed_rounds(&layout, 10).await.expect("rounds"), 2);
+        assert_eq!(
+            store.completed_rounds(&layout, 10).await.expect("rounds"),
+            2
+        );
         assert_eq!(store.completed_rounds(&layout, 1).await.expect("rounds"), 1);
     }
 
@@ -367,6 +415,9 @@ mod tests {
             uri: "s3:///x".into(),
             ..StorageSpec::default()
         };
-        assert!(Store::from_spec(&spec, dir.path()).expect_err("no bucket").to_string().contains("no bucket"));
+        assert!(Store::from_spec(&spec, dir.path())
+            .expect_err("no bucket")
+            .to_string()
+            .contains("no bucket"));
     }
 }

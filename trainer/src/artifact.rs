@@ -98,7 +98,10 @@ fn raw(tensor: &Tensor, dtype: StoreDtype) -> Result<RawTensor> {
 
 /// Serialises named tensors to safetensors bytes in `dtype`. The same values
 /// give the same bytes (names are sorted; no timestamps).
-pub fn to_safetensors(tensors: &BTreeMap<String, Tensor>, dtype: StoreDtype) -> Result<(Vec<u8>, Vec<TensorInfo>)> {
+pub fn to_safetensors(
+    tensors: &BTreeMap<String, Tensor>,
+    dtype: StoreDtype,
+) -> Result<(Vec<u8>, Vec<TensorInfo>)> {
     let mut raws = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         raws.push((name.clone(), raw(t, dtype)?));
@@ -118,6 +121,14 @@ pub fn to_safetensors(tensors: &BTreeMap<String, Tensor>, dtype: StoreDtype) -> 
 
 /// Parses safetensors bytes into f32 CPU tensors; `origin` names the source in errors.
 pub fn from_safetensors(bytes: &[u8], origin: &Path) -> Result<BTreeMap<String, Tensor>> {
+    Ok(from_safetensors_kept(bytes, origin)?
+        .into_iter()
+        .map(|(n, t)| (n, t.to_kind(Kind::Float)))
+        .collect())
+}
+
+/// Parses safetensors bytes into CPU tensors, keeping their stored dtype.
+pub fn from_safetensors_kept(bytes: &[u8], origin: &Path) -> Result<BTreeMap<String, Tensor>> {
     let st = safetensors::SafeTensors::deserialize(bytes)
         .map_err(|e| Error::data(origin, format!("not valid safetensors: {e}")))?;
     let mut out = BTreeMap::new();
@@ -134,7 +145,7 @@ pub fn from_safetensors(bytes: &[u8], origin: &Path) -> Result<BTreeMap<String, 
             }
         };
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-        let t = Tensor::f_from_data_size(view.data(), &shape, kind)?.to_kind(Kind::Float);
+        let t = Tensor::f_from_data_size(view.data(), &shape, kind)?;
         out.insert(name, t);
     }
     Ok(out)
@@ -171,18 +182,28 @@ pub fn read_artifact(dir: &Path) -> Result<(ArtifactManifest, BTreeMap<String, T
         .map_err(|e| Error::data(&manifest_path, format!("not a valid manifest: {e}")))?;
     let data_path = dir.join(&manifest.artifact.path);
     if manifest.artifact.path.contains('/') || manifest.artifact.path.contains("..") {
-        return Err(Error::data(&manifest_path, "artifact.path must be a plain file name"));
+        return Err(Error::data(
+            &manifest_path,
+            "artifact.path must be a plain file name",
+        ));
     }
     let bytes = std::fs::read(&data_path).map_err(|e| Error::io(&data_path, e))?;
     if bytes.len() as u64 != manifest.artifact.bytes {
         return Err(Error::data(
             &data_path,
-            format!("size {} differs from the manifest's {}", bytes.len(), manifest.artifact.bytes),
+            format!(
+                "size {} differs from the manifest's {}",
+                bytes.len(),
+                manifest.artifact.bytes
+            ),
         ));
     }
     let digest = sha256_hex(&bytes);
     if digest != manifest.artifact.sha256 {
-        return Err(Error::data(&data_path, "sha256 differs from the manifest's"));
+        return Err(Error::data(
+            &data_path,
+            "sha256 differs from the manifest's",
+        ));
     }
     let tensors = from_safetensors(&bytes, &data_path)?;
     Ok((manifest, tensors))
@@ -220,8 +241,12 @@ mod tests {
     fn round_trip_and_tamper_detection() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut tensors = BTreeMap::new();
-        tensors.insert("shared.slot0.gate.bias".to_string(), Tensor::from_slice(&[1.0f32, -2.5, 3.0]));
-        let written = write_artifact(dir.path(), &tensors, StoreDtype::Bf16, manifest()).expect("write");
+        tensors.insert(
+            "shared.slot0.gate.bias".to_string(),
+            Tensor::from_slice(&[1.0f32, -2.5, 3.0]),
+        );
+        let written =
+            write_artifact(dir.path(), &tensors, StoreDtype::Bf16, manifest()).expect("write");
         assert_eq!(written.tensors[0].dtype, "BF16");
         assert_eq!(written.tensors[0].shape, vec![3]);
         let (m, back) = read_artifact(dir.path()).expect("read");

@@ -22,6 +22,16 @@ pub enum Error {
     /// A configuration value is out of range or inconsistent.
     #[error("invalid configuration `{field}`: {message}")]
     Config { field: String, message: String },
+    /// An aggregation round cannot complete: fewer client updates were
+    /// accepted than the spec's quorum (`minClients`). Nothing was written.
+    #[error("round {round}: quorum not met: {accepted} client update(s) accepted, {required} required ({summary})")]
+    QuorumNotMet {
+        round: u32,
+        accepted: usize,
+        required: u32,
+        /// Rejected clients with their reasons, and missing clients.
+        summary: String,
+    },
     /// An error raised by libtorch.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),

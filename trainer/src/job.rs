@@ -20,8 +20,12 @@ use crate::{Error, Result};
 /// Reads a spec file: a whole FederatedTune (YAML or JSON) or just its spec.
 pub fn read_spec(path: &Path) -> Result<FederatedTuneSpec> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let value: serde_json::Value = serde_saphyr::from_str(&text)
-        .map_err(|e| Error::config(path.display().to_string(), format!("not valid YAML/JSON: {e}")))?;
+    let value: serde_json::Value = serde_saphyr::from_str(&text).map_err(|e| {
+        Error::config(
+            path.display().to_string(),
+            format!("not valid YAML/JSON: {e}"),
+        )
+    })?;
     let spec = value.get("spec").cloned().unwrap_or(value);
     serde_json::from_value(spec).map_err(|e| {
         Error::config(
@@ -46,10 +50,19 @@ pub fn local_path(uri_text: &str, field: &str) -> Result<PathBuf> {
 
 /// Index of client `name` in the spec.
 pub fn client_index(spec: &FederatedTuneSpec, name: &str) -> Result<usize> {
-    spec.clients.iter().position(|c| c.name == name).ok_or_else(|| {
-        let names: Vec<&str> = spec.clients.iter().map(|c| c.name.as_str()).collect();
-        Error::config("client", format!("no client {name:?} in the spec; clients: {}", names.join(", ")))
-    })
+    spec.clients
+        .iter()
+        .position(|c| c.name == name)
+        .ok_or_else(|| {
+            let names: Vec<&str> = spec.clients.iter().map(|c| c.name.as_str()).collect();
+            Error::config(
+                "client",
+                format!(
+                    "no client {name:?} in the spec; clients: {}",
+                    names.join(", ")
+                ),
+            )
+        })
 }
 
 /// The data configuration shared by every client of the spec.
@@ -82,10 +95,9 @@ pub fn data_config(spec: &FederatedTuneSpec) -> Result<DataConfig> {
             let mut uris = Vec::with_capacity(spec.clients.len());
             for (i, c) in spec.clients.iter().enumerate() {
                 let field = format!("spec.clients[{i}].data.uri");
-                let data = c
-                    .data
-                    .as_ref()
-                    .ok_or_else(|| Error::config(&field, "required with partition strategy shards"))?;
+                let data = c.data.as_ref().ok_or_else(|| {
+                    Error::config(&field, "required with partition strategy shards")
+                })?;
                 uris.push(local_path(&data.uri, &field)?.display().to_string());
             }
             PartitionScheme::Shards { uris }
@@ -122,11 +134,7 @@ fn selection(spec: &LayerSelectionSpec, num_layers: usize) -> LayerSelection {
 
 /// The layer selection in force for client `index`.
 pub fn layer_selection_spec(spec: &FederatedTuneSpec, index: usize) -> &LayerSelectionSpec {
-    spec.clients[index]
-        .model
-        .adapted_layers
-        .as_ref()
-        .unwrap_or(&spec.adapter.layers)
+    spec.layer_selection(index)
 }
 
 /// The number of slots: `adapter.slots`, or the depth of the shallowest
@@ -137,12 +145,13 @@ pub fn resolve_slots(spec: &FederatedTuneSpec) -> Result<usize> {
     }
     let mut depth = usize::MAX;
     for (i, c) in spec.clients.iter().enumerate() {
-        let dir = local_path(&c.model.uri, &format!("spec.clients[{i}].model.uri")).map_err(|_| {
-            Error::config(
+        let dir =
+            local_path(&c.model.uri, &format!("spec.clients[{i}].model.uri")).map_err(|_| {
+                Error::config(
                 "spec.adapter.slots",
                 "cannot infer the number of slots from models in object storage: set adapter.slots",
             )
-        })?;
+            })?;
         let layers = num_layers(&dir)?;
         let window = match selection(layer_selection_spec(spec, i), layers) {
             LayerSelection::SlotEnds => layers,
@@ -157,8 +166,8 @@ pub fn resolve_slots(spec: &FederatedTuneSpec) -> Result<usize> {
 pub fn num_layers(dir: &Path) -> Result<usize> {
     let file = dir.join("config.json");
     let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
-    let config: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::model(&file, format!("not valid JSON: {e}")))?;
+    let config: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::model(&file, format!("not valid JSON: {e}")))?;
     config
         .get("num_hidden_layers")
         .and_then(|v| v.as_u64())
@@ -167,7 +176,12 @@ pub fn num_layers(dir: &Path) -> Result<usize> {
 }
 
 /// DeMA settings of client `index` for a backbone of `num_layers` layers.
-pub fn dema_config(spec: &FederatedTuneSpec, index: usize, num_layers: usize, slots: usize) -> DemaConfig {
+pub fn dema_config(
+    spec: &FederatedTuneSpec,
+    index: usize,
+    num_layers: usize,
+    slots: usize,
+) -> DemaConfig {
     let sel = layer_selection_spec(spec, index);
     DemaConfig {
         rank: spec.adapter.rank as usize,
@@ -190,32 +204,38 @@ pub fn kind_of(dtype: Dtype) -> tch::Kind {
     }
 }
 
-/// A short, stable key naming a client's model family in global artifacts:
-/// the model directory's name plus 6 hex digits of the URI's hash, so two
-/// checkpoints with the same directory name never mix.
-pub fn family_key(model_uri: &str) -> String {
-    let base: String = model_uri
-        .trim_end_matches('/')
-        .rsplit('/')
-        .next()
-        .unwrap_or("model")
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '_' })
-        .collect();
-    let digest = crate::artifact::sha256_hex(model_uri.trim_end_matches('/').as_bytes());
-    format!("{base}.{}", &digest[..6])
+/// The family key of client `index` (see [`FederatedTuneSpec::family_key`]).
+pub fn family_key(spec: &FederatedTuneSpec, index: usize) -> String {
+    spec.family_key(index)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn spec() -> FederatedTuneSpec {
+        let text = r#"{"clients": [
+            {"name": "a", "model": {"family": "bert", "uri": "cache://models/all-MiniLM-L6-v2"}},
+            {"name": "b", "model": {"family": "bert", "uri": "cache://models/all-MiniLM-L6-v2/"}},
+            {"name": "c", "model": {"family": "bert", "uri": "/other/all-MiniLM-L6-v2"}},
+            {"name": "d", "model": {"family": "bert", "uri": "cache://models/all-MiniLM-L6-v2",
+                                    "adaptedLayers": {"mode": "topWindow", "window": 4}}}],
+            "task": {"dataset": {"uri": "/d.jsonl"}, "labels": ["x", "z"]}}"#;
+        serde_json::from_str(text).expect("spec")
+    }
+
     #[test]
     fn family_keys_are_readable_and_distinct() {
-        let a = family_key("cache://models/all-MiniLM-L6-v2");
+        let s = spec();
+        let a = family_key(&s, 0);
         assert!(a.starts_with("all-MiniLM-L6-v2."), "{a}");
         assert_eq!(a.len(), "all-MiniLM-L6-v2.".len() + 6);
-        assert_ne!(a, family_key("/other/all-MiniLM-L6-v2"));
-        assert_eq!(a, family_key("cache://models/all-MiniLM-L6-v2/"));
+        assert_eq!(a, family_key(&s, 1), "a trailing slash is the same model");
+        assert_ne!(a, family_key(&s, 2), "another directory is another family");
+        assert_ne!(
+            a,
+            family_key(&s, 3),
+            "other adapted layers are another family"
+        );
     }
 }

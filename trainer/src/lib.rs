@@ -9,6 +9,7 @@
 //!   splits and non-IID partitions over clients.
 
 pub mod adapters;
+pub mod aggregate;
 pub mod artifact;
 pub mod data;
 pub mod error;

@@ -7,7 +7,9 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use heterotune_crds::manifest::{ArtifactKind, ArtifactManifest, FileDigest, MANIFEST_SCHEMA_VERSION};
+use heterotune_crds::manifest::{
+    ArtifactKind, ArtifactManifest, FileDigest, MANIFEST_SCHEMA_VERSION,
+};
 use heterotune_crds::spec::{AggregationAlgorithm, FederatedTuneSpec, Pooling as SpecPooling};
 use heterotune_trainer::adapters::head::Pooling;
 use heterotune_trainer::artifact::{self, StoreDtype};
@@ -19,7 +21,11 @@ use heterotune_trainer::train::{ClientModel, TrainSettings};
 use tch::{Device, Tensor};
 
 #[derive(Parser)]
-#[command(name = "heterotune-trainer", version, about = "HeteroTune trainer: local training and evaluation of one client")]
+#[command(
+    name = "heterotune-trainer",
+    version,
+    about = "HeteroTune trainer: local training and evaluation of one client"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -50,13 +56,70 @@ enum Command {
         /// The round being trained (1-based).
         #[arg(long)]
         round: u32,
-        /// Directory of the previous round's global artifact (absent in round 1).
+        /// Directory of the previous round's global artifact.
         #[arg(long)]
         global: Option<PathBuf>,
-        /// The client's private state directory (adapter parts that are not
-        /// shared persist here between rounds; never uploaded).
+        /// The client's private state after the previous round (adapter parts
+        /// that are not shared; never uploaded).
         #[arg(long)]
-        state: Option<PathBuf>,
+        state_in: Option<PathBuf>,
+        /// Where to save the client's private state after this round.
+        #[arg(long)]
+        state_out: Option<PathBuf>,
+        /// Directory where frozen-prefix caches persist between rounds.
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
+        /// Where to write adapter.safetensors and manifest.json.
+        #[arg(long)]
+        out: PathBuf,
+        /// The run this artifact belongs to (written into the manifest).
+        #[arg(long, default_value = "local")]
+        run: String,
+    },
+    /// Evaluate a client's model with a global (and private) state on the
+    /// global test split; prints JSON.
+    Eval {
+        #[command(flatten)]
+        common: Common,
+        /// Directory of the global artifact to evaluate.
+        #[arg(long)]
+        global: Option<PathBuf>,
+        /// The client's private state.
+        #[arg(long)]
+        state_in: Option<PathBuf>,
+        /// Directory where frozen-prefix caches persist.
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
+    },
+    /// Aggregate one round: verify the committed client artifacts under
+    /// `--run-dir` (round-NNNN/clients/<client>/), combine them with the
+    /// spec's algorithm, and write the round's global artifact.
+    Aggregate {
+        /// The FederatedTune (YAML or JSON; the whole object or its spec).
+        #[arg(long)]
+        spec: PathBuf,
+        /// The run directory holding round-NNNN/clients/<client>/ artifacts.
+        #[arg(long)]
+        run_dir: PathBuf,
+        /// The run name every client manifest must carry.
+        #[arg(long)]
+        run: String,
+        /// The round to aggregate.
+        #[arg(long)]
+        round: u32,
+        /// The previous round's global artifact directory.
+        #[arg(long)]
+        previous_global: PathBuf,
+        /// Where to write the global artifact.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Write the round-0 global artifact: the initial shared parts and every
+    /// family's parts, from the seed (what every client starts from).
+    Init {
+        /// The FederatedTune (YAML or JSON; the whole object or its spec).
+        #[arg(long)]
+        spec: PathBuf,
         /// Where to write adapter.safetensors and manifest.json.
         #[arg(long)]
         out: PathBuf,
@@ -76,8 +139,6 @@ fn device(name: &str) -> anyhow::Result<Device> {
     }
 }
 
-const STATE_FILE: &str = "state.safetensors";
-
 /// Names (in this client's var store) of what leaves the client each round.
 fn shared_names(model: &ClientModel, spec: &FederatedTuneSpec) -> Vec<String> {
     if spec.aggregation.algorithm == AggregationAlgorithm::LocalOnly {
@@ -95,7 +156,10 @@ fn shared_names(model: &ClientModel, spec: &FederatedTuneSpec) -> Vec<String> {
 
 /// Maps a global artifact's tensors to this client's variable names: shared
 /// tensors as they are, this family's parts from `family/<key>/...`.
-fn global_for_client(global: BTreeMap<String, Tensor>, family_key: &str) -> BTreeMap<String, Tensor> {
+fn global_for_client(
+    global: BTreeMap<String, Tensor>,
+    family_key: &str,
+) -> BTreeMap<String, Tensor> {
     let prefix = format!("family/{family_key}/");
     global
         .into_iter()
@@ -115,15 +179,33 @@ fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn train(
+/// A client's model with its private and global state loaded.
+struct Loaded {
+    spec: FederatedTuneSpec,
+    index: usize,
+    model: ClientModel,
+    family_key: String,
+    base_round: u32,
+    load_seconds: f64,
+    train: Vec<heterotune_trainer::data::source::Example>,
+    validation: Vec<heterotune_trainer::data::source::Example>,
+    test: Vec<heterotune_trainer::data::source::Example>,
+    num_classes: usize,
+    all_names: Vec<String>,
+}
+
+fn pooling(spec: &FederatedTuneSpec) -> Pooling {
+    match spec.training.pooling {
+        SpecPooling::Mean => Pooling::Mean,
+        SpecPooling::LastToken => Pooling::LastToken,
+    }
+}
+
+fn load_client(
     common: &Common,
-    round: u32,
     global: Option<&Path>,
-    state: Option<&Path>,
-    out: &Path,
-    run: &str,
-) -> anyhow::Result<()> {
+    state_in: Option<&Path>,
+) -> anyhow::Result<Loaded> {
     let spec = job::read_spec(&common.spec)?;
     let index = job::client_index(&spec, &common.client)?;
     let client = &spec.clients[index];
@@ -131,7 +213,10 @@ fn train(
         tch::set_num_threads(t);
     }
     let device = device(&common.device)?;
-    let model_dir = job::local_path(&client.model.uri, &format!("spec.clients[{index}].model.uri"))?;
+    let model_dir = job::local_path(
+        &client.model.uri,
+        &format!("spec.clients[{index}].model.uri"),
+    )?;
     let load_start = std::time::Instant::now();
     let backbone = load_backbone(&model_dir, device, job::kind_of(client.model.dtype))
         .with_context(|| format!("loading the backbone of client {}", client.name))?;
@@ -140,7 +225,7 @@ fn train(
     let load_seconds = load_start.elapsed().as_secs_f64();
 
     let data = federate(&job::data_config(&spec)?).context("preparing the data")?;
-    let mine = &data.clients[index];
+    let mine = data.clients[index].clone();
     let mut test = data.test.clone();
     if let Some(max) = spec.task.max_test_examples {
         test.truncate(max as usize);
@@ -149,35 +234,62 @@ fn train(
 
     let slots = job::resolve_slots(&spec)?;
     let dema_cfg = job::dema_config(&spec, index, info.num_layers, slots);
-    let pooling = match spec.training.pooling {
-        SpecPooling::Mean => Pooling::Mean,
-        SpecPooling::LastToken => Pooling::LastToken,
-    };
-    let mut model = ClientModel::new(backbone, tokenizer, &dema_cfg, num_classes, pooling, device)?;
+    let model = ClientModel::new(
+        backbone,
+        tokenizer,
+        &dema_cfg,
+        num_classes,
+        pooling(&spec),
+        device,
+    )?;
     let all_names: Vec<String> = model.vs.variables().keys().cloned().collect();
 
     // Private state first, then the global state on top of it.
-    if let Some(state) = state {
-        let file = state.join(STATE_FILE);
-        if file.is_file() {
-            let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
-            let values = artifact::from_safetensors(&bytes, &file)?;
-            model.import(&values, &all_names)?;
-        }
+    if let Some(file) = state_in {
+        let bytes = std::fs::read(file)
+            .with_context(|| format!("reading the client state {}", file.display()))?;
+        let values = artifact::from_safetensors(&bytes, file)?;
+        model
+            .import(&values, &all_names)
+            .with_context(|| format!("loading the client state {}", file.display()))?;
     }
-    let family_key = job::family_key(&client.model.uri);
+    let family_key = job::family_key(&spec, index);
     let mut base_round = 0;
     if let Some(global) = global {
         let (manifest, tensors) = artifact::read_artifact(global)
             .with_context(|| format!("reading the global artifact in {}", global.display()))?;
         base_round = manifest.round;
         let mapped = global_for_client(tensors, &family_key);
-        model.import(&mapped, &all_names)?;
+        model.import(&mapped, &all_names).with_context(|| {
+            format!(
+                "the global artifact in {} does not fit client {}",
+                global.display(),
+                client.name
+            )
+        })?;
     }
-    let send = shared_names(&model, &spec);
-    let before = model.export(&send)?;
+    Ok(Loaded {
+        index,
+        family_key,
+        base_round,
+        load_seconds,
+        train: mine.train,
+        validation: mine.validation,
+        test,
+        num_classes,
+        all_names,
+        model,
+        spec,
+    })
+}
 
-    let settings = TrainSettings {
+fn settings(
+    spec: &FederatedTuneSpec,
+    round: u32,
+    index: usize,
+    cache_dir: Option<&Path>,
+) -> TrainSettings {
+    TrainSettings {
         steps: spec.training.local_steps as usize,
         batch_size: spec.training.batch_size as usize,
         learning_rate: spec.training.learning_rate,
@@ -194,16 +306,52 @@ fn train(
             .wrapping_add(u64::from(round) * 1_009 + index as u64),
         prefix_cache: spec.training.prefix_cache.enabled,
         prefix_cache_bytes: spec.training.prefix_cache.max_memory_mib as usize * 1024 * 1024,
-    };
-    let report = model.train(&mine.train, &settings)?;
-    let max_len = settings.max_seq_length;
-    let (val, val_loss) = model.evaluate(&mine.validation, max_len, settings.eval_batch_size, num_classes)?;
-    let (tst, _) = model.evaluate(&test, max_len, settings.eval_batch_size, num_classes)?;
+        prefix_cache_dir: cache_dir.map(Path::to_path_buf),
+    }
+}
 
-    if let Some(state) = state {
+#[allow(clippy::too_many_arguments)]
+fn train(
+    common: &Common,
+    round: u32,
+    global: Option<&Path>,
+    state_in: Option<&Path>,
+    state_out: Option<&Path>,
+    cache_dir: Option<&Path>,
+    out: &Path,
+    run: &str,
+) -> anyhow::Result<()> {
+    let Loaded {
+        spec,
+        index,
+        mut model,
+        family_key,
+        base_round,
+        load_seconds,
+        train,
+        validation,
+        test,
+        num_classes,
+        all_names,
+    } = load_client(common, global, state_in)?;
+    let client = &spec.clients[index];
+    let info = model.backbone().info().clone();
+    let send = shared_names(&model, &spec);
+    let before = model.export(&send)?;
+    let settings = settings(&spec, round, index, cache_dir);
+    let model_id = format!("{}|{:?}", client.model.uri, client.model.dtype);
+    let train_data = model.prepare(&train, &settings, &model_id)?;
+    let report = model.train(&train_data, &settings)?;
+    let val_data = model.prepare(&validation, &settings, &model_id)?;
+    let (val, val_loss) = model.evaluate(&val_data, settings.eval_batch_size, num_classes)?;
+    let test_data = model.prepare(&test, &settings, &model_id)?;
+    let (tst, _) = model.evaluate(&test_data, settings.eval_batch_size, num_classes)?;
+    let mine_train_len = train.len();
+
+    if let Some(file) = state_out {
         let values = model.export(&all_names)?;
         let (bytes, _) = artifact::to_safetensors(&values, StoreDtype::F32)?;
-        artifact::write_atomic(&state.join(STATE_FILE), &bytes)?;
+        artifact::write_atomic(file, &bytes)?;
     }
 
     let after = model.export(&send)?;
@@ -211,7 +359,9 @@ fn train(
         .iter()
         .map(|(name, t)| (name.clone(), t - &before[name]))
         .collect();
-    let trainable = model.dema.shared_parameter_count() + model.dema.family_parameter_count() + model.head.parameter_count();
+    let trainable = model.dema.shared_parameter_count()
+        + model.dema.family_parameter_count()
+        + model.head.parameter_count();
     let mut metrics = BTreeMap::new();
     metrics.insert("loss".into(), report.final_loss);
     metrics.insert("mean_train_loss".into(), report.mean_loss);
@@ -227,7 +377,10 @@ fn train(
     metrics.insert("tokens_per_second".into(), report.tokens_per_second);
     metrics.insert("train_seconds".into(), report.seconds);
     metrics.insert("prefix_cache_seconds".into(), report.prefix_seconds);
-    metrics.insert("prefix_cached_examples".into(), report.cached_examples as f64);
+    metrics.insert(
+        "prefix_cached_examples".into(),
+        report.cached_examples as f64,
+    );
     metrics.insert("load_seconds".into(), load_seconds);
     metrics.insert("trainable_parameters".into(), trainable as f64);
     metrics.insert("backbone_parameters".into(), info.num_parameters as f64);
@@ -248,7 +401,7 @@ fn train(
             bytes: 0,
         },
         tensors: Vec::new(),
-        num_examples: mine.train.len() as u64,
+        num_examples: mine_train_len as u64,
         metrics,
         stats: serde_json::json!({"familyArchitecture": client.model.family.as_str(), "prefixLayers": model.prefix_layers()}),
         writer_version: format!("heterotune-trainer {}", env!("CARGO_PKG_VERSION")),
@@ -262,14 +415,23 @@ fn train(
         family_key,
         info.num_layers,
         model.prefix_layers(),
-        mine.train.len(),
-        mine.validation.len(),
+        mine_train_len,
+        validation.len(),
         test.len()
     );
     println!(
         "  trained {} steps in {:.1} s ({:.2} steps/s, {:.0} tokens/s; prefix cache {:.1} s for {} examples; model load {:.1} s)",
-        report.steps, report.seconds, report.steps_per_second, report.tokens_per_second, report.prefix_seconds, report.cached_examples, load_seconds
+        report.steps,
+        report.seconds,
+        report.steps_per_second,
+        report.tokens_per_second,
+        report.prefix_seconds,
+        report.cached_examples,
+        load_seconds
     );
+    if train_data.from_disk {
+        println!("  (frozen-prefix cache loaded from disk)");
+    }
     println!(
         "  loss {:.4} -> validation accuracy {:.3}, macro-F1 {:.3}; global test accuracy {:.3}, macro-F1 {:.3}",
         report.final_loss, val.accuracy, val.macro_f1, tst.accuracy, tst.macro_f1
@@ -284,6 +446,167 @@ fn train(
         report.peak_rss_bytes.map(mib).unwrap_or(f64::NAN)
     );
     println!("  artifact: {}", out.display());
+    Ok(())
+}
+
+fn eval(
+    common: &Common,
+    global: Option<&Path>,
+    state_in: Option<&Path>,
+    cache_dir: Option<&Path>,
+) -> anyhow::Result<()> {
+    let loaded = load_client(common, global, state_in)?;
+    let client = &loaded.spec.clients[loaded.index];
+    let settings = settings(&loaded.spec, loaded.base_round, loaded.index, cache_dir);
+    let model_id = format!("{}|{:?}", client.model.uri, client.model.dtype);
+    let test = loaded.model.prepare(&loaded.test, &settings, &model_id)?;
+    let (scores, loss) =
+        loaded
+            .model
+            .evaluate(&test, settings.eval_batch_size, loaded.num_classes)?;
+    let out = serde_json::json!({
+        "client": client.name,
+        "family": loaded.family_key,
+        "globalRound": loaded.base_round,
+        "testExamples": scores.examples,
+        "accuracy": scores.accuracy,
+        "macroF1": scores.macro_f1,
+        "loss": loss,
+    });
+    println!("{out}");
+    Ok(())
+}
+
+/// Shape facts of a model from its config.json, without loading weights.
+fn info_from_config(dir: &Path) -> anyhow::Result<heterotune_trainer::models::BackboneInfo> {
+    use heterotune_trainer::models::{BackboneInfo, Family};
+    let file = dir.join("config.json");
+    let text =
+        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    let c: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", file.display()))?;
+    let get = |k: &str| -> anyhow::Result<usize> {
+        c.get(k)
+            .and_then(|v| v.as_u64())
+            .map(|v| v as usize)
+            .with_context(|| format!("{}: `{k}` is missing", file.display()))
+    };
+    let family = match c.get("model_type").and_then(|v| v.as_str()) {
+        Some("bert") => Family::Bert,
+        Some("llama") => Family::Llama,
+        other => anyhow::bail!(
+            "{}: model_type {other:?} is neither bert nor llama",
+            file.display()
+        ),
+    };
+    Ok(BackboneInfo {
+        family,
+        hidden_size: get("hidden_size")?,
+        num_layers: get("num_hidden_layers")?,
+        vocab_size: get("vocab_size")?,
+        num_parameters: 0,
+    })
+}
+
+/// Writes the round-0 global artifact: shared parts from the seed, and each
+/// family's parts (when shared) under `family/<key>/`.
+fn init(spec_path: &Path, out: &Path, run: &str) -> anyhow::Result<()> {
+    let spec = job::read_spec(spec_path)?;
+    let slots = job::resolve_slots(&spec)?;
+    let num_classes = spec.task.labels.len();
+    let mut tensors: BTreeMap<String, Tensor> = BTreeMap::new();
+    let mut families = Vec::new();
+    for index in 0..spec.clients.len() {
+        let key = job::family_key(&spec, index);
+        if families.contains(&key) {
+            continue;
+        }
+        let client = &spec.clients[index];
+        let dir = job::local_path(
+            &client.model.uri,
+            &format!("spec.clients[{index}].model.uri"),
+        )?;
+        let info = info_from_config(&dir)?;
+        let cfg = job::dema_config(&spec, index, info.num_layers, slots);
+        let vs = tch::nn::VarStore::new(Device::Cpu);
+        let dema = heterotune_trainer::adapters::dema::Dema::new(&vs.root(), &cfg, &info)?;
+        let head = heterotune_trainer::adapters::head::ClassifierHead::new_seeded(
+            &vs.root().set_group(1),
+            info.hidden_size,
+            num_classes,
+            cfg.init_seed,
+        )?;
+        let vars = vs.variables();
+        for name in dema.shared_names() {
+            tensors
+                .entry(name.clone())
+                .or_insert_with(|| vars[&name].detach().copy());
+        }
+        let mut family_names = Vec::new();
+        if spec.adapter.share.family_parts {
+            family_names.extend(dema.family_names());
+        }
+        if spec.adapter.share.head {
+            family_names.extend(head.names());
+        }
+        for name in family_names {
+            tensors.insert(format!("family/{key}/{name}"), vars[&name].detach().copy());
+        }
+        families.push(key);
+    }
+    let manifest = ArtifactManifest {
+        schema_version: MANIFEST_SCHEMA_VERSION,
+        kind: ArtifactKind::Global,
+        run: run.to_string(),
+        round: 0,
+        base_round: 0,
+        client: None,
+        family: None,
+        artifact: FileDigest {
+            path: String::new(),
+            sha256: String::new(),
+            bytes: 0,
+        },
+        tensors: Vec::new(),
+        num_examples: 0,
+        metrics: BTreeMap::new(),
+        stats: serde_json::json!({ "families": families, "slots": slots }),
+        writer_version: format!("heterotune-trainer {}", env!("CARGO_PKG_VERSION")),
+        created_at: now_rfc3339(),
+    };
+    let written = artifact::write_artifact(out, &tensors, StoreDtype::F32, manifest)?;
+    println!(
+        "initial state: {} tensors, {} bytes, families {}",
+        written.tensors.len(),
+        written.artifact.bytes,
+        families.join(", ")
+    );
+    Ok(())
+}
+
+fn aggregate(
+    spec: &Path,
+    run_dir: &Path,
+    run: &str,
+    round: u32,
+    previous: &Path,
+    out: &Path,
+) -> anyhow::Result<()> {
+    let spec = job::read_spec(spec)?;
+    let outcome =
+        heterotune_trainer::aggregate::aggregate_round(&spec, run_dir, run, round, previous, out)
+            .with_context(|| format!("aggregating round {round}"))?;
+    let s = &outcome.stats;
+    println!(
+        "round {round}: aggregated {} clients ({} rejected, {} missing), {} bytes received",
+        s.participants.len(),
+        s.rejects.len(),
+        s.missing.len(),
+        s.bytes_received
+    );
+    for r in &s.rejects {
+        println!("  rejected {r:?}");
+    }
     Ok(())
 }
 
@@ -319,10 +642,41 @@ fn main() -> ExitCode {
             common,
             round,
             global,
-            state,
+            state_in,
+            state_out,
+            cache_dir,
             out,
             run,
-        } => train(common, *round, global.as_deref(), state.as_deref(), out, run),
+        } => train(
+            common,
+            *round,
+            global.as_deref(),
+            state_in.as_deref(),
+            state_out.as_deref(),
+            cache_dir.as_deref(),
+            out,
+            run,
+        ),
+        Command::Eval {
+            common,
+            global,
+            state_in,
+            cache_dir,
+        } => eval(
+            common,
+            global.as_deref(),
+            state_in.as_deref(),
+            cache_dir.as_deref(),
+        ),
+        Command::Init { spec, out, run } => init(spec, out, run),
+        Command::Aggregate {
+            spec,
+            run_dir,
+            run,
+            round,
+            previous_global,
+            out,
+        } => aggregate(spec, run_dir, run, *round, previous_global, out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

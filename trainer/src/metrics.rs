@@ -50,7 +50,11 @@ pub fn scores(predictions: &[usize], labels: &[usize], num_classes: usize) -> Sc
     }
     Scores {
         accuracy: correct as f64 / n as f64,
-        macro_f1: if present == 0 { 0.0 } else { f1_sum / present as f64 },
+        macro_f1: if present == 0 {
+            0.0
+        } else {
+            f1_sum / present as f64
+        },
         examples: n,
     }
 }

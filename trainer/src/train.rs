@@ -36,6 +36,8 @@ pub struct TrainSettings {
     pub seed: u64,
     pub prefix_cache: bool,
     pub prefix_cache_bytes: usize,
+    /// Where prefix caches persist between rounds (None: in memory only).
+    pub prefix_cache_dir: Option<std::path::PathBuf>,
 }
 
 /// Tokenised examples, unpadded.
@@ -76,6 +78,30 @@ struct PrefixCache {
     states: HashMap<usize, Tensor>,
 }
 
+/// A set of examples ready for the window: tokens plus prefix outputs.
+pub struct Prepared {
+    tokens: Tokens,
+    cache: Option<PrefixCache>,
+    /// Seconds spent building (or loading) the prefix cache.
+    pub prefix_seconds: f64,
+    /// Examples whose prefix output is cached.
+    pub cached: usize,
+    /// The cache came from disk.
+    pub from_disk: bool,
+}
+
+impl Prepared {
+    /// Number of examples.
+    pub fn len(&self) -> usize {
+        self.tokens.ids.len()
+    }
+
+    /// True when there are no examples.
+    pub fn is_empty(&self) -> bool {
+        self.tokens.ids.is_empty()
+    }
+}
+
 impl ClientModel {
     /// Builds the adapters and head for `backbone`.
     pub fn new(
@@ -89,8 +115,13 @@ impl ClientModel {
         let vs = nn::VarStore::new(device);
         let info = backbone.info().clone();
         let dema = Dema::new(&vs.root(), dema_cfg, &info)?;
-        let head = ClassifierHead::new_seeded(&vs.root().set_group(1), info.hidden_size, num_classes, dema_cfg.init_seed)?
-            .with_pooling(pooling);
+        let head = ClassifierHead::new_seeded(
+            &vs.root().set_group(1),
+            info.hidden_size,
+            num_classes,
+            dema_cfg.init_seed,
+        )?
+        .with_pooling(pooling);
         let prefix_layers = dema.slot_map().first_adapted_layer() + 1;
         Ok(ClientModel {
             backbone,
@@ -127,7 +158,12 @@ impl ClientModel {
 
     /// Right-pads `rows` of `tokens` into `[b, t]` ids and mask.
     fn batch(&self, tokens: &Tokens, rows: &[usize]) -> (Tensor, Tensor, Tensor) {
-        let t = rows.iter().map(|&i| tokens.ids[i].len()).max().unwrap_or(1).max(1);
+        let t = rows
+            .iter()
+            .map(|&i| tokens.ids[i].len())
+            .max()
+            .unwrap_or(1)
+            .max(1);
         let pad = self.tokenizer.pad_id();
         let mut ids = Vec::with_capacity(rows.len() * t);
         let mut mask = Vec::with_capacity(rows.len() * t);
@@ -141,8 +177,12 @@ impl ClientModel {
         let b = rows.len() as i64;
         let labels: Vec<i64> = rows.iter().map(|&i| tokens.labels[i]).collect();
         (
-            Tensor::from_slice(&ids).view([b, t as i64]).to_device(self.device),
-            Tensor::from_slice(&mask).view([b, t as i64]).to_device(self.device),
+            Tensor::from_slice(&ids)
+                .view([b, t as i64])
+                .to_device(self.device),
+            Tensor::from_slice(&mask)
+                .view([b, t as i64])
+                .to_device(self.device),
             Tensor::from_slice(&labels).to_device(self.device),
         )
     }
@@ -201,7 +241,13 @@ impl ClientModel {
     }
 
     /// Window input for `rows`: from the cache where every row is cached, else recomputed.
-    fn window_input(&self, cache: Option<&PrefixCache>, rows: &[usize], ids: &Tensor, mask: &Tensor) -> Tensor {
+    fn window_input(
+        &self,
+        cache: Option<&PrefixCache>,
+        rows: &[usize],
+        ids: &Tensor,
+        mask: &Tensor,
+    ) -> Tensor {
         if let Some(cache) = cache {
             if rows.iter().all(|i| cache.states.contains_key(i)) {
                 let t = ids.size()[1];
@@ -223,20 +269,126 @@ impl ClientModel {
         self.prefix(ids, mask)
     }
 
-    /// Trains for `settings.steps` steps on `examples`.
-    pub fn train(&mut self, examples: &[Example], settings: &TrainSettings) -> Result<TrainReport> {
-        if examples.is_empty() {
-            return Err(Error::config("data", "this client has no training examples"));
+    /// A fingerprint of everything the prefix output depends on: the
+    /// backbone (`model_id`), its compute dtype, the prefix depth and the
+    /// exact token ids. A cache file is reused only when it matches.
+    fn fingerprint(&self, model_id: &str, tokens: &Tokens) -> String {
+        let mut h = sha2::Sha256::new();
+        use sha2::Digest as _;
+        h.update(model_id.as_bytes());
+        h.update(format!("|{:?}|{}|", self.backbone.info().family, self.prefix_layers).as_bytes());
+        h.update(format!("{:?}", self.prefix_kind()).as_bytes());
+        for row in &tokens.ids {
+            h.update((row.len() as u64).to_le_bytes());
+            for id in row {
+                h.update(id.to_le_bytes());
+            }
         }
+        hex::encode(h.finalize())
+    }
+
+    fn prefix_kind(&self) -> Kind {
+        self.backbone
+            .embed(&Tensor::zeros([1, 1], (Kind::Int64, self.device)))
+            .kind()
+    }
+
+    /// Tokenises `examples` and computes (or loads from `settings`' cache
+    /// directory) their frozen-prefix outputs. `model_id` names the backbone
+    /// (its URI) in the cache fingerprint.
+    pub fn prepare(
+        &self,
+        examples: &[Example],
+        settings: &TrainSettings,
+        model_id: &str,
+    ) -> Result<Prepared> {
         let start = Instant::now();
         let tokens = self.tokenize(examples, settings.max_seq_length)?;
-        let cache = if settings.prefix_cache {
-            Some(self.build_cache(&tokens, settings.eval_batch_size, settings.prefix_cache_bytes))
-        } else {
-            None
-        };
-        let prefix_seconds = start.elapsed().as_secs_f64();
-        let cached_examples = cache.as_ref().map(|c| c.states.len()).unwrap_or(0);
+        if !settings.prefix_cache || tokens.ids.is_empty() {
+            return Ok(Prepared {
+                tokens,
+                cache: None,
+                prefix_seconds: 0.0,
+                cached: 0,
+                from_disk: false,
+            });
+        }
+        let file = settings.prefix_cache_dir.as_ref().map(|dir| {
+            dir.join(format!(
+                "prefix-{}.safetensors",
+                &self.fingerprint(model_id, &tokens)[..32]
+            ))
+        });
+        if let Some(file) = &file {
+            if let Ok(bytes) = std::fs::read(file) {
+                match crate::artifact::from_safetensors_kept(&bytes, file) {
+                    Ok(map) => {
+                        let states: HashMap<usize, Tensor> = map
+                            .into_iter()
+                            .filter_map(|(k, v)| {
+                                k.parse::<usize>()
+                                    .ok()
+                                    .map(|i| (i, v.to_device(self.device)))
+                            })
+                            .collect();
+                        let cached = states.len();
+                        return Ok(Prepared {
+                            tokens,
+                            cache: Some(PrefixCache { states }),
+                            prefix_seconds: start.elapsed().as_secs_f64(),
+                            cached,
+                            from_disk: true,
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(file = %file.display(), error = %e, "ignoring an unreadable prefix cache")
+                    }
+                }
+            }
+        }
+        let cache = self.build_cache(
+            &tokens,
+            settings.eval_batch_size,
+            settings.prefix_cache_bytes,
+        );
+        if let Some(file) = &file {
+            let map: BTreeMap<String, Tensor> = cache
+                .states
+                .iter()
+                .map(|(i, t)| (i.to_string(), t.shallow_clone()))
+                .collect();
+            let dtype = if self.prefix_kind() == Kind::BFloat16 {
+                crate::artifact::StoreDtype::Bf16
+            } else {
+                crate::artifact::StoreDtype::F32
+            };
+            let (bytes, _) = crate::artifact::to_safetensors(&map, dtype)?;
+            crate::artifact::write_atomic(file, &bytes)?;
+        }
+        let cached = cache.states.len();
+        Ok(Prepared {
+            tokens,
+            cache: Some(cache),
+            prefix_seconds: start.elapsed().as_secs_f64(),
+            cached,
+            from_disk: false,
+        })
+    }
+
+    /// Trains for `settings.steps` steps on prepared training examples.
+    pub fn train(&mut self, data: &Prepared, settings: &TrainSettings) -> Result<TrainReport> {
+        if data.is_empty() {
+            return Err(Error::config(
+                "data",
+                "this client has no training examples",
+            ));
+        }
+        let start = Instant::now();
+        let tokens = &data.tokens;
+        let cache = data.cache.as_ref();
+        let prefix_seconds = data.prefix_seconds;
+        let cached_examples = data.cached;
+        let n = data.len();
 
         let mut opt = nn::AdamW {
             wd: settings.weight_decay,
@@ -246,7 +398,7 @@ impl ClientModel {
         opt.set_lr_group(1, settings.head_learning_rate);
 
         let mut rng = seeded_rng(settings.seed, 0x7472_6169_6e);
-        let mut order: Vec<usize> = (0..examples.len()).collect();
+        let mut order: Vec<usize> = (0..n).collect();
         let mut cursor = order.len();
         let mut losses = Vec::with_capacity(settings.steps);
         let mut tokens_seen = 0i64;
@@ -260,7 +412,7 @@ impl ClientModel {
             opt.set_lr_group(0, settings.learning_rate * warm);
             opt.set_lr_group(1, settings.head_learning_rate * warm);
             let mut rows = Vec::with_capacity(settings.batch_size);
-            while rows.len() < settings.batch_size.min(examples.len()) {
+            while rows.len() < settings.batch_size.min(n) {
                 if cursor >= order.len() {
                     shuffle(&mut rng, &mut order);
                     cursor = 0;
@@ -268,9 +420,9 @@ impl ClientModel {
                 rows.push(order[cursor]);
                 cursor += 1;
             }
-            let (ids, mask, labels) = self.batch(&tokens, &rows);
+            let (ids, mask, labels) = self.batch(tokens, &rows);
             tokens_seen += mask.sum(Kind::Int64).int64_value(&[]);
-            let h = self.window_input(cache.as_ref(), &rows, &ids, &mask);
+            let h = self.window_input(cache, &rows, &ids, &mask);
             let logits = self.window(h, &mask);
             let loss = logits.cross_entropy_for_logits(&labels);
             opt.zero_grad();
@@ -294,7 +446,7 @@ impl ClientModel {
             steps,
             final_loss: losses.last().copied().unwrap_or(f64::NAN),
             mean_loss: losses.iter().sum::<f64>() / steps.max(1) as f64,
-            seconds: start.elapsed().as_secs_f64(),
+            seconds: start.elapsed().as_secs_f64() + prefix_seconds,
             prefix_seconds,
             steps_per_second: steps as f64 / train_seconds.max(1e-9),
             tokens_per_second: tokens_seen as f64 / train_seconds.max(1e-9),
@@ -303,28 +455,38 @@ impl ClientModel {
         })
     }
 
-    /// Accuracy and macro-F1 on `examples`, and the mean loss.
-    pub fn evaluate(&self, examples: &[Example], max_seq_length: usize, batch_size: usize, num_classes: usize) -> Result<(Scores, f64)> {
-        if examples.is_empty() {
+    /// Accuracy and macro-F1 on prepared examples, and the mean loss.
+    pub fn evaluate(
+        &self,
+        data: &Prepared,
+        batch_size: usize,
+        num_classes: usize,
+    ) -> Result<(Scores, f64)> {
+        if data.is_empty() {
             return Ok((scores(&[], &[], num_classes), f64::NAN));
         }
-        let tokens = self.tokenize(examples, max_seq_length)?;
-        let mut predictions = Vec::with_capacity(examples.len());
+        let tokens = &data.tokens;
+        let n = data.len();
+        let mut predictions = Vec::with_capacity(n);
         let mut loss_sum = 0.0;
-        let all: Vec<usize> = (0..examples.len()).collect();
+        let all: Vec<usize> = (0..n).collect();
         tch::no_grad(|| -> Result<()> {
             for chunk in all.chunks(batch_size.max(1)) {
-                let (ids, mask, labels) = self.batch(&tokens, chunk);
-                let h = self.window_input(None, chunk, &ids, &mask);
+                let (ids, mask, labels) = self.batch(tokens, chunk);
+                let h = self.window_input(data.cache.as_ref(), chunk, &ids, &mask);
                 let logits = self.window(h, &mask);
-                loss_sum += logits.cross_entropy_for_logits(&labels).double_value(&[]) * chunk.len() as f64;
+                loss_sum +=
+                    logits.cross_entropy_for_logits(&labels).double_value(&[]) * chunk.len() as f64;
                 let pred = Vec::<i64>::try_from(logits.argmax(-1, false).to_device(Device::Cpu))?;
                 predictions.extend(pred.into_iter().map(|p| p as usize));
             }
             Ok(())
         })?;
-        let labels: Vec<usize> = examples.iter().map(|e| e.label).collect();
-        Ok((scores(&predictions, &labels, num_classes), loss_sum / examples.len() as f64))
+        let labels: Vec<usize> = tokens.labels.iter().map(|&l| l as usize).collect();
+        Ok((
+            scores(&predictions, &labels, num_classes),
+            loss_sum / n as f64,
+        ))
     }
 
     /// Current values of the named variables (detached f32 CPU copies).
@@ -334,7 +496,10 @@ impl ClientModel {
 
     /// Loads the named variables from `values` (shapes checked).
     pub fn import(&self, values: &BTreeMap<String, Tensor>, names: &[String]) -> Result<usize> {
-        let map: HashMap<String, Tensor> = values.iter().map(|(k, v)| (k.clone(), v.shallow_clone())).collect();
+        let map: HashMap<String, Tensor> = values
+            .iter()
+            .map(|(k, v)| (k.clone(), v.shallow_clone()))
+            .collect();
         load_named(&self.vs, &map, names, false)
     }
 }

@@ -13,7 +13,10 @@ use super::adapter::LayerSelectionSpec;
 pub struct ClientSpec {
     /// Unique name: a DNS-1123 label of at most 40 characters, so that job
     /// and pod names derived from it stay within Kubernetes limits.
-    #[schemars(length(min = 1, max = 40), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 40),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub name: String,
 
     /// The client's frozen backbone.
@@ -48,7 +51,9 @@ pub struct ClientSpec {
 
 /// Architecture family of a backbone. Clients of one family share a hidden
 /// size only if their checkpoints do; DeMA's shared part is family-agnostic.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum ModelFamily {
     /// BERT-style encoders (all-MiniLM-L6-v2, paraphrase-MiniLM-L3-v2, BERT-base, ...).
@@ -101,7 +106,10 @@ pub struct ModelSpec {
     /// model.safetensors, tokenizer.json) lives: `cache://models/NAME` (the
     /// HeteroTune model cache, filled by scripts/setup.sh), an absolute path
     /// or `file://` URI, or `s3://bucket/prefix` in the run's object store.
-    #[schemars(length(min = 1, max = 1024), regex(pattern = r"^(cache://|file://|s3://|/).+"))]
+    #[schemars(
+        length(min = 1, max = 1024),
+        regex(pattern = r"^(cache://|file://|s3://|/).+")
+    )]
     pub uri: String,
 
     /// Numeric type of the frozen backbone.
@@ -126,7 +134,10 @@ pub struct ClientDataSpec {
     /// A dataset file that belongs to this client alone (same format and
     /// fields as `task.dataset`), required when `task.partition.strategy` is
     /// `shards`.
-    #[schemars(length(min = 1, max = 1024), regex(pattern = r"^(cache://|file://|s3://|/).+"))]
+    #[schemars(
+        length(min = 1, max = 1024),
+        regex(pattern = r"^(cache://|file://|s3://|/).+")
+    )]
     pub uri: String,
 }
 

@@ -16,7 +16,9 @@ pub use adapter::{AdapterKind, AdapterSpec, LayerSelectionMode, LayerSelectionSp
 pub use aggregation::{
     AggregationAlgorithm, AggregationSpec, AlignmentRule, FamilyWeighting, NormBoundAction,
 };
-pub use client::{ClientDataSpec, ClientResources, ClientSpec, Dtype, ModelFamily, ModelSpec, Toleration};
+pub use client::{
+    ClientDataSpec, ClientResources, ClientSpec, Dtype, ModelFamily, ModelSpec, Toleration,
+};
 pub use storage::{RetentionPolicy, RetentionSpec, SecretKeyRef, StorageSpec, TrainerSpec};
 pub use task::{DatasetFormat, DatasetSpec, PartitionSpec, PartitionStrategy, SplitSpec, TaskSpec};
 pub use training::{Pooling, PrefixCacheSpec, TrainingSpec};
@@ -162,6 +164,50 @@ impl FederatedTuneSpec {
     /// The quorum in force: `minClients`, or every client when unset.
     pub fn quorum(&self) -> u32 {
         self.min_clients.unwrap_or(self.clients.len() as u32)
+    }
+
+    /// The layer selection in force for client `index`: its own, else `adapter.layers`.
+    pub fn layer_selection(&self, index: usize) -> &LayerSelectionSpec {
+        self.clients[index]
+            .model
+            .adapted_layers
+            .as_ref()
+            .unwrap_or(&self.adapter.layers)
+    }
+
+    /// A short, stable key naming client `index`'s model family in
+    /// artifacts and reports: the model directory's name plus 6 hex digits of
+    /// a hash of the model URI and the adapted-layer selection, so two
+    /// checkpoints with the same directory name, or one checkpoint adapted at
+    /// different layers (different family tensors), never mix.
+    pub fn family_key(&self, index: usize) -> String {
+        let model = &self.clients[index].model;
+        let sel = self.layer_selection(index);
+        let uri = model.uri.trim_end_matches('/');
+        let base: String = uri
+            .rsplit('/')
+            .next()
+            .unwrap_or("model")
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let identity = format!(
+            "{uri}|{:?}|{:?}|{}",
+            sel.mode, sel.window, sel.every_layer_in_group
+        );
+        // FNV-1a: stable across platforms and releases, unlike std's hasher.
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for byte in identity.bytes() {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        format!("{base}.{:06x}", hash & 0xff_ffff)
     }
 }
 

@@ -37,7 +37,10 @@ pub struct TaskSpec {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DatasetSpec {
     /// `cache://data/...`, an absolute path or `file://` URI, or `s3://bucket/key`.
-    #[schemars(length(min = 1, max = 1024), regex(pattern = r"^(cache://|file://|s3://|/).+"))]
+    #[schemars(
+        length(min = 1, max = 1024),
+        regex(pattern = r"^(cache://|file://|s3://|/).+")
+    )]
     pub uri: String,
 
     /// File format; inferred from the extension (.csv, .tsv, .jsonl) when unset.

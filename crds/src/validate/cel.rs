@@ -21,8 +21,14 @@ pub(crate) enum Outcome {
     Passed,
     /// A transition rule on a create: not applicable.
     Skipped,
-    Failed { field_path: Option<String>, message: String },
-    Broken { rule: String, message: String },
+    Failed {
+        field_path: Option<String>,
+        message: String,
+    },
+    Broken {
+        rule: String,
+        message: String,
+    },
 }
 
 impl Outcome {
@@ -30,7 +36,10 @@ impl Outcome {
     pub(crate) fn into_problem(self, path: &str) -> Option<Problem> {
         match self {
             Outcome::Passed | Outcome::Skipped => None,
-            Outcome::Failed { field_path, message } => Some(Problem {
+            Outcome::Failed {
+                field_path,
+                message,
+            } => Some(Problem {
                 path: match field_path {
                     Some(fp) => format!("{path}{}", fp),
                     None => path.to_string(),
@@ -51,7 +60,11 @@ impl RuleEvaluator {
     fn program(&mut self, rule: &str) -> Result<Arc<Program>, String> {
         self.programs
             .entry(rule.to_string())
-            .or_insert_with(|| Program::compile(rule).map(Arc::new).map_err(|e| e.to_string()))
+            .or_insert_with(|| {
+                Program::compile(rule)
+                    .map(Arc::new)
+                    .map_err(|e| e.to_string())
+            })
             .clone()
     }
 
@@ -81,7 +94,10 @@ impl RuleEvaluator {
         match program.execute(&context) {
             Ok(CelValue::Bool(true)) => Outcome::Passed,
             Ok(CelValue::Bool(false)) => Outcome::Failed {
-                field_path: rule.get("fieldPath").and_then(Value::as_str).map(str::to_string),
+                field_path: rule
+                    .get("fieldPath")
+                    .and_then(Value::as_str)
+                    .map(str::to_string),
                 message: rule
                     .get("message")
                     .and_then(Value::as_str)

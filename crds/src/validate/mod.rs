@@ -97,7 +97,11 @@ fn single(path: &str, kind: ProblemKind, message: impl Into<String>) -> Problems
 pub fn parse_document(text: &str) -> Result<Value, Problems> {
     serde_saphyr::from_str::<Value>(text).map_err(|e| {
         let message = match e.location() {
-            Some(loc) => format!("invalid YAML at line {}, column {}: {e}", loc.line(), loc.column()),
+            Some(loc) => format!(
+                "invalid YAML at line {}, column {}: {e}",
+                loc.line(),
+                loc.column()
+            ),
             None => format!("invalid YAML: {e}"),
         };
         single("", ProblemKind::Syntax, message)
@@ -175,7 +179,10 @@ pub fn check_object(object: &mut Value, old: Option<&Value>) -> Vec<Problem> {
     }
     problems.extend(walker.into_problems());
     if problems.is_empty() {
-        if let Some(root_rules) = schema.get("x-kubernetes-validations").and_then(Value::as_array) {
+        if let Some(root_rules) = schema
+            .get("x-kubernetes-validations")
+            .and_then(Value::as_array)
+        {
             for rule in root_rules {
                 if let Some(p) = rules.evaluate(rule, object, old).into_problem("") {
                     problems.push(strip_leading_dot(p));
@@ -217,8 +224,13 @@ pub fn validate_value(value: &mut Value, old: Option<&Value>) -> Result<Federate
     if !problems.is_empty() {
         return Err(Problems(problems));
     }
-    serde_json::from_value::<FederatedTune>(value.clone())
-        .map_err(|e| single("spec", ProblemKind::Type, format!("does not match the FederatedTune type: {e}")))
+    serde_json::from_value::<FederatedTune>(value.clone()).map_err(|e| {
+        single(
+            "spec",
+            ProblemKind::Type,
+            format!("does not match the FederatedTune type: {e}"),
+        )
+    })
 }
 
 #[cfg(test)]

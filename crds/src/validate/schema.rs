@@ -41,7 +41,13 @@ impl<'r> Walker<'r> {
 
     /// Applies defaults in `value` and checks it against `schema`. `old` is the
     /// value at the same place in the previous object (transition rules).
-    pub(crate) fn walk(&mut self, schema: &Value, value: &mut Value, path: &str, old: Option<&Value>) {
+    pub(crate) fn walk(
+        &mut self,
+        schema: &Value,
+        value: &mut Value,
+        path: &str,
+        old: Option<&Value>,
+    ) {
         if value.is_null() {
             if schema.get("nullable").and_then(Value::as_bool) == Some(true) {
                 return;
@@ -49,7 +55,10 @@ impl<'r> Walker<'r> {
             self.push(path, ProblemKind::Type, "must not be null".to_string());
             return;
         }
-        if schema.get("x-kubernetes-preserve-unknown-fields").and_then(Value::as_bool) == Some(true)
+        if schema
+            .get("x-kubernetes-preserve-unknown-fields")
+            .and_then(Value::as_bool)
+            == Some(true)
             && schema.get("properties").is_none()
         {
             return;
@@ -65,7 +74,10 @@ impl<'r> Walker<'r> {
             Value::Number(_) => self.check_number(schema, value, path),
             _ => {}
         }
-        if let Some(rules) = schema.get("x-kubernetes-validations").and_then(Value::as_array) {
+        if let Some(rules) = schema
+            .get("x-kubernetes-validations")
+            .and_then(Value::as_array)
+        {
             let had_problems = self.problems.iter().any(|p| p.path.starts_with(path));
             // The API server evaluates a node's rules only when its schema
             // checks passed; so do we, to avoid errors caused by errors.
@@ -112,12 +124,21 @@ impl<'r> Walker<'r> {
             self.push(
                 path,
                 ProblemKind::Enum,
-                format!("unsupported value {value}: supported values: {}", list.join(", ")),
+                format!(
+                    "unsupported value {value}: supported values: {}",
+                    list.join(", ")
+                ),
             );
         }
     }
 
-    fn walk_object(&mut self, schema: &Value, map: &mut Map<String, Value>, path: &str, old: Option<&Value>) {
+    fn walk_object(
+        &mut self,
+        schema: &Value,
+        map: &mut Map<String, Value>,
+        path: &str,
+        old: Option<&Value>,
+    ) {
         let properties = schema.get("properties").and_then(Value::as_object);
         if let Some(props) = properties {
             // Defaults first, as the API server does on decode.
@@ -131,13 +152,20 @@ impl<'r> Walker<'r> {
             if let Some(required) = schema.get("required").and_then(Value::as_array) {
                 for name in required.iter().filter_map(Value::as_str) {
                     if !map.contains_key(name) {
-                        self.push(&join(path, name), ProblemKind::Required, "required value".to_string());
+                        self.push(
+                            &join(path, name),
+                            ProblemKind::Required,
+                            "required value".to_string(),
+                        );
                     }
                 }
             }
         }
         let additional = schema.get("additionalProperties");
-        let preserve = schema.get("x-kubernetes-preserve-unknown-fields").and_then(Value::as_bool) == Some(true);
+        let preserve = schema
+            .get("x-kubernetes-preserve-unknown-fields")
+            .and_then(Value::as_bool)
+            == Some(true);
         let keys: Vec<String> = map.keys().cloned().collect();
         for key in keys {
             let child_path = join(path, &key);
@@ -165,7 +193,14 @@ impl<'r> Walker<'r> {
                 }
             }
         }
-        self.check_count(schema, map.len(), path, "minProperties", "maxProperties", "properties");
+        self.check_count(
+            schema,
+            map.len(),
+            path,
+            "minProperties",
+            "maxProperties",
+            "properties",
+        );
     }
 
     fn walk_array(&mut self, schema: &Value, items: &mut [Value], path: &str, old: Option<&Value>) {
@@ -193,7 +228,11 @@ impl<'r> Walker<'r> {
                     self.push(
                         &format!("{path}[{i}]"),
                         ProblemKind::Duplicate,
-                        format!("duplicate entry with {}: {}", keys.join(", "), key.join(", ")),
+                        format!(
+                            "duplicate entry with {}: {}",
+                            keys.join(", "),
+                            key.join(", ")
+                        ),
                     );
                 }
             }
@@ -217,7 +256,11 @@ impl<'r> Walker<'r> {
                     );
                 }
                 Some(_) => {}
-                None => self.push(path, ProblemKind::Pattern, format!("schema pattern {pattern} is not a valid regex")),
+                None => self.push(
+                    path,
+                    ProblemKind::Pattern,
+                    format!("schema pattern {pattern} is not a valid regex"),
+                ),
             }
         }
     }
@@ -227,28 +270,60 @@ impl<'r> Walker<'r> {
         if let Some(min) = schema.get("minimum").and_then(Value::as_f64) {
             let exclusive = schema.get("exclusiveMinimum").and_then(Value::as_bool) == Some(true);
             if x < min || (exclusive && x == min) {
-                let op = if exclusive { "greater than" } else { "greater than or equal to" };
-                self.push(path, ProblemKind::Range, format!("{value} must be {op} {}", fmt_num(min)));
+                let op = if exclusive {
+                    "greater than"
+                } else {
+                    "greater than or equal to"
+                };
+                self.push(
+                    path,
+                    ProblemKind::Range,
+                    format!("{value} must be {op} {}", fmt_num(min)),
+                );
             }
         }
         if let Some(max) = schema.get("maximum").and_then(Value::as_f64) {
             let exclusive = schema.get("exclusiveMaximum").and_then(Value::as_bool) == Some(true);
             if x > max || (exclusive && x == max) {
-                let op = if exclusive { "less than" } else { "less than or equal to" };
-                self.push(path, ProblemKind::Range, format!("{value} must be {op} {}", fmt_num(max)));
+                let op = if exclusive {
+                    "less than"
+                } else {
+                    "less than or equal to"
+                };
+                self.push(
+                    path,
+                    ProblemKind::Range,
+                    format!("{value} must be {op} {}", fmt_num(max)),
+                );
             }
         }
     }
 
-    fn check_count(&mut self, schema: &Value, n: usize, path: &str, min_key: &str, max_key: &str, what: &str) {
+    fn check_count(
+        &mut self,
+        schema: &Value,
+        n: usize,
+        path: &str,
+        min_key: &str,
+        max_key: &str,
+        what: &str,
+    ) {
         if let Some(min) = schema.get(min_key).and_then(Value::as_u64) {
             if (n as u64) < min {
-                self.push(path, ProblemKind::Range, format!("must have at least {min} {what}, found {n}"));
+                self.push(
+                    path,
+                    ProblemKind::Range,
+                    format!("must have at least {min} {what}, found {n}"),
+                );
             }
         }
         if let Some(max) = schema.get(max_key).and_then(Value::as_u64) {
             if (n as u64) > max {
-                self.push(path, ProblemKind::Range, format!("must have at most {max} {what}, found {n}"));
+                self.push(
+                    path,
+                    ProblemKind::Range,
+                    format!("must have at most {max} {what}, found {n}"),
+                );
             }
         }
     }

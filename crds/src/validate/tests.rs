@@ -66,47 +66,189 @@ fn base_spec_is_valid_and_gets_defaults() {
     assert_eq!(ft.spec.storage.uri, "file://heterotune-runs");
     assert_eq!(ft.spec.task.dataset.text_field, "text");
     // Defaults were written into the document, as the API server does.
-    assert_eq!(doc.pointer("/spec/aggregation/algorithm"), Some(&json!("cmga")));
-    assert_eq!(doc.pointer("/spec/training/prefixCache/enabled"), Some(&json!(true)));
+    assert_eq!(
+        doc.pointer("/spec/aggregation/algorithm"),
+        Some(&json!("cmga"))
+    );
+    assert_eq!(
+        doc.pointer("/spec/training/prefixCache/enabled"),
+        Some(&json!(true))
+    );
 }
 
 #[test]
 fn invalid_specs_name_their_field() {
     let cases: Vec<(&str, Value, &str)> = vec![
-        ("unknown top-level field", set(base(), "/spec/roundz", Some(json!(3))), "spec.roundz"),
-        ("unknown nested field", set(base(), "/spec/clients/0/model/size", Some(json!("big"))), "spec.clients[0].model.size"),
-        ("wrong type", set(base(), "/spec/rounds", Some(json!("three"))), "spec.rounds"),
-        ("zero rounds", set(base(), "/spec/rounds", Some(json!(0))), "spec.rounds"),
-        ("unknown family", set(base(), "/spec/clients/1/model/family", Some(json!("gpt"))), "spec.clients[1].model.family"),
-        ("missing model", set(base(), "/spec/clients/0/model", None), "spec.clients[0].model"),
-        ("missing task", set(base(), "/spec/task", None), "spec.task"),
-        ("bad client name", set(base(), "/spec/clients/0/name", Some(json!("Site_A"))), "spec.clients[0].name"),
-        ("bad model uri", set(base(), "/spec/clients/0/model/uri", Some(json!("models/x"))), "spec.clients[0].model.uri"),
-        ("duplicate client", set(base(), "/spec/clients/1/name", Some(json!("a"))), "spec.clients[1]"),
-        ("no clients", set(base(), "/spec/clients", Some(json!([]))), "spec.clients"),
-        ("one label", set(base(), "/spec/task/labels", Some(json!(["x"]))), "spec.task.labels"),
-        ("alpha zero", set(base(), "/spec/task/partition", Some(json!({"alpha": 0.0}))), "spec.task.partition.alpha"),
-        ("bad algorithm", set(base(), "/spec/aggregation", Some(json!({"algorithm": "krum"}))), "spec.aggregation.algorithm"),
-        ("threshold out of range", set(base(), "/spec/aggregation", Some(json!({"conflictThreshold": 1.5}))), "spec.aggregation.conflictThreshold"),
-        ("lr negative", set(base(), "/spec/training", Some(json!({"learningRate": -1.0}))), "spec.training.learningRate"),
-        ("null field", set(base(), "/spec/rounds", Some(Value::Null)), "spec.rounds"),
-        // CEL rules.
-        ("quorum above clients", set(base(), "/spec/minClients", Some(json!(3))), "spec.minClients"),
-        ("window without topWindow", set(base(), "/spec/clients/0/model/adaptedLayers", Some(json!({"window": 4}))), "spec.clients[0].model.adaptedLayers.window"),
-        ("topWindow without window", set(base(), "/spec/clients/1/model/adaptedLayers", Some(json!({"mode": "topWindow"}))), "spec.clients[1].model.adaptedLayers.window"),
-        ("splits too large", set(base(), "/spec/task/splits", Some(json!({"validation": 0.5, "test": 0.5}))), "spec.task.splits"),
-        ("shards without data", set(base(), "/spec/task/partition", Some(json!({"strategy": "shards"}))), "spec.clients"),
-        ("cmga needs dema", set(base(), "/spec/adapter", Some(json!({"type": "lora"}))), "spec.aggregation.algorithm"),
         (
-            "hetlora needs lora",
-            set(base(), "/spec/aggregation", Some(json!({"algorithm": "hetlora"}))),
+            "unknown top-level field",
+            set(base(), "/spec/roundz", Some(json!(3))),
+            "spec.roundz",
+        ),
+        (
+            "unknown nested field",
+            set(base(), "/spec/clients/0/model/size", Some(json!("big"))),
+            "spec.clients[0].model.size",
+        ),
+        (
+            "wrong type",
+            set(base(), "/spec/rounds", Some(json!("three"))),
+            "spec.rounds",
+        ),
+        (
+            "zero rounds",
+            set(base(), "/spec/rounds", Some(json!(0))),
+            "spec.rounds",
+        ),
+        (
+            "unknown family",
+            set(base(), "/spec/clients/1/model/family", Some(json!("gpt"))),
+            "spec.clients[1].model.family",
+        ),
+        (
+            "missing model",
+            set(base(), "/spec/clients/0/model", None),
+            "spec.clients[0].model",
+        ),
+        ("missing task", set(base(), "/spec/task", None), "spec.task"),
+        (
+            "bad client name",
+            set(base(), "/spec/clients/0/name", Some(json!("Site_A"))),
+            "spec.clients[0].name",
+        ),
+        (
+            "bad model uri",
+            set(base(), "/spec/clients/0/model/uri", Some(json!("models/x"))),
+            "spec.clients[0].model.uri",
+        ),
+        (
+            "duplicate client",
+            set(base(), "/spec/clients/1/name", Some(json!("a"))),
+            "spec.clients[1]",
+        ),
+        (
+            "no clients",
+            set(base(), "/spec/clients", Some(json!([]))),
+            "spec.clients",
+        ),
+        (
+            "one label",
+            set(base(), "/spec/task/labels", Some(json!(["x"]))),
+            "spec.task.labels",
+        ),
+        (
+            "alpha zero",
+            set(base(), "/spec/task/partition", Some(json!({"alpha": 0.0}))),
+            "spec.task.partition.alpha",
+        ),
+        (
+            "bad algorithm",
+            set(
+                base(),
+                "/spec/aggregation",
+                Some(json!({"algorithm": "krum"})),
+            ),
             "spec.aggregation.algorithm",
         ),
-        ("loraRank needs lora", set(base(), "/spec/clients/0/loraRank", Some(json!(4))), "spec.clients"),
+        (
+            "threshold out of range",
+            set(
+                base(),
+                "/spec/aggregation",
+                Some(json!({"conflictThreshold": 1.5})),
+            ),
+            "spec.aggregation.conflictThreshold",
+        ),
+        (
+            "lr negative",
+            set(
+                base(),
+                "/spec/training",
+                Some(json!({"learningRate": -1.0})),
+            ),
+            "spec.training.learningRate",
+        ),
+        (
+            "null field",
+            set(base(), "/spec/rounds", Some(Value::Null)),
+            "spec.rounds",
+        ),
+        // CEL rules.
+        (
+            "quorum above clients",
+            set(base(), "/spec/minClients", Some(json!(3))),
+            "spec.minClients",
+        ),
+        (
+            "window without topWindow",
+            set(
+                base(),
+                "/spec/clients/0/model/adaptedLayers",
+                Some(json!({"window": 4})),
+            ),
+            "spec.clients[0].model.adaptedLayers.window",
+        ),
+        (
+            "topWindow without window",
+            set(
+                base(),
+                "/spec/clients/1/model/adaptedLayers",
+                Some(json!({"mode": "topWindow"})),
+            ),
+            "spec.clients[1].model.adaptedLayers.window",
+        ),
+        (
+            "splits too large",
+            set(
+                base(),
+                "/spec/task/splits",
+                Some(json!({"validation": 0.5, "test": 0.5})),
+            ),
+            "spec.task.splits",
+        ),
+        (
+            "shards without data",
+            set(
+                base(),
+                "/spec/task/partition",
+                Some(json!({"strategy": "shards"})),
+            ),
+            "spec.clients",
+        ),
+        (
+            "cmga needs dema",
+            set(base(), "/spec/adapter", Some(json!({"type": "lora"}))),
+            "spec.aggregation.algorithm",
+        ),
+        (
+            "hetlora needs lora",
+            set(
+                base(),
+                "/spec/aggregation",
+                Some(json!({"algorithm": "hetlora"})),
+            ),
+            "spec.aggregation.algorithm",
+        ),
+        (
+            "loraRank needs lora",
+            set(base(), "/spec/clients/0/loraRank", Some(json!(4))),
+            "spec.clients",
+        ),
         // Envelope.
-        ("wrong kind", set(base(), "/kind", Some(json!("TrainJob"))), "kind"),
-        ("wrong apiVersion", set(base(), "/apiVersion", Some(json!("heterotune.dev/v1"))), "apiVersion"),
-        ("bad name", set(base(), "/metadata/name", Some(json!("Quick Start"))), "metadata.name"),
+        (
+            "wrong kind",
+            set(base(), "/kind", Some(json!("TrainJob"))),
+            "kind",
+        ),
+        (
+            "wrong apiVersion",
+            set(base(), "/apiVersion", Some(json!("heterotune.dev/v1"))),
+            "apiVersion",
+        ),
+        (
+            "bad name",
+            set(base(), "/metadata/name", Some(json!("Quick Start"))),
+            "metadata.name",
+        ),
     ];
     let mut failures = Vec::new();
     for (what, mut doc, path) in cases {
@@ -114,7 +256,9 @@ fn invalid_specs_name_their_field() {
             Ok(_) => failures.push(format!("{what}: accepted, expected a problem at {path}")),
             Err(problems) => {
                 if !problems.paths().contains(&path) {
-                    failures.push(format!("{what}: expected a problem at {path}, got:\n{problems}"));
+                    failures.push(format!(
+                        "{what}: expected a problem at {path}, got:\n{problems}"
+                    ));
                 }
             }
         }
@@ -130,8 +274,13 @@ fn messages_say_what_is_allowed() {
     assert!(text.contains("\"bert\""), "{text}");
     assert!(text.contains("\"llama\""), "{text}");
     let mut doc = set(base(), "/spec/roundz", Some(json!(1)));
-    let text = validate_value(&mut doc, None).expect_err("invalid").to_string();
-    assert!(text.contains("known fields here") && text.contains("rounds"), "{text}");
+    let text = validate_value(&mut doc, None)
+        .expect_err("invalid")
+        .to_string();
+    assert!(
+        text.contains("known fields here") && text.contains("rounds"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -139,7 +288,10 @@ fn every_problem_is_reported_not_just_the_first() {
     let doc = set(base(), "/spec/rounds", Some(json!(0)));
     let mut doc = set(doc, "/spec/clients/0/model/family", Some(json!("gpt")));
     let problems = validate_value(&mut doc, None).expect_err("invalid");
-    assert_eq!(problems.paths(), vec!["spec.clients[0].model.family", "spec.rounds"]);
+    assert_eq!(
+        problems.paths(),
+        vec!["spec.clients[0].model.family", "spec.rounds"]
+    );
 }
 
 #[test]
@@ -177,7 +329,11 @@ fn immutable_fields_cannot_change_once_started() {
     let mut pending = base();
     pending["status"] = json!({"phase": "Pending"});
     check_object(&mut pending, None);
-    let mut new = set(base(), "/spec/task/dataset/uri", Some(json!("cache://data/other.jsonl")));
+    let mut new = set(
+        base(),
+        "/spec/task/dataset/uri",
+        Some(json!("cache://data/other.jsonl")),
+    );
     assert!(validate_value(&mut new, Some(&pending)).is_ok());
 }
 

@@ -6,10 +6,14 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use heterotune_crds::validate::{parse_federated_tune, Problems};
-use heterotune_operator::{checks, telemetry};
+use heterotune_operator::{checks, runner, telemetry};
 
 #[derive(Parser)]
-#[command(name = "heterotune", version, about = "Federated fine-tuning of heterogeneous pretrained models")]
+#[command(
+    name = "heterotune",
+    version,
+    about = "Federated fine-tuning of heterogeneous pretrained models"
+)]
 struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value = "text")]
@@ -36,6 +40,25 @@ enum Command {
         /// The FederatedTune YAML file.
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
+        /// Trainers running at once (default: the number of cores, at most one per client).
+        #[arg(long)]
+        parallel: Option<usize>,
+        /// libtorch threads per trainer (default: cores / parallel).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// The heterotune-trainer binary (default: next to this one).
+        #[arg(long)]
+        trainer: Option<PathBuf>,
+        /// Local working folder: staged artifacts, private client state, caches.
+        #[arg(long, default_value = ".heterotune-work")]
+        work_dir: PathBuf,
+        /// Where to write the report (default: in the working folder; it is
+        /// also uploaded to the store).
+        #[arg(long)]
+        report_dir: Option<PathBuf>,
+        /// Delete this run's artifacts and start over instead of resuming.
+        #[arg(long)]
+        fresh: bool,
     },
     /// Print the FederatedTune CustomResourceDefinition.
     Crd,
@@ -79,25 +102,69 @@ fn validate(file: &Path, check_files: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn run(file: &Path) -> anyhow::Result<ExitCode> {
-    let text = read(file)?;
-    let ft = match parse_federated_tune(&text) {
-        Ok(ft) => ft,
-        Err(problems) => {
-            report(file, &problems);
-            return Ok(ExitCode::from(1));
+#[allow(clippy::too_many_arguments)]
+fn run(
+    file: &Path,
+    parallel: Option<usize>,
+    threads: Option<usize>,
+    trainer: Option<PathBuf>,
+    work_dir: PathBuf,
+    report_dir: Option<PathBuf>,
+    fresh: bool,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let trainer = match trainer {
+        Some(t) => t,
+        None => {
+            let exe = std::env::current_exe().context("locating this executable")?;
+            exe.with_file_name("heterotune-trainer")
         }
     };
-    let problems = checks::check_local_references(&ft.spec);
-    if !problems.is_empty() {
-        report(file, &Problems(problems));
-        return Ok(ExitCode::from(1));
+    if !trainer.is_file() {
+        anyhow::bail!(
+            "the trainer binary {} does not exist: build it (cargo build --release -p heterotune-trainer) or pass --trainer",
+            trainer.display()
+        );
     }
-    anyhow::bail!(
-        "{}: the spec is valid and its models and data are in place, but the local runner is not built yet \
-         (the trainer and the round runner are in progress); nothing was run",
-        file.display()
-    )
+    let parallel = parallel.unwrap_or(cores).max(1);
+    let threads = threads.unwrap_or((cores / parallel).max(1));
+    let opts = runner::RunOptions {
+        spec_file: file.to_path_buf(),
+        parallel,
+        threads_per_trainer: threads,
+        trainer,
+        work_dir,
+        report_dir,
+        json,
+        fresh,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    match runtime.block_on(runner::run(opts)) {
+        Ok(summary) => {
+            let last = summary.report.rounds.last();
+            println!(
+                "done: {} rounds in {:.0} s; final accuracy {}; report in {}",
+                summary.rounds,
+                summary.report.total_seconds,
+                last.map(|r| format!("{:.3}", r.accuracy))
+                    .unwrap_or_else(|| "n/a".into()),
+                summary.report_dir.join("report.md").display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(runner::RunError::Invalid { file, problems }) => {
+            report(&file, &problems);
+            Ok(ExitCode::from(1))
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn main() -> ExitCode {
@@ -105,7 +172,24 @@ fn main() -> ExitCode {
     telemetry::init(cli.log_format, "info");
     let result = match cli.command {
         Command::Validate { file, check_files } => validate(&file, check_files),
-        Command::Run { file } => run(&file),
+        Command::Run {
+            file,
+            parallel,
+            threads,
+            trainer,
+            work_dir,
+            report_dir,
+            fresh,
+        } => run(
+            &file,
+            parallel,
+            threads,
+            trainer,
+            work_dir,
+            report_dir,
+            fresh,
+            cli.log_format == telemetry::LogFormat::Json,
+        ),
         Command::Crd => match heterotune_crds::crd::crd_yaml() {
             Ok(yaml) => {
                 print!("{yaml}");

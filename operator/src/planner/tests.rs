@@ -7,12 +7,16 @@ use heterotune_crds::status::Phase;
 use super::*;
 
 fn spec(clients: usize, min_clients: u32, wait: u32) -> FederatedTuneSpec {
-    let names: Vec<String> = (0..clients).map(|i| format!("    - name: c{i}\n      model: {{ family: bert, uri: \"/m\" }}\n")).collect();
+    let names: Vec<String> = (0..clients)
+        .map(|i| format!("    - name: c{i}\n      model: {{ family: bert, uri: \"/m\" }}\n"))
+        .collect();
     let yaml = format!(
         "apiVersion: heterotune.dev/v1alpha1\nkind: FederatedTune\nmetadata: {{ name: t }}\nspec:\n  rounds: 3\n  minClients: {min_clients}\n  roundDeadlineSeconds: 100\n  waitAfterMinClientsSeconds: {wait}\n  maxRetriesPerClient: 1\n  clients:\n{}  task:\n    dataset: {{ uri: \"/d.jsonl\" }}\n    labels: [neg, pos]\n",
         names.concat()
     );
-    heterotune_crds::validate::parse_federated_tune(&yaml).expect("valid test spec").spec
+    heterotune_crds::validate::parse_federated_tune(&yaml)
+        .expect("valid test spec")
+        .spec
 }
 
 fn client(name: &str, committed: bool, running: bool, failed: u32) -> ClientObservation {
@@ -39,12 +43,18 @@ fn obs(clients: Vec<ClientObservation>) -> Observation {
 #[test]
 fn a_new_run_starts_every_client() {
     let s = spec(3, 2, 0);
-    let mut o = obs((0..3).map(|i| client(&format!("c{i}"), false, false, 0)).collect());
+    let mut o = obs((0..3)
+        .map(|i| client(&format!("c{i}"), false, false, 0))
+        .collect());
     o.round_started_at = None;
     let p = plan(&s, &o);
     assert_eq!(p.phase, Phase::Running);
     assert_eq!(p.round, 1);
-    let starts: Vec<&Action> = p.actions.iter().filter(|a| matches!(a, Action::StartClient { .. })).collect();
+    let starts: Vec<&Action> = p
+        .actions
+        .iter()
+        .filter(|a| matches!(a, Action::StartClient { .. }))
+        .collect();
     assert_eq!(starts.len(), 3);
     assert_eq!(
         starts[0],
@@ -59,7 +69,11 @@ fn a_new_run_starts_every_client() {
 #[test]
 fn all_committed_aggregates_over_exactly_them() {
     let s = spec(3, 2, 0);
-    let o = obs(vec![client("c0", true, false, 0), client("c1", true, false, 1), client("c2", false, false, 2)]);
+    let o = obs(vec![
+        client("c0", true, false, 0),
+        client("c1", true, false, 1),
+        client("c2", false, false, 2),
+    ]);
     let p = plan(&s, &o);
     assert_eq!(p.phase, Phase::Aggregating);
     assert_eq!(
@@ -82,7 +96,11 @@ fn all_committed_aggregates_over_exactly_them() {
 #[test]
 fn quorum_waits_for_stragglers_until_the_deadline() {
     let s = spec(3, 2, 0);
-    let mut o = obs(vec![client("c0", true, false, 0), client("c1", true, false, 0), client("c2", false, true, 0)]);
+    let mut o = obs(vec![
+        client("c0", true, false, 0),
+        client("c1", true, false, 0),
+        client("c2", false, true, 0),
+    ]);
     let p = plan(&s, &o);
     assert_eq!(p.phase, Phase::Running);
     assert!(p.actions.is_empty(), "{:?}", p.actions);
@@ -108,20 +126,30 @@ fn quorum_waits_for_stragglers_until_the_deadline() {
 #[test]
 fn straggler_wait_after_quorum() {
     let s = spec(3, 2, 30);
-    let mut o = obs(vec![client("c0", true, false, 0), client("c1", true, false, 0), client("c2", false, true, 0)]);
+    let mut o = obs(vec![
+        client("c0", true, false, 0),
+        client("c1", true, false, 0),
+        client("c2", false, true, 0),
+    ]);
     o.quorum_reached_at = Some(5.0);
     let p = plan(&s, &o);
     assert!(p.actions.is_empty());
     assert_eq!(p.requeue_after, Some(25.0));
     o.now = 35.0;
     let p = plan(&s, &o);
-    assert!(matches!(p.actions.last(), Some(Action::StartAggregation { .. })));
+    assert!(matches!(
+        p.actions.last(),
+        Some(Action::StartAggregation { .. })
+    ));
 }
 
 #[test]
 fn failures_retry_then_exclude_then_fail_below_quorum() {
     let s = spec(2, 2, 0);
-    let o = obs(vec![client("c0", true, false, 0), client("c1", false, false, 1)]);
+    let o = obs(vec![
+        client("c0", true, false, 0),
+        client("c1", false, false, 1),
+    ]);
     let p = plan(&s, &o);
     assert_eq!(
         p.actions,
@@ -131,7 +159,10 @@ fn failures_retry_then_exclude_then_fail_below_quorum() {
             attempt: 2
         }]
     );
-    let o = obs(vec![client("c0", true, false, 0), client("c1", false, false, 2)]);
+    let o = obs(vec![
+        client("c0", true, false, 0),
+        client("c1", false, false, 2),
+    ]);
     let p = plan(&s, &o);
     assert_eq!(p.phase, Phase::Failed);
     assert!(matches!(
@@ -146,7 +177,10 @@ fn failures_retry_then_exclude_then_fail_below_quorum() {
 #[test]
 fn deadline_below_quorum_fails() {
     let s = spec(2, 2, 0);
-    let mut o = obs(vec![client("c0", true, false, 0), client("c1", false, true, 0)]);
+    let mut o = obs(vec![
+        client("c0", true, false, 0),
+        client("c1", false, true, 0),
+    ]);
     o.now = 150.0;
     let p = plan(&s, &o);
     assert!(matches!(
@@ -161,14 +195,20 @@ fn deadline_below_quorum_fails() {
 #[test]
 fn aggregation_running_failed_and_retried() {
     let s = spec(2, 1, 0);
-    let mut o = obs(vec![client("c0", true, false, 0), client("c1", true, false, 0)]);
+    let mut o = obs(vec![
+        client("c0", true, false, 0),
+        client("c1", true, false, 0),
+    ]);
     o.aggregation = AggregationState::Running;
     assert_eq!(plan(&s, &o).phase, Phase::Aggregating);
     assert!(plan(&s, &o).actions.is_empty());
     o.aggregation = AggregationState::Failed;
     o.aggregation_failures = 1;
     let p = plan(&s, &o);
-    assert!(matches!(p.actions.last(), Some(Action::StartAggregation { attempt: 2, .. })));
+    assert!(matches!(
+        p.actions.last(),
+        Some(Action::StartAggregation { attempt: 2, .. })
+    ));
     o.aggregation_failures = 2;
     let p = plan(&s, &o);
     assert!(matches!(
@@ -183,7 +223,10 @@ fn aggregation_running_failed_and_retried() {
 #[test]
 fn finished_runs_complete_and_suspended_runs_start_nothing() {
     let mut s = spec(2, 1, 0);
-    let mut o = obs(vec![client("c0", false, false, 0), client("c1", false, false, 0)]);
+    let mut o = obs(vec![
+        client("c0", false, false, 0),
+        client("c1", false, false, 0),
+    ]);
     o.completed_rounds = 3;
     assert_eq!(plan(&s, &o).actions, vec![Action::Complete]);
     o.completed_rounds = 1;
@@ -255,32 +298,58 @@ fn check_invariants(s: &FederatedTuneSpec, o: &Observation, p: &Plan) {
         })
         .collect();
     for name in &starts {
-        let c = o.clients.iter().find(|c| &&c.name == name).expect("known client");
+        let c = o
+            .clients
+            .iter()
+            .find(|c| &&c.name == name)
+            .expect("known client");
         assert!(!c.committed, "restarted committed client {name}: {o:?}");
         assert!(!c.running, "started a running client twice {name}: {o:?}");
-        assert!(c.failed_attempts <= s.max_retries_per_client, "retried past the limit: {o:?}");
+        assert!(
+            c.failed_attempts <= s.max_retries_per_client,
+            "retried past the limit: {o:?}"
+        );
     }
     assert!(aggregations.len() <= 1);
     if let Some(participants) = aggregations.first() {
-        assert!(starts.is_empty(), "aggregating while starting clients: {p:?}");
-        assert!(participants.len() >= s.quorum() as usize, "aggregated below quorum: {o:?}");
-        assert_eq!(participants.len(), committed, "participants are exactly the committed clients");
+        assert!(
+            starts.is_empty(),
+            "aggregating while starting clients: {p:?}"
+        );
+        assert!(
+            participants.len() >= s.quorum() as usize,
+            "aggregated below quorum: {o:?}"
+        );
+        assert_eq!(
+            participants.len(),
+            committed,
+            "participants are exactly the committed clients"
+        );
         for name in participants.iter() {
             assert!(o.clients.iter().any(|c| &c.name == name && c.committed));
         }
     }
     if s.suspend {
-        assert!(starts.is_empty() && aggregations.is_empty(), "suspended but acting: {p:?}");
+        assert!(
+            starts.is_empty() && aggregations.is_empty(),
+            "suspended but acting: {p:?}"
+        );
     }
     let failed = p.actions.iter().any(|a| matches!(a, Action::Fail { .. }));
     assert_eq!(failed, p.phase == Phase::Failed);
     if failed {
-        assert!(committed < s.quorum() as usize, "failed with a quorum: {o:?}");
+        assert!(
+            committed < s.quorum() as usize,
+            "failed with a quorum: {o:?}"
+        );
     }
     // Progress: unless failed or suspended, something is running, started,
     // or being aggregated.
     if !failed && !s.suspend {
         let running = o.clients.iter().any(|c| c.running && !c.committed);
-        assert!(running || !starts.is_empty() || !aggregations.is_empty(), "stuck: {o:?} -> {p:?}");
+        assert!(
+            running || !starts.is_empty() || !aggregations.is_empty(),
+            "stuck: {o:?} -> {p:?}"
+        );
     }
 }

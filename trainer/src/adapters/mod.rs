@@ -4,11 +4,13 @@
 //!   down/up projections per adapted layer), its parameter counts, and the
 //!   export / import of named tensors (maps and safetensors);
 //! * [`layers`]: which layers carry adapters and their slots ([`SlotMap`]);
-//! * [`head`]: pooling and the linear classification head.
+//! * [`head`]: pooling and the linear classification head;
+//! * [`lora`]: LoRA on the query/value projections (the baselines).
 
 pub mod dema;
 pub mod head;
 pub mod layers;
+pub mod lora;
 
 pub use dema::{
     export_named, family_parameter_count, from_safetensors_bytes, load_named, read_safetensors,

@@ -142,7 +142,13 @@ struct Linear {
 
 impl Linear {
     /// Loads `{prefix}.weight` (`[out, in]`) and, when `bias`, `{prefix}.bias`.
-    fn load(w: &Weights, prefix: &str, in_features: usize, out_features: usize, bias: bool) -> Result<Self> {
+    fn load(
+        w: &Weights,
+        prefix: &str,
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+    ) -> Result<Self> {
         let weight = w.get(&format!("{prefix}.weight"), &[out_features, in_features])?;
         let bias = if bias {
             Some(w.get(&format!("{prefix}.bias"), &[out_features])?)
@@ -164,10 +170,56 @@ impl Linear {
         layer: usize,
         projection: Projection,
     ) -> Tensor {
-        let out = self.forward(input);
-        match delta.and_then(|d| d.delta(layer, projection, input)) {
-            Some(extra) => out + extra,
-            None => out,
-        }
+        add_delta(self.forward(input), input, delta, layer, projection)
+    }
+}
+
+/// Projections of one input (q/k/v, gate/up) stored as a single `[Σ out, in]`
+/// matrix, so one GEMM computes them all; the outputs are views of its
+/// result. Each part is loaded and checked under its own checkpoint name.
+#[derive(Debug)]
+struct FusedLinear {
+    linear: Linear,
+    sizes: Vec<i64>,
+}
+
+impl FusedLinear {
+    /// Loads `{prefix}.weight` (and `.bias`) for each `(prefix, out_features)`.
+    fn load(w: &Weights, parts: &[(&str, usize)], in_features: usize, bias: bool) -> Result<Self> {
+        let loaded = parts
+            .iter()
+            .map(|(prefix, out)| Linear::load(w, prefix, in_features, *out, bias))
+            .collect::<Result<Vec<_>>>()?;
+        let weights: Vec<&Tensor> = loaded.iter().map(|l| &l.weight).collect();
+        let weight = Tensor::f_cat(&weights, 0)?;
+        let bias = if bias {
+            let biases: Vec<&Tensor> = loaded.iter().filter_map(|l| l.bias.as_ref()).collect();
+            Some(Tensor::f_cat(&biases, 0)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            linear: Linear { weight, bias },
+            sizes: parts.iter().map(|(_, out)| *out as i64).collect(),
+        })
+    }
+
+    /// The parts' outputs, in load order.
+    fn forward(&self, x: &Tensor) -> Vec<Tensor> {
+        self.linear.forward(x).split_with_sizes(&self.sizes, -1)
+    }
+}
+
+/// Adds the caller's delta for `projection` to `out`, if it adapts it.
+fn add_delta(
+    out: Tensor,
+    input: &Tensor,
+    delta: Option<&dyn ProjectionDelta>,
+    layer: usize,
+    projection: Projection,
+) -> Tensor {
+    match delta.and_then(|d| d.delta(layer, projection, input)) {
+        Some(extra) => out + extra,
+        None => out,
     }
 }

@@ -1,0 +1,2 @@
+//! `heterotune-operator`: the Kubernetes operator (work in progress).
+fn main() {}

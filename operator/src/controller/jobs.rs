@@ -1,0 +1,655 @@
+//! The desired objects of a run, built by pure functions: trainer and
+//! aggregation Jobs (names, labels, owner, deadline, store environment,
+//! resources, placement, security context) and the ConfigMap that hands the
+//! spec to the trainer.
+//!
+//! Job names are deterministic, so a restarted operator re-creating a Job
+//! gets `409 AlreadyExists` instead of a duplicate:
+//!
+//! | Job | name |
+//! |---|---|
+//! | trainer, first attempt | `<ft>-r<round>-<client>` |
+//! | trainer, attempt n ≥ 2 | `<ft>-r<round>a<n>-<client>` |
+//! | aggregation | `<ft>-agg-r<round>` (`…a<n>` for attempt n ≥ 2) |
+//!
+//! Within one FederatedTune the character after `<ft>-r<digits>` (`-` or
+//! `a`) and after `<ft>-` (`r` or `a`) tells the forms apart, so no two Jobs
+//! of a run share a name. Names longer than 63 characters (the limit of the
+//! `job-name` label the Job controller adds) keep the round/client tail and
+//! shorten the FederatedTune part, adding 8 hex digits of the SHA-256 of the
+//! full name: `<ft-prefix>-<hash8>-r<round>-<client>`.
+
+use std::collections::BTreeMap;
+
+use heterotune_crds::layout::RunLayout;
+use heterotune_crds::spec::StorageSpec;
+use heterotune_crds::FederatedTune;
+use k8s_openapi::api::batch::v1::{Job, JobSpec};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar,
+    EnvVarSource, KeyToPath, LocalObjectReference, PodSecurityContext, PodSpec, PodTemplateSpec,
+    ResourceRequirements, SeccompProfile, SecretKeySelector, SecurityContext, Toleration, Volume,
+    VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::{Resource, ResourceExt};
+use sha2::{Digest, Sha256};
+
+use super::context::JobConfig;
+use super::error::{Error, Result};
+use super::observe::storage_prefix;
+use crate::sizing::{quantity_mib, Placement};
+
+/// Longest Job name (the Job controller copies it into a label value).
+pub const MAX_NAME: usize = 63;
+
+/// Label: the FederatedTune's UID (what the operator selects its Jobs by).
+pub const LABEL_RUN_UID: &str = "heterotune.dev/run-uid";
+/// Label: the FederatedTune's name (shortened with a hash when too long).
+pub const LABEL_RUN: &str = "heterotune.dev/federatedtune";
+/// Label: `trainer` or `aggregator`.
+pub const LABEL_ROLE: &str = "heterotune.dev/role";
+/// Label: the round (1-based).
+pub const LABEL_ROUND: &str = "heterotune.dev/round";
+/// Label: the client (trainer Jobs).
+pub const LABEL_CLIENT: &str = "heterotune.dev/client";
+/// Label: the attempt within the round (1-based).
+pub const LABEL_ATTEMPT: &str = "heterotune.dev/attempt";
+/// Label on everything the operator creates.
+pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+/// Annotation: the GPU profile chosen for a trainer.
+pub const ANNOTATION_PROFILE: &str = "heterotune.dev/gpu-profile";
+/// Annotation: the trainer's memory estimate in bytes.
+pub const ANNOTATION_ESTIMATE: &str = "heterotune.dev/estimated-memory-bytes";
+/// Annotation: the aggregation's participants (comma-separated).
+pub const ANNOTATION_PARTICIPANTS: &str = "heterotune.dev/participants";
+/// Role label value of trainer Jobs.
+pub const ROLE_TRAINER: &str = "trainer";
+/// Role label value of aggregation Jobs.
+pub const ROLE_AGGREGATOR: &str = "aggregator";
+
+/// Where the spec ConfigMap is mounted in trainer and aggregation pods.
+pub const SPEC_DIR: &str = "/etc/heterotune/spec";
+/// The spec file inside [`SPEC_DIR`].
+pub const SPEC_FILE: &str = "spec.json";
+/// The pods' writable scratch directory (models staged from the store, state).
+pub const WORK_DIR: &str = "/work";
+
+/// The identity of the FederatedTune being reconciled.
+#[derive(Debug, Clone)]
+pub struct Run<'a> {
+    /// The object.
+    pub ft: &'a FederatedTune,
+    /// Its name.
+    pub name: String,
+    /// Its namespace.
+    pub namespace: String,
+    /// Its UID.
+    pub uid: String,
+    /// Its keys in the store.
+    pub layout: RunLayout,
+    /// The owner reference its children carry.
+    pub owner: OwnerReference,
+}
+
+impl<'a> Run<'a> {
+    /// Collects the identity of `ft` (which came from the API server).
+    pub fn new(ft: &'a FederatedTune) -> Result<Run<'a>> {
+        let namespace = ft.namespace().ok_or(Error::MissingObjectKey("namespace"))?;
+        let uid = ft.uid().ok_or(Error::MissingObjectKey("uid"))?;
+        let owner = ft
+            .controller_owner_ref(&())
+            .ok_or(Error::MissingObjectKey("name"))?;
+        let name = ft.name_any();
+        let layout = RunLayout::new(&storage_prefix(&ft.spec.storage), &namespace, &name, &uid);
+        Ok(Run {
+            ft,
+            name,
+            namespace,
+            uid,
+            layout,
+            owner,
+        })
+    }
+}
+
+fn hash8(text: &str) -> String {
+    hex::encode(Sha256::digest(text.as_bytes()))[..8].to_string()
+}
+
+/// `ft` followed by `tail`, within [`MAX_NAME`] characters (see the module docs).
+pub fn bounded_name(ft: &str, tail: &str) -> String {
+    let full = format!("{ft}{tail}");
+    let clean = !ft.contains('.');
+    if clean && full.len() <= MAX_NAME {
+        return full;
+    }
+    let hash = hash8(&full);
+    let keep = MAX_NAME.saturating_sub(tail.len() + hash.len() + 1);
+    let prefix: String = ft.replace('.', "-").chars().take(keep).collect();
+    let prefix = prefix.trim_end_matches('-');
+    if prefix.is_empty() {
+        format!("{hash}{tail}")
+    } else {
+        format!("{prefix}-{hash}{tail}")
+    }
+}
+
+/// Name of client `client`'s trainer Job in `round`, attempt `attempt`.
+pub fn trainer_job_name(ft: &str, round: u32, attempt: u32, client: &str) -> String {
+    if attempt <= 1 {
+        bounded_name(ft, &format!("-r{round}-{client}"))
+    } else {
+        bounded_name(ft, &format!("-r{round}a{attempt}-{client}"))
+    }
+}
+
+/// Name of the aggregation Job of `round`, attempt `attempt`.
+pub fn aggregation_job_name(ft: &str, round: u32, attempt: u32) -> String {
+    if attempt <= 1 {
+        bounded_name(ft, &format!("-agg-r{round}"))
+    } else {
+        bounded_name(ft, &format!("-agg-r{round}a{attempt}"))
+    }
+}
+
+/// Name of the ConfigMap holding the spec.
+pub fn spec_config_map_name(ft: &str) -> String {
+    bounded_name(ft, "-spec")
+}
+
+/// A label value for the FederatedTune's name (≤ 63 characters).
+pub fn run_label(ft: &str) -> String {
+    if ft.len() <= MAX_NAME {
+        ft.to_string()
+    } else {
+        bounded_name(&ft[..MAX_NAME.min(ft.len())], "")
+    }
+}
+
+/// Labels of a run's objects; `role`, `round`, `client`, `attempt` when given.
+pub fn labels(
+    run: &Run,
+    role: Option<&str>,
+    round: Option<u32>,
+    client: Option<&str>,
+    attempt: Option<u32>,
+) -> BTreeMap<String, String> {
+    let mut l = BTreeMap::new();
+    l.insert("app.kubernetes.io/name".into(), "heterotune".into());
+    l.insert(LABEL_MANAGED_BY.into(), super::context::MANAGER.into());
+    l.insert(LABEL_RUN_UID.into(), run.uid.clone());
+    l.insert(LABEL_RUN.into(), run_label(&run.name));
+    if let Some(r) = role {
+        l.insert("app.kubernetes.io/component".into(), r.into());
+        l.insert(LABEL_ROLE.into(), r.into());
+    }
+    if let Some(r) = round {
+        l.insert(LABEL_ROUND.into(), r.to_string());
+    }
+    if let Some(c) = client {
+        l.insert(LABEL_CLIENT.into(), c.into());
+    }
+    if let Some(a) = attempt {
+        l.insert(LABEL_ATTEMPT.into(), a.to_string());
+    }
+    l
+}
+
+/// The trainer's command line for one client and round. This is the single
+/// place that knows the trainer's cluster CLI:
+///
+/// ```text
+/// heterotune-trainer train --spec /etc/heterotune/spec/spec.json --client <client> --round <round>
+///     --store <spec.storage.uri> --run <run dir> --device <cuda|cpu|auto> --work /work
+/// ```
+///
+/// `--run` is the run's key prefix in the bucket (storage prefix included,
+/// [`RunLayout::run_dir`]); the trainer reads the previous global artifact
+/// and writes `round-NNNN/clients/<client>/` (adapter, then manifest) there.
+pub fn trainer_command(run: &Run, client: &str, round: u32, device: &str) -> Vec<String> {
+    vec![
+        "heterotune-trainer".into(),
+        "train".into(),
+        "--spec".into(),
+        format!("{SPEC_DIR}/{SPEC_FILE}"),
+        "--client".into(),
+        client.into(),
+        "--round".into(),
+        round.to_string(),
+        "--store".into(),
+        run.ft.spec.storage.uri.clone(),
+        "--run".into(),
+        run.layout.run_dir().to_string(),
+        "--device".into(),
+        device.into(),
+        "--work".into(),
+        WORK_DIR.into(),
+    ]
+}
+
+/// The aggregator's command line (see [`trainer_command`]):
+///
+/// ```text
+/// heterotune-trainer aggregate --spec /etc/heterotune/spec/spec.json --round <round>
+///     --store <spec.storage.uri> --run <run dir> --participants <a,b,c> --work /work
+/// ```
+pub fn aggregator_command(run: &Run, round: u32, participants: &[String]) -> Vec<String> {
+    vec![
+        "heterotune-trainer".into(),
+        "aggregate".into(),
+        "--spec".into(),
+        format!("{SPEC_DIR}/{SPEC_FILE}"),
+        "--round".into(),
+        round.to_string(),
+        "--store".into(),
+        run.ft.spec.storage.uri.clone(),
+        "--run".into(),
+        run.layout.run_dir().to_string(),
+        "--participants".into(),
+        participants.join(","),
+        "--work".into(),
+        WORK_DIR.into(),
+    ]
+}
+
+fn env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        value_from: None,
+    }
+}
+
+/// The store's environment (object_store's `AWS_*` variables); credentials
+/// only as `secretKeyRef`s to `spec.storage.credentialsSecret`.
+pub fn store_env(storage: &StorageSpec) -> Vec<EnvVar> {
+    let mut v = Vec::new();
+    if let Some(endpoint) = &storage.endpoint {
+        v.push(env("AWS_ENDPOINT_URL", endpoint.clone()));
+        if endpoint.starts_with("http://") {
+            v.push(env("AWS_ALLOW_HTTP", "true"));
+        }
+    }
+    if let Some(region) = &storage.region {
+        v.push(env("AWS_REGION", region.clone()));
+    }
+    v.push(env(
+        "AWS_VIRTUAL_HOSTED_STYLE_REQUEST",
+        (!storage.force_path_style).to_string(),
+    ));
+    if let Some(secret) = &storage.credentials_secret {
+        for (name, key) in [
+            ("AWS_ACCESS_KEY_ID", &secret.access_key_id_key),
+            ("AWS_SECRET_ACCESS_KEY", &secret.secret_access_key_key),
+        ] {
+            v.push(EnvVar {
+                name: name.into(),
+                value: None,
+                value_from: Some(EnvVarSource {
+                    secret_key_ref: Some(SecretKeySelector {
+                        name: secret.name.clone(),
+                        key: key.clone(),
+                        optional: Some(false),
+                    }),
+                    ..EnvVarSource::default()
+                }),
+            });
+        }
+    }
+    v
+}
+
+fn quantities(map: BTreeMap<String, String>) -> Option<BTreeMap<String, Quantity>> {
+    (!map.is_empty()).then(|| map.into_iter().map(|(k, v)| (k, Quantity(v))).collect())
+}
+
+/// Resources, node selector and tolerations of a trainer placed by `placement`.
+pub fn placement_resources(
+    run: &Run,
+    client_index: usize,
+    placement: &Placement,
+    cpu_request: &str,
+) -> (
+    ResourceRequirements,
+    BTreeMap<String, String>,
+    Vec<Toleration>,
+) {
+    let client = &run.ft.spec.clients[client_index];
+    let mut requests = BTreeMap::new();
+    let mut limits = BTreeMap::new();
+    let mut selector = BTreeMap::new();
+    let mut tolerations: Vec<Toleration> = Vec::new();
+    match placement {
+        Placement::Gpu {
+            profile,
+            host_memory,
+            ..
+        } => {
+            let n = profile.gpus_per_pod.to_string();
+            requests.insert(profile.resource_name.clone(), n.clone());
+            limits.insert(profile.resource_name.clone(), n);
+            requests.insert("cpu".into(), profile.cpu.clone());
+            requests.insert("memory".into(), quantity_mib(*host_memory));
+            selector.extend(profile.node_selector.clone());
+            tolerations.extend(profile.tolerations.iter().map(toleration));
+        }
+        Placement::Cpu { estimate } => {
+            requests.insert("cpu".into(), cpu_request.to_string());
+            requests.insert("memory".into(), quantity_mib(estimate.total));
+            limits.insert(
+                "memory".into(),
+                quantity_mib(estimate.total + estimate.total / 4),
+            );
+        }
+        Placement::Explicit { .. } => {
+            if let Some(r) = &client.resources {
+                requests = r.requests.clone();
+                limits = r.limits.clone();
+            }
+        }
+    }
+    selector.extend(client.node_selector.clone());
+    tolerations.extend(client.tolerations.iter().map(toleration));
+    (
+        ResourceRequirements {
+            requests: quantities(requests),
+            limits: quantities(limits),
+            ..ResourceRequirements::default()
+        },
+        selector,
+        tolerations,
+    )
+}
+
+fn toleration(t: &heterotune_crds::spec::Toleration) -> Toleration {
+    Toleration {
+        key: t.key.clone(),
+        operator: t.operator.clone(),
+        value: t.value.clone(),
+        effect: t.effect.clone(),
+        toleration_seconds: t.toleration_seconds,
+    }
+}
+
+/// The restricted security context of every container.
+pub fn container_security() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            add: None,
+        }),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            localhost_profile: None,
+        }),
+        ..SecurityContext::default()
+    }
+}
+
+struct PodParts {
+    name: String,
+    labels: BTreeMap<String, String>,
+    annotations: BTreeMap<String, String>,
+    command: Vec<String>,
+    resources: ResourceRequirements,
+    node_selector: BTreeMap<String, String>,
+    tolerations: Vec<Toleration>,
+    active_deadline: i64,
+    ttl: i32,
+}
+
+fn job(run: &Run, config: &JobConfig, parts: PodParts) -> Job {
+    let spec = &run.ft.spec;
+    let image = spec
+        .trainer
+        .image
+        .clone()
+        .unwrap_or_else(|| config.trainer_image.clone());
+    let mut env_vars = vec![
+        env("HOME", WORK_DIR),
+        env("HETEROTUNE_CACHE", format!("{WORK_DIR}/cache")),
+        env("HETEROTUNE_RUN", run.layout.run_dir()),
+        env("RUST_LOG", "info"),
+    ];
+    env_vars.extend(store_env(&spec.storage));
+    let container = Container {
+        name: parts
+            .labels
+            .get(LABEL_ROLE)
+            .cloned()
+            .unwrap_or_else(|| ROLE_TRAINER.into()),
+        image: Some(image),
+        image_pull_policy: Some(spec.trainer.image_pull_policy.clone()),
+        command: Some(parts.command),
+        env: Some(env_vars),
+        resources: Some(parts.resources),
+        security_context: Some(container_security()),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: "spec".into(),
+                mount_path: SPEC_DIR.into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: "work".into(),
+                mount_path: WORK_DIR.into(),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: "tmp".into(),
+                mount_path: "/tmp".into(),
+                ..VolumeMount::default()
+            },
+        ]),
+        ..Container::default()
+    };
+    let uid = config.run_as_user;
+    let pod = PodSpec {
+        containers: vec![container],
+        restart_policy: Some("Never".into()),
+        service_account_name: spec.trainer.service_account_name.clone(),
+        automount_service_account_token: Some(false),
+        enable_service_links: Some(false),
+        node_selector: (!parts.node_selector.is_empty()).then_some(parts.node_selector),
+        tolerations: (!parts.tolerations.is_empty()).then_some(parts.tolerations),
+        image_pull_secrets: (!config.image_pull_secrets.is_empty()).then(|| {
+            config
+                .image_pull_secrets
+                .iter()
+                .map(|n| LocalObjectReference { name: n.clone() })
+                .collect()
+        }),
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(uid),
+            run_as_group: Some(uid),
+            fs_group: Some(uid),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                localhost_profile: None,
+            }),
+            ..PodSecurityContext::default()
+        }),
+        volumes: Some(vec![
+            Volume {
+                name: "spec".into(),
+                config_map: Some(ConfigMapVolumeSource {
+                    name: spec_config_map_name(&run.name),
+                    items: Some(vec![KeyToPath {
+                        key: SPEC_FILE.into(),
+                        path: SPEC_FILE.into(),
+                        mode: None,
+                    }]),
+                    ..ConfigMapVolumeSource::default()
+                }),
+                ..Volume::default()
+            },
+            Volume {
+                name: "work".into(),
+                empty_dir: Some(EmptyDirVolumeSource {
+                    medium: None,
+                    size_limit: config.work_size_limit.clone().map(Quantity),
+                }),
+                ..Volume::default()
+            },
+            Volume {
+                name: "tmp".into(),
+                empty_dir: Some(EmptyDirVolumeSource::default()),
+                ..Volume::default()
+            },
+        ]),
+        ..PodSpec::default()
+    };
+    Job {
+        metadata: ObjectMeta {
+            name: Some(parts.name),
+            namespace: Some(run.namespace.clone()),
+            labels: Some(parts.labels.clone()),
+            annotations: (!parts.annotations.is_empty()).then_some(parts.annotations),
+            owner_references: Some(vec![run.owner.clone()]),
+            ..ObjectMeta::default()
+        },
+        spec: Some(JobSpec {
+            backoff_limit: Some(0),
+            completions: Some(1),
+            parallelism: Some(1),
+            active_deadline_seconds: Some(parts.active_deadline.max(1)),
+            ttl_seconds_after_finished: Some(parts.ttl),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(parts.labels),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(pod),
+            },
+            ..JobSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// How long finished Jobs stay: the configured TTL, but never less than a
+/// round can last (deadline + straggler wait + one hour), since a round's
+/// failure counts and start time are read from its Jobs.
+pub fn job_ttl(run: &Run, config: &JobConfig) -> i32 {
+    let spec = &run.ft.spec;
+    let round = i64::from(spec.round_deadline_seconds)
+        + i64::from(spec.wait_after_min_clients_seconds)
+        + 3600;
+    i64::from(config.ttl_seconds_after_finished)
+        .max(round)
+        .min(i64::from(i32::MAX)) as i32
+}
+
+/// Client `client_index`'s trainer Job for `round`, attempt `attempt`,
+/// allowed to run `active_deadline` seconds (what is left of the round).
+pub fn trainer_job(
+    run: &Run,
+    client_index: usize,
+    round: u32,
+    attempt: u32,
+    placement: &Placement,
+    active_deadline: i64,
+    config: &JobConfig,
+    cpu_request: &str,
+) -> Job {
+    let client = &run.ft.spec.clients[client_index];
+    let (resources, node_selector, tolerations) =
+        placement_resources(run, client_index, placement, cpu_request);
+    let mut annotations = BTreeMap::new();
+    annotations.insert(ANNOTATION_PROFILE.to_string(), placement.profile_name());
+    if let Some(b) = placement.estimated_bytes() {
+        annotations.insert(ANNOTATION_ESTIMATE.to_string(), b.to_string());
+    }
+    job(
+        run,
+        config,
+        PodParts {
+            name: trainer_job_name(&run.name, round, attempt, &client.name),
+            labels: labels(
+                run,
+                Some(ROLE_TRAINER),
+                Some(round),
+                Some(&client.name),
+                Some(attempt),
+            ),
+            annotations,
+            command: trainer_command(run, &client.name, round, placement.device()),
+            resources,
+            node_selector,
+            tolerations,
+            active_deadline,
+            ttl: job_ttl(run, config),
+        },
+    )
+}
+
+/// The aggregation Job of `round` over `participants`.
+pub fn aggregation_job(
+    run: &Run,
+    round: u32,
+    attempt: u32,
+    participants: &[String],
+    active_deadline: i64,
+    config: &JobConfig,
+) -> Job {
+    let mut requests = BTreeMap::new();
+    requests.insert("cpu".to_string(), config.aggregator_cpu.clone());
+    requests.insert("memory".to_string(), config.aggregator_memory.clone());
+    let mut limits = BTreeMap::new();
+    limits.insert("memory".to_string(), config.aggregator_memory.clone());
+    let mut annotations = BTreeMap::new();
+    annotations.insert(ANNOTATION_PARTICIPANTS.to_string(), participants.join(","));
+    job(
+        run,
+        config,
+        PodParts {
+            name: aggregation_job_name(&run.name, round, attempt),
+            labels: labels(run, Some(ROLE_AGGREGATOR), Some(round), None, Some(attempt)),
+            annotations,
+            command: aggregator_command(run, round, participants),
+            resources: ResourceRequirements {
+                requests: quantities(requests),
+                limits: quantities(limits),
+                ..ResourceRequirements::default()
+            },
+            node_selector: BTreeMap::new(),
+            tolerations: Vec::new(),
+            active_deadline,
+            ttl: job_ttl(run, config),
+        },
+    )
+}
+
+/// The spec as the trainer reads it: the object's identity and spec, JSON.
+pub fn spec_document(run: &Run) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": heterotune_crds::API_VERSION,
+        "kind": heterotune_crds::KIND,
+        "metadata": { "name": run.name, "namespace": run.namespace, "uid": run.uid },
+        "spec": run.ft.spec,
+    })
+}
+
+/// The ConfigMap that hands the spec to trainer and aggregation pods.
+pub fn spec_config_map(run: &Run) -> ConfigMap {
+    let mut data = BTreeMap::new();
+    data.insert(SPEC_FILE.to_string(), spec_document(run).to_string());
+    ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(spec_config_map_name(&run.name)),
+            namespace: Some(run.namespace.clone()),
+            labels: Some(labels(run, None, None, None, None)),
+            owner_references: Some(vec![run.owner.clone()]),
+            ..ObjectMeta::default()
+        },
+        data: Some(data),
+        ..ConfigMap::default()
+    }
+}

@@ -1,0 +1,517 @@
+//! What the object store says about a run: the controller's only view of
+//! the round protocol's artifacts, behind the [`RunStore`] trait so that the
+//! controller is tested against [`MemoryRunStore`] and runs against
+//! [`ObjectRunStore`] (the lead's [`crate::store::Store`] over `object_store`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+use futures::future::BoxFuture;
+use heterotune_crds::layout::{RunLayout, MANIFEST_FILE};
+use heterotune_crds::manifest::ArtifactManifest;
+use heterotune_crds::spec::{RetentionPolicy, StorageSpec};
+use heterotune_crds::status::{RoundSummary, MAX_HISTORY};
+use heterotune_crds::uri::{self, Location};
+
+use crate::store::{Store, StoreError};
+
+/// One run in its store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunRef {
+    /// Where the store is.
+    pub storage: StorageSpec,
+    /// The run's keys (relative to the bucket root, storage prefix included).
+    pub layout: RunLayout,
+    /// Client names, in spec order.
+    pub clients: Vec<String>,
+    /// `spec.rounds` (no round beyond it is looked for).
+    pub rounds: u32,
+}
+
+/// A committed client artifact.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct CommitInfo {
+    /// When its manifest was written (Unix seconds).
+    pub committed_at: f64,
+    /// Artifact size in bytes.
+    pub bytes: u64,
+}
+
+/// A completed round, from its global manifest.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompletedRound {
+    /// Accuracy, bytes, participants, rejects.
+    pub summary: RoundSummary,
+    /// When the global manifest was written (Unix seconds).
+    pub completed_at: Option<f64>,
+}
+
+/// The store's view of a run.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct StoreObservation {
+    /// Rounds `1..=completed_rounds` have a global manifest.
+    pub completed_rounds: u32,
+    /// Committed client artifacts of round `completed_rounds + 1`.
+    pub committed: BTreeMap<String, CommitInfo>,
+    /// Rounds after `since` (the caller's last known round) up to
+    /// `completed_rounds`, oldest first, at most [`MAX_HISTORY`].
+    pub new_rounds: Vec<CompletedRound>,
+}
+
+/// What the controller needs from the object store.
+pub trait RunStore: Send + Sync {
+    /// Observes `run`. `since` is the last completed round the caller already
+    /// knows (from status); implementations may start looking there, but must
+    /// fall back to a full look when that round's global manifest is absent.
+    fn observe<'a>(
+        &'a self,
+        run: &'a RunRef,
+        since: u32,
+    ) -> BoxFuture<'a, Result<StoreObservation, StoreError>>;
+
+    /// The `config.json` of the model at `uri` (`s3://bucket/prefix`), or
+    /// `None` when it does not exist.
+    fn model_config<'a>(
+        &'a self,
+        storage: &'a StorageSpec,
+        uri: &'a str,
+    ) -> BoxFuture<'a, Result<Option<serde_json::Value>, StoreError>>;
+
+    /// Applies `spec.retention.onDelete` to the run's artifacts; returns how
+    /// many objects were deleted.
+    fn apply_retention<'a>(
+        &'a self,
+        run: &'a RunRef,
+        policy: RetentionPolicy,
+    ) -> BoxFuture<'a, Result<u64, StoreError>>;
+}
+
+/// Parses an RFC 3339 time into Unix seconds.
+pub fn unix_seconds(text: &str) -> Option<f64> {
+    text.parse::<k8s_openapi::jiff::Timestamp>()
+        .ok()
+        .map(|t| t.as_millisecond() as f64 / 1000.0)
+}
+
+/// A round summary from a global manifest. The aggregator's manifest is
+/// read as: `metrics.accuracy` (global), `metrics["accuracy.<family>"]` or
+/// `metrics["accuracy_<family>"]` (per family), and in `stats`:
+/// `participants` (a list or a count), `rejected` (`{reason: count}` or a list
+/// of `{reason}`), `bytes_uploaded` and `duration_seconds`.
+pub fn summary_from_manifest(round: u32, m: &ArtifactManifest) -> RoundSummary {
+    let mut by_family = BTreeMap::new();
+    for (k, v) in &m.metrics {
+        if let Some(f) = k
+            .strip_prefix("accuracy.")
+            .or_else(|| k.strip_prefix("accuracy_"))
+        {
+            if v.is_finite() {
+                by_family.insert(f.to_string(), *v);
+            }
+        }
+    }
+    let stats = &m.stats;
+    let participants = match stats.get("participants") {
+        Some(serde_json::Value::Array(a)) => a.len() as u32,
+        Some(v) => v.as_u64().unwrap_or(0) as u32,
+        None => 0,
+    };
+    let mut rejected = BTreeMap::new();
+    match stats.get("rejected") {
+        Some(serde_json::Value::Object(o)) => {
+            for (reason, n) in o {
+                rejected.insert(reason.clone(), n.as_u64().unwrap_or(1) as u32);
+            }
+        }
+        Some(serde_json::Value::Array(a)) => {
+            for r in a {
+                let reason = r
+                    .get("reason")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("unknown");
+                *rejected.entry(reason.to_string()).or_insert(0) += 1;
+            }
+        }
+        _ => {}
+    }
+    RoundSummary {
+        round,
+        accuracy: m.metrics.get("accuracy").copied().filter(|v| v.is_finite()),
+        accuracy_by_family: by_family,
+        bytes_uploaded: stats
+            .get("bytes_uploaded")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0),
+        duration_seconds: stats
+            .get("duration_seconds")
+            .and_then(|v| v.as_f64())
+            .unwrap_or(0.0),
+        participants,
+        rejected,
+    }
+}
+
+/// The key prefix inside the bucket of a storage URI (`s3://b/runs` → `runs`).
+pub fn storage_prefix(storage: &StorageSpec) -> String {
+    match uri::resolve(&storage.uri) {
+        Ok(Location::S3 { key, .. }) => key,
+        _ => String::new(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// In memory (tests, benchmarks)
+
+#[derive(Debug, Default, Clone)]
+struct MemRun {
+    completed: BTreeMap<u32, CompletedRound>,
+    committed: BTreeMap<u32, BTreeMap<String, CommitInfo>>,
+}
+
+/// A [`RunStore`] in memory, for tests and benchmarks. Runs are keyed by
+/// their run directory ([`RunLayout::run_dir`]).
+#[derive(Debug, Default)]
+pub struct MemoryRunStore {
+    runs: Mutex<HashMap<String, MemRun>>,
+    models: Mutex<HashMap<String, serde_json::Value>>,
+    unavailable: Mutex<Option<String>>,
+    retention: Mutex<Vec<(String, RetentionPolicy)>>,
+    observations: Mutex<u64>,
+}
+
+impl MemoryRunStore {
+    fn with_run<T>(&self, run_dir: &str, f: impl FnOnce(&mut MemRun) -> T) -> T {
+        let mut runs = self.runs.lock().unwrap_or_else(|e| e.into_inner());
+        f(runs.entry(run_dir.to_string()).or_default())
+    }
+
+    /// Commits `client`'s artifact of `round` at time `at`.
+    pub fn commit(&self, run_dir: &str, round: u32, client: &str, at: f64) {
+        self.with_run(run_dir, |r| {
+            r.committed.entry(round).or_default().insert(
+                client.to_string(),
+                CommitInfo {
+                    committed_at: at,
+                    bytes: 1000,
+                },
+            );
+        });
+    }
+
+    /// Writes the global manifest of `round`.
+    pub fn complete_round(&self, run_dir: &str, summary: RoundSummary, at: f64) {
+        self.with_run(run_dir, |r| {
+            r.completed.insert(
+                summary.round,
+                CompletedRound {
+                    summary,
+                    completed_at: Some(at),
+                },
+            );
+        });
+    }
+
+    /// Makes every call fail with `message` (or work again with `None`).
+    pub fn set_unavailable(&self, message: Option<&str>) {
+        *self.unavailable.lock().unwrap_or_else(|e| e.into_inner()) = message.map(str::to_string);
+    }
+
+    /// Registers a model's config.json.
+    pub fn put_model_config(&self, uri: &str, config: serde_json::Value) {
+        self.models
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(uri.trim_end_matches('/').to_string(), config);
+    }
+
+    /// The retention calls so far (run directory, policy).
+    pub fn retention_calls(&self) -> Vec<(String, RetentionPolicy)> {
+        self.retention
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// How many times `observe` was called.
+    pub fn observations(&self) -> u64 {
+        *self.observations.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn check(&self, uri: &str) -> Result<(), StoreError> {
+        match self
+            .unavailable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            Some(m) => Err(StoreError::Config {
+                uri: uri.to_string(),
+                message: m.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+impl RunStore for MemoryRunStore {
+    fn observe<'a>(
+        &'a self,
+        run: &'a RunRef,
+        since: u32,
+    ) -> BoxFuture<'a, Result<StoreObservation, StoreError>> {
+        Box::pin(async move {
+            self.check(&run.storage.uri)?;
+            *self.observations.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+            Ok(self.with_run(run.layout.run_dir(), |r| {
+                let mut done = 0;
+                while done < run.rounds && r.completed.contains_key(&(done + 1)) {
+                    done += 1;
+                }
+                let since = if since <= done { since } else { 0 };
+                let first_new = (since + 1).max(done.saturating_sub(MAX_HISTORY as u32) + 1);
+                StoreObservation {
+                    completed_rounds: done,
+                    committed: r.committed.get(&(done + 1)).cloned().unwrap_or_default(),
+                    new_rounds: (first_new..=done)
+                        .filter_map(|n| r.completed.get(&n).cloned())
+                        .collect(),
+                }
+            }))
+        })
+    }
+
+    fn model_config<'a>(
+        &'a self,
+        storage: &'a StorageSpec,
+        uri: &'a str,
+    ) -> BoxFuture<'a, Result<Option<serde_json::Value>, StoreError>> {
+        Box::pin(async move {
+            self.check(&storage.uri)?;
+            Ok(self
+                .models
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(uri.trim_end_matches('/'))
+                .cloned())
+        })
+    }
+
+    fn apply_retention<'a>(
+        &'a self,
+        run: &'a RunRef,
+        policy: RetentionPolicy,
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
+        Box::pin(async move {
+            self.check(&run.storage.uri)?;
+            self.retention
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((run.layout.run_dir().to_string(), policy));
+            let removed = self.with_run(run.layout.run_dir(), |r| match policy {
+                RetentionPolicy::Retain => 0,
+                RetentionPolicy::Compact => {
+                    let n = r.committed.values().map(|c| c.len() as u64).sum();
+                    r.committed.clear();
+                    n
+                }
+                RetentionPolicy::Delete => {
+                    let n = r.committed.values().map(|c| c.len() as u64).sum::<u64>()
+                        + r.completed.len() as u64;
+                    *r = MemRun::default();
+                    n
+                }
+            });
+            Ok(removed)
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Over the object store
+
+/// A [`RunStore`] over [`crate::store::Store`]: S3 with the operator's own
+/// credentials (`AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` in its
+/// environment) and the endpoint, region and addressing of each spec.
+///
+/// Costs per observation: one HEAD per round from `since` on (usually two),
+/// one LIST of the current round's `clients/` folder, one GET per newly
+/// committed client manifest (remembered afterwards) and one GET per newly
+/// completed round's global manifest.
+#[derive(Default)]
+pub struct ObjectRunStore {
+    stores: Mutex<HashMap<String, Store>>,
+    commits: Mutex<HashMap<(String, u32), BTreeMap<String, CommitInfo>>>,
+}
+
+impl ObjectRunStore {
+    fn store(&self, storage: &StorageSpec) -> Result<Store, StoreError> {
+        let key = format!(
+            "{}|{:?}|{:?}|{}",
+            storage.uri, storage.endpoint, storage.region, storage.force_path_style
+        );
+        let mut stores = self.stores.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = stores.get(&key) {
+            return Ok(s.clone());
+        }
+        let store = Store::from_spec(storage, std::path::Path::new("/nonexistent"))?;
+        stores.insert(key, store.clone());
+        Ok(store)
+    }
+
+    async fn read_manifest(
+        store: &Store,
+        key: &str,
+    ) -> Result<Option<ArtifactManifest>, StoreError> {
+        let Some(bytes) = store.get(key).await? else {
+            return Ok(None);
+        };
+        Ok(serde_json::from_slice(&bytes).ok())
+    }
+}
+
+impl RunStore for ObjectRunStore {
+    fn observe<'a>(
+        &'a self,
+        run: &'a RunRef,
+        since: u32,
+    ) -> BoxFuture<'a, Result<StoreObservation, StoreError>> {
+        Box::pin(async move {
+            let store = self.store(&run.storage)?;
+            let layout = &run.layout;
+            let mut done = if since > 0
+                && since <= run.rounds
+                && store.exists(&layout.global_manifest(since)).await?
+            {
+                since
+            } else {
+                0
+            };
+            while done < run.rounds && store.exists(&layout.global_manifest(done + 1)).await? {
+                done += 1;
+            }
+            let round = done + 1;
+            let mut committed = BTreeMap::new();
+            if done < run.rounds {
+                let dir = format!("{}/clients", layout.round_dir(round));
+                let keys = store.list(&dir).await?;
+                let known = self
+                    .commits
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&(layout.run_dir().to_string(), round))
+                    .cloned()
+                    .unwrap_or_default();
+                for key in keys {
+                    let Some(client) = key
+                        .strip_prefix(&format!("{dir}/"))
+                        .and_then(|rest| rest.strip_suffix(&format!("/{MANIFEST_FILE}")))
+                    else {
+                        continue;
+                    };
+                    if !run.clients.iter().any(|c| c == client) {
+                        continue;
+                    }
+                    let info = match known.get(client) {
+                        Some(i) => *i,
+                        None => {
+                            let m = Self::read_manifest(&store, &key).await?;
+                            CommitInfo {
+                                committed_at: m
+                                    .as_ref()
+                                    .and_then(|m| unix_seconds(&m.created_at))
+                                    .unwrap_or_else(now_seconds),
+                                bytes: m.map(|m| m.artifact.bytes).unwrap_or(0),
+                            }
+                        }
+                    };
+                    committed.insert(client.to_string(), info);
+                }
+                let mut commits = self.commits.lock().unwrap_or_else(|e| e.into_inner());
+                commits.retain(|(dir, r), _| dir != layout.run_dir() || *r >= round);
+                commits.insert((layout.run_dir().to_string(), round), committed.clone());
+            }
+            let since = if since <= done { since } else { 0 };
+            let first_new = (since + 1).max(done.saturating_sub(MAX_HISTORY as u32) + 1);
+            let mut new_rounds = Vec::new();
+            for r in first_new..=done {
+                if let Some(m) = Self::read_manifest(&store, &layout.global_manifest(r)).await? {
+                    new_rounds.push(CompletedRound {
+                        summary: summary_from_manifest(r, &m),
+                        completed_at: unix_seconds(&m.created_at),
+                    });
+                }
+            }
+            Ok(StoreObservation {
+                completed_rounds: done,
+                committed,
+                new_rounds,
+            })
+        })
+    }
+
+    fn model_config<'a>(
+        &'a self,
+        storage: &'a StorageSpec,
+        uri: &'a str,
+    ) -> BoxFuture<'a, Result<Option<serde_json::Value>, StoreError>> {
+        Box::pin(async move {
+            let Ok(Location::S3 { bucket, key }) = uri::resolve(uri) else {
+                return Ok(None);
+            };
+            let model_storage = StorageSpec {
+                uri: format!("s3://{bucket}"),
+                ..storage.clone()
+            };
+            let store = self.store(&model_storage)?;
+            let config_key = if key.is_empty() {
+                "config.json".to_string()
+            } else {
+                format!("{key}/config.json")
+            };
+            Ok(store
+                .get(&config_key)
+                .await?
+                .and_then(|b| serde_json::from_slice(&b).ok()))
+        })
+    }
+
+    fn apply_retention<'a>(
+        &'a self,
+        run: &'a RunRef,
+        policy: RetentionPolicy,
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
+        Box::pin(async move {
+            let store = self.store(&run.storage)?;
+            let run_dir = run.layout.run_dir();
+            match policy {
+                RetentionPolicy::Retain => Ok(0),
+                RetentionPolicy::Delete => Ok(store.delete_prefix(run_dir).await? as u64),
+                RetentionPolicy::Compact => {
+                    let mut dirs: Vec<String> = store
+                        .list(run_dir)
+                        .await?
+                        .into_iter()
+                        .filter_map(|k| {
+                            k.find("/clients/")
+                                .map(|i| k[..i + "/clients".len()].to_string())
+                        })
+                        .collect();
+                    dirs.dedup();
+                    let mut n = 0;
+                    for dir in dirs {
+                        n += store.delete_prefix(&dir).await? as u64;
+                    }
+                    Ok(n)
+                }
+            }
+        })
+    }
+}
+
+/// Now, in Unix seconds.
+pub fn now_seconds() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}

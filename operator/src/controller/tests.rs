@@ -1,0 +1,832 @@
+//! The controller against a mock API server: each test states the exact
+//! requests a reconcile must send, in order, and that nothing else is sent.
+
+use std::sync::Arc;
+
+use heterotune_crds::spec::RetentionPolicy;
+use heterotune_crds::status::{Phase, RoundSummary};
+use k8s_openapi::api::batch::v1::Job;
+use kube::runtime::controller::Action;
+use serde_json::Value;
+
+use super::error::Category;
+use super::fixtures::*;
+use super::jobs;
+use super::observe::MemoryRunStore;
+use super::reconcile::{error_policy, reconcile};
+
+const LLAMA_7B: &str = r#"{"model_type":"llama","hidden_size":4096,"intermediate_size":11008,"num_hidden_layers":32,
+    "num_attention_heads":32,"num_key_value_heads":32,"vocab_size":32000,"tie_word_embeddings":false}"#;
+
+fn cond<'a>(
+    s: &'a heterotune_crds::status::FederatedTuneStatus,
+    t: &str,
+) -> &'a heterotune_crds::status::Condition {
+    s.conditions
+        .iter()
+        .find(|c| c.type_ == t)
+        .unwrap_or_else(|| panic!("no {t} condition"))
+}
+
+fn container(job: &Job) -> &k8s_openapi::api::core::v1::Container {
+    &job.spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .expect("pod spec")
+        .containers[0]
+}
+
+fn pod(job: &Job) -> &k8s_openapi::api::core::v1::PodSpec {
+    job.spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .expect("pod spec")
+}
+
+fn quantity(job: &Job, which: &str, key: &str) -> Option<String> {
+    let r = container(job).resources.as_ref()?;
+    let map = if which == "limits" {
+        r.limits.as_ref()?
+    } else {
+        r.requests.as_ref()?
+    };
+    map.get(key).map(|q| q.0.clone())
+}
+
+#[tokio::test]
+async fn a_new_object_gets_the_finalizer_first() {
+    let mut f = ft(&three_clients(), "");
+    f.metadata.finalizers = None;
+    let (ctx, mut api) = context(Arc::new(MemoryRunStore::default()), vec![], config());
+    let answer = ft(&three_clients(), "");
+    let server = tokio::spawn(async move {
+        api.expect_finalizer_added(&answer).await;
+        api
+    });
+    let action = reconcile(Arc::new(f), ctx.clone())
+        .await
+        .expect("reconcile");
+    assert_eq!(action, Action::await_change());
+    drop(ctx);
+    server.await.expect("server").expect_nothing_more().await;
+}
+
+#[tokio::test]
+async fn a_new_run_creates_trainer_jobs_sized_to_each_model() {
+    let clients = "    - name: small\n      model: { family: bert, uri: \"cache://models/all-MiniLM-L6-v2\" }\n    \
+                   - name: big\n      model: { family: llama, uri: \"s3://models/llama-7b\", dtype: bfloat16 }\n    \
+                   - name: huge\n      model: { family: llama, uri: \"s3://models/private-13b\", dtype: bfloat16, parameters: 13000000000 }\n      nodeSelector: { zone: a }\n";
+    let f = ft(clients, "");
+    let store = Arc::new(MemoryRunStore::default());
+    store.put_model_config(
+        "s3://models/llama-7b",
+        serde_json::from_str(LLAMA_7B).expect("json"),
+    );
+    let (ctx, mut api) = context(store.clone(), vec![], config());
+    let answer = f.clone();
+    let server = tokio::spawn(async move {
+        let cm = api.expect_spec_config_map().await;
+        let small = api.expect_create_job("trec-r1-small", false).await;
+        let big = api.expect_create_job("trec-r1-big", false).await;
+        let huge = api.expect_create_job("trec-r1-huge", false).await;
+        let status = api.expect_status(&answer).await;
+        let note = api.expect_event("RoundStarted").await;
+        (api, cm, [small, big, huge], status, note)
+    });
+    let action = reconcile(Arc::new(f.clone()), ctx.clone())
+        .await
+        .expect("reconcile");
+    assert_eq!(action, Action::requeue(std::time::Duration::from_secs(30)));
+    drop(ctx);
+    let (api, cm, [small, big, huge], status, note) = server.await.expect("server");
+    api.expect_nothing_more().await;
+
+    // The spec ConfigMap: the trainer's whole input, owned by the run.
+    let spec_json: Value =
+        serde_json::from_str(cm["data"]["spec.json"].as_str().expect("spec.json")).expect("json");
+    assert_eq!(spec_json["metadata"]["uid"], UID);
+    assert_eq!(spec_json["spec"]["clients"][1]["name"], "big");
+    assert_eq!(cm["metadata"]["ownerReferences"][0]["uid"], UID);
+
+    // The CPU client: memory from the estimate, no GPU.
+    assert_eq!(quantity(&small, "requests", "cpu").as_deref(), Some("2"));
+    assert!(quantity(&small, "requests", "memory").is_some_and(|m| m.ends_with("Mi")));
+    assert!(quantity(&small, "limits", "nvidia.com/gpu").is_none());
+    assert_eq!(
+        small
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(jobs::ANNOTATION_PROFILE))
+            .map(String::as_str),
+        Some("cpu")
+    );
+    assert!(container(&small)
+        .command
+        .as_ref()
+        .is_some_and(|c| c.contains(&"cpu".to_string())));
+
+    // LLaMA-7B in bf16 (config.json from the store): one 24 GiB L4.
+    assert_eq!(
+        quantity(&big, "limits", "nvidia.com/gpu").as_deref(),
+        Some("1")
+    );
+    assert_eq!(
+        quantity(&big, "requests", "nvidia.com/gpu").as_deref(),
+        Some("1")
+    );
+    let big_pod = pod(&big);
+    assert_eq!(
+        big_pod
+            .node_selector
+            .as_ref()
+            .and_then(|n| n.get("gpu"))
+            .map(String::as_str),
+        Some("l4")
+    );
+    assert_eq!(
+        big_pod.tolerations.as_ref().map(|t| t[0].key.as_deref()),
+        Some(Some("nvidia.com/gpu"))
+    );
+    // 13B from `parameters`: the 80 GiB profile, the client's own selector merged in.
+    assert_eq!(
+        quantity(&huge, "limits", "nvidia.com/gpu").as_deref(),
+        Some("1")
+    );
+    assert_eq!(quantity(&huge, "requests", "cpu").as_deref(), Some("8"));
+    let sel = pod(&huge).node_selector.clone().unwrap_or_default();
+    assert_eq!(
+        (
+            sel.get("gpu").map(String::as_str),
+            sel.get("zone").map(String::as_str)
+        ),
+        (Some("a100"), Some("a"))
+    );
+
+    // What every trainer Job carries.
+    for job in [&small, &big, &huge] {
+        let spec = job.spec.as_ref().expect("job spec");
+        assert_eq!(spec.backoff_limit, Some(0));
+        assert_eq!(spec.active_deadline_seconds, Some(3600));
+        let owner = &job.metadata.owner_references.as_ref().expect("owner")[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.uid.as_str(), owner.controller),
+            ("FederatedTune", UID, Some(true))
+        );
+        let labels = job.metadata.labels.as_ref().expect("labels");
+        assert_eq!(
+            labels.get(jobs::LABEL_RUN_UID).map(String::as_str),
+            Some(UID)
+        );
+        assert_eq!(labels.get(jobs::LABEL_ROUND).map(String::as_str), Some("1"));
+        let c = container(job);
+        assert_eq!(c.image.as_deref(), Some("trainer:test"));
+        let cmd = c.command.clone().unwrap_or_default();
+        assert_eq!(
+            &cmd[..2],
+            &["heterotune-trainer".to_string(), "train".to_string()]
+        );
+        assert!(
+            cmd.windows(2).any(|w| w[0] == "--run" && w[1] == RUN_DIR),
+            "{cmd:?}"
+        );
+        assert!(
+            cmd.windows(2)
+                .any(|w| w[0] == "--store" && w[1] == "s3://artifacts/runs"),
+            "{cmd:?}"
+        );
+        let env = c.env.clone().unwrap_or_default();
+        let key = env
+            .iter()
+            .find(|e| e.name == "AWS_SECRET_ACCESS_KEY")
+            .expect("secret env");
+        assert!(key.value.is_none(), "credentials only by reference");
+        let r = key
+            .value_from
+            .as_ref()
+            .and_then(|v| v.secret_key_ref.as_ref())
+            .expect("secretKeyRef");
+        assert_eq!(
+            (r.name.as_str(), r.key.as_str()),
+            ("s3-creds", "AWS_SECRET_ACCESS_KEY")
+        );
+        assert!(env
+            .iter()
+            .any(|e| e.name == "AWS_VIRTUAL_HOSTED_STYLE_REQUEST"
+                && e.value.as_deref() == Some("false")));
+        let sc = c.security_context.as_ref().expect("security context");
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(
+            sc.capabilities.as_ref().and_then(|c| c.drop.clone()),
+            Some(vec!["ALL".to_string()])
+        );
+        let psc = pod(job).security_context.as_ref().expect("pod security");
+        assert_eq!(psc.run_as_non_root, Some(true));
+        assert_eq!(
+            psc.seccomp_profile.as_ref().map(|s| s.type_.as_str()),
+            Some("RuntimeDefault")
+        );
+        assert_eq!(pod(job).restart_policy.as_deref(), Some("Never"));
+    }
+
+    // Status: running round 1, every client training, estimates shown.
+    assert_eq!(status.phase, Some(Phase::Running));
+    assert_eq!(
+        (status.round, status.progress.as_deref()),
+        (1, Some("0/10"))
+    );
+    let states: Vec<(&str, &str, u32, Option<&str>)> = status
+        .clients
+        .iter()
+        .map(|c| {
+            (
+                c.name.as_str(),
+                c.state.as_str(),
+                c.attempts,
+                c.gpu_profile.as_deref(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        states,
+        vec![
+            ("small", "Training", 1, Some("cpu")),
+            ("big", "Training", 1, Some("l4-24gb")),
+            ("huge", "Training", 1, Some("a100-80gb"))
+        ]
+    );
+    assert!(status
+        .clients
+        .iter()
+        .all(|c| c.estimated_memory_bytes.is_some()));
+    assert_eq!(cond(&status, "Ready").status, "True");
+    assert_eq!(cond(&status, "Progressing").reason, "RoundInProgress");
+    assert_eq!(cond(&status, "Degraded").status, "False");
+    assert_eq!(status.start_time.as_deref(), Some("2023-11-14T22:13:20Z"));
+    assert_eq!(
+        status.artifacts.as_ref().map(|a| a.prefix.as_str()),
+        Some("s3://artifacts/runs/default/trec-0f1e2d3c")
+    );
+    assert_eq!(note, "round 1 started");
+}
+
+/// Runs one reconcile of `f` against `script` (which plays the API server
+/// and returns it with what it captured); `after` sees the result and the
+/// context before the client goes; then no further request may come.
+async fn scenario<T, Fut>(
+    f: &heterotune_crds::FederatedTune,
+    store: Arc<MemoryRunStore>,
+    cached: Vec<Job>,
+    script: impl FnOnce(ApiServer) -> Fut,
+    after: impl FnOnce(&super::Result<Action>, &Arc<super::Context>),
+) -> (super::Result<Action>, T)
+where
+    Fut: std::future::Future<Output = (ApiServer, T)> + Send + 'static,
+    T: Send + 'static,
+{
+    let (ctx, api) = context(store, cached, config());
+    let server = tokio::spawn(script(api));
+    let result = reconcile(Arc::new(f.clone()), ctx.clone()).await;
+    after(&result, &ctx);
+    drop(ctx);
+    let (api, captured) = server.await.expect("server");
+    api.expect_nothing_more().await;
+    (result, captured)
+}
+
+fn ok(r: &super::Result<Action>, _: &Arc<super::Context>) {
+    if let Err(e) = r {
+        panic!("reconcile failed: {e}");
+    }
+}
+
+#[tokio::test]
+async fn a_failed_job_is_retried_then_the_client_is_excluded() {
+    let f = ft(&three_clients(), "  maxRetriesPerClient: 1\n");
+    let store = Arc::new(MemoryRunStore::default());
+    let t0 = NOW - 100.0;
+    let first = vec![
+        job(1, Some("c0"), 1, JobEnd::Failed, t0),
+        job(1, Some("c1"), 1, JobEnd::Running, t0),
+        job(1, Some("c2"), 1, JobEnd::Running, t0),
+    ];
+    // Attempt 2, with what is left of the round as its deadline.
+    let answer = f.clone();
+    let (_, s1) = scenario(
+        &f,
+        store.clone(),
+        first.clone(),
+        |mut api| async move {
+            api.expect_spec_config_map().await;
+            let retry = api.expect_create_job("trec-r1a2-c0", false).await;
+            assert_eq!(
+                retry.spec.as_ref().and_then(|s| s.active_deadline_seconds),
+                Some(3500)
+            );
+            let attempt = retry
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(jobs::LABEL_ATTEMPT))
+                .cloned();
+            assert_eq!(attempt.as_deref(), Some("2"));
+            let s = api.expect_status(&answer).await;
+            api.expect_event("RoundStarted").await;
+            assert_eq!(
+                api.expect_event("ClientRetry").await,
+                "client c0: attempt 2 of round 1"
+            );
+            (api, s)
+        },
+        ok,
+    )
+    .await;
+    assert_eq!(
+        (s1.clients[0].state.as_str(), s1.clients[0].attempts),
+        ("Training", 2)
+    );
+    assert_eq!(
+        s1.start_time.as_deref(),
+        Some("2023-11-14T22:11:40Z"),
+        "the round began with its first Job"
+    );
+
+    // Attempt 2 failed too: excluded; the run is degraded but goes on.
+    let mut second = first;
+    second.push(job(1, Some("c0"), 2, JobEnd::Failed, NOW - 50.0));
+    let f2 = with_status(f.clone(), s1);
+    let answer = f2.clone();
+    let (_, s2) = scenario(
+        &f2,
+        store,
+        second,
+        |mut api| async move {
+            let s = api.expect_status(&answer).await;
+            api.expect_event("ClientsExcluded").await;
+            let note = api.expect_event("ClientExcluded").await;
+            assert_eq!(note, "client c0 is out of round 1 after 2 failed attempts");
+            (api, s)
+        },
+        ok,
+    )
+    .await;
+    assert_eq!(s2.clients[0].state, "Excluded");
+    assert_eq!(s2.phase, Some(Phase::Running));
+    let degraded = cond(&s2, "Degraded");
+    assert_eq!(
+        (degraded.status.as_str(), degraded.reason.as_str()),
+        ("True", "ClientsExcluded")
+    );
+    assert_eq!(cond(&s2, "Ready").status, "True");
+}
+
+#[tokio::test]
+async fn quorum_in_the_store_starts_the_aggregation_and_cancels_stragglers() {
+    let f = ft(
+        &three_clients(),
+        "  minClients: 2\n  waitAfterMinClientsSeconds: 60\n",
+    );
+    let store = Arc::new(MemoryRunStore::default());
+    store.commit(RUN_DIR, 1, "c0", NOW - 200.0);
+    store.commit(RUN_DIR, 1, "c1", NOW - 120.0);
+    let cached = vec![
+        job(1, Some("c0"), 1, JobEnd::Succeeded, NOW - 300.0),
+        job(1, Some("c1"), 1, JobEnd::Succeeded, NOW - 300.0),
+        job(1, Some("c2"), 1, JobEnd::Running, NOW - 300.0),
+    ];
+    let answer = f.clone();
+    let (_, (agg, status, note)) = scenario(
+        &f,
+        store,
+        cached,
+        |mut api| async move {
+            api.expect_spec_config_map().await;
+            let agg = api.expect_create_job("trec-agg-r1", false).await;
+            api.expect_delete_job("trec-r1-c2").await;
+            let status = api.expect_status(&answer).await;
+            api.expect_event("Aggregating").await;
+            let note = api.expect_event("StragglersCancelled").await;
+            (api, (agg, status, note))
+        },
+        ok,
+    )
+    .await;
+    let cmd = container(&agg).command.clone().unwrap_or_default();
+    assert_eq!(
+        &cmd[..2],
+        &["heterotune-trainer".to_string(), "aggregate".to_string()]
+    );
+    assert!(
+        cmd.windows(2)
+            .any(|w| w[0] == "--participants" && w[1] == "c0,c1"),
+        "{cmd:?}"
+    );
+    let labels = agg.metadata.labels.clone().unwrap_or_default();
+    assert_eq!(
+        labels.get(jobs::LABEL_ROLE).map(String::as_str),
+        Some("aggregator")
+    );
+    assert_eq!(quantity(&agg, "requests", "cpu").as_deref(), Some("1"));
+    assert_eq!(status.phase, Some(Phase::Aggregating));
+    assert_eq!(status.ready_clients, 2);
+    assert_eq!(note, "round 1: stopped trec-r1-c2");
+}
+
+#[tokio::test]
+async fn a_restart_mid_round_creates_nothing_twice() {
+    let f = ft(&three_clients(), "");
+    let store = Arc::new(MemoryRunStore::default());
+    store.commit(RUN_DIR, 1, "c1", NOW - 10.0);
+    let cached = vec![
+        job(1, Some("c0"), 1, JobEnd::Running, NOW - 50.0),
+        job(1, Some("c1"), 1, JobEnd::Succeeded, NOW - 50.0),
+        job(1, Some("c2"), 1, JobEnd::Running, NOW - 50.0),
+    ];
+    // A fresh operator (no memory, status from before it started: none):
+    // it reports what it sees and creates nothing.
+    let answer = f.clone();
+    let (_, status) = scenario(
+        &f,
+        store.clone(),
+        cached.clone(),
+        |mut api| async move {
+            let s = api.expect_status(&answer).await;
+            api.expect_event("RoundStarted").await;
+            (api, s)
+        },
+        ok,
+    )
+    .await;
+    let states: Vec<&str> = status.clients.iter().map(|c| c.state.as_str()).collect();
+    assert_eq!(states, ["Training", "Committed", "Training"]);
+    assert_eq!(status.ready_clients, 1);
+
+    // Reconciled again with that status: nothing to say, not a single request.
+    let f2 = with_status(f, status);
+    let (result, ()) = scenario(&f2, store, cached, |api| async move { (api, ()) }, ok).await;
+    assert_eq!(
+        result.expect("reconcile"),
+        Action::requeue(std::time::Duration::from_secs(30))
+    );
+}
+
+#[tokio::test]
+async fn a_restart_with_a_stale_cache_meets_already_exists_and_goes_on() {
+    // The Jobs exist in the API server but the cache has not seen them yet:
+    // the deterministic names turn the creates into 409s, not duplicates.
+    let f = ft(&three_clients(), "");
+    let answer = f.clone();
+    let (_, status) = scenario(
+        &f,
+        Arc::new(MemoryRunStore::default()),
+        vec![],
+        |mut api| async move {
+            api.expect_spec_config_map().await;
+            for c in ["c0", "c1", "c2"] {
+                api.expect_create_job(&format!("trec-r1-{c}"), true).await;
+            }
+            let s = api.expect_status(&answer).await;
+            api.expect_event("RoundStarted").await;
+            (api, s)
+        },
+        ok,
+    )
+    .await;
+    assert_eq!(status.phase, Some(Phase::Running));
+}
+
+#[tokio::test]
+async fn an_invalid_spec_is_degraded_with_field_paths_and_creates_nothing() {
+    let mut f = ft(&three_clients(), "");
+    f.spec.min_clients = Some(5);
+    f.spec.storage.uri = "file:///data/runs".into();
+    let answer = f.clone();
+    let (result, (status, note)) = scenario(
+        &f,
+        Arc::new(MemoryRunStore::default()),
+        vec![],
+        |mut api| async move {
+            let s = api.expect_status(&answer).await;
+            let note = api.expect_event("InvalidSpec").await;
+            (api, (s, note))
+        },
+        |r, ctx| {
+            let err = r.as_ref().expect_err("invalid");
+            assert_eq!(err.category(), Category::User);
+            assert_eq!(err.metric_label(), "invalid_spec");
+            let f = Arc::new(ft(&three_clients(), ""));
+            assert_eq!(error_policy(f, err, ctx.clone()), Action::await_change());
+            assert!(ctx
+                .metrics
+                .encode()
+                .contains("heterotune_reconcile_errors_total{error=\"invalid_spec\"} 1"));
+        },
+    )
+    .await;
+    let degraded = cond(&status, "Degraded");
+    assert_eq!(
+        (degraded.status.as_str(), degraded.reason.as_str()),
+        ("True", "InvalidSpec")
+    );
+    assert!(
+        degraded
+            .message
+            .contains("spec.minClients: minClients must not exceed the number of clients"),
+        "{}",
+        degraded.message
+    );
+    assert!(
+        degraded
+            .message
+            .contains("spec.storage.uri: is \"file:///data/runs\": a cluster run needs s3://"),
+        "{}",
+        degraded.message
+    );
+    assert_eq!(cond(&status, "Ready").reason, "InvalidSpec");
+    assert_eq!(status.phase, Some(Phase::Pending));
+    assert!(status.clients.is_empty());
+    assert!(note.contains("spec.minClients"));
+    assert!(result.is_err());
+}
+
+#[tokio::test]
+async fn a_client_that_fits_no_gpu_blocks_the_round_with_a_clear_condition() {
+    let clients = "    - name: small\n      model: { family: bert, uri: \"cache://models/all-MiniLM-L6-v2\" }\n    \
+                   - name: giant\n      model: { family: llama, uri: \"s3://models/llama-70b\", dtype: bfloat16, parameters: 70000000000 }\n";
+    let f = ft(clients, "");
+    let answer = f.clone();
+    let (_, status) = scenario(
+        &f,
+        Arc::new(MemoryRunStore::default()),
+        vec![],
+        |mut api| async move {
+            let s = api.expect_status(&answer).await;
+            api.expect_event("NoGpuProfileFits").await;
+            (api, s)
+        },
+        |r, _| assert_eq!(r.as_ref().expect_err("no fit").category(), Category::User),
+    )
+    .await;
+    let degraded = cond(&status, "Degraded");
+    assert_eq!(degraded.reason, "NoGpuProfileFits");
+    assert!(
+        degraded.message.starts_with("client giant needs about"),
+        "{}",
+        degraded.message
+    );
+    assert!(
+        degraded.message.contains("(a100-80gb) has 80.0 GiB"),
+        "{}",
+        degraded.message
+    );
+    assert_eq!(status.clients[1].state, "Pending");
+    assert!(status.clients[1].message.is_some());
+}
+
+#[tokio::test]
+async fn an_unavailable_store_is_degraded_and_retried_with_backoff() {
+    let f = ft(&three_clients(), "");
+    let store = Arc::new(MemoryRunStore::default());
+    store.set_unavailable(Some("connection refused"));
+    let answer = f.clone();
+    let (_, status) = scenario(
+        &f,
+        store,
+        vec![],
+        |mut api| async move {
+            let s = api.expect_status(&answer).await;
+            api.expect_event("StorageUnavailable").await;
+            (api, s)
+        },
+        |r, ctx| {
+            let err = r.as_ref().expect_err("store down");
+            assert_eq!(err.category(), Category::Transient);
+            let f = Arc::new(ft(&three_clients(), ""));
+            let secs = |a: Action| format!("{a:?}");
+            assert_eq!(
+                secs(error_policy(f.clone(), err, ctx.clone())),
+                secs(Action::requeue(std::time::Duration::from_secs(5)))
+            );
+            assert_eq!(
+                secs(error_policy(f, err, ctx.clone())),
+                secs(Action::requeue(std::time::Duration::from_secs(10)))
+            );
+        },
+    )
+    .await;
+    let degraded = cond(&status, "Degraded");
+    assert_eq!(degraded.reason, "StorageUnavailable");
+    assert!(degraded.message.contains("connection refused"));
+}
+
+#[tokio::test]
+async fn a_completed_round_is_recorded_and_the_next_one_starts() {
+    let f = ft(&three_clients(), "");
+    let store = Arc::new(MemoryRunStore::default());
+    let mut acc = std::collections::BTreeMap::new();
+    acc.insert("bert".to_string(), 0.71);
+    store.complete_round(
+        RUN_DIR,
+        RoundSummary {
+            round: 1,
+            accuracy: Some(0.71),
+            accuracy_by_family: acc,
+            bytes_uploaded: 3000,
+            duration_seconds: 0.0,
+            participants: 3,
+            rejected: [("norm_bound".to_string(), 1)].into_iter().collect(),
+        },
+        NOW - 10.0,
+    );
+    let mut cached: Vec<Job> = ["c0", "c1", "c2"]
+        .iter()
+        .map(|c| job(1, Some(c), 1, JobEnd::Succeeded, NOW - 1000.0))
+        .collect();
+    cached.push(job(1, None, 1, JobEnd::Succeeded, NOW - 100.0));
+    let mut prev = heterotune_crds::status::FederatedTuneStatus {
+        phase: Some(Phase::Aggregating),
+        round: 1,
+        start_time: Some(super::status::rfc3339(NOW - 1000.0)),
+        ..Default::default()
+    };
+    prev.clients = ["c0", "c1", "c2"]
+        .iter()
+        .map(|c| heterotune_crds::status::ClientStatus {
+            name: c.to_string(),
+            state: "Committed".into(),
+            attempts: 1,
+            last_round: None,
+            gpu_profile: Some("cpu".into()),
+            estimated_memory_bytes: None,
+            message: None,
+        })
+        .collect();
+    let f = with_status(f, prev);
+    let answer = f.clone();
+    let (_, (status, notes)) = scenario(
+        &f,
+        store,
+        cached,
+        |mut api| async move {
+            api.expect_spec_config_map().await;
+            for c in ["c0", "c1", "c2"] {
+                api.expect_create_job(&format!("trec-r2-{c}"), false).await;
+            }
+            let s = api.expect_status(&answer).await;
+            let a = api.expect_event("RoundCompleted").await;
+            let b = api.expect_event("RoundStarted").await;
+            (api, (s, vec![a, b]))
+        },
+        |_, ctx| {
+            let text = ctx.metrics.encode();
+            assert!(text.contains("heterotune_rounds_completed_total{name=\"trec\",namespace=\"default\"} 1"), "{text}");
+            assert!(text.contains("heterotune_round_duration_seconds_sum{name=\"trec\",namespace=\"default\"} 990"), "{text}");
+            assert!(text.contains("heterotune_artifacts_rejected_total{name=\"trec\",namespace=\"default\",reason=\"norm_bound\"} 1"));
+            assert!(text.contains("heterotune_accuracy{family=\"bert\",name=\"trec\",namespace=\"default\"} 0.71"));
+            assert!(text.contains("heterotune_clients{name=\"trec\",namespace=\"default\",state=\"Training\"} 3"));
+        },
+    )
+    .await;
+    assert_eq!(
+        (status.phase, status.round, status.progress.as_deref()),
+        (Some(Phase::Running), 2, Some("1/10"))
+    );
+    assert_eq!(status.history.len(), 1);
+    assert_eq!(status.history[0].duration_seconds, 990.0);
+    assert_eq!(status.last_accuracy, Some(0.71));
+    assert_eq!(status.progress_percent, Some(10.0));
+    // ETA: the round began now; 9 rounds of 990 s remain.
+    assert_eq!(
+        status.estimated_completion_time,
+        Some(super::status::rfc3339(NOW + 9.0 * 990.0))
+    );
+    assert!(status
+        .clients
+        .iter()
+        .all(|c| c.last_round == Some(1) && c.state == "Training"));
+    assert_eq!(
+        status.artifacts.and_then(|a| a.latest_global).as_deref(),
+        Some("runs/default/trec-0f1e2d3c/round-0001/global/manifest.json")
+    );
+    assert_eq!(
+        notes[0],
+        "round 1 completed with 3 participants, accuracy 0.7100"
+    );
+}
+
+#[tokio::test]
+async fn a_suspended_run_starts_nothing() {
+    let f = ft(&three_clients(), "  suspend: true\n");
+    let answer = f.clone();
+    let (result, status) = scenario(
+        &f,
+        Arc::new(MemoryRunStore::default()),
+        vec![],
+        |mut api| async move {
+            let s = api.expect_status(&answer).await;
+            api.expect_event("Suspended").await;
+            (api, s)
+        },
+        ok,
+    )
+    .await;
+    assert_eq!(result.expect("reconcile"), Action::await_change());
+    assert_eq!(status.phase, Some(Phase::Suspended));
+    assert_eq!(cond(&status, "Suspended").status, "True");
+    assert_eq!(cond(&status, "Progressing").status, "False");
+}
+
+#[tokio::test]
+async fn deletion_applies_the_retention_policy_then_removes_the_finalizer() {
+    let mut f = ft(&three_clients(), "  retention: { onDelete: delete }\n");
+    f.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        k8s_openapi::jiff::Timestamp::from_second(NOW as i64).expect("time"),
+    ));
+    let store = Arc::new(MemoryRunStore::default());
+    store.commit(RUN_DIR, 1, "c0", NOW - 5.0);
+    let answer = f.clone();
+    let (result, note) = scenario(
+        &f,
+        store.clone(),
+        vec![],
+        |mut api| async move {
+            let note = api.expect_event("ArtifactsDeleted").await;
+            api.expect_finalizer_removed(&answer).await;
+            (api, note)
+        },
+        ok,
+    )
+    .await;
+    assert_eq!(result.expect("reconcile"), Action::await_change());
+    assert_eq!(
+        store.retention_calls(),
+        vec![(RUN_DIR.to_string(), RetentionPolicy::Delete)]
+    );
+    assert_eq!(
+        note,
+        format!("retention Delete: removed 1 object(s) under {RUN_DIR}")
+    );
+
+    // With the store down the finalizer stays, and the deletion is retried.
+    store.set_unavailable(Some("timeout"));
+    let (result, ()) = scenario(
+        &f,
+        store,
+        vec![],
+        |api| async move { (api, ()) },
+        |r, _| {
+            assert_eq!(
+                r.as_ref().expect_err("store down").category(),
+                Category::Transient
+            )
+        },
+    )
+    .await;
+    assert!(result.is_err());
+}
+
+#[test]
+fn job_names_are_bounded_distinct_and_stable() {
+    assert_eq!(
+        jobs::trainer_job_name("trec", 3, 1, "site-1"),
+        "trec-r3-site-1"
+    );
+    assert_eq!(
+        jobs::trainer_job_name("trec", 3, 2, "site-1"),
+        "trec-r3a2-site-1"
+    );
+    assert_eq!(jobs::aggregation_job_name("trec", 3, 1), "trec-agg-r3");
+    assert_eq!(jobs::aggregation_job_name("trec", 3, 2), "trec-agg-r3a2");
+    // A client named like a retry suffix does not collide.
+    assert_ne!(
+        jobs::trainer_job_name("t", 1, 2, "c"),
+        jobs::trainer_job_name("t", 1, 1, "a2-c")
+    );
+    let long_ft = "a-very-long-federated-tune-name-that-goes-on-and-on-and-on-forever";
+    let client = "c".repeat(40);
+    let mut names = std::collections::BTreeSet::new();
+    for round in [1, 9999] {
+        for attempt in [1, 21] {
+            let n = jobs::trainer_job_name(long_ft, round, attempt, &client);
+            assert!(n.len() <= 63, "{n} ({})", n.len());
+            assert!(n.ends_with(&client), "{n}");
+            assert!(
+                n.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'),
+                "{n}"
+            );
+            assert!(n.starts_with(|c: char| c.is_ascii_alphanumeric()), "{n}");
+            assert_eq!(
+                n,
+                jobs::trainer_job_name(long_ft, round, attempt, &client),
+                "stable"
+            );
+            names.insert(n);
+        }
+    }
+    assert_eq!(names.len(), 4);
+    let dotted = jobs::trainer_job_name("team.trec", 1, 1, "a");
+    assert!(!dotted.contains('.') && dotted.len() <= 63, "{dotted}");
+    assert_ne!(dotted, jobs::trainer_job_name("team-trec", 1, 1, "a"));
+}

@@ -1,0 +1,483 @@
+//! The run report: `report.json`, `report.md` and PNG plots, rewritten after
+//! every round from the manifests in the store.
+//!
+//! Accuracy is each client's accuracy on the common global test set after
+//! its local training in that round (its family parts and head as they are
+//! after training, the shared part from the last global state), averaged
+//! per family and overall.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// One client's figures in one round.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientRecord {
+    pub name: String,
+    pub family: String,
+    pub test_accuracy: f64,
+    pub test_macro_f1: f64,
+    pub validation_accuracy: f64,
+    pub train_loss: f64,
+    pub steps_per_second: f64,
+    pub train_seconds: f64,
+    pub peak_rss_bytes: f64,
+    pub bytes_uploaded: u64,
+}
+
+/// One completed round.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RoundRecord {
+    pub round: u32,
+    pub duration_seconds: f64,
+    pub aggregation_seconds: f64,
+    pub participants: Vec<String>,
+    pub excluded: Vec<String>,
+    pub clients: Vec<ClientRecord>,
+    pub accuracy: f64,
+    pub macro_f1: f64,
+    pub accuracy_by_family: BTreeMap<String, f64>,
+    pub bytes_uploaded: u64,
+    pub bytes_downloaded: u64,
+    /// The aggregator's statistics (cosines, conflicts, rejects).
+    #[serde(default)]
+    pub aggregation: serde_json::Value,
+}
+
+/// A model family in the run.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct FamilyInfo {
+    pub key: String,
+    pub architecture: String,
+    pub model_uri: String,
+    pub clients: Vec<String>,
+    pub num_layers: u64,
+    pub hidden_size: u64,
+    pub parameters: u64,
+    /// What full-model FedAvg would upload per client per round (bf16).
+    pub full_model_bytes: u64,
+    /// What LoRA (rank r on query and value, bf16) FedAvg would upload.
+    pub lora_bytes: u64,
+}
+
+/// The whole report.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Report {
+    pub run: String,
+    pub name: String,
+    pub algorithm: String,
+    pub rounds_planned: u32,
+    pub dataset: String,
+    pub labels: Vec<String>,
+    pub partition: String,
+    pub seeds: BTreeMap<String, u64>,
+    pub families: Vec<FamilyInfo>,
+    pub rounds: Vec<RoundRecord>,
+    pub total_seconds: f64,
+    pub status: String,
+}
+
+impl Report {
+    /// Full-model FedAvg and LoRA FedAvg bytes per round over all clients.
+    pub fn reference_bytes(&self) -> (u64, u64) {
+        let mut full = 0;
+        let mut lora = 0;
+        for f in &self.families {
+            full += f.full_model_bytes * f.clients.len() as u64;
+            lora += f.lora_bytes * f.clients.len() as u64;
+        }
+        (full, lora)
+    }
+
+    /// Writes report.json, report.md, accuracy.png and bytes.png into `dir`.
+    /// Plots that cannot be drawn (no font) are reported in the markdown.
+    pub fn write(&self, dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+        std::fs::create_dir_all(dir)?;
+        let json = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
+        let mut written = Vec::new();
+        let path = dir.join("report.json");
+        std::fs::write(&path, json)?;
+        written.push(path);
+        let mut plot_notes = Vec::new();
+        for (file, result) in [
+            (
+                "accuracy.png",
+                plot_accuracy(self, &dir.join("accuracy.png")),
+            ),
+            ("bytes.png", plot_bytes(self, &dir.join("bytes.png"))),
+        ] {
+            match result {
+                Ok(()) => written.push(dir.join(file)),
+                Err(e) => plot_notes.push(format!("{file} could not be drawn: {e}")),
+            }
+        }
+        let path = dir.join("report.md");
+        std::fs::write(&path, self.markdown(&plot_notes))?;
+        written.push(path);
+        Ok(written)
+    }
+
+    /// The markdown report.
+    pub fn markdown(&self, plot_notes: &[String]) -> String {
+        let mut md = String::new();
+        md.push_str(&format!("# HeteroTune run `{}`\n\n", self.name));
+        md.push_str(&format!(
+            "Status: **{}** — {} of {} rounds, algorithm `{}`, {:.0} s in all.\n\n",
+            self.status,
+            self.rounds.len(),
+            self.rounds_planned,
+            self.algorithm,
+            self.total_seconds
+        ));
+        md.push_str(&format!(
+            "Data: `{}`, labels {}, partition {}; seeds {}.\n\n",
+            self.dataset,
+            self.labels.join(", "),
+            self.partition,
+            self.seeds
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        md.push_str("## Models\n\n| family | architecture | model | layers | hidden | parameters | clients | full-model FedAvg upload | LoRA FedAvg upload |\n|---|---|---|---|---|---|---|---|---|\n");
+        for f in &self.families {
+            md.push_str(&format!(
+                "| {} | {} | `{}` | {} | {} | {:.1} M | {} | {} | {} |\n",
+                f.key,
+                f.architecture,
+                f.model_uri,
+                f.num_layers,
+                f.hidden_size,
+                f.parameters as f64 / 1e6,
+                f.clients.join(", "),
+                human_bytes(f.full_model_bytes),
+                human_bytes(f.lora_bytes)
+            ));
+        }
+        md.push_str("\n## Rounds\n\nAccuracy: mean over clients of the global-test accuracy after local training.\n\n| round | accuracy | macro-F1 |");
+        for f in &self.families {
+            md.push_str(&format!(" {} |", f.key));
+        }
+        md.push_str(" participants | uploaded | round time | aggregation |\n|---|---|---|");
+        for _ in &self.families {
+            md.push_str("---|");
+        }
+        md.push_str("---|---|---|---|\n");
+        for r in &self.rounds {
+            md.push_str(&format!(
+                "| {} | {:.3} | {:.3} |",
+                r.round, r.accuracy, r.macro_f1
+            ));
+            for f in &self.families {
+                match r.accuracy_by_family.get(&f.key) {
+                    Some(a) => md.push_str(&format!(" {a:.3} |")),
+                    None => md.push_str(" – |"),
+                }
+            }
+            md.push_str(&format!(
+                " {} | {} | {:.1} s | {:.2} s |\n",
+                r.participants.len(),
+                human_bytes(r.bytes_uploaded),
+                r.duration_seconds,
+                r.aggregation_seconds
+            ));
+        }
+        let (full, lora) = self.reference_bytes();
+        if let Some(last) = self.rounds.last() {
+            md.push_str(&format!(
+                "\nBytes uploaded per round: {} (this run) vs {} for full-model FedAvg and {} for LoRA FedAvg on the same clients ({:.2} % and {:.1} % of them).\n",
+                human_bytes(last.bytes_uploaded),
+                human_bytes(full),
+                human_bytes(lora),
+                100.0 * last.bytes_uploaded as f64 / full.max(1) as f64,
+                100.0 * last.bytes_uploaded as f64 / lora.max(1) as f64
+            ));
+            md.push_str("\n## Clients in the last round\n\n| client | family | test acc | test macro-F1 | val acc | loss | steps/s | train time | peak RSS | upload |\n|---|---|---|---|---|---|---|---|---|---|\n");
+            for c in &last.clients {
+                md.push_str(&format!(
+                    "| {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.1} | {:.1} s | {:.0} MiB | {} |\n",
+                    c.name,
+                    c.family,
+                    c.test_accuracy,
+                    c.test_macro_f1,
+                    c.validation_accuracy,
+                    c.train_loss,
+                    c.steps_per_second,
+                    c.train_seconds,
+                    c.peak_rss_bytes / (1024.0 * 1024.0),
+                    human_bytes(c.bytes_uploaded)
+                ));
+            }
+            if !last.excluded.is_empty() {
+                md.push_str(&format!(
+                    "\nExcluded in the last round: {}.\n",
+                    last.excluded.join(", ")
+                ));
+            }
+        }
+        md.push_str("\n![accuracy](accuracy.png)\n\n![bytes](bytes.png)\n");
+        for note in plot_notes {
+            md.push_str(&format!("\nNote: {note}\n"));
+        }
+        md
+    }
+}
+
+/// `1.2 MB`-style sizes (decimal units, as bandwidth is counted).
+pub fn human_bytes(b: u64) -> String {
+    let b = b as f64;
+    if b >= 1e9 {
+        format!("{:.2} GB", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.1} MB", b / 1e6)
+    } else if b >= 1e3 {
+        format!("{:.1} KB", b / 1e3)
+    } else {
+        format!("{b:.0} B")
+    }
+}
+
+const FONT_PATHS: &[&str] = &[
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+];
+
+fn ensure_font() -> Result<(), String> {
+    use std::sync::OnceLock;
+    static REGISTERED: OnceLock<Result<(), String>> = OnceLock::new();
+    REGISTERED
+        .get_or_init(|| {
+            for path in FONT_PATHS {
+                if let Ok(bytes) = std::fs::read(path) {
+                    let leaked: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+                    return plotters::style::register_font(
+                        "sans-serif",
+                        plotters::style::FontStyle::Normal,
+                        leaked,
+                    )
+                    .map_err(|_| format!("{path} is not a usable font"));
+                }
+            }
+            Err(format!(
+                "no font found (looked for {}); install fonts-dejavu-core",
+                FONT_PATHS.join(", ")
+            ))
+        })
+        .clone()
+}
+
+const COLORS: &[plotters::style::RGBColor] = &[
+    plotters::style::RGBColor(31, 119, 180),
+    plotters::style::RGBColor(255, 127, 14),
+    plotters::style::RGBColor(44, 160, 44),
+    plotters::style::RGBColor(214, 39, 40),
+    plotters::style::RGBColor(148, 103, 189),
+    plotters::style::RGBColor(140, 86, 75),
+];
+
+fn plot_accuracy(report: &Report, file: &Path) -> Result<(), String> {
+    use plotters::prelude::*;
+    ensure_font()?;
+    let rounds = report.rounds.len().max(1) as u32;
+    let root = BitMapBackend::new(file, (900, 540)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("Global-test accuracy per round", ("sans-serif", 24))
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(56)
+        .build_cartesian_2d(1u32..rounds.max(2), 0f64..1f64)
+        .map_err(|e| e.to_string())?;
+    chart
+        .configure_mesh()
+        .x_desc("round")
+        .y_desc("accuracy")
+        .draw()
+        .map_err(|e| e.to_string())?;
+    let mut series: Vec<(String, Vec<(u32, f64)>)> = report
+        .families
+        .iter()
+        .map(|f| {
+            let points = report
+                .rounds
+                .iter()
+                .filter_map(|r| r.accuracy_by_family.get(&f.key).map(|a| (r.round, *a)))
+                .filter(|(_, a)| a.is_finite())
+                .collect();
+            (f.key.clone(), points)
+        })
+        .collect();
+    series.push((
+        "overall".into(),
+        report
+            .rounds
+            .iter()
+            .map(|r| (r.round, r.accuracy))
+            .filter(|(_, a)| a.is_finite())
+            .collect(),
+    ));
+    for (i, (name, points)) in series.into_iter().enumerate() {
+        let color = if name == "overall" {
+            BLACK
+        } else {
+            COLORS[i % COLORS.len()]
+        };
+        chart
+            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
+            .map_err(|e| e.to_string())?
+            .label(name)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+        chart
+            .draw_series(
+                points
+                    .into_iter()
+                    .map(|p| Circle::new(p, 3, color.filled())),
+            )
+            .map_err(|e| e.to_string())?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()
+        .map_err(|e| e.to_string())?;
+    root.present().map_err(|e| e.to_string())
+}
+
+fn plot_bytes(report: &Report, file: &Path) -> Result<(), String> {
+    use plotters::prelude::*;
+    ensure_font()?;
+    let rounds = report.rounds.len().max(1) as u32;
+    let (full, lora) = report.reference_bytes();
+    let ours: Vec<(u32, f64)> = report
+        .rounds
+        .iter()
+        .filter(|r| r.bytes_uploaded > 0)
+        .map(|r| (r.round, r.bytes_uploaded as f64))
+        .collect();
+    let top = (full.max(lora).max(1) as f64) * 4.0;
+    let bottom = ours.iter().map(|p| p.1).fold(top, f64::min) / 4.0;
+    let root = BitMapBackend::new(file, (900, 540)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("Bytes uploaded per round (all clients)", ("sans-serif", 24))
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(80)
+        .build_cartesian_2d(1u32..rounds.max(2), (bottom.max(1.0)..top).log_scale())
+        .map_err(|e| e.to_string())?;
+    chart
+        .configure_mesh()
+        .x_desc("round")
+        .y_desc("bytes")
+        .y_label_formatter(&|v| human_bytes(*v as u64))
+        .draw()
+        .map_err(|e| e.to_string())?;
+    let lines = [
+        ("this run", ours, COLORS[0]),
+        (
+            "full-model FedAvg",
+            vec![(1, full as f64), (rounds.max(2), full as f64)],
+            COLORS[3],
+        ),
+        (
+            "LoRA FedAvg (r=8, q/v)",
+            vec![(1, lora as f64), (rounds.max(2), lora as f64)],
+            COLORS[1],
+        ),
+    ];
+    for (name, points, color) in lines {
+        chart
+            .draw_series(LineSeries::new(points, color.stroke_width(2)))
+            .map_err(|e| e.to_string())?
+            .label(name)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::MiddleRight)
+        .draw()
+        .map_err(|e| e.to_string())?;
+    root.present().map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Report {
+        let rounds = (1..=3)
+            .map(|r| RoundRecord {
+                round: r,
+                duration_seconds: 2.0,
+                aggregation_seconds: 0.01,
+                participants: vec!["a".into(), "b".into()],
+                excluded: vec![],
+                clients: vec![],
+                accuracy: 0.5 + 0.1 * r as f64,
+                macro_f1: 0.4,
+                accuracy_by_family: [("bert-l6".to_string(), 0.6 + 0.05 * r as f64)]
+                    .into_iter()
+                    .collect(),
+                bytes_uploaded: 90_000,
+                bytes_downloaded: 90_000,
+                aggregation: serde_json::Value::Null,
+            })
+            .collect();
+        Report {
+            name: "t".into(),
+            algorithm: "cmga".into(),
+            rounds_planned: 3,
+            families: vec![FamilyInfo {
+                key: "bert-l6".into(),
+                architecture: "bert".into(),
+                model_uri: "cache://models/x".into(),
+                clients: vec!["a".into(), "b".into()],
+                num_layers: 6,
+                hidden_size: 384,
+                parameters: 22_000_000,
+                full_model_bytes: 88_000_000,
+                lora_bytes: 147_000,
+            }],
+            rounds,
+            status: "Succeeded".into(),
+            ..Report::default()
+        }
+    }
+
+    #[test]
+    fn writes_json_markdown_and_plots() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let report = sample();
+        let files = report.write(dir.path()).expect("write");
+        let md = std::fs::read_to_string(dir.path().join("report.md")).expect("md");
+        assert!(md.contains("| 3 | 0.800 |"), "{md}");
+        assert!(md.contains("176.0 MB for full-model FedAvg"), "{md}");
+        let back: Report =
+            serde_json::from_slice(&std::fs::read(dir.path().join("report.json")).expect("json"))
+                .expect("parse");
+        assert_eq!(back, report);
+        if ensure_font().is_ok() {
+            for png in ["accuracy.png", "bytes.png"] {
+                let bytes = std::fs::read(dir.path().join(png)).expect("png written");
+                assert_eq!(&bytes[1..4], b"PNG");
+            }
+            assert_eq!(files.len(), 4);
+        } else {
+            assert!(md.contains("could not be drawn"));
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! Local `heterotune-trainer` processes: init, train (one per client, in the
+//! background) and aggregate.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use tokio::sync::{mpsc, oneshot};
+
+/// How to invoke the trainer binary.
+#[derive(Debug, Clone)]
+pub struct TrainerCommand {
+    /// The `heterotune-trainer` binary.
+    pub binary: PathBuf,
+    /// The validated spec (JSON, defaults applied).
+    pub spec: PathBuf,
+    /// libtorch threads per process.
+    pub threads: usize,
+    /// The run directory (written into manifests; checked by the aggregator).
+    pub run: String,
+}
+
+/// A client's local folders for one round.
+#[derive(Debug, Clone)]
+pub struct ClientDirs {
+    /// Where the trainer writes the artifact before it is uploaded.
+    pub out: PathBuf,
+    /// The private state after the previous round (absent in round 1).
+    pub state_in: Option<PathBuf>,
+    /// The private state after this round.
+    pub state_out: PathBuf,
+    /// Frozen-prefix caches, shared by every client of the run (fingerprinted).
+    pub cache: PathBuf,
+    /// The trainer's log of this attempt.
+    pub log: PathBuf,
+}
+
+impl ClientDirs {
+    /// The folders of `client` in `round` under the run's work folder.
+    pub fn new(work: &Path, client: &str, round: u32) -> Self {
+        let base = work.join("clients").join(client);
+        let previous = base.join(format!(
+            "state/round-{:04}.safetensors",
+            round.saturating_sub(1)
+        ));
+        ClientDirs {
+            out: base.join(format!("round-{round:04}")),
+            state_in: previous.is_file().then_some(previous),
+            state_out: base.join(format!("state/round-{round:04}.safetensors")),
+            cache: work.join("prefix-cache"),
+            log: base.join(format!("round-{round:04}.log")),
+        }
+    }
+}
+
+/// A finished trainer process.
+#[derive(Debug)]
+pub struct ClientExit {
+    pub client: String,
+    pub round: u32,
+    pub ok: bool,
+    pub out_dir: PathBuf,
+    /// A one-line summary (metrics on success, the error's last lines on failure).
+    pub summary: String,
+}
+
+/// Running trainers, by client; dropping or killing one stops its process.
+#[derive(Default)]
+pub struct Children {
+    running: BTreeMap<String, oneshot::Sender<()>>,
+}
+
+impl Children {
+    pub fn len(&self) -> usize {
+        self.running.len()
+    }
+    pub fn insert(&mut self, client: String, cancel: oneshot::Sender<()>) {
+        self.running.insert(client, cancel);
+    }
+    pub fn remove(&mut self, client: &str) {
+        self.running.remove(client);
+    }
+    pub fn kill(&mut self, client: &str) {
+        if let Some(cancel) = self.running.remove(client) {
+            let _ = cancel.send(());
+        }
+    }
+    pub fn kill_all(&mut self) {
+        let names: Vec<String> = self.running.keys().cloned().collect();
+        for n in names {
+            self.kill(&n);
+        }
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    all[all.len().saturating_sub(lines)..].join(" | ")
+}
+
+async fn run_to_end(mut cmd: tokio::process::Command, what: &str) -> Result<String, String> {
+    let out = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|e| format!("{what}: cannot start the trainer: {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if out.status.success() {
+        Ok(stdout)
+    } else {
+        Err(format!(
+            "{what} failed ({}): {}",
+            out.status,
+            tail(&String::from_utf8_lossy(&out.stderr), 3)
+        ))
+    }
+}
+
+impl TrainerCommand {
+    fn command(&self, sub: &str) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(&self.binary);
+        cmd.arg(sub).arg("--spec").arg(&self.spec);
+        cmd
+    }
+
+    /// Writes the round-0 global artifact into `out`.
+    pub async fn init(&self, out: &Path) -> Result<(), String> {
+        let mut cmd = self.command("init");
+        cmd.arg("--out").arg(out).arg("--run").arg(&self.run);
+        run_to_end(cmd, "initialising the global state")
+            .await
+            .map(|_| ())
+    }
+
+    /// Aggregates `round` from the artifacts staged under `run_dir`.
+    pub async fn aggregate(
+        &self,
+        run_dir: &Path,
+        round: u32,
+        previous: &Path,
+        out: &Path,
+    ) -> Result<(), String> {
+        let mut cmd = self.command("aggregate");
+        cmd.arg("--run-dir")
+            .arg(run_dir)
+            .arg("--run")
+            .arg(&self.run)
+            .arg("--round")
+            .arg(round.to_string())
+            .arg("--previous-global")
+            .arg(previous)
+            .arg("--out")
+            .arg(out);
+        run_to_end(cmd, &format!("aggregating round {round}"))
+            .await
+            .map(|_| ())
+    }
+
+    /// Starts training `client` for `round` in the background; its exit is
+    /// sent on `tx`. Returns the handle that cancels it.
+    pub fn spawn_train(
+        &self,
+        client: &str,
+        round: u32,
+        attempt: u32,
+        global: &Path,
+        dirs: &ClientDirs,
+        tx: mpsc::UnboundedSender<ClientExit>,
+    ) -> Result<oneshot::Sender<()>, String> {
+        let _ = std::fs::remove_dir_all(&dirs.out);
+        if let Some(parent) = dirs.state_out.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+        }
+        let mut cmd = self.command("train");
+        cmd.arg("--client")
+            .arg(client)
+            .arg("--round")
+            .arg(round.to_string())
+            .arg("--threads")
+            .arg(self.threads.to_string())
+            .arg("--device")
+            .arg("cpu")
+            .arg("--global")
+            .arg(global)
+            .arg("--state-out")
+            .arg(&dirs.state_out)
+            .arg("--cache-dir")
+            .arg(&dirs.cache)
+            .arg("--out")
+            .arg(&dirs.out)
+            .arg("--run")
+            .arg(&self.run);
+        if let Some(state_in) = &dirs.state_in {
+            cmd.arg("--state-in").arg(state_in);
+        }
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", self.binary.display()))?;
+        let (cancel_tx, cancel_rx) = oneshot::channel::<()>();
+        let client = client.to_string();
+        let out_dir = dirs.out.clone();
+        let log = dirs.log.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                output = child.wait_with_output() => {
+                    let (ok, summary) = match output {
+                        Ok(out) => {
+                            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+                            let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+                            let _ = std::fs::write(&log, format!("attempt {attempt}\n{stdout}\n{stderr}"));
+                            if out.status.success() {
+                                (true, stdout)
+                            } else {
+                                (false, format!("exit {}: {}", out.status, tail(&stderr, 3)))
+                            }
+                        }
+                        Err(e) => (false, format!("trainer process error: {e}")),
+                    };
+                    let _ = tx.send(ClientExit { client, round, ok, out_dir, summary });
+                }
+                _ = cancel_rx => {
+                    // Dropping the child kills it (kill_on_drop); a cancelled
+                    // trainer is not a failure and reports nothing.
+                }
+            }
+        });
+        Ok(cancel_tx)
+    }
+}

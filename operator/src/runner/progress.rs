@@ -1,0 +1,136 @@
+//! Progress: bars and a live summary for people, log events for machines.
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::report::{human_bytes, Report};
+
+/// Progress display of a run.
+pub struct Progress {
+    json: bool,
+    multi: MultiProgress,
+    rounds: ProgressBar,
+    clients: ProgressBar,
+}
+
+impl Progress {
+    /// Bars for `rounds` rounds of `clients` clients (hidden with `json`).
+    pub fn new(json: bool, rounds: u32, clients: usize) -> Self {
+        let multi = MultiProgress::new();
+        if json {
+            multi.set_draw_target(ProgressDrawTarget::hidden());
+        }
+        let style = ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
+        let rounds_bar = multi.add(ProgressBar::new(u64::from(rounds)));
+        rounds_bar.set_style(style.clone());
+        rounds_bar.set_prefix("rounds");
+        let clients_bar = multi.add(ProgressBar::new(clients as u64));
+        clients_bar.set_style(style);
+        clients_bar.set_prefix("clients");
+        Progress {
+            json,
+            multi,
+            rounds: rounds_bar,
+            clients: clients_bar,
+        }
+    }
+
+    fn line(&self, text: &str) {
+        if self.json {
+            tracing::info!(target: "heterotune::run", "{text}");
+        } else if self.multi.is_hidden() {
+            // Not a terminal (a log file, CI): plain lines.
+            println!("{text}");
+        } else {
+            let _ = self.multi.println(text);
+        }
+    }
+
+    /// A round begins.
+    pub fn start_round(&self, round: u32) {
+        self.rounds.set_position(u64::from(round.saturating_sub(1)));
+        self.clients.set_position(0);
+        self.clients.set_message("training");
+        if self.json {
+            tracing::info!(round, "round started");
+        }
+    }
+
+    /// Committed and running clients in the current round.
+    pub fn clients(&self, committed: u32, running: u32) {
+        self.clients.set_position(u64::from(committed));
+        self.clients.set_message(format!("{running} training"));
+    }
+
+    /// A client committed its artifact.
+    pub fn client_done(&self, client: &str, trainer_stdout: &str) {
+        let summary = trainer_stdout
+            .lines()
+            .find(|l| l.contains("validation accuracy"))
+            .map(str::trim)
+            .unwrap_or("done");
+        if self.json {
+            tracing::info!(client, summary, "client committed");
+        } else {
+            self.line(&format!("  {client}: {summary}"));
+        }
+    }
+
+    /// The round is being aggregated.
+    pub fn aggregating(&self, round: u32, participants: usize) {
+        self.clients.set_message(format!(
+            "aggregating round {round} over {participants} clients"
+        ));
+        if self.json {
+            tracing::info!(round, participants, "aggregating");
+        }
+    }
+
+    /// A round completed: the live summary.
+    pub fn round_done(&self, report: &Report) {
+        let Some(r) = report.rounds.last() else {
+            return;
+        };
+        self.rounds.set_position(u64::from(r.round));
+        let families: Vec<String> = r
+            .accuracy_by_family
+            .iter()
+            .map(|(k, v)| format!("{} {v:.3}", k.split('.').next().unwrap_or(k)))
+            .collect();
+        if self.json {
+            tracing::info!(
+                round = r.round,
+                accuracy = r.accuracy,
+                bytes_uploaded = r.bytes_uploaded,
+                seconds = r.duration_seconds,
+                "round complete"
+            );
+        } else {
+            self.line(&format!(
+                "round {}: accuracy {:.3} ({}), {} uploaded, {:.1} s",
+                r.round,
+                r.accuracy,
+                families.join(", "),
+                human_bytes(r.bytes_uploaded),
+                r.duration_seconds
+            ));
+        }
+    }
+
+    /// Something worth telling (retries, exclusions, failures).
+    pub fn note(&self, text: &str) {
+        if self.json {
+            tracing::warn!(target: "heterotune::run", "{text}");
+        } else {
+            self.line(text);
+        }
+    }
+
+    /// The run finished.
+    pub fn finish(&self, report: &Report) {
+        self.rounds.finish();
+        self.clients.finish_and_clear();
+        let _ = report;
+    }
+}

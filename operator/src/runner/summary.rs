@@ -1,0 +1,254 @@
+//! Building the run report from the manifests in the store.
+
+use std::collections::BTreeMap;
+
+use heterotune_crds::layout::RunLayout;
+use heterotune_crds::manifest::ArtifactManifest;
+use heterotune_crds::spec::FederatedTuneSpec;
+use heterotune_crds::uri::{self, Location};
+use heterotune_crds::FederatedTune;
+use sha2::{Digest, Sha256};
+
+use crate::report::{ClientRecord, FamilyInfo, Report, RoundRecord};
+use crate::store::{Store, StoreError};
+
+/// Hex SHA-256.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+fn config_number(config: &serde_json::Value, key: &str) -> u64 {
+    config.get(key).and_then(|v| v.as_u64()).unwrap_or(0)
+}
+
+/// Parameter count of a checkpoint from its safetensors header (no weights read).
+fn parameters_of(dir: &std::path::Path) -> u64 {
+    let file = dir.join("model.safetensors");
+    let Ok(mut f) = std::fs::File::open(&file) else {
+        return 0;
+    };
+    use std::io::Read;
+    let mut len = [0u8; 8];
+    if f.read_exact(&mut len).is_err() {
+        return 0;
+    }
+    let n = u64::from_le_bytes(len);
+    if n > 100 * 1024 * 1024 {
+        return 0;
+    }
+    let mut header = vec![0u8; n as usize];
+    if f.read_exact(&mut header).is_err() {
+        return 0;
+    }
+    let Ok(json) = serde_json::from_slice::<serde_json::Value>(&header) else {
+        return 0;
+    };
+    json.as_object()
+        .map(|m| {
+            m.iter()
+                .filter(|(k, _)| *k != "__metadata__")
+                .filter_map(|(_, v)| v.get("shape").and_then(|s| s.as_array()))
+                .map(|shape| shape.iter().filter_map(|d| d.as_u64()).product::<u64>())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// The report skeleton: the run, its data and its model families.
+pub fn new_report(ft: &FederatedTune, run: &str) -> Report {
+    let spec = &ft.spec;
+    let mut families: BTreeMap<String, FamilyInfo> = BTreeMap::new();
+    for (i, c) in spec.clients.iter().enumerate() {
+        let key = spec.family_key(i);
+        let entry = families.entry(key.clone()).or_insert_with(|| {
+            let (layers, hidden, params) = match uri::resolve(&c.model.uri) {
+                Ok(Location::Local(dir)) => {
+                    let config: serde_json::Value =
+                        std::fs::read_to_string(dir.join("config.json"))
+                            .ok()
+                            .and_then(|t| serde_json::from_str(&t).ok())
+                            .unwrap_or_default();
+                    (
+                        config_number(&config, "num_hidden_layers"),
+                        config_number(&config, "hidden_size"),
+                        parameters_of(&dir),
+                    )
+                }
+                _ => (0, 0, c.model.parameters.unwrap_or(0)),
+            };
+            let rank = u64::from(spec.adapter.rank);
+            FamilyInfo {
+                key: key.clone(),
+                architecture: c.model.family.as_str().to_string(),
+                model_uri: c.model.uri.clone(),
+                clients: Vec::new(),
+                num_layers: layers,
+                hidden_size: hidden,
+                parameters: params,
+                // Both references in bf16, as this run's uploads are.
+                full_model_bytes: params * 2,
+                // LoRA on query and value of every layer: A [r, d] + B [d, r] each.
+                lora_bytes: layers * 2 * 2 * rank * hidden * 2,
+            }
+        });
+        entry.clients.push(c.name.clone());
+    }
+    let mut seeds = BTreeMap::new();
+    seeds.insert("split".to_string(), spec.task.splits.seed);
+    seeds.insert("partition".to_string(), spec.task.partition.seed);
+    seeds.insert("training".to_string(), spec.training.seed);
+    Report {
+        run: run.to_string(),
+        name: ft.metadata.name.clone().unwrap_or_default(),
+        algorithm: spec.aggregation.algorithm.as_str().to_string(),
+        rounds_planned: spec.rounds,
+        dataset: spec.task.dataset.uri.clone(),
+        labels: spec.task.labels.clone(),
+        partition: match spec.task.partition.strategy {
+            heterotune_crds::spec::PartitionStrategy::Dirichlet => {
+                format!("Dirichlet(α={})", spec.task.partition.alpha)
+            }
+            heterotune_crds::spec::PartitionStrategy::Iid => "IID".to_string(),
+            heterotune_crds::spec::PartitionStrategy::Shards => "client shards".to_string(),
+        },
+        seeds,
+        families: families.into_values().collect(),
+        rounds: Vec::new(),
+        total_seconds: 0.0,
+        status: "Running".into(),
+    }
+}
+
+async fn manifest(store: &Store, key: &str) -> Result<Option<ArtifactManifest>, StoreError> {
+    Ok(store
+        .get(key)
+        .await?
+        .and_then(|b| serde_json::from_slice(&b).ok()))
+}
+
+/// Adds round `round` to the report from the store's manifests.
+pub async fn record_round(
+    store: &Store,
+    layout: &RunLayout,
+    spec: &FederatedTuneSpec,
+    round: u32,
+    duration: f64,
+    excluded: &[String],
+    report: &mut Report,
+) -> Result<(), StoreError> {
+    let global = manifest(store, &layout.global_manifest(round)).await?;
+    let participants: Vec<String> = global
+        .as_ref()
+        .and_then(|g| g.stats.get("participants"))
+        .and_then(|p| p.as_array())
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| {
+                    v.as_str()
+                        .or_else(|| v.get("client").and_then(|c| c.as_str()))
+                })
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut clients = Vec::new();
+    for c in &spec.clients {
+        if !participants.is_empty() && !participants.contains(&c.name) {
+            continue;
+        }
+        let Some(m) = manifest(store, &layout.client_manifest(round, &c.name)).await? else {
+            continue;
+        };
+        let metric = |k: &str| m.metrics.get(k).copied().unwrap_or(f64::NAN);
+        clients.push(ClientRecord {
+            name: c.name.clone(),
+            family: m.family.clone().unwrap_or_default(),
+            test_accuracy: metric("test_accuracy"),
+            test_macro_f1: metric("test_macro_f1"),
+            validation_accuracy: metric("accuracy"),
+            train_loss: metric("mean_train_loss"),
+            steps_per_second: metric("steps_per_second"),
+            train_seconds: metric("train_seconds"),
+            peak_rss_bytes: metric("peak_rss_bytes"),
+            bytes_uploaded: m.artifact.bytes,
+        });
+    }
+    let mean = |xs: &[f64]| {
+        if xs.is_empty() {
+            f64::NAN
+        } else {
+            xs.iter().sum::<f64>() / xs.len() as f64
+        }
+    };
+    let mut by_family: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for c in &clients {
+        by_family
+            .entry(c.family.clone())
+            .or_default()
+            .push(c.test_accuracy);
+    }
+    let accuracy = mean(&clients.iter().map(|c| c.test_accuracy).collect::<Vec<_>>());
+    let macro_f1 = mean(&clients.iter().map(|c| c.test_macro_f1).collect::<Vec<_>>());
+    let bytes_uploaded = clients.iter().map(|c| c.bytes_uploaded).sum();
+    let global_bytes = global.as_ref().map(|g| g.artifact.bytes).unwrap_or(0);
+    let record = RoundRecord {
+        round,
+        duration_seconds: duration,
+        aggregation_seconds: report
+            .rounds
+            .iter()
+            .find(|r| r.round == round)
+            .map(|r| r.aggregation_seconds)
+            .unwrap_or(0.0),
+        participants: clients.iter().map(|c| c.name.clone()).collect(),
+        excluded: excluded.to_vec(),
+        accuracy,
+        macro_f1,
+        accuracy_by_family: by_family.into_iter().map(|(k, v)| (k, mean(&v))).collect(),
+        bytes_uploaded,
+        bytes_downloaded: global_bytes * clients.len() as u64,
+        clients,
+        aggregation: global.map(|g| g.stats).unwrap_or_default(),
+    };
+    report.rounds.retain(|r| r.round != round);
+    report.rounds.push(record);
+    report.rounds.sort_by_key(|r| r.round);
+    Ok(())
+}
+
+/// Records the aggregation time of `round` (before the round's record exists).
+pub fn note_aggregation(report: &mut Report, round: u32, seconds: f64) {
+    if let Some(r) = report.rounds.iter_mut().find(|r| r.round == round) {
+        r.aggregation_seconds = seconds;
+    } else {
+        report.rounds.push(RoundRecord {
+            round,
+            duration_seconds: 0.0,
+            aggregation_seconds: seconds,
+            participants: Vec::new(),
+            excluded: Vec::new(),
+            clients: Vec::new(),
+            accuracy: f64::NAN,
+            macro_f1: f64::NAN,
+            accuracy_by_family: BTreeMap::new(),
+            bytes_uploaded: 0,
+            bytes_downloaded: 0,
+            aggregation: serde_json::Value::Null,
+        });
+    }
+}
+
+/// Rebuilds every round's record from the store (a resumed, finished run).
+pub async fn rebuild_from_store(
+    store: &Store,
+    layout: &RunLayout,
+    spec: &FederatedTuneSpec,
+    report: &mut Report,
+) -> Result<(), StoreError> {
+    for round in 1..=spec.rounds {
+        if store.exists(&layout.global_manifest(round)).await? {
+            record_round(store, layout, spec, round, f64::NAN, &[], report).await?;
+        }
+    }
+    Ok(())
+}

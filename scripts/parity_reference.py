@@ -1,0 +1,162 @@
+#!/usr/bin/env python3
+"""Reference activations from Hugging Face transformers, for the Rust parity test.
+
+Usage: parity_reference.py MODEL_DIR OUT.safetensors [--max-len N]
+
+Runs the model in MODEL_DIR (config.json + model.safetensors + tokenizer.json)
+with transformers (BertModel or LlamaForCausalLM, float32, eval mode, 2 CPU
+threads) on a fixed batch of real questions (TREC), tokenised by HF's own
+tokenizer with right padding, and writes OUT.safetensors with:
+
+  input_ids, attention_mask        [B, T] int64, as HF's tokenizer made them
+  hidden.0                         embeddings output           [B, T, H] f32
+  hidden.{i}  (i = 1..L)           output of layer i-1         [B, T, H] f32
+  final_norm                       LLaMA only: model.norm(hidden.L)
+  logits                           LLaMA only: [B, T, V] f32
+  greedy_ids                       LLaMA only: prompt + 4 greedy tokens [1, P+4]
+  short.input_ids, short.attention_mask   the same texts truncated to 12 tokens
+
+Hidden states and logits are zeroed at padded positions. The metadata holds
+the texts (JSON list), the greedy prompt, max_len and the family, so the Rust
+test tokenises exactly the same strings.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+from safetensors.torch import save_file
+
+# Real questions from the TREC question-classification set (Li & Roth),
+# chosen for varied lengths and characters.
+TEXTS = [
+    "What is the capital of Yugoslavia ?",
+    "How far is it from Denver to Aspen ?",
+    "Who was the first woman killed in the Vietnam War ?",
+    "What does the abbreviation AIDS stand for ?",
+    "When did Hawaii become a state ?",
+    "What is the name of the chocolate company in San Francisco ?",
+    "How many Grand Slam titles did Steffi Graf win in 1988 , and who did she beat in the Wimbledon final that year ?",
+    "Why ?",
+]
+GREEDY_PROMPT = "The capital of France is"
+GREEDY_NEW_TOKENS = 4
+SHORT_MAX_LEN = 12
+
+
+def load_tokenizer(model_dir):
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if os.path.exists(os.path.join(model_dir, "tokenizer_config.json")):
+        tok = AutoTokenizer.from_pretrained(model_dir)
+    else:
+        tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(model_dir, "tokenizer.json"))
+    tok.padding_side = "right"
+    tok.truncation_side = "right"
+    if tok.pad_token is None:
+        # Masked anyway; any valid id will do.
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.convert_ids_to_tokens(0)
+    return tok
+
+
+def layer_output(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("model_dir")
+    parser.add_argument("out")
+    parser.add_argument("--max-len", type=int, default=64)
+    args = parser.parse_args()
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    with open(os.path.join(args.model_dir, "config.json")) as f:
+        config = json.load(f)
+    model_type = config.get("model_type")
+    if model_type not in ("bert", "llama"):
+        sys.exit(f"{args.model_dir}/config.json: unsupported model_type {model_type!r}")
+
+    tok = load_tokenizer(args.model_dir)
+    enc = tok(
+        TEXTS,
+        padding=True,
+        truncation=True,
+        max_length=args.max_len,
+        return_tensors="pt",
+    )
+    input_ids = enc["input_ids"].to(torch.int64)
+    mask = enc["attention_mask"].to(torch.int64)
+    short = tok(TEXTS, padding=True, truncation=True, max_length=SHORT_MAX_LEN, return_tensors="pt")
+
+    captured = {}
+
+    def hook(name):
+        def fn(_module, _inputs, output):
+            captured[name] = layer_output(output).detach().to(torch.float32)
+
+        return fn
+
+    if model_type == "bert":
+        from transformers import BertModel
+
+        model = BertModel.from_pretrained(args.model_dir, dtype=torch.float32, add_pooling_layer=False)
+        model.eval()
+        model.embeddings.register_forward_hook(hook("hidden.0"))
+        for i, layer in enumerate(model.encoder.layer):
+            layer.register_forward_hook(hook(f"hidden.{i + 1}"))
+        with torch.no_grad():
+            model(input_ids=input_ids, attention_mask=mask, token_type_ids=torch.zeros_like(input_ids))
+    else:
+        from transformers import LlamaForCausalLM
+
+        model = LlamaForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
+        model.eval()
+        inner = model.model
+        inner.embed_tokens.register_forward_hook(hook("hidden.0"))
+        for i, layer in enumerate(inner.layers):
+            layer.register_forward_hook(hook(f"hidden.{i + 1}"))
+        inner.norm.register_forward_hook(hook("final_norm"))
+        with torch.no_grad():
+            out = model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+        captured["logits"] = out.logits.detach().to(torch.float32)
+
+    keep = mask.unsqueeze(-1).to(torch.float32)
+    tensors = {name: (t * keep).contiguous() for name, t in captured.items()}
+    tensors["input_ids"] = input_ids.contiguous()
+    tensors["attention_mask"] = mask.contiguous()
+    tensors["short.input_ids"] = short["input_ids"].to(torch.int64).contiguous()
+    tensors["short.attention_mask"] = short["attention_mask"].to(torch.int64).contiguous()
+
+    if model_type == "llama":
+        prompt = tok(GREEDY_PROMPT, return_tensors="pt")["input_ids"].to(torch.int64)
+        ids = prompt
+        with torch.no_grad():
+            for _ in range(GREEDY_NEW_TOKENS):
+                logits = model(input_ids=ids, use_cache=False).logits
+                ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        tensors["greedy_ids"] = ids.contiguous()
+        print(f"greedy: {GREEDY_PROMPT!r} -> {tok.decode(ids[0, prompt.shape[1]:])!r}")
+
+    metadata = {
+        "texts": json.dumps(TEXTS),
+        "greedy_prompt": GREEDY_PROMPT,
+        "max_len": str(args.max_len),
+        "short_max_len": str(SHORT_MAX_LEN),
+        "family": model_type,
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+    }
+    save_file(tensors, args.out, metadata=metadata)
+    print(f"wrote {args.out}: {len(tensors)} tensors, batch {tuple(input_ids.shape)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,633 @@
+//! Server-side aggregation of one round: verify the round's client
+//! artifacts (untrusted input), combine the accepted updates with the
+//! spec's algorithm, and write the round's global artifact. See
+//! docs/aggregation.md for the algorithms, the global's tensor names and
+//! what each client loads.
+//!
+//! Entry point: [`aggregate_round`]. One module per algorithm, each behind
+//! the [`Aggregator`] trait:
+//!
+//! | `aggregation.algorithm` | module | adapter |
+//! |---|---|---|
+//! | `cmga` | [`cmga`] | DeMA |
+//! | `fedavg` | [`fedavg`] | DeMA |
+//! | `family-fedavg` | [`family_fedavg`] | DeMA or LoRA |
+//! | `hetlora` | [`hetlora`] | LoRA |
+//! | `flexlora` | [`flexlora`] | LoRA |
+//! | `local-only` | [`local_only`] | any |
+//!
+//! **Protocol.** Round `r` reads the previous global (round `r − 1`; round
+//! 0 is the initial state) and the committed client artifacts under
+//! `<run_dir>/round-NNNN/clients/<client>/` (crds::layout), verifies each
+//! ([`verify`]), streams the accepted ones into the aggregator in client-name
+//! order (memory: the per-family sums, not the clients' updates), checks the
+//! quorum, and writes `adapter.safetensors` (F32) then `manifest.json` (the
+//! commit marker) into the output directory. The same inputs give the same
+//! data file, byte for byte: sorted iteration, f64 accumulation in a fixed
+//! order, a seeded PCGrad order, no timestamps in the data (the manifest's
+//! `createdAt` and `stats.timing` do vary).
+//!
+//! **Shapes.** The previous global is the round's schema: what a client
+//! must send (names, shapes) is derived from the previous global's tensors
+//! for that client's family and the spec's share policy, so the initial
+//! global must hold every family's shared parts.
+
+pub mod array;
+pub mod cmga;
+pub mod common;
+pub mod family_fedavg;
+pub mod fedavg;
+pub mod flexlora;
+pub mod hetlora;
+pub mod local_only;
+pub mod stats;
+pub mod verify;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use heterotune_crds::layout::{ADAPTER_FILE, MANIFEST_FILE};
+use heterotune_crds::manifest::{
+    ArtifactKind, ArtifactManifest, FileDigest, MANIFEST_SCHEMA_VERSION,
+};
+use heterotune_crds::spec::{AdapterKind, AggregationAlgorithm, FederatedTuneSpec};
+
+use crate::artifact::{sha256_hex, write_atomic};
+use crate::{Error, Result};
+pub use array::{Array, WireDtype};
+pub use common::{family_name, MOMENTUM_PREFIX};
+pub use stats::{FamilyStats, GroupStats, PairCosine, Participant, RoundStats, Timing};
+pub use verify::{Reject, RejectReason};
+
+/// A client of the spec, as aggregation sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientInfo {
+    /// Client name.
+    pub name: String,
+    /// Family key of its model (`FederatedTuneSpec::family_key`).
+    pub family: String,
+    /// Its LoRA rank (`clients[].loraRank`, else `adapter.rank`).
+    pub lora_rank: usize,
+}
+
+/// A family (one checkpoint: one hidden size) of the spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FamilyInfo {
+    /// Its clients in the spec, sorted.
+    pub clients: Vec<String>,
+    /// The largest LoRA rank of its clients (the rank the global stores).
+    pub lora_rank: usize,
+}
+
+/// Everything an aggregator may read about the round.
+#[derive(Debug)]
+pub struct RoundContext<'a> {
+    /// The spec (validated, defaults applied).
+    pub spec: &'a FederatedTuneSpec,
+    /// The run's name (manifests must carry it).
+    pub run: &'a str,
+    /// The round being aggregated (≥ 1).
+    pub round: u32,
+    /// The previous global state (F32 values).
+    pub previous: &'a BTreeMap<String, Array>,
+    /// The spec's clients by name.
+    pub clients: BTreeMap<String, ClientInfo>,
+    /// The spec's families by key.
+    pub families: BTreeMap<String, FamilyInfo>,
+}
+
+impl<'a> RoundContext<'a> {
+    /// The context of round `round` of `spec` over the previous global `previous`.
+    pub fn new(
+        spec: &'a FederatedTuneSpec,
+        run: &'a str,
+        round: u32,
+        previous: &'a BTreeMap<String, Array>,
+    ) -> Self {
+        let mut clients = BTreeMap::new();
+        let mut families: BTreeMap<String, FamilyInfo> = BTreeMap::new();
+        for (index, c) in spec.clients.iter().enumerate() {
+            let family = spec.family_key(index);
+            let lora_rank = c.lora_rank.unwrap_or(spec.adapter.rank) as usize;
+            let f = families
+                .entry(family.clone())
+                .or_insert_with(|| FamilyInfo {
+                    clients: Vec::new(),
+                    lora_rank: 0,
+                });
+            f.clients.push(c.name.clone());
+            f.clients.sort();
+            f.lora_rank = f.lora_rank.max(lora_rank);
+            clients.insert(
+                c.name.clone(),
+                ClientInfo {
+                    name: c.name.clone(),
+                    family,
+                    lora_rank,
+                },
+            );
+        }
+        RoundContext {
+            spec,
+            run,
+            round,
+            previous,
+            clients,
+            families,
+        }
+    }
+}
+
+/// One client's verified update: deltas `θ_client − θ_global(r−1)` as f32,
+/// named as in the client's var store.
+#[derive(Debug, Clone)]
+pub struct ClientUpdate {
+    /// Client name.
+    pub client: String,
+    /// Family key.
+    pub family: String,
+    /// Aggregation weight (training examples, > 0).
+    pub num_examples: u64,
+    /// The client's LoRA rank (LoRA algorithms).
+    pub lora_rank: usize,
+    /// Delta tensors by local name.
+    pub tensors: BTreeMap<String, Array>,
+}
+
+/// What an aggregator produces: the new global tensors and its statistics.
+#[derive(Debug, Default)]
+pub struct Aggregated {
+    /// Global tensors by global name (F32 values).
+    pub tensors: BTreeMap<String, Array>,
+    /// Per-family statistics.
+    pub families: BTreeMap<String, FamilyStats>,
+    /// Per shared group statistics (CMGA, FedAvg).
+    pub groups: Vec<GroupStats>,
+    /// Conflicts resolved over all groups.
+    pub conflicts_projected: u64,
+}
+
+/// One aggregation algorithm.
+///
+/// The driver calls [`Aggregator::expected_tensors`] for every client of the
+/// spec before reading any artifact (a configuration error fails the round
+/// up front), then [`Aggregator::add`] for every accepted update in
+/// client-name order, then [`Aggregator::finish`] once.
+pub trait Aggregator {
+    /// The algorithm implemented.
+    fn algorithm(&self) -> AggregationAlgorithm;
+
+    /// The tensors (local names → shapes, all BF16) `client` must send this
+    /// round, derived from the previous global and the spec.
+    fn expected_tensors(
+        &self,
+        ctx: &RoundContext<'_>,
+        client: &ClientInfo,
+    ) -> Result<BTreeMap<String, Vec<usize>>>;
+
+    /// Takes one verified update.
+    fn add(&mut self, ctx: &RoundContext<'_>, update: ClientUpdate) -> Result<()>;
+
+    /// The new global state.
+    fn finish(self: Box<Self>, ctx: &RoundContext<'_>) -> Result<Aggregated>;
+}
+
+/// The aggregator of `spec.aggregation.algorithm` for `spec.adapter.type`.
+///
+/// # Errors
+/// [`Error::Config`] for an algorithm that does not fit the adapter (`cmga`
+/// and `fedavg` need DeMA, `hetlora` and `flexlora` LoRA), server momentum
+/// with an algorithm that does not use it, or a non-finite server learning rate.
+pub fn aggregator_for(spec: &FederatedTuneSpec) -> Result<Box<dyn Aggregator>> {
+    let agg = &spec.aggregation;
+    let alg = agg.algorithm;
+    if !agg.server_learning_rate.is_finite() || agg.server_learning_rate < 0.0 {
+        return Err(Error::config(
+            "spec.aggregation.serverLearningRate",
+            format!("must be finite and ≥ 0, got {}", agg.server_learning_rate),
+        ));
+    }
+    if !(0.0..1.0).contains(&agg.server_momentum) {
+        return Err(Error::config(
+            "spec.aggregation.serverMomentum",
+            format!("must be in [0, 1), got {}", agg.server_momentum),
+        ));
+    }
+    if agg.server_momentum > 0.0
+        && matches!(
+            alg,
+            AggregationAlgorithm::Hetlora
+                | AggregationAlgorithm::Flexlora
+                | AggregationAlgorithm::LocalOnly
+        )
+    {
+        return Err(Error::config(
+            "spec.aggregation.serverMomentum",
+            format!(
+                "server momentum applies to cmga, fedavg and family-fedavg, not {}",
+                alg.as_str()
+            ),
+        ));
+    }
+    let kind = spec.adapter.kind;
+    Ok(match (alg, kind) {
+        (AggregationAlgorithm::Cmga, AdapterKind::Dema) => {
+            Box::new(cmga::Cmga::new(cmga::CmgaOptions::from_spec(spec)))
+        }
+        (AggregationAlgorithm::Fedavg, AdapterKind::Dema) => Box::new(fedavg::FedAvg::new()),
+        (AggregationAlgorithm::FamilyFedavg, k) => Box::new(family_fedavg::FamilyFedAvg::new(k)),
+        (AggregationAlgorithm::Hetlora, AdapterKind::Lora) => Box::new(hetlora::HetLora::new()),
+        (AggregationAlgorithm::Flexlora, AdapterKind::Lora) => Box::new(flexlora::FlexLora::new()),
+        (AggregationAlgorithm::LocalOnly, _) => Box::new(local_only::LocalOnly::new()),
+        (alg, kind) => {
+            return Err(Error::config(
+                "spec.aggregation.algorithm",
+                format!(
+                "{} does not aggregate {kind:?} adapters (cmga and fedavg need adapter.type dema, \
+                     hetlora and flexlora need lora)",
+                alg.as_str()
+            ),
+            ))
+        }
+    })
+}
+
+/// Reads a global artifact (`manifest.json` + its data file) from `dir`,
+/// checking size and sha256 against the manifest. Values come back as f32.
+pub fn read_global(dir: &Path) -> Result<(ArtifactManifest, BTreeMap<String, Array>)> {
+    let manifest_path = dir.join(MANIFEST_FILE);
+    let text = std::fs::read(&manifest_path).map_err(|e| Error::io(&manifest_path, e))?;
+    let manifest: ArtifactManifest = serde_json::from_slice(&text)
+        .map_err(|e| Error::data(&manifest_path, format!("not a valid manifest: {e}")))?;
+    let file = &manifest.artifact.path;
+    if file.is_empty() || file.contains('/') || file.contains('\\') || file == ".." {
+        return Err(Error::data(
+            &manifest_path,
+            "artifact.path must be a plain file name",
+        ));
+    }
+    let data_path = dir.join(file);
+    let bytes = std::fs::read(&data_path).map_err(|e| Error::io(&data_path, e))?;
+    if bytes.len() as u64 != manifest.artifact.bytes {
+        return Err(Error::data(
+            &data_path,
+            format!(
+                "size {} differs from the manifest's {}",
+                bytes.len(),
+                manifest.artifact.bytes
+            ),
+        ));
+    }
+    if sha256_hex(&bytes) != manifest.artifact.sha256 {
+        return Err(Error::data(
+            &data_path,
+            "sha256 differs from the manifest's",
+        ));
+    }
+    let tensors = array::parse_safetensors(&bytes, &data_path)?;
+    Ok((manifest, tensors))
+}
+
+/// Writes a global artifact into `dir` (data first, manifest last, both
+/// atomically) and returns the manifest as written. `manifest.artifact` and
+/// `manifest.tensors` are filled in here.
+pub fn write_global(
+    dir: &Path,
+    tensors: &BTreeMap<String, Array>,
+    mut manifest: ArtifactManifest,
+) -> Result<ArtifactManifest> {
+    let (bytes, infos) = array::serialize(tensors, WireDtype::F32)?;
+    manifest.artifact = FileDigest {
+        path: ADAPTER_FILE.to_string(),
+        sha256: sha256_hex(&bytes),
+        bytes: bytes.len() as u64,
+    };
+    manifest.tensors = infos;
+    write_atomic(&dir.join(ADAPTER_FILE), &bytes)?;
+    let json = serde_json::to_vec_pretty(&manifest)
+        .map_err(|e| Error::config("manifest", format!("cannot serialise: {e}")))?;
+    write_atomic(&dir.join(MANIFEST_FILE), &json)?;
+    Ok(manifest)
+}
+
+/// The result of one round's aggregation.
+#[derive(Debug, Clone)]
+pub struct AggregateOutcome {
+    /// The global manifest as written (its `stats` hold [`RoundStats`] as JSON).
+    pub manifest: ArtifactManifest,
+    /// The round's statistics.
+    pub stats: RoundStats,
+    /// Where the global artifact was written.
+    pub global_dir: PathBuf,
+}
+
+/// Directory of round `round`'s client artifacts under a local run directory.
+pub fn clients_dir(run_dir: &Path, round: u32) -> PathBuf {
+    run_dir.join(format!("round-{round:04}")).join("clients")
+}
+
+/// Aggregates round `round` of run `run_name`.
+///
+/// * `spec`: the run's spec (validated, defaults applied);
+/// * `run_dir`: the local directory of the run (holding `round-NNNN/clients/<client>/`);
+/// * `run_name`: the run name client manifests must carry (`manifest.run`);
+/// * `previous_global`: the directory of round `round − 1`'s global artifact
+///   (round 0: the initial state), whose manifest must name the same run;
+/// * `out_dir`: where to write this round's global (normally
+///   `<run_dir>/round-NNNN/global`); an existing artifact there is replaced.
+///
+/// # Errors
+/// [`Error::QuorumNotMet`] when fewer updates than `spec.quorum()` were
+/// accepted (nothing is written); [`Error::Config`] when the spec and the
+/// previous global disagree (a family missing from it, wrong ranks, an
+/// algorithm that does not fit the adapter); I/O and data errors for the
+/// previous global.
+pub fn aggregate_round(
+    spec: &FederatedTuneSpec,
+    run_dir: &Path,
+    run_name: &str,
+    round: u32,
+    previous_global: &Path,
+    out_dir: &Path,
+) -> Result<AggregateOutcome> {
+    let started = Instant::now();
+    if round == 0 {
+        return Err(Error::config(
+            "round",
+            "round 0 is the initial state: aggregation starts at round 1",
+        ));
+    }
+    let (prev_manifest, previous) = read_global(previous_global)?;
+    let prev_path = previous_global.join(MANIFEST_FILE);
+    if prev_manifest.kind != ArtifactKind::Global {
+        return Err(Error::data(
+            &prev_path,
+            "not a global artifact (kind client)",
+        ));
+    }
+    if prev_manifest.run != run_name {
+        return Err(Error::data(
+            &prev_path,
+            format!("belongs to run {:?}, not {run_name:?}", prev_manifest.run),
+        ));
+    }
+    if prev_manifest.round.checked_add(1) != Some(round) {
+        return Err(Error::data(
+            &prev_path,
+            format!(
+                "is the global of round {}, round {round} starts from round {}",
+                prev_manifest.round,
+                round - 1
+            ),
+        ));
+    }
+    let ctx = RoundContext::new(spec, run_name, round, &previous);
+    let mut aggregator = aggregator_for(spec)?;
+    let mut schemas = BTreeMap::new();
+    for (name, info) in &ctx.clients {
+        schemas.insert(name.clone(), aggregator.expected_tensors(&ctx, info)?);
+    }
+
+    // Committed client artifacts, in name order.
+    let dir = clients_dir(run_dir, round);
+    let mut entries: Vec<(String, PathBuf)> = Vec::new();
+    match std::fs::read_dir(&dir) {
+        Ok(read) => {
+            for entry in read {
+                let entry = entry.map_err(|e| Error::io(&dir, e))?;
+                let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
+                if is_dir {
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    entries.push((name, entry.path()));
+                }
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(&dir, e)),
+    }
+    entries.sort();
+
+    let mut stats = RoundStats {
+        algorithm: spec.aggregation.algorithm.as_str().to_string(),
+        alignment: (spec.aggregation.algorithm == AggregationAlgorithm::Cmga).then(|| {
+            match spec.aggregation.alignment {
+                heterotune_crds::spec::AlignmentRule::Pcgrad => "pcgrad".to_string(),
+                heterotune_crds::spec::AlignmentRule::Ties => "ties".to_string(),
+            }
+        }),
+        round,
+        quorum: spec.quorum(),
+        ..RoundStats::default()
+    };
+    let mut committed = BTreeSet::new();
+    for (name, path) in &entries {
+        if !verify::is_committed(path) {
+            continue;
+        }
+        committed.insert(name.clone());
+        match verify::verify_client(&ctx, &schemas, path, name) {
+            Ok(v) => {
+                stats.participants.push(Participant {
+                    client: v.update.client.clone(),
+                    family: v.update.family.clone(),
+                    num_examples: v.update.num_examples,
+                    bytes: v.bytes,
+                    update_norm: v.update_norm,
+                    clipped: v.clipped,
+                });
+                stats.bytes_received += v.bytes;
+                stats.examples += v.update.num_examples;
+                aggregator.add(&ctx, v.update)?;
+            }
+            Err(reject) => {
+                stats.bytes_rejected += reject.bytes;
+                *stats
+                    .reject_counts
+                    .entry(reject.reason.label().to_string())
+                    .or_default() += 1;
+                stats.rejects.push(reject);
+            }
+        }
+    }
+    stats.missing = ctx
+        .clients
+        .keys()
+        .filter(|c| !committed.contains(*c))
+        .cloned()
+        .collect();
+    if (stats.participants.len() as u64) < u64::from(stats.quorum) {
+        let mut parts: Vec<String> = stats
+            .rejects
+            .iter()
+            .map(|r| format!("{} rejected ({}: {})", r.client, r.reason, r.detail))
+            .collect();
+        if !stats.missing.is_empty() {
+            parts.push(format!("missing: {}", stats.missing.join(", ")));
+        }
+        return Err(Error::QuorumNotMet {
+            round,
+            accepted: stats.participants.len(),
+            required: stats.quorum,
+            summary: parts.join("; "),
+        });
+    }
+    let verified_at = Instant::now();
+
+    let aggregated = aggregator.finish(&ctx)?;
+    if let Some((name, _)) = aggregated
+        .tensors
+        .iter()
+        .find(|(_, a)| a.data.iter().any(|v| !v.is_finite()))
+    {
+        return Err(Error::config(
+            "spec.aggregation.maxUpdateNorm",
+            format!(
+                "round {round}: the aggregated {name} is not finite (updates too large for f32): \
+                 set a norm bound"
+            ),
+        ));
+    }
+    stats.families = aggregated.families;
+    stats.groups = aggregated.groups;
+    stats.conflicts_projected = aggregated.conflicts_projected;
+    let aggregated_at = Instant::now();
+
+    let mut metrics = BTreeMap::new();
+    metrics.insert("participants".into(), stats.participants.len() as f64);
+    metrics.insert("rejected".into(), stats.rejects.len() as f64);
+    metrics.insert("bytes_received".into(), stats.bytes_received as f64);
+    metrics.insert(
+        "conflicts_projected".into(),
+        stats.conflicts_projected as f64,
+    );
+    stats.timing = Timing {
+        verify_seconds: (verified_at - started).as_secs_f64(),
+        aggregate_seconds: (aggregated_at - verified_at).as_secs_f64(),
+        write_seconds: 0.0,
+        total_seconds: 0.0,
+    };
+    let manifest = ArtifactManifest {
+        schema_version: MANIFEST_SCHEMA_VERSION,
+        kind: ArtifactKind::Global,
+        run: run_name.to_string(),
+        round,
+        base_round: round - 1,
+        client: None,
+        family: None,
+        artifact: FileDigest {
+            path: String::new(),
+            sha256: String::new(),
+            bytes: 0,
+        },
+        tensors: Vec::new(),
+        num_examples: stats.examples,
+        metrics,
+        stats: serde_json::Value::Null,
+        writer_version: format!("heterotune-trainer {}", env!("CARGO_PKG_VERSION")),
+        created_at: now_rfc3339(),
+    };
+    // The manifest's stats include the write time of the data file: write
+    // the data, then the manifest with the final timing.
+    let (bytes, infos) = array::serialize(&aggregated.tensors, WireDtype::F32)?;
+    write_atomic(&out_dir.join(ADAPTER_FILE), &bytes)?;
+    let written_at = Instant::now();
+    stats.timing.write_seconds = (written_at - aggregated_at).as_secs_f64();
+    stats.timing.total_seconds = (written_at - started).as_secs_f64();
+    let mut manifest = manifest;
+    manifest.artifact = FileDigest {
+        path: ADAPTER_FILE.to_string(),
+        sha256: sha256_hex(&bytes),
+        bytes: bytes.len() as u64,
+    };
+    manifest.tensors = infos;
+    manifest
+        .metrics
+        .insert("aggregation_seconds".into(), stats.timing.total_seconds);
+    manifest.stats = serde_json::to_value(&stats)
+        .map_err(|e| Error::config("stats", format!("cannot serialise: {e}")))?;
+    let json = serde_json::to_vec_pretty(&manifest)
+        .map_err(|e| Error::config("manifest", format!("cannot serialise: {e}")))?;
+    write_atomic(&out_dir.join(MANIFEST_FILE), &json)?;
+    Ok(AggregateOutcome {
+        manifest,
+        stats,
+        global_dir: out_dir.to_path_buf(),
+    })
+}
+
+/// What a client loads from a global artifact, under its own var-store
+/// names (a drop-in for the trainer's loading of `--global`):
+///
+/// * top-level `shared.*` as they are;
+/// * `family/<family_key>/<name>` as `<name>`, taking precedence over a
+///   top-level tensor of the same name (`family-fedavg` stores each
+///   family's copy of the shared part there);
+/// * with `lora_rank = Some(r)`, LoRA factors `lora.*.a` truncated to their
+///   first `r` rows and `lora.*.b` to their first `r` columns (the global
+///   stores each family's largest rank: HetLoRA's and FlexLoRA's
+///   redistribution);
+/// * nothing else (`server/*` state, other families).
+///
+/// Errors if a LoRA factor holds fewer than `r` components.
+pub fn client_view(
+    global: BTreeMap<String, tch::Tensor>,
+    family_key: &str,
+    lora_rank: Option<usize>,
+) -> Result<BTreeMap<String, tch::Tensor>> {
+    let prefix = family_name(family_key, "");
+    let mut shared = BTreeMap::new();
+    let mut own = BTreeMap::new();
+    for (name, t) in global {
+        if let Some(local) = name.strip_prefix(&prefix) {
+            own.insert(local.to_string(), t);
+        } else if name.starts_with(common::SHARED) {
+            shared.insert(name, t);
+        }
+    }
+    shared.extend(own);
+    if let Some(r) = lora_rank {
+        for (name, t) in shared.iter_mut() {
+            let dim = match common::factor_of(name) {
+                Some(common::Factor::A) => 0,
+                Some(common::Factor::B) => 1,
+                None => continue,
+            };
+            let size = t.size();
+            if size.len() != 2 || (size[dim] as usize) < r {
+                return Err(Error::model(
+                    "<global artifact>",
+                    format!("{name}: shape {size:?} holds fewer than rank {r} components"),
+                ));
+            }
+            *t = t.f_narrow(dim as i64, 0, r as i64)?.f_contiguous()?;
+        }
+    }
+    Ok(shared)
+}
+
+/// The current UTC time as RFC 3339 (seconds).
+fn now_rfc3339() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil date from days since the epoch (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}

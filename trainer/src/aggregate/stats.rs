@@ -1,0 +1,146 @@
+//! The statistics of one aggregation round, written as the global
+//! manifest's `stats` (camelCase JSON) and returned to the caller.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::verify::Reject;
+
+/// Everything one round's aggregation measured.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RoundStats {
+    /// The algorithm's spec name (`cmga`, `fedavg`, ...).
+    pub algorithm: String,
+    /// CMGA's alignment rule (`pcgrad`, `ties`), for `cmga` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alignment: Option<String>,
+    /// The round aggregated.
+    pub round: u32,
+    /// The quorum in force (`spec.quorum()`).
+    pub quorum: u32,
+    /// Accepted updates, in aggregation order (sorted by client name).
+    pub participants: Vec<Participant>,
+    /// Rejected artifacts with their reasons.
+    pub rejects: Vec<Reject>,
+    /// Number of rejects per reason label.
+    pub reject_counts: BTreeMap<String, u32>,
+    /// Spec clients with no committed artifact this round.
+    pub missing: Vec<String>,
+    /// Total training examples behind the accepted updates.
+    pub examples: u64,
+    /// Bytes of accepted artifacts (data files).
+    pub bytes_received: u64,
+    /// Bytes read from rejected artifacts.
+    pub bytes_rejected: u64,
+    /// Per family key: participants, weight, update norms.
+    pub families: BTreeMap<String, FamilyStats>,
+    /// CMGA (and FedAvg, for comparison): per shared group (slot), family
+    /// norms and pairwise cosines before/after alignment.
+    pub groups: Vec<GroupStats>,
+    /// Conflicts resolved over all groups (PCGrad: projections applied;
+    /// TIES: family coordinates dropped by the sign election).
+    pub conflicts_projected: u64,
+    /// Where the time went.
+    pub timing: Timing,
+}
+
+/// One accepted update.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Participant {
+    /// Client name.
+    pub client: String,
+    /// Family key.
+    pub family: String,
+    /// Its aggregation weight.
+    pub num_examples: u64,
+    /// Its data file's size.
+    pub bytes: u64,
+    /// L2 norm of its update as received.
+    pub update_norm: f64,
+    /// Whether the update was clipped to `maxUpdateNorm`.
+    pub clipped: bool,
+}
+
+/// One family's round.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FamilyStats {
+    /// Participating clients.
+    pub clients: Vec<String>,
+    /// Their examples.
+    pub examples: u64,
+    /// The family's weight in the combination of shared updates (data
+    /// share, or `1/F` with uniform weighting).
+    pub weight: f64,
+    /// L2 norm of the family's averaged update per part: `shared` (all
+    /// slots, before harmonisation and alignment), `familyParts`, `head`,
+    /// `lora`.
+    pub update_norms: BTreeMap<String, f64>,
+}
+
+/// A pair of families and the cosine of their updates.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PairCosine {
+    /// First family key.
+    pub a: String,
+    /// Second family key.
+    pub b: String,
+    /// Cosine similarity (0 when either update is zero).
+    pub cosine: f64,
+}
+
+/// One shared group (a DeMA slot: all its shared tensors flattened).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GroupStats {
+    /// Group name (`shared.slot0`).
+    pub group: String,
+    /// Parameters in the group.
+    pub parameters: usize,
+    /// ‖G_f‖ per family before harmonisation.
+    pub family_norms: BTreeMap<String, f64>,
+    /// ‖G_f‖ after magnitude harmonisation (when it is on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub harmonised_norms: Option<BTreeMap<String, f64>>,
+    /// Pairwise cosines of the family updates before alignment.
+    pub cosines_before: Vec<PairCosine>,
+    /// Pairwise cosines after alignment.
+    pub cosines_after: Vec<PairCosine>,
+    /// Conflicts resolved in this group.
+    pub conflicts_projected: u64,
+    /// ‖Δ‖ of the combined update (before the server learning rate).
+    pub combined_norm: f64,
+}
+
+/// Wall time of the round's phases, in seconds.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Timing {
+    /// Reading and verifying artifacts, accumulating updates.
+    pub verify_seconds: f64,
+    /// The algorithm's combination.
+    pub aggregate_seconds: f64,
+    /// Serialising and writing the global artifact.
+    pub write_seconds: f64,
+    /// Everything.
+    pub total_seconds: f64,
+}
+
+/// Pairwise cosines of `vectors` (families in order), upper triangle.
+pub(crate) fn pairwise_cosines(names: &[&String], vectors: &[Vec<f64>]) -> Vec<PairCosine> {
+    let mut out = Vec::new();
+    for i in 0..vectors.len() {
+        for j in i + 1..vectors.len() {
+            out.push(PairCosine {
+                a: names[i].clone(),
+                b: names[j].clone(),
+                cosine: super::array::cosine(&vectors[i], &vectors[j]),
+            });
+        }
+    }
+    out
+}

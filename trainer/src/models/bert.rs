@@ -1,0 +1,344 @@
+//! BERT-family encoders (all-MiniLM-L6-v2, paraphrase-MiniLM-L3-v2, BERT
+//! base/large, ...): configuration, blocks and loading from Hugging Face
+//! checkpoint names (`embeddings.*`, `encoder.layer.{i}.*`; a `bert.` prefix
+//! is accepted and stripped).
+//!
+//! Matches `transformers.BertModel` in eval mode with absolute position
+//! embeddings and token type 0 everywhere; the pooler is not loaded.
+
+use std::path::Path;
+
+use serde::Deserialize;
+use tch::{Device, Kind, Tensor};
+
+use super::config::{positive, Activation, RawConfig, WEIGHTS_FILE};
+use super::weights::{WeightStorage, Weights};
+use super::{
+    add_delta, Backbone, BackboneInfo, Family, FusedLinear, Linear, Projection, ProjectionDelta,
+};
+use crate::error::{Error, Result};
+
+/// Hyper-parameters of a BERT encoder, as in Hugging Face's `config.json`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct BertConfig {
+    /// Size of the token vocabulary.
+    pub vocab_size: usize,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Number of encoder layers.
+    pub num_hidden_layers: usize,
+    /// Number of attention heads (divides `hidden_size`).
+    pub num_attention_heads: usize,
+    /// Width of the feed-forward block.
+    pub intermediate_size: usize,
+    /// Feed-forward activation (`gelu` = exact erf GELU).
+    #[serde(default = "default_bert_act")]
+    pub hidden_act: Activation,
+    /// Number of learned positions.
+    #[serde(default = "default_max_positions")]
+    pub max_position_embeddings: usize,
+    /// Number of token types (segment ids).
+    #[serde(default = "default_type_vocab")]
+    pub type_vocab_size: usize,
+    /// LayerNorm epsilon.
+    #[serde(default = "default_ln_eps")]
+    pub layer_norm_eps: f64,
+    /// Only `absolute` is supported.
+    #[serde(default = "default_position_type")]
+    pub position_embedding_type: String,
+    /// Id of the padding token, if the checkpoint names one.
+    #[serde(default)]
+    pub pad_token_id: Option<i64>,
+}
+
+fn default_bert_act() -> Activation {
+    Activation::Gelu
+}
+fn default_max_positions() -> usize {
+    512
+}
+fn default_type_vocab() -> usize {
+    2
+}
+fn default_ln_eps() -> f64 {
+    1e-12
+}
+fn default_position_type() -> String {
+    "absolute".to_string()
+}
+
+impl BertConfig {
+    /// Checks sizes and options this implementation relies on.
+    ///
+    /// # Errors
+    /// [`Error::Model`] naming `path` and the offending field.
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        positive(path, "vocab_size", self.vocab_size)?;
+        positive(path, "hidden_size", self.hidden_size)?;
+        positive(path, "num_hidden_layers", self.num_hidden_layers)?;
+        positive(path, "num_attention_heads", self.num_attention_heads)?;
+        positive(path, "intermediate_size", self.intermediate_size)?;
+        positive(
+            path,
+            "max_position_embeddings",
+            self.max_position_embeddings,
+        )?;
+        positive(path, "type_vocab_size", self.type_vocab_size)?;
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+            return Err(Error::model(
+                path,
+                format!(
+                    "hidden_size {} is not a multiple of num_attention_heads {}",
+                    self.hidden_size, self.num_attention_heads
+                ),
+            ));
+        }
+        if self.position_embedding_type != "absolute" {
+            return Err(Error::model(
+                path,
+                format!(
+                    "position_embedding_type `{}` is not supported (only `absolute`)",
+                    self.position_embedding_type
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+}
+
+/// LayerNorm over the last dimension.
+#[derive(Debug)]
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+    size: i64,
+}
+
+impl LayerNorm {
+    fn load(w: &Weights, prefix: &str, size: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: w.get(&format!("{prefix}.weight"), &[size])?,
+            bias: w.get(&format!("{prefix}.bias"), &[size])?,
+            eps,
+            size: size as i64,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        x.layer_norm(
+            [self.size],
+            Some(&self.weight),
+            Some(&self.bias),
+            self.eps,
+            true,
+        )
+    }
+}
+
+/// One encoder layer: self-attention + output LayerNorm, FFN + LayerNorm.
+#[derive(Debug)]
+struct BertLayer {
+    /// `attention.self.{query,key,value}`, fused.
+    qkv: FusedLinear,
+    attention_output: Linear,
+    attention_norm: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    output_norm: LayerNorm,
+}
+
+impl BertLayer {
+    fn load(w: &Weights, cfg: &BertConfig, index: usize) -> Result<Self> {
+        let p = format!("encoder.layer.{index}");
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            qkv: FusedLinear::load(
+                w,
+                &[
+                    (&format!("{p}.attention.self.query"), h),
+                    (&format!("{p}.attention.self.key"), h),
+                    (&format!("{p}.attention.self.value"), h),
+                ],
+                h,
+                true,
+            )?,
+            attention_output: Linear::load(w, &format!("{p}.attention.output.dense"), h, h, true)?,
+            attention_norm: LayerNorm::load(
+                w,
+                &format!("{p}.attention.output.LayerNorm"),
+                h,
+                cfg.layer_norm_eps,
+            )?,
+            intermediate: Linear::load(w, &format!("{p}.intermediate.dense"), h, i, true)?,
+            output: Linear::load(w, &format!("{p}.output.dense"), i, h, true)?,
+            output_norm: LayerNorm::load(
+                w,
+                &format!("{p}.output.LayerNorm"),
+                h,
+                cfg.layer_norm_eps,
+            )?,
+        })
+    }
+}
+
+/// A frozen BERT encoder.
+#[derive(Debug)]
+pub struct Bert {
+    config: BertConfig,
+    info: BackboneInfo,
+    word_embeddings: Tensor,
+    /// Position embeddings plus the type-0 embedding, `[max_positions, hidden]`.
+    position_type_embeddings: Tensor,
+    embedding_norm: LayerNorm,
+    layers: Vec<BertLayer>,
+    /// Keeps memory-mapped weights alive; declared last so it drops last.
+    _storage: WeightStorage,
+}
+
+impl Bert {
+    /// Loads `dir/config.json` and `dir/model.safetensors` with weights in
+    /// `kind` on `device`.
+    ///
+    /// # Errors
+    /// [`Error::Model`] naming the file for a missing file, an unsupported or
+    /// inconsistent configuration, or a missing / mis-shaped / non-float tensor.
+    pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
+        let raw = RawConfig::read(dir)?;
+        let config: BertConfig = raw.parse()?;
+        config.validate(raw.path())?;
+        let mut weights = Weights::open(&dir.join(WEIGHTS_FILE), device, kind)?;
+        weights.strip_prefix("bert.");
+        Self::from_weights(config, &weights)
+    }
+
+    /// Builds the encoder from an already parsed config and opened weights.
+    ///
+    /// # Errors
+    /// As [`Bert::load`] for the tensors.
+    pub fn from_weights(config: BertConfig, w: &Weights) -> Result<Self> {
+        let h = config.hidden_size;
+        let word_embeddings =
+            w.get("embeddings.word_embeddings.weight", &[config.vocab_size, h])?;
+        let positions = w.get(
+            "embeddings.position_embeddings.weight",
+            &[config.max_position_embeddings, h],
+        )?;
+        let types = w.get(
+            "embeddings.token_type_embeddings.weight",
+            &[config.type_vocab_size, h],
+        )?;
+        let position_type_embeddings = positions.f_add(&types.f_get(0)?)?;
+        let embedding_norm = LayerNorm::load(w, "embeddings.LayerNorm", h, config.layer_norm_eps)?;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| BertLayer::load(w, &config, i))
+            .collect::<Result<Vec<_>>>()?;
+        let info = BackboneInfo {
+            family: Family::Bert,
+            hidden_size: h,
+            num_layers: config.num_hidden_layers,
+            vocab_size: config.vocab_size,
+            num_parameters: w.loaded_elements(),
+        };
+        Ok(Self {
+            config,
+            info,
+            word_embeddings,
+            position_type_embeddings,
+            embedding_norm,
+            layers,
+            _storage: w.storage(),
+        })
+    }
+
+    /// The configuration this encoder was built from.
+    pub fn config(&self) -> &BertConfig {
+        &self.config
+    }
+
+    fn split_heads(&self, x: &Tensor, batch: i64, seq: i64) -> Tensor {
+        let heads = self.config.num_attention_heads as i64;
+        x.view([batch, seq, heads, self.config.head_dim() as i64])
+            .transpose(1, 2)
+    }
+}
+
+impl Backbone for Bert {
+    fn info(&self) -> &BackboneInfo {
+        &self.info
+    }
+
+    /// Word + position + type-0 embeddings, then LayerNorm.
+    ///
+    /// # Panics
+    /// When the sequence is longer than `max_position_embeddings`.
+    fn embed(&self, input_ids: &Tensor) -> Tensor {
+        let seq = input_ids.size().last().copied().unwrap_or(0);
+        assert!(
+            seq as usize <= self.config.max_position_embeddings,
+            "sequence length {seq} exceeds max_position_embeddings {}",
+            self.config.max_position_embeddings
+        );
+        let words = Tensor::embedding(&self.word_embeddings, input_ids, -1, false, false);
+        let positions = self.position_type_embeddings.narrow(0, 0, seq);
+        self.embedding_norm.forward(&(words + positions))
+    }
+
+    /// Post-LN encoder layer with a key padding mask.
+    ///
+    /// # Panics
+    /// When `index >= num_layers` or shapes disagree.
+    fn layer(
+        &self,
+        index: usize,
+        hidden: &Tensor,
+        attention_mask: &Tensor,
+        delta: Option<&dyn ProjectionDelta>,
+    ) -> Tensor {
+        let layer = self.layers.get(index).unwrap_or_else(|| {
+            panic!(
+                "layer {index} out of range: this BERT has {} layers",
+                self.layers.len()
+            )
+        });
+        let (batch, seq, width) = hidden.size3().expect("hidden must be [batch, seq, hidden]");
+        let [q, k, v]: [Tensor; 3] = layer
+            .qkv
+            .forward(hidden)
+            .into_iter()
+            .zip([Projection::Query, Projection::Key, Projection::Value])
+            .map(|(out, projection)| {
+                let out = add_delta(out, hidden, delta, index, projection);
+                self.split_heads(&out, batch, seq)
+            })
+            .collect::<Vec<_>>()
+            .try_into()
+            .expect("three fused projections");
+        // Key padding mask, broadcast over heads and queries: true = attend.
+        let mask = attention_mask.ne(0).view([batch, 1, 1, seq]);
+        let context =
+            Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&mask), 0.0, false, None, false)
+                .transpose(1, 2)
+                .reshape([batch, seq, width]);
+        let attended = layer
+            .attention_output
+            .project(&context, delta, index, Projection::Output);
+        let hidden = layer.attention_norm.forward(&(attended + hidden));
+        let inner = self
+            .config
+            .hidden_act
+            .apply(&layer.intermediate.forward(&hidden));
+        layer
+            .output_norm
+            .forward(&(layer.output.forward(&inner) + hidden))
+    }
+
+    /// Identity: BERT's last LayerNorm is inside its last layer.
+    fn final_norm(&self, hidden: &Tensor) -> Tensor {
+        hidden.shallow_clone()
+    }
+}

@@ -1,0 +1,294 @@
+//! Parity of the Rust backbones and tokenizer with Hugging Face transformers
+//! on the project's three real models.
+//!
+//! For each model in `$HETEROTUNE_CACHE/models` (made by `scripts/setup.sh`),
+//! `scripts/parity_reference.py` runs transformers (f32, eval) on a fixed
+//! batch of TREC questions and saves the token ids, every layer's hidden
+//! states and, for LLaMA, the logits and a greedy continuation. The test then
+//!
+//! * tokenises the same texts with [`TextTokenizer`] and requires identical
+//!   ids and masks (also with truncation);
+//! * runs the Rust backbone in f32 and requires max |Δ| ≤ 1e-4 on real
+//!   (unmasked) positions for the embeddings and every layer's output, and
+//!   for LLaMA's final norm; LLaMA logits within [`LOGITS_TOLERANCE`];
+//! * for LLaMA, greedy-decodes the same prompt and requires the same tokens
+//!   (" Paris.").
+//!
+//! A missing model directory FAILS the test (run `scripts/setup.sh`).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use heterotune_trainer::models::llama::Llama;
+use heterotune_trainer::models::{load_backbone, Backbone, Family};
+use heterotune_trainer::tokenizer::TextTokenizer;
+use tch::{Device, Kind, Tensor};
+
+/// Hidden states must match HF to this (f32, real positions).
+const HIDDEN_TOLERANCE: f64 = 1e-4;
+/// Logits are a 576-term dot product against a 49 152-row matrix of values
+/// up to |x| ≈ 25; see the report in the test output for the measured value.
+const LOGITS_TOLERANCE: f64 = 1e-3;
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("trainer/ has a parent")
+        .to_path_buf()
+}
+
+fn python() -> PathBuf {
+    let venv = std::env::var_os("HETEROTUNE_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".venv"));
+    let python = venv.join("bin").join("python");
+    assert!(
+        python.exists(),
+        "\n!!!! {} not found: run scripts/setup.sh (or set HETEROTUNE_VENV)\n",
+        python.display()
+    );
+    python
+}
+
+fn model_dir(name: &str) -> PathBuf {
+    let cache = std::env::var_os("HETEROTUNE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME is set"))
+                .join(".cache")
+                .join("heterotune")
+        });
+    let dir = cache.join("models").join(name);
+    if !dir.join("config.json").exists() {
+        eprintln!(
+            "\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\
+             !!!! model {name} is missing at {}\n\
+             !!!! run scripts/setup.sh before the tests\n\
+             !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n",
+            dir.display()
+        );
+        panic!(
+            "model {name} missing at {}: run scripts/setup.sh",
+            dir.display()
+        );
+    }
+    dir
+}
+
+/// The reference tensors and metadata written by `parity_reference.py`.
+struct Reference {
+    tensors: HashMap<String, Tensor>,
+    metadata: HashMap<String, String>,
+}
+
+impl Reference {
+    fn tensor(&self, name: &str) -> &Tensor {
+        self.tensors
+            .get(name)
+            .unwrap_or_else(|| panic!("reference lacks tensor {name}"))
+    }
+
+    fn meta(&self, key: &str) -> &str {
+        self.metadata
+            .get(key)
+            .unwrap_or_else(|| panic!("reference lacks metadata {key}"))
+    }
+
+    fn texts(&self) -> Vec<String> {
+        serde_json::from_str(self.meta("texts")).expect("texts metadata is a JSON list")
+    }
+}
+
+fn reference(dir: &Path, out_dir: &Path) -> Reference {
+    let out = out_dir.join("reference.safetensors");
+    let script = repo_root().join("scripts").join("parity_reference.py");
+    let status = Command::new(python())
+        .arg(&script)
+        .arg(dir)
+        .arg(&out)
+        .env("OMP_NUM_THREADS", "2")
+        .status()
+        .expect("cannot run python");
+    assert!(status.success(), "{} failed: {status}", script.display());
+    let bytes = std::fs::read(&out).expect("reference file written");
+    let (_, metadata) =
+        safetensors::SafeTensors::read_metadata(&bytes).expect("valid safetensors reference");
+    let metadata = metadata.metadata().clone().unwrap_or_default();
+    let tensors = Tensor::read_safetensors(&out)
+        .expect("readable reference")
+        .into_iter()
+        .collect();
+    Reference { tensors, metadata }
+}
+
+/// Max |a - b| over positions where `mask` is 1 (`a`, `b`: `[B, T, ...]`).
+fn masked_max_diff(a: &Tensor, b: &Tensor, mask: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size(), "shape mismatch");
+    let mut keep = mask.to_kind(Kind::Float);
+    while keep.dim() < a.dim() {
+        keep = keep.unsqueeze(-1);
+    }
+    ((a.to_kind(Kind::Float) - b.to_kind(Kind::Float)).abs() * keep)
+        .max()
+        .double_value(&[])
+}
+
+fn masked_max_abs(a: &Tensor, mask: &Tensor) -> f64 {
+    masked_max_diff(a, &a.zeros_like(), mask)
+}
+
+/// Tokenisation must give HF's ids on real positions and HF's mask.
+fn check_tokenizer(dir: &Path, vocab: usize, reference: &Reference, prefix: &str, max_len: usize) {
+    let tokenizer = TextTokenizer::for_model(dir, vocab).expect("tokenizer loads");
+    let texts = reference.texts();
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let encoded = tokenizer.encode_batch(&refs, max_len).expect("encodes");
+    let ref_ids = reference.tensor(&format!("{prefix}input_ids"));
+    let ref_mask = reference.tensor(&format!("{prefix}attention_mask"));
+    assert_eq!(
+        encoded.attention_mask.size(),
+        ref_mask.size(),
+        "batch shape differs from HF ({prefix}max_len {max_len})"
+    );
+    assert!(
+        encoded.attention_mask.equal(ref_mask),
+        "attention mask differs from HF ({prefix}max_len {max_len})"
+    );
+    let same = (&encoded.input_ids * &encoded.attention_mask).equal(&(ref_ids * ref_mask));
+    if !same {
+        let mine = Vec::<i64>::try_from(encoded.input_ids.get(0)).unwrap_or_default();
+        let theirs = Vec::<i64>::try_from(ref_ids.get(0)).unwrap_or_default();
+        panic!("token ids differ from HF ({prefix}max_len {max_len}): first row {mine:?} vs {theirs:?}");
+    }
+}
+
+fn check_model(name: &str) {
+    tch::set_num_threads(2);
+    let _guard = tch::no_grad_guard();
+    let dir = model_dir(name);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let reference = reference(&dir, tmp.path());
+
+    let backbone = load_backbone(&dir, Device::Cpu, Kind::Float).expect("backbone loads");
+    let info = backbone.info().clone();
+    println!("{name}: {info:?}");
+
+    let max_len: usize = reference.meta("max_len").parse().expect("max_len");
+    let short_len: usize = reference
+        .meta("short_max_len")
+        .parse()
+        .expect("short_max_len");
+    check_tokenizer(&dir, info.vocab_size, &reference, "", max_len);
+    check_tokenizer(&dir, info.vocab_size, &reference, "short.", short_len);
+
+    let ids = reference.tensor("input_ids");
+    let mask = reference.tensor("attention_mask");
+    let states = backbone.hidden_states(ids, mask);
+    assert_eq!(states.len(), info.num_layers + 1);
+    let mut worst: f64 = 0.0;
+    let mut failures = Vec::new();
+    println!("{name}: max |rust - hf| on real positions (max |hf|)");
+    for (i, state) in states.iter().enumerate() {
+        let key = format!("hidden.{i}");
+        let hf = reference.tensor(&key);
+        let diff = masked_max_diff(state, hf, mask);
+        let scale = masked_max_abs(hf, mask);
+        let what = if i == 0 {
+            "embeddings".to_string()
+        } else {
+            format!("layer {}", i - 1)
+        };
+        println!("  {what:>11}: {diff:.3e}  ({scale:.2})");
+        worst = worst.max(diff);
+        if diff > HIDDEN_TOLERANCE || diff.is_nan() {
+            failures.push(format!("{what}: {diff:.3e}"));
+        }
+    }
+    println!("{name}: worst hidden-state diff {worst:.3e}");
+    assert!(
+        failures.is_empty(),
+        "{name}: hidden states differ from HF by more than {HIDDEN_TOLERANCE}: {failures:?}"
+    );
+
+    if info.family == Family::Llama {
+        drop(backbone);
+        check_llama_head(&dir, &reference, &states[info.num_layers], mask, name);
+    }
+}
+
+fn check_llama_head(dir: &Path, reference: &Reference, last: &Tensor, mask: &Tensor, name: &str) {
+    let llama = Llama::load(dir, Device::Cpu, Kind::Float).expect("llama loads");
+    let normed = llama.final_norm(last);
+    let diff = masked_max_diff(&normed, reference.tensor("final_norm"), mask);
+    println!("  final_norm: {diff:.3e}");
+    assert!(
+        diff <= HIDDEN_TOLERANCE,
+        "{name}: final norm differs by {diff:.3e}"
+    );
+
+    let logits = llama.lm_logits(&normed);
+    let hf_logits = reference.tensor("logits");
+    let diff = masked_max_diff(&logits, hf_logits, mask);
+    let scale = masked_max_abs(hf_logits, mask);
+    println!("  logits: {diff:.3e} (max |logit| {scale:.2})");
+    assert!(
+        diff <= LOGITS_TOLERANCE,
+        "{name}: logits differ from HF by {diff:.3e} > {LOGITS_TOLERANCE}"
+    );
+    let argmax_same = (logits
+        .argmax(-1, false)
+        .eq_tensor(&hf_logits.argmax(-1, false)))
+    .logical_or(&mask.eq(0))
+    .all()
+    .int64_value(&[])
+        == 1;
+    assert!(argmax_same, "{name}: next-token argmax differs from HF");
+
+    // Greedy decoding of the reference prompt reproduces HF's tokens.
+    let tokenizer = TextTokenizer::for_model(dir, llama.info().vocab_size).expect("tokenizer");
+    let hf_greedy = Vec::<i64>::try_from(reference.tensor("greedy_ids").get(0)).expect("ids");
+    let prompt = tokenizer
+        .encode(reference.meta("greedy_prompt"), 64)
+        .expect("prompt encodes");
+    let mut ids: Vec<i64> = prompt.iter().map(|&t| i64::from(t)).collect();
+    while ids.len() < hf_greedy.len() {
+        let input = Tensor::from_slice(&ids).unsqueeze(0);
+        let mask = input.ones_like();
+        let hidden = llama.forward(&input, &mask);
+        let next = llama
+            .lm_logits(&hidden.narrow(1, ids.len() as i64 - 1, 1))
+            .argmax(-1, false)
+            .int64_value(&[0, 0]);
+        ids.push(next);
+    }
+    let new: Vec<u32> = ids[prompt.len()..].iter().map(|&t| t as u32).collect();
+    let text = tokenizer.decode(&new).expect("decodes");
+    println!(
+        "  greedy: {:?} -> {text:?}",
+        reference.meta("greedy_prompt")
+    );
+    assert_eq!(
+        ids, hf_greedy,
+        "{name}: greedy continuation differs from HF"
+    );
+    assert!(
+        text.starts_with(" Paris"),
+        "{name}: greedy continuation {text:?}"
+    );
+}
+
+#[test]
+fn parity_all_minilm_l6_v2() {
+    check_model("all-MiniLM-L6-v2");
+}
+
+#[test]
+fn parity_paraphrase_minilm_l3_v2() {
+    check_model("paraphrase-MiniLM-L3-v2");
+}
+
+#[test]
+fn parity_smollm2_135m_instruct() {
+    check_model("SmolLM2-135M-Instruct");
+}
