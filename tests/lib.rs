@@ -1,6 +1,8 @@
 //! Cross-crate and end-to-end tests of HeteroTune live in this package's
 //! test targets (`cli.rs`, ...); this library only locates the built binaries.
 
+pub mod fixtures;
+
 use std::path::PathBuf;
 
 /// The workspace root.

