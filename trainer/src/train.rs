@@ -218,6 +218,32 @@ impl ClientModel {
         self.head.forward(&h, mask)
     }
 
+    /// Final hidden states `[b, t, d]` for `texts` (no gradient), through the
+    /// adapters or, with `adapters` false, through the bare backbone.
+    pub fn hidden_states(&self, texts: &[&str], max_len: usize, adapters: bool) -> Result<Tensor> {
+        let examples: Vec<Example> = texts
+            .iter()
+            .map(|t| Example {
+                text: (*t).to_string(),
+                label: 0,
+            })
+            .collect();
+        let tokens = self.tokenize(&examples, max_len)?;
+        let rows: Vec<usize> = (0..examples.len()).collect();
+        let (ids, mask, _) = self.batch(&tokens, &rows);
+        Ok(tch::no_grad(|| {
+            let layers = self.backbone.info().num_layers;
+            let mut h = self.backbone.embed(&ids);
+            for l in 0..layers {
+                h = self.backbone.layer(l, &h, &mask, None);
+                if adapters && self.dema.is_adapted(l) {
+                    h = self.dema.apply(l, &h);
+                }
+            }
+            self.backbone.final_norm(&h)
+        }))
+    }
+
     /// Builds the prefix cache for `rows` of `tokens`, within `budget` bytes.
     fn build_cache(&self, tokens: &Tokens, batch: usize, budget: usize) -> PrefixCache {
         let mut states = HashMap::new();
