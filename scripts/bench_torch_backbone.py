@@ -2,9 +2,9 @@
 """PyTorch + transformers side of trainer/examples/backbone_bench.rs.
 
 Usage: bench_torch_backbone.py MODEL_DIR [--batch 16] [--seq 32] [--threads 2]
-                               [--reps 5] [--top K ...] [--window K ...]
+                               [--reps 5] [--top K ...] [--window K ...] [--dtype f32|bf16]
 
-Times, on the CPU in float32, the same work the Rust example times:
+Times, on the CPU in float32 (or bfloat16), the same work the Rust example times:
   forward            embeddings + every layer + final norm, no autograd
   train top-K        frozen prefix without autograd, then the top K layers
                      with autograd from their input, final norm, a scalar
@@ -44,12 +44,14 @@ def main():
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--top", type=int, action="append", default=[])
     p.add_argument("--window", type=int, action="append", default=[])
+    p.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
     args = p.parse_args()
 
     import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     with open(os.path.join(args.model_dir, "config.json")) as f:
@@ -61,7 +63,7 @@ def main():
     if family == "bert":
         from transformers import BertModel
 
-        model = BertModel.from_pretrained(args.model_dir, dtype=torch.float32, add_pooling_layer=False).eval()
+        model = BertModel.from_pretrained(args.model_dir, dtype=dtype, add_pooling_layer=False).eval()
         layers = list(model.encoder.layer)
         # The same key mask the Rust encoder gives SDPA: [B, 1, 1, T], True = attend.
         mask = torch.ones(args.batch, 1, 1, args.seq, dtype=torch.bool)
@@ -79,11 +81,11 @@ def main():
     elif family == "llama":
         from transformers import LlamaModel
 
-        model = LlamaModel.from_pretrained(args.model_dir, dtype=torch.float32).eval()
+        model = LlamaModel.from_pretrained(args.model_dir, dtype=dtype).eval()
         layers = list(model.layers)
         position_ids = torch.arange(args.seq).unsqueeze(0)
         with torch.no_grad():
-            rope = model.rotary_emb(torch.zeros(1, dtype=torch.float32), position_ids)
+            rope = model.rotary_emb(torch.zeros(1, dtype=dtype), position_ids)
 
         def embed():
             return model.embed_tokens(ids)
@@ -123,7 +125,7 @@ def main():
             x = h
             for layer in layers[n - k :]:
                 x = run_layer(layer, x)
-            loss = final(x).square().mean()
+            loss = final(x).square().mean(dtype=torch.float32)
             loss.backward()
             return h.grad
 

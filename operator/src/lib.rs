@@ -6,6 +6,8 @@
 
 pub mod checks;
 pub mod controller;
+pub mod http;
+pub mod leader;
 pub mod metrics;
 pub mod planner;
 pub mod report;

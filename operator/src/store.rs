@@ -36,7 +36,7 @@ pub enum StoreError {
         op: &'static str,
         key: String,
         #[source]
-        source: object_store::Error,
+        source: Box<object_store::Error>,
     },
     /// A local file could not be read or written while staging.
     #[error("{path}: {source}")]
@@ -48,6 +48,11 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// True when the object does not exist.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, StoreError::Operation { source, .. } if matches!(**source, object_store::Error::NotFound { .. }))
+    }
+
     /// Label for metrics.
     pub fn metric_label(&self) -> &'static str {
         match self {
@@ -191,7 +196,7 @@ impl Store {
             uri: self.uri.clone(),
             op,
             key: key.to_string(),
-            source,
+            source: Box::new(source),
         }
     }
 
@@ -205,10 +210,7 @@ impl Store {
             .await;
         match result {
             Ok(b) => Ok(Some(b)),
-            Err(StoreError::Operation {
-                source: object_store::Error::NotFound { .. },
-                ..
-            }) => Ok(None),
+            Err(e) if e.is_not_found() => Ok(None),
             Err(e) => Err(e),
         }
     }
@@ -231,10 +233,7 @@ impl Store {
             .await
         {
             Ok(_) => Ok(true),
-            Err(StoreError::Operation {
-                source: object_store::Error::NotFound { .. },
-                ..
-            }) => Ok(false),
+            Err(e) if e.is_not_found() => Ok(false),
             Err(e) => Err(e),
         }
     }

@@ -1,7 +1,7 @@
 //! Backbone speed on the CPU, next to PyTorch + transformers.
 //!
 //! For each real model in `$HETEROTUNE_CACHE/models` (made by
-//! `scripts/setup.sh`), at batch 16 × 32 tokens (no padding), f32,
+//! `scripts/setup.sh`), at batch 16 × 32 tokens (no padding), f32 (or bf16),
 //! `tch::set_num_threads(2)`:
 //!
 //! * `forward`: embeddings + every layer + final norm, no autograd;
@@ -19,7 +19,7 @@
 //! ```text
 //! source scripts/env.sh
 //! cargo run -p heterotune-trainer --release --example backbone_bench -- \
-//!     [--reps 5] [--rounds 3] [--no-torch] [MODEL ...]
+//!     [--reps 5] [--rounds 3] [--dtype f32|bf16] [--no-torch] [MODEL ...]
 //! ```
 
 use std::collections::BTreeMap;
@@ -106,10 +106,11 @@ type Times = BTreeMap<String, Vec<f64>>;
 
 fn bench_rust(
     dir: &Path,
+    kind: Kind,
     reps: usize,
     times: &mut Times,
 ) -> anyhow::Result<(Vec<usize>, Vec<usize>)> {
-    let model = load_backbone(dir, Device::Cpu, Kind::Float)?;
+    let model = load_backbone(dir, Device::Cpu, kind)?;
     let model = model.as_ref();
     let info = model.info().clone();
     tch::manual_seed(0);
@@ -151,6 +152,7 @@ fn bench_rust(
 
 fn bench_torch(
     dir: &Path,
+    dtype: &str,
     reps: usize,
     tops: &[usize],
     windows: &[usize],
@@ -168,7 +170,8 @@ fn bench_torch(
             &THREADS.to_string(),
             "--reps",
             &reps.to_string(),
-        ]);
+        ])
+        .args(["--dtype", dtype]);
     for k in tops {
         cmd.args(["--top", &k.to_string()]);
     }
@@ -206,6 +209,7 @@ fn main() -> anyhow::Result<()> {
     let mut reps = 5usize;
     let mut rounds = 3usize;
     let mut with_torch = true;
+    let mut dtype = "f32".to_string();
     let mut names = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -213,15 +217,21 @@ fn main() -> anyhow::Result<()> {
             "--reps" => reps = args.next().and_then(|v| v.parse().ok()).unwrap_or(reps),
             "--rounds" => rounds = args.next().and_then(|v| v.parse().ok()).unwrap_or(rounds),
             "--no-torch" => with_torch = false,
+            "--dtype" => dtype = args.next().unwrap_or(dtype),
             other => names.push(other.to_string()),
         }
     }
     if names.is_empty() {
         names = MODELS.iter().map(|s| s.to_string()).collect();
     }
+    let kind = match dtype.as_str() {
+        "f32" => Kind::Float,
+        "bf16" => Kind::BFloat16,
+        other => anyhow::bail!("--dtype {other}: use f32 or bf16"),
+    };
     tch::set_num_threads(THREADS);
     println!(
-        "batch {BATCH} x {SEQ} tokens, f32, {THREADS} threads; {rounds} rounds x {reps} runs; seconds: min (median)"
+        "batch {BATCH} x {SEQ} tokens, {dtype}, {THREADS} threads; {rounds} rounds x {reps} runs; seconds: min (median)"
     );
     println!(
         "{:<24} {:<14} {:>18} {:>18} {:>10}",
@@ -236,9 +246,9 @@ fn main() -> anyhow::Result<()> {
         );
         let (mut rust, mut torch) = (Times::new(), Times::new());
         for _ in 0..rounds {
-            let (tops, windows) = bench_rust(&dir, reps, &mut rust)?;
+            let (tops, windows) = bench_rust(&dir, kind, reps, &mut rust)?;
             if with_torch {
-                bench_torch(&dir, reps, &tops, &windows, &mut torch)?;
+                bench_torch(&dir, &dtype, reps, &tops, &windows, &mut torch)?;
             }
         }
         for (what, runs) in &rust {

@@ -307,6 +307,7 @@ fn settings(
         prefix_cache: spec.training.prefix_cache.enabled,
         prefix_cache_bytes: spec.training.prefix_cache.max_memory_mib as usize * 1024 * 1024,
         prefix_cache_dir: cache_dir.map(Path::to_path_buf),
+        gradient_checkpointing: spec.training.gradient_checkpointing,
     }
 }
 

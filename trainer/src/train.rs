@@ -38,6 +38,8 @@ pub struct TrainSettings {
     pub prefix_cache_bytes: usize,
     /// Where prefix caches persist between rounds (None: in memory only).
     pub prefix_cache_dir: Option<std::path::PathBuf>,
+    /// Recompute window activations in the backward pass (less memory).
+    pub gradient_checkpointing: bool,
 }
 
 /// Tokenised examples, unpadded.
@@ -242,6 +244,60 @@ impl ClientModel {
             }
             self.backbone.final_norm(&h)
         }))
+    }
+
+    /// One segment of the window: the first adapter (`None`), or layer `l`
+    /// followed by its adapter.
+    fn segment(&self, layer: Option<usize>, h: &Tensor, mask: &Tensor) -> Tensor {
+        match layer {
+            None => self.dema.apply(self.prefix_layers - 1, h),
+            Some(l) => {
+                let out = self.backbone.layer(l, h, mask, None);
+                if self.dema.is_adapted(l) {
+                    self.dema.apply(l, &out)
+                } else {
+                    out
+                }
+            }
+        }
+    }
+
+    /// Gradient checkpointing: the window runs forward without keeping
+    /// activations (only each segment's input), then each segment is
+    /// recomputed, one at a time from the top, and back-propagated with the
+    /// gradient of its output. Same gradients as [`Self::window`]'s backward
+    /// at the cost of one more forward; peak activation memory of one layer
+    /// instead of the whole window. Returns the loss.
+    fn backward_checkpointed(&self, h0: Tensor, mask: &Tensor, labels: &Tensor) -> f64 {
+        let layers = self.backbone.info().num_layers;
+        let mut segments: Vec<Option<usize>> = Vec::with_capacity(layers + 1);
+        if self.dema.is_adapted(self.prefix_layers - 1) {
+            segments.push(None);
+        }
+        segments.extend((self.prefix_layers..layers).map(Some));
+        let mut inputs = Vec::with_capacity(segments.len());
+        let top = tch::no_grad(|| {
+            let mut h = h0;
+            for s in &segments {
+                inputs.push(h.shallow_clone());
+                h = self.segment(*s, &h, mask);
+            }
+            h
+        });
+        let top_in = top.detach().set_requires_grad(true);
+        let logits = self.head.forward(&self.backbone.final_norm(&top_in), mask);
+        let loss = logits.cross_entropy_for_logits(labels);
+        loss.backward();
+        let mut grad = top_in.grad();
+        for (s, input) in segments.iter().zip(inputs).rev() {
+            let x = input.detach().set_requires_grad(true);
+            let out = self.segment(*s, &x, mask);
+            (out.to_kind(Kind::Float) * &grad)
+                .sum(Kind::Float)
+                .backward();
+            grad = x.grad();
+        }
+        loss.double_value(&[])
     }
 
     /// Builds the prefix cache for `rows` of `tokens`, within `budget` bytes.
@@ -449,15 +505,19 @@ impl ClientModel {
             let (ids, mask, labels) = self.batch(tokens, &rows);
             tokens_seen += mask.sum(Kind::Int64).int64_value(&[]);
             let h = self.window_input(cache, &rows, &ids, &mask);
-            let logits = self.window(h, &mask);
-            let loss = logits.cross_entropy_for_logits(&labels);
             opt.zero_grad();
-            loss.backward();
+            let value = if settings.gradient_checkpointing {
+                self.backward_checkpointed(h, &mask, &labels)
+            } else {
+                let logits = self.window(h, &mask);
+                let loss = logits.cross_entropy_for_logits(&labels);
+                loss.backward();
+                loss.double_value(&[])
+            };
             if settings.max_grad_norm > 0.0 {
                 opt.clip_grad_norm(settings.max_grad_norm);
             }
             opt.step();
-            let value = loss.double_value(&[]);
             if !value.is_finite() {
                 return Err(Error::config(
                     "training.learningRate",

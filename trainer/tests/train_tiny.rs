@@ -44,6 +44,7 @@ fn settings(steps: usize, cache: bool, dir: Option<&Path>) -> TrainSettings {
         prefix_cache: cache,
         prefix_cache_bytes: 64 << 20,
         prefix_cache_dir: dir.map(Path::to_path_buf),
+        gradient_checkpointing: false,
     }
 }
 

@@ -454,16 +454,32 @@ pub fn verify_client(
                 format!("{name}: {:?}", view.dtype()),
             )
         })?;
-        if let Some(i) = data.iter().position(|v| !v.is_finite()) {
+        // One branch-free pass for finiteness and the squared norm (8
+        // independent accumulators, so the loop vectorises; fixed order,
+        // so the result is deterministic).
+        let mut finite = true;
+        let mut lanes = [0.0f64; 8];
+        let chunks = data.chunks_exact(8);
+        let tail = chunks.remainder();
+        for c in chunks {
+            for (acc, &v) in lanes.iter_mut().zip(c) {
+                finite &= v.is_finite();
+                *acc += f64::from(v) * f64::from(v);
+            }
+        }
+        for &v in tail {
+            finite &= v.is_finite();
+            lanes[0] += f64::from(v) * f64::from(v);
+        }
+        let sq: f64 = lanes.iter().sum();
+        if !finite {
+            let i = data.iter().position(|v| !v.is_finite()).unwrap_or(0);
             return Err(r.reject(
                 RejectReason::NonFinite,
                 format!("{name}: value {i} is not finite"),
             ));
         }
-        sum_sq += data
-            .iter()
-            .map(|&v| f64::from(v) * f64::from(v))
-            .sum::<f64>();
+        sum_sq += sq;
         let array = Array::new(view.shape().to_vec(), data)
             .map_err(|e| r.reject(RejectReason::MalformedData, e.to_string()))?;
         tensors.insert(name.to_string(), array);

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# End-to-end test on a real cluster (kind or any other): installs the CRD and
+# the operator chart, an S3 store (MinIO) and a small FederatedTune (three
+# CPU clients on the packaged encoders, 2 rounds), waits for it to succeed,
+# checks status, Jobs and Events, deletes it and checks the finalizer ran.
+#
+# Skips (exit 0, with the reason) when KUBECONFIG is unset or the cluster is
+# unreachable. Needs kubectl and helm, and the images in reach of the nodes:
+#   OPERATOR_IMAGE (default heterotune/operator:dev)
+#   TRAINER_IMAGE  (default heterotune/trainer:dev; it must hold the model
+#                   cache at /work/cache or reach s3://models, see docs/operator.md)
+# On kind:  kind create cluster && kind load docker-image "$OPERATOR_IMAGE" "$TRAINER_IMAGE"
+#           KUBECONFIG=~/.kube/config tests/e2e/run.sh
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(cd "$here/../.." && pwd)"
+
+if [ -z "${KUBECONFIG:-}" ]; then
+  echo "SKIP tests/e2e: KUBECONFIG is not set (no cluster to test against; see tests/e2e/run.sh)"
+  exit 0
+fi
+for tool in kubectl helm; do
+  command -v "$tool" > /dev/null || { echo "SKIP tests/e2e: $tool is not installed"; exit 0; }
+done
+if ! kubectl version --request-timeout=10s > /dev/null 2>&1; then
+  echo "SKIP tests/e2e: the cluster in KUBECONFIG=$KUBECONFIG does not answer"
+  exit 0
+fi
+
+ns="heterotune-e2e-$RANDOM"
+op_ns="heterotune-system"
+operator_image="${OPERATOR_IMAGE:-heterotune/operator:dev}"
+trainer_image="${TRAINER_IMAGE:-heterotune/trainer:dev}"
+timeout="${E2E_TIMEOUT:-1800}"
+cleanup() {
+  echo "== cleanup"
+  kubectl delete namespace "$ns" --wait=false > /dev/null 2>&1 || true
+  helm uninstall heterotune -n "$op_ns" > /dev/null 2>&1 || true
+}
+trap cleanup EXIT
+fail() {
+  echo "FAIL: $*" >&2
+  kubectl -n "$ns" get ft,jobs,pods -o wide || true
+  kubectl -n "$ns" describe ft || true
+  kubectl -n "$op_ns" logs deploy/heterotune --tail=200 || true
+  exit 1
+}
+
+echo "== CRD and operator"
+kubectl apply --server-side -f "$root/manifests/crds/"
+kubectl create namespace "$op_ns" --dry-run=client -o yaml | kubectl apply -f -
+kubectl create namespace "$ns"
+kubectl -n "$ns" apply -f "$here/minio.yaml"
+kubectl -n "$ns" rollout status deploy/minio --timeout=300s
+# The operator reads the store with its own credentials (same MinIO here).
+kubectl -n "$op_ns" create secret generic operator-s3 \
+  --from-literal=AWS_ACCESS_KEY_ID=heterotune --from-literal=AWS_SECRET_ACCESS_KEY=heterotune-e2e \
+  --dry-run=client -o yaml | kubectl apply -f -
+helm upgrade --install heterotune "$root/charts/heterotune" -n "$op_ns" --wait --timeout 300s \
+  --set image.repository="${operator_image%:*}" --set image.tag="${operator_image##*:}" \
+  --set config.jobs.trainerImage="$trainer_image" --set storage.credentialsSecret=operator-s3 \
+  --set replicaCount=2
+kubectl -n "$op_ns" get lease heterotune-operator > /dev/null || fail "no leader lease"
+
+echo "== FederatedTune"
+sed -e "s#TRAINER_IMAGE#$trainer_image#" -e "s#NAMESPACE#$ns#g" "$here/federatedtune.yaml" | kubectl -n "$ns" apply -f -
+deadline=$((SECONDS + timeout))
+phase=""
+while [ $SECONDS -lt $deadline ]; do
+  phase="$(kubectl -n "$ns" get ft e2e -o jsonpath='{.status.phase}' 2>/dev/null || true)"
+  [ "$phase" = Succeeded ] && break
+  [ "$phase" = Failed ] && fail "the run failed"
+  sleep 10
+done
+[ "$phase" = Succeeded ] || fail "not Succeeded after ${timeout}s (phase: ${phase:-none})"
+kubectl -n "$ns" get ft e2e
+
+echo "== status, Jobs, Events"
+[ "$(kubectl -n "$ns" get ft e2e -o jsonpath='{.status.progress}')" = "2/2" ] || fail "progress is not 2/2"
+[ "$(kubectl -n "$ns" get ft e2e -o jsonpath='{.status.conditions[?(@.type=="Complete")].status}')" = True ] || fail "Complete is not True"
+[ "$(kubectl -n "$ns" get ft e2e -o jsonpath='{.status.history[*].round}')" = "1 2" ] || fail "history is not rounds 1 2"
+jobs="$(kubectl -n "$ns" get jobs -l heterotune.dev/federatedtune=e2e -o name | sort)"
+[ "$(echo "$jobs" | grep -c -- '-r1-')" -eq 3 ] || fail "expected 3 trainer Jobs in round 1: $jobs"
+[ "$(echo "$jobs" | grep -c -- '-agg-r')" -ge 2 ] || fail "expected an aggregation Job per round: $jobs"
+kubectl -n "$ns" get events --field-selector involvedObject.name=e2e -o jsonpath='{.items[*].reason}' | grep -q RoundCompleted \
+  || fail "no RoundCompleted event"
+
+echo "== deletion runs the retention policy"
+kubectl -n "$ns" delete ft e2e --timeout=120s || fail "deletion did not finish (finalizer stuck)"
+kubectl -n "$ns" get events -o jsonpath='{.items[*].reason}' | grep -q ArtifactsDeleted || fail "no ArtifactsDeleted event"
+echo "OK tests/e2e"

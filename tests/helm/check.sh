@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Checks the Helm chart: lint, render several value sets, validate every
+# rendered object against the Kubernetes OpenAPI schemas (strict), check the
+# schema rejects bad values and the chart refuses unsafe combinations, parse
+# the Grafana dashboard, check the alert rules (promtool, when installed),
+# and that manifests/operator/ is the chart rendered with defaults.
+#
+# Tools (see docs/operator.md, "Checking the chart"):
+#   helm                 HELM=/path/to/helm, or on PATH
+#   kubernetes-validate  KUBERNETES_VALIDATE=/path, or on PATH (pip install kubernetes-validate)
+#   promtool             optional (Debian package prometheus)
+# Without helm or kubernetes-validate the script prints why and exits 0,
+# unless HETEROTUNE_REQUIRE_TOOLS=1 (CI), where it fails.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+chart="$root/charts/heterotune"
+helm="${HELM:-$(command -v helm || true)}"
+kv="${KUBERNETES_VALIDATE:-$(command -v kubernetes-validate || true)}"
+k8s_version="${K8S_VERSION:-1.33.0}"
+
+missing=()
+[ -x "$helm" ] || missing+=("helm (HELM=...)")
+[ -x "$kv" ] || missing+=("kubernetes-validate (KUBERNETES_VALIDATE=...)")
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "SKIP tests/helm/check.sh: missing ${missing[*]}"
+  [ "${HETEROTUNE_REQUIRE_TOOLS:-0}" = 1 ] && exit 1
+  exit 0
+fi
+
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+fail() { echo "FAIL: $*" >&2; exit 1; }
+
+echo "== helm lint"
+"$helm" lint --strict "$chart" \
+  --set serviceMonitor.enabled=true --set prometheusRule.enabled=true --set grafana.dashboard.enabled=true
+
+render() { # name, then --set arguments
+  local name="$1"; shift
+  "$helm" template heterotune "$chart" --namespace heterotune-system --include-crds "$@" > "$tmp/$name.yaml"
+  echo "== kubernetes-validate --strict ($name)"
+  # Prometheus Operator kinds have no schema in kubernetes-validate: they are
+  # reported as warnings and checked below instead.
+  "$kv" --strict --quiet -k "$k8s_version" "$tmp/$name.yaml" 2>&1 | grep -v "Couldn't find schema for kind \(PrometheusRule\|ServiceMonitor\)" || true
+  "$kv" --strict --quiet -k "$k8s_version" "$tmp/$name.yaml" > /dev/null 2>&1 || fail "$name does not validate"
+}
+render defaults
+render everything --set replicaCount=2 --set serviceMonitor.enabled=true --set prometheusRule.enabled=true \
+  --set grafana.dashboard.enabled=true --set storage.credentialsSecret=operator-s3
+render one-namespace --set watchNamespace=team-a --set leaderElection.enabled=false
+render gpus -f "$root/tests/helm/values-gpus.yaml"
+
+echo "== rendered objects"
+python3 - "$tmp" <<'PY'
+import sys, yaml, json
+d = sys.argv[1]
+def docs(name):
+    return [x for x in yaml.safe_load_all(open(f"{d}/{name}.yaml")) if x]
+kinds = lambda name: sorted(x["kind"] for x in docs(name))
+assert kinds("defaults") == ["ClusterRole", "ClusterRoleBinding", "ConfigMap", "CustomResourceDefinition", "Deployment", "Role", "RoleBinding", "Service", "ServiceAccount"], kinds("defaults")
+every = {x["kind"]: x for x in docs("everything")}
+for k in ["ServiceMonitor", "PrometheusRule"]:
+    assert k in every, k
+assert every["ServiceMonitor"]["spec"]["endpoints"][0]["path"] == "/metrics"
+rules = every["PrometheusRule"]["spec"]["groups"][0]["rules"]
+assert all("alert" in r and "expr" in r for r in rules), rules
+dash = [x for x in docs("everything") if x["kind"] == "ConfigMap" and x["metadata"]["name"].endswith("-dashboard")][0]
+panels = json.loads(dash["data"]["heterotune.json"])["panels"]
+assert len(panels) >= 8 and all(p["targets"] for p in panels)
+dep = every["Deployment"]["spec"]["template"]["spec"]
+c = dep["containers"][0]
+assert "--leader-election" in c["args"], c["args"]
+assert c["securityContext"]["readOnlyRootFilesystem"] and c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+assert dep["securityContext"]["runAsNonRoot"] and dep["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+assert {e["name"] for e in c["env"]} >= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "POD_NAME", "POD_NAMESPACE"}
+# Least privilege: no secrets, no wildcards, jobs without update/patch.
+role = every["ClusterRole"]
+for rule in role["rules"]:
+    assert "*" not in rule["verbs"] and "*" not in rule["resources"], rule
+    assert "secrets" not in rule["resources"], rule
+ns = {x["kind"]: x for x in docs("one-namespace")}
+assert "ClusterRole" not in ns and ns["Role"]["metadata"]["namespace"] == "team-a"
+assert "--watch-namespace=team-a" in ns["Deployment"]["spec"]["template"]["spec"]["containers"][0]["args"]
+gpus = {x["kind"]: x for x in docs("gpus") if x["kind"] == "ConfigMap" and x["metadata"]["name"].endswith("-config")}
+cfg = json.loads(gpus["ConfigMap"]["data"]["config.json"])
+assert [p["name"] for p in cfg["sizing"]["gpuProfiles"]] == ["l4-24gb", "a100-80gb"], cfg
+print("rendered objects: ok")
+PY
+
+echo "== refusals"
+if "$helm" template x "$chart" --set replicaCount=2 --set leaderElection.enabled=false > /dev/null 2>&1; then
+  fail "two replicas without leader election must be refused"
+fi
+if "$helm" template x "$chart" --set config.sizing.gpuProfiles[0].name=x > /dev/null 2>&1; then
+  fail "a GPU profile without memory must be refused by values.schema.json"
+fi
+if "$helm" template x "$chart" --set unknownValue=1 > /dev/null 2>&1; then
+  fail "unknown values must be refused by values.schema.json"
+fi
+echo "refusals: ok"
+
+if command -v promtool > /dev/null; then
+  echo "== promtool check rules"
+  promtool check rules "$chart/dashboards/alerts.yaml"
+else
+  echo "promtool not installed: alert rules checked structurally only"
+fi
+
+echo "== manifests/operator is the chart with defaults"
+"$helm" template heterotune "$chart" --namespace heterotune-system > "$tmp/plain.yaml"
+tail -n +3 "$root/manifests/operator/heterotune-operator.yaml" | diff -u - "$tmp/plain.yaml" \
+  || fail "manifests/operator/heterotune-operator.yaml is stale: run tests/helm/render.sh"
+echo "OK tests/helm/check.sh"
