@@ -359,3 +359,34 @@ fn federation_on_a_real_s3_server() {
         );
     }
 }
+
+#[test]
+fn hetlora_baseline_federation_runs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let store = root.join("store");
+    let spec = fixtures::write_federation(
+        root,
+        "lora-fed",
+        2,
+        &format!("  storage: {{ uri: \"file://{}\" }}", store.display()),
+    );
+    let spec = spec
+        .replace(
+            "adapter: { rank: 4, experts: 2, slots: 2 }",
+            "adapter: { type: lora, rank: 4 }",
+        )
+        .replace("algorithm: cmga", "algorithm: hetlora");
+    // wide-bert trains at rank 2 (HetLoRA truncates the global factors for it).
+    let at = spec.find("    - name: tiny-llama").expect("client list");
+    let spec = format!("{}      loraRank: 2\n{}", &spec[..at], &spec[at..]);
+    let spec_file = root.join("spec.yaml");
+    std::fs::write(&spec_file, &spec).expect("spec");
+    let out = run_command(root, &spec_file)
+        .output()
+        .expect("heterotune runs");
+    assert!(out.status.success(), "{}\n{spec}", output_text(&out));
+    check_report(root, 2);
+    let r = report(root);
+    assert_eq!(r["algorithm"], "hetlora");
+}

@@ -10,14 +10,17 @@ use clap::{Parser, Subcommand};
 use heterotune_crds::manifest::{
     ArtifactKind, ArtifactManifest, FileDigest, MANIFEST_SCHEMA_VERSION,
 };
-use heterotune_crds::spec::{AggregationAlgorithm, FederatedTuneSpec, Pooling as SpecPooling};
+use heterotune_crds::spec::{
+    AdapterKind, AggregationAlgorithm, FederatedTuneSpec, Pooling as SpecPooling,
+};
 use heterotune_trainer::adapters::head::Pooling;
+use heterotune_trainer::adapters::lora::{LoraConfig, ProjectionDims};
 use heterotune_trainer::artifact::{self, StoreDtype};
 use heterotune_trainer::data::partition::federate;
 use heterotune_trainer::job;
 use heterotune_trainer::models::load_backbone;
 use heterotune_trainer::tokenizer::TextTokenizer;
-use heterotune_trainer::train::{ClientModel, TrainSettings};
+use heterotune_trainer::train::{AdapterChoice, ClientModel, TrainSettings};
 use tch::{Device, Tensor};
 
 #[derive(Parser)]
@@ -144,9 +147,11 @@ fn shared_names(model: &ClientModel, spec: &FederatedTuneSpec) -> Vec<String> {
     if spec.aggregation.algorithm == AggregationAlgorithm::LocalOnly {
         return Vec::new();
     }
-    let mut names = model.dema.shared_names();
-    if spec.adapter.share.family_parts {
-        names.extend(model.dema.family_names());
+    let mut names = model.adapter.shared_names();
+    // LoRA factors are always exchanged (within a family); DeMA's
+    // family projections only when the spec shares them.
+    if spec.adapter.kind == AdapterKind::Lora || spec.adapter.share.family_parts {
+        names.extend(model.adapter.family_names());
     }
     if spec.adapter.share.head {
         names.extend(model.head.names());
@@ -154,25 +159,63 @@ fn shared_names(model: &ClientModel, spec: &FederatedTuneSpec) -> Vec<String> {
     names
 }
 
-/// Maps a global artifact's tensors to this client's variable names: shared
-/// tensors as they are, this family's parts from `family/<key>/...`.
-fn global_for_client(
-    global: BTreeMap<String, Tensor>,
-    family_key: &str,
-) -> BTreeMap<String, Tensor> {
-    let prefix = format!("family/{family_key}/");
-    global
-        .into_iter()
-        .filter_map(|(name, t)| {
-            if let Some(local) = name.strip_prefix(&prefix) {
-                Some((local.to_string(), t))
-            } else if name.starts_with("shared.") {
-                Some((name, t))
-            } else {
-                None
-            }
-        })
-        .collect()
+/// The LoRA rank of client `index`.
+fn lora_rank(spec: &FederatedTuneSpec, index: usize) -> usize {
+    spec.clients[index].lora_rank.unwrap_or(spec.adapter.rank) as usize
+}
+
+/// The adapter client `index` trains on a backbone with `num_layers` layers
+/// whose config.json is in `model_dir`.
+fn adapter_choice(
+    spec: &FederatedTuneSpec,
+    index: usize,
+    model_dir: &Path,
+    num_layers: usize,
+    rank: usize,
+) -> anyhow::Result<AdapterChoice> {
+    Ok(match spec.adapter.kind {
+        AdapterKind::Dema => {
+            let slots = job::resolve_slots(spec)?;
+            AdapterChoice::Dema(job::dema_config(spec, index, num_layers, slots))
+        }
+        AdapterKind::Lora => {
+            let sel = spec.layer_selection(index);
+            let first = match sel.mode {
+                heterotune_crds::spec::LayerSelectionMode::SlotEnds => 0,
+                heterotune_crds::spec::LayerSelectionMode::TopWindow => {
+                    num_layers.saturating_sub(sel.window.map(|w| w as usize).unwrap_or(num_layers))
+                }
+            };
+            let cfg = LoraConfig {
+                rank,
+                alpha: spec.adapter.lora_alpha,
+                scaling_rank: Some(spec.adapter.rank as usize),
+                layers: (first..num_layers).collect(),
+                init_seed: spec.training.seed,
+            };
+            AdapterChoice::Lora(cfg, projection_dims(model_dir)?)
+        }
+    })
+}
+
+/// Output widths of the query and value projections, from config.json.
+fn projection_dims(model_dir: &Path) -> anyhow::Result<ProjectionDims> {
+    let file = model_dir.join("config.json");
+    let text =
+        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    let c: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", file.display()))?;
+    let get = |k: &str| c.get(k).and_then(|v| v.as_u64()).map(|v| v as usize);
+    let hidden = get("hidden_size")
+        .with_context(|| format!("{}: hidden_size is missing", file.display()))?;
+    let heads = get("num_attention_heads").unwrap_or(1).max(1);
+    let head_dim = get("head_dim").unwrap_or(hidden / heads);
+    let kv_heads = get("num_key_value_heads").unwrap_or(heads);
+    Ok(ProjectionDims {
+        hidden,
+        query_out: heads * head_dim,
+        value_out: kv_heads * head_dim,
+    })
 }
 
 fn mib(bytes: u64) -> f64 {
@@ -232,12 +275,17 @@ fn load_client(
     }
     let num_classes = data.labels.len();
 
-    let slots = job::resolve_slots(&spec)?;
-    let dema_cfg = job::dema_config(&spec, index, info.num_layers, slots);
+    let choice = adapter_choice(
+        &spec,
+        index,
+        &model_dir,
+        info.num_layers,
+        lora_rank(&spec, index),
+    )?;
     let model = ClientModel::new(
         backbone,
         tokenizer,
-        &dema_cfg,
+        &choice,
         num_classes,
         pooling(&spec),
         device,
@@ -259,7 +307,15 @@ fn load_client(
         let (manifest, tensors) = artifact::read_artifact(global)
             .with_context(|| format!("reading the global artifact in {}", global.display()))?;
         base_round = manifest.round;
-        let mapped = global_for_client(tensors, &family_key);
+        let rank = (spec.adapter.kind == AdapterKind::Lora).then(|| lora_rank(&spec, index));
+        let mapped = heterotune_trainer::aggregate::client_view(tensors, &family_key, rank)
+            .with_context(|| {
+                format!(
+                    "the global artifact in {} does not fit client {}",
+                    global.display(),
+                    client.name
+                )
+            })?;
         model.import(&mapped, &all_names).with_context(|| {
             format!(
                 "the global artifact in {} does not fit client {}",
@@ -360,9 +416,7 @@ fn train(
         .iter()
         .map(|(name, t)| (name.clone(), t - &before[name]))
         .collect();
-    let trainable = model.dema.shared_parameter_count()
-        + model.dema.family_parameter_count()
-        + model.head.parameter_count();
+    let trainable = model.adapter.parameter_count() + model.head.parameter_count();
     let mut metrics = BTreeMap::new();
     metrics.insert("loss".into(), report.final_loss);
     metrics.insert("mean_train_loss".into(), report.mean_loss);
@@ -513,7 +567,10 @@ fn info_from_config(dir: &Path) -> anyhow::Result<heterotune_trainer::models::Ba
 /// family's parts (when shared) under `family/<key>/`.
 fn init(spec_path: &Path, out: &Path, run: &str) -> anyhow::Result<()> {
     let spec = job::read_spec(spec_path)?;
-    let slots = job::resolve_slots(&spec)?;
+    let slots = match spec.adapter.kind {
+        AdapterKind::Dema => job::resolve_slots(&spec)?,
+        AdapterKind::Lora => 0,
+    };
     let num_classes = spec.task.labels.len();
     let mut tensors: BTreeMap<String, Tensor> = BTreeMap::new();
     let mut families = Vec::new();
@@ -528,25 +585,44 @@ fn init(spec_path: &Path, out: &Path, run: &str) -> anyhow::Result<()> {
             &format!("spec.clients[{index}].model.uri"),
         )?;
         let info = info_from_config(&dir)?;
-        let cfg = job::dema_config(&spec, index, info.num_layers, slots);
+        // LoRA families start at the largest rank among their clients (HetLoRA,
+        // FlexLoRA); each client truncates to its own rank, which equals its
+        // own initial factors (A is drawn row by row from the seed).
+        let family_rank = (0..spec.clients.len())
+            .filter(|&j| job::family_key(&spec, j) == key)
+            .map(|j| lora_rank(&spec, j))
+            .max()
+            .unwrap_or(spec.adapter.rank as usize);
+        let choice = adapter_choice(&spec, index, &dir, info.num_layers, family_rank)?;
         let vs = tch::nn::VarStore::new(Device::Cpu);
-        let dema = heterotune_trainer::adapters::dema::Dema::new(&vs.root(), &cfg, &info)?;
+        let (adapter_names, shared) = match &choice {
+            AdapterChoice::Dema(cfg) => {
+                let dema = heterotune_trainer::adapters::dema::Dema::new(&vs.root(), cfg, &info)?;
+                let family = if spec.adapter.share.family_parts {
+                    dema.family_names()
+                } else {
+                    Vec::new()
+                };
+                (family, dema.shared_names())
+            }
+            AdapterChoice::Lora(cfg, dims) => {
+                let lora = heterotune_trainer::adapters::lora::Lora::new(&vs.root(), cfg, dims)?;
+                (lora.names(), Vec::new())
+            }
+        };
         let head = heterotune_trainer::adapters::head::ClassifierHead::new_seeded(
             &vs.root().set_group(1),
             info.hidden_size,
             num_classes,
-            cfg.init_seed,
+            spec.training.seed,
         )?;
         let vars = vs.variables();
-        for name in dema.shared_names() {
+        for name in shared {
             tensors
                 .entry(name.clone())
                 .or_insert_with(|| vars[&name].detach().copy());
         }
-        let mut family_names = Vec::new();
-        if spec.adapter.share.family_parts {
-            family_names.extend(dema.family_names());
-        }
+        let mut family_names = adapter_names;
         if spec.adapter.share.head {
             family_names.extend(head.names());
         }

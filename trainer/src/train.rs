@@ -14,6 +14,7 @@ use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
 
 use crate::adapters::dema::{export_named, load_named, Dema, DemaConfig};
 use crate::adapters::head::{ClassifierHead, Pooling};
+use crate::adapters::lora::{Lora, LoraConfig, ProjectionDims};
 use crate::data::source::Example;
 use crate::data::split::{seeded_rng, shuffle};
 use crate::metrics::{peak_rss_bytes, scores, Scores};
@@ -54,11 +55,69 @@ pub struct ClientModel {
     tokenizer: TextTokenizer,
     /// Adapter and head variables (f32).
     pub vs: nn::VarStore,
-    pub dema: Dema,
+    /// The adapter: DeMA (the method) or LoRA (baselines).
+    pub adapter: Adapter,
     pub head: ClassifierHead,
     device: Device,
     /// Number of layers in the frozen prefix (through the first adapted layer).
     prefix_layers: usize,
+}
+
+/// Which adapter to build.
+#[derive(Debug, Clone)]
+pub enum AdapterChoice {
+    /// DeMA with these settings.
+    Dema(DemaConfig),
+    /// LoRA on the query and value projections of the backbone `dims` describes.
+    Lora(LoraConfig, ProjectionDims),
+}
+
+/// A built adapter.
+pub enum Adapter {
+    Dema(Dema),
+    Lora(Lora),
+}
+
+impl Adapter {
+    /// Names of the parts shared across families (DeMA's experts and gates).
+    pub fn shared_names(&self) -> Vec<String> {
+        match self {
+            Adapter::Dema(d) => d.shared_names(),
+            Adapter::Lora(_) => Vec::new(),
+        }
+    }
+
+    /// Names of the family-specific parts (DeMA's projections; LoRA's factors).
+    pub fn family_names(&self) -> Vec<String> {
+        match self {
+            Adapter::Dema(d) => d.family_names(),
+            Adapter::Lora(l) => l.names(),
+        }
+    }
+
+    /// Trainable parameters of the adapter.
+    pub fn parameter_count(&self) -> usize {
+        match self {
+            Adapter::Dema(d) => d.shared_parameter_count() + d.family_parameter_count(),
+            Adapter::Lora(l) => l.parameter_count(),
+        }
+    }
+
+    /// DeMA's update on the output of `layer` (identity elsewhere and for LoRA).
+    fn after_layer(&self, layer: usize, h: Tensor) -> Tensor {
+        match self {
+            Adapter::Dema(d) if d.is_adapted(layer) => d.apply(layer, &h),
+            _ => h,
+        }
+    }
+
+    /// LoRA's updates inside the layers.
+    fn delta(&self) -> Option<&dyn crate::models::ProjectionDelta> {
+        match self {
+            Adapter::Lora(l) => Some(l),
+            Adapter::Dema(_) => None,
+        }
+    }
 }
 
 /// What a round of local training measured.
@@ -109,27 +168,39 @@ impl ClientModel {
     pub fn new(
         backbone: Box<dyn Backbone>,
         tokenizer: TextTokenizer,
-        dema_cfg: &DemaConfig,
+        choice: &AdapterChoice,
         num_classes: usize,
         pooling: Pooling,
         device: Device,
     ) -> Result<Self> {
         let vs = nn::VarStore::new(device);
         let info = backbone.info().clone();
-        let dema = Dema::new(&vs.root(), dema_cfg, &info)?;
+        let (adapter, seed, prefix_layers) = match choice {
+            AdapterChoice::Dema(cfg) => {
+                let dema = Dema::new(&vs.root(), cfg, &info)?;
+                // DeMA acts on layer outputs: the prefix runs through the first adapted layer.
+                let prefix = dema.slot_map().first_adapted_layer() + 1;
+                (Adapter::Dema(dema), cfg.init_seed, prefix)
+            }
+            AdapterChoice::Lora(cfg, dims) => {
+                let lora = Lora::new(&vs.root(), cfg, dims)?;
+                // LoRA acts inside its layers: the prefix stops below the first one.
+                let prefix = cfg.layers.iter().copied().min().unwrap_or(info.num_layers);
+                (Adapter::Lora(lora), cfg.init_seed, prefix)
+            }
+        };
         let head = ClassifierHead::new_seeded(
             &vs.root().set_group(1),
             info.hidden_size,
             num_classes,
-            dema_cfg.init_seed,
+            seed,
         )?
         .with_pooling(pooling);
-        let prefix_layers = dema.slot_map().first_adapted_layer() + 1;
         Ok(ClientModel {
             backbone,
             tokenizer,
             vs,
-            dema,
+            adapter,
             head,
             device,
             prefix_layers,
@@ -204,17 +275,13 @@ impl ClientModel {
     /// final norm and head: the logits.
     fn window(&self, h: Tensor, mask: &Tensor) -> Tensor {
         let layers = self.backbone.info().num_layers;
-        let first = self.prefix_layers - 1;
-        let mut h = if self.dema.is_adapted(first) {
-            self.dema.apply(first, &h)
-        } else {
-            h
+        let mut h = match self.prefix_layers {
+            0 => h,
+            p => self.adapter.after_layer(p - 1, h),
         };
         for l in self.prefix_layers..layers {
-            h = self.backbone.layer(l, &h, mask, None);
-            if self.dema.is_adapted(l) {
-                h = self.dema.apply(l, &h);
-            }
+            h = self.backbone.layer(l, &h, mask, self.adapter.delta());
+            h = self.adapter.after_layer(l, h);
         }
         let h = self.backbone.final_norm(&h);
         self.head.forward(&h, mask)
@@ -237,9 +304,10 @@ impl ClientModel {
             let layers = self.backbone.info().num_layers;
             let mut h = self.backbone.embed(&ids);
             for l in 0..layers {
-                h = self.backbone.layer(l, &h, &mask, None);
-                if adapters && self.dema.is_adapted(l) {
-                    h = self.dema.apply(l, &h);
+                let delta = if adapters { self.adapter.delta() } else { None };
+                h = self.backbone.layer(l, &h, &mask, delta);
+                if adapters {
+                    h = self.adapter.after_layer(l, h);
                 }
             }
             self.backbone.final_norm(&h)
@@ -250,14 +318,12 @@ impl ClientModel {
     /// followed by its adapter.
     fn segment(&self, layer: Option<usize>, h: &Tensor, mask: &Tensor) -> Tensor {
         match layer {
-            None => self.dema.apply(self.prefix_layers - 1, h),
+            None => self
+                .adapter
+                .after_layer(self.prefix_layers - 1, h.shallow_clone()),
             Some(l) => {
-                let out = self.backbone.layer(l, h, mask, None);
-                if self.dema.is_adapted(l) {
-                    self.dema.apply(l, &out)
-                } else {
-                    out
-                }
+                let out = self.backbone.layer(l, h, mask, self.adapter.delta());
+                self.adapter.after_layer(l, out)
             }
         }
     }
@@ -271,8 +337,10 @@ impl ClientModel {
     fn backward_checkpointed(&self, h0: Tensor, mask: &Tensor, labels: &Tensor) -> f64 {
         let layers = self.backbone.info().num_layers;
         let mut segments: Vec<Option<usize>> = Vec::with_capacity(layers + 1);
-        if self.dema.is_adapted(self.prefix_layers - 1) {
-            segments.push(None);
+        if let Adapter::Dema(d) = &self.adapter {
+            if self.prefix_layers > 0 && d.is_adapted(self.prefix_layers - 1) {
+                segments.push(None);
+            }
         }
         segments.extend((self.prefix_layers..layers).map(Some));
         let mut inputs = Vec::with_capacity(segments.len());
@@ -479,7 +547,7 @@ impl ClientModel {
         .build(&self.vs, settings.learning_rate)?;
         opt.set_lr_group(1, settings.head_learning_rate);
 
-        let mut rng = seeded_rng(settings.seed, 0x7472_6169_6e);
+        let mut rng = seeded_rng(settings.seed, 0x74_7261_696e);
         let mut order: Vec<usize> = (0..n).collect();
         let mut cursor = order.len();
         let mut losses = Vec::with_capacity(settings.steps);

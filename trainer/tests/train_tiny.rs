@@ -9,10 +9,11 @@ use heterotune_tests::fixtures;
 use heterotune_trainer::adapters::dema::DemaConfig;
 use heterotune_trainer::adapters::head::Pooling;
 use heterotune_trainer::adapters::layers::LayerSelection;
+use heterotune_trainer::adapters::lora::{LoraConfig, ProjectionDims};
 use heterotune_trainer::data::source::{load, DatasetConfig};
 use heterotune_trainer::models::load_backbone;
 use heterotune_trainer::tokenizer::TextTokenizer;
-use heterotune_trainer::train::{ClientModel, TrainSettings};
+use heterotune_trainer::train::{AdapterChoice, ClientModel, TrainSettings};
 use tch::{Device, Kind};
 
 fn model(dir: &Path, selection: LayerSelection) -> ClientModel {
@@ -26,7 +27,42 @@ fn model(dir: &Path, selection: LayerSelection) -> ClientModel {
         layer_selection: selection,
         ..DemaConfig::default()
     };
-    ClientModel::new(backbone, tokenizer, &cfg, 3, Pooling::Mean, Device::Cpu).expect("model")
+    ClientModel::new(
+        backbone,
+        tokenizer,
+        &AdapterChoice::Dema(cfg),
+        3,
+        Pooling::Mean,
+        Device::Cpu,
+    )
+    .expect("model")
+}
+
+fn lora_model(dir: &Path, query_out: usize, value_out: usize) -> ClientModel {
+    let backbone = load_backbone(dir, Device::Cpu, Kind::Float).expect("tiny backbone loads");
+    let info = backbone.info().clone();
+    let tokenizer = TextTokenizer::for_model(dir, info.vocab_size).expect("tokenizer");
+    let cfg = LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        scaling_rank: None,
+        layers: (0..info.num_layers).collect(),
+        init_seed: 1,
+    };
+    let dims = ProjectionDims {
+        hidden: info.hidden_size,
+        query_out,
+        value_out,
+    };
+    ClientModel::new(
+        backbone,
+        tokenizer,
+        &AdapterChoice::Lora(cfg, dims),
+        3,
+        Pooling::Mean,
+        Device::Cpu,
+    )
+    .expect("lora model")
 }
 
 fn settings(steps: usize, cache: bool, dir: Option<&Path>) -> TrainSettings {
@@ -126,6 +162,38 @@ fn training_lowers_the_loss_and_the_cache_is_exact() {
         assert!(
             (disk_report.final_loss - report.final_loss).abs() < 1e-4,
             "{family}: disk cache changed the loss"
+        );
+    }
+}
+
+#[test]
+fn lora_starts_exact_and_learns() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data_file = dir.path().join("data.jsonl");
+    fixtures::write_dataset(&data_file, 240, 4);
+    let mut cfg = DatasetConfig::new(data_file.display().to_string());
+    cfg.labels = Some(fixtures::LABELS.iter().map(|s| s.to_string()).collect());
+    let examples = load(&cfg).expect("dataset").examples;
+    // (query, value) output widths: BERT square; the tiny LLaMA has 4 heads
+    // of 8 and 2 key/value heads.
+    for ((family, path), (q, v)) in families(dir.path()).into_iter().zip([(32, 32), (32, 16)]) {
+        let mut m = lora_model(&path, q, v);
+        let texts = ["w1 w20 w30", "w7 w8 w40"];
+        let bare = m.hidden_states(&texts, 16, false).expect("bare");
+        let adapted = m.hidden_states(&texts, 16, true).expect("adapted");
+        assert_eq!(
+            (bare - adapted).abs().max().double_value(&[]),
+            0.0,
+            "{family}: B = 0 at start"
+        );
+        let s = settings(40, true, None);
+        let prepared = m.prepare(&examples, &s, "tiny").expect("prepare");
+        let (_, before) = m.evaluate(&prepared, 32, 3).expect("eval");
+        m.train(&prepared, &s).expect("train");
+        let (_, after) = m.evaluate(&prepared, 32, 3).expect("eval");
+        assert!(
+            after < 0.7 * before,
+            "{family}: LoRA loss {before:.4} -> {after:.4}"
         );
     }
 }

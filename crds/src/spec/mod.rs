@@ -83,6 +83,12 @@ use crate::status::FederatedTuneStatus;
         "reason": "FieldValueInvalid"
     },
     {
+        "rule": "self.aggregation.serverMomentum == 0.0 || self.aggregation.algorithm in ['cmga', 'fedavg', 'family-fedavg']",
+        "message": "serverMomentum applies to cmga, fedavg and family-fedavg only",
+        "fieldPath": ".aggregation.serverMomentum",
+        "reason": "FieldValueForbidden"
+    },
+    {
         "rule": "self.adapter.type == 'lora' || self.clients.all(c, !has(c.loraRank))",
         "message": "clients[].loraRank applies to adapter.type lora only",
         "fieldPath": ".clients",

@@ -66,6 +66,15 @@ impl<'r> Walker<'r> {
         if !self.check_type(schema, value, path) {
             return;
         }
+        // The API server decodes `type: number` as a double, also when the
+        // YAML says `1`: do the same, so CEL sees a double either way.
+        if schema.get("type").and_then(Value::as_str) == Some("number") && !value.is_f64() {
+            if let Some(x) = value.as_f64() {
+                if let Some(n) = serde_json::Number::from_f64(x) {
+                    *value = Value::Number(n);
+                }
+            }
+        }
         self.check_enum(schema, value, path);
         match value {
             Value::Object(map) => self.walk_object(schema, map, path, old),

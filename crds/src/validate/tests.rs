@@ -267,6 +267,22 @@ fn invalid_specs_name_their_field() {
 }
 
 #[test]
+fn integer_numbers_are_doubles_for_cel() {
+    // `serverMomentum: 0` (an integer in YAML) must pass the rule that
+    // compares it with 0.0, as it does on the API server.
+    let mut doc = set(
+        base(),
+        "/spec/aggregation",
+        Some(json!({"algorithm": "local-only", "serverMomentum": 0})),
+    );
+    assert!(validate_value(&mut doc, None).is_ok());
+    assert!(doc
+        .pointer("/spec/aggregation/serverMomentum")
+        .map(|v| v.is_f64())
+        .unwrap_or(false));
+}
+
+#[test]
 fn messages_say_what_is_allowed() {
     let mut doc = set(base(), "/spec/clients/1/model/family", Some(json!("gpt")));
     let problems = validate_value(&mut doc, None).expect_err("invalid");

@@ -14,7 +14,8 @@ use tch::{Device, Kind, Tensor};
 use super::config::{positive, Activation, RawConfig, WEIGHTS_FILE};
 use super::weights::{WeightStorage, Weights};
 use super::{
-    add_delta, Backbone, BackboneInfo, Family, FusedLinear, Linear, Projection, ProjectionDelta,
+    add_delta, attention, Backbone, BackboneInfo, Family, FusedLinear, Linear, Projection,
+    ProjectionDelta,
 };
 use crate::error::{Error, Result};
 
@@ -320,10 +321,9 @@ impl Backbone for Bert {
             .expect("three fused projections");
         // Key padding mask, broadcast over heads and queries: true = attend.
         let mask = attention_mask.ne(0).view([batch, 1, 1, seq]);
-        let context =
-            Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&mask), 0.0, false, None, false)
-                .transpose(1, 2)
-                .reshape([batch, seq, width]);
+        let context = attention(&q, &k, &v, Some(&mask), false)
+            .transpose(1, 2)
+            .reshape([batch, seq, width]);
         let attended = layer
             .attention_output
             .project(&context, delta, index, Projection::Output);

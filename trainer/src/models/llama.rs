@@ -14,7 +14,8 @@ use tch::{Device, Kind, Tensor};
 use super::config::{positive, Activation, RawConfig, WEIGHTS_FILE};
 use super::weights::{WeightStorage, Weights};
 use super::{
-    add_delta, Backbone, BackboneInfo, Family, FusedLinear, Linear, Projection, ProjectionDelta,
+    add_delta, attention, Backbone, BackboneInfo, Family, FusedLinear, Linear, Projection,
+    ProjectionDelta,
 };
 use crate::error::{Error, Result};
 
@@ -582,18 +583,9 @@ impl Backbone for Llama {
             let keys = attention_mask.ne(0).view([batch, 1, 1, seq]);
             (Some(causal.logical_and(&keys)), false)
         };
-        let context = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            mask.as_ref(),
-            0.0,
-            is_causal,
-            None,
-            kv_heads != heads,
-        )
-        .transpose(1, 2)
-        .reshape([batch, seq, heads * head_dim]);
+        let context = attention(&q, &k, &v, mask.as_ref(), is_causal)
+            .transpose(1, 2)
+            .reshape([batch, seq, heads * head_dim]);
         let attended = layer
             .o_proj
             .project(&context, delta, index, Projection::Output);

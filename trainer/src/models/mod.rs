@@ -223,3 +223,116 @@ fn add_delta(
         None => out,
     }
 }
+
+/// Scaled dot-product attention of queries `[batch, heads, seq, head_dim]`
+/// over keys and values `[batch, kv_heads, seq, head_dim]` (grouped-query
+/// attention when `kv_heads < heads`: query head `h` reads key/value head
+/// `h / (heads / kv_heads)`, as Hugging Face's `repeat_kv`). `keep`, when
+/// given, is a boolean mask broadcastable to `[batch, 1, seq, seq]` (true =
+/// attend); `causal` adds the causal mask. Returns `[batch, heads, seq, head_dim]`.
+///
+/// f32/f64 use libtorch's fused SDPA kernel (the same call as Hugging Face's
+/// default `sdpa` attention, so f32 results match it bit for bit). Other
+/// dtypes (bf16, f16) use explicit matmuls with the softmax in f32, like
+/// Hugging Face's eager attention: on CPU the fused kernel's bf16 backward is
+/// several times slower than this.
+fn attention(q: &Tensor, k: &Tensor, v: &Tensor, keep: Option<&Tensor>, causal: bool) -> Tensor {
+    let heads = q.size()[1];
+    let kv_heads = k.size()[1];
+    if matches!(q.kind(), Kind::Float | Kind::Double) {
+        return Tensor::scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            keep,
+            0.0,
+            causal,
+            None,
+            kv_heads != heads,
+        );
+    }
+    attention_matmul(q, k, v, keep, causal)
+}
+
+/// [`attention`] with explicit matmuls and an f32 softmax (any dtype).
+fn attention_matmul(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    keep: Option<&Tensor>,
+    causal: bool,
+) -> Tensor {
+    let (batch, heads, seq, head_dim) = q
+        .size4()
+        .expect("queries are [batch, heads, seq, head_dim]");
+    let kv_heads = k.size()[1];
+    let groups = heads / kv_heads;
+    // [batch, kv_heads, groups * seq, head_dim]: each key/value head meets
+    // its group of query heads in one batched matmul, without copying k, v.
+    let grouped = q.reshape([batch, kv_heads, groups * seq, head_dim]);
+    let scores = grouped
+        .matmul(&k.transpose(-1, -2))
+        .to_kind(Kind::Float)
+        .view([batch, kv_heads, groups, seq, seq])
+        * (head_dim as f64).powf(-0.5);
+    let mut allowed: Option<Tensor> = keep.map(|m| m.unsqueeze(1));
+    if causal {
+        let tril = Tensor::ones([seq, seq], (Kind::Bool, q.device())).tril(0);
+        allowed = Some(match allowed {
+            Some(m) => m.logical_and(&tril),
+            None => tril,
+        });
+    }
+    let scores = match allowed {
+        // The most negative f32 (not -inf): a row with no allowed key gets a
+        // uniform average instead of NaN.
+        Some(m) => scores.masked_fill(&m.logical_not(), f64::from(f32::MIN)),
+        None => scores,
+    };
+    scores
+        .softmax(-1, Kind::Float)
+        .to_kind(q.kind())
+        .view([batch, kv_heads, groups * seq, seq])
+        .matmul(v)
+        .view([batch, heads, seq, head_dim])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn randn(shape: &[i64]) -> Tensor {
+        Tensor::randn(shape, (Kind::Float, Device::Cpu))
+    }
+
+    /// The matmul path (used for bf16) equals the fused kernel in f32, with
+    /// grouped heads, key masks, causal masks and both together.
+    #[test]
+    fn matmul_attention_matches_fused_kernel() {
+        tch::manual_seed(3);
+        let (b, t, d) = (2, 7, 8);
+        for (heads, kv) in [(4, 4), (4, 2), (6, 1)] {
+            let q = randn(&[b, heads, t, d]);
+            let k = randn(&[b, kv, t, d]);
+            let v = randn(&[b, kv, t, d]);
+            let keys = Tensor::from_slice(&[1i64, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0])
+                .view([b, t])
+                .ne(0);
+            let key_mask = keys.view([b, 1, 1, t]);
+            let tril = Tensor::ones([t, t], (Kind::Bool, Device::Cpu)).tril(0);
+            let both = tril.logical_and(&key_mask);
+            for (keep, causal) in [
+                (None, false),
+                (None, true),
+                (Some(&key_mask), false),
+                (Some(&both), false),
+                (Some(&key_mask), true),
+            ] {
+                let fused = attention(&q, &k, &v, keep, causal);
+                let explicit = attention_matmul(&q, &k, &v, keep, causal);
+                let diff = (fused - explicit).abs().max().double_value(&[]);
+                assert!(diff < 1e-5, "heads {heads}/{kv} causal {causal}: {diff}");
+            }
+        }
+    }
+}
