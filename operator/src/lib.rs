@@ -9,6 +9,7 @@ pub mod controller;
 pub mod http;
 pub mod leader;
 pub mod metrics;
+pub mod plan;
 pub mod planner;
 pub mod report;
 pub mod runner;

@@ -60,6 +60,14 @@ enum Command {
         #[arg(long)]
         fresh: bool,
     },
+    /// Show what `run` would do: clients, model families, adapted layers,
+    /// trainable parameters, upload size, memory estimate and placement, and
+    /// how far a previous run in the store has come.
+    Plan {
+        /// The FederatedTune YAML file.
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+    },
     /// Print the FederatedTune CustomResourceDefinition.
     Crd,
 }
@@ -167,6 +175,63 @@ fn run(
     }
 }
 
+fn plan(file: &Path) -> anyhow::Result<ExitCode> {
+    let text = read(file)?;
+    let ft = match parse_federated_tune(&text) {
+        Ok(ft) => ft,
+        Err(problems) => {
+            report(file, &problems);
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let namespace = ft
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let name = ft.metadata.name.clone().unwrap_or_default();
+    let cwd = std::env::current_dir().context("current directory")?;
+    let (layout, completed) =
+        match heterotune_operator::store::Store::from_spec(&ft.spec.storage, &cwd) {
+            Ok(store) => {
+                let layout = heterotune_crds::layout::RunLayout::new(
+                    store.prefix(),
+                    &namespace,
+                    &name,
+                    &runner::local_uid(&namespace, &name),
+                );
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .context("starting the async runtime")?;
+                let done = runtime
+                    .block_on(store.completed_rounds(&layout, ft.spec.rounds))
+                    .ok();
+                (layout, done)
+            }
+            Err(_) => (
+                heterotune_crds::layout::RunLayout::new(
+                    "",
+                    &namespace,
+                    &name,
+                    &runner::local_uid(&namespace, &name),
+                ),
+                None,
+            ),
+        };
+    let config = heterotune_operator::sizing::SizingConfig::default();
+    print!(
+        "{}",
+        heterotune_operator::plan::describe(&ft, &config, completed, &layout)
+    );
+    let problems = checks::check_local_references(&ft.spec);
+    if !problems.is_empty() {
+        report(file, &Problems(problems));
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init(cli.log_format, "info");
@@ -190,6 +255,7 @@ fn main() -> ExitCode {
             fresh,
             cli.log_format == telemetry::LogFormat::Json,
         ),
+        Command::Plan { file } => plan(&file),
         Command::Crd => match heterotune_crds::crd::crd_yaml() {
             Ok(yaml) => {
                 print!("{yaml}");

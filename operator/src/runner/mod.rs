@@ -106,7 +106,7 @@ struct ClientRun {
 
 /// A stable stand-in for the UID a cluster would give: local runs of the
 /// same name resume the same run.
-fn local_uid(namespace: &str, name: &str) -> String {
+pub fn local_uid(namespace: &str, name: &str) -> String {
     let digest = crate::runner::summary::sha256_hex(format!("local:{namespace}/{name}").as_bytes());
     digest[..8].to_string()
 }

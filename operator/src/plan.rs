@@ -1,0 +1,165 @@
+//! `heterotune plan`: what a run would do, without doing it — clients and
+//! their model families, adapted layers, trainable parameters and upload
+//! size, the memory estimate and placement (GPU profile or CPU), the store
+//! and how far a previous run there has come.
+
+use std::fmt::Write as _;
+
+use heterotune_crds::layout::RunLayout;
+use heterotune_crds::uri::{self, Location};
+use heterotune_crds::FederatedTune;
+
+use crate::report::human_bytes as bytes_si;
+use crate::sizing::{self, ModelShape, Placement, SizingConfig, Workload};
+
+/// The shape of client `index`'s model: from its local config.json (and
+/// the safetensors header for the exact parameter count), else the spec's
+/// `parameters`, else the packaged-model table.
+pub fn model_shape(ft: &FederatedTune, index: usize) -> Option<ModelShape> {
+    let client = &ft.spec.clients[index];
+    if let Ok(Location::Local(dir)) = uri::resolve(&client.model.uri) {
+        if let Ok(text) = std::fs::read_to_string(dir.join("config.json")) {
+            if let Ok(config) = serde_json::from_str::<serde_json::Value>(&text) {
+                if let Ok(shape) = ModelShape::from_config_json(&config) {
+                    return Some(shape);
+                }
+            }
+        }
+    }
+    if let Some(p) = client.model.parameters {
+        return Some(ModelShape::from_parameters(client.model.family, p));
+    }
+    sizing::packaged_model(&client.model.uri)
+}
+
+/// The plan as text.
+pub fn describe(
+    ft: &FederatedTune,
+    config: &SizingConfig,
+    completed_rounds: Option<u32>,
+    layout: &RunLayout,
+) -> String {
+    let spec = &ft.spec;
+    let shapes: Vec<Option<ModelShape>> = (0..spec.clients.len())
+        .map(|i| model_shape(ft, i))
+        .collect();
+    let slots = sizing::resolve_slots(spec, &shapes);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "FederatedTune {:?}: {} clients, {} rounds of {} local steps (batch {}, {} tokens), quorum {}, algorithm {}, adapter {} (r={}, K={}, S={slots})",
+        ft.metadata.name.as_deref().unwrap_or_default(),
+        spec.clients.len(),
+        spec.rounds,
+        spec.training.local_steps,
+        spec.training.batch_size,
+        spec.training.max_seq_length,
+        spec.quorum(),
+        spec.aggregation.algorithm.as_str(),
+        match spec.adapter.kind {
+            heterotune_crds::spec::AdapterKind::Dema => "dema",
+            heterotune_crds::spec::AdapterKind::Lora => "lora",
+        },
+        spec.adapter.rank,
+        spec.adapter.experts,
+    );
+    let _ = writeln!(
+        out,
+        "\n{:<14} {:<34} {:>9} {:>7} {:>14} {:>11} {:>10} {:>10}  placement",
+        "client", "family", "params", "layers", "adapted", "trainable", "upload", "memory"
+    );
+    let mut upload_total = 0u64;
+    for (i, c) in spec.clients.iter().enumerate() {
+        let key = spec.family_key(i);
+        let workload = Workload::of(spec, i, slots);
+        let (params, layers, adapted, trainable, memory, placement) = match &shapes[i] {
+            Some(shape) => {
+                let adapted =
+                    sizing::adapted_layers(shape.num_layers, slots, spec.layer_selection(i));
+                let trainable = sizing::trainable_parameters(shape, &workload);
+                let placement =
+                    sizing::place(c, Some(shape), &workload, spec.trainer.allow_cpu, config, i);
+                let (memory, placement) = match placement {
+                    Ok(p) => (
+                        p.estimated_bytes()
+                            .map(sizing::human_bytes)
+                            .unwrap_or_else(|| "-".into()),
+                        match &p {
+                            Placement::Gpu { profile, .. } => {
+                                format!("GPU profile {}", profile.name)
+                            }
+                            Placement::Cpu { .. } => "CPU".to_string(),
+                            Placement::Explicit { .. } => "explicit resources".to_string(),
+                        },
+                    ),
+                    Err(e) => ("-".to_string(), format!("NO FIT: {e}")),
+                };
+                (
+                    format!("{:.1} M", shape.parameters as f64 / 1e6),
+                    shape.num_layers.to_string(),
+                    format!("{adapted:?}"),
+                    trainable,
+                    memory,
+                    placement,
+                )
+            }
+            None => (
+                "?".into(),
+                "?".into(),
+                "?".into(),
+                0,
+                "-".into(),
+                "unknown model shape".into(),
+            ),
+        };
+        // Uploads are bf16 deltas of the shared parts (2 bytes a parameter).
+        let upload = trainable * 2;
+        upload_total += upload;
+        let _ = writeln!(
+            out,
+            "{:<14} {:<34} {:>9} {:>7} {:>14} {:>11} {:>10} {:>10}  {}",
+            c.name,
+            key,
+            params,
+            layers,
+            adapted,
+            trainable,
+            bytes_si(upload),
+            memory,
+            placement
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nabout {} uploaded per round in all; store {} (run folder {})",
+        bytes_si(upload_total),
+        spec.storage.uri,
+        layout.run_dir()
+    );
+    match completed_rounds {
+        Some(0) => {
+            let _ = writeln!(
+                out,
+                "no round completed yet: `heterotune run` starts at round 1"
+            );
+        }
+        Some(n) if n >= spec.rounds => {
+            let _ = writeln!(
+                out,
+                "all {n} rounds are complete: `heterotune run` only rewrites the report"
+            );
+        }
+        Some(n) => {
+            let _ = writeln!(
+                out,
+                "{n} of {} rounds complete: `heterotune run` resumes at round {}",
+                spec.rounds,
+                n + 1
+            );
+        }
+        None => {
+            let _ = writeln!(out, "store not checked");
+        }
+    }
+    out
+}
