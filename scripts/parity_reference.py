@@ -19,6 +19,14 @@ tokenizer with right padding, and writes OUT.safetensors with:
 Hidden states and logits are zeroed at padded positions. The metadata holds
 the texts (JSON list), the greedy prompt, max_len and the family, so the Rust
 test tokenises exactly the same strings.
+
+Second form: parity_reference.py make-tiny {bert,llama} TOKENIZER_DIR OUT_DIR
+writes a small random checkpoint with transformers, with the options the real
+models do not exercise (BERT: gelu_new, 3 heads of 16, LayerNorm eps 1e-7,
+saved from BertForSequenceClassification so names carry a `bert.` prefix;
+LLaMA: head_dim 24 != hidden/heads, 4 query / 2 KV heads, llama3 RoPE
+scaling, untied lm_head, attention and MLP biases), and copies the tokenizer
+files from TOKENIZER_DIR (a real model of the same family).
 """
 
 import argparse
@@ -61,11 +69,85 @@ def load_tokenizer(model_dir):
     return tok
 
 
+def make_tiny(kind, tokenizer_dir, out_dir):
+    import shutil
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    with open(os.path.join(tokenizer_dir, "config.json")) as f:
+        vocab_size = json.load(f)["vocab_size"]
+    if kind == "bert":
+        from transformers import BertConfig, BertForSequenceClassification
+
+        config = BertConfig(
+            vocab_size=vocab_size,
+            hidden_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=3,
+            intermediate_size=100,
+            hidden_act="gelu_new",
+            max_position_embeddings=64,
+            layer_norm_eps=1e-7,
+            initializer_range=0.2,
+            num_labels=3,
+        )
+        model = BertForSequenceClassification(config)
+    elif kind == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            intermediate_size=80,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=24,
+            max_position_embeddings=128,
+            rms_norm_eps=1e-6,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+            tie_word_embeddings=False,
+            attention_bias=True,
+            mlp_bias=True,
+            initializer_range=0.2,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+        model = LlamaForCausalLM(config)
+    else:
+        sys.exit(f"make-tiny: unknown kind {kind!r} (bert, llama)")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            # Non-trivial norms and biases, so every parameter matters.
+            if "norm" in name.lower() or name.endswith("bias"):
+                param.uniform_(0.5, 1.5) if name.endswith("weight") else param.normal_(0.0, 0.1)
+    model.save_pretrained(out_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        src = os.path.join(tokenizer_dir, name)
+        if os.path.exists(src):
+            shutil.copy(src, os.path.join(out_dir, name))
+    print(f"wrote tiny {kind} to {out_dir}")
+
+
 def layer_output(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
 def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "make-tiny":
+        if len(sys.argv) != 5:
+            sys.exit("usage: parity_reference.py make-tiny {bert,llama} TOKENIZER_DIR OUT_DIR")
+        make_tiny(*sys.argv[2:5])
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model_dir")
     parser.add_argument("out")

@@ -124,7 +124,7 @@ fn spawn_mock(latency: Duration) -> (Client, Mock) {
                     )
                 };
                 let bytes = serde_json::to_vec(&answer).unwrap_or_default();
-                let _ = send.send_response(
+                send.send_response(
                     Response::builder()
                         .status(code)
                         .body(Body::from(bytes))
@@ -235,11 +235,7 @@ impl Bench {
             }
         }
         let after = self.mock.counts.snapshot();
-        let mut d = [0u64; 5];
-        for i in 0..5 {
-            d[i] = after[i] - before[i];
-        }
-        (elapsed, d)
+        (elapsed, std::array::from_fn(|i| after[i] - before[i]))
     }
 
     /// Takes the Jobs the mock saw created into the controller's cache, running.

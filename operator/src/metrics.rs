@@ -237,7 +237,7 @@ impl Metrics {
         self.remember(ns, name, Series::Bytes);
         for (reason, n) in rejected {
             self.rejected
-                .with_label_values(&[ns, name, reason])
+                .with_label_values(&[ns, name, reason.as_str()])
                 .inc_by(u64::from(*n));
             self.remember(ns, name, Series::Rejected(reason.clone()));
         }
@@ -276,9 +276,9 @@ impl Metrics {
                 Series::Rounds => self.rounds_completed.remove_label_values(&[ns, name]),
                 Series::RoundDuration => self.round_duration.remove_label_values(&[ns, name]),
                 Series::Bytes => self.uploaded_bytes.remove_label_values(&[ns, name]),
-                Series::Clients(st) => self.clients.remove_label_values(&[ns, name, &st]),
-                Series::Rejected(r) => self.rejected.remove_label_values(&[ns, name, &r]),
-                Series::Accuracy(f) => self.accuracy.remove_label_values(&[ns, name, &f]),
+                Series::Clients(st) => self.clients.remove_label_values(&[ns, name, st.as_str()]),
+                Series::Rejected(r) => self.rejected.remove_label_values(&[ns, name, r.as_str()]),
+                Series::Accuracy(f) => self.accuracy.remove_label_values(&[ns, name, f.as_str()]),
             };
         }
     }

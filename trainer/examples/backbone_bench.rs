@@ -56,6 +56,14 @@ fn cache_dir() -> PathBuf {
         })
 }
 
+/// Resident set size of this process in MiB (Linux), if readable.
+fn rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
 /// Wall times of `reps` runs of `f`, after two warm-ups.
 fn time_runs(reps: usize, mut f: impl FnMut()) -> Vec<f64> {
     f();
@@ -108,9 +116,14 @@ fn bench_rust(
     dir: &Path,
     kind: Kind,
     reps: usize,
+    report_memory: bool,
     times: &mut Times,
 ) -> anyhow::Result<(Vec<usize>, Vec<usize>)> {
+    let rss_before = rss_mib();
+    let start = Instant::now();
     let model = load_backbone(dir, Device::Cpu, kind)?;
+    let load = start.elapsed().as_secs_f64();
+    let rss_loaded = rss_mib();
     let model = model.as_ref();
     let info = model.info().clone();
     tch::manual_seed(0);
@@ -145,6 +158,16 @@ fn bench_rust(
             time_runs(reps, || {
                 let _ = train_from(model, &cached, &mask, n - k);
             }),
+        );
+    }
+    if let (true, Some(before), Some(loaded), Some(after)) =
+        (report_memory, rss_before, rss_loaded, rss_mib())
+    {
+        eprintln!(
+            "{}: loaded in {load:.2} s; resident +{:.0} MiB after load, +{:.0} MiB after the runs",
+            dir.display(),
+            loaded - before,
+            after - before
         );
     }
     Ok((tops, windows))
@@ -245,8 +268,8 @@ fn main() -> anyhow::Result<()> {
             dir.display()
         );
         let (mut rust, mut torch) = (Times::new(), Times::new());
-        for _ in 0..rounds {
-            let (tops, windows) = bench_rust(&dir, kind, reps, &mut rust)?;
+        for round in 0..rounds {
+            let (tops, windows) = bench_rust(&dir, kind, reps, round == 0, &mut rust)?;
             if with_torch {
                 bench_torch(&dir, &dtype, reps, &tops, &windows, &mut torch)?;
             }

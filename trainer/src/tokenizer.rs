@@ -181,6 +181,10 @@ impl TextTokenizer {
     /// Tokenises `texts` (see [`TextTokenizer::encode`]) and pads them on
     /// the right to the longest one (at most `max_len`).
     ///
+    /// A text that yields no token at all (an empty string, with a tokenizer
+    /// that adds no special tokens, such as SmolLM2's) gets an all-zero mask
+    /// row: drop empty texts upstream before pooling over the mask.
+    ///
     /// # Errors
     /// As [`TextTokenizer::encode`].
     pub fn encode_batch(&self, texts: &[&str], max_len: usize) -> Result<Encoded> {

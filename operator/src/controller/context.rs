@@ -155,6 +155,9 @@ pub(crate) struct Memory {
     pub applied_specs: HashMap<String, u64>,
     /// Consecutive transient failures, by FederatedTune UID.
     pub failures: HashMap<String, u32>,
+    /// The generation last found valid, by FederatedTune UID (validation
+    /// depends on the spec alone, which changes only with the generation).
+    pub valid_generations: HashMap<String, i64>,
 }
 
 /// Shared state of the reconciler.

@@ -549,6 +549,7 @@ pub fn job_ttl(run: &Run, config: &JobConfig) -> i32 {
 
 /// Client `client_index`'s trainer Job for `round`, attempt `attempt`,
 /// allowed to run `active_deadline` seconds (what is left of the round).
+#[allow(clippy::too_many_arguments)]
 pub fn trainer_job(
     run: &Run,
     client_index: usize,

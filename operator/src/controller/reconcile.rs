@@ -232,7 +232,7 @@ pub fn observation(
                 .filter(|j| j.client.as_deref() == Some(c.name.as_str()));
             let running = mine.clone().any(|j| j.active);
             let failed = mine
-                .filter(|j| !j.active && !(j.succeeded && committed))
+                .filter(|j| !(j.active || (j.succeeded && committed)))
                 .count() as u32;
             ClientObservation {
                 name: c.name.clone(),
@@ -598,8 +598,13 @@ async fn apply(ft: &FederatedTune, ctx: &Context) -> Result<Action> {
     let spec = &ft.spec;
     let prev = ft.status.as_ref();
 
-    // 1. Validate (pure).
-    let problems = validate(ft);
+    // 1. Validate (pure; once per generation).
+    let generation = ft.metadata.generation.unwrap_or(0);
+    let known_valid = ctx.memory().valid_generations.get(&run.uid) == Some(&generation);
+    let problems = if known_valid { Vec::new() } else { validate(ft) };
+    if problems.is_empty() && !known_valid {
+        ctx.memory().valid_generations.insert(run.uid.clone(), generation);
+    }
     if !problems.is_empty() {
         let message = problems_message(&problems);
         let next = troubled_status(
@@ -805,7 +810,12 @@ async fn apply(ft: &FederatedTune, ctx: &Context) -> Result<Action> {
         spec,
         generation: ft.metadata.generation,
         now,
-        phase: plan.phase,
+        // Blocked by sizing, a round that has not started is still Pending.
+        phase: if unplaceable.is_empty() {
+            plan.phase
+        } else {
+            prev.and_then(|p| p.phase).unwrap_or(Phase::Pending)
+        },
         round: plan.round,
         completed_rounds: store.completed_rounds,
         clients: if plan.phase == Phase::Succeeded {
@@ -826,7 +836,7 @@ async fn apply(ft: &FederatedTune, ctx: &Context) -> Result<Action> {
         }),
         round_started_at,
     });
-    record_metrics(ctx, &run, &next, &store);
+    record_metrics(ctx, &run, &next);
     write_status(ctx, ft, next, extra).await?;
 
     if !unplaceable.is_empty() {
@@ -853,7 +863,7 @@ fn bucket_of(uri: &str) -> String {
         .to_string()
 }
 
-fn record_metrics(ctx: &Context, run: &Run, next: &FederatedTuneStatus, store: &StoreObservation) {
+fn record_metrics(ctx: &Context, run: &Run, next: &FederatedTuneStatus) {
     let m = &ctx.metrics;
     let last_known = run
         .ft
@@ -873,7 +883,6 @@ fn record_metrics(ctx: &Context, run: &Run, next: &FederatedTuneStatus, store: &
             &h.accuracy_by_family,
         );
     }
-    let _ = store;
     let mut counts: Vec<(&str, i64)> = crate::metrics::CLIENT_STATES
         .iter()
         .map(|s| (*s, 0))
@@ -932,6 +941,7 @@ async fn cleanup(ft: &FederatedTune, ctx: &Context) -> Result<Action> {
         let mut memory = ctx.memory();
         memory.applied_specs.remove(&run.uid);
         memory.failures.remove(&run.uid);
+        memory.valid_generations.remove(&run.uid);
     }
     Ok(Action::await_change())
 }

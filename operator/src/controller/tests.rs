@@ -53,6 +53,14 @@ fn quantity(job: &Job, which: &str, key: &str) -> Option<String> {
     map.get(key).map(|q| q.0.clone())
 }
 
+/// Fails the test (instead of hanging it) when a reconcile waits for an
+/// answer the script does not give.
+async fn bounded<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(std::time::Duration::from_secs(10), f)
+        .await
+        .unwrap_or_else(|_| panic!("reconcile hung: it sent a request the script does not answer"))
+}
+
 #[tokio::test]
 async fn a_new_object_gets_the_finalizer_first() {
     let mut f = ft(&three_clients(), "");
@@ -63,7 +71,7 @@ async fn a_new_object_gets_the_finalizer_first() {
         api.expect_finalizer_added(&answer).await;
         api
     });
-    let action = reconcile(Arc::new(f), ctx.clone())
+    let action = bounded(reconcile(Arc::new(f), ctx.clone()))
         .await
         .expect("reconcile");
     assert_eq!(action, Action::await_change());
@@ -93,7 +101,7 @@ async fn a_new_run_creates_trainer_jobs_sized_to_each_model() {
         let note = api.expect_event("RoundStarted").await;
         (api, cm, [small, big, huge], status, note)
     });
-    let action = reconcile(Arc::new(f.clone()), ctx.clone())
+    let action = bounded(reconcile(Arc::new(f.clone()), ctx.clone()))
         .await
         .expect("reconcile");
     assert_eq!(action, Action::requeue(std::time::Duration::from_secs(30)));
@@ -287,7 +295,7 @@ where
 {
     let (ctx, api) = context(store, cached, config());
     let server = tokio::spawn(script(api));
-    let result = reconcile(Arc::new(f.clone()), ctx.clone()).await;
+    let result = bounded(reconcile(Arc::new(f.clone()), ctx.clone())).await;
     after(&result, &ctx);
     drop(ctx);
     let (api, captured) = server.await.expect("server");

@@ -198,6 +198,12 @@ impl FusedLinear {
         } else {
             None
         };
+        drop(loaded);
+        // The parts now live in the fused copy: their mapped pages can go.
+        for (prefix, _) in parts {
+            w.release(&format!("{prefix}.weight"));
+            w.release(&format!("{prefix}.bias"));
+        }
         Ok(Self {
             linear: Linear { weight, bias },
             sizes: parts.iter().map(|(_, out)| *out as i64).collect(),

@@ -16,7 +16,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use memmap2::Mmap;
+use memmap2::{Mmap, UncheckedAdvice};
 use safetensors::tensor::{Dtype, SafeTensors, TensorInfo};
 use tch::{Device, Kind, Tensor};
 
@@ -212,7 +212,8 @@ impl Weights {
                 ),
             ));
         }
-        let tensor = if bytes.as_ptr().align_offset(elt) == 0 && numel > 0 {
+        let aligned = bytes.as_ptr().align_offset(elt) == 0 && numel > 0;
+        let tensor = if aligned {
             let strides = contiguous_strides(&size);
             // SAFETY: `bytes` is a live, read-only slice of `self.mmap` of
             // exactly `numel * elt` bytes, aligned for `stored`. The tensor does
@@ -226,7 +227,35 @@ impl Weights {
         // otherwise `to_device`/`to_kind` make an owned copy.
         let tensor = tensor.f_to_device(self.device)?.f_to_kind(kind)?;
         self.loaded_elements.set(self.loaded_elements.get() + numel);
+        let borrowed = aligned && self.device == Device::Cpu && kind == stored;
+        if !borrowed {
+            self.release(name);
+        }
         Ok(tensor)
+    }
+
+    /// Tells the kernel this process no longer needs the mapped pages of
+    /// tensor `name` (its data was copied), so they stop counting towards
+    /// resident memory. Only pages lying entirely inside the tensor are
+    /// dropped; a later access would simply read them from the file again,
+    /// so this is harmless even for a tensor still borrowed. Best effort.
+    pub fn release(&self, name: &str) {
+        /// Rounding to 64 KiB keeps ranges page-aligned on every platform.
+        const GRAIN: usize = 1 << 16;
+        let Some(entry) = self.entries.get(name) else {
+            return;
+        };
+        let start = entry.start.div_ceil(GRAIN) * GRAIN;
+        let end = entry.end / GRAIN * GRAIN;
+        if end > start {
+            // SAFETY: the mapping is read-only and backed by an unmodified
+            // file, so MADV_DONTNEED only drops clean pages that a later
+            // access re-reads from the file with the same contents.
+            let _ = unsafe {
+                self.mmap
+                    .unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start)
+            };
+        }
     }
 }
 
