@@ -41,7 +41,7 @@ fn bert_config() -> Value {
     })
 }
 
-fn bert_tensors(config: &Value, prefix: &str) -> Vec<(String, Tensor)> {
+fn bert_tensors(config: &Value) -> Vec<(String, Tensor)> {
     tch::manual_seed(7);
     let h = config["hidden_size"].as_i64().unwrap();
     let i = config["intermediate_size"].as_i64().unwrap();
@@ -79,9 +79,7 @@ fn bert_tensors(config: &Value, prefix: &str) -> Vec<(String, Tensor)> {
             t.push((format!("{p}.{name}.bias"), randn(&[h], 0.1)));
         }
     }
-    t.into_iter()
-        .map(|(n, x)| (format!("{prefix}{n}"), x))
-        .collect()
+    t
 }
 
 fn llama_config(heads: i64, kv_heads: i64, tied: bool) -> Value {
@@ -152,7 +150,7 @@ fn write_model(dir: &Path, config: &Value, tensors: &[(String, Tensor)]) {
 
 fn tiny_bert(dir: &Path) -> Box<dyn Backbone> {
     let config = bert_config();
-    write_model(dir, &config, &bert_tensors(&config, ""));
+    write_model(dir, &config, &bert_tensors(&config));
     load_backbone(dir, Device::Cpu, Kind::Float).unwrap()
 }
 
@@ -200,7 +198,7 @@ fn bert_shapes_and_info() {
         (info.hidden_size, info.num_layers, info.vocab_size),
         (32, 2, 50)
     );
-    let expected: i64 = bert_tensors(&bert_config(), "")
+    let expected: i64 = bert_tensors(&bert_config())
         .iter()
         .map(|(_, t)| t.numel() as i64)
         .sum();
@@ -238,7 +236,7 @@ fn bert_prefix_is_stripped() {
     let config = bert_config();
     let plain = tmp.path().join("plain");
     let prefixed = tmp.path().join("prefixed");
-    let tensors = bert_tensors(&config, "");
+    let tensors = bert_tensors(&config);
     let renamed: Vec<(String, Tensor)> = tensors
         .iter()
         .map(|(n, t)| (format!("bert.{n}"), t.shallow_clone()))
@@ -479,7 +477,7 @@ fn bf16_weights_track_f32() {
     let bert_dir = tmp.path().join("bert");
     let llama_dir = tmp.path().join("llama");
     let bert_cfg = bert_config();
-    write_model(&bert_dir, &bert_cfg, &bert_tensors(&bert_cfg, ""));
+    write_model(&bert_dir, &bert_cfg, &bert_tensors(&bert_cfg));
     let llama_cfg = llama_config(4, 2, true);
     write_model(&llama_dir, &llama_cfg, &llama_tensors(&llama_cfg));
     for dir in [&bert_dir, &llama_dir] {
@@ -491,6 +489,35 @@ fn bf16_weights_track_f32() {
         assert_eq!(b.kind(), Kind::BFloat16);
         let rel = max_diff(&a, &b.to_kind(Kind::Float)) / a.abs().max().double_value(&[]);
         assert!(rel < 0.1, "{}: bf16 relative error {rel}", dir.display());
+    }
+}
+
+/// An f32 adapter on a bf16 backbone: f32 hidden states and f32 deltas are
+/// cast to the backbone's dtype.
+#[test]
+fn bf16_backbone_accepts_f32_adapters() {
+    struct F32Delta;
+    impl ProjectionDelta for F32Delta {
+        fn delta(&self, _: usize, _: Projection, input: &Tensor) -> Option<Tensor> {
+            Some(input.to_kind(Kind::Float).narrow(-1, 0, 1) * 0.1)
+        }
+    }
+    let _guard = tch::no_grad_guard();
+    let tmp = tempfile::tempdir().unwrap();
+    let bert_dir = tmp.path().join("bert");
+    let llama_dir = tmp.path().join("llama");
+    let bert_cfg = bert_config();
+    write_model(&bert_dir, &bert_cfg, &bert_tensors(&bert_cfg));
+    let llama_cfg = llama_config(4, 2, true);
+    write_model(&llama_dir, &llama_cfg, &llama_tensors(&llama_cfg));
+    for dir in [&bert_dir, &llama_dir] {
+        let model = load_backbone(dir, Device::Cpu, Kind::BFloat16).unwrap();
+        let (input, mask) = ids(&[&[1, 5, 6, 7, 8], &[1, 9]]);
+        let hidden = model.embed(&input).to_kind(Kind::Float);
+        let out = model.layer(0, &hidden, &mask, Some(&F32Delta));
+        assert_eq!(out.kind(), Kind::BFloat16);
+        let normed = model.final_norm(&out.to_kind(Kind::Float));
+        assert_eq!(normed.size(), [2, 5, 32]);
     }
 }
 
@@ -524,7 +551,7 @@ fn loading_errors_name_the_problem() {
         "{bad_act}"
     );
 
-    let mut tensors = bert_tensors(&config, "");
+    let mut tensors = bert_tensors(&config);
     tensors.retain(|(n, _)| n != "encoder.layer.1.output.dense.bias");
     write_model(dir, &config, &tensors);
     let absent = error_text(load_backbone(dir, Device::Cpu, Kind::Float));
@@ -536,7 +563,7 @@ fn loading_errors_name_the_problem() {
 
     let mut wide = config.clone();
     wide["intermediate_size"] = json!(64);
-    write_model(dir, &wide, &bert_tensors(&config, ""));
+    write_model(dir, &wide, &bert_tensors(&config));
     let shape = error_text(load_backbone(dir, Device::Cpu, Kind::Float));
     assert!(
         shape.contains("encoder.layer.0.intermediate.dense.weight")
@@ -545,7 +572,7 @@ fn loading_errors_name_the_problem() {
         "{shape}"
     );
 
-    let mut ints = bert_tensors(&config, "");
+    let mut ints = bert_tensors(&config);
     ints[0].1 = ints[0].1.to_kind(Kind::Int64);
     write_model(dir, &config, &ints);
     let dtype = error_text(load_backbone(dir, Device::Cpu, Kind::Float));

@@ -6,7 +6,7 @@
 //! cluster and the store into an [`Observation`] and the planner's
 //! [`PlanAction`]s into API calls.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -211,6 +211,20 @@ pub fn observe_jobs(ctx: &Context, namespace: &str, uid: &str) -> Vec<JobFacts> 
         .collect()
 }
 
+/// The trainer Jobs of `round`, by client.
+fn trainers_by_client(jobs: &[JobFacts], round: u32) -> HashMap<&str, Vec<&JobFacts>> {
+    let mut map: HashMap<&str, Vec<&JobFacts>> = HashMap::new();
+    for j in jobs
+        .iter()
+        .filter(|j| j.round == round && j.role == ROLE_TRAINER)
+    {
+        if let Some(c) = j.client.as_deref() {
+            map.entry(c).or_default().push(j);
+        }
+    }
+    map
+}
+
 /// Builds the planner's observation of the current round.
 pub fn observation(
     run: &Run,
@@ -222,14 +236,17 @@ pub fn observation(
     let round = store.completed_rounds + 1;
     let in_round: Vec<&JobFacts> = jobs.iter().filter(|j| j.round == round).collect();
     let trainers: Vec<&&JobFacts> = in_round.iter().filter(|j| j.role == ROLE_TRAINER).collect();
+    let by_client = trainers_by_client(jobs, round);
     let clients = spec
         .clients
         .iter()
         .map(|c| {
             let committed = store.committed.contains_key(&c.name);
-            let mine = trainers
-                .iter()
-                .filter(|j| j.client.as_deref() == Some(c.name.as_str()));
+            let mine = by_client
+                .get(c.name.as_str())
+                .map(Vec::as_slice)
+                .unwrap_or(&[])
+                .iter();
             let running = mine.clone().any(|j| j.active);
             let failed = mine
                 .filter(|j| !(j.active || (j.succeeded && committed)))
@@ -349,6 +366,11 @@ fn client_statuses(
     newly_completed: bool,
     started: &[String],
 ) -> Vec<ClientStatus> {
+    let by_client = trainers_by_client(jobs, obs.completed_rounds + 1);
+    let before_by_name: HashMap<&str, &ClientStatus> = previous
+        .map(|p| p.clients.iter().map(|c| (c.name.as_str(), c)).collect())
+        .unwrap_or_default();
+    let started: HashSet<&str> = started.iter().map(String::as_str).collect();
     let spec = &run.ft.spec;
     let retries = spec.max_retries_per_client;
     let round = obs.completed_rounds + 1;
@@ -356,7 +378,7 @@ fn client_statuses(
         .iter()
         .enumerate()
         .map(|(i, c)| {
-            let before = previous.and_then(|p| p.clients.iter().find(|o| o.name == c.name));
+            let before = before_by_name.get(c.name.as_str()).copied();
             let mut last_round = before.and_then(|b| b.last_round);
             if newly_completed {
                 if let (Some(b), Some(p)) = (before, previous) {
@@ -365,16 +387,9 @@ fn client_statuses(
                     }
                 }
             }
-            let just_started = started.contains(&c.name);
-            let attempts = jobs
-                .iter()
-                .filter(|j| {
-                    j.round == round
-                        && j.role == ROLE_TRAINER
-                        && j.client.as_deref() == Some(c.name.as_str())
-                })
-                .count() as u32
-                + u32::from(just_started);
+            let just_started = started.contains(c.name.as_str());
+            let attempts =
+                by_client.get(c.name.as_str()).map_or(0, Vec::len) as u32 + u32::from(just_started);
             let state = if c.committed {
                 "Committed"
             } else if c.running || just_started {
@@ -601,9 +616,15 @@ async fn apply(ft: &FederatedTune, ctx: &Context) -> Result<Action> {
     // 1. Validate (pure; once per generation).
     let generation = ft.metadata.generation.unwrap_or(0);
     let known_valid = ctx.memory().valid_generations.get(&run.uid) == Some(&generation);
-    let problems = if known_valid { Vec::new() } else { validate(ft) };
+    let problems = if known_valid {
+        Vec::new()
+    } else {
+        validate(ft)
+    };
     if problems.is_empty() && !known_valid {
-        ctx.memory().valid_generations.insert(run.uid.clone(), generation);
+        ctx.memory()
+            .valid_generations
+            .insert(run.uid.clone(), generation);
     }
     if !problems.is_empty() {
         let message = problems_message(&problems);
@@ -657,6 +678,12 @@ async fn apply(ft: &FederatedTune, ctx: &Context) -> Result<Action> {
     let mut extra: Vec<Announcement> = Vec::new();
     let mut failure: Option<(String, String)> = None;
     let deadline = remaining_deadline(&run, &obs, now);
+    let index_of: HashMap<&str, usize> = spec
+        .clients
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.name.as_str(), i))
+        .collect();
     for action in &plan.actions {
         match action {
             PlanAction::StartClient {
@@ -664,7 +691,7 @@ async fn apply(ft: &FederatedTune, ctx: &Context) -> Result<Action> {
                 round,
                 attempt,
             } => {
-                let Some(i) = spec.clients.iter().position(|c| &c.name == client) else {
+                let Some(&i) = index_of.get(client.as_str()) else {
                     continue;
                 };
                 match &placements[i] {

@@ -392,8 +392,11 @@ pub fn announcements(
     {
         out.push(normal("Resumed", "spec.suspend is false".into()));
     }
+    let before_by_name: std::collections::HashMap<&str, &ClientStatus> = prev
+        .map(|p| p.clients.iter().map(|c| (c.name.as_str(), c)).collect())
+        .unwrap_or_default();
     for c in &next.clients {
-        let before = prev.and_then(|p| p.clients.iter().find(|o| o.name == c.name));
+        let before = before_by_name.get(c.name.as_str()).copied();
         if c.state == "Excluded" && before.map(|b| b.state.as_str()) != Some("Excluded") {
             out.push(warning(
                 "ClientExcluded",

@@ -289,7 +289,8 @@ impl Backbone for Bert {
         self.embedding_norm.forward(&(words + positions))
     }
 
-    /// Post-LN encoder layer with a key padding mask.
+    /// Post-LN encoder layer with a key padding mask. `hidden` is first cast
+    /// to the backbone's dtype (a no-op when it already has it).
     ///
     /// # Panics
     /// When `index >= num_layers` or shapes disagree.
@@ -306,6 +307,8 @@ impl Backbone for Bert {
                 self.layers.len()
             )
         });
+        // Adapters may hand back f32 while the backbone computes in bf16.
+        let hidden = &hidden.to_kind(self.word_embeddings.kind());
         let (batch, seq, width) = hidden.size3().expect("hidden must be [batch, seq, hidden]");
         let [q, k, v]: [Tensor; 3] = layer
             .qkv

@@ -530,7 +530,8 @@ impl Backbone for Llama {
     /// Pre-norm decoder layer: causal grouped-query attention with RoPE,
     /// then the SwiGLU MLP.
     ///
-    /// With right padding (the trainer's convention) the causal mask alone
+    /// `hidden` is first cast to the backbone's dtype (a no-op when it
+    /// already has it). With right padding (the trainer's convention) the causal mask alone
     /// already keeps real tokens from seeing padding, so the padding mask is
     /// only materialised for other layouts.
     ///
@@ -549,6 +550,8 @@ impl Backbone for Llama {
                 self.layers.len()
             )
         });
+        // Adapters may hand back f32 while the backbone computes in bf16.
+        let hidden = &hidden.to_kind(self.kind);
         let (batch, seq, _) = hidden.size3().expect("hidden must be [batch, seq, hidden]");
         let heads = self.config.num_attention_heads as i64;
         let kv_heads = self.config.num_kv_heads() as i64;
@@ -603,8 +606,8 @@ impl Backbone for Llama {
         hidden + mlp
     }
 
-    /// `model.norm`.
+    /// `model.norm` (input cast to the backbone's dtype first).
     fn final_norm(&self, hidden: &Tensor) -> Tensor {
-        self.norm.forward(hidden)
+        self.norm.forward(&hidden.to_kind(self.kind))
     }
 }

@@ -111,8 +111,9 @@ pub enum Projection {
 /// adapted in that layer.
 pub trait ProjectionDelta {
     /// The term to add to projection `projection` of layer `layer`, whose
-    /// input is `input` (`[batch, seq, in_features]`); the result must have
-    /// the projection's output shape `[batch, seq, out_features]`.
+    /// input is `input` (`[batch, seq, in_features]`, in the backbone's
+    /// dtype); the result must broadcast to the projection's output shape
+    /// `[batch, seq, out_features]` and is cast to the backbone's dtype.
     fn delta(&self, layer: usize, projection: Projection, input: &Tensor) -> Option<Tensor>;
 }
 
@@ -225,7 +226,8 @@ fn add_delta(
     projection: Projection,
 ) -> Tensor {
     match delta.and_then(|d| d.delta(layer, projection, input)) {
-        Some(extra) => out + extra,
+        // An f32 adapter on a bf16 backbone: keep the projection's dtype.
+        Some(extra) => out + extra.to_kind(input.kind()),
         None => out,
     }
 }
@@ -234,8 +236,8 @@ fn add_delta(
 /// over keys and values `[batch, kv_heads, seq, head_dim]` (grouped-query
 /// attention when `kv_heads < heads`: query head `h` reads key/value head
 /// `h / (heads / kv_heads)`, as Hugging Face's `repeat_kv`). `keep`, when
-/// given, is a boolean mask broadcastable to `[batch, 1, seq, seq]` (true =
-/// attend); `causal` adds the causal mask. Returns `[batch, heads, seq, head_dim]`.
+/// given, is a 4-D boolean mask broadcastable to `[batch, 1, seq, seq]`
+/// (true = attend); `causal` adds the causal mask. Returns `[batch, heads, seq, head_dim]`.
 ///
 /// f32/f64 use libtorch's fused SDPA kernel (the same call as Hugging Face's
 /// default `sdpa` attention, so f32 results match it bit for bit). Other
