@@ -300,6 +300,32 @@ impl Drop for ReconcileTimer {
 mod tests {
     use super::*;
 
+    /// `promtool check metrics` on the exposition, when promtool is installed
+    /// (Debian package `prometheus`); skipped, saying so, otherwise.
+    fn promtool_accepts(text: &str) {
+        use std::io::Write;
+        let child = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn();
+        let Ok(mut child) = child else {
+            eprintln!("promtool not installed: `promtool check metrics` skipped");
+            return;
+        };
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(text.as_bytes()).expect("write to promtool");
+        }
+        let out = child.wait_with_output().expect("promtool");
+        assert!(
+            out.status.success(),
+            "promtool check metrics: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     #[test]
     fn every_metric_is_prefixed_and_runs_are_forgotten() {
         let m = Metrics::new();
@@ -334,6 +360,7 @@ mod tests {
         {
             assert!(line.starts_with("heterotune_"), "{line}");
         }
+        promtool_accepts(&text);
         m.forget("ns", "ft");
         let text = m.encode();
         assert!(!text.contains("namespace=\"ns\""), "{text}");

@@ -7,8 +7,8 @@
 # Skips (exit 0, with the reason) when KUBECONFIG is unset or the cluster is
 # unreachable. Needs kubectl and helm, and the images in reach of the nodes:
 #   OPERATOR_IMAGE (default heterotune/operator:dev)
-#   TRAINER_IMAGE  (default heterotune/trainer:dev; it must hold the model
-#                   cache at /work/cache or reach s3://models, see docs/operator.md)
+#   TRAINER_IMAGE  (default heterotune/trainer:dev; its HETEROTUNE_CACHE must
+#                   hold the packaged models and TREC data, see docs/operator.md)
 # On kind:  kind create cluster && kind load docker-image "$OPERATOR_IMAGE" "$TRAINER_IMAGE"
 #           KUBECONFIG=~/.kube/config tests/e2e/run.sh
 set -euo pipefail

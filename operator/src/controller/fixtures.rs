@@ -50,7 +50,7 @@ pub fn three_clients() -> String {
         .collect()
 }
 
-/// Sets the spec as an invalid JSON-level value through serde.
+/// `ft` with `status` (what a previous reconcile wrote).
 pub fn with_status(mut ft: FederatedTune, status: FederatedTuneStatus) -> FederatedTune {
     ft.status = Some(status);
     ft

@@ -410,9 +410,10 @@ fn job(run: &Run, config: &JobConfig, parts: PodParts) -> Job {
         .image
         .clone()
         .unwrap_or_else(|| config.trainer_image.clone());
+    // HETEROTUNE_CACHE is the image's (a baked, read-only model cache for
+    // `cache://` URIs); models from the store are staged under /work.
     let mut env_vars = vec![
         env("HOME", WORK_DIR),
-        env("HETEROTUNE_CACHE", format!("{WORK_DIR}/cache")),
         env("HETEROTUNE_RUN", run.layout.run_dir()),
         env("RUST_LOG", "info"),
     ];

@@ -515,3 +515,146 @@ pub fn now_seconds() -> f64 {
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use heterotune_crds::manifest::{ArtifactKind, FileDigest};
+
+    fn manifest(
+        kind: ArtifactKind,
+        round: u32,
+        client: Option<&str>,
+        created: &str,
+    ) -> ArtifactManifest {
+        let mut metrics = BTreeMap::new();
+        metrics.insert("accuracy".to_string(), 0.8);
+        metrics.insert("accuracy.bert".to_string(), 0.75);
+        ArtifactManifest {
+            schema_version: 1,
+            kind,
+            run: "r".into(),
+            round,
+            base_round: round - 1,
+            client: client.map(str::to_string),
+            family: None,
+            artifact: FileDigest {
+                path: "adapter.safetensors".into(),
+                sha256: "00".into(),
+                bytes: 123,
+            },
+            tensors: vec![],
+            num_examples: 10,
+            metrics,
+            stats: serde_json::json!({
+                "participants": ["a", "b"],
+                "rejected": [{ "client": "c", "reason": "norm_bound" }],
+                "bytes_uploaded": 246
+            }),
+            writer_version: "test".into(),
+            created_at: created.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_object_store_adapter_reads_rounds_commits_and_applies_retention() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = StorageSpec {
+            uri: format!("file://{}", dir.path().display()),
+            ..StorageSpec::default()
+        };
+        let store = Store::from_spec(&storage, dir.path()).expect("store");
+        let layout = RunLayout::new("", "ns", "ft", "0f1e2d3c-aaaa");
+        let put = |key: String, m: ArtifactManifest| {
+            let store = store.clone();
+            async move {
+                store
+                    .put(&key, Bytes::from(serde_json::to_vec(&m).expect("json")))
+                    .await
+                    .expect("put")
+            }
+        };
+        put(
+            layout.global_manifest(1),
+            manifest(ArtifactKind::Global, 1, None, "2023-11-14T22:13:20Z"),
+        )
+        .await;
+        put(
+            layout.client_manifest(1, "a"),
+            manifest(ArtifactKind::Client, 1, Some("a"), "2023-11-14T22:00:00Z"),
+        )
+        .await;
+        put(
+            layout.client_manifest(2, "b"),
+            manifest(ArtifactKind::Client, 2, Some("b"), "2023-11-14T22:20:00Z"),
+        )
+        .await;
+        // Data without a manifest is not a commit; strangers are ignored.
+        store
+            .put(&layout.client_adapter(2, "a"), Bytes::from_static(b"x"))
+            .await
+            .expect("put");
+        put(
+            layout.client_manifest(2, "zz"),
+            manifest(ArtifactKind::Client, 2, Some("zz"), "2023-11-14T22:20:00Z"),
+        )
+        .await;
+        let run = RunRef {
+            storage,
+            layout: layout.clone(),
+            clients: vec!["a".into(), "b".into()],
+            rounds: 5,
+        };
+        let rs = ObjectRunStore::default();
+        let obs = rs.observe(&run, 0).await.expect("observe");
+        assert_eq!(obs.completed_rounds, 1);
+        assert_eq!(obs.committed.keys().collect::<Vec<_>>(), vec!["b"]);
+        assert_eq!(obs.committed["b"].committed_at, 1_700_000_400.0);
+        assert_eq!(obs.committed["b"].bytes, 123);
+        let s = &obs.new_rounds[0].summary;
+        assert_eq!(
+            (s.round, s.accuracy, s.participants, s.bytes_uploaded),
+            (1, Some(0.8), 2, 246)
+        );
+        assert_eq!(s.accuracy_by_family.get("bert"), Some(&0.75));
+        assert_eq!(s.rejected.get("norm_bound"), Some(&1));
+        assert_eq!(obs.new_rounds[0].completed_at, Some(1_700_000_000.0));
+        // Known rounds are not read again; a stale hint falls back to a full look.
+        assert!(rs
+            .observe(&run, 1)
+            .await
+            .expect("observe")
+            .new_rounds
+            .is_empty());
+        assert_eq!(
+            rs.observe(&run, 4).await.expect("observe").completed_rounds,
+            1
+        );
+
+        assert_eq!(
+            rs.apply_retention(&run, RetentionPolicy::Retain)
+                .await
+                .expect("retain"),
+            0
+        );
+        // Compact: client folders (3 manifests + 1 adapter) go, the global manifest stays.
+        assert_eq!(
+            rs.apply_retention(&run, RetentionPolicy::Compact)
+                .await
+                .expect("compact"),
+            4
+        );
+        assert!(store
+            .exists(&layout.global_manifest(1))
+            .await
+            .expect("exists"));
+        assert_eq!(
+            rs.apply_retention(&run, RetentionPolicy::Delete)
+                .await
+                .expect("delete"),
+            1
+        );
+        assert!(store.list(layout.run_dir()).await.expect("list").is_empty());
+    }
+}

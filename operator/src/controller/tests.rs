@@ -838,3 +838,38 @@ fn job_names_are_bounded_distinct_and_stable() {
     assert!(!dotted.contains('.') && dotted.len() <= 63, "{dotted}");
     assert_ne!(dotted, jobs::trainer_job_name("team-trec", 1, 1, "a"));
 }
+
+#[test]
+fn the_chart_configuration_is_the_operator_configuration() {
+    // The chart renders `config` to JSON for `--config`: its defaults and the
+    // GPU example must deserialize (deny_unknown_fields catches drift).
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for file in [
+        "charts/heterotune/values.yaml",
+        "tests/helm/values-gpus.yaml",
+    ] {
+        let text = std::fs::read_to_string(root.join(file)).expect("values file");
+        let values = heterotune_crds::validate::parse_document(&text).expect("YAML");
+        let config: super::OperatorConfig = serde_json::from_value(values["config"].clone())
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
+        if file.ends_with("values.yaml") {
+            assert_eq!(
+                config,
+                super::OperatorConfig::default(),
+                "chart defaults = operator defaults"
+            );
+        } else {
+            let names: Vec<&str> = config
+                .sizing
+                .gpu_profiles
+                .iter()
+                .map(|p| p.name.as_str())
+                .collect();
+            assert_eq!(names, ["l4-24gb", "a100-80gb"]);
+            assert_eq!(
+                config.sizing.gpu_profiles[0].memory,
+                24 * crate::sizing::GIB
+            );
+        }
+    }
+}
