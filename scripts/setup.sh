@@ -11,7 +11,7 @@
 #   PYTHON            interpreter used to create the venv (default python3; Python 3.11 expected)
 #
 # Steps, each skipped when its result is already there:
-#   1. Debian packages listed in apt_packages (none are needed today).
+#   1. Debian packages listed in APT_PACKAGES (the plot font, promtool).
 #   2. .venv created with `python -m venv`; scripts/requirements.txt installed with pip. A stamp
 #      (.venv/.heterotune-requirements.sha256) holds the sha256 of requirements.txt, so pip only runs
 #      when that file changes (or the venv is new).
@@ -44,7 +44,8 @@ say() { echo "setup: $*"; }
 # The Debian packages that builds or tests need (names as apt-get knows them); the Rust crates,
 # Python and git come with the machine, and libtorch comes from the torch wheel in the venv.
 #   fonts-dejavu-core: the font the run report's plots are labelled with.
-APT_PACKAGES=(fonts-dejavu-core)
+#   prometheus: promtool, for the metrics and alert-rule checks.
+APT_PACKAGES=(fonts-dejavu-core prometheus)
 
 missing_apt_packages() {
   local p

@@ -22,3 +22,6 @@ echo "== cargo test"
 cargo test --workspace
 echo "== pytest (converters)"
 HETEROTUNE_REQUIRE_CACHE=1 python -m pytest -q scripts/tests
+echo "== Helm chart (lint, kubernetes-validate --strict, promtool)"
+tool_env="$(./scripts/test-tools.sh)"
+env $tool_env HETEROTUNE_REQUIRE_TOOLS=1 tests/helm/check.sh
