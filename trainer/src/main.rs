@@ -460,7 +460,7 @@ fn train(
         metrics,
         stats: serde_json::json!({"familyArchitecture": client.model.family.as_str(), "prefixLayers": model.prefix_layers()}),
         writer_version: format!("heterotune-trainer {}", env!("CARGO_PKG_VERSION")),
-        created_at: now_rfc3339(),
+        created_at: heterotune_crds::manifest::now_rfc3339(),
     };
     let written = artifact::write_artifact(out, &delta, StoreDtype::Bf16, manifest)?;
 
@@ -649,7 +649,7 @@ fn init(spec_path: &Path, out: &Path, run: &str) -> anyhow::Result<()> {
         metrics: BTreeMap::new(),
         stats: serde_json::json!({ "families": families, "slots": slots }),
         writer_version: format!("heterotune-trainer {}", env!("CARGO_PKG_VERSION")),
-        created_at: now_rfc3339(),
+        created_at: heterotune_crds::manifest::now_rfc3339(),
     };
     let written = artifact::write_artifact(out, &tensors, StoreDtype::F32, manifest)?;
     println!(
@@ -685,31 +685,6 @@ fn aggregate(
         println!("  rejected {r:?}");
     }
     Ok(())
-}
-
-fn now_rfc3339() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    // Civil date from days since the epoch (Howard Hinnant's algorithm).
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
-    )
 }
 
 fn main() -> ExitCode {

@@ -525,7 +525,7 @@ pub fn aggregate_round(
         metrics,
         stats: serde_json::Value::Null,
         writer_version: format!("heterotune-trainer {}", env!("CARGO_PKG_VERSION")),
-        created_at: now_rfc3339(),
+        created_at: heterotune_crds::manifest::now_rfc3339(),
     };
     // The manifest's stats include the write time of the data file: write
     // the data, then the manifest with the final timing.
@@ -604,30 +604,4 @@ pub fn client_view(
         }
     }
     Ok(shared)
-}
-
-/// The current UTC time as RFC 3339 (seconds).
-fn now_rfc3339() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Civil date from days since the epoch (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
-    )
 }
