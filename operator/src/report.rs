@@ -181,11 +181,11 @@ impl Report {
                 }
             }
             md.push_str(&format!(
-                " {} | {} | {:.1} s | {:.2} s |\n",
+                " {} | {} | {} | {} |\n",
                 r.participants.len(),
                 human_bytes(r.bytes_uploaded),
-                r.duration_seconds,
-                r.aggregation_seconds
+                seconds(r.duration_seconds, 1),
+                seconds(r.aggregation_seconds, 2)
             ));
         }
         let (full, lora) = self.reference_bytes();
@@ -226,6 +226,16 @@ impl Report {
             md.push_str(&format!("\nNote: {note}\n"));
         }
         md
+    }
+}
+
+/// `12.3 s`, or `–` for a time not measured (a round completed by an
+/// earlier, interrupted run).
+fn seconds(s: f64, decimals: usize) -> String {
+    if s.is_finite() && s > 0.0 {
+        format!("{s:.decimals$} s")
+    } else {
+        "–".to_string()
     }
 }
 
