@@ -157,16 +157,28 @@ pub fn write_artifact(
     dir: &Path,
     tensors: &BTreeMap<String, Tensor>,
     dtype: StoreDtype,
-    mut manifest: ArtifactManifest,
+    manifest: ArtifactManifest,
 ) -> Result<ArtifactManifest> {
     let (bytes, infos) = to_safetensors(tensors, dtype)?;
+    commit(dir, &bytes, infos, manifest)
+}
+
+/// Commits serialised adapter `bytes` into `dir`: the data file, then the
+/// manifest (with the data's digest and `infos`) that marks it complete,
+/// both atomically. Returns the manifest as written.
+pub fn commit(
+    dir: &Path,
+    bytes: &[u8],
+    infos: Vec<TensorInfo>,
+    mut manifest: ArtifactManifest,
+) -> Result<ArtifactManifest> {
     manifest.artifact = FileDigest {
         path: ADAPTER_FILE.to_string(),
-        sha256: sha256_hex(&bytes),
+        sha256: sha256_hex(bytes),
         bytes: bytes.len() as u64,
     };
     manifest.tensors = infos;
-    write_atomic(&dir.join(ADAPTER_FILE), &bytes)?;
+    write_atomic(&dir.join(ADAPTER_FILE), bytes)?;
     let json = serde_json::to_vec_pretty(&manifest)
         .map_err(|e| Error::config("manifest", format!("cannot serialise: {e}")))?;
     write_atomic(&dir.join(MANIFEST_FILE), &json)?;

@@ -295,20 +295,10 @@ pub fn read_global(dir: &Path) -> Result<(ArtifactManifest, BTreeMap<String, Arr
 pub fn write_global(
     dir: &Path,
     tensors: &BTreeMap<String, Array>,
-    mut manifest: ArtifactManifest,
+    manifest: ArtifactManifest,
 ) -> Result<ArtifactManifest> {
     let (bytes, infos) = array::serialize(tensors, WireDtype::F32)?;
-    manifest.artifact = FileDigest {
-        path: ADAPTER_FILE.to_string(),
-        sha256: sha256_hex(&bytes),
-        bytes: bytes.len() as u64,
-    };
-    manifest.tensors = infos;
-    write_atomic(&dir.join(ADAPTER_FILE), &bytes)?;
-    let json = serde_json::to_vec_pretty(&manifest)
-        .map_err(|e| Error::config("manifest", format!("cannot serialise: {e}")))?;
-    write_atomic(&dir.join(MANIFEST_FILE), &json)?;
-    Ok(manifest)
+    crate::artifact::commit(dir, &bytes, infos, manifest)
 }
 
 /// The result of one round's aggregation.
