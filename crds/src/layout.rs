@@ -5,6 +5,7 @@
 //!                                              /clients/<client>/manifest.json
 //!                                   /round-0003/global/adapter.safetensors
 //!                                              /global/manifest.json
+//!                                   /private/<client>/state-round-0003.safetensors
 //! ```
 //!
 //! A writer uploads its data first and its manifest last: the manifest is the
@@ -16,6 +17,33 @@
 pub const ADAPTER_FILE: &str = "adapter.safetensors";
 /// File name of a manifest (the commit marker).
 pub const MANIFEST_FILE: &str = "manifest.json";
+
+/// File name of a client's private state after `round`.
+pub fn state_file_name(round: u32) -> String {
+    format!("state-round-{round:04}.safetensors")
+}
+
+/// The round of a private-state file name written by [`state_file_name`].
+pub fn state_file_round(name: &str) -> Option<u32> {
+    name.strip_prefix("state-round-")?
+        .strip_suffix(".safetensors")?
+        .parse()
+        .ok()
+}
+
+/// The newest of `names` (private-state file names) saved before `round`:
+/// what a client resumes from. A client that missed rounds (excluded, or
+/// cut off) resumes from its last completed one.
+pub fn latest_state_before<'a>(
+    names: impl IntoIterator<Item = &'a str>,
+    round: u32,
+) -> Option<(u32, &'a str)> {
+    names
+        .into_iter()
+        .filter_map(|n| state_file_round(n).map(|r| (r, n)))
+        .filter(|(r, _)| *r < round)
+        .max_by_key(|(r, _)| *r)
+}
 
 /// Paths (object keys, `/`-separated, relative to the store root) of one run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +106,17 @@ impl RunLayout {
         format!("{}/{MANIFEST_FILE}", self.global_dir(round))
     }
 
+    /// Where a cluster client keeps its private state between rounds (the
+    /// adapter parts it never shares; the aggregator never reads them).
+    pub fn private_dir(&self, client: &str) -> String {
+        format!("{}/private/{client}", self.run_dir)
+    }
+
+    /// `client`'s private state after `round`.
+    pub fn client_state(&self, client: &str, round: u32) -> String {
+        format!("{}/{}", self.private_dir(client), state_file_name(round))
+    }
+
     /// The spec the run was started with (checked on resume).
     pub fn spec_file(&self) -> String {
         format!("{}/spec.json", self.run_dir)
@@ -110,7 +149,32 @@ mod tests {
             l.global_manifest(12),
             "runs/team-a/trec-0f1e2d3c/round-0012/global/manifest.json"
         );
+        assert_eq!(
+            l.client_state("site-1", 2),
+            "runs/team-a/trec-0f1e2d3c/private/site-1/state-round-0002.safetensors"
+        );
         let bare = RunLayout::new("", "ns", "x", "abc");
         assert_eq!(bare.round_dir(1), "ns/x-abc/round-0001");
+    }
+
+    #[test]
+    fn a_client_resumes_from_its_newest_earlier_state() {
+        let names = [
+            "state-round-0001.safetensors",
+            "state-round-0003.safetensors",
+            "state-round-0004.safetensors",
+            "notes.txt",
+            "state-round-x.safetensors",
+        ];
+        assert_eq!(
+            latest_state_before(names, 4),
+            Some((3, "state-round-0003.safetensors"))
+        );
+        assert_eq!(
+            latest_state_before(names, 2),
+            Some((1, "state-round-0001.safetensors"))
+        );
+        assert_eq!(latest_state_before(names, 1), None);
+        assert_eq!(state_file_round(&state_file_name(12)), Some(12));
     }
 }

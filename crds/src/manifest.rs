@@ -80,6 +80,53 @@ pub struct ArtifactManifest {
     pub created_at: String,
 }
 
+impl ArtifactManifest {
+    /// Parses a manifest, dropping non-numeric entries of `metrics` first: a
+    /// writer serialises a NaN metric as `null`, and metrics are
+    /// informational, so such a value must not make the manifest unreadable.
+    pub fn from_slice(bytes: &[u8]) -> serde_json::Result<ArtifactManifest> {
+        let mut value: serde_json::Value = serde_json::from_slice(bytes)?;
+        if let Some(metrics) = value
+            .get_mut("metrics")
+            .and_then(serde_json::Value::as_object_mut)
+        {
+            metrics.retain(|_, v| v.is_number());
+        }
+        serde_json::from_value(value)
+    }
+}
+
+/// Seconds since the Unix epoch of an RFC 3339 UTC time as [`rfc3339`]
+/// writes it (`YYYY-MM-DDTHH:MM:SSZ`); `None` for anything else.
+pub fn parse_rfc3339(text: &str) -> Option<u64> {
+    let b = text.as_bytes();
+    if b.len() != 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b[10] != b'T'
+        || b[13] != b':'
+        || b[16] != b':'
+        || b[19] != b'Z'
+    {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<i64> { text.get(r)?.parse().ok() };
+    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hh, mm, ss) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || hh > 23 || mm > 59 || ss > 60 {
+        return None;
+    }
+    // Days since the epoch from a civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    u64::try_from(days * 86_400 + hh * 3600 + mm * 60 + ss).ok()
+}
+
 /// The current UTC time as RFC 3339, to the second (for `createdAt`).
 pub fn now_rfc3339() -> String {
     let secs = std::time::SystemTime::now()
@@ -118,5 +165,30 @@ mod tests {
         assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(super::rfc3339(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(super::rfc3339(1_795_597_200), "2026-11-25T09:00:00Z");
+    }
+
+    #[test]
+    fn rfc3339_parses_what_it_writes() {
+        for secs in [0, 59, 86_399, 951_782_400, 1_795_597_200, 4_102_444_800] {
+            assert_eq!(super::parse_rfc3339(&super::rfc3339(secs)), Some(secs));
+        }
+        for bad in [
+            "",
+            "2026-11-25 09:00:00Z",
+            "2026-13-01T00:00:00Z",
+            "2026-11-25T09:00:00+01:00",
+        ] {
+            assert_eq!(super::parse_rfc3339(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_null_metric_does_not_make_a_manifest_unreadable() {
+        let text = br#"{"schemaVersion":1,"kind":"client","run":"r","round":1,"baseRound":0,
+            "artifact":{"path":"adapter.safetensors","sha256":"00","bytes":1},"tensors":[],
+            "metrics":{"loss":null,"accuracy":0.5},"writerVersion":"t","createdAt":"x"}"#;
+        let m = super::ArtifactManifest::from_slice(text).expect("readable");
+        assert_eq!(m.metrics.len(), 1);
+        assert_eq!(m.metrics.get("accuracy"), Some(&0.5));
     }
 }

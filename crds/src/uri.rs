@@ -10,6 +10,12 @@ use std::path::{Path, PathBuf};
 /// Environment variable naming the model/data cache.
 pub const CACHE_ENV: &str = "HETEROTUNE_CACHE";
 
+/// Environment variable naming a JSON file `{"s3://…": "/local/path"}`: the
+/// `s3://` model and dataset URIs that `heterotune job` staged to local
+/// paths before starting the trainer (the spec keeps the original URIs, so
+/// family keys and manifests do not change).
+pub const STAGED_ENV: &str = "HETEROTUNE_STAGED";
+
 /// A parsed location.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Location {
@@ -28,6 +34,8 @@ pub enum UriError {
     NoBucket(String),
     #[error("cannot resolve {0:?}: neither HETEROTUNE_CACHE nor HOME is set")]
     NoCache(String),
+    #[error("{file} (named by HETEROTUNE_STAGED): {message}")]
+    Staged { file: String, message: String },
 }
 
 /// The cache root: `$HETEROTUNE_CACHE`, else `$HOME/.cache/heterotune`.
@@ -36,6 +44,28 @@ pub fn cache_root() -> Option<PathBuf> {
         return Some(PathBuf::from(dir));
     }
     std::env::var_os("HOME").map(|home| Path::new(&home).join(".cache").join("heterotune"))
+}
+
+/// The canonical form of a URI as a staging key (no trailing `/`).
+pub fn staging_key(uri: &str) -> &str {
+    uri.trim_end_matches('/')
+}
+
+/// The local copy of `uri` listed in the [`STAGED_ENV`] file, if that
+/// variable is set and lists it.
+pub fn staged_path(uri: &str) -> Result<Option<PathBuf>, UriError> {
+    let Some(file) = std::env::var_os(STAGED_ENV).filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    let file = PathBuf::from(file);
+    let err = |message: String| UriError::Staged {
+        file: file.display().to_string(),
+        message,
+    };
+    let text = std::fs::read_to_string(&file).map_err(|e| err(format!("cannot read: {e}")))?;
+    let map: std::collections::BTreeMap<String, PathBuf> = serde_json::from_str(&text)
+        .map_err(|e| err(format!("not a JSON object of URI to path: {e}")))?;
+    Ok(map.get(staging_key(uri)).cloned())
 }
 
 /// Resolves `uri` to a [`Location`].

@@ -7,6 +7,7 @@
 pub mod checks;
 pub mod controller;
 pub mod http;
+pub mod job;
 pub mod leader;
 pub mod metrics;
 pub mod plan;
@@ -14,5 +15,6 @@ pub mod planner;
 pub mod report;
 pub mod runner;
 pub mod sizing;
+pub mod staging;
 pub mod store;
 pub mod telemetry;

@@ -78,6 +78,20 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// Writes `bytes` to `path` through a temporary file in the same folder.
+async fn write_local(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let local = |e| StoreError::Local {
+        path: path.to_path_buf(),
+        source: e,
+    };
+    if let Some(parent) = path.parent() {
+        tokio::fs::create_dir_all(parent).await.map_err(local)?;
+    }
+    let tmp = path.with_extension(format!("partial-{}", std::process::id()));
+    tokio::fs::write(&tmp, bytes).await.map_err(local)?;
+    tokio::fs::rename(&tmp, path).await.map_err(local)
+}
+
 impl Store {
     /// Opens the store `spec` names. A local path is taken relative to `base`.
     pub fn from_spec(spec: &StorageSpec, base: &Path) -> Result<Store, StoreError> {
@@ -254,6 +268,18 @@ impl Store {
         Ok(keys)
     }
 
+    /// Deletes `key` (absent is fine).
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let path = Self::path(key);
+        match self
+            .retry("delete", key, || async { self.inner.delete(&path).await })
+            .await
+        {
+            Err(e) if !e.is_not_found() => Err(e),
+            _ => Ok(()),
+        }
+    }
+
     /// Deletes every key under `prefix`; returns how many.
     pub async fn delete_prefix(&self, prefix: &str) -> Result<usize, StoreError> {
         let keys = self.list(prefix).await?;
@@ -317,6 +343,83 @@ impl Store {
                 })?;
         }
         Ok(true)
+    }
+
+    /// Downloads `key` into the file `local` (parent folders created,
+    /// written under a temporary name and renamed). False when absent.
+    pub async fn download_file(&self, key: &str, local: &Path) -> Result<bool, StoreError> {
+        let Some(bytes) = self.get(key).await? else {
+            return Ok(false);
+        };
+        write_local(local, &bytes).await?;
+        Ok(true)
+    }
+
+    /// Uploads the local file `local` to `key`.
+    pub async fn upload_file(&self, local: &Path, key: &str) -> Result<u64, StoreError> {
+        let bytes = tokio::fs::read(local)
+            .await
+            .map_err(|e| StoreError::Local {
+                path: local.to_path_buf(),
+                source: e,
+            })?;
+        let n = bytes.len() as u64;
+        self.put(key, Bytes::from(bytes)).await?;
+        Ok(n)
+    }
+
+    /// Downloads every object under the folder `key` into `local_dir`
+    /// (keeping relative paths); returns how many. Keys that would leave
+    /// `local_dir` (`..`) are refused.
+    pub async fn download_prefix(&self, key: &str, local_dir: &Path) -> Result<usize, StoreError> {
+        let key = key.trim_matches('/');
+        let keys = self.list(key).await?;
+        for k in &keys {
+            let rel = k.strip_prefix(key).unwrap_or(k).trim_start_matches('/');
+            if rel.is_empty() || rel.split('/').any(|p| p == ".." || p.is_empty()) {
+                return Err(StoreError::Config {
+                    uri: self.uri.clone(),
+                    message: format!("refusing to download {k}: not a plain path under {key}"),
+                });
+            }
+            if let Some(bytes) = self.get(k).await? {
+                write_local(&local_dir.join(rel), &bytes).await?;
+            }
+        }
+        Ok(keys.len())
+    }
+
+    /// The file names directly under the folder `key`.
+    pub async fn file_names(&self, key: &str) -> Result<Vec<String>, StoreError> {
+        let key = key.trim_matches('/');
+        Ok(self
+            .list(key)
+            .await?
+            .into_iter()
+            .filter_map(|k| {
+                k.strip_prefix(key)
+                    .map(|r| r.trim_start_matches('/').to_string())
+            })
+            .filter(|r| !r.is_empty() && !r.contains('/'))
+            .collect())
+    }
+
+    /// `spec.retention.keepClientRounds`: once round `completed` is
+    /// aggregated, deletes the client artifacts of rounds up to
+    /// `completed - keep` (global artifacts stay). Returns how many objects.
+    pub async fn prune_client_rounds(
+        &self,
+        layout: &RunLayout,
+        completed: u32,
+        keep: u32,
+    ) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for round in 1..=completed.saturating_sub(keep) {
+            n += self
+                .delete_prefix(&format!("{}/clients", layout.round_dir(round)))
+                .await?;
+        }
+        Ok(n)
     }
 
     /// Rounds `1..=n` whose global manifest exists, counted from round 1

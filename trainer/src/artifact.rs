@@ -1,6 +1,12 @@
 //! Writing and reading adapter artifacts: `adapter.safetensors` plus its
 //! `manifest.json`, the commit marker of the round protocol.
 //!
+//! The one safetensors writer and reader of the trainer is here:
+//! [`serialize_raw`] and [`tensor_views`] over (name, dtype, shape, bytes),
+//! free of libtorch, under both libtorch tensors ([`to_safetensors`],
+//! [`from_safetensors`]) and aggregation's f32 arrays
+//! (`aggregate::array::serialize`, `aggregate::array::parse_safetensors`).
+//!
 //! Both files are written to a temporary name and renamed into place, data
 //! first and manifest last, so a reader never sees a manifest without its
 //! complete data, and a crash never leaves a partial artifact that looks
@@ -8,10 +14,11 @@
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use heterotune_crds::layout::{ADAPTER_FILE, MANIFEST_FILE};
 use heterotune_crds::manifest::{ArtifactManifest, FileDigest, TensorInfo};
+use safetensors::tensor::TensorView;
 use sha2::{Digest, Sha256};
 use tch::{Kind, Tensor};
 
@@ -27,6 +34,22 @@ pub enum StoreDtype {
 }
 
 impl StoreDtype {
+    /// The safetensors / manifest name (`BF16`, `F32`).
+    pub fn name(self) -> &'static str {
+        match self {
+            StoreDtype::Bf16 => "BF16",
+            StoreDtype::F32 => "F32",
+        }
+    }
+
+    /// The safetensors element type.
+    pub fn safetensors(self) -> safetensors::Dtype {
+        match self {
+            StoreDtype::Bf16 => safetensors::Dtype::BF16,
+            StoreDtype::F32 => safetensors::Dtype::F32,
+        }
+    }
+
     fn kind(self) -> Kind {
         match self {
             StoreDtype::Bf16 => Kind::BFloat16,
@@ -56,11 +79,20 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
-/// A tensor's raw little-endian bytes, ready for safetensors.
-struct RawTensor {
-    dtype: safetensors::Dtype,
-    shape: Vec<usize>,
-    data: Vec<u8>,
+// The safetensors format itself, over (name, dtype, shape, bytes) and free
+// of libtorch: the one writer and reader behind both the tensor path below
+// and the plain f32 arrays of aggregation (`aggregate::array`).
+
+/// One tensor as safetensors stores it: element type, shape and raw
+/// little-endian bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawTensor {
+    /// Element type.
+    pub dtype: safetensors::Dtype,
+    /// Shape (empty for a scalar).
+    pub shape: Vec<usize>,
+    /// The values' bytes, row-major.
+    pub data: Vec<u8>,
 }
 
 impl safetensors::View for &RawTensor {
@@ -78,6 +110,45 @@ impl safetensors::View for &RawTensor {
     }
 }
 
+/// Serialises named raw tensors to safetensors bytes (no metadata; the
+/// format orders the data by dtype alignment, then name, so the same
+/// tensors give the same bytes in any order). Also returns the manifest's
+/// tensor list, in the order given.
+pub fn serialize_raw(
+    tensors: impl IntoIterator<Item = (String, RawTensor)>,
+) -> Result<(Vec<u8>, Vec<TensorInfo>)> {
+    let tensors: Vec<(String, RawTensor)> = tensors.into_iter().collect();
+    let infos = tensors
+        .iter()
+        .map(|(name, r)| TensorInfo {
+            name: name.clone(),
+            dtype: format!("{:?}", r.dtype),
+            shape: r.shape.clone(),
+        })
+        .collect();
+    let bytes = safetensors::serialize(tensors.iter().map(|(n, r)| (n.as_str(), r)), None)
+        .map_err(|e| Error::config("artifact", format!("cannot serialise safetensors: {e}")))?;
+    Ok((bytes, infos))
+}
+
+/// The tensors of safetensors `bytes` as views borrowing them, sorted by
+/// name (a fixed order: the format's own iteration order is a hash map's).
+/// The header is validated (offsets, sizes against shapes).
+pub fn tensor_views(
+    bytes: &[u8],
+) -> std::result::Result<Vec<(String, TensorView<'_>)>, safetensors::SafeTensorError> {
+    let mut views = safetensors::SafeTensors::deserialize(bytes)?.tensors();
+    views.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    Ok(views)
+}
+
+/// [`tensor_views`] of a trusted file; `origin` names it in errors.
+pub fn parse_views<'a>(bytes: &'a [u8], origin: &Path) -> Result<Vec<(String, TensorView<'a>)>> {
+    tensor_views(bytes).map_err(|e| Error::data(origin, format!("not valid safetensors: {e}")))
+}
+
+// Tensors (libtorch) on top of it.
+
 fn raw(tensor: &Tensor, dtype: StoreDtype) -> Result<RawTensor> {
     let t = tensor
         .detach()
@@ -87,10 +158,7 @@ fn raw(tensor: &Tensor, dtype: StoreDtype) -> Result<RawTensor> {
     let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
     let data = Vec::<u8>::try_from(t.flatten(0, -1).view_dtype(Kind::Uint8))?;
     Ok(RawTensor {
-        dtype: match dtype {
-            StoreDtype::Bf16 => safetensors::Dtype::BF16,
-            StoreDtype::F32 => safetensors::Dtype::F32,
-        },
+        dtype: dtype.safetensors(),
         shape,
         data,
     })
@@ -102,21 +170,11 @@ pub fn to_safetensors(
     tensors: &BTreeMap<String, Tensor>,
     dtype: StoreDtype,
 ) -> Result<(Vec<u8>, Vec<TensorInfo>)> {
-    let mut raws = Vec::with_capacity(tensors.len());
-    for (name, t) in tensors {
-        raws.push((name.clone(), raw(t, dtype)?));
-    }
-    let infos = raws
+    let raws = tensors
         .iter()
-        .map(|(name, r)| TensorInfo {
-            name: name.clone(),
-            dtype: format!("{:?}", r.dtype),
-            shape: r.shape.clone(),
-        })
-        .collect();
-    let bytes = safetensors::serialize(raws.iter().map(|(n, r)| (n.as_str(), r)), None)
-        .map_err(|e| Error::config("artifact", format!("cannot serialise safetensors: {e}")))?;
-    Ok((bytes, infos))
+        .map(|(name, t)| Ok((name.clone(), raw(t, dtype)?)))
+        .collect::<Result<Vec<_>>>()?;
+    serialize_raw(raws)
 }
 
 /// Parses safetensors bytes into f32 CPU tensors; `origin` names the source in errors.
@@ -129,10 +187,8 @@ pub fn from_safetensors(bytes: &[u8], origin: &Path) -> Result<BTreeMap<String, 
 
 /// Parses safetensors bytes into CPU tensors, keeping their stored dtype.
 pub fn from_safetensors_kept(bytes: &[u8], origin: &Path) -> Result<BTreeMap<String, Tensor>> {
-    let st = safetensors::SafeTensors::deserialize(bytes)
-        .map_err(|e| Error::data(origin, format!("not valid safetensors: {e}")))?;
     let mut out = BTreeMap::new();
-    for (name, view) in st.tensors() {
+    for (name, view) in parse_views(bytes, origin)? {
         let kind = match view.dtype() {
             safetensors::Dtype::BF16 => Kind::BFloat16,
             safetensors::Dtype::F16 => Kind::Half,
@@ -185,20 +241,22 @@ pub fn commit(
     Ok(manifest)
 }
 
-/// Reads a committed artifact from `dir`, checking the data against its
-/// manifest (size and sha256). Tensors come back as f32 on the CPU.
-pub fn read_artifact(dir: &Path) -> Result<(ArtifactManifest, BTreeMap<String, Tensor>)> {
+/// Reads a committed artifact's manifest and data file from `dir`, checking
+/// the data against the manifest (a plain file name, size and sha256).
+/// Returns the manifest, the data and the data file's path (for errors).
+pub fn read_committed(dir: &Path) -> Result<(ArtifactManifest, Vec<u8>, PathBuf)> {
     let manifest_path = dir.join(MANIFEST_FILE);
     let text = std::fs::read(&manifest_path).map_err(|e| Error::io(&manifest_path, e))?;
     let manifest: ArtifactManifest = serde_json::from_slice(&text)
         .map_err(|e| Error::data(&manifest_path, format!("not a valid manifest: {e}")))?;
-    let data_path = dir.join(&manifest.artifact.path);
-    if manifest.artifact.path.contains('/') || manifest.artifact.path.contains("..") {
+    let file = &manifest.artifact.path;
+    if file.is_empty() || file.contains('/') || file.contains('\\') || file == "." || file == ".." {
         return Err(Error::data(
             &manifest_path,
             "artifact.path must be a plain file name",
         ));
     }
+    let data_path = dir.join(file);
     let bytes = std::fs::read(&data_path).map_err(|e| Error::io(&data_path, e))?;
     if bytes.len() as u64 != manifest.artifact.bytes {
         return Err(Error::data(
@@ -210,13 +268,19 @@ pub fn read_artifact(dir: &Path) -> Result<(ArtifactManifest, BTreeMap<String, T
             ),
         ));
     }
-    let digest = sha256_hex(&bytes);
-    if digest != manifest.artifact.sha256 {
+    if sha256_hex(&bytes) != manifest.artifact.sha256 {
         return Err(Error::data(
             &data_path,
             "sha256 differs from the manifest's",
         ));
     }
+    Ok((manifest, bytes, data_path))
+}
+
+/// Reads a committed artifact from `dir` ([`read_committed`]). Tensors
+/// come back as f32 on the CPU.
+pub fn read_artifact(dir: &Path) -> Result<(ArtifactManifest, BTreeMap<String, Tensor>)> {
+    let (manifest, bytes, data_path) = read_committed(dir)?;
     let tensors = from_safetensors(&bytes, &data_path)?;
     Ok((manifest, tensors))
 }
@@ -283,5 +347,41 @@ mod tests {
             .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
             .collect();
         assert_eq!(names.len(), 2, "{names:?}");
+    }
+
+    #[test]
+    fn raw_format_round_trip_and_errors() {
+        // Views come back sorted by name, whatever the data order.
+        let raws = [("b", 2.0f32), ("a", 1.0)].map(|(n, v)| {
+            let raw = RawTensor {
+                dtype: safetensors::Dtype::F32,
+                shape: vec![1],
+                data: v.to_le_bytes().to_vec(),
+            };
+            (n.to_string(), raw)
+        });
+        let (bytes, infos) = serialize_raw(raws).expect("bytes");
+        assert_eq!(infos[0].name, "b");
+        assert_eq!(infos[0].dtype, "F32");
+        let views = tensor_views(&bytes).expect("views");
+        let names: Vec<&str> = views.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        assert_eq!(views[1].1.data(), 2.0f32.to_le_bytes());
+        // The same as the tensor path.
+        let mut tensors = BTreeMap::new();
+        tensors.insert("a".to_string(), Tensor::from_slice(&[1.0f32]));
+        tensors.insert("b".to_string(), Tensor::from_slice(&[2.0f32]));
+        assert_eq!(
+            to_safetensors(&tensors, StoreDtype::F32).expect("bytes").0,
+            bytes
+        );
+
+        let err = from_safetensors(b"garbage", Path::new("x.safetensors"))
+            .expect_err("garbage")
+            .to_string();
+        assert!(
+            err.contains("x.safetensors") && err.contains("not valid safetensors"),
+            "{err}"
+        );
     }
 }

@@ -15,6 +15,7 @@ use crate::adapters::layers::LayerSelection;
 use crate::data::partition::{DataConfig, PartitionConfig, PartitionScheme};
 use crate::data::source::DatasetConfig;
 use crate::data::split::SplitFractions;
+use crate::models::config::ModelConfig;
 use crate::{Error, Result};
 
 /// Reads a spec file: a whole FederatedTune (YAML or JSON) or just its spec.
@@ -35,15 +36,23 @@ pub fn read_spec(path: &Path) -> Result<FederatedTuneSpec> {
     })
 }
 
-/// Resolves a model or dataset URI to a local path (`s3://` is staged by the
-/// runner before the trainer starts).
+/// Resolves a model or dataset URI to a local path. An `s3://` URI must
+/// have been staged to a local copy by `heterotune job` (listed in the
+/// `HETEROTUNE_STAGED` file); the trainer itself never reads object storage.
 pub fn local_path(uri_text: &str, field: &str) -> Result<PathBuf> {
     match uri::resolve(uri_text) {
         Ok(Location::Local(p)) => Ok(p),
-        Ok(Location::S3 { .. }) => Err(Error::config(
-            field,
-            format!("{uri_text} is in object storage: the runner stages it to a local path before training"),
-        )),
+        Ok(Location::S3 { .. }) => match uri::staged_path(uri_text) {
+            Ok(Some(p)) => Ok(p),
+            Ok(None) => Err(Error::config(
+                field,
+                format!(
+                    "{uri_text} is in object storage and was not staged: run the trainer through \
+                     `heterotune run` or `heterotune job`, which copy it to a local folder first"
+                ),
+            )),
+            Err(e) => Err(Error::config(field, e.to_string())),
+        },
         Err(e) => Err(Error::config(field, e.to_string())),
     }
 }
@@ -162,17 +171,10 @@ pub fn resolve_slots(spec: &FederatedTuneSpec) -> Result<usize> {
     Ok(depth.max(1))
 }
 
-/// `num_hidden_layers` from a model directory's config.json.
+/// `num_hidden_layers` from a model directory's config.json
+/// ([`ModelConfig::read`]).
 pub fn num_layers(dir: &Path) -> Result<usize> {
-    let file = dir.join("config.json");
-    let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
-    let config: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::model(&file, format!("not valid JSON: {e}")))?;
-    config
-        .get("num_hidden_layers")
-        .and_then(|v| v.as_u64())
-        .map(|v| v as usize)
-        .ok_or_else(|| Error::model(&file, "num_hidden_layers is missing"))
+    Ok(ModelConfig::read(dir)?.num_layers())
 }
 
 /// DeMA settings of client `index` for a backbone of `num_layers` layers.

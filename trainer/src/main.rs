@@ -18,6 +18,7 @@ use heterotune_trainer::adapters::lora::{LoraConfig, ProjectionDims};
 use heterotune_trainer::artifact::{self, StoreDtype};
 use heterotune_trainer::data::partition::federate;
 use heterotune_trainer::job;
+use heterotune_trainer::models::config::ModelConfig;
 use heterotune_trainer::models::load_backbone;
 use heterotune_trainer::tokenizer::TextTokenizer;
 use heterotune_trainer::train::{AdapterChoice, ClientModel, TrainSettings};
@@ -193,28 +194,9 @@ fn adapter_choice(
                 layers: (first..num_layers).collect(),
                 init_seed: spec.training.seed,
             };
-            AdapterChoice::Lora(cfg, projection_dims(model_dir)?)
+            let dims = ProjectionDims::of_model(&ModelConfig::read(model_dir)?);
+            AdapterChoice::Lora(cfg, dims)
         }
-    })
-}
-
-/// Output widths of the query and value projections, from config.json.
-fn projection_dims(model_dir: &Path) -> anyhow::Result<ProjectionDims> {
-    let file = model_dir.join("config.json");
-    let text =
-        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-    let c: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not valid JSON", file.display()))?;
-    let get = |k: &str| c.get(k).and_then(|v| v.as_u64()).map(|v| v as usize);
-    let hidden = get("hidden_size")
-        .with_context(|| format!("{}: hidden_size is missing", file.display()))?;
-    let heads = get("num_attention_heads").unwrap_or(1).max(1);
-    let head_dim = get("head_dim").unwrap_or(hidden / heads);
-    let kv_heads = get("num_key_value_heads").unwrap_or(heads);
-    Ok(ProjectionDims {
-        hidden,
-        query_out: heads * head_dim,
-        value_out: kv_heads * head_dim,
     })
 }
 
@@ -532,37 +514,6 @@ fn eval(
     Ok(())
 }
 
-/// Shape facts of a model from its config.json, without loading weights.
-fn info_from_config(dir: &Path) -> anyhow::Result<heterotune_trainer::models::BackboneInfo> {
-    use heterotune_trainer::models::{BackboneInfo, Family};
-    let file = dir.join("config.json");
-    let text =
-        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-    let c: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not valid JSON", file.display()))?;
-    let get = |k: &str| -> anyhow::Result<usize> {
-        c.get(k)
-            .and_then(|v| v.as_u64())
-            .map(|v| v as usize)
-            .with_context(|| format!("{}: `{k}` is missing", file.display()))
-    };
-    let family = match c.get("model_type").and_then(|v| v.as_str()) {
-        Some("bert") => Family::Bert,
-        Some("llama") => Family::Llama,
-        other => anyhow::bail!(
-            "{}: model_type {other:?} is neither bert nor llama",
-            file.display()
-        ),
-    };
-    Ok(BackboneInfo {
-        family,
-        hidden_size: get("hidden_size")?,
-        num_layers: get("num_hidden_layers")?,
-        vocab_size: get("vocab_size")?,
-        num_parameters: 0,
-    })
-}
-
 /// Writes the round-0 global artifact: shared parts from the seed, and each
 /// family's parts (when shared) under `family/<key>/`.
 fn init(spec_path: &Path, out: &Path, run: &str) -> anyhow::Result<()> {
@@ -584,7 +535,8 @@ fn init(spec_path: &Path, out: &Path, run: &str) -> anyhow::Result<()> {
             &client.model.uri,
             &format!("spec.clients[{index}].model.uri"),
         )?;
-        let info = info_from_config(&dir)?;
+        // Shape facts from config.json, without loading the weights.
+        let info = ModelConfig::read(&dir)?.info();
         // LoRA families start at the largest rank among their clients (HetLoRA,
         // FlexLoRA); each client truncates to its own rank, which equals its
         // own initial factors (A is drawn row by row from the seed).

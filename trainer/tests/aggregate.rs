@@ -1210,3 +1210,93 @@ fn configuration_errors_are_reported() {
         .expect_err("rank");
     assert!(err.to_string().contains("adapter.rank 2"), "{err}");
 }
+
+#[test]
+fn global_metrics_average_the_participants_test_scores() {
+    // Families p = {a, b}, q = {c}.
+    let s = spec(json!({"clients": clients(&[("a", "/m/p"), ("b", "/m/p"), ("c", "/m/q")])}));
+    let (p, q) = (key(&s, "a"), key(&s, "c"));
+    let widths: BTreeMap<String, usize> = [(p.clone(), 2), (q.clone(), 3)].into_iter().collect();
+    let run = Run::new(&dema_global(&s, THETA0, &widths));
+    let write = |scores: [(f64, Option<f64>); 3]| {
+        for ((client, n, v), (accuracy, f1)) in [
+            ("a", 1, [1.0, 0.0, 0.0, 0.0]),
+            ("b", 2, [0.0, 1.0, 0.0, 0.0]),
+            ("c", 3, [0.0, 0.0, 1.0, 0.0]),
+        ]
+        .into_iter()
+        .zip(scores)
+        {
+            let k = key(&s, client);
+            let u = update(v, widths[&k], 0.5);
+            run.client(1, client, &k, n, &u, StoreDtype::Bf16, |m| {
+                m.metrics.insert("test_accuracy".into(), accuracy);
+                if let Some(f1) = f1 {
+                    m.metrics.insert("test_macro_f1".into(), f1);
+                }
+                m.metrics.insert("accuracy".into(), 0.01); // validation: not used
+            });
+        }
+    };
+    let close = |got: f64, want: f64, what: &str| {
+        assert!((got - want).abs() < 1e-12, "{what}: got {got}, want {want}");
+    };
+
+    // Unweighted over participants (not over families, not by examples):
+    // (0.6 + 0.9 + 0.3) / 3, per family (0.6 + 0.9) / 2 and 0.3.
+    write([(0.6, Some(0.5)), (0.9, Some(0.7)), (0.3, Some(0.4))]);
+    let good = run
+        .aggregate_into(&s, 1, &run.dir.join("good"))
+        .expect("good");
+    let m = &good.manifest.metrics;
+    close(m["accuracy"], 0.6, "accuracy");
+    close(m["macro_f1"], 1.6 / 3.0, "macro_f1");
+    close(m[&format!("accuracy.{p}")], 0.75, "accuracy.p");
+    close(m[&format!("accuracy.{q}")], 0.3, "accuracy.q");
+    assert_eq!(m["participants"], 3.0);
+    let stats: Vec<(String, Option<f64>, Option<f64>)> = good
+        .stats
+        .participants
+        .iter()
+        .map(|p| (p.client.clone(), p.test_accuracy, p.test_macro_f1))
+        .collect();
+    assert_eq!(
+        stats,
+        vec![
+            ("a".to_string(), Some(0.6), Some(0.5)),
+            ("b".to_string(), Some(0.9), Some(0.7)),
+            ("c".to_string(), Some(0.3), Some(0.4)),
+        ]
+    );
+    let (written, _) = read_global(&run.dir.join("good")).expect("global");
+    assert_eq!(written.metrics, good.manifest.metrics);
+    assert_eq!(written.stats["participants"][0]["testAccuracy"], 0.6);
+    assert_eq!(written.stats["participants"][2]["testMacroF1"], 0.4);
+
+    // Out-of-range and NaN (written as null) scores are ignored, the
+    // updates still aggregated: same data, same participants. No macro-F1
+    // and no accuracy for family p at all: left out, not NaN.
+    write([(7.0, None), (f64::NAN, Some(f64::INFINITY)), (0.3, None)]);
+    let bad = run
+        .aggregate_into(&s, 1, &run.dir.join("bad"))
+        .expect("bad");
+    assert!(bad.stats.rejects.is_empty(), "{:?}", bad.stats.rejects);
+    assert_eq!(bad.stats.participants.len(), 3);
+    assert_eq!(
+        data_bytes(&run.dir.join("bad")),
+        data_bytes(&run.dir.join("good"))
+    );
+    let m = &bad.manifest.metrics;
+    close(m["accuracy"], 0.3, "accuracy");
+    close(m[&format!("accuracy.{q}")], 0.3, "accuracy.q");
+    assert!(!m.contains_key("macro_f1"), "{m:?}");
+    assert!(!m.contains_key(&format!("accuracy.{p}")), "{m:?}");
+    assert!(m.values().all(|v| v.is_finite()), "{m:?}");
+    assert!(bad.stats.participants[..2]
+        .iter()
+        .all(|p| p.test_accuracy.is_none() && p.test_macro_f1.is_none()));
+    let (written, _) = read_global(&run.dir.join("bad")).expect("global");
+    assert!(written.stats["participants"][0]
+        .get("testAccuracy")
+        .is_none());
+}

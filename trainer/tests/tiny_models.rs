@@ -679,3 +679,68 @@ fn tokenizer_pads_right_and_truncates_keeping_specials() {
         "{none}"
     );
 }
+
+#[test]
+fn model_config_gives_shape_facts_without_weights() {
+    use heterotune_trainer::adapters::lora::ProjectionDims;
+    use heterotune_trainer::job;
+    use heterotune_trainer::models::config::ModelConfig;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    // BERT: no weights needed; the same facts as the loaded backbone.
+    std::fs::write(dir.join("config.json"), bert_config().to_string()).unwrap();
+    let bert = ModelConfig::read(dir).unwrap();
+    assert_eq!(bert.family(), Family::Bert);
+    let info = bert.info();
+    assert_eq!(
+        (
+            info.hidden_size,
+            info.num_layers,
+            info.vocab_size,
+            info.num_parameters
+        ),
+        (32, 2, BERT_VOCAB as usize, 0)
+    );
+    assert_eq!(ProjectionDims::of_model(&bert), ProjectionDims::square(32));
+    assert_eq!(job::num_layers(dir).unwrap(), 2);
+
+    // LLaMA with grouped-query attention: 8 query heads of 4, 2 KV heads.
+    std::fs::write(
+        dir.join("config.json"),
+        llama_config(8, 2, true).to_string(),
+    )
+    .unwrap();
+    let llama = ModelConfig::read(dir).unwrap();
+    assert_eq!(llama.info().family, Family::Llama);
+    assert_eq!(llama.num_layers(), 3);
+    let dims = ProjectionDims::of_model(&llama);
+    assert_eq!((dims.hidden, dims.query_out, dims.value_out), (32, 32, 8));
+
+    // Errors name the file and the field.
+    let mut missing = bert_config();
+    missing.as_object_mut().unwrap().remove("num_hidden_layers");
+    std::fs::write(dir.join("config.json"), missing.to_string()).unwrap();
+    for err in [
+        error_text(ModelConfig::read(dir)),
+        error_text(job::num_layers(dir)),
+    ] {
+        assert!(
+            err.contains("config.json") && err.contains("missing field `num_hidden_layers`"),
+            "{err}"
+        );
+    }
+    let mut uneven = bert_config();
+    uneven["hidden_size"] = json!(30); // not a multiple of 4 heads
+    std::fs::write(dir.join("config.json"), uneven.to_string()).unwrap();
+    let err = error_text(ModelConfig::read(dir));
+    assert!(
+        err.contains("config.json") && err.contains("num_attention_heads"),
+        "{err}"
+    );
+    let gone = error_text(ModelConfig::read(&dir.join("nowhere")));
+    assert!(
+        gone.contains("config.json") && gone.contains("not found"),
+        "{gone}"
+    );
+}

@@ -133,7 +133,8 @@ pub enum RetentionPolicy {
     /// Leave every artifact in the store.
     #[default]
     Retain,
-    /// Delete client artifacts, keep the global ones (the trained adapters).
+    /// Delete client artifacts and private states, keep the global ones (the
+    /// trained adapters).
     Compact,
     /// Delete the run's whole prefix.
     Delete,

@@ -70,6 +70,57 @@ enum Command {
     },
     /// Print the FederatedTune CustomResourceDefinition.
     Crd,
+    /// What the operator's pods run: stage from the object store, run the
+    /// trainer, commit to the store (idempotent).
+    Job {
+        #[command(subcommand)]
+        job: JobCommand,
+    },
+}
+
+#[derive(clap::Args)]
+struct JobArgs {
+    /// The FederatedTune document (with metadata name, namespace and uid).
+    #[arg(long)]
+    spec: PathBuf,
+    /// Scratch folder: staged inputs, artifacts, private state, caches.
+    #[arg(long, default_value = "/work")]
+    work: PathBuf,
+    /// The heterotune-trainer binary (default: next to this one, else on PATH).
+    #[arg(long)]
+    trainer: Option<PathBuf>,
+    /// libtorch threads (default: the CPUs this process may use, cgroup limits included).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(Subcommand)]
+enum JobCommand {
+    /// Train one client for one round and commit its artifact.
+    Train {
+        #[command(flatten)]
+        args: JobArgs,
+        /// The client's name in spec.clients.
+        #[arg(long)]
+        client: String,
+        /// The round (1-based).
+        #[arg(long)]
+        round: u32,
+        /// `cpu`, `cuda`, or `auto` (CUDA when available).
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
+    /// Aggregate one round over its participants and commit the global artifact.
+    Aggregate {
+        #[command(flatten)]
+        args: JobArgs,
+        /// The round (1-based).
+        #[arg(long)]
+        round: u32,
+        /// The clients whose artifacts to aggregate (comma-separated).
+        #[arg(long, value_delimiter = ',', required = true)]
+        participants: Vec<String>,
+    },
 }
 
 fn read(file: &Path) -> anyhow::Result<String> {
@@ -232,6 +283,77 @@ fn plan(file: &Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn job(command: JobCommand) -> anyhow::Result<ExitCode> {
+    use heterotune_operator::job::{self as pod_job, JobError, JobOptions, JobOutcome};
+    let args = match &command {
+        JobCommand::Train { args, .. } | JobCommand::Aggregate { args, .. } => args,
+    };
+    let trainer = match &args.trainer {
+        Some(t) => t.clone(),
+        None => {
+            pod_job::default_trainer(&std::env::current_exe().context("locating this executable")?)
+        }
+    };
+    if !trainer.is_file() {
+        anyhow::bail!(
+            "the trainer binary {} does not exist: install heterotune-trainer next to heterotune or on PATH, or pass --trainer",
+            trainer.display()
+        );
+    }
+    let threads = args.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    let opts = JobOptions {
+        spec_file: args.spec.clone(),
+        work: args.work.clone(),
+        trainer,
+        threads,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let result = runtime.block_on(async {
+        match &command {
+            JobCommand::Train {
+                client,
+                round,
+                device,
+                ..
+            } => pod_job::train(&opts, client, *round, device).await,
+            JobCommand::Aggregate {
+                round,
+                participants,
+                ..
+            } => pod_job::aggregate(&opts, *round, participants).await,
+        }
+    });
+    match result {
+        Ok(outcome) => {
+            let what = match outcome {
+                JobOutcome::Trained { bytes } => format!("committed ({bytes} bytes uploaded)"),
+                JobOutcome::Aggregated { pruned } => {
+                    format!("global artifact committed ({pruned} old client objects pruned)")
+                }
+                JobOutcome::AlreadyCommitted => "already committed: nothing to do".into(),
+                JobOutcome::RoundComplete => {
+                    "the round is already aggregated: nothing to do".into()
+                }
+            };
+            tracing::info!("{what}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(JobError::Invalid { file, problems }) => {
+            report(&file, &problems);
+            Ok(ExitCode::from(1))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init(cli.log_format, "info");
@@ -263,6 +385,7 @@ fn main() -> ExitCode {
             }
             Err(e) => Err(anyhow::anyhow!("cannot serialise the CRD: {e}")),
         },
+        Command::Job { job: command } => job(command),
     };
     match result {
         Ok(code) => code,

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::Store as Cache;
 use kube::Client;
@@ -174,6 +175,8 @@ pub struct Context {
     pub store: Arc<dyn RunStore>,
     /// Jobs the operator manages (a reflector fed by the controller's watch).
     pub jobs: Cache<Job>,
+    /// Their pods (a reflector; read to explain failed Jobs).
+    pub pods: Cache<Pod>,
     /// Now, in Unix seconds.
     pub clock: Clock,
     pub(crate) memory: Mutex<Memory>,
@@ -200,9 +203,16 @@ impl Context {
             config,
             store,
             jobs,
+            pods: kube::runtime::reflector::store::<Pod>().0,
             clock: Arc::new(now_seconds),
             memory: Mutex::new(Memory::default()),
         }
+    }
+
+    /// Reads pods from `pods` (the controller's pod reflector).
+    pub fn with_pods(mut self, pods: Cache<Pod>) -> Context {
+        self.pods = pods;
+        self
     }
 
     /// Replaces the clock.

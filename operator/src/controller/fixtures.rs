@@ -9,6 +9,9 @@ use heterotune_crds::status::FederatedTuneStatus;
 use heterotune_crds::FederatedTune;
 use http::{Method, Request, Response, StatusCode};
 use k8s_openapi::api::batch::v1::{Job, JobCondition, JobStatus};
+use k8s_openapi::api::core::v1::{
+    ContainerState, ContainerStateTerminated, ContainerStatus, Pod, PodStatus,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::client::Body;
 use kube::runtime::reflector;
@@ -65,8 +68,14 @@ fn time(seconds: f64) -> Time {
 pub enum JobEnd {
     Running,
     Succeeded,
+    /// Failed: its pod's container exited 1 with a log line.
     Failed,
+    /// Failed: its pod's container was OOMKilled.
+    OomKilled,
 }
+
+/// Annotation on fixture Jobs: how their pod's container ended.
+const POD_END: &str = "test.heterotune.dev/pod-end";
 
 /// A trainer (client Some) or aggregation Job of run `trec`, created at `created`.
 pub fn job(round: u32, client: Option<&str>, attempt: u32, end: JobEnd, created: f64) -> Job {
@@ -93,7 +102,7 @@ pub fn job(round: u32, client: Option<&str>, attempt: u32, end: JobEnd, created:
         status: "True".into(),
         ..JobCondition::default()
     };
-    Job {
+    let mut job = Job {
         metadata: kube::api::ObjectMeta {
             name: Some(name),
             namespace: Some("default".into()),
@@ -112,13 +121,71 @@ pub fn job(round: u32, client: Option<&str>, attempt: u32, end: JobEnd, created:
                 conditions: Some(vec![condition("Complete")]),
                 ..JobStatus::default()
             },
-            JobEnd::Failed => JobStatus {
+            JobEnd::Failed | JobEnd::OomKilled => JobStatus {
                 failed: Some(1),
-                conditions: Some(vec![condition("Failed")]),
+                conditions: Some(vec![JobCondition {
+                    reason: Some("BackoffLimitExceeded".into()),
+                    message: Some("Job has reached the specified backoff limit".into()),
+                    ..condition("Failed")
+                }]),
                 ..JobStatus::default()
             },
         }),
+    };
+    let pod_end = match end {
+        JobEnd::Failed => Some("Error"),
+        JobEnd::OomKilled => Some("OOMKilled"),
+        _ => None,
+    };
+    if let Some(e) = pod_end {
+        job.metadata
+            .annotations
+            .get_or_insert_with(BTreeMap::new)
+            .insert(POD_END.into(), e.into());
     }
+    job
+}
+
+/// The pod the Job controller would have made for a failed fixture Job.
+fn failed_pod(job: &Job) -> Option<Pod> {
+    let end = job.metadata.annotations.as_ref()?.get(POD_END)?;
+    let name = job.metadata.name.clone()?;
+    let mut labels = job.metadata.labels.clone().unwrap_or_default();
+    labels.insert("batch.kubernetes.io/job-name".into(), name.clone());
+    let (exit_code, message) = if end == "OOMKilled" {
+        (137, None)
+    } else {
+        (
+            1,
+            Some("loading\nError: spec.task.dataset.uri: /data/x.csv: no such file\n".to_string()),
+        )
+    };
+    Some(Pod {
+        metadata: kube::api::ObjectMeta {
+            name: Some(format!("{name}-x7k2p")),
+            namespace: job.metadata.namespace.clone(),
+            labels: Some(labels),
+            ..Default::default()
+        },
+        spec: None,
+        status: Some(PodStatus {
+            phase: Some("Failed".into()),
+            container_statuses: Some(vec![ContainerStatus {
+                name: "trainer".into(),
+                state: Some(ContainerState {
+                    terminated: Some(ContainerStateTerminated {
+                        exit_code,
+                        reason: Some(end.clone()),
+                        message,
+                        ..ContainerStateTerminated::default()
+                    }),
+                    ..ContainerState::default()
+                }),
+                ..ContainerStatus::default()
+            }]),
+            ..PodStatus::default()
+        }),
+    })
 }
 
 /// Sizing profiles of the tests: a 24 GiB L4 (tainted) and an 80 GiB A100.
@@ -148,13 +215,20 @@ pub fn context(
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, "default");
     let (reader, mut writer) = reflector::store::<Job>();
+    let (pod_reader, mut pod_writer) = reflector::store::<Pod>();
     writer.apply_watcher_event(&watcher::Event::Init);
+    pod_writer.apply_watcher_event(&watcher::Event::Init);
     for j in jobs {
+        if let Some(p) = failed_pod(&j) {
+            pod_writer.apply_watcher_event(&watcher::Event::InitApply(p));
+        }
         writer.apply_watcher_event(&watcher::Event::InitApply(j));
     }
     writer.apply_watcher_event(&watcher::Event::InitDone);
-    // Keep the writer alive (a dropped writer makes the reader unready).
+    pod_writer.apply_watcher_event(&watcher::Event::InitDone);
+    // Keep the writers alive (a dropped writer makes the reader unready).
     std::mem::forget(writer);
+    std::mem::forget(pod_writer);
     let ctx = Context::new(
         client,
         Arc::new(Metrics::new()),
@@ -163,6 +237,7 @@ pub fn context(
         reader,
         Some("test".into()),
     )
+    .with_pods(pod_reader)
     .with_clock(Arc::new(|| NOW));
     (
         Arc::new(ctx),

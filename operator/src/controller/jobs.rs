@@ -197,58 +197,57 @@ pub fn labels(
     l
 }
 
-/// The trainer's command line for one client and round. This is the single
-/// place that knows the trainer's cluster CLI:
+/// The trainer pod's command line for one client and round. This is the
+/// single place that knows the pods' CLI (`heterotune job`, which stages
+/// from the store, runs `heterotune-trainer` and commits; see
+/// [`crate::job`]):
 ///
 /// ```text
-/// heterotune-trainer train --spec /etc/heterotune/spec/spec.json --client <client> --round <round>
-///     --store <spec.storage.uri> --run <run dir> --device <cuda|cpu|auto> --work /work
+/// heterotune --log-format json job train --spec /etc/heterotune/spec/spec.json \
+///     --client <client> --round <round> --device <cuda|cpu> --work /work
 /// ```
 ///
-/// `--run` is the run's key prefix in the bucket (storage prefix included,
-/// [`RunLayout::run_dir`]); the trainer reads the previous global artifact
-/// and writes `round-NNNN/clients/<client>/` (adapter, then manifest) there.
-pub fn trainer_command(run: &Run, client: &str, round: u32, device: &str) -> Vec<String> {
-    vec![
-        "heterotune-trainer".into(),
-        "train".into(),
-        "--spec".into(),
-        format!("{SPEC_DIR}/{SPEC_FILE}"),
+/// The run's place in the store follows from the spec document (storage URI,
+/// namespace, name and UID), so the command names no keys.
+pub fn trainer_command(client: &str, round: u32, device: &str) -> Vec<String> {
+    let mut v = job_command("train");
+    v.extend([
         "--client".into(),
         client.into(),
         "--round".into(),
         round.to_string(),
-        "--store".into(),
-        run.ft.spec.storage.uri.clone(),
-        "--run".into(),
-        run.layout.run_dir().to_string(),
         "--device".into(),
         device.into(),
-        "--work".into(),
-        WORK_DIR.into(),
-    ]
+    ]);
+    v
 }
 
-/// The aggregator's command line (see [`trainer_command`]):
+/// The aggregation pod's command line (see [`trainer_command`]):
 ///
 /// ```text
-/// heterotune-trainer aggregate --spec /etc/heterotune/spec/spec.json --round <round>
-///     --store <spec.storage.uri> --run <run dir> --participants <a,b,c> --work /work
+/// heterotune --log-format json job aggregate --spec /etc/heterotune/spec/spec.json \
+///     --work /work --round <round> --participants <a,b,c>
 /// ```
-pub fn aggregator_command(run: &Run, round: u32, participants: &[String]) -> Vec<String> {
-    vec![
-        "heterotune-trainer".into(),
-        "aggregate".into(),
-        "--spec".into(),
-        format!("{SPEC_DIR}/{SPEC_FILE}"),
+pub fn aggregator_command(round: u32, participants: &[String]) -> Vec<String> {
+    let mut v = job_command("aggregate");
+    v.extend([
         "--round".into(),
         round.to_string(),
-        "--store".into(),
-        run.ft.spec.storage.uri.clone(),
-        "--run".into(),
-        run.layout.run_dir().to_string(),
         "--participants".into(),
         participants.join(","),
+    ]);
+    v
+}
+
+fn job_command(sub: &str) -> Vec<String> {
+    vec![
+        "heterotune".into(),
+        "--log-format".into(),
+        "json".into(),
+        "job".into(),
+        sub.into(),
+        "--spec".into(),
+        format!("{SPEC_DIR}/{SPEC_FILE}"),
         "--work".into(),
         WORK_DIR.into(),
     ]
@@ -430,6 +429,9 @@ fn job(run: &Run, config: &JobConfig, parts: PodParts) -> Job {
         env: Some(env_vars),
         resources: Some(parts.resources),
         security_context: Some(container_security()),
+        // A failed container's last log lines become its termination
+        // message, which the operator puts into the client's status.
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
         volume_mounts: Some(vec![
             VolumeMount {
                 name: "spec".into(),
@@ -582,7 +584,7 @@ pub fn trainer_job(
                 Some(attempt),
             ),
             annotations,
-            command: trainer_command(run, &client.name, round, placement.device()),
+            command: trainer_command(&client.name, round, placement.device()),
             resources,
             node_selector,
             tolerations,
@@ -615,7 +617,7 @@ pub fn aggregation_job(
             name: aggregation_job_name(&run.name, round, attempt),
             labels: labels(run, Some(ROLE_AGGREGATOR), Some(round), None, Some(attempt)),
             annotations,
-            command: aggregator_command(run, round, participants),
+            command: aggregator_command(round, participants),
             resources: ResourceRequirements {
                 requests: quantities(requests),
                 limits: quantities(limits),

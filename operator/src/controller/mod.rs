@@ -36,6 +36,7 @@ use std::sync::Arc;
 use futures::StreamExt;
 use heterotune_crds::FederatedTune;
 use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
 use kube::runtime::{reflector, watcher, Controller, WatchStreamExt};
 use kube::{Client, ResourceExt};
@@ -85,14 +86,32 @@ pub async fn run(
         .modify(|j: &mut Job| j.managed_fields_mut().clear())
         .reflect(writer)
         .touched_objects();
-    let ctx = Arc::new(Context::new(
-        client,
-        metrics,
-        config,
-        store,
-        reader,
-        options.instance,
-    ));
+    // The Jobs' pods, only to explain failures (OOMKilled, exit codes, the
+    // log's last lines): a failing pod fails its Job, whose event triggers
+    // the reconcile, so pod changes trigger nothing themselves.
+    let pods_api: Api<Pod> = match &options.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let (pod_reader, pod_writer) = reflector::store::<Pod>();
+    let pod_watch = watcher(pods_api, watcher::Config::default().labels(&selector))
+        .default_backoff()
+        .modify(|p: &mut Pod| {
+            p.managed_fields_mut().clear();
+            // Only the containers' states are read: drop the pod spec.
+            p.spec = None;
+        })
+        .reflect(pod_writer)
+        .for_each(|event| async move {
+            if let Err(e) = event {
+                tracing::debug!(error = %e, "pod watch");
+            }
+        });
+    let pod_task = tokio::spawn(pod_watch);
+    let ctx = Arc::new(
+        Context::new(client, metrics, config, store, reader, options.instance)
+            .with_pods(pod_reader),
+    );
     tracing::info!(
         namespace = options.namespace.as_deref().unwrap_or("<all>"),
         "controller starting"
@@ -109,6 +128,7 @@ pub async fn run(
             }
         })
         .await;
+    pod_task.abort();
     tracing::info!("controller stopped");
     Ok(())
 }

@@ -93,60 +93,40 @@ pub fn unix_seconds(text: &str) -> Option<f64> {
         .map(|t| t.as_millisecond() as f64 / 1000.0)
 }
 
-/// A round summary from a global manifest. The aggregator's manifest is
-/// read as: `metrics.accuracy` (global), `metrics["accuracy.<family>"]` or
-/// `metrics["accuracy_<family>"]` (per family), and in `stats`:
-/// `participants` (a list or a count), `rejected` (`{reason: count}` or a list
-/// of `{reason}`), `bytes_uploaded` and `duration_seconds`.
+/// A round summary from a global manifest as the aggregator writes it
+/// (`heterotune-trainer aggregate`): `metrics.accuracy`,
+/// `metrics["accuracy.<family>"]` and `metrics.round_seconds`, and in
+/// `stats`: `participants` (a list), `rejectCounts` (`{reason: count}`),
+/// `bytesReceived` and `bytesRejected`.
 pub fn summary_from_manifest(round: u32, m: &ArtifactManifest) -> RoundSummary {
-    let mut by_family = BTreeMap::new();
-    for (k, v) in &m.metrics {
-        if let Some(f) = k
-            .strip_prefix("accuracy.")
-            .or_else(|| k.strip_prefix("accuracy_"))
-        {
-            if v.is_finite() {
-                by_family.insert(f.to_string(), *v);
-            }
-        }
-    }
+    let finite = |k: &str| m.metrics.get(k).copied().filter(|v| v.is_finite());
+    let by_family = m
+        .metrics
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix("accuracy.")?.to_string(), *v)))
+        .filter(|(_, v)| v.is_finite())
+        .collect();
     let stats = &m.stats;
-    let participants = match stats.get("participants") {
-        Some(serde_json::Value::Array(a)) => a.len() as u32,
-        Some(v) => v.as_u64().unwrap_or(0) as u32,
-        None => 0,
-    };
-    let mut rejected = BTreeMap::new();
-    match stats.get("rejected") {
-        Some(serde_json::Value::Object(o)) => {
-            for (reason, n) in o {
-                rejected.insert(reason.clone(), n.as_u64().unwrap_or(1) as u32);
-            }
-        }
-        Some(serde_json::Value::Array(a)) => {
-            for r in a {
-                let reason = r
-                    .get("reason")
-                    .and_then(|v| v.as_str())
-                    .unwrap_or("unknown");
-                *rejected.entry(reason.to_string()).or_insert(0) += 1;
-            }
-        }
-        _ => {}
-    }
+    let count = |k: &str| stats.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+    let rejected = stats
+        .get("rejectCounts")
+        .and_then(|v| v.as_object())
+        .map(|o| {
+            o.iter()
+                .map(|(reason, n)| (reason.clone(), n.as_u64().unwrap_or(0) as u32))
+                .collect()
+        })
+        .unwrap_or_default();
     RoundSummary {
         round,
-        accuracy: m.metrics.get("accuracy").copied().filter(|v| v.is_finite()),
+        accuracy: finite("accuracy"),
         accuracy_by_family: by_family,
-        bytes_uploaded: stats
-            .get("bytes_uploaded")
-            .and_then(|v| v.as_u64())
-            .unwrap_or(0),
-        duration_seconds: stats
-            .get("duration_seconds")
-            .and_then(|v| v.as_f64())
-            .unwrap_or(0.0),
-        participants,
+        bytes_uploaded: count("bytesReceived") + count("bytesRejected"),
+        duration_seconds: finite("round_seconds").unwrap_or(0.0),
+        participants: stats
+            .get("participants")
+            .and_then(|v| v.as_array())
+            .map_or(0, |a| a.len() as u32),
         rejected,
     }
 }
@@ -365,7 +345,7 @@ impl ObjectRunStore {
         let Some(bytes) = store.get(key).await? else {
             return Ok(None);
         };
-        Ok(serde_json::from_slice(&bytes).ok())
+        Ok(ArtifactManifest::from_slice(&bytes).ok())
     }
 }
 
@@ -497,6 +477,8 @@ impl RunStore for ObjectRunStore {
                         })
                         .collect();
                     dirs.dedup();
+                    // The clients' private states go with their artifacts.
+                    dirs.push(format!("{run_dir}/private"));
                     let mut n = 0;
                     for dir in dirs {
                         n += store.delete_prefix(&dir).await? as u64;
@@ -531,6 +513,7 @@ mod tests {
         let mut metrics = BTreeMap::new();
         metrics.insert("accuracy".to_string(), 0.8);
         metrics.insert("accuracy.bert".to_string(), 0.75);
+        metrics.insert("round_seconds".to_string(), 42.0);
         ArtifactManifest {
             schema_version: 1,
             kind,
@@ -547,10 +530,13 @@ mod tests {
             tensors: vec![],
             num_examples: 10,
             metrics,
+            // As `heterotune-trainer aggregate` writes them (RoundStats).
             stats: serde_json::json!({
-                "participants": ["a", "b"],
-                "rejected": [{ "client": "c", "reason": "norm_bound" }],
-                "bytes_uploaded": 246
+                "participants": [{ "client": "a" }, { "client": "b" }],
+                "rejects": [{ "client": "c", "reason": "norm_bound" }],
+                "rejectCounts": { "norm_bound": 1 },
+                "bytesReceived": 200,
+                "bytesRejected": 46
             }),
             writer_version: "test".into(),
             created_at: created.into(),
@@ -619,6 +605,7 @@ mod tests {
         );
         assert_eq!(s.accuracy_by_family.get("bert"), Some(&0.75));
         assert_eq!(s.rejected.get("norm_bound"), Some(&1));
+        assert_eq!(s.duration_seconds, 42.0);
         assert_eq!(obs.new_rounds[0].completed_at, Some(1_700_000_000.0));
         // Known rounds are not read again; a stale hint falls back to a full look.
         assert!(rs

@@ -16,7 +16,7 @@ use heterotune_crds::status::{ArtifactLocations, ClientStatus, FederatedTuneStat
 use heterotune_crds::validate::{check_object, Problem, ProblemKind};
 use heterotune_crds::FederatedTune;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event as KubeEvent, EventType};
@@ -159,6 +159,86 @@ pub struct JobFacts {
     pub succeeded: bool,
     /// Creation time (Unix seconds).
     pub created: Option<f64>,
+    /// Why it failed, when it did (see [`failure_reason`]).
+    pub failure: Option<String>,
+}
+
+/// Longest failure text kept in a client's status message.
+const MAX_FAILURE: usize = 400;
+
+/// Why a failed Job failed, in one line: its pod's container termination
+/// (`OOMKilled`, the exit code and the last lines of the log, which the
+/// container reports through `FallbackToLogsOnError`) or else the Job's
+/// `Failed` condition (`DeadlineExceeded`, ...). `None` for Jobs that did
+/// not fail.
+pub fn failure_reason(job: &Job, pods: &[Arc<Pod>]) -> Option<String> {
+    let status = job.status.as_ref()?;
+    let condition = status.conditions.as_ref().and_then(|cs| {
+        cs.iter()
+            .find(|c| c.type_ == "Failed" && c.status == "True")
+    });
+    if condition.is_none() && status.failed.unwrap_or(0) == 0 {
+        return None;
+    }
+    let name = job.metadata.name.as_deref();
+    let uid = job.metadata.uid.as_deref();
+    let mine = |p: &&Arc<Pod>| {
+        let by_owner = uid.is_some()
+            && p.metadata
+                .owner_references
+                .as_ref()
+                .is_some_and(|o| o.iter().any(|r| Some(r.uid.as_str()) == uid));
+        let by_label = p.metadata.labels.as_ref().is_some_and(|l| {
+            ["batch.kubernetes.io/job-name", "job-name"]
+                .iter()
+                .any(|k| l.get(*k).map(String::as_str) == name)
+        });
+        by_owner || by_label
+    };
+    let terminated = pods
+        .iter()
+        .filter(mine)
+        .filter_map(|p| p.status.as_ref()?.container_statuses.as_ref())
+        .flatten()
+        .filter_map(|c| c.state.as_ref()?.terminated.as_ref())
+        .find(|t| t.exit_code != 0);
+    let text = match (terminated, condition) {
+        (Some(t), _) => {
+            let reason = t.reason.as_deref().unwrap_or("Error");
+            let hint = if reason == "OOMKilled" {
+                ": out of memory; raise the client's memory (spec.clients[].resources or a larger \
+                 GPU profile) or lower training.batchSize / maxSeqLength"
+                    .to_string()
+            } else {
+                t.message
+                    .as_deref()
+                    .map(|m| {
+                        let lines: Vec<&str> = m.lines().filter(|l| !l.trim().is_empty()).collect();
+                        format!(": {}", lines[lines.len().saturating_sub(2)..].join(" | "))
+                    })
+                    .unwrap_or_default()
+            };
+            format!("{reason} (exit {}){hint}", t.exit_code)
+        }
+        (None, Some(c)) => format!(
+            "{}{}",
+            c.reason.as_deref().unwrap_or("Failed"),
+            c.message
+                .as_deref()
+                .map(|m| format!(": {m}"))
+                .unwrap_or_default()
+        ),
+        (None, None) => "Failed".to_string(),
+    };
+    Some(if text.len() > MAX_FAILURE {
+        let mut end = MAX_FAILURE;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}…", &text[..end])
+    } else {
+        text
+    })
 }
 
 /// Reads a Job's labels and state.
@@ -191,23 +271,37 @@ pub fn job_facts(job: &Job) -> Option<JobFacts> {
             .creation_timestamp
             .as_ref()
             .map(|t| t.0.as_millisecond() as f64 / 1000.0),
+        failure: None,
     })
 }
 
-/// The Jobs of run `uid` in `namespace`, from the controller's cache.
+/// The Jobs of run `uid` in `namespace`, from the controller's caches (the
+/// pods of failed Jobs explain their failure).
 pub fn observe_jobs(ctx: &Context, namespace: &str, uid: &str) -> Vec<JobFacts> {
-    ctx.jobs
-        .state_filter(|j| {
-            j.metadata.namespace.as_deref() == Some(namespace)
-                && j.metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(LABEL_RUN_UID))
-                    .map(String::as_str)
-                    == Some(uid)
+    let of_run = |labels: Option<&BTreeMap<String, String>>| {
+        labels
+            .and_then(|l| l.get(LABEL_RUN_UID))
+            .map(String::as_str)
+            == Some(uid)
+    };
+    let jobs = ctx.jobs.state_filter(|j| {
+        j.metadata.namespace.as_deref() == Some(namespace) && of_run(j.metadata.labels.as_ref())
+    });
+    let mut pods: Option<Vec<Arc<Pod>>> = None;
+    jobs.iter()
+        .filter_map(|j| {
+            let mut facts = job_facts(j)?;
+            if !facts.active && !facts.succeeded {
+                let pods = pods.get_or_insert_with(|| {
+                    ctx.pods.state_filter(|p| {
+                        p.metadata.namespace.as_deref() == Some(namespace)
+                            && of_run(p.metadata.labels.as_ref())
+                    })
+                });
+                facts.failure = failure_reason(j, pods);
+            }
+            Some(facts)
         })
-        .iter()
-        .filter_map(|j| job_facts(j))
         .collect()
 }
 
@@ -401,8 +495,29 @@ fn client_statuses(
             } else {
                 "Pending"
             };
+            // The newest failed attempt explains a Failed or Excluded client.
+            let last_failure = || {
+                by_client
+                    .get(c.name.as_str())
+                    .and_then(|js| {
+                        js.iter()
+                            .filter(|j| j.failure.is_some())
+                            .max_by_key(|j| j.attempt)
+                    })
+                    .and_then(|j| {
+                        j.failure
+                            .as_ref()
+                            .map(|f| format!("attempt {}: {f}", j.attempt))
+                    })
+            };
             let (profile, estimate, message) = match placements.get(i) {
-                Some(Ok(p)) => (Some(p.profile_name()), p.estimated_bytes(), None),
+                Some(Ok(p)) => (
+                    Some(p.profile_name()),
+                    p.estimated_bytes(),
+                    matches!(state, "Failed" | "Excluded")
+                        .then(last_failure)
+                        .flatten(),
+                ),
                 Some(Err(e)) => (None, None, Some(e.to_string())),
                 None => (None, None, None),
             };

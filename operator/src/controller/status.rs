@@ -401,8 +401,14 @@ pub fn announcements(
             out.push(warning(
                 "ClientExcluded",
                 format!(
-                    "client {} is out of round {} after {} failed attempts",
-                    c.name, next.round, c.attempts
+                    "client {} is out of round {} after {} failed attempts{}",
+                    c.name,
+                    next.round,
+                    c.attempts,
+                    c.message
+                        .as_deref()
+                        .map(|m| format!(" (last: {m})"))
+                        .unwrap_or_default()
                 ),
             ));
         }

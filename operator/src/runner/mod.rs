@@ -24,10 +24,12 @@ use tokio::sync::mpsc;
 use crate::checks;
 use crate::planner::{self, Action, AggregationState, ClientObservation, Observation};
 use crate::report::Report;
+use crate::staging::{self, ModelFiles, StagingError};
 use crate::store::{Store, StoreError};
 
-pub use process::TrainerCommand;
+pub use process::{ClientDirs, TrainerCommand};
 use progress::Progress;
+pub use summary::sha256_hex;
 
 /// How to run.
 #[derive(Debug, Clone)]
@@ -63,6 +65,8 @@ pub enum RunError {
     Invalid { file: PathBuf, problems: Problems },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Staging(#[from] StagingError),
     #[error("the run {run} in {store} was started with a different spec:\n{problems}\nuse --fresh to start it over, or give the FederatedTune another metadata.name")]
     SpecChanged {
         run: String,
@@ -211,22 +215,28 @@ pub async fn run(opts: RunOptions) -> Result<RunSummary, RunError> {
         serde_json::to_vec_pretty(&value).unwrap_or_default(),
     )
     .map_err(|e| RunError::local(format!("{}: {e}", spec_json.display())))?;
+    // s3:// models and datasets: copied here once (every client trains here).
+    let staged = staging::stage_inputs(
+        &spec,
+        &spec.storage,
+        &cwd,
+        &opts.work_dir.join("staged"),
+        |_| ModelFiles::All,
+    )
+    .await?;
     let trainer = TrainerCommand {
         binary: opts.trainer.clone(),
         spec: spec_json.clone(),
         threads: opts.threads_per_trainer,
         run: layout.run_dir().to_string(),
+        staged,
+        live_logs: false,
     };
     let progress = Progress::new(opts.json, spec.rounds, spec.clients.len());
     let mut report = summary::new_report(&ft, layout.run_dir());
 
     // Round 0: the initial global state every client starts from.
-    if !store.exists(&layout.global_manifest(0)).await? {
-        let out = work.join("round-0000/global");
-        let _ = std::fs::remove_dir_all(&out);
-        trainer.init(&out).await.map_err(RunError::Local)?;
-        store.upload_artifact(&out, &layout.global_dir(0)).await?;
-    }
+    staging::ensure_global(&store, &layout, &trainer, &work, 0).await?;
 
     // A resumed run: its completed rounds are in the store.
     summary::rebuild_from_store(&store, &layout, &spec, &mut report).await?;
@@ -385,21 +395,8 @@ pub async fn run(opts: RunOptions) -> Result<RunSummary, RunError> {
                     if round_started.is_none() {
                         round_started = Some((round, Instant::now()));
                     }
-                    let global = work.join(format!("round-{:04}/global", round - 1));
-                    if !global
-                        .join(heterotune_crds::layout::MANIFEST_FILE)
-                        .is_file()
-                    {
-                        let _ = std::fs::remove_dir_all(&global);
-                        let key = layout.global_dir(round - 1);
-                        if !store.download_artifact(&key, &global).await? {
-                            return Err(RunError::local(format!(
-                                "the global artifact of round {} is missing from {} ({key})",
-                                round - 1,
-                                store.uri()
-                            )));
-                        }
-                    }
+                    let global =
+                        staging::ensure_global(&store, &layout, &trainer, &work, round - 1).await?;
                     let dirs = process::ClientDirs::new(&work, &client, round);
                     let child =
                         trainer.spawn_train(&client, round, attempt, &global, &dirs, tx.clone());
@@ -426,13 +423,26 @@ pub async fn run(opts: RunOptions) -> Result<RunSummary, RunError> {
                 } => {
                     progress.aggregating(round, participants.len());
                     let agg_start = Instant::now();
-                    match aggregate(&store, &layout, &work, &trainer, round, &participants).await {
+                    match staging::aggregate(&store, &layout, &work, &trainer, round, &participants)
+                        .await
+                    {
                         Ok(()) => {
                             summary::note_aggregation(
                                 &mut report,
                                 round,
                                 agg_start.elapsed().as_secs_f64(),
                             );
+                            if let Some(keep) = spec.retention.keep_client_rounds {
+                                let n = store.prune_client_rounds(&layout, round, keep).await?;
+                                if n > 0 {
+                                    tracing::info!(
+                                        round,
+                                        keep,
+                                        objects = n,
+                                        "retention.keepClientRounds: removed old client artifacts"
+                                    );
+                                }
+                            }
                         }
                         Err(e) => {
                             aggregation_failures = attempt;
@@ -484,46 +494,6 @@ pub async fn run(opts: RunOptions) -> Result<RunSummary, RunError> {
             }
         }
     }
-}
-
-/// Stages the participants' artifacts, runs the aggregation, uploads the
-/// global artifact (data, then the manifest that completes the round).
-async fn aggregate(
-    store: &Store,
-    layout: &RunLayout,
-    work: &Path,
-    trainer: &TrainerCommand,
-    round: u32,
-    participants: &[String],
-) -> Result<(), String> {
-    let stage = work.join("aggregate");
-    let _ = std::fs::remove_dir_all(&stage);
-    for client in participants {
-        let dir = stage.join(format!("round-{round:04}/clients/{client}"));
-        store
-            .download_artifact(&layout.client_dir(round, client), &dir)
-            .await
-            .map_err(|e| e.to_string())?;
-    }
-    let previous = work.join(format!("round-{:04}/global", round - 1));
-    if !previous
-        .join(heterotune_crds::layout::MANIFEST_FILE)
-        .is_file()
-    {
-        let _ = std::fs::remove_dir_all(&previous);
-        store
-            .download_artifact(&layout.global_dir(round - 1), &previous)
-            .await
-            .map_err(|e| e.to_string())?;
-    }
-    let out = work.join(format!("round-{round:04}/global"));
-    let _ = std::fs::remove_dir_all(&out);
-    trainer.aggregate(&stage, round, &previous, &out).await?;
-    store
-        .upload_artifact(&out, &layout.global_dir(round))
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(())
 }
 
 async fn write_report(report: &Report, dir: &Path, store: &Store, layout: &RunLayout) {

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
+use heterotune_crds::layout::{latest_state_before, state_file_name};
 use tokio::sync::{mpsc, oneshot};
 
 /// How to invoke the trainer binary.
@@ -18,6 +19,11 @@ pub struct TrainerCommand {
     pub threads: usize,
     /// The run directory (written into manifests; checked by the aggregator).
     pub run: String,
+    /// The `HETEROTUNE_STAGED` file listing staged `s3://` inputs, if any.
+    pub staged: Option<PathBuf>,
+    /// Pass the trainer's log (stderr) through live instead of keeping its
+    /// tail for the error message (pods: `kubectl logs` shows it).
+    pub live_logs: bool,
 }
 
 /// A client's local folders for one round.
@@ -36,13 +42,21 @@ pub struct ClientDirs {
 }
 
 impl ClientDirs {
-    /// The folders of `client` in `round` under the run's work folder.
+    /// The folders of `client` in `round` under the run's work folder. The
+    /// private state comes from the newest round before this one that the
+    /// client finished (it may have been excluded from the last one).
     pub fn new(work: &Path, client: &str, round: u32) -> Self {
         let base = work.join("clients").join(client);
-        let previous = base.join(format!(
-            "state/round-{:04}.safetensors",
-            round.saturating_sub(1)
-        ));
+        let state_dir = base.join("state");
+        let names: Vec<String> = std::fs::read_dir(&state_dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let previous = latest_state_before(names.iter().map(String::as_str), round)
+            .map(|(_, name)| state_dir.join(name));
         // A fresh folder per attempt: a trainer orphaned by a killed runner
         // can never write into the folder of the attempt that replaces it.
         let nonce = std::time::SystemTime::now()
@@ -51,8 +65,8 @@ impl ClientDirs {
             .unwrap_or(0);
         ClientDirs {
             out: base.join(format!("round-{round:04}.{}-{nonce}", std::process::id())),
-            state_in: previous.is_file().then_some(previous),
-            state_out: base.join(format!("state/round-{round:04}.safetensors")),
+            state_in: previous.filter(|p| p.is_file()),
+            state_out: state_dir.join(state_file_name(round)),
             cache: work.join("prefix-cache"),
             log: base.join(format!("round-{round:04}.log")),
         }
@@ -104,10 +118,18 @@ fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join(" | ")
 }
 
-async fn run_to_end(mut cmd: tokio::process::Command, what: &str) -> Result<String, String> {
+async fn run_to_end(
+    mut cmd: tokio::process::Command,
+    what: &str,
+    live: bool,
+) -> Result<String, String> {
     let out = cmd
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(if live {
+            Stdio::inherit()
+        } else {
+            Stdio::piped()
+        })
         .kill_on_drop(true)
         .output()
         .await
@@ -115,6 +137,11 @@ async fn run_to_end(mut cmd: tokio::process::Command, what: &str) -> Result<Stri
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     if out.status.success() {
         Ok(stdout)
+    } else if live {
+        Err(format!(
+            "{what} failed ({}); the trainer's log is above",
+            out.status
+        ))
     } else {
         Err(format!(
             "{what} failed ({}): {}",
@@ -128,14 +155,74 @@ impl TrainerCommand {
     fn command(&self, sub: &str) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new(&self.binary);
         cmd.arg(sub).arg("--spec").arg(&self.spec);
+        if let Some(staged) = &self.staged {
+            cmd.env(heterotune_crds::uri::STAGED_ENV, staged);
+        }
         cmd
+    }
+
+    /// The `train` command line of `client` in `round`.
+    fn train_command(
+        &self,
+        client: &str,
+        round: u32,
+        device: &str,
+        global: &Path,
+        dirs: &ClientDirs,
+    ) -> tokio::process::Command {
+        let mut cmd = self.command("train");
+        cmd.arg("--client")
+            .arg(client)
+            .arg("--round")
+            .arg(round.to_string())
+            .arg("--device")
+            .arg(device)
+            .arg("--global")
+            .arg(global)
+            .arg("--state-out")
+            .arg(&dirs.state_out)
+            .arg("--cache-dir")
+            .arg(&dirs.cache)
+            .arg("--out")
+            .arg(&dirs.out)
+            .arg("--run")
+            .arg(&self.run);
+        if self.threads > 0 {
+            cmd.arg("--threads").arg(self.threads.to_string());
+        }
+        if let Some(state_in) = &dirs.state_in {
+            cmd.arg("--state-in").arg(state_in);
+        }
+        cmd
+    }
+
+    /// Trains `client` for `round` and waits for it; returns its stdout.
+    pub async fn train(
+        &self,
+        client: &str,
+        round: u32,
+        device: &str,
+        global: &Path,
+        dirs: &ClientDirs,
+    ) -> Result<String, String> {
+        let _ = std::fs::remove_dir_all(&dirs.out);
+        if let Some(parent) = dirs.state_out.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+        }
+        let cmd = self.train_command(client, round, device, global, dirs);
+        run_to_end(
+            cmd,
+            &format!("training {client} in round {round}"),
+            self.live_logs,
+        )
+        .await
     }
 
     /// Writes the round-0 global artifact into `out`.
     pub async fn init(&self, out: &Path) -> Result<(), String> {
         let mut cmd = self.command("init");
         cmd.arg("--out").arg(out).arg("--run").arg(&self.run);
-        run_to_end(cmd, "initialising the global state")
+        run_to_end(cmd, "initialising the global state", self.live_logs)
             .await
             .map(|_| ())
     }
@@ -159,7 +246,7 @@ impl TrainerCommand {
             .arg(previous)
             .arg("--out")
             .arg(out);
-        run_to_end(cmd, &format!("aggregating round {round}"))
+        run_to_end(cmd, &format!("aggregating round {round}"), self.live_logs)
             .await
             .map(|_| ())
     }
@@ -179,28 +266,7 @@ impl TrainerCommand {
         if let Some(parent) = dirs.state_out.parent() {
             std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
         }
-        let mut cmd = self.command("train");
-        cmd.arg("--client")
-            .arg(client)
-            .arg("--round")
-            .arg(round.to_string())
-            .arg("--threads")
-            .arg(self.threads.to_string())
-            .arg("--device")
-            .arg("cpu")
-            .arg("--global")
-            .arg(global)
-            .arg("--state-out")
-            .arg(&dirs.state_out)
-            .arg("--cache-dir")
-            .arg(&dirs.cache)
-            .arg("--out")
-            .arg(&dirs.out)
-            .arg("--run")
-            .arg(&self.run);
-        if let Some(state_in) = &dirs.state_in {
-            cmd.arg("--state-in").arg(state_in);
-        }
+        let mut cmd = self.train_command(client, round, "cpu", global, dirs);
         cmd.stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);

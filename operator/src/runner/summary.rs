@@ -123,7 +123,7 @@ async fn manifest(store: &Store, key: &str) -> Result<Option<ArtifactManifest>, 
     Ok(store
         .get(key)
         .await?
-        .and_then(|b| serde_json::from_slice(&b).ok()))
+        .and_then(|b| ArtifactManifest::from_slice(&b).ok()))
 }
 
 /// Adds round `round` to the report from the store's manifests.

@@ -33,7 +33,6 @@
 //! bit-identical shared tensors from the same seed, whatever else they build.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -526,123 +525,12 @@ pub fn load_named(
     Ok(loaded)
 }
 
-/// A tensor's bytes in safetensors form.
-struct RawView {
-    dtype: safetensors::Dtype,
-    shape: Vec<usize>,
-    data: Vec<u8>,
-}
-
-impl safetensors::View for RawView {
-    fn dtype(&self) -> safetensors::Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        std::borrow::Cow::Borrowed(&self.data)
-    }
-    fn data_len(&self) -> usize {
-        self.data.len()
-    }
-}
-
-fn dtype_of(kind: Kind) -> Option<safetensors::Dtype> {
-    match kind {
-        Kind::Float => Some(safetensors::Dtype::F32),
-        Kind::BFloat16 => Some(safetensors::Dtype::BF16),
-        Kind::Half => Some(safetensors::Dtype::F16),
-        Kind::Double => Some(safetensors::Dtype::F64),
-        _ => None,
-    }
-}
-
-fn kind_of(dtype: safetensors::Dtype) -> Option<Kind> {
-    match dtype {
-        safetensors::Dtype::F32 => Some(Kind::Float),
-        safetensors::Dtype::BF16 => Some(Kind::BFloat16),
-        safetensors::Dtype::F16 => Some(Kind::Half),
-        safetensors::Dtype::F64 => Some(Kind::Double),
-        _ => None,
-    }
-}
-
-/// Serialises `map` as safetensors bytes (names sorted), converting every
-/// tensor to `kind` when given (e.g. `Some(Kind::BFloat16)` for the wire).
-pub fn to_safetensors_bytes(map: &HashMap<String, Tensor>, kind: Option<Kind>) -> Result<Vec<u8>> {
-    let mut views = Vec::with_capacity(map.len());
-    for (name, tensor) in map {
-        let t = tensor.f_to_device(Device::Cpu)?;
-        let t = match kind {
-            Some(kind) => t.f_to_kind(kind)?,
-            None => t,
-        }
-        .f_contiguous()?;
-        let dtype = dtype_of(t.kind()).ok_or_else(|| {
-            Error::model(
-                IN_MEMORY,
-                format!("tensor `{name}`: unsupported dtype {:?}", t.kind()),
-            )
-        })?;
-        let numel = t.numel();
-        let mut data = vec![0u8; numel * t.kind().elt_size_in_bytes()];
-        t.f_copy_data_u8(&mut data, numel)?;
-        let shape = t.size().iter().map(|&d| d as usize).collect();
-        views.push((name.clone(), RawView { dtype, shape, data }));
-    }
-    views.sort_by(|a, b| a.0.cmp(&b.0));
-    safetensors::serialize(views, None)
-        .map_err(|e| Error::model(IN_MEMORY, format!("safetensors: {e}")))
-}
-
-/// Parses safetensors bytes into CPU tensors (F32, BF16, F16 or F64).
-/// `origin` names the source in errors.
-pub fn from_safetensors_bytes(bytes: &[u8], origin: &Path) -> Result<HashMap<String, Tensor>> {
-    let st = safetensors::SafeTensors::deserialize(bytes)
-        .map_err(|e| Error::model(origin, format!("not a valid safetensors file: {e}")))?;
-    let mut out = HashMap::new();
-    for (name, view) in st.tensors() {
-        let kind = kind_of(view.dtype()).ok_or_else(|| {
-            Error::model(
-                origin,
-                format!("tensor `{name}`: unsupported dtype {:?}", view.dtype()),
-            )
-        })?;
-        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-        let numel: usize = view.shape().iter().product();
-        if view.data().len() != numel * kind.elt_size_in_bytes() {
-            return Err(Error::model(
-                origin,
-                format!("tensor `{name}`: data length does not match shape {shape:?}"),
-            ));
-        }
-        let tensor = Tensor::f_from_data_size(view.data(), &shape, kind)?;
-        out.insert(name, tensor);
-    }
-    Ok(out)
-}
-
-/// Writes `map` to a safetensors file (see [`to_safetensors_bytes`]).
-pub fn write_safetensors(
-    path: &Path,
-    map: &HashMap<String, Tensor>,
-    kind: Option<Kind>,
-) -> Result<()> {
-    let bytes = to_safetensors_bytes(map, kind)?;
-    std::fs::write(path, bytes).map_err(|e| Error::io(path, e))
-}
-
-/// Reads a safetensors file into CPU tensors.
-pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    from_safetensors_bytes(&bytes, path)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::artifact::{from_safetensors_kept, to_safetensors, write_atomic, StoreDtype};
     use crate::models::Family;
+    use std::path::Path;
 
     fn info(d: usize, layers: usize) -> BackboneInfo {
         BackboneInfo {
@@ -924,9 +812,19 @@ mod tests {
         let exported = export_named(&vs_a, &names).unwrap();
         assert_eq!(exported.len(), 12);
 
+        // Through a file in f32 (the artifact format), exactly.
+        let sorted: BTreeMap<String, Tensor> = exported
+            .iter()
+            .map(|(k, v)| (k.clone(), v.shallow_clone()))
+            .collect();
         let path = dir.path().join("shared.safetensors");
-        write_safetensors(&path, &exported, None).unwrap();
-        let read = read_safetensors(&path).unwrap();
+        let (bytes, _) = to_safetensors(&sorted, StoreDtype::F32).unwrap();
+        write_atomic(&path, &bytes).unwrap();
+        let read: HashMap<String, Tensor> =
+            from_safetensors_kept(&std::fs::read(&path).unwrap(), &path)
+                .unwrap()
+                .into_iter()
+                .collect();
         assert_eq!(
             load_named(&vs_b, &read, &b.shared_names(), true).unwrap(),
             12
@@ -937,9 +835,12 @@ mod tests {
         }
 
         // bf16 on the wire: equal up to bf16 rounding.
-        let bytes = to_safetensors_bytes(&exported, Some(Kind::BFloat16)).unwrap();
+        let (bytes, _) = to_safetensors(&sorted, StoreDtype::Bf16).unwrap();
         assert!(bytes.len() < 972 * 2 + 2048);
-        let back = from_safetensors_bytes(&bytes, Path::new("<wire>")).unwrap();
+        let back: HashMap<String, Tensor> = from_safetensors_kept(&bytes, Path::new("<wire>"))
+            .unwrap()
+            .into_iter()
+            .collect();
         assert_eq!(back[&names[0]].kind(), Kind::BFloat16);
         load_named(&vs_b, &back, &names, true).unwrap();
         let diff = (&va[&names[0]] - &vb[&names[0]])
@@ -994,9 +895,5 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("`nope`"), "{err}");
-        let err = from_safetensors_bytes(b"garbage", Path::new("x.safetensors"))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("x.safetensors"), "{err}");
     }
 }

@@ -156,6 +156,15 @@ impl ProjectionDims {
         }
     }
 
+    /// The projections of the backbone a `config.json` describes (BERT:
+    /// square; LLaMA: see [`ProjectionDims::llama`]).
+    pub fn of_model(config: &crate::models::config::ModelConfig) -> Self {
+        match config {
+            crate::models::config::ModelConfig::Bert(c) => Self::square(c.hidden_size),
+            crate::models::config::ModelConfig::Llama(c) => Self::llama(c),
+        }
+    }
+
     /// `(d_in, d_out)` of `projection`.
     pub fn of(&self, projection: Projection) -> (usize, usize) {
         match projection {

@@ -2,7 +2,8 @@
 //!
 //! * [`dema`]: the DeMA adapter (shared experts + gate per slot, family
 //!   down/up projections per adapted layer), its parameter counts, and the
-//!   export / import of named tensors (maps and safetensors);
+//!   export / import of named tensors (maps; safetensors bytes and files
+//!   are [`crate::artifact`]'s);
 //! * [`layers`]: which layers carry adapters and their slots ([`SlotMap`]);
 //! * [`head`]: pooling and the linear classification head;
 //! * [`lora`]: LoRA on the query/value projections (the baselines).
@@ -13,8 +14,7 @@ pub mod layers;
 pub mod lora;
 
 pub use dema::{
-    export_named, family_parameter_count, from_safetensors_bytes, load_named, read_safetensors,
-    shared_parameter_count, to_safetensors_bytes, write_safetensors, Dema, DemaConfig,
+    export_named, family_parameter_count, load_named, shared_parameter_count, Dema, DemaConfig,
 };
 pub use head::{ClassifierHead, Pooling};
 pub use layers::{LayerSelection, SlotMap};

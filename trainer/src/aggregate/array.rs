@@ -1,6 +1,6 @@
-//! Host tensors for aggregation: row-major f32 arrays, their safetensors
-//! encoding (F32 / BF16, little-endian), and the f64 vector arithmetic the
-//! algorithms use.
+//! Host tensors for aggregation: row-major f32 arrays, their values'
+//! encoding (F32 / BF16, little-endian) for the safetensors format of
+//! [`crate::artifact`], and the f64 vector arithmetic the algorithms use.
 //!
 //! Aggregation runs in plain Rust, single-threaded, with f64 accumulators:
 //! its results do not depend on libtorch's thread count or BLAS, so the same
@@ -12,6 +12,7 @@ use std::path::Path;
 
 use heterotune_crds::manifest::TensorInfo;
 
+use crate::artifact::{parse_views, serialize_raw, RawTensor};
 use crate::{Error, Result};
 
 /// A dense row-major f32 tensor on the host.
@@ -64,24 +65,9 @@ impl Array {
     }
 }
 
-/// Stored element type of a tensor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WireDtype {
-    /// bfloat16 (client deltas).
-    Bf16,
-    /// float32 (global states).
-    F32,
-}
-
-impl WireDtype {
-    /// The safetensors / manifest name (`BF16`, `F32`).
-    pub fn name(self) -> &'static str {
-        match self {
-            WireDtype::Bf16 => "BF16",
-            WireDtype::F32 => "F32",
-        }
-    }
-}
+/// Stored element type of a tensor (`BF16` client deltas, `F32` global
+/// states): the artifact writer's [`StoreDtype`](crate::artifact::StoreDtype).
+pub use crate::artifact::StoreDtype as WireDtype;
 
 /// bf16 bits to f32 (exact).
 #[inline]
@@ -123,39 +109,28 @@ pub(crate) fn decode(dtype: safetensors::Dtype, bytes: &[u8]) -> Option<Vec<f32>
 /// Parses a trusted safetensors file (a global state) into f32 arrays.
 /// Accepts F32 and BF16 tensors; `origin` names the file in errors.
 pub fn parse_safetensors(bytes: &[u8], origin: &Path) -> Result<BTreeMap<String, Array>> {
-    let st = safetensors::SafeTensors::deserialize(bytes)
-        .map_err(|e| Error::data(origin, format!("not valid safetensors: {e}")))?;
     let mut out = BTreeMap::new();
-    for (name, view) in st.iter() {
+    for (name, view) in parse_views(bytes, origin)? {
         let data = decode(view.dtype(), view.data()).ok_or_else(|| {
             Error::data(
                 origin,
                 format!("tensor {name}: dtype {:?} is not F32 or BF16", view.dtype()),
             )
         })?;
-        out.insert(name.to_string(), Array::new(view.shape().to_vec(), data)?);
+        out.insert(name, Array::new(view.shape().to_vec(), data)?);
     }
     Ok(out)
 }
 
-struct Encoded {
-    dtype: safetensors::Dtype,
-    shape: Vec<usize>,
-    data: Vec<u8>,
-}
-
-impl safetensors::View for &Encoded {
-    fn dtype(&self) -> safetensors::Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        std::borrow::Cow::Borrowed(&self.data)
-    }
-    fn data_len(&self) -> usize {
-        self.data.len()
+/// Encodes f32 values as little-endian bytes of `dtype` (BF16: round to
+/// nearest even).
+pub(crate) fn encode(values: &[f32], dtype: WireDtype) -> Vec<u8> {
+    match dtype {
+        WireDtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        WireDtype::Bf16 => values
+            .iter()
+            .flat_map(|&v| f32_to_bf16(v).to_le_bytes())
+            .collect(),
     }
 }
 
@@ -166,42 +141,14 @@ pub fn serialize(
     tensors: &BTreeMap<String, Array>,
     dtype: WireDtype,
 ) -> Result<(Vec<u8>, Vec<TensorInfo>)> {
-    let encoded: Vec<(&String, Encoded)> = tensors
-        .iter()
-        .map(|(name, a)| {
-            let data = match dtype {
-                WireDtype::F32 => a.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                WireDtype::Bf16 => a
-                    .data
-                    .iter()
-                    .flat_map(|&v| f32_to_bf16(v).to_le_bytes())
-                    .collect(),
-            };
-            let st_dtype = match dtype {
-                WireDtype::F32 => safetensors::Dtype::F32,
-                WireDtype::Bf16 => safetensors::Dtype::BF16,
-            };
-            (
-                name,
-                Encoded {
-                    dtype: st_dtype,
-                    shape: a.shape.clone(),
-                    data,
-                },
-            )
-        })
-        .collect();
-    let infos = tensors
-        .iter()
-        .map(|(name, a)| TensorInfo {
-            name: name.clone(),
-            dtype: dtype.name().to_string(),
+    serialize_raw(tensors.iter().map(|(name, a)| {
+        let raw = RawTensor {
+            dtype: dtype.safetensors(),
             shape: a.shape.clone(),
-        })
-        .collect();
-    let bytes = safetensors::serialize(encoded.iter().map(|(n, e)| (n.as_str(), e)), None)
-        .map_err(|e| Error::config("artifact", format!("cannot serialise safetensors: {e}")))?;
-    Ok((bytes, infos))
+            data: encode(&a.data, dtype),
+        };
+        (name.clone(), raw)
+    }))
 }
 
 /// Dot product in f64.

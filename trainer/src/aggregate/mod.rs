@@ -256,35 +256,7 @@ pub fn aggregator_for(spec: &FederatedTuneSpec) -> Result<Box<dyn Aggregator>> {
 /// Reads a global artifact (`manifest.json` + its data file) from `dir`,
 /// checking size and sha256 against the manifest. Values come back as f32.
 pub fn read_global(dir: &Path) -> Result<(ArtifactManifest, BTreeMap<String, Array>)> {
-    let manifest_path = dir.join(MANIFEST_FILE);
-    let text = std::fs::read(&manifest_path).map_err(|e| Error::io(&manifest_path, e))?;
-    let manifest: ArtifactManifest = serde_json::from_slice(&text)
-        .map_err(|e| Error::data(&manifest_path, format!("not a valid manifest: {e}")))?;
-    let file = &manifest.artifact.path;
-    if file.is_empty() || file.contains('/') || file.contains('\\') || file == ".." {
-        return Err(Error::data(
-            &manifest_path,
-            "artifact.path must be a plain file name",
-        ));
-    }
-    let data_path = dir.join(file);
-    let bytes = std::fs::read(&data_path).map_err(|e| Error::io(&data_path, e))?;
-    if bytes.len() as u64 != manifest.artifact.bytes {
-        return Err(Error::data(
-            &data_path,
-            format!(
-                "size {} differs from the manifest's {}",
-                bytes.len(),
-                manifest.artifact.bytes
-            ),
-        ));
-    }
-    if sha256_hex(&bytes) != manifest.artifact.sha256 {
-        return Err(Error::data(
-            &data_path,
-            "sha256 differs from the manifest's",
-        ));
-    }
+    let (manifest, bytes, data_path) = crate::artifact::read_committed(dir)?;
     let tensors = array::parse_safetensors(&bytes, &data_path)?;
     Ok((manifest, tensors))
 }
@@ -425,6 +397,8 @@ pub fn aggregate_round(
                     bytes: v.bytes,
                     update_norm: v.update_norm,
                     clipped: v.clipped,
+                    test_accuracy: v.test_accuracy,
+                    test_macro_f1: v.test_macro_f1,
                 });
                 stats.bytes_received += v.bytes;
                 stats.examples += v.update.num_examples;
@@ -483,7 +457,15 @@ pub fn aggregate_round(
     stats.conflicts_projected = aggregated.conflicts_projected;
     let aggregated_at = Instant::now();
 
-    let mut metrics = BTreeMap::new();
+    let mut metrics = stats::participant_metrics(&stats.participants);
+    // The round's wall time: from the previous global's commit to now.
+    if let Some(since) = heterotune_crds::manifest::parse_rfc3339(&prev_manifest.created_at) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(since);
+        metrics.insert("round_seconds".into(), now.saturating_sub(since) as f64);
+    }
     metrics.insert("participants".into(), stats.participants.len() as f64);
     metrics.insert("rejected".into(), stats.rejects.len() as f64);
     metrics.insert("bytes_received".into(), stats.bytes_received as f64);

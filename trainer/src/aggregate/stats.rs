@@ -62,6 +62,13 @@ pub struct Participant {
     pub update_norm: f64,
     /// Whether the update was clipped to `maxUpdateNorm`.
     pub clipped: bool,
+    /// Its self-reported accuracy on the global test split after local
+    /// training (manifest metric `test_accuracy`), when finite and in [0, 1].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_accuracy: Option<f64>,
+    /// Its self-reported test macro-F1 (`test_macro_f1`), when finite and in [0, 1].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_macro_f1: Option<f64>,
 }
 
 /// One family's round.
@@ -128,6 +135,37 @@ pub struct Timing {
     pub write_seconds: f64,
     /// Everything.
     pub total_seconds: f64,
+}
+
+/// The global manifest's quality metrics, from the participants'
+/// self-reported test scores: `accuracy` and `macro_f1`, the unweighted
+/// means over the participants that report one, and `accuracy.<family>`,
+/// the same mean per family key (the definition of the local run report's
+/// round accuracy). A metric no participant reports is left out (never NaN).
+pub fn participant_metrics(participants: &[Participant]) -> BTreeMap<String, f64> {
+    fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
+        let (sum, n) = values.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
+        (n > 0).then(|| sum / n as f64)
+    }
+    let mut out = BTreeMap::new();
+    if let Some(v) = mean(participants.iter().filter_map(|p| p.test_accuracy)) {
+        out.insert("accuracy".to_string(), v);
+    }
+    if let Some(v) = mean(participants.iter().filter_map(|p| p.test_macro_f1)) {
+        out.insert("macro_f1".to_string(), v);
+    }
+    let families: std::collections::BTreeSet<&str> =
+        participants.iter().map(|p| p.family.as_str()).collect();
+    for family in families {
+        let values = participants
+            .iter()
+            .filter(|p| p.family == family)
+            .filter_map(|p| p.test_accuracy);
+        if let Some(v) = mean(values) {
+            out.insert(format!("accuracy.{family}"), v);
+        }
+    }
+    out
 }
 
 /// Pairwise cosines of `vectors` (families in order), upper triangle.

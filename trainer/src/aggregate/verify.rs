@@ -9,7 +9,7 @@
 //! | check | reason label |
 //! |---|---|
 //! | `manifest.json` is a regular file of at most 16 MiB, readable | `manifest_unreadable` |
-//! | it parses as an [`ArtifactManifest`] | `manifest_invalid` |
+//! | it parses as an [`ArtifactManifest`] (non-numeric `metrics` entries, such as a NaN written as `null`, are dropped first) | `manifest_invalid` |
 //! | `kind` is `client` | `wrong_kind` |
 //! | `schemaVersion` is the one this build writes | `unsupported_schema` |
 //! | `run` is this run | `wrong_run` |
@@ -33,6 +33,10 @@
 //! | every value is finite | `non_finite` |
 //! | the update's L2 norm (over all its tensors) is at most `maxUpdateNorm` | `norm_exceeded` (with `normBoundAction: reject`; `clip` scales the update down to the bound instead) |
 //!
+//! The manifest's self-reported scores `test_accuracy` and `test_macro_f1`
+//! (feeding the global manifest's `accuracy` metrics) are kept only when
+//! finite and in [0, 1]; any other value is ignored, never a reject.
+//!
 //! The expected tensors come from the aggregator ([`super::Aggregator::expected_tensors`]),
 //! which derives them from the previous global artifact and the spec's share
 //! policy: the previous global is the schema of the round.
@@ -48,7 +52,7 @@ use serde::{Deserialize, Serialize};
 
 use super::array::{decode, Array};
 use super::{ClientUpdate, RoundContext};
-use crate::artifact::sha256_hex;
+use crate::artifact::{sha256_hex, tensor_views};
 
 /// Largest accepted client manifest.
 pub const MAX_MANIFEST_BYTES: u64 = 16 * 1024 * 1024;
@@ -200,6 +204,26 @@ pub struct Verified {
     pub update_norm: f64,
     /// Whether the update was scaled down to `maxUpdateNorm`.
     pub clipped: bool,
+    /// The manifest's `test_accuracy`, when it is finite and in [0, 1].
+    pub test_accuracy: Option<f64>,
+    /// The manifest's `test_macro_f1`, when it is finite and in [0, 1].
+    pub test_macro_f1: Option<f64>,
+}
+
+/// A self-reported score of the manifest's `metrics`: `None` unless it is
+/// finite and in [0, 1] (untrusted and informational: a bad value is
+/// ignored, never a reason to reject the update).
+fn score(metrics: &BTreeMap<String, f64>, key: &str) -> Option<f64> {
+    metrics
+        .get(key)
+        .copied()
+        .filter(|v| v.is_finite() && (0.0..=1.0).contains(v))
+}
+
+/// Parses a client manifest (non-numeric metrics dropped, see
+/// [`ArtifactManifest::from_slice`]).
+fn parse_manifest(text: &[u8]) -> serde_json::Result<ArtifactManifest> {
+    ArtifactManifest::from_slice(text)
 }
 
 struct Rejecter<'a> {
@@ -264,7 +288,7 @@ pub fn verify_client(
             format!("manifest larger than {MAX_MANIFEST_BYTES} bytes"),
         ));
     }
-    let m: ArtifactManifest = serde_json::from_slice(&text)
+    let m = parse_manifest(&text)
         .map_err(|e| r.reject(RejectReason::ManifestInvalid, e.to_string()))?;
     if m.kind != ArtifactKind::Client {
         return Err(r.reject(RejectReason::WrongKind, format!("kind {:?}", m.kind)));
@@ -391,14 +415,14 @@ pub fn verify_client(
             "sha256 differs from the manifest's",
         ));
     }
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| r.reject(RejectReason::MalformedData, e.to_string()))?;
+    let views =
+        tensor_views(&bytes).map_err(|e| r.reject(RejectReason::MalformedData, e.to_string()))?;
 
     // The header against the manifest, then against the schema.
     let mut header: BTreeMap<String, (String, Vec<usize>)> = BTreeMap::new();
-    for (name, view) in st.iter() {
+    for (name, view) in &views {
         header.insert(
-            name.to_string(),
+            name.clone(),
             (format!("{:?}", view.dtype()), view.shape().to_vec()),
         );
     }
@@ -444,10 +468,10 @@ pub fn verify_client(
         }
     }
 
-    // The values.
+    // The values, in name order (the norm's sum has a fixed order).
     let mut tensors = BTreeMap::new();
     let mut sum_sq = 0.0f64;
-    for (name, view) in st.iter() {
+    for (name, view) in views {
         let data = decode(view.dtype(), view.data()).ok_or_else(|| {
             r.reject(
                 RejectReason::WrongDtype,
@@ -482,7 +506,7 @@ pub fn verify_client(
         sum_sq += sq;
         let array = Array::new(view.shape().to_vec(), data)
             .map_err(|e| r.reject(RejectReason::MalformedData, e.to_string()))?;
-        tensors.insert(name.to_string(), array);
+        tensors.insert(name, array);
     }
     let update_norm = sum_sq.sqrt();
     let mut clipped = false;
@@ -518,6 +542,8 @@ pub fn verify_client(
         bytes: r.bytes,
         update_norm,
         clipped,
+        test_accuracy: score(&m.metrics, "test_accuracy"),
+        test_macro_f1: score(&m.metrics, "test_macro_f1"),
     })
 }
 

@@ -1,6 +1,8 @@
 //! Reading a model directory's `config.json`: which architecture family it
 //! is, and the pieces of configuration both families share (activations).
-//! Each architecture's own `Config` lives in its file (`bert.rs`, `llama.rs`).
+//! Each architecture's own `Config` lives in its file (`bert.rs`, `llama.rs`);
+//! [`ModelConfig::read`] reads a directory's file into the right one, for
+//! shape facts without loading weights.
 
 use std::path::{Path, PathBuf};
 
@@ -8,7 +10,9 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use tch::Tensor;
 
-use super::Family;
+use super::bert::BertConfig;
+use super::llama::LlamaConfig;
+use super::{BackboneInfo, Family};
 use crate::error::{Error, Result};
 
 /// Name of the configuration file in a model directory.
@@ -102,6 +106,85 @@ impl RawConfig {
     pub fn parse<T: DeserializeOwned>(&self) -> Result<T> {
         T::deserialize(&self.value)
             .map_err(|e| Error::model(&self.path, format!("invalid configuration: {e}")))
+    }
+}
+
+/// A model directory's `config.json`, parsed into its architecture's typed
+/// configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelConfig {
+    /// A BERT-family encoder.
+    Bert(BertConfig),
+    /// A LLaMA-family decoder (boxed: the larger configuration).
+    Llama(Box<LlamaConfig>),
+}
+
+impl ModelConfig {
+    /// Reads `dir/config.json`: the family ([`RawConfig::family`]), then that
+    /// family's configuration, validated as loading the backbone would.
+    ///
+    /// # Errors
+    /// [`Error::Model`] naming the file: missing file, invalid JSON, unknown
+    /// family, a missing or ill-typed field (named), an inconsistent value.
+    pub fn read(dir: &Path) -> Result<Self> {
+        let raw = RawConfig::read(dir)?;
+        let config = match raw.family()? {
+            Family::Bert => {
+                let c: BertConfig = raw.parse()?;
+                c.validate(raw.path())?;
+                ModelConfig::Bert(c)
+            }
+            Family::Llama => {
+                let c: LlamaConfig = raw.parse()?;
+                c.validate(raw.path())?;
+                ModelConfig::Llama(Box::new(c))
+            }
+        };
+        Ok(config)
+    }
+
+    /// The architecture family.
+    pub fn family(&self) -> Family {
+        match self {
+            ModelConfig::Bert(_) => Family::Bert,
+            ModelConfig::Llama(_) => Family::Llama,
+        }
+    }
+
+    /// `hidden_size`: the width of the residual stream.
+    pub fn hidden_size(&self) -> usize {
+        match self {
+            ModelConfig::Bert(c) => c.hidden_size,
+            ModelConfig::Llama(c) => c.hidden_size,
+        }
+    }
+
+    /// `num_hidden_layers`.
+    pub fn num_layers(&self) -> usize {
+        match self {
+            ModelConfig::Bert(c) => c.num_hidden_layers,
+            ModelConfig::Llama(c) => c.num_hidden_layers,
+        }
+    }
+
+    /// `vocab_size`.
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            ModelConfig::Bert(c) => c.vocab_size,
+            ModelConfig::Llama(c) => c.vocab_size,
+        }
+    }
+
+    /// The backbone's shape facts, as the loaded backbone reports them
+    /// except `num_parameters`, which is 0 (no weights were read).
+    pub fn info(&self) -> BackboneInfo {
+        BackboneInfo {
+            family: self.family(),
+            hidden_size: self.hidden_size(),
+            num_layers: self.num_layers(),
+            vocab_size: self.vocab_size(),
+            num_parameters: 0,
+        }
     }
 }
 

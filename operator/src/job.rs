@@ -1,0 +1,320 @@
+//! `heterotune job`: what a trainer or aggregation pod runs.
+//!
+//! The trainer binary works on local folders only; a pod's job stages what
+//! it needs from the object store into its scratch folder, runs the trainer
+//! and commits the result, the same way the local runner does:
+//!
+//! * `train`: the spec's `s3://` inputs (this client's model in full, the
+//!   others' `config.json`), the previous global artifact (round 0 is
+//!   initialised when missing), and the client's newest private state
+//!   (`<run>/private/<client>/`), then training; then the new private state,
+//!   then the adapter, then its manifest (the commit);
+//! * `aggregate`: the participants' artifacts and the previous global, then
+//!   the aggregation, then the global artifact (data, then the manifest that
+//!   completes the round), then `spec.retention.keepClientRounds`.
+//!
+//! Both are idempotent: a job whose result is already committed (a pod that
+//! died after its upload, a duplicate from a restarted operator) exits 0
+//! without doing anything again.
+
+use std::path::{Path, PathBuf};
+
+use heterotune_crds::layout::{latest_state_before, state_file_name, RunLayout};
+use heterotune_crds::validate::{parse_document, validate_value, Problems};
+use heterotune_crds::FederatedTune;
+
+use crate::runner::{ClientDirs, TrainerCommand};
+use crate::staging::{self, ModelFiles, StagingError};
+use crate::store::{Store, StoreError};
+
+/// Where and how a job runs.
+#[derive(Debug, Clone)]
+pub struct JobOptions {
+    /// The FederatedTune document (the operator's ConfigMap: apiVersion,
+    /// kind, metadata with name, namespace and uid, and the spec).
+    pub spec_file: PathBuf,
+    /// The pod's scratch folder.
+    pub work: PathBuf,
+    /// The `heterotune-trainer` binary.
+    pub trainer: PathBuf,
+    /// libtorch threads (the CPUs this container may use).
+    pub threads: usize,
+}
+
+/// What a job did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobOutcome {
+    /// Trained and committed; bytes uploaded (adapter and manifest).
+    Trained { bytes: u64 },
+    /// Aggregated and committed the round's global artifact.
+    Aggregated { pruned: usize },
+    /// The client's artifact for the round was already committed.
+    AlreadyCommitted,
+    /// The round was already aggregated (nothing left to do).
+    RoundComplete,
+}
+
+/// Job errors: each names the input and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}: {} problem(s):\n{problems}", problems.0.len())]
+    Invalid { file: PathBuf, problems: Problems },
+    #[error("{file}: {field} is missing: the spec document needs the FederatedTune's metadata.name, metadata.namespace and metadata.uid (the operator's ConfigMap has them)")]
+    MissingMetadata { file: PathBuf, field: &'static str },
+    #[error("{flag}: {message}")]
+    Argument { flag: &'static str, message: String },
+    #[error("{path}: {source}")]
+    Local {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Staging(#[from] StagingError),
+}
+
+/// The run a job belongs to.
+struct Loaded {
+    ft: FederatedTune,
+    layout: RunLayout,
+    store: Store,
+    /// The validated spec (defaults applied) handed to the trainer.
+    spec_json: PathBuf,
+}
+
+fn load(opts: &JobOptions) -> Result<Loaded, JobError> {
+    let file = &opts.spec_file;
+    let text = std::fs::read_to_string(file).map_err(|e| JobError::Read {
+        file: file.clone(),
+        source: e,
+    })?;
+    let invalid = |problems| JobError::Invalid {
+        file: file.clone(),
+        problems,
+    };
+    let mut value = parse_document(&text).map_err(invalid)?;
+    let ft = validate_value(&mut value, None).map_err(invalid)?;
+    let missing = |field| JobError::MissingMetadata {
+        file: file.clone(),
+        field,
+    };
+    let meta = &ft.metadata;
+    let name = meta.name.clone().ok_or_else(|| missing("metadata.name"))?;
+    let namespace = meta
+        .namespace
+        .clone()
+        .ok_or_else(|| missing("metadata.namespace"))?;
+    let uid = meta.uid.clone().ok_or_else(|| missing("metadata.uid"))?;
+    std::fs::create_dir_all(&opts.work).map_err(|e| JobError::Local {
+        path: opts.work.clone(),
+        source: e,
+    })?;
+    let store = Store::from_spec(&ft.spec.storage, &opts.work)?;
+    let layout = RunLayout::new(store.prefix(), &namespace, &name, &uid);
+    let spec_json = opts.work.join("spec.json");
+    std::fs::write(
+        &spec_json,
+        serde_json::to_vec_pretty(&value).unwrap_or_default(),
+    )
+    .map_err(|e| JobError::Local {
+        path: spec_json.clone(),
+        source: e,
+    })?;
+    Ok(Loaded {
+        ft,
+        layout,
+        store,
+        spec_json,
+    })
+}
+
+fn check_round(ft: &FederatedTune, round: u32) -> Result<(), JobError> {
+    if round == 0 || round > ft.spec.rounds {
+        return Err(JobError::Argument {
+            flag: "--round",
+            message: format!(
+                "{round} is not a round of this run: use 1 to {} (spec.rounds)",
+                ft.spec.rounds
+            ),
+        });
+    }
+    Ok(())
+}
+
+fn client_index(ft: &FederatedTune, client: &str, flag: &'static str) -> Result<usize, JobError> {
+    ft.spec
+        .clients
+        .iter()
+        .position(|c| c.name == client)
+        .ok_or_else(|| JobError::Argument {
+            flag,
+            message: format!(
+                "no client {client:?} in spec.clients ({})",
+                ft.spec
+                    .clients
+                    .iter()
+                    .map(|c| c.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        })
+}
+
+fn trainer(opts: &JobOptions, run: &Loaded, staged: Option<PathBuf>) -> TrainerCommand {
+    TrainerCommand {
+        binary: opts.trainer.clone(),
+        spec: run.spec_json.clone(),
+        threads: opts.threads,
+        run: run.layout.run_dir().to_string(),
+        staged,
+        live_logs: true,
+    }
+}
+
+/// Trains `client` for `round` on `device` and commits its artifact.
+pub async fn train(
+    opts: &JobOptions,
+    client: &str,
+    round: u32,
+    device: &str,
+) -> Result<JobOutcome, JobError> {
+    let run = load(opts)?;
+    check_round(&run.ft, round)?;
+    let index = client_index(&run.ft, client, "--client")?;
+    let (store, layout, spec) = (&run.store, &run.layout, &run.ft.spec);
+    if store.exists(&layout.global_manifest(round)).await? {
+        return Ok(JobOutcome::RoundComplete);
+    }
+    if store.exists(&layout.client_manifest(round, client)).await? {
+        return Ok(JobOutcome::AlreadyCommitted);
+    }
+    let staged = staging::stage_inputs(
+        spec,
+        &spec.storage,
+        &opts.work,
+        &opts.work.join("staged"),
+        |i| {
+            if i == index {
+                ModelFiles::All
+            } else {
+                ModelFiles::Config
+            }
+        },
+    )
+    .await?;
+    let trainer = trainer(opts, &run, staged);
+    let global = staging::ensure_global(store, layout, &trainer, &opts.work, round - 1).await?;
+
+    // The private state: the newest one saved before this round.
+    let private = layout.private_dir(client);
+    let names = store.file_names(&private).await?;
+    let state_dir = opts.work.join("state");
+    let state_in = match latest_state_before(names.iter().map(String::as_str), round) {
+        Some((from, name)) => {
+            let local = state_dir.join(name);
+            let key = format!("{private}/{name}");
+            if !store.download_file(&key, &local).await? {
+                return Err(StoreError::Config {
+                    uri: store.uri().to_string(),
+                    message: format!("{key} disappeared while staging it"),
+                }
+                .into());
+            }
+            tracing::info!(client, round, from, "resuming from the private state");
+            Some(local)
+        }
+        None => None,
+    };
+    let dirs = ClientDirs {
+        out: opts.work.join(format!("round-{round:04}/out")),
+        state_in,
+        state_out: state_dir.join(state_file_name(round)),
+        cache: opts.work.join("prefix-cache"),
+        log: opts.work.join("trainer.log"),
+    };
+    let summary = trainer
+        .train(client, round, device, &global, &dirs)
+        .await
+        .map_err(StagingError::Trainer)?;
+    print!("{summary}");
+    // The private state before the commit: a committed artifact always has
+    // the state it was trained into.
+    if dirs.state_out.is_file() {
+        store
+            .upload_file(&dirs.state_out, &layout.client_state(client, round))
+            .await?;
+    }
+    let bytes = store
+        .upload_artifact(&dirs.out, &layout.client_dir(round, client))
+        .await?;
+    // Older states are never read again.
+    for name in names {
+        if latest_state_before([name.as_str()], round).is_some() {
+            if let Err(e) = store.delete(&format!("{private}/{name}")).await {
+                tracing::warn!(error = %e, "could not delete an old private state");
+            }
+        }
+    }
+    Ok(JobOutcome::Trained { bytes })
+}
+
+/// Aggregates `round` over `participants` and commits the global artifact.
+pub async fn aggregate(
+    opts: &JobOptions,
+    round: u32,
+    participants: &[String],
+) -> Result<JobOutcome, JobError> {
+    let run = load(opts)?;
+    check_round(&run.ft, round)?;
+    if participants.is_empty() {
+        return Err(JobError::Argument {
+            flag: "--participants",
+            message: "empty: name the clients whose artifacts to aggregate".into(),
+        });
+    }
+    for p in participants {
+        client_index(&run.ft, p, "--participants")?;
+    }
+    let (store, layout, spec) = (&run.store, &run.layout, &run.ft.spec);
+    if store.exists(&layout.global_manifest(round)).await? {
+        return Ok(JobOutcome::RoundComplete);
+    }
+    let staged = staging::stage_inputs(
+        spec,
+        &spec.storage,
+        &opts.work,
+        &opts.work.join("staged"),
+        |_| ModelFiles::Config,
+    )
+    .await?;
+    let trainer = trainer(opts, &run, staged);
+    staging::aggregate(store, layout, &opts.work, &trainer, round, participants).await?;
+    let pruned = match spec.retention.keep_client_rounds {
+        Some(keep) => store.prune_client_rounds(layout, round, keep).await?,
+        None => 0,
+    };
+    Ok(JobOutcome::Aggregated { pruned })
+}
+
+/// The trainer binary next to `exe`, else `heterotune-trainer` on `PATH`.
+pub fn default_trainer(exe: &Path) -> PathBuf {
+    let sibling = exe.with_file_name("heterotune-trainer");
+    if sibling.is_file() {
+        return sibling;
+    }
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|p| p.join("heterotune-trainer"))
+                .find(|p| p.is_file())
+        })
+        .unwrap_or(sibling)
+}

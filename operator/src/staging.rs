@@ -1,0 +1,305 @@
+//! Copies between the object store and a local work folder around trainer
+//! processes, shared by the local runner (`heterotune run`) and the cluster
+//! pods (`heterotune job`):
+//!
+//! * inputs: `s3://` models and datasets the spec names are copied to local
+//!   folders once and listed in a `HETEROTUNE_STAGED` file, so the trainer
+//!   (which never talks to object storage) finds them while the spec keeps
+//!   its URIs (family keys and manifests do not change);
+//! * the previous round's global artifact (round 0 is made by
+//!   `heterotune-trainer init` when missing: it is a pure function of the
+//!   spec, so two writers racing produce the same tensors);
+//! * an aggregation: the participants' artifacts in, the global out (data,
+//!   then the manifest that completes the round).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use heterotune_crds::layout::{RunLayout, MANIFEST_FILE};
+use heterotune_crds::spec::{FederatedTuneSpec, StorageSpec};
+use heterotune_crds::uri::{self, Location};
+
+use crate::runner::TrainerCommand;
+use crate::store::{Store, StoreError};
+
+/// File that marks a staged folder as complete.
+const COMPLETE_MARKER: &str = ".heterotune-staged";
+
+/// Staging errors: each names what is missing and where.
+#[derive(Debug, thiserror::Error)]
+pub enum StagingError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{field}: {message}")]
+    Input { field: String, message: String },
+    #[error("{path}: {source}")]
+    Local {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the global artifact of round {round} is missing from {store} ({key}): round {next} cannot start before round {round} is aggregated")]
+    MissingGlobal {
+        round: u32,
+        next: u32,
+        store: String,
+        key: String,
+    },
+    #[error("{0}")]
+    Trainer(String),
+}
+
+fn local_err(path: &Path) -> impl FnOnce(std::io::Error) -> StagingError + '_ {
+    move |source| StagingError::Local {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Which parts of each client's model to stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelFiles {
+    /// Every file (the client trains it).
+    All,
+    /// Only `config.json` (enough to size adapters and slots).
+    Config,
+}
+
+/// A store per bucket for `s3://` inputs, with the run's endpoint, region,
+/// addressing and credentials.
+struct Buckets<'a> {
+    storage: &'a StorageSpec,
+    base: &'a Path,
+    open: BTreeMap<String, Store>,
+}
+
+impl Buckets<'_> {
+    fn get(&mut self, bucket: &str) -> Result<&Store, StoreError> {
+        if !self.open.contains_key(bucket) {
+            let spec = StorageSpec {
+                uri: format!("s3://{bucket}"),
+                ..self.storage.clone()
+            };
+            let store = Store::from_spec(&spec, self.base)?;
+            self.open.insert(bucket.to_string(), store);
+        }
+        Ok(&self.open[bucket])
+    }
+}
+
+/// A local folder name for `uri`: its last path segment plus a hash, so two
+/// URIs never share a folder.
+fn folder_for(uri: &str) -> String {
+    let key = uri::staging_key(uri);
+    let last = key.rsplit('/').next().unwrap_or("input");
+    let clean: String = last
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let hash = crate::runner::sha256_hex(key.as_bytes());
+    format!("{}-{}", &hash[..12], clean)
+}
+
+/// Stages the spec's `s3://` inputs under `dir`: the models of the clients
+/// `models` selects (all files for `ModelFiles::All`, else `config.json`),
+/// and every dataset file. Returns the `HETEROTUNE_STAGED` file to hand the
+/// trainer, or `None` when nothing is in object storage. Folders already
+/// staged (complete) are reused.
+pub async fn stage_inputs(
+    spec: &FederatedTuneSpec,
+    storage: &StorageSpec,
+    base: &Path,
+    dir: &Path,
+    models: impl Fn(usize) -> ModelFiles,
+) -> Result<Option<PathBuf>, StagingError> {
+    let mut buckets = Buckets {
+        storage,
+        base,
+        open: BTreeMap::new(),
+    };
+    let mut staged: BTreeMap<String, PathBuf> = BTreeMap::new();
+    // Models: the widest need of any client using the same URI wins.
+    let mut wanted: BTreeMap<&str, (ModelFiles, String)> = BTreeMap::new();
+    for (i, c) in spec.clients.iter().enumerate() {
+        let need = models(i);
+        let field = format!("spec.clients[{i}].model.uri");
+        let entry = wanted
+            .entry(uri::staging_key(&c.model.uri))
+            .or_insert((need, field));
+        if need == ModelFiles::All {
+            entry.0 = ModelFiles::All;
+        }
+    }
+    for (model_uri, (need, field)) in wanted {
+        let Ok(Location::S3 { bucket, key }) = uri::resolve(model_uri) else {
+            continue;
+        };
+        let local = dir.join("models").join(folder_for(model_uri));
+        let marker = local.join(COMPLETE_MARKER);
+        let have_all = marker.is_file();
+        let store = buckets.get(&bucket)?;
+        match need {
+            ModelFiles::All if !have_all => {
+                let partial = local.with_extension("partial");
+                let _ = std::fs::remove_dir_all(&partial);
+                let n = store.download_prefix(&key, &partial).await?;
+                if n == 0 || !partial.join("config.json").is_file() {
+                    return Err(StagingError::Input {
+                        field,
+                        message: format!(
+                            "{model_uri} holds no model (no config.json under s3://{bucket}/{key}/): \
+                             upload the Hugging Face model folder there"
+                        ),
+                    });
+                }
+                std::fs::write(partial.join(COMPLETE_MARKER), b"").map_err(local_err(&partial))?;
+                let _ = std::fs::remove_dir_all(&local);
+                std::fs::rename(&partial, &local).map_err(local_err(&local))?;
+            }
+            ModelFiles::Config if !have_all && !local.join("config.json").is_file() => {
+                let config_key = format!("{key}/config.json");
+                if !store
+                    .download_file(&config_key, &local.join("config.json"))
+                    .await?
+                {
+                    return Err(StagingError::Input {
+                        field,
+                        message: format!(
+                            "{model_uri} has no config.json (s3://{bucket}/{config_key}): upload the \
+                             Hugging Face model folder there"
+                        ),
+                    });
+                }
+            }
+            _ => {}
+        }
+        staged.insert(model_uri.to_string(), local);
+    }
+    // Datasets: the task's and the per-client shards.
+    let mut files: Vec<(String, String)> = vec![(
+        spec.task.dataset.uri.clone(),
+        "spec.task.dataset.uri".to_string(),
+    )];
+    for (i, c) in spec.clients.iter().enumerate() {
+        if let Some(data) = &c.data {
+            files.push((data.uri.clone(), format!("spec.clients[{i}].data.uri")));
+        }
+    }
+    for (file_uri, field) in files {
+        let Ok(Location::S3 { bucket, key }) = uri::resolve(&file_uri) else {
+            continue;
+        };
+        let name = key.rsplit('/').next().unwrap_or("data").to_string();
+        let local = dir.join("data").join(folder_for(&file_uri)).join(name);
+        if !local.is_file() {
+            let store = buckets.get(&bucket)?;
+            if !store.download_file(&key, &local).await? {
+                return Err(StagingError::Input {
+                    field,
+                    message: format!("{file_uri} does not exist in the store"),
+                });
+            }
+        }
+        staged.insert(uri::staging_key(&file_uri).to_string(), local);
+    }
+    if staged.is_empty() {
+        return Ok(None);
+    }
+    let file = dir.join("staged.json");
+    std::fs::create_dir_all(dir).map_err(local_err(dir))?;
+    let json = serde_json::to_vec_pretty(&staged).map_err(|e| StagingError::Input {
+        field: "staged inputs".into(),
+        message: e.to_string(),
+    })?;
+    std::fs::write(&file, json).map_err(local_err(&file))?;
+    Ok(Some(file))
+}
+
+/// The local folder holding the global artifact of `round` under `work`,
+/// downloaded when it is not there yet. Round 0 is initialised (and
+/// uploaded) when the store does not have it.
+pub async fn ensure_global(
+    store: &Store,
+    layout: &RunLayout,
+    trainer: &TrainerCommand,
+    work: &Path,
+    round: u32,
+) -> Result<PathBuf, StagingError> {
+    let local = work.join(format!("round-{round:04}/global"));
+    if local.join(MANIFEST_FILE).is_file() {
+        return Ok(local);
+    }
+    let _ = std::fs::remove_dir_all(&local);
+    let key = layout.global_dir(round);
+    if store.download_artifact(&key, &local).await? {
+        return Ok(local);
+    }
+    if round > 0 {
+        return Err(StagingError::MissingGlobal {
+            round,
+            next: round + 1,
+            store: store.uri().to_string(),
+            key,
+        });
+    }
+    trainer.init(&local).await.map_err(StagingError::Trainer)?;
+    store.upload_artifact(&local, &key).await?;
+    Ok(local)
+}
+
+/// Stages the participants' artifacts of `round`, runs the aggregation and
+/// uploads the global artifact (data, then the manifest that completes the
+/// round).
+pub async fn aggregate(
+    store: &Store,
+    layout: &RunLayout,
+    work: &Path,
+    trainer: &TrainerCommand,
+    round: u32,
+    participants: &[String],
+) -> Result<(), StagingError> {
+    let stage = work.join("aggregate");
+    let _ = std::fs::remove_dir_all(&stage);
+    for client in participants {
+        let dir = stage.join(format!("round-{round:04}/clients/{client}"));
+        store
+            .download_artifact(&layout.client_dir(round, client), &dir)
+            .await?;
+    }
+    let previous = ensure_global(store, layout, trainer, work, round - 1).await?;
+    let out = work.join(format!("round-{round:04}/global"));
+    let _ = std::fs::remove_dir_all(&out);
+    trainer
+        .aggregate(&stage, round, &previous, &out)
+        .await
+        .map_err(StagingError::Trainer)?;
+    store
+        .upload_artifact(&out, &layout.global_dir(round))
+        .await?;
+    let _ = std::fs::remove_dir_all(&stage);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staging_folders_are_distinct_and_plain() {
+        let a = folder_for("s3://b/models/MiniLM-L6/");
+        let b = folder_for("s3://b/other/MiniLM-L6");
+        assert_ne!(a, b);
+        assert!(a.ends_with("-MiniLM-L6"), "{a}");
+        assert_eq!(a, folder_for("s3://b/models/MiniLM-L6"));
+        let odd = folder_for("s3://b/x y/ä");
+        assert!(odd
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)));
+    }
+}

@@ -1,0 +1,231 @@
+//! The Jobs the controller creates, run for real without a cluster: each
+//! trainer and aggregation Job object built by `controller::jobs` is executed
+//! the way its pod would run it (its command and environment, the spec
+//! ConfigMap's document as the mounted file, a fresh empty `/work` per pod,
+//! no model cache), against a real S3 server (SeaweedFS on loopback) that
+//! also holds the models and the dataset. Two rounds of a tiny 3-client
+//! federation must complete through the store alone, idempotently, with the
+//! private state and `retention.keepClientRounds` handled.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use heterotune_crds::manifest::ArtifactManifest;
+use heterotune_operator::controller::jobs::{self, Run, SPEC_DIR, SPEC_FILE, WORK_DIR};
+use heterotune_operator::controller::observe::summary_from_manifest;
+use heterotune_operator::controller::JobConfig;
+use heterotune_operator::sizing::Placement;
+use heterotune_tests::s3::S3Server;
+use heterotune_tests::{binary, fixtures};
+
+const BUCKET: &str = "heterotune";
+const ACCESS_KEY: &str = "heterotune-test";
+const SECRET_KEY: &str = "heterotune-test-secret";
+const UID: &str = "0f1e2d3c-4b5a-6978-8091-a2b3c4d5e6f7";
+
+fn text(out: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Runs a Job's single container as its pod would: the image's `heterotune`
+/// (with `heterotune-trainer` beside it), the ConfigMap mounted at
+/// `SPEC_DIR`, a fresh `WORK_DIR`, and the container's environment with the
+/// Secret references resolved.
+fn run_pod(job: &k8s_openapi::api::batch::v1::Job, spec_file: &Path, work: &Path) -> Output {
+    let pod = job
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .expect("pod spec");
+    assert_eq!(pod.containers.len(), 1);
+    let c = &pod.containers[0];
+    let command = c.command.clone().expect("command");
+    let mounted = format!("{SPEC_DIR}/{SPEC_FILE}");
+    let args: Vec<String> = command[1..]
+        .iter()
+        .map(|a| {
+            if *a == mounted {
+                spec_file.display().to_string()
+            } else if a == WORK_DIR {
+                work.display().to_string()
+            } else {
+                a.clone()
+            }
+        })
+        .collect();
+    assert_eq!(command[0], "heterotune", "the image's entry binary");
+    std::fs::create_dir_all(work).expect("work");
+    let mut cmd = Command::new(binary("heterotune"));
+    cmd.args(&args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default());
+    if let Some(v) = std::env::var_os("LD_LIBRARY_PATH") {
+        cmd.env("LD_LIBRARY_PATH", v);
+    }
+    for e in c.env.clone().unwrap_or_default() {
+        let value = match (&e.value, &e.value_from) {
+            (Some(v), _) => v.clone(),
+            (None, Some(from)) => {
+                let key = from
+                    .secret_key_ref
+                    .as_ref()
+                    .expect("only Secret references");
+                assert_eq!(key.name, "s3-credentials");
+                match key.key.as_str() {
+                    "AWS_ACCESS_KEY_ID" => ACCESS_KEY.to_string(),
+                    "AWS_SECRET_ACCESS_KEY" => SECRET_KEY.to_string(),
+                    other => panic!("unexpected secret key {other}"),
+                }
+            }
+            (None, None) => String::new(),
+        };
+        let value = if e.name == "HOME" {
+            work.display().to_string()
+        } else {
+            value
+        };
+        cmd.env(&e.name, value);
+    }
+    cmd.output().expect("heterotune job runs")
+}
+
+fn manifest(server: &S3Server, key: &str) -> ArtifactManifest {
+    let bytes = server
+        .get(BUCKET, key)
+        .unwrap_or_else(|| panic!("{key} is not in the bucket"));
+    serde_json::from_slice(&bytes).expect("a manifest")
+}
+
+#[test]
+fn the_controllers_jobs_run_a_federation_through_s3() {
+    assert!(
+        binary("heterotune-trainer").exists(),
+        "run `cargo build --workspace --bins` first (scripts/test.sh does)"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let server = S3Server::start(&root.join("s3"), BUCKET);
+    let storage = format!(
+        "  storage:\n    uri: \"s3://{BUCKET}/runs\"\n    endpoint: \"http://127.0.0.1:{}\"\n    region: us-east-1\n    forcePathStyle: true\n    credentialsSecret: {{ name: s3-credentials }}\n  retention: {{ keepClientRounds: 1 }}",
+        server.port
+    );
+    // The fixtures are written locally, uploaded, and named by s3:// URIs:
+    // no pod sees the local copies.
+    let local = root.join("fixtures");
+    let yaml = fixtures::write_federation(&local, "e2e", 2, &storage)
+        .replace(
+            &local.join("models").display().to_string(),
+            &format!("s3://{BUCKET}/models"),
+        )
+        .replace(
+            &local.join("data").display().to_string(),
+            &format!("s3://{BUCKET}/data"),
+        );
+    assert!(!yaml.contains(&local.display().to_string()), "{yaml}");
+    server.put_dir(BUCKET, "models", &local.join("models"));
+    server.put_dir(BUCKET, "data", &local.join("data"));
+    std::fs::remove_dir_all(&local).expect("remove local fixtures");
+
+    let mut ft = heterotune_crds::validate::parse_federated_tune(&yaml).expect("valid spec");
+    ft.metadata.namespace = Some("team-a".into());
+    ft.metadata.uid = Some(UID.into());
+    let run = Run::new(&ft).expect("run");
+    let run_dir = run.layout.run_dir().to_string();
+    assert_eq!(run_dir, "runs/team-a/e2e-0f1e2d3c");
+    // The ConfigMap's document, as the pods see it.
+    let spec_file = root.join("spec.json");
+    let config_map = jobs::spec_config_map(&run);
+    let data = config_map.data.expect("data");
+    std::fs::write(&spec_file, &data[SPEC_FILE]).expect("spec file");
+
+    let config = JobConfig::default();
+    let placement = Placement::Explicit { estimate: None };
+    let clients: Vec<String> = ft.spec.clients.iter().map(|c| c.name.clone()).collect();
+    let mut pods = 0;
+    let mut pod = |job: &k8s_openapi::api::batch::v1::Job| {
+        pods += 1;
+        let out = run_pod(job, &spec_file, &root.join(format!("pod-{pods}")));
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(
+            !text(&out).contains(SECRET_KEY),
+            "credentials leaked into the pod's log"
+        );
+        out
+    };
+    for round in 1..=2 {
+        for i in 0..clients.len() {
+            pod(&jobs::trainer_job(
+                &run, i, round, 1, &placement, 600, &config, "1",
+            ));
+        }
+        pod(&jobs::aggregation_job(
+            &run, round, 1, &clients, 600, &config,
+        ));
+        assert!(server
+            .get(BUCKET, &run.layout.global_manifest(round))
+            .is_some());
+    }
+
+    // Idempotent: a trainer Job of a finished round (a duplicate from a
+    // restarted operator) changes nothing.
+    let before = server.get(BUCKET, &run.layout.client_manifest(2, &clients[0]));
+    let out = pod(&jobs::trainer_job(
+        &run, 0, 2, 2, &placement, 600, &config, "1",
+    ));
+    assert!(text(&out).contains("already aggregated"), "{}", text(&out));
+    assert_eq!(
+        server.get(BUCKET, &run.layout.client_manifest(2, &clients[0])),
+        before
+    );
+
+    // What the store holds: round 2 complete, round 1's client artifacts
+    // pruned (keepClientRounds 1) but its global kept, one private state
+    // per client (the newest).
+    let listing = server.list(BUCKET, &format!("{run_dir}/"));
+    assert!(
+        !listing.contains("round-0001/clients/"),
+        "round 1 client artifacts survived keepClientRounds 1:\n{listing}"
+    );
+    assert!(listing.contains("round-0001/global/manifest.json"));
+    assert!(listing.contains("round-0000/global/manifest.json"));
+    for c in &clients {
+        assert!(listing.contains(&format!("round-0002/clients/{c}/manifest.json")));
+        assert!(listing.contains(&format!("private/{c}/state-round-0002.safetensors")));
+        assert!(
+            !listing.contains(&format!("private/{c}/state-round-0001.safetensors")),
+            "{c}'s old private state was not removed:\n{listing}"
+        );
+    }
+    // Round 2 trained from round 1's global and each client's own state.
+    for c in &clients {
+        let m = manifest(&server, &run.layout.client_manifest(2, c));
+        assert_eq!(
+            (m.round, m.base_round, m.run.as_str()),
+            (2, 1, run_dir.as_str())
+        );
+    }
+    // The global manifest carries what the controller's status history reads.
+    let global = manifest(&server, &run.layout.global_manifest(2));
+    let summary = summary_from_manifest(2, &global);
+    assert_eq!(summary.participants, 3, "{global:?}");
+    let accuracy = summary.accuracy.expect("global accuracy in the manifest");
+    assert!((0.0..=1.0).contains(&accuracy));
+    let families: BTreeMap<_, _> = summary.accuracy_by_family.into_iter().collect();
+    assert_eq!(families.len(), 3, "{families:?}");
+    let uploaded: u64 = clients
+        .iter()
+        .map(|c| {
+            manifest(&server, &run.layout.client_manifest(2, c))
+                .artifact
+                .bytes
+        })
+        .sum();
+    assert_eq!(summary.bytes_uploaded, uploaded);
+    assert!(summary.rejected.is_empty(), "{:?}", summary.rejected);
+}

