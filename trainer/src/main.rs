@@ -134,11 +134,33 @@ enum Command {
 }
 
 fn device(name: &str) -> anyhow::Result<Device> {
+    use heterotune_trainer::cuda;
     match name {
-        "auto" => Ok(Device::cuda_if_available()),
         "cpu" => Ok(Device::Cpu),
-        "cuda" if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
-        "cuda" => anyhow::bail!("--device cuda: no CUDA device is available"),
+        "auto" => {
+            if cuda::gpu_device_present() {
+                if let Err(e) = cuda::load_cuda_backend() {
+                    tracing::warn!("a GPU is present but {e}; training on the CPU");
+                }
+            }
+            Ok(Device::cuda_if_available())
+        }
+        "cuda" => {
+            cuda::load_cuda_backend().map_err(|e| {
+                anyhow::anyhow!(
+                    "--device cuda: {e}: the trainer needs a CUDA build of libtorch \
+                     (the -cuda trainer image, or the CUDA torch wheel on this machine)"
+                )
+            })?;
+            if tch::Cuda::is_available() {
+                Ok(Device::Cuda(0))
+            } else {
+                anyhow::bail!(
+                    "--device cuda: libtorch's CUDA backend is loaded but sees no GPU \
+                     (driver missing, or no GPU given to this container)"
+                )
+            }
+        }
         other => anyhow::bail!("--device {other:?}: use cpu, cuda or auto"),
     }
 }

@@ -81,7 +81,7 @@ fn default_secret_key() -> String {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TrainerSpec {
-    /// Image with `heterotune-trainer`; defaults to the operator's configured image.
+    /// Image with `heterotune` and `heterotune-trainer` (see images/trainer.Dockerfile); defaults to the operator's configured image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 512))]
     pub image: Option<String>,

@@ -1,0 +1,231 @@
+#!/usr/bin/env python3
+"""The method comparison of docs/method.md's reference table, run with the Rust system.
+
+Runs `heterotune run` on the quickstart federation (TREC-6, 6 clients: 2x MiniLM-L6,
+2x MiniLM-L3, 2x SmolLM2 top-6 window; Dirichlet alpha=0.5; r=8, K=4, S=3; batch 16,
+32 tokens; global test set n=500) for each method and seed, with the same rounds and
+local steps as the PyTorch prototype (12 x 20), and prints per-family and overall
+global-test accuracy as mean +- std over seeds, paired differences per seed, bytes sent
+per client per round, and seconds per local step per family.
+
+A seed sets both the partition seed and the training seed (the split, hence the global
+test set, stays fixed), as in the prototype's measurements.
+
+    scripts/bench_methods.py                       # 4 methods x 3 seeds x 12 rounds
+    scripts/bench_methods.py --seeds 0 --rounds 6  # a quicker look
+
+Needs the release binaries (cargo build --release --bins) and the asset cache
+(scripts/setup.sh). Results are appended as JSON lines to <work>/results.jsonl, so an
+interrupted benchmark resumes where it stopped (finished runs are not repeated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+METHODS = {
+    # label: (aggregation algorithm, extra aggregation settings)
+    "local-only": ("local-only", {}),
+    "family-FedAvg": ("family-fedavg", {}),
+    "DeMA+FedAvg": ("fedavg", {}),
+    "DeMA+CMGA (PCGrad)": ("cmga", {"alignment": "pcgrad", "conflictThreshold": 0.0}),
+}
+FAMILY_ORDER = ["all-MiniLM-L6-v2", "paraphrase-MiniLM-L3-v2", "SmolLM2-135M-Instruct"]
+FAMILY_LABEL = {
+    "all-MiniLM-L6-v2": "MiniLM-L6",
+    "paraphrase-MiniLM-L3-v2": "MiniLM-L3",
+    "SmolLM2-135M-Instruct": "SmolLM2",
+}
+
+
+def spec_for(base: dict, method: str, seed: int, rounds: int, store: Path) -> dict:
+    spec = json.loads(json.dumps(base))
+    algorithm, extra = METHODS[method]
+    slug = algorithm.replace("-", "")
+    spec["metadata"]["name"] = f"bench-{slug}-s{seed}-r{rounds}"
+    s = spec["spec"]
+    s["rounds"] = rounds
+    # Every client every round: the methods are compared on the same updates.
+    s["minClients"] = len(s["clients"])
+    s["task"]["partition"]["seed"] = seed
+    s["training"]["seed"] = seed
+    s["aggregation"] = {"algorithm": algorithm, **extra}
+    s["storage"] = {"uri": f"file://{store}"}
+    return spec
+
+
+def family_of(key: str) -> str:
+    # Family keys are `<model dir>.<hash6>`.
+    return key.rsplit(".", 1)[0]
+
+
+def summarise(report: dict) -> dict:
+    last = report["rounds"][-1]
+    by_family = {family_of(k): v for k, v in last["accuracyByFamily"].items()}
+    clients = [c for r in report["rounds"] for c in r["clients"]]
+    step_seconds: dict[str, list[float]] = {}
+    upload: dict[str, list[int]] = {}
+    peak: dict[str, float] = {}
+    for c in clients:
+        f = family_of(c["family"])
+        if c.get("stepsPerSecond"):
+            step_seconds.setdefault(f, []).append(1.0 / c["stepsPerSecond"])
+        upload.setdefault(f, []).append(c["bytesUploaded"])
+        peak[f] = max(peak.get(f, 0.0), c.get("peakRssBytes") or 0.0)
+    return {
+        "overall": last["accuracy"],
+        "macro_f1": last["macroF1"],
+        "families": by_family,
+        "seconds_per_step": {f: statistics.median(v) for f, v in step_seconds.items()},
+        "upload_bytes": {f: statistics.mean(v) for f, v in upload.items()},
+        "peak_rss": peak,
+        "total_seconds": report["totalSeconds"],
+        "round_seconds": statistics.median(r["durationSeconds"] for r in report["rounds"][1:])
+        if len(report["rounds"]) > 1
+        else report["rounds"][0]["durationSeconds"],
+    }
+
+
+def run_one(binary: Path, trainer: Path, spec: dict, work: Path, threads: int | None) -> dict:
+    name = spec["metadata"]["name"]
+    spec_file = work / "specs" / f"{name}.yaml"
+    spec_file.parent.mkdir(parents=True, exist_ok=True)
+    spec_file.write_text(yaml.safe_dump(spec, sort_keys=False))
+    report_dir = work / "reports" / name
+    cmd = [
+        str(binary), "--log-format", "json", "run", "-f", str(spec_file), "--fresh",
+        "--trainer", str(trainer), "--work-dir", str(work / "work"),
+        "--report-dir", str(report_dir),
+    ]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    log = work / "logs" / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    with log.open("w") as out:
+        code = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=work)
+    if code != 0:
+        sys.exit(f"{name} failed (exit {code}): see {log}")
+    report = json.loads((report_dir / "report.json").read_text())
+    result = summarise(report)
+    result["wall_seconds"] = time.time() - started
+    return result
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f}±{statistics.pstdev(values):.3f}"
+
+
+def table(results: dict, methods: list[str], seeds: list[int]) -> str:
+    lines = [
+        "| method | MiniLM-L6 | MiniLM-L3 | SmolLM2 | overall | bytes up/client/round (L6 / L3 / SmolLM2) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m in methods:
+        rs = [results[(m, s)] for s in seeds if (m, s) in results]
+        if not rs:
+            continue
+        cells = [mean_std([r["families"].get(f, float("nan")) for r in rs]) for f in FAMILY_ORDER]
+        up = " / ".join(
+            f"{statistics.mean(r['upload_bytes'].get(f, 0) for r in rs) / 1000:.1f} KB"
+            for f in FAMILY_ORDER
+        )
+        lines.append(f"| {m} | {' | '.join(cells)} | {mean_std([r['overall'] for r in rs])} | {up} |")
+    return "\n".join(lines)
+
+
+def paired(results: dict, a: str, b: str, seeds: list[int]) -> str | None:
+    diffs = [
+        100 * (results[(a, s)]["overall"] - results[(b, s)]["overall"])
+        for s in seeds
+        if (a, s) in results and (b, s) in results
+    ]
+    if not diffs:
+        return None
+    return f"{a} − {b}: " + ", ".join(f"{d:+.1f}" for d in diffs) + " points (per seed)"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--spec", default=str(ROOT / "examples/quickstart.yaml"))
+    p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated labels of: " + ", ".join(METHODS))
+    p.add_argument("--work", default=str(ROOT / ".bench/methods"))
+    p.add_argument("--threads", type=int, default=None, help="libtorch threads per trainer")
+    p.add_argument("--binary", default=str(ROOT / "target/release/heterotune"))
+    p.add_argument("--trainer", default=str(ROOT / "target/release/heterotune-trainer"))
+    args = p.parse_args()
+
+    binary, trainer = Path(args.binary), Path(args.trainer)
+    for b in (binary, trainer):
+        if not b.is_file():
+            sys.exit(f"{b} is missing: run `cargo build --release --bins` first")
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        if m not in METHODS:
+            sys.exit(f"--methods: unknown method {m!r}; use: {', '.join(METHODS)}")
+    base = yaml.safe_load(Path(args.spec).read_text())
+    work = Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    results_file = work / "results.jsonl"
+    results: dict = {}
+    if results_file.exists():
+        for line in results_file.read_text().splitlines():
+            r = json.loads(line)
+            if r["rounds"] == args.rounds:
+                results[(r["method"], r["seed"])] = r["result"]
+
+    for seed in seeds:
+        for m in methods:
+            if (m, seed) in results:
+                continue
+            spec = spec_for(base, m, seed, args.rounds, work / "store")
+            print(f"== {m}, seed {seed}, {args.rounds} rounds ...", flush=True)
+            r = run_one(binary, trainer, spec, work, args.threads)
+            results[(m, seed)] = r
+            with results_file.open("a") as f:
+                f.write(json.dumps({"method": m, "seed": seed, "rounds": args.rounds, "result": r}) + "\n")
+            fams = ", ".join(f"{FAMILY_LABEL.get(k, k)} {v:.3f}" for k, v in sorted(r["families"].items()))
+            print(f"   overall {r['overall']:.3f} ({fams}); {r['wall_seconds']:.0f} s", flush=True)
+
+    print()
+    print(f"TREC-6, 6 clients, Dirichlet α=0.5, {args.rounds} rounds × 20 local steps, "
+          f"global test n=500, seeds {seeds} (mean ± population std):")
+    print()
+    print(table(results, methods, seeds))
+    print()
+    for a, b in [("family-FedAvg", "local-only"), ("DeMA+FedAvg", "family-FedAvg"),
+                 ("DeMA+CMGA (PCGrad)", "DeMA+FedAvg")]:
+        line = paired(results, a, b, seeds)
+        if line:
+            print("- " + line)
+    steps: dict[str, list[float]] = {}
+    for r in results.values():
+        for f, v in r["seconds_per_step"].items():
+            steps.setdefault(f, []).append(v)
+    print("- seconds per local step (median over clients, rounds and runs; includes the "
+          "forward of the adapted window, backward, optimiser): "
+          + ", ".join(f"{FAMILY_LABEL.get(f, f)} {statistics.median(v):.3f}" for f, v in sorted(steps.items())))
+    rounds = [r["round_seconds"] for r in results.values()]
+    print(f"- median round wall time {statistics.median(rounds):.1f} s (6 trainers on "
+          f"{os.cpu_count()} cores, then the aggregation)")
+
+
+if __name__ == "__main__":
+    main()
