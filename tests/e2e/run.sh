@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
 # End-to-end test on a real cluster (kind or any other): installs the CRD and
-# the operator chart, an S3 store (MinIO) and a small FederatedTune (three
-# CPU clients on the packaged encoders, 2 rounds), waits for it to succeed,
-# checks status, Jobs and Events, deletes it and checks the finalizer ran.
+# the operator chart, an S3 store (MinIO) and a FederatedTune, waits for it to
+# succeed, checks status, Jobs and Events, deletes it and checks the finalizer
+# ran. The FederatedTune (E2E_SPEC):
+#   tests/e2e/federatedtune.yaml (default): three CPU clients on the packaged
+#                   encoders, 2 rounds (a few minutes on kind)
+#   quickstart      examples/quickstart.yaml as it runs locally: six clients on
+#                   three real models, 6 rounds
+#   any other FederatedTune file
+# cluster_spec.py points its storage at the MinIO and its pods at TRAINER_IMAGE.
 #
 # Skips (exit 0, with the reason) when KUBECONFIG is unset or the cluster is
 # unreachable. Needs kubectl and helm, and the images in reach of the nodes,
@@ -68,7 +74,15 @@ helm upgrade --install heterotune "$root/charts/heterotune" -n "$op_ns" --wait -
 kubectl -n "$op_ns" get lease heterotune-operator > /dev/null || fail "no leader lease"
 
 echo "== FederatedTune"
-sed -e "s#TRAINER_IMAGE#$trainer_image#" -e "s#NAMESPACE#$ns#g" "$here/federatedtune.yaml" | kubectl -n "$ns" apply -f -
+spec_file="${E2E_SPEC:-$here/federatedtune.yaml}"
+[ "$spec_file" = quickstart ] && spec_file="$root/examples/quickstart.yaml"
+python="$root/.venv/bin/python"
+[ -x "$python" ] || python=python3
+"$python" "$here/cluster_spec.py" "$spec_file" --namespace "$ns" --trainer-image "$trainer_image" \
+  > "$here/.e2e-spec.yaml" || fail "cannot prepare $spec_file (needs PyYAML: scripts/setup.sh makes .venv)"
+kubectl -n "$ns" apply -f "$here/.e2e-spec.yaml"
+rounds="$(kubectl -n "$ns" get ft e2e -o jsonpath='{.spec.rounds}')"
+clients="$(kubectl -n "$ns" get ft e2e -o jsonpath='{.spec.clients[*].name}' | wc -w)"
 deadline=$((SECONDS + timeout))
 phase=""
 while [ $SECONDS -lt $deadline ]; do
@@ -81,11 +95,14 @@ done
 kubectl -n "$ns" get ft e2e
 
 echo "== status, Jobs, Events"
-[ "$(kubectl -n "$ns" get ft e2e -o jsonpath='{.status.progress}')" = "2/2" ] || fail "progress is not 2/2"
+[ "$(kubectl -n "$ns" get ft e2e -o jsonpath='{.status.progress}')" = "$rounds/$rounds" ] || fail "progress is not $rounds/$rounds"
 [ "$(kubectl -n "$ns" get ft e2e -o jsonpath='{.status.conditions[?(@.type=="Complete")].status}')" = True ] || fail "Complete is not True"
-[ "$(kubectl -n "$ns" get ft e2e -o jsonpath='{.status.history[*].round}')" = "1 2" ] || fail "history is not rounds 1 2"
+[ "$(kubectl -n "$ns" get ft e2e -o jsonpath='{.status.history[*].round}')" = "$(seq -s ' ' 1 "$rounds")" ] \
+  || fail "history is not rounds 1..$rounds"
+kubectl -n "$ns" get ft e2e -o jsonpath='{.status.history[-1:].accuracy}' | grep -Eq '^0?\.[0-9]+|^1' \
+  || fail "the last round in the history has no accuracy"
 jobs="$(kubectl -n "$ns" get jobs -l heterotune.dev/federatedtune=e2e -o name | sort)"
-[ "$(echo "$jobs" | grep -c -- '-r1-')" -eq 3 ] || fail "expected 3 trainer Jobs in round 1: $jobs"
+[ "$(echo "$jobs" | grep -c -- '-r1-')" -eq "$clients" ] || fail "expected $clients trainer Jobs in round 1: $jobs"
 [ "$(echo "$jobs" | grep -c -- '-agg-r')" -ge 2 ] || fail "expected an aggregation Job per round: $jobs"
 kubectl -n "$ns" get events --field-selector involvedObject.name=e2e -o jsonpath='{.items[*].reason}' | grep -q RoundCompleted \
   || fail "no RoundCompleted event"
