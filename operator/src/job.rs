@@ -88,6 +88,8 @@ struct Loaded {
     store: Store,
     /// The validated spec (defaults applied) handed to the trainer.
     spec_json: PathBuf,
+    /// What relative local paths in the spec are relative to.
+    base: PathBuf,
 }
 
 fn load(opts: &JobOptions) -> Result<Loaded, JobError> {
@@ -117,7 +119,10 @@ fn load(opts: &JobOptions) -> Result<Loaded, JobError> {
         path: opts.work.clone(),
         source: e,
     })?;
-    let store = Store::from_spec(&ft.spec.storage, &opts.work)?;
+    // A folder store (a local try-out; clusters use s3://) is relative to
+    // the current directory, as for `heterotune run`.
+    let base = std::env::current_dir().unwrap_or_else(|_| opts.work.clone());
+    let store = Store::from_spec(&ft.spec.storage, &base)?;
     let layout = RunLayout::new(store.prefix(), &namespace, &name, &uid);
     let spec_json = opts.work.join("spec.json");
     std::fs::write(
@@ -133,6 +138,7 @@ fn load(opts: &JobOptions) -> Result<Loaded, JobError> {
         layout,
         store,
         spec_json,
+        base,
     })
 }
 
@@ -199,7 +205,7 @@ pub async fn train(
     let staged = staging::stage_inputs(
         spec,
         &spec.storage,
-        &opts.work,
+        &run.base,
         &opts.work.join("staged"),
         |i| {
             if i == index {
@@ -290,15 +296,23 @@ pub async fn aggregate(
     let staged = staging::stage_inputs(
         spec,
         &spec.storage,
-        &opts.work,
+        &run.base,
         &opts.work.join("staged"),
         |_| ModelFiles::Config,
     )
     .await?;
     let trainer = trainer(opts, &run, staged);
     staging::aggregate(store, layout, &opts.work, &trainer, round, participants).await?;
+    // The round is committed: retention is housekeeping, never a failure of
+    // the Job (the next round's aggregation prunes what this one could not).
     let pruned = match spec.retention.keep_client_rounds {
-        Some(keep) => store.prune_client_rounds(layout, round, keep).await?,
+        Some(keep) => match store.prune_client_rounds(layout, round, keep).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "retention.keepClientRounds: could not prune");
+                0
+            }
+        },
         None => 0,
     };
     Ok(JobOutcome::Aggregated { pruned })

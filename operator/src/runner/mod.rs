@@ -432,15 +432,20 @@ pub async fn run(opts: RunOptions) -> Result<RunSummary, RunError> {
                                 round,
                                 agg_start.elapsed().as_secs_f64(),
                             );
+                            // Retention is housekeeping: a failure is reported
+                            // and retried after the next round, never fatal.
                             if let Some(keep) = spec.retention.keep_client_rounds {
-                                let n = store.prune_client_rounds(&layout, round, keep).await?;
-                                if n > 0 {
-                                    tracing::info!(
+                                match store.prune_client_rounds(&layout, round, keep).await {
+                                    Ok(0) => {}
+                                    Ok(n) => tracing::info!(
                                         round,
                                         keep,
                                         objects = n,
                                         "retention.keepClientRounds: removed old client artifacts"
-                                    );
+                                    ),
+                                    Err(e) => progress.note(&format!(
+                                        "retention.keepClientRounds: could not prune: {e}"
+                                    )),
                                 }
                             }
                         }
