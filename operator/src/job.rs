@@ -20,10 +20,10 @@
 use std::path::{Path, PathBuf};
 
 use heterotune_crds::layout::{latest_state_before, state_file_name, RunLayout};
-use heterotune_crds::validate::{parse_document, validate_value, Problems};
 use heterotune_crds::FederatedTune;
 
 use crate::runner::{ClientDirs, TrainerCommand};
+use crate::spec_file::{self, SpecFileError};
 use crate::staging::{self, ModelFiles, StagingError};
 use crate::store::{Store, StoreError};
 
@@ -57,14 +57,8 @@ pub enum JobOutcome {
 /// Job errors: each names the input and the fix.
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
-    #[error("{file}: cannot read: {source}")]
-    Read {
-        file: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{file}: {} problem(s):\n{problems}", problems.0.len())]
-    Invalid { file: PathBuf, problems: Problems },
+    #[error(transparent)]
+    Spec(#[from] SpecFileError),
     #[error("{file}: {field} is missing: the spec document needs the FederatedTune's metadata.name, metadata.namespace and metadata.uid (the operator's ConfigMap has them)")]
     MissingMetadata { file: PathBuf, field: &'static str },
     #[error("{flag}: {message}")]
@@ -94,16 +88,7 @@ struct Loaded {
 
 fn load(opts: &JobOptions) -> Result<Loaded, JobError> {
     let file = &opts.spec_file;
-    let text = std::fs::read_to_string(file).map_err(|e| JobError::Read {
-        file: file.clone(),
-        source: e,
-    })?;
-    let invalid = |problems| JobError::Invalid {
-        file: file.clone(),
-        problems,
-    };
-    let mut value = parse_document(&text).map_err(invalid)?;
-    let ft = validate_value(&mut value, None).map_err(invalid)?;
+    let (ft, value) = spec_file::read(file)?;
     let missing = |field| JobError::MissingMetadata {
         file: file.clone(),
         field,

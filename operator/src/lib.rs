@@ -15,6 +15,7 @@ pub mod planner;
 pub mod report;
 pub mod runner;
 pub mod sizing;
+pub mod spec_file;
 pub mod staging;
 pub mod store;
 pub mod telemetry;

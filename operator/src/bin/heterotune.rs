@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use heterotune_crds::validate::{parse_federated_tune, Problems};
+use heterotune_operator::spec_file::SpecFileError;
 use heterotune_operator::{checks, runner, telemetry};
 
 #[derive(Parser)]
@@ -218,7 +219,7 @@ fn run(
             );
             Ok(ExitCode::SUCCESS)
         }
-        Err(runner::RunError::Invalid { file, problems }) => {
+        Err(runner::RunError::Spec(SpecFileError::Invalid { file, problems })) => {
             report(&file, &problems);
             Ok(ExitCode::from(1))
         }
@@ -346,7 +347,7 @@ fn job(command: JobCommand) -> anyhow::Result<ExitCode> {
             tracing::info!("{what}");
             Ok(ExitCode::SUCCESS)
         }
-        Err(JobError::Invalid { file, problems }) => {
+        Err(JobError::Spec(SpecFileError::Invalid { file, problems })) => {
             report(&file, &problems);
             Ok(ExitCode::from(1))
         }

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use heterotune_crds::layout::RunLayout;
-use heterotune_crds::validate::{check_object, parse_document, validate_value, Problems};
+use heterotune_crds::validate::{check_object, Problems};
 use heterotune_crds::FederatedTune;
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -24,6 +24,7 @@ use tokio::sync::mpsc;
 use crate::checks;
 use crate::planner::{self, Action, AggregationState, ClientObservation, Observation};
 use crate::report::Report;
+use crate::spec_file::{self, SpecFileError};
 use crate::staging::{self, ModelFiles, StagingError};
 use crate::store::{Store, StoreError};
 
@@ -55,14 +56,8 @@ pub struct RunOptions {
 /// Runner errors: each says what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("{file}: cannot read: {source}")]
-    Read {
-        file: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{file}: {} problem(s):\n{problems}", problems.0.len())]
-    Invalid { file: PathBuf, problems: Problems },
+    #[error(transparent)]
+    Spec(#[from] SpecFileError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -117,19 +112,10 @@ pub fn local_uid(namespace: &str, name: &str) -> String {
 
 /// Loads, validates and checks the spec file.
 fn load(opts: &RunOptions) -> Result<(FederatedTune, Value), RunError> {
-    let text = std::fs::read_to_string(&opts.spec_file).map_err(|e| RunError::Read {
-        file: opts.spec_file.clone(),
-        source: e,
-    })?;
-    let invalid = |problems| RunError::Invalid {
-        file: opts.spec_file.clone(),
-        problems,
-    };
-    let mut value = parse_document(&text).map_err(invalid)?;
-    let ft = validate_value(&mut value, None).map_err(invalid)?;
+    let (ft, value) = spec_file::read(&opts.spec_file)?;
     let problems = checks::check_local_references(&ft.spec);
     if !problems.is_empty() {
-        return Err(invalid(Problems(problems)));
+        return Err(SpecFileError::invalid(&opts.spec_file, Problems(problems)).into());
     }
     Ok((ft, value))
 }
