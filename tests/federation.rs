@@ -283,3 +283,70 @@ fn hetlora_baseline_federation_runs() {
     let r = report(root);
     assert_eq!(r["algorithm"], "hetlora");
 }
+
+/// A `local-only` client keeps its training across rounds: the global of a
+/// local-only run still holds the initial shared values, and loading it on
+/// top of the client's private state must not reset them. Evaluating the
+/// round-1 state with that global gives exactly the accuracy the client
+/// reported after training (with the reset it was the untrained model's).
+#[test]
+fn local_only_clients_keep_their_training_across_rounds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let spec = fixtures::write_federation(root, "local", 2, "  storage: { uri: \"file://store\" }")
+        .replace("algorithm: cmga", "algorithm: local-only");
+    let spec_file = root.join("spec.yaml");
+    std::fs::write(&spec_file, &spec).expect("spec");
+    let trainer = |args: &[&str]| {
+        let out = Command::new(trainer())
+            .args(args)
+            .arg("--spec")
+            .arg(&spec_file)
+            .output()
+            .expect("trainer runs");
+        assert!(out.status.success(), "{args:?}: {}", output_text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let p = |name: &str| root.join(name).display().to_string();
+    trainer(&["init", "--out", &p("global0"), "--run", "r"]);
+    for client in ["small-bert", "tiny-llama"] {
+        let (state, out) = (p(&format!("{client}.state")), p(&format!("{client}.out")));
+        let common = ["--client", client, "--threads", "1", "--device", "cpu"];
+        trainer(
+            &[
+                &["train", "--round", "1", "--run", "r"][..],
+                &common,
+                &[
+                    "--global",
+                    &p("global0"),
+                    "--state-out",
+                    &state,
+                    "--out",
+                    &out,
+                ],
+            ]
+            .concat(),
+        );
+        let manifest: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(root.join(format!("{client}.out/manifest.json"))).expect("manifest"),
+        )
+        .expect("json");
+        let trained = manifest["metrics"]["test_accuracy"]
+            .as_f64()
+            .expect("test accuracy");
+        let eval: serde_json::Value = serde_json::from_str(&trainer(
+            &[
+                &["eval"][..],
+                &common,
+                &["--global", &p("global0"), "--state-in", &state],
+            ]
+            .concat(),
+        ))
+        .expect("eval prints JSON");
+        assert_eq!(
+            eval["accuracy"].as_f64(),
+            Some(trained),
+            "{client}: the global undid local training: {eval}"
+        );
+    }
+}

@@ -320,7 +320,16 @@ fn load_client(
                     client.name
                 )
             })?;
-        model.import(&mapped, &all_names).with_context(|| {
+        // With a private state, the global only replaces what the client
+        // exchanges: the rest of the global (the initial values a
+        // `local-only` run keeps there, say) must not undo local training.
+        // Without one (first round), everything starts from the global.
+        let from_global = if state_in.is_some() {
+            shared_names(&model, &spec)
+        } else {
+            all_names.clone()
+        };
+        model.import(&mapped, &from_global).with_context(|| {
             format!(
                 "the global artifact in {} does not fit client {}",
                 global.display(),
