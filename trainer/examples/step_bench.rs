@@ -23,13 +23,18 @@
 //! through the token count it reports). Each round runs all the steps once
 //! on each side, alternating which side goes first, so both see the same
 //! machine load; the table shows each side's fastest round and median round
-//! (seconds per step), and the ratio of the medians.
+//! (seconds per step), and the ratios of the fastest and of the median
+//! rounds.
 //!
 //! ```text
 //! source scripts/env.sh
 //! cargo run -p heterotune-trainer --release --example step_bench -- \
-//!     [--steps 20] [--warmup 3] [--rounds 5] [--no-torch] [--out DIR] [MODEL ...]
+//!     [--steps 20] [--warmup 3] [--rounds 5] [--no-torch] [--bucket] [--prefix-check] [--out DIR] [MODEL ...]
 //! ```
+//!
+//! `--bucket` places the same questions so that each of the trainer's
+//! batches holds questions of (nearly) the same length: what the step would
+//! cost with length-bucketed batches, or with padding removed.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -253,6 +258,10 @@ struct Options {
     warmup: usize,
     rounds: usize,
     with_torch: bool,
+    /// Length-bucketed batches (same questions, sorted into batches by length).
+    bucket: bool,
+    /// Also time the prefix cache built from the pool sorted by length.
+    prefix_check: bool,
     out: PathBuf,
 }
 
@@ -306,12 +315,29 @@ fn bench_model(case: &ModelCase, all: &[Example], opt: &Options) -> anyhow::Resu
     let n = opt.steps * BATCH;
     let mut index: Vec<usize> = (0..all.len()).collect();
     shuffle(&mut seeded_rng(POOL_SEED, 0), &mut index);
-    let pool: Vec<Example> = index[..n].iter().map(|&i| all[i].clone()).collect();
-    let ids: Vec<Vec<u32>> = pool
+    let mut pool: Vec<Example> = index[..n].iter().map(|&i| all[i].clone()).collect();
+    let mut ids: Vec<Vec<u32>> = pool
         .iter()
         .map(|e| tokenizer.encode(&e.text, MAX_SEQ))
         .collect::<Result<_, _>>()?;
     let batches = trainer_batches(n, opt.steps);
+    if opt.bucket {
+        // Place the questions so that the trainer's k-th batch holds the
+        // k-th group of 16 by token count: (nearly) no padding.
+        let mut by_len: Vec<usize> = (0..n).collect();
+        by_len.sort_by_key(|&i| (ids[i].len(), i));
+        let slots: Vec<usize> = batches.iter().flatten().copied().collect();
+        let mut placed: Vec<Option<usize>> = vec![None; n];
+        for (slot, src) in slots.iter().zip(&by_len) {
+            placed[*slot] = Some(*src);
+        }
+        let src: Vec<usize> = placed
+            .into_iter()
+            .map(|p| p.expect("every slot filled"))
+            .collect();
+        pool = src.iter().map(|&i| pool[i].clone()).collect();
+        ids = src.iter().map(|&i| ids[i].clone()).collect();
+    }
     let lens: Vec<usize> = batches
         .iter()
         .map(|b| b.iter().map(|&i| ids[i].len()).max().unwrap_or(0))
@@ -373,6 +399,21 @@ fn bench_model(case: &ModelCase, all: &[Example], opt: &Options) -> anyhow::Resu
         data.cached
     );
     let prefix_seconds = start.elapsed().as_secs_f64();
+    if opt.prefix_check {
+        // The same prefixes computed from the pool sorted by length (the
+        // cache is built in chunks of eval_batch_size in pool order, each
+        // chunk padded to its longest question).
+        let mut sorted: Vec<usize> = (0..n).collect();
+        sorted.sort_by_key(|&i| ids[i].len());
+        let sorted: Vec<Example> = sorted.iter().map(|&i| pool[i].clone()).collect();
+        let start = Instant::now();
+        let again = model.prepare(&sorted, &settings(opt.steps), &model_id)?;
+        eprintln!(
+            "  prefix cache for {} examples: {prefix_seconds:.2} s in pool order, {:.2} s with the pool sorted by length",
+            again.cached,
+            start.elapsed().as_secs_f64()
+        );
+    }
 
     let mut torch = None;
     let mut torch_trainable = None;
@@ -482,6 +523,8 @@ fn main() -> anyhow::Result<()> {
         warmup: 3,
         rounds: 5,
         with_torch: true,
+        bucket: false,
+        prefix_check: false,
         out: repo_root().join("target").join("step_bench"),
     };
     let mut names = Vec::new();
@@ -493,6 +536,8 @@ fn main() -> anyhow::Result<()> {
             "--warmup" => opt.warmup = num(opt.warmup),
             "--rounds" => opt.rounds = num(opt.rounds),
             "--no-torch" => opt.with_torch = false,
+            "--bucket" => opt.bucket = true,
+            "--prefix-check" => opt.prefix_check = true,
             "--out" => opt.out = args.next().map(PathBuf::from).unwrap_or(opt.out),
             other => names.push(other.to_string()),
         }
@@ -520,8 +565,11 @@ fn main() -> anyhow::Result<()> {
         "one training step: batch {BATCH} TREC questions (<= {MAX_SEQ} tokens, padded to the batch's longest), f32, {THREADS} threads, DeMA r=8 K=4 S=3"
     );
     println!(
-        "{} steps per round after {} warm-up steps, {} rounds alternating rust/pytorch; seconds per step: min (median) over rounds",
-        opt.steps, opt.warmup, opt.rounds
+        "{} steps per round after {} warm-up steps, {} rounds alternating rust/pytorch; seconds per step: min (median) over rounds{}",
+        opt.steps,
+        opt.warmup,
+        opt.rounds,
+        if opt.bucket { "; LENGTH-BUCKETED batches" } else { "" }
     );
     let mut rows = Vec::new();
     for case in cases {

@@ -43,6 +43,17 @@ pub struct TrainSettings {
     pub gradient_checkpointing: bool,
 }
 
+/// Example indices ordered by token count (ties by index): chunks of
+/// similar length for the passes without gradient (prefix cache,
+/// evaluation), which pad each chunk to its longest example. Measured
+/// (trainer/examples/step_bench.rs `--prefix-check`): SmolLM2's prefix cache
+/// over 320 TREC questions 11.1 s → 5.9 s, same cached values.
+fn by_length(tokens: &Tokens) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..tokens.ids.len()).collect();
+    order.sort_by_key(|&i| (tokens.ids[i].len(), i));
+    order
+}
+
 /// Tokenised examples, unpadded.
 struct Tokens {
     ids: Vec<Vec<i64>>,
@@ -373,8 +384,7 @@ impl ClientModel {
         let mut states = HashMap::new();
         let d = self.backbone.info().hidden_size;
         let mut used = 0usize;
-        let all: Vec<usize> = (0..tokens.ids.len()).collect();
-        for chunk in all.chunks(batch.max(1)) {
+        for chunk in by_length(tokens).chunks(batch.max(1)) {
             let (ids, mask, _) = self.batch(tokens, chunk);
             let h = self.prefix(&ids, &mask);
             for (j, &i) in chunk.iter().enumerate() {
@@ -621,18 +631,19 @@ impl ClientModel {
         }
         let tokens = &data.tokens;
         let n = data.len();
-        let mut predictions = Vec::with_capacity(n);
+        let mut predictions = vec![0usize; n];
         let mut loss_sum = 0.0;
-        let all: Vec<usize> = (0..n).collect();
         tch::no_grad(|| -> Result<()> {
-            for chunk in all.chunks(batch_size.max(1)) {
+            for chunk in by_length(tokens).chunks(batch_size.max(1)) {
                 let (ids, mask, labels) = self.batch(tokens, chunk);
                 let h = self.window_input(data.cache.as_ref(), chunk, &ids, &mask);
                 let logits = self.window(h, &mask);
                 loss_sum +=
                     logits.cross_entropy_for_logits(&labels).double_value(&[]) * chunk.len() as f64;
                 let pred = Vec::<i64>::try_from(logits.argmax(-1, false).to_device(Device::Cpu))?;
-                predictions.extend(pred.into_iter().map(|p| p as usize));
+                for (&i, p) in chunk.iter().zip(pred) {
+                    predictions[i] = p as usize;
+                }
             }
             Ok(())
         })?;
