@@ -46,6 +46,20 @@ pub fn cache_root() -> Option<PathBuf> {
     std::env::var_os("HOME").map(|home| Path::new(&home).join(".cache").join("heterotune"))
 }
 
+/// `text` with every character other than ASCII letters, digits, `-`, `_`
+/// and `.` replaced by `_`: safe as a file name and in object keys.
+pub fn file_safe(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
 /// The canonical form of a URI as a staging key (no trailing `/`).
 pub fn staging_key(uri: &str) -> &str {
     uri.trim_end_matches('/')

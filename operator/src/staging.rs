@@ -91,17 +91,7 @@ impl Buckets<'_> {
 /// URIs never share a folder.
 fn folder_for(uri: &str) -> String {
     let key = uri::staging_key(uri);
-    let last = key.rsplit('/').next().unwrap_or("input");
-    let clean: String = last
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
+    let clean = uri::file_safe(key.rsplit('/').next().unwrap_or("input"));
     let hash = crate::runner::sha256_hex(key.as_bytes());
     format!("{}-{}", &hash[..12], clean)
 }

@@ -47,13 +47,7 @@ fn repo_root() -> PathBuf {
 }
 
 fn cache_dir() -> PathBuf {
-    std::env::var_os("HETEROTUNE_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-                .join(".cache")
-                .join("heterotune")
-        })
+    heterotune_crds::uri::cache_root().unwrap_or_else(|| PathBuf::from(".cache/heterotune"))
 }
 
 /// Resident set size of this process in MiB (Linux), if readable.

@@ -190,19 +190,7 @@ impl FederatedTuneSpec {
         let model = &self.clients[index].model;
         let sel = self.layer_selection(index);
         let uri = model.uri.trim_end_matches('/');
-        let base: String = uri
-            .rsplit('/')
-            .next()
-            .unwrap_or("model")
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
+        let base = crate::uri::file_safe(uri.rsplit('/').next().unwrap_or("model"));
         let identity = format!(
             "{uri}|{:?}|{:?}|{}",
             sel.mode, sel.window, sel.every_layer_in_group
