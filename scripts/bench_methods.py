@@ -11,7 +11,7 @@ per client per round, and seconds per local step per family.
 A seed sets both the partition seed and the training seed (the split, hence the global
 test set, stays fixed), as in the prototype's measurements.
 
-    scripts/bench_methods.py                       # 4 methods x 3 seeds x 12 rounds
+    scripts/bench_methods.py                       # 4 methods x 3 seeds x 12 rounds (docs used --seeds 0,1,2,3,4)
     scripts/bench_methods.py --seeds 0 --rounds 6  # a quicker look
 
 Needs the release binaries (cargo build --release --bins) and the asset cache
