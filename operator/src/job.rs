@@ -159,15 +159,31 @@ fn client_index(ft: &FederatedTune, client: &str, flag: &'static str) -> Result<
         })
 }
 
-fn trainer(opts: &JobOptions, run: &Loaded, staged: Option<PathBuf>) -> TrainerCommand {
-    TrainerCommand {
+/// Stages the spec's `s3://` inputs (`models` says which files of each
+/// client's model) into the work folder and returns the trainer command
+/// that finds them.
+async fn staged_trainer(
+    opts: &JobOptions,
+    run: &Loaded,
+    models: impl Fn(usize) -> ModelFiles,
+) -> Result<TrainerCommand, JobError> {
+    let spec = &run.ft.spec;
+    let staged = staging::stage_inputs(
+        spec,
+        &spec.storage,
+        &run.base,
+        &opts.work.join("staged"),
+        models,
+    )
+    .await?;
+    Ok(TrainerCommand {
         binary: opts.trainer.clone(),
         spec: run.spec_json.clone(),
         threads: opts.threads,
         run: run.layout.run_dir().to_string(),
         staged,
         live_logs: true,
-    }
+    })
 }
 
 /// Trains `client` for `round` on `device` and commits its artifact.
@@ -180,28 +196,22 @@ pub async fn train(
     let run = load(opts)?;
     check_round(&run.ft, round)?;
     let index = client_index(&run.ft, client, "--client")?;
-    let (store, layout, spec) = (&run.store, &run.layout, &run.ft.spec);
+    let (store, layout) = (&run.store, &run.layout);
     if store.exists(&layout.global_manifest(round)).await? {
         return Ok(JobOutcome::RoundComplete);
     }
     if store.exists(&layout.client_manifest(round, client)).await? {
         return Ok(JobOutcome::AlreadyCommitted);
     }
-    let staged = staging::stage_inputs(
-        spec,
-        &spec.storage,
-        &run.base,
-        &opts.work.join("staged"),
-        |i| {
-            if i == index {
-                ModelFiles::All
-            } else {
-                ModelFiles::Config
-            }
-        },
-    )
+    // This client's model in full, the others' config.json (slots, init).
+    let trainer = staged_trainer(opts, &run, |i| {
+        if i == index {
+            ModelFiles::All
+        } else {
+            ModelFiles::Config
+        }
+    })
     .await?;
-    let trainer = trainer(opts, &run, staged);
     let global = staging::ensure_global(store, layout, &trainer, &opts.work, round - 1).await?;
 
     // The private state: the newest one saved before this round.
@@ -278,15 +288,7 @@ pub async fn aggregate(
     if store.exists(&layout.global_manifest(round)).await? {
         return Ok(JobOutcome::RoundComplete);
     }
-    let staged = staging::stage_inputs(
-        spec,
-        &spec.storage,
-        &run.base,
-        &opts.work.join("staged"),
-        |_| ModelFiles::Config,
-    )
-    .await?;
-    let trainer = trainer(opts, &run, staged);
+    let trainer = staged_trainer(opts, &run, |_| ModelFiles::Config).await?;
     staging::aggregate(store, layout, &opts.work, &trainer, round, participants).await?;
     // The round is committed: retention is housekeeping, never a failure of
     // the Job (the next round's aggregation prunes what this one could not).

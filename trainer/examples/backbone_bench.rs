@@ -39,13 +39,6 @@ const MODELS: [&str; 3] = [
     "SmolLM2-135M-Instruct",
 ];
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default()
-}
-
 fn cache_dir() -> PathBuf {
     heterotune_crds::uri::cache_root().unwrap_or_else(|| PathBuf::from(".cache/heterotune"))
 }
@@ -177,18 +170,22 @@ fn bench_torch(
 ) -> anyhow::Result<()> {
     let venv = std::env::var_os("HETEROTUNE_VENV")
         .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join(".venv"));
+        .unwrap_or_else(|| heterotune_tests::repo_root().join(".venv"));
     let mut cmd = Command::new(venv.join("bin").join("python"));
-    cmd.arg(repo_root().join("scripts").join("bench_torch_backbone.py"))
-        .arg(dir)
-        .args(["--batch", &BATCH.to_string(), "--seq", &SEQ.to_string()])
-        .args([
-            "--threads",
-            &THREADS.to_string(),
-            "--reps",
-            &reps.to_string(),
-        ])
-        .args(["--dtype", dtype]);
+    cmd.arg(
+        heterotune_tests::repo_root()
+            .join("scripts")
+            .join("bench_torch_backbone.py"),
+    )
+    .arg(dir)
+    .args(["--batch", &BATCH.to_string(), "--seq", &SEQ.to_string()])
+    .args([
+        "--threads",
+        &THREADS.to_string(),
+        "--reps",
+        &reps.to_string(),
+    ])
+    .args(["--dtype", dtype]);
     for k in tops {
         cmd.args(["--top", &k.to_string()]);
     }

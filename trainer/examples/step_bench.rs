@@ -89,13 +89,6 @@ const MODELS: [ModelCase; 3] = [
     },
 ];
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default()
-}
-
 fn cache_dir() -> PathBuf {
     heterotune_crds::uri::cache_root().unwrap_or_else(|| PathBuf::from(".cache/heterotune"))
 }
@@ -165,9 +158,13 @@ impl Torch {
     fn spawn(job: &Path) -> anyhow::Result<(Self, Value)> {
         let venv = std::env::var_os("HETEROTUNE_VENV")
             .map(PathBuf::from)
-            .unwrap_or_else(|| repo_root().join(".venv"));
+            .unwrap_or_else(|| heterotune_tests::repo_root().join(".venv"));
         let mut child = Command::new(venv.join("bin").join("python"))
-            .arg(repo_root().join("scripts").join("bench_torch_step.py"))
+            .arg(
+                heterotune_tests::repo_root()
+                    .join("scripts")
+                    .join("bench_torch_step.py"),
+            )
             .arg(job)
             .args(["--threads", &THREADS.to_string()])
             .stdin(Stdio::piped())
@@ -519,7 +516,9 @@ fn main() -> anyhow::Result<()> {
         with_torch: true,
         bucket: false,
         prefix_check: false,
-        out: repo_root().join("target").join("step_bench"),
+        out: heterotune_tests::repo_root()
+            .join("target")
+            .join("step_bench"),
     };
     let mut names = Vec::new();
     let mut args = std::env::args().skip(1);

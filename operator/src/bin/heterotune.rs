@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use heterotune_crds::validate::{parse_federated_tune, Problems};
+use heterotune_crds::FederatedTune;
 use heterotune_operator::spec_file::SpecFileError;
 use heterotune_operator::{checks, runner, telemetry};
 
@@ -135,14 +136,20 @@ fn report(file: &Path, problems: &Problems) {
     }
 }
 
-fn validate(file: &Path, check_files: bool) -> anyhow::Result<ExitCode> {
-    let text = read(file)?;
-    let ft = match parse_federated_tune(&text) {
-        Ok(ft) => ft,
+/// The FederatedTune in `file`, validated; `None` after printing its problems.
+fn load(file: &Path) -> anyhow::Result<Option<FederatedTune>> {
+    match parse_federated_tune(&read(file)?) {
+        Ok(ft) => Ok(Some(ft)),
         Err(problems) => {
             report(file, &problems);
-            return Ok(ExitCode::from(1));
+            Ok(None)
         }
+    }
+}
+
+fn validate(file: &Path, check_files: bool) -> anyhow::Result<ExitCode> {
+    let Some(ft) = load(file)? else {
+        return Ok(ExitCode::from(1));
     };
     if check_files {
         let problems = checks::check_local_references(&ft.spec);
@@ -228,13 +235,8 @@ fn run(
 }
 
 fn plan(file: &Path) -> anyhow::Result<ExitCode> {
-    let text = read(file)?;
-    let ft = match parse_federated_tune(&text) {
-        Ok(ft) => ft,
-        Err(problems) => {
-            report(file, &problems);
-            return Ok(ExitCode::from(1));
-        }
+    let Some(ft) = load(file)? else {
+        return Ok(ExitCode::from(1));
     };
     let namespace = ft
         .metadata
