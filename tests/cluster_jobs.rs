@@ -5,15 +5,20 @@
 //! no model cache), against a real S3 server (SeaweedFS on loopback) that
 //! also holds the models and the dataset. Two rounds of a tiny 3-client
 //! federation must complete through the store alone, idempotently, with the
-//! private state and `retention.keepClientRounds` handled.
+//! private state and `retention.keepClientRounds` handled, and the
+//! evaluation Jobs after the last round must commit each client's
+//! evaluation of the final global model.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Output};
 
 use heterotune_crds::manifest::ArtifactManifest;
+use heterotune_crds::manifest::EvaluationResult;
 use heterotune_operator::controller::jobs::{self, Run, SPEC_DIR, SPEC_FILE, WORK_DIR};
-use heterotune_operator::controller::observe::summary_from_manifest;
+use heterotune_operator::controller::observe::{
+    previous_global_from_manifest, summary_from_manifest,
+};
 use heterotune_operator::controller::JobConfig;
 use heterotune_operator::sizing::Placement;
 use heterotune_tests::s3::S3Server;
@@ -228,4 +233,45 @@ fn the_controllers_jobs_run_a_federation_through_s3() {
         .sum();
     assert_eq!(summary.bytes_uploaded, uploaded);
     assert!(summary.rejected.is_empty(), "{:?}", summary.rejected);
+    // Round 2's participants measured round 1's global model before training.
+    let (previous, by_family) =
+        previous_global_from_manifest(&global).expect("round 1's global accuracy");
+    assert!((0.0..=1.0).contains(&previous));
+    assert_eq!(by_family.len(), 3, "{by_family:?}");
+
+    // After the last round: each client's evaluation Job commits its
+    // evaluation of round 2's global model (with its own private state).
+    for i in 0..clients.len() {
+        let out = pod(&jobs::evaluation_job(
+            &run, i, 2, 1, &placement, 600, &config, "1",
+        ));
+        assert!(
+            text(&out).contains("evaluation committed"),
+            "{}",
+            text(&out)
+        );
+    }
+    for c in &clients {
+        let key = run.layout.evaluation_result(2, c);
+        let bytes = server
+            .get(BUCKET, &key)
+            .unwrap_or_else(|| panic!("{key} is not in the bucket"));
+        let r: EvaluationResult = serde_json::from_slice(&bytes).expect("an evaluation");
+        assert_eq!(
+            (r.client.as_str(), r.global_round, r.run.as_str()),
+            (c.as_str(), 2, run_dir.as_str())
+        );
+        assert!((0.0..=1.0).contains(&r.accuracy), "{r:?}");
+        assert!(r.test_examples > 0);
+    }
+    // A duplicate evaluation Job changes nothing.
+    let before = server.get(BUCKET, &run.layout.evaluation_result(2, &clients[0]));
+    let out = pod(&jobs::evaluation_job(
+        &run, 0, 2, 2, &placement, 600, &config, "1",
+    ));
+    assert!(text(&out).contains("already committed"), "{}", text(&out));
+    assert_eq!(
+        server.get(BUCKET, &run.layout.evaluation_result(2, &clients[0])),
+        before
+    );
 }

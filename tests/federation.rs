@@ -104,7 +104,37 @@ fn check_report(root: &Path, rounds: usize) {
         last > 0.5,
         "final accuracy {last} is not clearly above chance (0.33): {r}"
     );
-    assert!(root.join("report/report.md").is_file());
+    // The global model: every round's is measured (the next round's clients
+    // before training, the final evaluation for the last), per family.
+    for rec in recs {
+        let g = rec["globalAccuracy"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("no global-model accuracy in {rec}"));
+        assert!((0.0..=1.0).contains(&g), "{rec}");
+        let families = rec["globalAccuracyByFamily"]
+            .as_object()
+            .map_or(0, |m| m.len());
+        assert!(families > 0, "{rec}");
+    }
+    let finals = r["finalEvaluation"].as_array().expect("finalEvaluation");
+    assert_eq!(
+        finals.len(),
+        3,
+        "every client evaluates the final model: {r}"
+    );
+    for e in finals {
+        assert_eq!(e["globalRound"].as_u64(), Some(rounds as u64), "{e}");
+    }
+    let final_global = recs
+        .last()
+        .and_then(|x| x["globalAccuracy"].as_f64())
+        .unwrap_or(0.0);
+    assert!(
+        final_global > 0.5,
+        "the final global model's accuracy {final_global} is not clearly above chance: {r}"
+    );
+    let md = std::fs::read_to_string(root.join("report/report.md")).expect("report.md");
+    assert!(md.contains("## The final global model"), "{md}");
 }
 
 #[test]
@@ -210,9 +240,21 @@ fn killed_runner_resumes_without_redoing_or_losing_work() {
         );
     }
     assert_eq!(find(&store, "manifest.json").len(), 4 + 3 * 3);
+    // Each client evaluated the final global model once.
+    assert_eq!(find(&store, "round-0003/evaluation").len(), 0);
+    let evaluations: Vec<PathBuf> = find(&store, ".json")
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains("round-0003/evaluation/"))
+        .collect();
+    assert_eq!(evaluations.len(), 3, "{evaluations:?}");
     let r = report(root);
     assert_eq!(r["status"], "Succeeded");
     assert_eq!(r["rounds"].as_array().map(Vec::len), Some(3), "{r}");
+    assert_eq!(
+        r["finalEvaluation"].as_array().map(Vec::len),
+        Some(3),
+        "{r}"
+    );
 }
 
 #[test]

@@ -5,8 +5,13 @@
 //!                                              /clients/<client>/manifest.json
 //!                                   /round-0003/global/adapter.safetensors
 //!                                              /global/manifest.json
+//!                                   /round-0012/evaluation/<client>.json
 //!                                   /private/<client>/state-round-0003.safetensors
 //! ```
+//!
+//! `round-NNNN/evaluation/<client>.json` is a client's evaluation of the
+//! global model of round NNNN (written after the last round; one object, so
+//! its existence is its commit).
 //!
 //! A writer uploads its data first and its manifest last: the manifest is the
 //! commit marker. A round is complete exactly when its global manifest exists.
@@ -106,6 +111,24 @@ impl RunLayout {
         format!("{}/{MANIFEST_FILE}", self.global_dir(round))
     }
 
+    /// Directory of the evaluations of the global model of `round`.
+    pub fn evaluation_dir(&self, round: u32) -> String {
+        format!("{}/evaluation", self.round_dir(round))
+    }
+
+    /// `client`'s evaluation of the global model of `round`.
+    pub fn evaluation_result(&self, round: u32, client: &str) -> String {
+        format!("{}/{client}.json", self.evaluation_dir(round))
+    }
+
+    /// The client an object key under [`Self::evaluation_dir`] belongs to.
+    pub fn evaluation_client<'k>(&self, round: u32, key: &'k str) -> Option<&'k str> {
+        key.strip_prefix(&self.evaluation_dir(round))?
+            .strip_prefix('/')?
+            .strip_suffix(".json")
+            .filter(|c| !c.is_empty() && !c.contains('/'))
+    }
+
     /// Where a cluster client keeps its private state between rounds (the
     /// adapter parts it never shares; the aggregator never reads them).
     pub fn private_dir(&self, client: &str) -> String {
@@ -152,6 +175,20 @@ mod tests {
         assert_eq!(
             l.client_state("site-1", 2),
             "runs/team-a/trec-0f1e2d3c/private/site-1/state-round-0002.safetensors"
+        );
+        assert_eq!(
+            l.evaluation_result(12, "site-1"),
+            "runs/team-a/trec-0f1e2d3c/round-0012/evaluation/site-1.json"
+        );
+        let key = l.evaluation_result(12, "site-1");
+        assert_eq!(l.evaluation_client(12, &key), Some("site-1"));
+        assert_eq!(l.evaluation_client(11, &key), None);
+        assert_eq!(
+            l.evaluation_client(
+                12,
+                "runs/team-a/trec-0f1e2d3c/round-0012/evaluation/a/b.json"
+            ),
+            None
         );
         let bare = RunLayout::new("", "ns", "x", "abc");
         assert_eq!(bare.round_dir(1), "ns/x-abc/round-0001");

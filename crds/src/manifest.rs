@@ -96,6 +96,73 @@ impl ArtifactManifest {
     }
 }
 
+/// One client's evaluation of a global model on the global test set
+/// (`<run>/round-NNNN/evaluation/<client>.json`; written by
+/// `heterotune-trainer eval --out`). Untrusted like every client output:
+/// readers take scores only when finite and in [0, 1].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EvaluationResult {
+    /// Format version ([`MANIFEST_SCHEMA_VERSION`]).
+    pub schema_version: u32,
+    /// The run directory (guards against mixing runs).
+    pub run: String,
+    /// The client that evaluated.
+    pub client: String,
+    /// Its model family key.
+    pub family: String,
+    /// The global round whose model was evaluated.
+    pub global_round: u32,
+    /// Examples in the global test set.
+    pub test_examples: u64,
+    /// Accuracy on the global test set.
+    pub accuracy: f64,
+    /// Macro-F1 on the global test set.
+    pub macro_f1: f64,
+    /// Mean cross-entropy on the global test set.
+    #[serde(default)]
+    pub loss: Option<f64>,
+    /// Seconds the evaluation took (model load included).
+    #[serde(default)]
+    pub seconds: Option<f64>,
+    /// Version of the program that wrote it.
+    pub writer_version: String,
+    /// Creation time (RFC 3339).
+    pub created_at: String,
+}
+
+/// A score a reader accepts from an untrusted writer: finite and in [0, 1].
+pub fn valid_score(v: f64) -> Option<f64> {
+    (v.is_finite() && (0.0..=1.0).contains(&v)).then_some(v)
+}
+
+/// Mean accuracy over `results` and the mean per family (clients of one
+/// family count once each), over the results with a valid score; `None`
+/// when there is none.
+pub fn mean_accuracy<'a>(
+    results: impl IntoIterator<Item = &'a EvaluationResult>,
+) -> Option<(f64, BTreeMap<String, f64>)> {
+    let mut all = (0.0, 0usize);
+    let mut by_family: BTreeMap<String, (f64, usize)> = BTreeMap::new();
+    for r in results {
+        let Some(a) = valid_score(r.accuracy) else {
+            continue;
+        };
+        all = (all.0 + a, all.1 + 1);
+        let f = by_family.entry(r.family.clone()).or_default();
+        *f = (f.0 + a, f.1 + 1);
+    }
+    (all.1 > 0).then(|| {
+        (
+            all.0 / all.1 as f64,
+            by_family
+                .into_iter()
+                .map(|(k, (s, n))| (k, s / n as f64))
+                .collect(),
+        )
+    })
+}
+
 /// Seconds since the Unix epoch of an RFC 3339 UTC time as [`rfc3339`]
 /// writes it (`YYYY-MM-DDTHH:MM:SSZ`); `None` for anything else.
 pub fn parse_rfc3339(text: &str) -> Option<u64> {
@@ -180,6 +247,40 @@ mod tests {
         ] {
             assert_eq!(super::parse_rfc3339(bad), None, "{bad}");
         }
+    }
+
+    fn result(client: &str, family: &str, accuracy: f64) -> super::EvaluationResult {
+        super::EvaluationResult {
+            schema_version: 1,
+            run: "r".into(),
+            client: client.into(),
+            family: family.into(),
+            global_round: 3,
+            test_examples: 500,
+            accuracy,
+            macro_f1: 0.5,
+            loss: None,
+            seconds: None,
+            writer_version: "t".into(),
+            created_at: "x".into(),
+        }
+    }
+
+    #[test]
+    fn evaluations_average_per_family_and_skip_invalid_scores() {
+        let rs = [
+            result("a", "L6", 0.8),
+            result("b", "L6", 0.6),
+            result("c", "Smol", 0.5),
+            result("d", "Smol", f64::NAN),
+            result("e", "L3", 1.5),
+        ];
+        let (mean, by_family) = super::mean_accuracy(&rs).expect("some valid");
+        assert!((mean - (0.8 + 0.6 + 0.5) / 3.0).abs() < 1e-12);
+        assert_eq!(by_family.len(), 2);
+        assert!((by_family["L6"] - 0.7).abs() < 1e-12);
+        assert_eq!(by_family["Smol"], 0.5);
+        assert!(super::mean_accuracy(&rs[3..]).is_none());
     }
 
     #[test]

@@ -31,9 +31,17 @@ pub struct FederatedTuneStatus {
     /// Clients whose artifact for the current round is committed.
     #[serde(default)]
     pub ready_clients: u32,
-    /// Global test accuracy after the last completed round.
+    /// Mean global-test accuracy of the clients' models after their local
+    /// training in the last completed round.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_accuracy: Option<f64>,
+    /// Mean global-test accuracy of the newest evaluated global
+    /// (aggregated) model, and the round it belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_global_accuracy: Option<f64>,
+    /// The round of `lastGlobalAccuracy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_global_round: Option<u32>,
     /// The spec generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
@@ -66,6 +74,8 @@ pub enum Phase {
     Running,
     /// The round's aggregation job is running.
     Aggregating,
+    /// Every round is aggregated; clients evaluate the final global model.
+    Evaluating,
     /// Paused by `spec.suspend`.
     Suspended,
     /// All rounds completed.
@@ -128,12 +138,21 @@ pub struct ClientStatus {
 pub struct RoundSummary {
     /// Round number (1-based).
     pub round: u32,
-    /// Global test accuracy.
+    /// Mean global-test accuracy of the participants' models after their
+    /// local training in this round (personalised to each client's data).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accuracy: Option<f64>,
-    /// Global test accuracy per model family.
+    /// The same, per model family.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub accuracy_by_family: BTreeMap<String, f64>,
+    /// Mean global-test accuracy of this round's aggregated model as the
+    /// clients receive it (`spec.evaluation`): known once the next round is
+    /// aggregated, or after the final evaluation for the last round.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub global_accuracy: Option<f64>,
+    /// The same, per model family.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub global_accuracy_by_family: BTreeMap<String, f64>,
     /// Bytes uploaded by clients in this round.
     #[serde(default)]
     pub bytes_uploaded: u64,

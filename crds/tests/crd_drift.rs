@@ -43,7 +43,10 @@ fn generated_crd_has_the_promised_shape() {
         .as_ref()
         .map(|c| c.iter().map(|c| c.name.as_str()).collect())
         .unwrap_or_default();
-    assert_eq!(columns, ["Phase", "Round", "Ready", "Accuracy", "Age"]);
+    assert_eq!(
+        columns,
+        ["Phase", "Round", "Ready", "Global", "Local", "Age"]
+    );
     let schema = heterotune_crds::crd::schema_json();
     let rules = schema
         .pointer("/properties/spec/x-kubernetes-validations")

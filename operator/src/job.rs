@@ -11,7 +11,11 @@
 //!   then the adapter, then its manifest (the commit);
 //! * `aggregate`: the participants' artifacts and the previous global, then
 //!   the aggregation, then the global artifact (data, then the manifest that
-//!   completes the round), then `spec.retention.keepClientRounds`.
+//!   completes the round), then `spec.retention.keepClientRounds`;
+//! * `evaluate`: after the last round, the client's model, the data, the
+//!   last global artifact and the client's newest private state, then the
+//!   evaluation on the global test set, then its result
+//!   (`round-NNNN/evaluation/<client>.json`, one object: the commit).
 //!
 //! Both are idempotent: a job whose result is already committed (a pod that
 //! died after its upload, a duplicate from a restarted operator) exits 0
@@ -48,6 +52,8 @@ pub enum JobOutcome {
     Trained { bytes: u64 },
     /// Aggregated and committed the round's global artifact.
     Aggregated { pruned: usize },
+    /// Evaluated the global model and committed the result.
+    Evaluated { accuracy: f64 },
     /// The client's artifact for the round was already committed.
     AlreadyCommitted,
     /// The round was already aggregated (nothing left to do).
@@ -215,25 +221,8 @@ pub async fn train(
     let global = staging::ensure_global(store, layout, &trainer, &opts.work, round - 1).await?;
 
     // The private state: the newest one saved before this round.
-    let private = layout.private_dir(client);
-    let names = store.file_names(&private).await?;
+    let (state_in, names) = stage_private_state(&run, client, round, &opts.work).await?;
     let state_dir = opts.work.join("state");
-    let state_in = match latest_state_before(names.iter().map(String::as_str), round) {
-        Some((from, name)) => {
-            let local = state_dir.join(name);
-            let key = format!("{private}/{name}");
-            if !store.download_file(&key, &local).await? {
-                return Err(StoreError::Config {
-                    uri: store.uri().to_string(),
-                    message: format!("{key} disappeared while staging it"),
-                }
-                .into());
-            }
-            tracing::info!(client, round, from, "resuming from the private state");
-            Some(local)
-        }
-        None => None,
-    };
     let dirs = ClientDirs {
         out: opts.work.join(format!("round-{round:04}/out")),
         state_in,
@@ -257,6 +246,7 @@ pub async fn train(
         .upload_artifact(&dirs.out, &layout.client_dir(round, client))
         .await?;
     // Older states are never read again.
+    let private = layout.private_dir(client);
     for name in names {
         if latest_state_before([name.as_str()], round).is_some() {
             if let Err(e) = store.delete(&format!("{private}/{name}")).await {
@@ -265,6 +255,107 @@ pub async fn train(
         }
     }
     Ok(JobOutcome::Trained { bytes })
+}
+
+/// Downloads `client`'s newest private state saved before `round` into
+/// `work/state/`; returns its local path (none before the client's first
+/// round) and the names of every state in the store.
+async fn stage_private_state(
+    run: &Loaded,
+    client: &str,
+    round: u32,
+    work: &Path,
+) -> Result<(Option<PathBuf>, Vec<String>), JobError> {
+    let (store, layout) = (&run.store, &run.layout);
+    let private = layout.private_dir(client);
+    let names = store.file_names(&private).await?;
+    let Some((from, name)) = latest_state_before(names.iter().map(String::as_str), round) else {
+        return Ok((None, names));
+    };
+    let local = work.join("state").join(name);
+    let key = format!("{private}/{name}");
+    if !store.download_file(&key, &local).await? {
+        return Err(StoreError::Config {
+            uri: store.uri().to_string(),
+            message: format!("{key} disappeared while staging it"),
+        }
+        .into());
+    }
+    tracing::info!(client, round, from, "resuming from the private state");
+    Ok((Some(local), names))
+}
+
+/// Evaluates `client` on the global model of `round` (the last) on
+/// `device` and commits the result.
+pub async fn evaluate(
+    opts: &JobOptions,
+    client: &str,
+    round: u32,
+    device: &str,
+) -> Result<JobOutcome, JobError> {
+    let run = load(opts)?;
+    if round != run.ft.spec.rounds {
+        return Err(JobError::Argument {
+            flag: "--round",
+            message: format!(
+                "{round}: the evaluation is of the last round's global model, {} (spec.rounds)",
+                run.ft.spec.rounds
+            ),
+        });
+    }
+    let index = client_index(&run.ft, client, "--client")?;
+    let (store, layout) = (&run.store, &run.layout);
+    let key = layout.evaluation_result(round, client);
+    if store.exists(&key).await? {
+        return Ok(JobOutcome::AlreadyCommitted);
+    }
+    if !store.exists(&layout.global_manifest(round)).await? {
+        return Err(StagingError::MissingGlobal {
+            round,
+            next: round + 1,
+            store: store.uri().to_string(),
+            key: layout.global_dir(round),
+        }
+        .into());
+    }
+    let trainer = staged_trainer(opts, &run, |i| {
+        if i == index {
+            ModelFiles::All
+        } else {
+            ModelFiles::Config
+        }
+    })
+    .await?;
+    let global = staging::ensure_global(store, layout, &trainer, &opts.work, round).await?;
+    let (state_in, _) = stage_private_state(&run, client, round + 1, &opts.work).await?;
+    let out = opts.work.join(format!("evaluation-round-{round:04}.json"));
+    let stdout = trainer
+        .evaluate(
+            client,
+            device,
+            &global,
+            state_in.as_deref(),
+            &opts.work.join("prefix-cache"),
+            &out,
+        )
+        .await
+        .map_err(StagingError::Trainer)?;
+    print!("{stdout}");
+    let result: heterotune_crds::manifest::EvaluationResult =
+        serde_json::from_slice(&std::fs::read(&out).map_err(|e| JobError::Local {
+            path: out.clone(),
+            source: e,
+        })?)
+        .map_err(|e| {
+            StagingError::Trainer(format!(
+                "the trainer's evaluation {} is not readable: {e}",
+                out.display()
+            ))
+        })?;
+    store.upload_file(&out, &key).await?;
+    Ok(JobOutcome::Evaluated {
+        accuracy: result.accuracy,
+    })
 }
 
 /// Aggregates `round` over `participants` and commits the global artifact.

@@ -10,8 +10,9 @@
 //! | `heterotune_clients` | gauge | `namespace`, `name`, `state` |
 //! | `heterotune_uploaded_bytes_total` | counter | `namespace`, `name` |
 //! | `heterotune_artifacts_rejected_total` | counter | `namespace`, `name`, `reason` |
-//! | `heterotune_accuracy` | gauge | `namespace`, `name`, `family` (`all` for the global model) |
-//! | `heterotune_jobs_created_total` | counter | `role` (`trainer`, `aggregator`) |
+//! | `heterotune_accuracy` | gauge | `namespace`, `name`, `family` (`all`: every client): after local training, last completed round |
+//! | `heterotune_global_accuracy` | gauge | `namespace`, `name`, `family` (`all`: every client): the newest evaluated global model |
+//! | `heterotune_jobs_created_total` | counter | `role` (`trainer`, `aggregator`, `evaluator`) |
 //! | `heterotune_jobs_deleted_total` | counter | `reason` (`straggler`, `stale`) |
 //! | `heterotune_leader` | gauge | (1 while this replica leads) |
 //!
@@ -28,7 +29,16 @@ use prometheus::{
 use prometheus::{Gauge, GaugeVec};
 
 /// Client states reported by the `heterotune_clients` gauge.
-pub const CLIENT_STATES: &[&str] = &["Pending", "Training", "Committed", "Failed", "Excluded"];
+pub const CLIENT_STATES: &[&str] = &[
+    "Pending",
+    "Training",
+    "Committed",
+    "Failed",
+    "Excluded",
+    "Evaluating",
+    "Evaluated",
+    "EvaluationFailed",
+];
 
 /// The operator's metrics and their registry.
 pub struct Metrics {
@@ -49,8 +59,10 @@ pub struct Metrics {
     pub uploaded_bytes: IntCounterVec,
     /// Rejected artifacts by reason.
     pub rejected: IntCounterVec,
-    /// Accuracy after the last completed round, per family.
+    /// Accuracy after local training in the last completed round, per family.
     pub accuracy: GaugeVec,
+    /// Accuracy of the newest evaluated global model, per family.
+    pub global_accuracy: GaugeVec,
     /// Jobs created.
     pub jobs_created: IntCounterVec,
     /// Jobs deleted by the operator.
@@ -68,6 +80,7 @@ enum Series {
     Bytes,
     Rejected(String),
     Accuracy(String),
+    GlobalAccuracy(String),
 }
 
 impl Default for Metrics {
@@ -134,7 +147,14 @@ impl Metrics {
             accuracy: must(GaugeVec::new(
                 Opts::new(
                     "accuracy",
-                    "Test accuracy after the last completed round (family=all: global)",
+                    "Global-test accuracy of the clients' models after local training in the last completed round (family=all: every client)",
+                ),
+                &["namespace", "name", "family"],
+            )),
+            global_accuracy: must(GaugeVec::new(
+                Opts::new(
+                    "global_accuracy",
+                    "Global-test accuracy of the newest evaluated global (aggregated) model (family=all: every client)",
                 ),
                 &["namespace", "name", "family"],
             )),
@@ -163,6 +183,7 @@ impl Metrics {
             Box::new(m.uploaded_bytes.clone()),
             Box::new(m.rejected.clone()),
             Box::new(m.accuracy.clone()),
+            Box::new(m.global_accuracy.clone()),
             Box::new(m.jobs_created.clone()),
             Box::new(m.jobs_deleted.clone()),
             Box::new(m.leader.clone()),
@@ -249,6 +270,24 @@ impl Metrics {
         }
     }
 
+    /// Sets the accuracy of the newest evaluated global model of `ns/name`.
+    pub fn set_global_accuracy(
+        &self,
+        ns: &str,
+        name: &str,
+        accuracy: f64,
+        by_family: &std::collections::BTreeMap<String, f64>,
+    ) {
+        let all = std::iter::once(("all", accuracy))
+            .chain(by_family.iter().map(|(f, a)| (f.as_str(), *a)));
+        for (family, value) in all {
+            self.global_accuracy
+                .with_label_values(&[ns, name, family])
+                .set(value);
+            self.remember(ns, name, Series::GlobalAccuracy(family.to_string()));
+        }
+    }
+
     fn set_accuracy(&self, ns: &str, name: &str, family: &str, value: f64) {
         let g: Gauge = self.accuracy.with_label_values(&[ns, name, family]);
         g.set(value);
@@ -279,6 +318,10 @@ impl Metrics {
                 Series::Clients(st) => self.clients.remove_label_values(&[ns, name, st.as_str()]),
                 Series::Rejected(r) => self.rejected.remove_label_values(&[ns, name, r.as_str()]),
                 Series::Accuracy(f) => self.accuracy.remove_label_values(&[ns, name, f.as_str()]),
+                Series::GlobalAccuracy(f) => {
+                    self.global_accuracy
+                        .remove_label_values(&[ns, name, f.as_str()])
+                }
             };
         }
     }

@@ -7,11 +7,19 @@
 //! the decision is a pure function of the observation, a restarted executor
 //! that observes the same store and jobs makes the same decision: it never
 //! repeats a completed round and never counts a client twice.
+//!
+//! After the last round (with `spec.evaluation.afterLastRound`) comes the
+//! evaluation phase: every client evaluates the final global model. The
+//! observation's `clients` then describe the evaluations (committed = its
+//! result is in the store), with the same retries and deadline as a round;
+//! a client whose evaluation keeps failing is left out, never a failure of
+//! the run.
 
 use heterotune_crds::spec::FederatedTuneSpec;
 use heterotune_crds::status::Phase;
 
-/// What an executor knows about one client in the current round.
+/// What an executor knows about one client in the current round (in the
+/// evaluation phase: about its evaluation of the final global model).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ClientObservation {
     /// Client name (as in the spec).
@@ -101,7 +109,15 @@ pub enum Action {
         participants: Vec<String>,
         attempt: u32,
     },
-    /// All rounds are complete.
+    /// Start `client`'s evaluation of the global model of `round` (the last).
+    StartEvaluation {
+        client: String,
+        round: u32,
+        attempt: u32,
+    },
+    /// Stop an evaluation that passed the deadline.
+    CancelEvaluation { client: String, round: u32 },
+    /// All rounds are complete (and evaluated, where the spec asks).
     Complete,
     /// The run cannot continue without a person.
     Fail {
@@ -128,12 +144,10 @@ pub struct Plan {
 pub fn plan(spec: &FederatedTuneSpec, obs: &Observation) -> Plan {
     let rounds = spec.rounds;
     if obs.completed_rounds >= rounds {
-        return Plan {
-            phase: Phase::Succeeded,
-            round: rounds,
-            actions: vec![Action::Complete],
-            requeue_after: None,
-        };
+        if spec.evaluation.after_last_round {
+            return plan_evaluation(spec, obs);
+        }
+        return complete(rounds);
     }
     let round = obs.completed_rounds + 1;
     let retries = spec.max_retries_per_client;
@@ -277,6 +291,71 @@ pub fn plan(spec: &FederatedTuneSpec, obs: &Observation) -> Plan {
         round,
         actions,
         requeue_after,
+    }
+}
+
+fn complete(rounds: u32) -> Plan {
+    Plan {
+        phase: Phase::Succeeded,
+        round: rounds,
+        actions: vec![Action::Complete],
+        requeue_after: None,
+    }
+}
+
+/// The evaluation phase after the last round: start every client's
+/// evaluation (retried like a trainer), complete once each is committed or
+/// out of retries, or at the deadline (stopping what still runs).
+fn plan_evaluation(spec: &FederatedTuneSpec, obs: &Observation) -> Plan {
+    let round = spec.rounds;
+    let retries = spec.max_retries_per_client;
+    let deadline = obs
+        .round_started_at
+        .map(|t| t + f64::from(spec.round_deadline_seconds));
+    let running: Vec<&ClientObservation> = obs
+        .clients
+        .iter()
+        .filter(|c| !c.committed && c.running)
+        .collect();
+    if deadline.is_some_and(|d| obs.now >= d) {
+        let mut actions: Vec<Action> = running
+            .iter()
+            .map(|c| Action::CancelEvaluation {
+                client: c.name.clone(),
+                round,
+            })
+            .collect();
+        actions.push(Action::Complete);
+        return Plan {
+            phase: Phase::Succeeded,
+            round,
+            actions,
+            requeue_after: None,
+        };
+    }
+    let pending: Vec<&ClientObservation> = obs
+        .clients
+        .iter()
+        .filter(|c| !c.committed && !c.running && c.failed_attempts <= retries)
+        .collect();
+    if running.is_empty() && pending.is_empty() {
+        return complete(round);
+    }
+    if spec.suspend {
+        return suspended(round, Vec::new());
+    }
+    Plan {
+        phase: Phase::Evaluating,
+        round,
+        actions: pending
+            .iter()
+            .map(|c| Action::StartEvaluation {
+                client: c.name.clone(),
+                round,
+                attempt: c.failed_attempts + 1,
+            })
+            .collect(),
+        requeue_after: deadline.map(|d| (d - obs.now).max(0.0)),
     }
 }
 

@@ -1,10 +1,15 @@
 //! The run report: `report.json`, `report.md` and PNG plots, rewritten after
 //! every round from the manifests in the store.
 //!
-//! Accuracy is each client's accuracy on the common global test set after
-//! its local training in that round (its family parts and head as they are
-//! after training, the shared part from the last global state), averaged
-//! per family and overall.
+//! Two accuracies on the common global test set, averaged per family and
+//! overall:
+//! * the **global model** of a round: the aggregated state as each client
+//!   receives it (with its own private parts, if any), measured by the
+//!   clients before their next round's training, and for the last round by
+//!   the evaluation after it (`spec.evaluation`). This is what the
+//!   federation delivers;
+//! * **after local training**: each client's model after its local
+//!   training in that round (personalised to its own, skewed data).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -40,6 +45,14 @@ pub struct RoundRecord {
     pub accuracy: f64,
     pub macro_f1: f64,
     pub accuracy_by_family: BTreeMap<String, f64>,
+    /// The global model of this round (known after the next round, or the
+    /// final evaluation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub global_accuracy: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub global_macro_f1: Option<f64>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub global_accuracy_by_family: BTreeMap<String, f64>,
     pub bytes_uploaded: u64,
     pub bytes_downloaded: u64,
     /// The aggregator's statistics (cosines, conflicts, rejects).
@@ -78,6 +91,9 @@ pub struct Report {
     pub seeds: BTreeMap<String, u64>,
     pub families: Vec<FamilyInfo>,
     pub rounds: Vec<RoundRecord>,
+    /// Each client's evaluation of the final global model.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub final_evaluation: Vec<heterotune_crds::manifest::EvaluationResult>,
     pub total_seconds: f64,
     pub status: String,
 }
@@ -160,25 +176,39 @@ impl Report {
                 human_bytes(f.lora_bytes)
             ));
         }
-        md.push_str("\n## Rounds\n\nAccuracy: mean over clients of the global-test accuracy after local training.\n\n| round | accuracy | macro-F1 |");
+        md.push_str(
+            "\n## Rounds\n\nGlobal-test accuracy, mean over clients: **global model** = the round's \
+             aggregated model as the clients receive it (what the federation delivers; measured \
+             before the next round's training, or by the final evaluation); **local** = each \
+             client's model after its local training in the round. Per family: global / local.\n\n\
+             | round | global model | local | local macro-F1 |",
+        );
         for f in &self.families {
             md.push_str(&format!(" {} |", f.key));
         }
-        md.push_str(" participants | uploaded | round time | aggregation |\n|---|---|---|");
+        md.push_str(" participants | uploaded | round time | aggregation |\n|---|---|---|---|");
         for _ in &self.families {
             md.push_str("---|");
         }
         md.push_str("---|---|---|---|\n");
+        let score = |v: Option<f64>| match v {
+            Some(a) if a.is_finite() => format!("{a:.3}"),
+            _ => "–".to_string(),
+        };
         for r in &self.rounds {
             md.push_str(&format!(
-                "| {} | {:.3} | {:.3} |",
-                r.round, r.accuracy, r.macro_f1
+                "| {} | {} | {} | {} |",
+                r.round,
+                score(r.global_accuracy),
+                score(Some(r.accuracy)),
+                score(Some(r.macro_f1))
             ));
             for f in &self.families {
-                match r.accuracy_by_family.get(&f.key) {
-                    Some(a) => md.push_str(&format!(" {a:.3} |")),
-                    None => md.push_str(" – |"),
-                }
+                md.push_str(&format!(
+                    " {} / {} |",
+                    score(r.global_accuracy_by_family.get(&f.key).copied()),
+                    score(r.accuracy_by_family.get(&f.key).copied())
+                ));
             }
             md.push_str(&format!(
                 " {} | {} | {} | {} |\n",
@@ -187,6 +217,15 @@ impl Report {
                 seconds(r.duration_seconds, 1),
                 seconds(r.aggregation_seconds, 2)
             ));
+        }
+        if !self.final_evaluation.is_empty() {
+            md.push_str("\n## The final global model\n\n| client | family | global round | test acc | test macro-F1 | test examples |\n|---|---|---|---|---|---|\n");
+            for e in &self.final_evaluation {
+                md.push_str(&format!(
+                    "| {} | {} | {} | {:.3} | {:.3} | {} |\n",
+                    e.client, e.family, e.global_round, e.accuracy, e.macro_f1, e.test_examples
+                ));
+            }
         }
         let (full, lora) = self.reference_bytes();
         if let Some(last) = self.rounds.last() {
@@ -298,7 +337,10 @@ fn plot_accuracy(report: &Report, file: &Path) -> Result<(), String> {
     let root = BitMapBackend::new(file, (900, 540)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
     let mut chart = ChartBuilder::on(&root)
-        .caption("Global-test accuracy per round", ("sans-serif", 24))
+        .caption(
+            "Global-test accuracy per round (thin: after local training)",
+            ("sans-serif", 22),
+        )
         .margin(16)
         .x_label_area_size(40)
         .y_label_area_size(56)
@@ -310,48 +352,67 @@ fn plot_accuracy(report: &Report, file: &Path) -> Result<(), String> {
         .y_desc("accuracy")
         .draw()
         .map_err(|e| e.to_string())?;
-    let mut series: Vec<(String, Vec<(u32, f64)>)> = report
-        .families
-        .iter()
-        .map(|f| {
-            let points = report
-                .rounds
-                .iter()
-                .filter_map(|r| r.accuracy_by_family.get(&f.key).map(|a| (r.round, *a)))
-                .filter(|(_, a)| a.is_finite())
-                .collect();
-            (f.key.clone(), points)
-        })
-        .collect();
-    series.push((
-        "overall".into(),
-        report
+    // (label, points, colour index (None: black), global model?)
+    type Series = (String, Vec<(u32, f64)>, Option<usize>, bool);
+    let mut series: Vec<Series> = Vec::new();
+    let finite = |points: Vec<(u32, f64)>| -> Vec<(u32, f64)> {
+        points.into_iter().filter(|(_, a)| a.is_finite()).collect()
+    };
+    for (i, f) in report.families.iter().enumerate() {
+        let global = report
             .rounds
             .iter()
-            .map(|r| (r.round, r.accuracy))
-            .filter(|(_, a)| a.is_finite())
-            .collect(),
-    ));
-    for (i, (name, points)) in series.into_iter().enumerate() {
-        let color = if name == "overall" {
-            BLACK
+            .filter_map(|r| {
+                r.global_accuracy_by_family
+                    .get(&f.key)
+                    .map(|a| (r.round, *a))
+            })
+            .collect();
+        series.push((f.key.clone(), finite(global), Some(i), true));
+        let local = report
+            .rounds
+            .iter()
+            .filter_map(|r| r.accuracy_by_family.get(&f.key).map(|a| (r.round, *a)))
+            .collect();
+        series.push((format!("{} (local)", f.key), finite(local), Some(i), false));
+    }
+    let global = report
+        .rounds
+        .iter()
+        .filter_map(|r| r.global_accuracy.map(|a| (r.round, a)))
+        .collect();
+    series.push(("overall".into(), finite(global), None, true));
+    let local = report
+        .rounds
+        .iter()
+        .map(|r| (r.round, r.accuracy))
+        .collect();
+    series.push(("overall (local)".into(), finite(local), None, false));
+    for (name, points, color, global) in series {
+        if points.is_empty() {
+            continue;
+        }
+        let color = color.map(|i| COLORS[i % COLORS.len()]).unwrap_or(BLACK);
+        // The global model: solid with markers; after local training: thin.
+        let style = if global {
+            color.stroke_width(2)
         } else {
-            COLORS[i % COLORS.len()]
+            color.mix(0.45).stroke_width(1)
         };
         chart
-            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
+            .draw_series(LineSeries::new(points.clone(), style))
             .map_err(|e| e.to_string())?
             .label(name)
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
-        chart
-            .draw_series(
-                points
-                    .into_iter()
-                    .map(|p| Circle::new(p, 3, color.filled())),
-            )
-            .map_err(|e| e.to_string())?;
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+        if global {
+            chart
+                .draw_series(
+                    points
+                        .into_iter()
+                        .map(|p| Circle::new(p, 3, color.filled())),
+                )
+                .map_err(|e| e.to_string())?;
+        }
     }
     chart
         .configure_series_labels()
@@ -442,6 +503,9 @@ mod tests {
                 accuracy_by_family: [("bert-l6".to_string(), 0.6 + 0.05 * r as f64)]
                     .into_iter()
                     .collect(),
+                global_accuracy: (r < 3).then_some(0.6 + 0.1 * r as f64),
+                global_macro_f1: None,
+                global_accuracy_by_family: BTreeMap::new(),
                 bytes_uploaded: 90_000,
                 bytes_downloaded: 90_000,
                 aggregation: serde_json::Value::Null,
@@ -474,7 +538,8 @@ mod tests {
         let report = sample();
         let files = report.write(dir.path()).expect("write");
         let md = std::fs::read_to_string(dir.path().join("report.md")).expect("md");
-        assert!(md.contains("| 3 | 0.800 |"), "{md}");
+        assert!(md.contains("| 3 | – | 0.800 |"), "{md}");
+        assert!(md.contains("| 2 | 0.800 | 0.700 |"), "{md}");
         assert!(md.contains("176.0 MB for full-model FedAvg"), "{md}");
         let back: Report =
             serde_json::from_slice(&std::fs::read(dir.path().join("report.json")).expect("json"))

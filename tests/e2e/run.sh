@@ -101,9 +101,14 @@ echo "== status, Jobs, Events"
   || fail "history is not rounds 1..$rounds"
 kubectl -n "$ns" get ft e2e -o jsonpath='{.status.history[-1:].accuracy}' | grep -Eq '^0?\.[0-9]+|^1' \
   || fail "the last round in the history has no accuracy"
+kubectl -n "$ns" get ft e2e -o jsonpath='{.status.history[-1:].globalAccuracy}' | grep -Eq '^0?\.[0-9]+|^1' \
+  || fail "the final global model was not evaluated (history[-1].globalAccuracy)"
+[ "$(kubectl -n "$ns" get ft e2e -o jsonpath='{.status.lastGlobalRound}')" = "$rounds" ] \
+  || fail "lastGlobalRound is not $rounds"
 jobs="$(kubectl -n "$ns" get jobs -l heterotune.dev/federatedtune=e2e -o name | sort)"
 [ "$(echo "$jobs" | grep -c -- '-r1-')" -eq "$clients" ] || fail "expected $clients trainer Jobs in round 1: $jobs"
 [ "$(echo "$jobs" | grep -c -- '-agg-r')" -ge 2 ] || fail "expected an aggregation Job per round: $jobs"
+[ "$(echo "$jobs" | grep -c -- "-eval-r$rounds")" -ge "$clients" ] || fail "expected $clients evaluation Jobs: $jobs"
 kubectl -n "$ns" get events --field-selector involvedObject.name=e2e -o jsonpath='{.items[*].reason}' | grep -q RoundCompleted \
   || fail "no RoundCompleted event"
 

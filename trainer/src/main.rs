@@ -94,6 +94,12 @@ enum Command {
         /// Directory where frozen-prefix caches persist.
         #[arg(long)]
         cache_dir: Option<PathBuf>,
+        /// Also write the result as an evaluation record (JSON) to this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The run the record belongs to (written into it).
+        #[arg(long, default_value = "local")]
+        run: String,
     },
     /// Aggregate one round: verify the committed client artifacts under
     /// `--run-dir` (round-NNNN/clients/<client>/), combine them with the
@@ -410,11 +416,23 @@ fn train(
     let before = model.export(&send)?;
     let settings = settings(&spec, round, index, cache_dir);
     let model_id = format!("{}|{:?}", client.model.uri, client.model.dtype);
+    let test_data = model.prepare(&test, &settings, &model_id)?;
+    // The model this client received (the previous round's global with its
+    // own private parts), before local training: the previous round's
+    // global accuracy. Round 1 starts from the untrained initial state.
+    let received = if spec.evaluation.each_round && base_round > 0 {
+        Some(
+            model
+                .evaluate(&test_data, settings.eval_batch_size, num_classes)?
+                .0,
+        )
+    } else {
+        None
+    };
     let train_data = model.prepare(&train, &settings, &model_id)?;
     let report = model.train(&train_data, &settings)?;
     let val_data = model.prepare(&validation, &settings, &model_id)?;
     let (val, val_loss) = model.evaluate(&val_data, settings.eval_batch_size, num_classes)?;
-    let test_data = model.prepare(&test, &settings, &model_id)?;
     let (tst, _) = model.evaluate(&test_data, settings.eval_batch_size, num_classes)?;
     let mine_train_len = train.len();
 
@@ -440,6 +458,10 @@ fn train(
     metrics.insert("test_accuracy".into(), tst.accuracy);
     metrics.insert("test_macro_f1".into(), tst.macro_f1);
     metrics.insert("test_examples".into(), tst.examples as f64);
+    if let Some(r) = &received {
+        metrics.insert("received_test_accuracy".into(), r.accuracy);
+        metrics.insert("received_test_macro_f1".into(), r.macro_f1);
+    }
     metrics.insert("steps".into(), report.steps as f64);
     metrics.insert("steps_per_second".into(), report.steps_per_second);
     metrics.insert("tokens_per_second".into(), report.tokens_per_second);
@@ -500,6 +522,12 @@ fn train(
     if train_data.from_disk {
         println!("  (frozen-prefix cache loaded from disk)");
     }
+    if let Some(r) = &received {
+        println!(
+            "  received global model (round {base_round}): global test accuracy {:.3}, macro-F1 {:.3}",
+            r.accuracy, r.macro_f1
+        );
+    }
     println!(
         "  loss {:.4} -> validation accuracy {:.3}, macro-F1 {:.3}; global test accuracy {:.3}, macro-F1 {:.3}",
         report.final_loss, val.accuracy, val.macro_f1, tst.accuracy, tst.macro_f1
@@ -522,7 +550,10 @@ fn eval(
     global: Option<&Path>,
     state_in: Option<&Path>,
     cache_dir: Option<&Path>,
+    out: Option<&Path>,
+    run: &str,
 ) -> anyhow::Result<()> {
+    let start = std::time::Instant::now();
     let loaded = load_client(common, global, state_in)?;
     let client = &loaded.spec.clients[loaded.index];
     let settings = settings(&loaded.spec, loaded.base_round, loaded.index, cache_dir);
@@ -532,16 +563,25 @@ fn eval(
         loaded
             .model
             .evaluate(&test, settings.eval_batch_size, loaded.num_classes)?;
-    let out = serde_json::json!({
-        "client": client.name,
-        "family": loaded.family_key,
-        "globalRound": loaded.base_round,
-        "testExamples": scores.examples,
-        "accuracy": scores.accuracy,
-        "macroF1": scores.macro_f1,
-        "loss": loss,
-    });
-    println!("{out}");
+    let result = heterotune_crds::manifest::EvaluationResult {
+        schema_version: heterotune_crds::manifest::MANIFEST_SCHEMA_VERSION,
+        run: run.to_string(),
+        client: client.name.clone(),
+        family: loaded.family_key.clone(),
+        global_round: loaded.base_round,
+        test_examples: scores.examples as u64,
+        accuracy: scores.accuracy,
+        macro_f1: scores.macro_f1,
+        loss: loss.is_finite().then_some(loss),
+        seconds: Some(start.elapsed().as_secs_f64()),
+        writer_version: format!("heterotune-trainer {}", env!("CARGO_PKG_VERSION")),
+        created_at: heterotune_crds::manifest::now_rfc3339(),
+    };
+    let json = serde_json::to_vec(&result)?;
+    if let Some(file) = out {
+        artifact::write_atomic(file, &json)?;
+    }
+    println!("{}", String::from_utf8_lossy(&json));
     Ok(())
 }
 
@@ -697,11 +737,15 @@ fn main() -> ExitCode {
             global,
             state_in,
             cache_dir,
+            out,
+            run,
         } => eval(
             common,
             global.as_deref(),
             state_in.as_deref(),
             cache_dir.as_deref(),
+            out.as_deref(),
+            run,
         ),
         Command::Init { spec, out, run } => init(spec, out, run),
         Command::Aggregate {

@@ -8,6 +8,7 @@
 mod adapter;
 mod aggregation;
 mod client;
+mod evaluation;
 mod storage;
 mod task;
 mod training;
@@ -19,6 +20,7 @@ pub use aggregation::{
 pub use client::{
     ClientDataSpec, ClientResources, ClientSpec, Dtype, ModelFamily, ModelSpec, Toleration,
 };
+pub use evaluation::EvaluationSpec;
 pub use storage::{RetentionPolicy, RetentionSpec, SecretKeyRef, StorageSpec, TrainerSpec};
 pub use task::{DatasetFormat, DatasetSpec, PartitionSpec, PartitionStrategy, SplitSpec, TaskSpec};
 pub use training::{Pooling, PrefixCacheSpec, TrainingSpec};
@@ -52,7 +54,8 @@ use crate::status::FederatedTuneStatus;
         printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
         printcolumn = r#"{"name":"Round","type":"string","jsonPath":".status.progress","description":"completed rounds / rounds"}"#,
         printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.readyClients","description":"clients whose artifact for the current round is committed"}"#,
-        printcolumn = r#"{"name":"Accuracy","type":"number","jsonPath":".status.lastAccuracy","description":"global test accuracy after the last completed round"}"#,
+        printcolumn = r#"{"name":"Global","type":"number","jsonPath":".status.lastGlobalAccuracy","description":"global-test accuracy of the newest evaluated global (aggregated) model"}"#,
+        printcolumn = r#"{"name":"Local","type":"number","jsonPath":".status.lastAccuracy","description":"global-test accuracy of the clients' models after local training in the last completed round"}"#,
         printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
     )
 )]
@@ -152,6 +155,10 @@ pub struct FederatedTuneSpec {
     /// How client updates are combined each round.
     #[serde(default)]
     pub aggregation: AggregationSpec,
+
+    /// How the aggregated model is evaluated (each round, and after the last).
+    #[serde(default)]
+    pub evaluation: EvaluationSpec,
 
     /// Where artifacts live (the round protocol's object store).
     #[serde(default)]

@@ -123,6 +123,21 @@ enum JobCommand {
         #[arg(long, value_delimiter = ',', required = true)]
         participants: Vec<String>,
     },
+    /// Evaluate one client's model with the last round's global state on
+    /// the global test set and commit the result.
+    Evaluate {
+        #[command(flatten)]
+        args: JobArgs,
+        /// The client's name in spec.clients.
+        #[arg(long)]
+        client: String,
+        /// The round whose global model to evaluate (the last: spec.rounds).
+        #[arg(long)]
+        round: u32,
+        /// `cpu`, `cuda`, or `auto` (CUDA when available).
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
 }
 
 fn read(file: &Path) -> anyhow::Result<String> {
@@ -216,12 +231,17 @@ fn run(
     match runtime.block_on(runner::run(opts)) {
         Ok(summary) => {
             let last = summary.report.rounds.last();
+            let score = |v: Option<f64>| {
+                v.filter(|a| a.is_finite())
+                    .map(|a| format!("{a:.3}"))
+                    .unwrap_or_else(|| "n/a".into())
+            };
             println!(
-                "done: {} rounds in {:.0} s; final accuracy {}; report in {}",
+                "done: {} rounds in {:.0} s; global model accuracy {} (after local training {}); report in {}",
                 summary.rounds,
                 summary.report.total_seconds,
-                last.map(|r| format!("{:.3}", r.accuracy))
-                    .unwrap_or_else(|| "n/a".into()),
+                score(last.and_then(|r| r.global_accuracy)),
+                score(last.map(|r| r.accuracy)),
                 summary.report_dir.join("report.md").display()
             );
             Ok(ExitCode::SUCCESS)
@@ -289,7 +309,9 @@ fn plan(file: &Path) -> anyhow::Result<ExitCode> {
 fn job(command: JobCommand) -> anyhow::Result<ExitCode> {
     use heterotune_operator::job::{self as pod_job, JobError, JobOptions, JobOutcome};
     let args = match &command {
-        JobCommand::Train { args, .. } | JobCommand::Aggregate { args, .. } => args,
+        JobCommand::Train { args, .. }
+        | JobCommand::Aggregate { args, .. }
+        | JobCommand::Evaluate { args, .. } => args,
     };
     let trainer = match &args.trainer {
         Some(t) => t.clone(),
@@ -332,6 +354,12 @@ fn job(command: JobCommand) -> anyhow::Result<ExitCode> {
                 participants,
                 ..
             } => pod_job::aggregate(&opts, *round, participants).await,
+            JobCommand::Evaluate {
+                client,
+                round,
+                device,
+                ..
+            } => pod_job::evaluate(&opts, client, *round, device).await,
         }
     });
     match result {
@@ -340,6 +368,9 @@ fn job(command: JobCommand) -> anyhow::Result<ExitCode> {
                 JobOutcome::Trained { bytes } => format!("committed ({bytes} bytes uploaded)"),
                 JobOutcome::Aggregated { pruned } => {
                     format!("global artifact committed ({pruned} old client objects pruned)")
+                }
+                JobOutcome::Evaluated { accuracy } => {
+                    format!("evaluation committed (global test accuracy {accuracy:.4})")
                 }
                 JobOutcome::AlreadyCommitted => "already committed: nothing to do".into(),
                 JobOutcome::RoundComplete => {

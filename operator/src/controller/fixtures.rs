@@ -146,6 +146,21 @@ pub fn job(round: u32, client: Option<&str>, attempt: u32, end: JobEnd, created:
     job
 }
 
+/// `client`'s Job evaluating the global model of `round` (run `trec`).
+pub fn evaluation_job(round: u32, client: &str, attempt: u32, end: JobEnd, created: f64) -> Job {
+    let mut j = job(round, Some(client), attempt, end, created);
+    j.metadata.name = Some(super::jobs::evaluation_job_name(
+        "trec", round, attempt, client,
+    ));
+    if let Some(l) = j.metadata.labels.as_mut() {
+        l.insert(
+            super::jobs::LABEL_ROLE.to_string(),
+            super::jobs::ROLE_EVALUATOR.to_string(),
+        );
+    }
+    j
+}
+
 /// The pod the Job controller would have made for a failed fixture Job.
 fn failed_pod(job: &Job) -> Option<Pod> {
     let end = job.metadata.annotations.as_ref()?.get(POD_END)?;

@@ -11,10 +11,11 @@
 //! | trainer, first attempt | `<ft>-r<round>-<client>` |
 //! | trainer, attempt n ≥ 2 | `<ft>-r<round>a<n>-<client>` |
 //! | aggregation | `<ft>-agg-r<round>` (`…a<n>` for attempt n ≥ 2) |
+//! | evaluation of the final global model | `<ft>-eval-r<round>-<client>` (`…r<round>a<n>-…`) |
 //!
 //! Within one FederatedTune the character after `<ft>-r<digits>` (`-` or
-//! `a`) and after `<ft>-` (`r` or `a`) tells the forms apart, so no two Jobs
-//! of a run share a name. Names longer than 63 characters (the limit of the
+//! `a`) and after `<ft>-` (`r`, `a` or `e`) tells the forms apart, so no two
+//! Jobs of a run share a name. Names longer than 63 characters (the limit of the
 //! `job-name` label the Job controller adds) keep the round/client tail and
 //! shorten the FederatedTune part, adding 8 hex digits of the SHA-256 of the
 //! full name: `<ft-prefix>-<hash8>-r<round>-<client>`.
@@ -68,6 +69,8 @@ pub const ANNOTATION_PARTICIPANTS: &str = "heterotune.dev/participants";
 pub const ROLE_TRAINER: &str = "trainer";
 /// Role label value of aggregation Jobs.
 pub const ROLE_AGGREGATOR: &str = "aggregator";
+/// Role label value of the Jobs that evaluate the final global model.
+pub const ROLE_EVALUATOR: &str = "evaluator";
 
 /// Where the spec ConfigMap is mounted in trainer and aggregation pods.
 pub const SPEC_DIR: &str = "/etc/heterotune/spec";
@@ -145,6 +148,15 @@ pub fn trainer_job_name(ft: &str, round: u32, attempt: u32, client: &str) -> Str
     }
 }
 
+/// Name of client `client`'s Job evaluating the global model of `round`.
+pub fn evaluation_job_name(ft: &str, round: u32, attempt: u32, client: &str) -> String {
+    if attempt <= 1 {
+        bounded_name(ft, &format!("-eval-r{round}-{client}"))
+    } else {
+        bounded_name(ft, &format!("-eval-r{round}a{attempt}-{client}"))
+    }
+}
+
 /// Name of the aggregation Job of `round`, attempt `attempt`.
 pub fn aggregation_job_name(ft: &str, round: u32, attempt: u32) -> String {
     if attempt <= 1 {
@@ -211,6 +223,26 @@ pub fn labels(
 /// namespace, name and UID), so the command names no keys.
 pub fn trainer_command(client: &str, round: u32, device: &str) -> Vec<String> {
     let mut v = job_command("train");
+    v.extend([
+        "--client".into(),
+        client.into(),
+        "--round".into(),
+        round.to_string(),
+        "--device".into(),
+        device.into(),
+    ]);
+    v
+}
+
+/// The evaluation pod's command line (see [`trainer_command`]): `client`
+/// evaluates the global model of `round` on the global test set.
+///
+/// ```text
+/// heterotune --log-format json job evaluate --spec /etc/heterotune/spec/spec.json \
+///     --work /work --client <client> --round <round> --device <cuda|cpu>
+/// ```
+pub fn evaluator_command(client: &str, round: u32, device: &str) -> Vec<String> {
+    let mut v = job_command("evaluate");
     v.extend([
         "--client".into(),
         client.into(),
@@ -563,6 +595,75 @@ pub fn trainer_job(
     config: &JobConfig,
     cpu_request: &str,
 ) -> Job {
+    let client = &run.ft.spec.clients[client_index].name;
+    client_job(
+        run,
+        client_index,
+        ClientJob {
+            role: ROLE_TRAINER,
+            name: trainer_job_name(&run.name, round, attempt, client),
+            command: trainer_command(client, round, placement.device()),
+            round,
+            attempt,
+        },
+        placement,
+        active_deadline,
+        config,
+        cpu_request,
+    )
+}
+
+/// Client `client_index`'s Job evaluating the global model of `round` (the
+/// last), attempt `attempt`: placed like its trainer (the same model on the
+/// same kind of device).
+#[allow(clippy::too_many_arguments)]
+pub fn evaluation_job(
+    run: &Run,
+    client_index: usize,
+    round: u32,
+    attempt: u32,
+    placement: &Placement,
+    active_deadline: i64,
+    config: &JobConfig,
+    cpu_request: &str,
+) -> Job {
+    let client = &run.ft.spec.clients[client_index].name;
+    client_job(
+        run,
+        client_index,
+        ClientJob {
+            role: ROLE_EVALUATOR,
+            name: evaluation_job_name(&run.name, round, attempt, client),
+            command: evaluator_command(client, round, placement.device()),
+            round,
+            attempt,
+        },
+        placement,
+        active_deadline,
+        config,
+        cpu_request,
+    )
+}
+
+/// What tells a client's Jobs apart.
+struct ClientJob {
+    role: &'static str,
+    name: String,
+    command: Vec<String>,
+    round: u32,
+    attempt: u32,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn client_job(
+    run: &Run,
+    client_index: usize,
+    what: ClientJob,
+    placement: &Placement,
+    active_deadline: i64,
+    config: &JobConfig,
+    cpu_request: &str,
+) -> Job {
     let client = &run.ft.spec.clients[client_index];
     let (resources, node_selector, tolerations) =
         placement_resources(run, client_index, placement, cpu_request);
@@ -575,16 +676,16 @@ pub fn trainer_job(
         run,
         config,
         PodParts {
-            name: trainer_job_name(&run.name, round, attempt, &client.name),
+            name: what.name,
             labels: labels(
                 run,
-                Some(ROLE_TRAINER),
-                Some(round),
+                Some(what.role),
+                Some(what.round),
                 Some(&client.name),
-                Some(attempt),
+                Some(what.attempt),
             ),
             annotations,
-            command: trainer_command(&client.name, round, placement.device()),
+            command: what.command,
             resources,
             node_selector,
             tolerations,

@@ -8,7 +8,7 @@ use std::sync::Mutex;
 
 use futures::future::BoxFuture;
 use heterotune_crds::layout::{RunLayout, MANIFEST_FILE};
-use heterotune_crds::manifest::ArtifactManifest;
+use heterotune_crds::manifest::{ArtifactManifest, EvaluationResult};
 use heterotune_crds::spec::{RetentionPolicy, StorageSpec};
 use heterotune_crds::status::{RoundSummary, MAX_HISTORY};
 use heterotune_crds::uri::{self, Location};
@@ -44,7 +44,13 @@ pub struct CompletedRound {
     pub summary: RoundSummary,
     /// When the global manifest was written (Unix seconds).
     pub completed_at: Option<f64>,
+    /// The previous round's global model as this round's participants
+    /// received it: mean accuracy and per family (`previous_global_*`).
+    pub previous_global: Option<GlobalAccuracy>,
 }
+
+/// The accuracy of one round's global model: overall and per family.
+pub type GlobalAccuracy = (f64, BTreeMap<String, f64>);
 
 /// The store's view of a run.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -56,6 +62,9 @@ pub struct StoreObservation {
     /// Rounds after `since` (the caller's last known round) up to
     /// `completed_rounds`, oldest first, at most [`MAX_HISTORY`].
     pub new_rounds: Vec<CompletedRound>,
+    /// When every round is complete: the clients' evaluations of the last
+    /// round's global model, by client.
+    pub evaluated: BTreeMap<String, EvaluationResult>,
 }
 
 /// What the controller needs from the object store.
@@ -121,6 +130,8 @@ pub fn summary_from_manifest(round: u32, m: &ArtifactManifest) -> RoundSummary {
         round,
         accuracy: finite("accuracy"),
         accuracy_by_family: by_family,
+        global_accuracy: None,
+        global_accuracy_by_family: BTreeMap::new(),
         bytes_uploaded: count("bytesReceived") + count("bytesRejected"),
         duration_seconds: finite("round_seconds").unwrap_or(0.0),
         participants: stats
@@ -129,6 +140,23 @@ pub fn summary_from_manifest(round: u32, m: &ArtifactManifest) -> RoundSummary {
             .map_or(0, |a| a.len() as u32),
         rejected,
     }
+}
+
+/// The previous round's global accuracy a global manifest records
+/// (`metrics.previous_global_accuracy` and `previous_global_accuracy.<family>`).
+pub fn previous_global_from_manifest(m: &ArtifactManifest) -> Option<GlobalAccuracy> {
+    let mean = m
+        .metrics
+        .get("previous_global_accuracy")
+        .copied()
+        .and_then(heterotune_crds::manifest::valid_score)?;
+    let by_family = m
+        .metrics
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix("previous_global_accuracy.")?.to_string(), *v)))
+        .filter_map(|(k, v)| heterotune_crds::manifest::valid_score(v).map(|v| (k, v)))
+        .collect();
+    Some((mean, by_family))
 }
 
 /// The key prefix inside the bucket of a storage URI (`s3://b/runs` → `runs`).
@@ -146,6 +174,7 @@ pub fn storage_prefix(storage: &StorageSpec) -> String {
 struct MemRun {
     completed: BTreeMap<u32, CompletedRound>,
     committed: BTreeMap<u32, BTreeMap<String, CommitInfo>>,
+    evaluated: BTreeMap<u32, BTreeMap<String, EvaluationResult>>,
 }
 
 /// A [`RunStore`] in memory, for tests and benchmarks. Runs are keyed by
@@ -180,14 +209,37 @@ impl MemoryRunStore {
 
     /// Writes the global manifest of `round`.
     pub fn complete_round(&self, run_dir: &str, summary: RoundSummary, at: f64) {
+        self.complete_round_with(run_dir, summary, at, None);
+    }
+
+    /// Writes the global manifest of `round`, recording what its
+    /// participants measured on the previous round's global model.
+    pub fn complete_round_with(
+        &self,
+        run_dir: &str,
+        summary: RoundSummary,
+        at: f64,
+        previous_global: Option<GlobalAccuracy>,
+    ) {
         self.with_run(run_dir, |r| {
             r.completed.insert(
                 summary.round,
                 CompletedRound {
                     summary,
                     completed_at: Some(at),
+                    previous_global,
                 },
             );
+        });
+    }
+
+    /// Writes a client's evaluation of a round's global model.
+    pub fn evaluate(&self, run_dir: &str, result: EvaluationResult) {
+        self.with_run(run_dir, |r| {
+            r.evaluated
+                .entry(result.global_round)
+                .or_default()
+                .insert(result.client.clone(), result);
         });
     }
 
@@ -255,6 +307,11 @@ impl RunStore for MemoryRunStore {
                     new_rounds: (first_new..=done)
                         .filter_map(|n| r.completed.get(&n).cloned())
                         .collect(),
+                    evaluated: if done == run.rounds {
+                        r.evaluated.get(&done).cloned().unwrap_or_default()
+                    } else {
+                        BTreeMap::new()
+                    },
                 }
             }))
         })
@@ -296,7 +353,8 @@ impl RunStore for MemoryRunStore {
                 }
                 RetentionPolicy::Delete => {
                     let n = r.committed.values().map(|c| c.len() as u64).sum::<u64>()
-                        + r.completed.len() as u64;
+                        + r.completed.len() as u64
+                        + r.evaluated.values().map(|e| e.len() as u64).sum::<u64>();
                     *r = MemRun::default();
                     n
                 }
@@ -316,11 +374,13 @@ impl RunStore for MemoryRunStore {
 /// Costs per observation: one HEAD per round from `since` on (usually two),
 /// one LIST of the current round's `clients/` folder, one GET per newly
 /// committed client manifest (remembered afterwards) and one GET per newly
-/// completed round's global manifest.
+/// completed round's global manifest; once every round is complete, one
+/// LIST of the last round's `evaluation/` folder and one GET per new result.
 #[derive(Default)]
 pub struct ObjectRunStore {
     stores: Mutex<HashMap<String, Store>>,
     commits: Mutex<HashMap<(String, u32), BTreeMap<String, CommitInfo>>>,
+    evaluations: Mutex<HashMap<(String, u32), BTreeMap<String, EvaluationResult>>>,
 }
 
 impl ObjectRunStore {
@@ -336,6 +396,55 @@ impl ObjectRunStore {
         let store = Store::from_spec(storage, std::path::Path::new("/nonexistent"))?;
         stores.insert(key, store.clone());
         Ok(store)
+    }
+
+    /// The evaluations of `round`'s global model (one LIST; each result
+    /// read once, then remembered).
+    async fn evaluations(
+        &self,
+        store: &Store,
+        run: &RunRef,
+        round: u32,
+    ) -> Result<BTreeMap<String, EvaluationResult>, StoreError> {
+        let layout = &run.layout;
+        let cache_key = (layout.run_dir().to_string(), round);
+        let mut known = self
+            .evaluations
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&cache_key)
+            .cloned()
+            .unwrap_or_default();
+        for key in store.list(&layout.evaluation_dir(round)).await? {
+            let Some(client) = layout.evaluation_client(round, &key) else {
+                continue;
+            };
+            if known.contains_key(client) || !run.clients.iter().any(|c| c == client) {
+                continue;
+            }
+            let Some(bytes) = store.get(&key).await? else {
+                continue;
+            };
+            match serde_json::from_slice::<EvaluationResult>(&bytes) {
+                Ok(r)
+                    if r.client == client
+                        && r.global_round == round
+                        && r.run == layout.run_dir() =>
+                {
+                    known.insert(client.to_string(), r);
+                }
+                Ok(_) => tracing::warn!(
+                    key,
+                    "ignoring an evaluation of another client, round or run"
+                ),
+                Err(e) => tracing::warn!(key, error = %e, "ignoring an unreadable evaluation"),
+            }
+        }
+        self.evaluations
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(cache_key, known.clone());
+        Ok(known)
     }
 
     async fn read_manifest(
@@ -418,13 +527,20 @@ impl RunStore for ObjectRunStore {
                     new_rounds.push(CompletedRound {
                         summary: summary_from_manifest(r, &m),
                         completed_at: unix_seconds(&m.created_at),
+                        previous_global: previous_global_from_manifest(&m),
                     });
                 }
             }
+            let evaluated = if done == run.rounds && done > 0 {
+                self.evaluations(&store, run, done).await?
+            } else {
+                BTreeMap::new()
+            };
             Ok(StoreObservation {
                 completed_rounds: done,
                 committed,
                 new_rounds,
+                evaluated,
             })
         })
     }

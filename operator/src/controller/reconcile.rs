@@ -27,7 +27,7 @@ use super::context::{Context, MANAGER};
 use super::error::{is_already_exists, is_not_found, kube, Category, Error, Result};
 use super::jobs::{
     self, Run, LABEL_ATTEMPT, LABEL_CLIENT, LABEL_ROLE, LABEL_ROUND, LABEL_RUN_UID,
-    ROLE_AGGREGATOR, ROLE_TRAINER,
+    ROLE_AGGREGATOR, ROLE_EVALUATOR, ROLE_TRAINER,
 };
 use super::observe::{RunRef, StoreObservation};
 use super::status::{self, Announcement, StatusInput, Trouble};
@@ -305,13 +305,14 @@ pub fn observe_jobs(ctx: &Context, namespace: &str, uid: &str) -> Vec<JobFacts> 
         .collect()
 }
 
-/// The trainer Jobs of `round`, by client.
-fn trainers_by_client(jobs: &[JobFacts], round: u32) -> HashMap<&str, Vec<&JobFacts>> {
+/// The client Jobs of `role` in `round`, by client.
+fn jobs_by_client<'j>(
+    jobs: &'j [JobFacts],
+    round: u32,
+    role: &str,
+) -> HashMap<&'j str, Vec<&'j JobFacts>> {
     let mut map: HashMap<&str, Vec<&JobFacts>> = HashMap::new();
-    for j in jobs
-        .iter()
-        .filter(|j| j.round == round && j.role == ROLE_TRAINER)
-    {
+    for j in jobs.iter().filter(|j| j.round == round && j.role == role) {
         if let Some(c) = j.client.as_deref() {
             map.entry(c).or_default().push(j);
         }
@@ -319,7 +320,20 @@ fn trainers_by_client(jobs: &[JobFacts], round: u32) -> HashMap<&str, Vec<&JobFa
     map
 }
 
-/// Builds the planner's observation of the current round.
+/// What the clients are doing now: training in round `completed + 1`, or
+/// (every round aggregated, `spec.evaluation.afterLastRound`) evaluating
+/// the last round's global model.
+fn client_step(run: &Run, completed_rounds: u32) -> (&'static str, u32) {
+    let spec = &run.ft.spec;
+    if completed_rounds >= spec.rounds && spec.evaluation.after_last_round {
+        (ROLE_EVALUATOR, spec.rounds)
+    } else {
+        (ROLE_TRAINER, completed_rounds + 1)
+    }
+}
+
+/// Builds the planner's observation of the current round (or of the
+/// evaluation after the last one).
 pub fn observation(
     run: &Run,
     store: &StoreObservation,
@@ -328,14 +342,19 @@ pub fn observation(
 ) -> Observation {
     let spec = &run.ft.spec;
     let round = store.completed_rounds + 1;
+    let (role, step_round) = client_step(run, store.completed_rounds);
+    let evaluating = role == ROLE_EVALUATOR;
     let in_round: Vec<&JobFacts> = jobs.iter().filter(|j| j.round == round).collect();
-    let trainers: Vec<&&JobFacts> = in_round.iter().filter(|j| j.role == ROLE_TRAINER).collect();
-    let by_client = trainers_by_client(jobs, round);
+    let by_client = jobs_by_client(jobs, step_round, role);
     let clients = spec
         .clients
         .iter()
         .map(|c| {
-            let committed = store.committed.contains_key(&c.name);
+            let committed = if evaluating {
+                store.evaluated.contains_key(&c.name)
+            } else {
+                store.committed.contains_key(&c.name)
+            };
             let mine = by_client
                 .get(c.name.as_str())
                 .map(Vec::as_slice)
@@ -353,7 +372,11 @@ pub fn observation(
             }
         })
         .collect();
-    let round_started_at = trainers.iter().filter_map(|j| j.created).reduce(f64::min);
+    let round_started_at = by_client
+        .values()
+        .flatten()
+        .filter_map(|j| j.created)
+        .reduce(f64::min);
     let quorum = spec.quorum() as usize;
     let mut times: Vec<f64> = store.committed.values().map(|c| c.committed_at).collect();
     times.sort_by(f64::total_cmp);
@@ -460,7 +483,9 @@ fn client_statuses(
     newly_completed: bool,
     started: &[String],
 ) -> Vec<ClientStatus> {
-    let by_client = trainers_by_client(jobs, obs.completed_rounds + 1);
+    let (role, step_round) = client_step(run, obs.completed_rounds);
+    let evaluating = role == ROLE_EVALUATOR;
+    let by_client = jobs_by_client(jobs, step_round, role);
     let before_by_name: HashMap<&str, &ClientStatus> = previous
         .map(|p| p.clients.iter().map(|c| (c.name.as_str(), c)).collect())
         .unwrap_or_default();
@@ -485,11 +510,23 @@ fn client_statuses(
             let attempts =
                 by_client.get(c.name.as_str()).map_or(0, Vec::len) as u32 + u32::from(just_started);
             let state = if c.committed {
-                "Committed"
+                if evaluating {
+                    "Evaluated"
+                } else {
+                    "Committed"
+                }
             } else if c.running || just_started {
-                "Training"
+                if evaluating {
+                    "Evaluating"
+                } else {
+                    "Training"
+                }
             } else if c.failed_attempts > retries {
-                "Excluded"
+                if evaluating {
+                    "EvaluationFailed"
+                } else {
+                    "Excluded"
+                }
             } else if c.failed_attempts > 0 {
                 "Failed"
             } else {
@@ -514,7 +551,7 @@ fn client_statuses(
                 Some(Ok(p)) => (
                     Some(p.profile_name()),
                     p.estimated_bytes(),
-                    matches!(state, "Failed" | "Excluded")
+                    matches!(state, "Failed" | "Excluded" | "EvaluationFailed")
                         .then(last_failure)
                         .flatten(),
                 ),
@@ -605,6 +642,7 @@ fn troubled_status(run: &Run, ctx: &Context, trouble: Trouble) -> FederatedTuneS
         failure: None,
         artifacts: prev.and_then(|p| p.artifacts.clone()),
         round_started_at: None,
+        final_evaluation: None,
     })
 }
 
@@ -846,6 +884,40 @@ async fn apply(ft: &FederatedTune, ctx: &Context) -> Result<Action> {
                         .map(|j| j.name.clone()),
                 );
             }
+            PlanAction::StartEvaluation {
+                client,
+                round,
+                attempt,
+            } => {
+                let Some(&i) = index_of.get(client.as_str()) else {
+                    continue;
+                };
+                match &placements[i] {
+                    Ok(p) => to_create.push(jobs::evaluation_job(
+                        &run,
+                        i,
+                        *round,
+                        *attempt,
+                        p,
+                        deadline,
+                        &ctx.config.jobs,
+                        &ctx.config.sizing.cpu.request,
+                    )),
+                    Err(e) => unplaceable.push(e.to_string()),
+                }
+            }
+            PlanAction::CancelEvaluation { client, round } => {
+                to_cancel.extend(
+                    jobs.iter()
+                        .filter(|j| {
+                            j.active
+                                && j.role == ROLE_EVALUATOR
+                                && j.round == *round
+                                && j.client.as_deref() == Some(client)
+                        })
+                        .map(|j| j.name.clone()),
+                );
+            }
             PlanAction::ExcludeClient { .. } | PlanAction::Complete => {}
             PlanAction::StartAggregation {
                 round,
@@ -870,7 +942,8 @@ async fn apply(ft: &FederatedTune, ctx: &Context) -> Result<Action> {
         plan.actions
             .iter()
             .filter_map(|a| match a {
-                PlanAction::StartClient { client, .. } => Some(client.clone()),
+                PlanAction::StartClient { client, .. }
+                | PlanAction::StartEvaluation { client, .. } => Some(client.clone()),
                 _ => None,
             })
             .collect()
@@ -881,12 +954,13 @@ async fn apply(ft: &FederatedTune, ctx: &Context) -> Result<Action> {
         // Start nothing until every client fits somewhere: a partial round
         // would only run into its deadline.
         to_create.retain(|j| {
-            j.metadata
+            let role = j
+                .metadata
                 .labels
                 .as_ref()
                 .and_then(|l| l.get(LABEL_ROLE))
-                .map(String::as_str)
-                != Some(ROLE_TRAINER)
+                .map(String::as_str);
+            role != Some(ROLE_TRAINER) && role != Some(ROLE_EVALUATOR)
         });
     }
     if !to_cancel.is_empty() {
@@ -899,7 +973,16 @@ async fn apply(ft: &FederatedTune, ctx: &Context) -> Result<Action> {
     // Hygiene outside the round logic: Jobs of finished rounds still running.
     let stale: Vec<String> = jobs
         .iter()
-        .filter(|j| j.active && j.round <= store.completed_rounds)
+        .filter(|j| {
+            j.active
+                && if j.role == ROLE_EVALUATOR {
+                    // Evaluations of a global model that is not the last any more
+                    // (rounds raised), or of a finished run.
+                    j.round < spec.rounds || plan.phase == Phase::Succeeded
+                } else {
+                    j.round <= store.completed_rounds
+                }
+        })
         .map(|j| j.name.clone())
         .collect();
     if !to_create.is_empty() {
@@ -939,7 +1022,12 @@ async fn apply(ft: &FederatedTune, ctx: &Context) -> Result<Action> {
     let round_started_at = obs.round_started_at.or_else(|| {
         plan.actions
             .iter()
-            .any(|a| matches!(a, PlanAction::StartClient { .. }))
+            .any(|a| {
+                matches!(
+                    a,
+                    PlanAction::StartClient { .. } | PlanAction::StartEvaluation { .. }
+                )
+            })
             .then_some(now)
             .filter(|_| unplaceable.is_empty())
     });
@@ -960,7 +1048,8 @@ async fn apply(ft: &FederatedTune, ctx: &Context) -> Result<Action> {
         },
         round: plan.round,
         completed_rounds: store.completed_rounds,
-        clients: if plan.phase == Phase::Succeeded {
+        // A finished run keeps the last round's list, or the evaluations'.
+        clients: if plan.phase == Phase::Succeeded && !spec.evaluation.after_last_round {
             Vec::new()
         } else {
             clients
@@ -977,6 +1066,11 @@ async fn apply(ft: &FederatedTune, ctx: &Context) -> Result<Action> {
             latest_global,
         }),
         round_started_at,
+        // Recorded once the evaluation phase is over (not while results
+        // still arrive: the mean would move, and announce, with each).
+        final_evaluation: (plan.phase == Phase::Succeeded)
+            .then(|| heterotune_crds::manifest::mean_accuracy(store.evaluated.values()))
+            .flatten(),
     });
     record_metrics(ctx, &run, &next);
     write_status(ctx, ft, next, extra).await?;
@@ -1024,6 +1118,16 @@ fn record_metrics(ctx: &Context, run: &Run, next: &FederatedTuneStatus) {
             h.accuracy,
             &h.accuracy_by_family,
         );
+    }
+    if let Some(g) = next.last_global_accuracy {
+        let by_family = next
+            .history
+            .iter()
+            .rev()
+            .find(|h| h.global_accuracy.is_some())
+            .map(|h| h.global_accuracy_by_family.clone())
+            .unwrap_or_default();
+        m.set_global_accuracy(&run.namespace, &run.name, g, &by_family);
     }
     let mut counts: Vec<(&str, i64)> = crate::metrics::CLIENT_STATES
         .iter()

@@ -7,7 +7,7 @@ use heterotune_crds::status::{
     MAX_HISTORY,
 };
 
-use super::observe::CompletedRound;
+use super::observe::{CompletedRound, GlobalAccuracy};
 
 /// Condition types, in the order they are written.
 pub const CONDITION_TYPES: &[&str] = &[
@@ -57,6 +57,9 @@ pub struct StatusInput<'a> {
     pub artifacts: Option<ArtifactLocations>,
     /// When the current round's first trainer started.
     pub round_started_at: Option<f64>,
+    /// The clients' evaluations of the last round's global model, once
+    /// there are any.
+    pub final_evaluation: Option<GlobalAccuracy>,
 }
 
 /// RFC 3339 (seconds precision) of Unix seconds.
@@ -117,6 +120,15 @@ pub fn conditions(input: &StatusInput) -> Vec<Condition> {
             true,
             "Aggregating",
             format!("round {} of {}: aggregating", input.round, spec.rounds),
+        ),
+        (Phase::Evaluating, None) => condition(
+            "Progressing",
+            true,
+            "Evaluating",
+            format!(
+                "all {} rounds aggregated: clients evaluate the final global model",
+                spec.rounds
+            ),
         ),
         (Phase::Suspended, None) => condition(
             "Progressing",
@@ -198,7 +210,8 @@ fn stamp(
 
 /// The new round history: the previous one, then `new_rounds` (durations
 /// filled from completion times when the aggregator did not record them),
-/// newest last, at most [`MAX_HISTORY`].
+/// newest last, at most [`MAX_HISTORY`]. A new round's record of the
+/// previous round's global model fills that round's `globalAccuracy`.
 pub fn history(
     previous: &[RoundSummary],
     new_rounds: &[CompletedRound],
@@ -220,11 +233,21 @@ pub fn history(
             }
         }
         prev_done = r.completed_at;
+        if let Some(g) = &r.previous_global {
+            if let Some(before) = out.iter_mut().find(|h| h.round + 1 == s.round) {
+                set_global(before, g);
+            }
+        }
         out.push(s);
     }
     let excess = out.len().saturating_sub(MAX_HISTORY);
     out.drain(..excess);
     out
+}
+
+fn set_global(summary: &mut RoundSummary, (mean, by_family): &GlobalAccuracy) {
+    summary.global_accuracy = Some(*mean);
+    summary.global_accuracy_by_family = by_family.clone();
 }
 
 /// Builds the new status.
@@ -235,11 +258,20 @@ pub fn build(input: &StatusInput) -> FederatedTuneStatus {
         (input.phase != Phase::Pending || input.round_started_at.is_some())
             .then(|| rfc3339(input.round_started_at.unwrap_or(input.now)))
     });
-    let history = history(
+    let mut history = history(
         prev.map(|p| p.history.as_slice()).unwrap_or(&[]),
         input.new_rounds,
         start.as_deref().and_then(parse),
     );
+    if let Some(g) = &input.final_evaluation {
+        if let Some(last) = history.iter_mut().find(|h| h.round == spec.rounds) {
+            set_global(last, g);
+        }
+    }
+    let newest_global = history
+        .iter()
+        .rev()
+        .find_map(|h| h.global_accuracy.map(|a| (a, h.round)));
     let done = input.completed_rounds.min(spec.rounds);
     let finished = matches!(input.phase, Phase::Succeeded | Phase::Failed);
     let completion_time = if finished {
@@ -279,6 +311,8 @@ pub fn build(input: &StatusInput) -> FederatedTuneStatus {
         estimated_completion_time: eta,
         ready_clients: ready,
         last_accuracy: history.iter().rev().find_map(|h| h.accuracy),
+        last_global_accuracy: newest_global.map(|g| g.0),
+        last_global_round: newest_global.map(|g| g.1),
         observed_generation: input.generation,
         conditions,
         clients,
@@ -343,6 +377,14 @@ pub fn announcements(
             ),
         ));
     }
+    let prev_global = prev.and_then(|p| p.last_global_accuracy.zip(p.last_global_round));
+    let next_global = next.last_global_accuracy.zip(next.last_global_round);
+    if let Some((a, round)) = next_global.filter(|g| Some(*g) != prev_global) {
+        out.push(normal(
+            "GlobalModelEvaluated",
+            format!("the global model of round {round}: accuracy {a:.4}"),
+        ));
+    }
     let (pd, nd) = (cond(prev, "Degraded"), cond(Some(next), "Degraded"));
     match (pd, nd) {
         (_, Some(n))
@@ -369,6 +411,13 @@ pub fn announcements(
         Some(Phase::Aggregating) if phase_changed || round_changed => out.push(normal(
             "Aggregating",
             format!("round {}: aggregation started", next.round),
+        )),
+        Some(Phase::Evaluating) if phase_changed => out.push(normal(
+            "Evaluating",
+            format!(
+                "round {}: clients evaluate the final global model",
+                next.round
+            ),
         )),
         Some(Phase::Suspended) if phase_changed => {
             out.push(normal("Suspended", "spec.suspend is true".into()))
@@ -397,6 +446,23 @@ pub fn announcements(
         .unwrap_or_default();
     for c in &next.clients {
         let before = before_by_name.get(c.name.as_str()).copied();
+        if c.state == "EvaluationFailed"
+            && before.map(|b| b.state.as_str()) != Some("EvaluationFailed")
+        {
+            out.push(warning(
+                "EvaluationFailed",
+                format!(
+                    "client {} could not evaluate the global model of round {} after {} attempts{}; the run's global accuracy leaves it out",
+                    c.name,
+                    next.round,
+                    c.attempts,
+                    c.message
+                        .as_deref()
+                        .map(|m| format!(" (last: {m})"))
+                        .unwrap_or_default()
+                ),
+            ));
+        }
         if c.state == "Excluded" && before.map(|b| b.state.as_str()) != Some("Excluded") {
             out.push(warning(
                 "ClientExcluded",
@@ -426,6 +492,7 @@ mod tests {
         let new = [CompletedRound {
             summary: summary(MAX_HISTORY as u32 + 1),
             completed_at: Some(100.0),
+            previous_global: None,
         }];
         let h = history(&prev, &new, None);
         assert_eq!(h.len(), MAX_HISTORY);
@@ -435,10 +502,12 @@ mod tests {
             CompletedRound {
                 summary: summary(1),
                 completed_at: Some(160.0),
+                previous_global: None,
             },
             CompletedRound {
                 summary: summary(2),
                 completed_at: Some(250.0),
+                previous_global: Some((0.7, [("L6".to_string(), 0.8)].into_iter().collect())),
             },
         ];
         let h = history(&[], &two, Some(100.0));
@@ -446,6 +515,14 @@ mod tests {
             h.iter().map(|s| s.duration_seconds).collect::<Vec<_>>(),
             vec![60.0, 90.0]
         );
+        // Round 2's participants measured round 1's global model.
+        assert_eq!(h[0].global_accuracy, Some(0.7));
+        assert_eq!(h[0].global_accuracy_by_family.get("L6"), Some(&0.8));
+        assert_eq!(h[1].global_accuracy, None);
+        // The same when round 2 arrives in a later reconcile.
+        let h = history(&[summary(1)], &two, Some(100.0));
+        assert_eq!(h.len(), 2);
+        assert_eq!(h[0].global_accuracy, Some(0.7));
     }
 
     fn summary(round: u32) -> RoundSummary {
@@ -453,6 +530,8 @@ mod tests {
             round,
             accuracy: Some(0.5),
             accuracy_by_family: Default::default(),
+            global_accuracy: None,
+            global_accuracy_by_family: Default::default(),
             bytes_uploaded: 10,
             duration_seconds: 0.0,
             participants: 2,

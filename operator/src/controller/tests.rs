@@ -656,6 +656,8 @@ async fn a_completed_round_is_recorded_and_the_next_one_starts() {
             round: 1,
             accuracy: Some(0.71),
             accuracy_by_family: acc,
+            global_accuracy: None,
+            global_accuracy_by_family: Default::default(),
             bytes_uploaded: 3000,
             duration_seconds: 0.0,
             participants: 3,
@@ -737,6 +739,206 @@ async fn a_completed_round_is_recorded_and_the_next_one_starts() {
         notes[0],
         "round 1 completed with 3 participants, accuracy 0.7100"
     );
+}
+
+fn round_summary(round: u32, accuracy: f64) -> RoundSummary {
+    RoundSummary {
+        round,
+        accuracy: Some(accuracy),
+        accuracy_by_family: [("bert".to_string(), accuracy)].into_iter().collect(),
+        global_accuracy: None,
+        global_accuracy_by_family: Default::default(),
+        bytes_uploaded: 3000,
+        duration_seconds: 60.0,
+        participants: 3,
+        rejected: Default::default(),
+    }
+}
+
+fn evaluation(client: &str, accuracy: f64) -> heterotune_crds::manifest::EvaluationResult {
+    heterotune_crds::manifest::EvaluationResult {
+        schema_version: 1,
+        run: RUN_DIR.into(),
+        client: client.into(),
+        family: "bert".into(),
+        global_round: 2,
+        test_examples: 500,
+        accuracy,
+        macro_f1: 0.5,
+        loss: None,
+        seconds: Some(3.0),
+        writer_version: "test".into(),
+        created_at: "2023-11-14T22:13:00Z".into(),
+    }
+}
+
+#[tokio::test]
+async fn after_the_last_round_every_client_evaluates_the_final_global_model() {
+    let f = ft(&three_clients(), "  rounds: 2\n  maxRetriesPerClient: 1\n");
+    let store = Arc::new(MemoryRunStore::default());
+    store.complete_round(RUN_DIR, round_summary(1, 0.70), NOW - 200.0);
+    // Round 2's participants measured round 1's global model before training.
+    let before: std::collections::BTreeMap<String, f64> =
+        [("bert".to_string(), 0.74)].into_iter().collect();
+    store.complete_round_with(
+        RUN_DIR,
+        round_summary(2, 0.72),
+        NOW - 10.0,
+        Some((0.74, before)),
+    );
+    let mut cached: Vec<Job> = ["c0", "c1", "c2"]
+        .iter()
+        .map(|c| job(2, Some(c), 1, JobEnd::Succeeded, NOW - 150.0))
+        .collect();
+    cached.push(job(2, None, 1, JobEnd::Succeeded, NOW - 20.0));
+    let prev = heterotune_crds::status::FederatedTuneStatus {
+        phase: Some(Phase::Aggregating),
+        round: 2,
+        start_time: Some(super::status::rfc3339(NOW - 300.0)),
+        history: vec![round_summary(1, 0.70)],
+        ..Default::default()
+    };
+    let f1 = with_status(f.clone(), prev);
+    let answer = f1.clone();
+    // 1. Every round is aggregated: one evaluation Job per client, placed
+    // like its trainer.
+    let (_, (status, created, notes)) = scenario(
+        &f1,
+        store.clone(),
+        cached.clone(),
+        |mut api| async move {
+            api.expect_spec_config_map().await;
+            let mut created = Vec::new();
+            for c in ["c0", "c1", "c2"] {
+                created.push(
+                    api.expect_create_job(&format!("trec-eval-r2-{c}"), false)
+                        .await,
+                );
+            }
+            let s = api.expect_status(&answer).await;
+            let mut notes = Vec::new();
+            for reason in ["RoundCompleted", "GlobalModelEvaluated", "Evaluating"] {
+                notes.push(api.expect_event(reason).await);
+            }
+            (api, (s, created, notes))
+        },
+        ok,
+    )
+    .await;
+    assert_eq!(status.phase, Some(Phase::Evaluating));
+    assert_eq!(cond(&status, "Progressing").reason, "Evaluating");
+    assert_eq!(cond(&status, "Complete").status, "False");
+    assert!(
+        status.clients.iter().all(|c| c.state == "Evaluating"),
+        "{:?}",
+        status.clients
+    );
+    assert_eq!(status.history[0].global_accuracy, Some(0.74));
+    assert_eq!(status.history[1].global_accuracy, None);
+    assert_eq!(
+        (status.last_global_accuracy, status.last_global_round),
+        (Some(0.74), Some(1))
+    );
+    assert_eq!(notes[1], "the global model of round 1: accuracy 0.7400");
+    let job0 = &created[0];
+    let labels = job0.metadata.labels.as_ref().expect("labels");
+    assert_eq!(
+        labels.get(super::jobs::LABEL_ROLE).map(String::as_str),
+        Some("evaluator")
+    );
+    assert_eq!(
+        labels.get(super::jobs::LABEL_ROUND).map(String::as_str),
+        Some("2")
+    );
+    let command = container(job0).command.clone().unwrap_or_default();
+    assert!(
+        command.windows(2).any(|w| w == ["job", "evaluate"]),
+        "{command:?}"
+    );
+    assert!(
+        command.windows(2).any(|w| w == ["--round", "2"]),
+        "{command:?}"
+    );
+    // Placed as its trainer would be: the MiniLM clients train on CPU.
+    let annotations = job0.metadata.annotations.as_ref().expect("annotations");
+    assert_eq!(
+        annotations
+            .get(super::jobs::ANNOTATION_PROFILE)
+            .map(String::as_str),
+        Some("cpu")
+    );
+    assert!(quantity(job0, "requests", "memory").is_some());
+    assert!(quantity(job0, "limits", "nvidia.com/gpu").is_none());
+
+    // 2. c0 and c1 evaluated; c2's evaluation failed once and is retried.
+    store.evaluate(RUN_DIR, evaluation("c0", 0.80));
+    store.evaluate(RUN_DIR, evaluation("c1", 0.78));
+    let mut cached2 = cached.clone();
+    for c in ["c0", "c1"] {
+        cached2.push(evaluation_job(2, c, 1, JobEnd::Succeeded, NOW - 5.0));
+    }
+    cached2.push(evaluation_job(2, "c2", 1, JobEnd::Failed, NOW - 5.0));
+    let f2 = with_status(f.clone(), status.clone());
+    let answer = f2.clone();
+    let (_, status2) = scenario(
+        &f2,
+        store.clone(),
+        cached2.clone(),
+        |mut api| async move {
+            // A fresh operator process: it applies the spec ConfigMap once.
+            api.expect_spec_config_map().await;
+            api.expect_create_job("trec-eval-r2a2-c2", false).await;
+            let s = api.expect_status(&answer).await;
+            (api, s)
+        },
+        ok,
+    )
+    .await;
+    assert_eq!(status2.phase, Some(Phase::Evaluating));
+    let states: Vec<&str> = status2.clients.iter().map(|c| c.state.as_str()).collect();
+    assert_eq!(states, ["Evaluated", "Evaluated", "Evaluating"]);
+
+    // 3. c2 fails again: out of retries, the run succeeds with what the
+    // others measured on the final global model.
+    cached2.push(evaluation_job(2, "c2", 2, JobEnd::Failed, NOW - 2.0));
+    let f3 = with_status(f, status2);
+    let answer = f3.clone();
+    let (result, status3) = scenario(
+        &f3,
+        store,
+        cached2,
+        |mut api| async move {
+            let s = api.expect_status(&answer).await;
+            api.expect_event("GlobalModelEvaluated").await;
+            api.expect_event("Succeeded").await;
+            let note = api.expect_event("EvaluationFailed").await;
+            assert!(note.contains("client c2"), "{note}");
+            assert!(note.contains("attempt 2: Error (exit 1)"), "{note}");
+            (api, s)
+        },
+        |_, ctx| {
+            let text = ctx.metrics.encode();
+            assert!(
+                text.contains("heterotune_global_accuracy{family=\"all\",name=\"trec\",namespace=\"default\"} 0.79"),
+                "{text}"
+            );
+        },
+    )
+    .await;
+    assert_eq!(result.expect("reconcile"), Action::await_change());
+    assert_eq!(status3.phase, Some(Phase::Succeeded));
+    assert_eq!(cond(&status3, "Complete").status, "True");
+    let last = status3.history.last().expect("history");
+    assert_eq!(last.round, 2);
+    assert!(
+        (last.global_accuracy.unwrap_or(0.0) - 0.79).abs() < 1e-9,
+        "{last:?}"
+    );
+    assert!((last.global_accuracy_by_family["bert"] - 0.79).abs() < 1e-9);
+    assert_eq!(status3.last_global_round, Some(2));
+    let states: Vec<&str> = status3.clients.iter().map(|c| c.state.as_str()).collect();
+    assert_eq!(states, ["Evaluated", "Evaluated", "EvaluationFailed"]);
+    assert_eq!(cond(&status3, "Degraded").status, "False");
 }
 
 #[tokio::test]
@@ -822,6 +1024,20 @@ fn job_names_are_bounded_distinct_and_stable() {
     );
     assert_eq!(jobs::aggregation_job_name("trec", 3, 1), "trec-agg-r3");
     assert_eq!(jobs::aggregation_job_name("trec", 3, 2), "trec-agg-r3a2");
+    assert_eq!(
+        jobs::evaluation_job_name("trec", 3, 1, "site-1"),
+        "trec-eval-r3-site-1"
+    );
+    assert_eq!(
+        jobs::evaluation_job_name("trec", 3, 2, "site-1"),
+        "trec-eval-r3a2-site-1"
+    );
+    let long = jobs::evaluation_job_name(&"f".repeat(70), 12, 3, &"c".repeat(40));
+    assert!(long.len() <= 63, "{long}");
+    assert!(
+        long.ends_with(&format!("-eval-r12a3-{}", "c".repeat(40))),
+        "{long}"
+    );
     // A client named like a retry suffix does not collide.
     assert_ne!(
         jobs::trainer_job_name("t", 1, 2, "c"),

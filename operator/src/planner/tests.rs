@@ -228,13 +228,98 @@ fn finished_runs_complete_and_suspended_runs_start_nothing() {
         client("c1", false, false, 0),
     ]);
     o.completed_rounds = 3;
+    s.evaluation.after_last_round = false;
     assert_eq!(plan(&s, &o).actions, vec![Action::Complete]);
+    s.evaluation.after_last_round = true;
     o.completed_rounds = 1;
     s.suspend = true;
     let p = plan(&s, &o);
     assert_eq!(p.phase, Phase::Suspended);
     assert_eq!(p.round, 2);
     assert!(p.actions.is_empty());
+}
+
+#[test]
+fn the_last_round_is_followed_by_the_evaluation_of_the_final_model() {
+    let s = spec(3, 2, 0);
+    let mut o = obs(vec![
+        client("c0", false, false, 0),
+        client("c1", false, false, 0),
+        client("c2", false, false, 0),
+    ]);
+    o.completed_rounds = 3;
+    o.round_started_at = None;
+    let p = plan(&s, &o);
+    assert_eq!(p.phase, Phase::Evaluating);
+    assert_eq!(p.round, 3);
+    assert_eq!(p.requeue_after, None);
+    assert_eq!(
+        p.actions,
+        (0..3)
+            .map(|i| Action::StartEvaluation {
+                client: format!("c{i}"),
+                round: 3,
+                attempt: 1
+            })
+            .collect::<Vec<_>>()
+    );
+    // One done, one running, one failed once (retried), then out of retries.
+    o.round_started_at = Some(0.0);
+    o.clients = vec![
+        client("c0", true, false, 0),
+        client("c1", false, true, 0),
+        client("c2", false, false, 1),
+    ];
+    let p = plan(&s, &o);
+    assert_eq!(p.phase, Phase::Evaluating);
+    assert_eq!(
+        p.actions,
+        vec![Action::StartEvaluation {
+            client: "c2".into(),
+            round: 3,
+            attempt: 2
+        }]
+    );
+    assert_eq!(p.requeue_after, Some(90.0));
+    o.clients[2].failed_attempts = 2;
+    let p = plan(&s, &o);
+    assert_eq!(p.phase, Phase::Evaluating);
+    assert!(p.actions.is_empty(), "{:?}", p.actions);
+    // The running one commits: done, the failed one left out.
+    o.clients[1] = client("c1", true, false, 0);
+    assert_eq!(plan(&s, &o).actions, vec![Action::Complete]);
+    // At the deadline what still runs is stopped and the run completes.
+    o.clients[1] = client("c1", false, true, 0);
+    o.now = 100.0;
+    let p = plan(&s, &o);
+    assert_eq!(p.phase, Phase::Succeeded);
+    assert_eq!(
+        p.actions,
+        vec![
+            Action::CancelEvaluation {
+                client: "c1".into(),
+                round: 3
+            },
+            Action::Complete
+        ]
+    );
+}
+
+#[test]
+fn a_suspended_evaluation_starts_nothing_and_a_disabled_one_is_skipped() {
+    let mut s = spec(2, 1, 0);
+    let mut o = obs(vec![
+        client("c0", false, false, 0),
+        client("c1", false, false, 0),
+    ]);
+    o.completed_rounds = 3;
+    s.suspend = true;
+    let p = plan(&s, &o);
+    assert_eq!(p.phase, Phase::Suspended);
+    assert!(p.actions.is_empty());
+    s.suspend = false;
+    s.evaluation.after_last_round = false;
+    assert_eq!(plan(&s, &o).actions, vec![Action::Complete]);
 }
 
 /// Every combination of per-client states (committed / running / failed
@@ -266,17 +351,63 @@ fn invariants_hold_over_all_small_states() {
                         clients.push(client(&format!("c{i}"), c, r, f));
                     }
                     for now in [10.0, 500.0] {
-                        let mut o = obs(clients.clone());
-                        o.now = now;
-                        let p = plan(&s, &o);
-                        check_invariants(&s, &o, &p);
-                        checked += 1;
+                        // A round in progress, and the evaluation phase.
+                        for completed in [0, s.rounds] {
+                            let mut o = obs(clients.clone());
+                            o.now = now;
+                            o.completed_rounds = completed;
+                            let p = plan(&s, &o);
+                            if completed < s.rounds {
+                                check_invariants(&s, &o, &p);
+                            } else {
+                                check_evaluation_invariants(&s, &o, &p);
+                            }
+                            checked += 1;
+                        }
                     }
                 }
             }
         }
     }
-    assert!(checked > 10_000, "only {checked} states checked");
+    assert!(checked > 20_000, "only {checked} states checked");
+}
+
+fn check_evaluation_invariants(s: &FederatedTuneSpec, o: &Observation, p: &Plan) {
+    let mut started = 0;
+    for a in &p.actions {
+        match a {
+            Action::StartEvaluation { client, round, .. } => {
+                started += 1;
+                assert_eq!(*round, s.rounds);
+                let c = o.clients.iter().find(|c| &c.name == client).expect("known");
+                assert!(!c.committed && !c.running, "evaluated twice: {o:?}");
+                assert!(c.failed_attempts <= s.max_retries_per_client, "{o:?}");
+                assert!(!s.suspend, "suspended but starting: {p:?}");
+            }
+            Action::CancelEvaluation { client, .. } => {
+                let c = o.clients.iter().find(|c| &c.name == client).expect("known");
+                assert!(c.running && !c.committed, "{o:?}");
+            }
+            Action::Complete => {}
+            other => panic!("a round action after the last round: {other:?}"),
+        }
+    }
+    let complete = p.actions.contains(&Action::Complete);
+    assert_eq!(complete, p.phase == Phase::Succeeded, "{p:?}");
+    // Never complete while an evaluation that could still finish is left
+    // behind (before the deadline), never stall.
+    let past_deadline = o.now >= 100.0;
+    let open = o
+        .clients
+        .iter()
+        .any(|c| !c.committed && (c.running || c.failed_attempts <= s.max_retries_per_client));
+    if complete && !past_deadline {
+        assert!(!open, "completed with evaluations open: {o:?}");
+    }
+    if !complete && !s.suspend {
+        let running = o.clients.iter().any(|c| c.running && !c.committed);
+        assert!(running || started > 0, "stuck: {o:?} -> {p:?}");
+    }
 }
 
 fn check_invariants(s: &FederatedTuneSpec, o: &Observation, p: &Plan) {

@@ -239,13 +239,15 @@ pub async fn run(opts: RunOptions) -> Result<RunSummary, RunError> {
     let mut children = process::Children::default();
     let epoch = Instant::now();
 
+    let evaluate = spec.evaluation.after_last_round;
     loop {
         let completed = store.completed_rounds(&layout, spec.rounds).await?;
+        // Rounds 1..=rounds, then (rounds + 1) the final evaluation.
         let round = completed + 1;
         // A new round: reset the per-round bookkeeping.
-        if round_started.map(|(r, _)| r) != Some(round) && round <= spec.rounds {
+        if round_started.map(|(r, _)| r) != Some(round) && (round <= spec.rounds || evaluate) {
             if let Some((r, t)) = round_started {
-                if r < round {
+                if r < round && r <= spec.rounds {
                     summary::record_round(
                         &store,
                         &layout,
@@ -271,10 +273,20 @@ pub async fn run(opts: RunOptions) -> Result<RunSummary, RunError> {
             quorum_reached_at = None;
             aggregation_failures = 0;
             round_started = None;
-            progress.start_round(round);
+            if round <= spec.rounds {
+                progress.start_round(round);
+            } else {
+                progress.start_evaluation(spec.rounds);
+            }
         }
         let committed = if round <= spec.rounds {
             store.committed_clients(&layout, &spec, round).await?
+        } else if evaluate {
+            let done = summary::evaluations(&store, &layout, &spec, spec.rounds).await?;
+            spec.clients
+                .iter()
+                .map(|c| done.iter().any(|r| r.client == c.name))
+                .collect()
         } else {
             vec![false; spec.clients.len()]
         };
@@ -315,7 +327,7 @@ pub async fn run(opts: RunOptions) -> Result<RunSummary, RunError> {
         for action in plan.actions {
             match action {
                 Action::Complete => {
-                    if let Some((r, t)) = round_started {
+                    if let Some((r, t)) = round_started.filter(|(r, _)| *r <= spec.rounds) {
                         summary::record_round(
                             &store,
                             &layout,
@@ -327,6 +339,10 @@ pub async fn run(opts: RunOptions) -> Result<RunSummary, RunError> {
                         )
                         .await?;
                         progress.round_done(&report);
+                    }
+                    if evaluate {
+                        summary::record_evaluation(&store, &layout, &spec, &mut report).await?;
+                        progress.evaluation_done(&report);
                     }
                     report.total_seconds = started.elapsed().as_secs_f64();
                     report.status = "Succeeded".into();
@@ -402,6 +418,58 @@ pub async fn run(opts: RunOptions) -> Result<RunSummary, RunError> {
                         }
                     }
                 }
+                Action::StartEvaluation {
+                    client,
+                    round,
+                    attempt,
+                } => {
+                    if children.len() >= opts.parallel {
+                        continue;
+                    }
+                    if round_started.is_none() {
+                        round_started = Some((round + 1, Instant::now()));
+                    }
+                    let global =
+                        staging::ensure_global(&store, &layout, &trainer, &work, round).await?;
+                    // The client's newest private state (after the last round it finished).
+                    let dirs = process::ClientDirs::new(&work, &client, round + 1);
+                    let out = work
+                        .join("evaluation")
+                        .join(format!("round-{round:04}"))
+                        .join(format!("{}.json", heterotune_crds::uri::file_safe(&client)));
+                    match trainer.spawn_eval(
+                        &client,
+                        round,
+                        attempt,
+                        &global,
+                        &dirs,
+                        &out,
+                        tx.clone(),
+                    ) {
+                        Ok(handle) => {
+                            children.insert(client.clone(), handle);
+                            if let Some(c) = clients.get_mut(&client) {
+                                c.running = true;
+                            }
+                            started_any = true;
+                        }
+                        Err(e) => {
+                            if let Some(c) = clients.get_mut(&client) {
+                                c.failed_attempts += 1;
+                                c.last_error = Some(e);
+                            }
+                        }
+                    }
+                }
+                Action::CancelEvaluation { client, .. } => {
+                    children.kill(&client);
+                    if let Some(c) = clients.get_mut(&client) {
+                        c.running = false;
+                    }
+                    progress.note(&format!(
+                        "evaluation: client {client} cut off at the deadline"
+                    ));
+                }
                 Action::StartAggregation {
                     round,
                     participants,
@@ -456,7 +524,17 @@ pub async fn run(opts: RunOptions) -> Result<RunSummary, RunError> {
                 if let Some(exit) = exit {
                     children.remove(&exit.client);
                     let mut failed = None;
-                    if exit.ok && exit.round == round {
+                    if exit.evaluation {
+                        if exit.ok {
+                            let key = layout.evaluation_result(exit.round, &exit.client);
+                            match store.upload_file(&exit.out_dir, &key).await {
+                                Ok(_) => progress.client_evaluated(&exit.client, &exit.summary),
+                                Err(e) => failed = Some(e.to_string()),
+                            }
+                        } else {
+                            failed = Some(exit.summary.clone());
+                        }
+                    } else if exit.ok && exit.round == round {
                         match store.upload_artifact(&exit.out_dir, &layout.client_dir(exit.round, &exit.client)).await {
                             Ok(_) => {
                                 progress.client_done(&exit.client, &exit.summary);
@@ -471,7 +549,8 @@ pub async fn run(opts: RunOptions) -> Result<RunSummary, RunError> {
                         c.running = false;
                         if let Some(why) = failed {
                             c.failed_attempts += 1;
-                            progress.note(&format!("round {}: client {} attempt failed: {why}", exit.round, exit.client));
+                            let what = if exit.evaluation { "evaluation" } else { "attempt" };
+                            progress.note(&format!("round {}: client {} {what} failed: {why}", exit.round, exit.client));
                             c.last_error = Some(why);
                         }
                     }

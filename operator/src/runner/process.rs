@@ -1,5 +1,5 @@
-//! Local `heterotune-trainer` processes: init, train (one per client, in the
-//! background) and aggregate.
+//! Local `heterotune-trainer` processes: init, train and evaluate (one per
+//! client, in the background) and aggregate.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -78,7 +78,10 @@ impl ClientDirs {
 pub struct ClientExit {
     pub client: String,
     pub round: u32,
+    /// It evaluated the global model of `round` (else it trained in `round`).
+    pub evaluation: bool,
     pub ok: bool,
+    /// The artifact folder (training) or the result file (evaluation).
     pub out_dir: PathBuf,
     /// A one-line summary (metrics on success, the error's last lines on failure).
     pub summary: String,
@@ -251,6 +254,54 @@ impl TrainerCommand {
             .map(|_| ())
     }
 
+    /// The `eval` command line: `client`'s model with the global artifact
+    /// in `global` (and its private state) on the global test set, the
+    /// result written to `out`.
+    pub fn eval_command(
+        &self,
+        client: &str,
+        device: &str,
+        global: &Path,
+        state_in: Option<&Path>,
+        cache: &Path,
+        out: &Path,
+    ) -> tokio::process::Command {
+        let mut cmd = self.command("eval");
+        cmd.arg("--client")
+            .arg(client)
+            .arg("--device")
+            .arg(device)
+            .arg("--global")
+            .arg(global)
+            .arg("--cache-dir")
+            .arg(cache)
+            .arg("--out")
+            .arg(out)
+            .arg("--run")
+            .arg(&self.run);
+        if self.threads > 0 {
+            cmd.arg("--threads").arg(self.threads.to_string());
+        }
+        if let Some(state_in) = state_in {
+            cmd.arg("--state-in").arg(state_in);
+        }
+        cmd
+    }
+
+    /// Evaluates `client` on the global model in `global` and waits for it.
+    pub async fn evaluate(
+        &self,
+        client: &str,
+        device: &str,
+        global: &Path,
+        state_in: Option<&Path>,
+        cache: &Path,
+        out: &Path,
+    ) -> Result<String, String> {
+        let cmd = self.eval_command(client, device, global, state_in, cache, out);
+        run_to_end(cmd, &format!("evaluating {client}"), self.live_logs).await
+    }
+
     /// Starts training `client` for `round` in the background; its exit is
     /// sent on `tx`. Returns the handle that cancels it.
     pub fn spawn_train(
@@ -266,7 +317,65 @@ impl TrainerCommand {
         if let Some(parent) = dirs.state_out.parent() {
             std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
         }
-        let mut cmd = self.train_command(client, round, "cpu", global, dirs);
+        let cmd = self.train_command(client, round, "cpu", global, dirs);
+        let exit = ClientExit {
+            client: client.to_string(),
+            round,
+            evaluation: false,
+            ok: false,
+            out_dir: dirs.out.clone(),
+            summary: String::new(),
+        };
+        self.spawn(cmd, exit, attempt, dirs.log.clone(), tx)
+    }
+
+    /// Starts `client`'s evaluation of the global model of `round` (in
+    /// `global`) in the background, the result written to `out`; its exit
+    /// is sent on `tx`. Returns the handle that cancels it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn spawn_eval(
+        &self,
+        client: &str,
+        round: u32,
+        attempt: u32,
+        global: &Path,
+        dirs: &ClientDirs,
+        out: &Path,
+        tx: mpsc::UnboundedSender<ClientExit>,
+    ) -> Result<oneshot::Sender<()>, String> {
+        let _ = std::fs::remove_file(out);
+        let cmd = self.eval_command(
+            client,
+            "cpu",
+            global,
+            dirs.state_in.as_deref(),
+            &dirs.cache,
+            out,
+        );
+        let exit = ClientExit {
+            client: client.to_string(),
+            round,
+            evaluation: true,
+            ok: false,
+            out_dir: out.to_path_buf(),
+            summary: String::new(),
+        };
+        let log = dirs
+            .log
+            .with_file_name(format!("evaluation-round-{round:04}.log"));
+        self.spawn(cmd, exit, attempt, log, tx)
+    }
+
+    /// Runs `cmd` in the background; `exit` (filled in with the outcome)
+    /// is sent on `tx` when it ends, its output kept in `log`.
+    fn spawn(
+        &self,
+        mut cmd: tokio::process::Command,
+        mut exit: ClientExit,
+        attempt: u32,
+        log: PathBuf,
+        tx: mpsc::UnboundedSender<ClientExit>,
+    ) -> Result<oneshot::Sender<()>, String> {
         cmd.stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
@@ -274,13 +383,10 @@ impl TrainerCommand {
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", self.binary.display()))?;
         let (cancel_tx, cancel_rx) = oneshot::channel::<()>();
-        let client = client.to_string();
-        let out_dir = dirs.out.clone();
-        let log = dirs.log.clone();
         tokio::spawn(async move {
             tokio::select! {
                 output = child.wait_with_output() => {
-                    let (ok, summary) = match output {
+                    (exit.ok, exit.summary) = match output {
                         Ok(out) => {
                             let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
                             let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -293,7 +399,7 @@ impl TrainerCommand {
                         }
                         Err(e) => (false, format!("trainer process error: {e}")),
                     };
-                    let _ = tx.send(ClientExit { client, round, ok, out_dir, summary });
+                    let _ = tx.send(exit);
                 }
                 _ = cancel_rx => {
                     // Dropping the child kills it (kill_on_drop); a cancelled

@@ -87,33 +87,101 @@ impl Progress {
         }
     }
 
-    /// A round completed: the live summary.
+    /// A round completed: the live summary (the clients' accuracy after
+    /// local training; the previous round's global model as they received it).
     pub fn round_done(&self, report: &Report) {
         let Some(r) = report.rounds.last() else {
             return;
         };
         self.rounds.set_position(u64::from(r.round));
-        let families: Vec<String> = r
-            .accuracy_by_family
+        let previous = report
+            .rounds
             .iter()
-            .map(|(k, v)| format!("{} {v:.3}", k.split('.').next().unwrap_or(k)))
-            .collect();
+            .find(|p| p.round + 1 == r.round)
+            .and_then(|p| p.global_accuracy.map(|a| (a, &p.global_accuracy_by_family)));
         if self.json {
             tracing::info!(
                 round = r.round,
                 accuracy = r.accuracy,
+                previous_global_accuracy = previous.map(|p| p.0),
                 bytes_uploaded = r.bytes_uploaded,
                 seconds = r.duration_seconds,
                 "round complete"
             );
         } else {
+            let global = previous
+                .map(|(a, by)| {
+                    format!(
+                        "; global model of round {}: {a:.3} ({})",
+                        r.round - 1,
+                        by_family(by)
+                    )
+                })
+                .unwrap_or_default();
             self.line(&format!(
-                "round {}: accuracy {:.3} ({}), {} uploaded, {:.1} s",
+                "round {}: accuracy after local training {:.3} ({}){global}, {} uploaded, {:.1} s",
                 r.round,
                 r.accuracy,
-                families.join(", "),
+                by_family(&r.accuracy_by_family),
                 human_bytes(r.bytes_uploaded),
                 r.duration_seconds
+            ));
+        }
+    }
+
+    /// The evaluation of the final global model begins.
+    pub fn start_evaluation(&self, round: u32) {
+        self.rounds.set_position(u64::from(round));
+        self.clients.set_position(0);
+        self.clients
+            .set_message("evaluating the final global model");
+        if self.json {
+            tracing::info!(round, "evaluation started");
+        }
+    }
+
+    /// A client evaluated the final global model (`result`: its JSON).
+    pub fn client_evaluated(&self, client: &str, result: &str) {
+        let accuracy = result
+            .lines()
+            .rev()
+            .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .and_then(|v| v.get("accuracy").and_then(serde_json::Value::as_f64));
+        if self.json {
+            tracing::info!(client, accuracy, "client evaluated");
+        } else if let Some(a) = accuracy {
+            self.line(&format!(
+                "  {client}: final global model, test accuracy {a:.3}"
+            ));
+        }
+    }
+
+    /// The final evaluation is recorded in `report`.
+    pub fn evaluation_done(&self, report: &Report) {
+        let Some(last) = report
+            .rounds
+            .iter()
+            .find(|r| r.round == report.rounds_planned)
+        else {
+            return;
+        };
+        let Some(a) = last.global_accuracy else {
+            self.note("evaluation: no client evaluated the final global model");
+            return;
+        };
+        if self.json {
+            tracing::info!(
+                round = last.round,
+                global_accuracy = a,
+                clients = report.final_evaluation.len(),
+                "evaluation complete"
+            );
+        } else {
+            self.line(&format!(
+                "final global model (round {}): accuracy {a:.3} ({}), {} clients",
+                last.round,
+                by_family(&last.global_accuracy_by_family),
+                report.final_evaluation.len()
             ));
         }
     }
@@ -133,4 +201,13 @@ impl Progress {
         self.clients.finish_and_clear();
         let _ = report;
     }
+}
+
+/// `L6 0.850, SmolLM2 0.510`: per-family figures with short family names.
+fn by_family(values: &std::collections::BTreeMap<String, f64>) -> String {
+    values
+        .iter()
+        .map(|(k, v)| format!("{} {v:.3}", k.split('.').next().unwrap_or(k)))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use heterotune_crds::layout::RunLayout;
-use heterotune_crds::manifest::ArtifactManifest;
+use heterotune_crds::manifest::{mean_accuracy, valid_score, ArtifactManifest, EvaluationResult};
 use heterotune_crds::spec::FederatedTuneSpec;
 use heterotune_crds::uri::{self, Location};
 use heterotune_crds::FederatedTune;
@@ -114,6 +114,7 @@ pub fn new_report(ft: &FederatedTune, run: &str) -> Report {
         seeds,
         families: families.into_values().collect(),
         rounds: Vec::new(),
+        final_evaluation: Vec::new(),
         total_seconds: 0.0,
         status: "Running".into(),
     }
@@ -205,14 +206,102 @@ pub async fn record_round(
         accuracy,
         macro_f1,
         accuracy_by_family: by_family.into_iter().map(|(k, v)| (k, mean(&v))).collect(),
+        global_accuracy: None,
+        global_macro_f1: None,
+        global_accuracy_by_family: BTreeMap::new(),
         bytes_uploaded,
         bytes_downloaded: global_bytes * clients.len() as u64,
         clients,
-        aggregation: global.map(|g| g.stats).unwrap_or_default(),
+        aggregation: global.as_ref().map(|g| g.stats.clone()).unwrap_or_default(),
     };
+    let kept = report.rounds.iter().find(|r| r.round == round).cloned();
     report.rounds.retain(|r| r.round != round);
-    report.rounds.push(record);
+    report.rounds.push(RoundRecord {
+        // A final evaluation recorded before (a resumed run) stays.
+        global_accuracy: kept.as_ref().and_then(|k| k.global_accuracy),
+        global_macro_f1: kept.as_ref().and_then(|k| k.global_macro_f1),
+        global_accuracy_by_family: kept
+            .map(|k| k.global_accuracy_by_family)
+            .unwrap_or_default(),
+        ..record
+    });
     report.rounds.sort_by_key(|r| r.round);
+    // This round's clients measured the previous round's global model.
+    if let (Some(g), Some(previous)) = (
+        &global,
+        report.rounds.iter_mut().find(|r| r.round + 1 == round),
+    ) {
+        let metric = |k: &str| g.metrics.get(k).copied().filter(|v| v.is_finite());
+        if let Some(a) = metric("previous_global_accuracy") {
+            previous.global_accuracy = Some(a);
+            previous.global_macro_f1 = metric("previous_global_macro_f1");
+            previous.global_accuracy_by_family = g
+                .metrics
+                .iter()
+                .filter_map(|(k, v)| {
+                    k.strip_prefix("previous_global_accuracy.")
+                        .map(|f| (f.to_string(), *v))
+                })
+                .collect();
+        }
+    }
+    Ok(())
+}
+
+/// The clients' evaluations of the global model of `round` in the store
+/// (results of this run, for spec clients, in spec order).
+pub async fn evaluations(
+    store: &Store,
+    layout: &RunLayout,
+    spec: &FederatedTuneSpec,
+    round: u32,
+) -> Result<Vec<EvaluationResult>, StoreError> {
+    let keys = store.list(&layout.evaluation_dir(round)).await?;
+    let mut out = Vec::new();
+    for c in &spec.clients {
+        let key = layout.evaluation_result(round, &c.name);
+        if !keys.contains(&key) {
+            continue;
+        }
+        let Some(bytes) = store.get(&key).await? else {
+            continue;
+        };
+        match serde_json::from_slice::<EvaluationResult>(&bytes) {
+            Ok(r) if r.client == c.name && r.global_round == round && r.run == layout.run_dir() => {
+                out.push(r)
+            }
+            Ok(_) => tracing::warn!(
+                key,
+                "ignoring an evaluation of another client, round or run"
+            ),
+            Err(e) => tracing::warn!(key, error = %e, "ignoring an unreadable evaluation"),
+        }
+    }
+    Ok(out)
+}
+
+/// Records the final evaluation (the clients' evaluations of the last
+/// round's global model) in the report.
+pub async fn record_evaluation(
+    store: &Store,
+    layout: &RunLayout,
+    spec: &FederatedTuneSpec,
+    report: &mut Report,
+) -> Result<(), StoreError> {
+    let results = evaluations(store, layout, spec, spec.rounds).await?;
+    if let (Some((mean, by_family)), Some(last)) = (
+        mean_accuracy(&results),
+        report.rounds.iter_mut().find(|r| r.round == spec.rounds),
+    ) {
+        last.global_accuracy = Some(mean);
+        let f1: Vec<f64> = results
+            .iter()
+            .filter_map(|r| valid_score(r.macro_f1))
+            .collect();
+        last.global_macro_f1 = (!f1.is_empty()).then(|| f1.iter().sum::<f64>() / f1.len() as f64);
+        last.global_accuracy_by_family = by_family;
+    }
+    report.final_evaluation = results;
     Ok(())
 }
 
@@ -231,6 +320,9 @@ pub fn note_aggregation(report: &mut Report, round: u32, seconds: f64) {
             accuracy: f64::NAN,
             macro_f1: f64::NAN,
             accuracy_by_family: BTreeMap::new(),
+            global_accuracy: None,
+            global_macro_f1: None,
+            global_accuracy_by_family: BTreeMap::new(),
             bytes_uploaded: 0,
             bytes_downloaded: 0,
             aggregation: serde_json::Value::Null,
@@ -250,5 +342,5 @@ pub async fn rebuild_from_store(
             record_round(store, layout, spec, round, f64::NAN, &[], report).await?;
         }
     }
-    Ok(())
+    record_evaluation(store, layout, spec, report).await
 }

@@ -399,6 +399,8 @@ pub fn aggregate_round(
                     clipped: v.clipped,
                     test_accuracy: v.test_accuracy,
                     test_macro_f1: v.test_macro_f1,
+                    received_accuracy: v.received_accuracy,
+                    received_macro_f1: v.received_macro_f1,
                 });
                 stats.bytes_received += v.bytes;
                 stats.examples += v.update.num_examples;

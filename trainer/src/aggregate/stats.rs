@@ -69,6 +69,13 @@ pub struct Participant {
     /// Its self-reported test macro-F1 (`test_macro_f1`), when finite and in [0, 1].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_macro_f1: Option<f64>,
+    /// Its self-reported accuracy on the global test split of the global
+    /// model it received, before local training (`received_test_accuracy`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub received_accuracy: Option<f64>,
+    /// The same model's macro-F1 (`received_test_macro_f1`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub received_macro_f1: Option<f64>,
 }
 
 /// One family's round.
@@ -141,28 +148,43 @@ pub struct Timing {
 /// self-reported test scores: `accuracy` and `macro_f1`, the unweighted
 /// means over the participants that report one, and `accuracy.<family>`,
 /// the same mean per family key (the definition of the local run report's
-/// round accuracy). A metric no participant reports is left out (never NaN).
+/// round accuracy): the models after local training. `previous_global_accuracy`,
+/// `previous_global_macro_f1` and `previous_global_accuracy.<family>` are the
+/// same means of what the participants measured on the model they received
+/// (the previous round's global, before local training). A metric no
+/// participant reports is left out (never NaN).
 pub fn participant_metrics(participants: &[Participant]) -> BTreeMap<String, f64> {
     fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
         let (sum, n) = values.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
         (n > 0).then(|| sum / n as f64)
     }
-    let mut out = BTreeMap::new();
-    if let Some(v) = mean(participants.iter().filter_map(|p| p.test_accuracy)) {
-        out.insert("accuracy".to_string(), v);
-    }
-    if let Some(v) = mean(participants.iter().filter_map(|p| p.test_macro_f1)) {
-        out.insert("macro_f1".to_string(), v);
-    }
+    type Score = fn(&Participant) -> Option<f64>;
+    let groups: [(&str, Score, Score); 2] = [
+        ("", |p| p.test_accuracy, |p| p.test_macro_f1),
+        (
+            "previous_global_",
+            |p| p.received_accuracy,
+            |p| p.received_macro_f1,
+        ),
+    ];
     let families: std::collections::BTreeSet<&str> =
         participants.iter().map(|p| p.family.as_str()).collect();
-    for family in families {
-        let values = participants
-            .iter()
-            .filter(|p| p.family == family)
-            .filter_map(|p| p.test_accuracy);
-        if let Some(v) = mean(values) {
-            out.insert(format!("accuracy.{family}"), v);
+    let mut out = BTreeMap::new();
+    for (prefix, accuracy, macro_f1) in groups {
+        if let Some(v) = mean(participants.iter().filter_map(accuracy)) {
+            out.insert(format!("{prefix}accuracy"), v);
+        }
+        if let Some(v) = mean(participants.iter().filter_map(macro_f1)) {
+            out.insert(format!("{prefix}macro_f1"), v);
+        }
+        for family in &families {
+            let values = participants
+                .iter()
+                .filter(|p| p.family == *family)
+                .filter_map(accuracy);
+            if let Some(v) = mean(values) {
+                out.insert(format!("{prefix}accuracy.{family}"), v);
+            }
         }
     }
     out

@@ -34,8 +34,10 @@
 //! | the update's L2 norm (over all its tensors) is at most `maxUpdateNorm` | `norm_exceeded` (with `normBoundAction: reject`; `clip` scales the update down to the bound instead) |
 //!
 //! The manifest's self-reported scores `test_accuracy` and `test_macro_f1`
-//! (feeding the global manifest's `accuracy` metrics) are kept only when
-//! finite and in [0, 1]; any other value is ignored, never a reject.
+//! (feeding the global manifest's `accuracy` metrics) and
+//! `received_test_accuracy` / `received_test_macro_f1` (the `previous_global_*`
+//! metrics) are kept only when finite and in [0, 1]; any other value is
+//! ignored, never a reject.
 //!
 //! The expected tensors come from the aggregator ([`super::Aggregator::expected_tensors`]),
 //! which derives them from the previous global artifact and the spec's share
@@ -208,6 +210,11 @@ pub struct Verified {
     pub test_accuracy: Option<f64>,
     /// The manifest's `test_macro_f1`, when it is finite and in [0, 1].
     pub test_macro_f1: Option<f64>,
+    /// The manifest's `received_test_accuracy` (the received global model
+    /// before local training), when it is finite and in [0, 1].
+    pub received_accuracy: Option<f64>,
+    /// The manifest's `received_test_macro_f1`, likewise.
+    pub received_macro_f1: Option<f64>,
 }
 
 /// A self-reported score of the manifest's `metrics`: `None` unless it is
@@ -217,7 +224,7 @@ fn score(metrics: &BTreeMap<String, f64>, key: &str) -> Option<f64> {
     metrics
         .get(key)
         .copied()
-        .filter(|v| v.is_finite() && (0.0..=1.0).contains(v))
+        .and_then(heterotune_crds::manifest::valid_score)
 }
 
 /// Parses a client manifest (non-numeric metrics dropped, see
@@ -544,6 +551,8 @@ pub fn verify_client(
         clipped,
         test_accuracy: score(&m.metrics, "test_accuracy"),
         test_macro_f1: score(&m.metrics, "test_macro_f1"),
+        received_accuracy: score(&m.metrics, "received_test_accuracy"),
+        received_macro_f1: score(&m.metrics, "received_test_macro_f1"),
     })
 }
 
