@@ -8,11 +8,17 @@ local steps as the PyTorch prototype (12 x 20), and prints per-family and overal
 global-test accuracy as mean +- std over seeds, paired differences per seed, bytes sent
 per client per round, and seconds per local step per family.
 
+Two accuracies are reported (see docs/benchmarks.md): the final global model (the
+aggregated model as each client receives it, evaluated after the last round: what the
+federation delivers, the primary figure) and each client's model after its local
+training in the last round.
+
 A seed sets both the partition seed and the training seed (the split, hence the global
 test set, stays fixed), as in the prototype's measurements.
 
     scripts/bench_methods.py                       # 4 methods x 3 seeds x 12 rounds (docs used --seeds 0,1,2,3,4)
     scripts/bench_methods.py --seeds 0 --rounds 6  # a quicker look
+    scripts/bench_methods.py --set training.maxGradNorm=0 --tag noclip   # a setting, side by side
 
 Needs the release binaries (cargo build --release --bins) and the asset cache
 (scripts/setup.sh). Results are appended as JSON lines to <work>/results.jsonl, so an
@@ -48,11 +54,13 @@ FAMILY_LABEL = {
 }
 
 
-def spec_for(base: dict, method: str, seed: int, rounds: int, store: Path) -> dict:
+def spec_for(base: dict, method: str, seed: int, rounds: int, store: Path,
+             overrides: list[tuple[str, object]], tag: str) -> dict:
     spec = json.loads(json.dumps(base))
     algorithm, extra = METHODS[method]
     slug = algorithm.replace("-", "")
-    spec["metadata"]["name"] = f"bench-{slug}-s{seed}-r{rounds}"
+    suffix = f"-{tag}" if tag else ""
+    spec["metadata"]["name"] = f"bench-{slug}-s{seed}-r{rounds}{suffix}"
     s = spec["spec"]
     s["rounds"] = rounds
     # Every client every round: the methods are compared on the same updates.
@@ -61,7 +69,21 @@ def spec_for(base: dict, method: str, seed: int, rounds: int, store: Path) -> di
     s["training"]["seed"] = seed
     s["aggregation"] = {"algorithm": algorithm, **extra}
     s["storage"] = {"uri": f"file://{store}"}
+    for path, value in overrides:
+        node = s
+        *parents, leaf = path.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
     return spec
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """`training.maxGradNorm=0` -> ("training.maxGradNorm", 0) (the value as YAML)."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"{text!r}: use PATH=VALUE under spec, e.g. training.maxGradNorm=0")
+    path, value = text.split("=", 1)
+    return path.strip(), yaml.safe_load(value)
 
 
 def family_of(key: str) -> str:
@@ -82,7 +104,10 @@ def summarise(report: dict) -> dict:
             step_seconds.setdefault(f, []).append(1.0 / c["stepsPerSecond"])
         upload.setdefault(f, []).append(c["bytesUploaded"])
         peak[f] = max(peak.get(f, 0.0), c.get("peakRssBytes") or 0.0)
+    global_by_family = {family_of(k): v for k, v in last.get("globalAccuracyByFamily", {}).items()}
     return {
+        "global": last.get("globalAccuracy", float("nan")),
+        "global_families": global_by_family,
         "overall": last["accuracy"],
         "macro_f1": last["macroF1"],
         "families": by_family,
@@ -130,7 +155,9 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f}±{statistics.pstdev(values):.3f}"
 
 
-def table(results: dict, methods: list[str], seeds: list[int]) -> str:
+def table(results: dict, methods: list[str], seeds: list[int], which: str) -> str:
+    """`which`: "global" (the final global model) or "local" (after local training)."""
+    overall, families = ("global", "global_families") if which == "global" else ("overall", "families")
     lines = [
         "| method | MiniLM-L6 | MiniLM-L3 | SmolLM2 | overall | bytes up/client/round (L6 / L3 / SmolLM2) |",
         "|---|---|---|---|---|---|",
@@ -139,24 +166,25 @@ def table(results: dict, methods: list[str], seeds: list[int]) -> str:
         rs = [results[(m, s)] for s in seeds if (m, s) in results]
         if not rs:
             continue
-        cells = [mean_std([r["families"].get(f, float("nan")) for r in rs]) for f in FAMILY_ORDER]
+        cells = [mean_std([r[families].get(f, float("nan")) for r in rs]) for f in FAMILY_ORDER]
         up = " / ".join(
             f"{statistics.mean(r['upload_bytes'].get(f, 0) for r in rs) / 1000:.1f} KB"
             for f in FAMILY_ORDER
         )
-        lines.append(f"| {m} | {' | '.join(cells)} | {mean_std([r['overall'] for r in rs])} | {up} |")
+        lines.append(f"| {m} | {' | '.join(cells)} | {mean_std([r[overall] for r in rs])} | {up} |")
     return "\n".join(lines)
 
 
-def paired(results: dict, a: str, b: str, seeds: list[int]) -> str | None:
+def paired(results: dict, a: str, b: str, seeds: list[int], key: str) -> str | None:
     diffs = [
-        100 * (results[(a, s)]["overall"] - results[(b, s)]["overall"])
+        100 * (results[(a, s)][key] - results[(b, s)][key])
         for s in seeds
         if (a, s) in results and (b, s) in results
     ]
     if not diffs:
         return None
-    return f"{a} − {b}: " + ", ".join(f"{d:+.1f}" for d in diffs) + " points (per seed)"
+    return (f"{a} − {b}: " + ", ".join(f"{d:+.1f}" for d in diffs)
+            + f" points (per seed; mean {statistics.mean(diffs):+.1f})")
 
 
 def main() -> None:
@@ -169,7 +197,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="libtorch threads per trainer")
     p.add_argument("--binary", default=str(ROOT / "target/release/heterotune"))
     p.add_argument("--trainer", default=str(ROOT / "target/release/heterotune-trainer"))
+    p.add_argument("--set", dest="overrides", action="append", type=parse_override, default=[],
+                   metavar="PATH=VALUE", help="override a spec field for every run (repeatable)")
+    p.add_argument("--tag", default="", help="names the runs of this setting (needed with --set)")
     args = p.parse_args()
+    if args.overrides and not args.tag:
+        sys.exit("--set needs --tag (the runs of another setting must not share names or results)")
 
     binary, trainer = Path(args.binary), Path(args.trainer)
     for b in (binary, trainer):
@@ -188,33 +221,41 @@ def main() -> None:
     if results_file.exists():
         for line in results_file.read_text().splitlines():
             r = json.loads(line)
-            if r["rounds"] == args.rounds:
+            if r["rounds"] == args.rounds and r.get("tag", "") == args.tag and "global" in r["result"]:
                 results[(r["method"], r["seed"])] = r["result"]
 
     for seed in seeds:
         for m in methods:
             if (m, seed) in results:
                 continue
-            spec = spec_for(base, m, seed, args.rounds, work / "store")
+            spec = spec_for(base, m, seed, args.rounds, work / "store", args.overrides, args.tag)
             print(f"== {m}, seed {seed}, {args.rounds} rounds ...", flush=True)
             r = run_one(binary, trainer, spec, work, args.threads)
             results[(m, seed)] = r
             with results_file.open("a") as f:
-                f.write(json.dumps({"method": m, "seed": seed, "rounds": args.rounds, "result": r}) + "\n")
-            fams = ", ".join(f"{FAMILY_LABEL.get(k, k)} {v:.3f}" for k, v in sorted(r["families"].items()))
-            print(f"   overall {r['overall']:.3f} ({fams}); {r['wall_seconds']:.0f} s", flush=True)
+                f.write(json.dumps({"method": m, "seed": seed, "rounds": args.rounds, "tag": args.tag,
+                                    "result": r}) + "\n")
+            fams = ", ".join(f"{FAMILY_LABEL.get(k, k)} {v:.3f}" for k, v in sorted(r["global_families"].items()))
+            print(f"   global model {r['global']:.3f} ({fams}); after local training {r['overall']:.3f};"
+                  f" {r['wall_seconds']:.0f} s", flush=True)
 
     print()
+    setting = f" [{args.tag}: {', '.join(f'{k}={v}' for k, v in args.overrides)}]" if args.tag else ""
     print(f"TREC-6, 6 clients, Dirichlet α=0.5, {args.rounds} rounds × 20 local steps, "
-          f"global test n=500, seeds {seeds} (mean ± population std):")
-    print()
-    print(table(results, methods, seeds))
-    print()
-    for a, b in [("family-FedAvg", "local-only"), ("DeMA+FedAvg", "family-FedAvg"),
-                 ("DeMA+CMGA (PCGrad)", "DeMA+FedAvg")]:
-        line = paired(results, a, b, seeds)
-        if line:
-            print("- " + line)
+          f"global test n=500, seeds {seeds} (mean ± population std){setting}:")
+    for which, title in [("global", "The final global model (primary)"),
+                         ("local", "Each client's model after its local training in the last round")]:
+        print()
+        print(f"{title}:")
+        print()
+        print(table(results, methods, seeds, which))
+        print()
+        key = "global" if which == "global" else "overall"
+        for a, b in [("family-FedAvg", "local-only"), ("DeMA+FedAvg", "family-FedAvg"),
+                     ("DeMA+CMGA (PCGrad)", "DeMA+FedAvg")]:
+            line = paired(results, a, b, seeds, key)
+            if line:
+                print("- " + line)
     steps: dict[str, list[float]] = {}
     for r in results.values():
         for f, v in r["seconds_per_step"].items():

@@ -192,6 +192,18 @@ async fn staged_trainer(
     })
 }
 
+/// What a client's own pod stages: its model in full, the others'
+/// `config.json` (slots, initial state).
+fn own_model(index: usize) -> impl Fn(usize) -> ModelFiles {
+    move |i| {
+        if i == index {
+            ModelFiles::All
+        } else {
+            ModelFiles::Config
+        }
+    }
+}
+
 /// Trains `client` for `round` on `device` and commits its artifact.
 pub async fn train(
     opts: &JobOptions,
@@ -209,15 +221,7 @@ pub async fn train(
     if store.exists(&layout.client_manifest(round, client)).await? {
         return Ok(JobOutcome::AlreadyCommitted);
     }
-    // This client's model in full, the others' config.json (slots, init).
-    let trainer = staged_trainer(opts, &run, |i| {
-        if i == index {
-            ModelFiles::All
-        } else {
-            ModelFiles::Config
-        }
-    })
-    .await?;
+    let trainer = staged_trainer(opts, &run, own_model(index)).await?;
     let global = staging::ensure_global(store, layout, &trainer, &opts.work, round - 1).await?;
 
     // The private state: the newest one saved before this round.
@@ -318,14 +322,7 @@ pub async fn evaluate(
         }
         .into());
     }
-    let trainer = staged_trainer(opts, &run, |i| {
-        if i == index {
-            ModelFiles::All
-        } else {
-            ModelFiles::Config
-        }
-    })
-    .await?;
+    let trainer = staged_trainer(opts, &run, own_model(index)).await?;
     let global = staging::ensure_global(store, layout, &trainer, &opts.work, round).await?;
     let (state_in, _) = stage_private_state(&run, client, round + 1, &opts.work).await?;
     let out = opts.work.join(format!("evaluation-round-{round:04}.json"));

@@ -595,17 +595,11 @@ pub fn trainer_job(
     config: &JobConfig,
     cpu_request: &str,
 ) -> Job {
-    let client = &run.ft.spec.clients[client_index].name;
+    let what = ClientJob::new(run, client_index, ROLE_TRAINER, round, attempt, placement);
     client_job(
         run,
         client_index,
-        ClientJob {
-            role: ROLE_TRAINER,
-            name: trainer_job_name(&run.name, round, attempt, client),
-            command: trainer_command(client, round, placement.device()),
-            round,
-            attempt,
-        },
+        what,
         placement,
         active_deadline,
         config,
@@ -627,17 +621,11 @@ pub fn evaluation_job(
     config: &JobConfig,
     cpu_request: &str,
 ) -> Job {
-    let client = &run.ft.spec.clients[client_index].name;
+    let what = ClientJob::new(run, client_index, ROLE_EVALUATOR, round, attempt, placement);
     client_job(
         run,
         client_index,
-        ClientJob {
-            role: ROLE_EVALUATOR,
-            name: evaluation_job_name(&run.name, round, attempt, client),
-            command: evaluator_command(client, round, placement.device()),
-            round,
-            attempt,
-        },
+        what,
         placement,
         active_deadline,
         config,
@@ -652,6 +640,39 @@ struct ClientJob {
     command: Vec<String>,
     round: u32,
     attempt: u32,
+}
+
+impl ClientJob {
+    /// A trainer ([`ROLE_TRAINER`]) or evaluator ([`ROLE_EVALUATOR`]) Job.
+    fn new(
+        run: &Run,
+        client_index: usize,
+        role: &'static str,
+        round: u32,
+        attempt: u32,
+        placement: &Placement,
+    ) -> ClientJob {
+        let client = &run.ft.spec.clients[client_index].name;
+        let device = placement.device();
+        let (name, command) = if role == ROLE_EVALUATOR {
+            (
+                evaluation_job_name(&run.name, round, attempt, client),
+                evaluator_command(client, round, device),
+            )
+        } else {
+            (
+                trainer_job_name(&run.name, round, attempt, client),
+                trainer_command(client, round, device),
+            )
+        };
+        ClientJob {
+            role,
+            name,
+            command,
+            round,
+            attempt,
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -320,6 +320,20 @@ fn jobs_by_client<'j>(
     map
 }
 
+/// Names of `client`'s active Jobs of `role` in `round`.
+fn active_jobs<'j>(
+    jobs: &'j [JobFacts],
+    role: &'j str,
+    round: u32,
+    client: &'j str,
+) -> impl Iterator<Item = String> + 'j {
+    jobs.iter()
+        .filter(move |j| {
+            j.active && j.role == role && j.round == round && j.client.as_deref() == Some(client)
+        })
+        .map(|j| j.name.clone())
+}
+
 /// What the clients are doing now: training in round `completed + 1`, or
 /// (every round aggregated, `spec.evaluation.afterLastRound`) evaluating
 /// the last round's global model.
@@ -873,16 +887,7 @@ async fn apply(ft: &FederatedTune, ctx: &Context) -> Result<Action> {
                 }
             }
             PlanAction::CancelClient { client, round } => {
-                to_cancel.extend(
-                    jobs.iter()
-                        .filter(|j| {
-                            j.active
-                                && j.role == ROLE_TRAINER
-                                && j.round == *round
-                                && j.client.as_deref() == Some(client)
-                        })
-                        .map(|j| j.name.clone()),
-                );
+                to_cancel.extend(active_jobs(&jobs, ROLE_TRAINER, *round, client));
             }
             PlanAction::StartEvaluation {
                 client,
@@ -907,16 +912,7 @@ async fn apply(ft: &FederatedTune, ctx: &Context) -> Result<Action> {
                 }
             }
             PlanAction::CancelEvaluation { client, round } => {
-                to_cancel.extend(
-                    jobs.iter()
-                        .filter(|j| {
-                            j.active
-                                && j.role == ROLE_EVALUATOR
-                                && j.round == *round
-                                && j.client.as_deref() == Some(client)
-                        })
-                        .map(|j| j.name.clone()),
-                );
+                to_cancel.extend(active_jobs(&jobs, ROLE_EVALUATOR, *round, client));
             }
             PlanAction::ExcludeClient { .. } | PlanAction::Complete => {}
             PlanAction::StartAggregation {

@@ -446,30 +446,23 @@ pub fn announcements(
         .unwrap_or_default();
     for c in &next.clients {
         let before = before_by_name.get(c.name.as_str()).copied();
-        if c.state == "EvaluationFailed"
-            && before.map(|b| b.state.as_str()) != Some("EvaluationFailed")
-        {
-            out.push(warning(
+        let (reason, what) = match c.state.as_str() {
+            "Excluded" => ("ClientExcluded", format!("is out of round {}", next.round)),
+            "EvaluationFailed" => (
                 "EvaluationFailed",
                 format!(
-                    "client {} could not evaluate the global model of round {} after {} attempts{}; the run's global accuracy leaves it out",
-                    c.name,
-                    next.round,
-                    c.attempts,
-                    c.message
-                        .as_deref()
-                        .map(|m| format!(" (last: {m})"))
-                        .unwrap_or_default()
+                    "could not evaluate the global model of round {} (the global accuracy leaves it out)",
+                    next.round
                 ),
-            ));
-        }
-        if c.state == "Excluded" && before.map(|b| b.state.as_str()) != Some("Excluded") {
+            ),
+            _ => continue,
+        };
+        if before.map(|b| b.state.as_str()) != Some(c.state.as_str()) {
             out.push(warning(
-                "ClientExcluded",
+                reason,
                 format!(
-                    "client {} is out of round {} after {} failed attempts{}",
+                    "client {} {what} after {} failed attempts{}",
                     c.name,
-                    next.round,
                     c.attempts,
                     c.message
                         .as_deref()

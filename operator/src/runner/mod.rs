@@ -402,21 +402,7 @@ pub async fn run(opts: RunOptions) -> Result<RunSummary, RunError> {
                     let dirs = process::ClientDirs::new(&work, &client, round);
                     let child =
                         trainer.spawn_train(&client, round, attempt, &global, &dirs, tx.clone());
-                    match child {
-                        Ok(handle) => {
-                            children.insert(client.clone(), handle);
-                            if let Some(c) = clients.get_mut(&client) {
-                                c.running = true;
-                            }
-                            started_any = true;
-                        }
-                        Err(e) => {
-                            if let Some(c) = clients.get_mut(&client) {
-                                c.failed_attempts += 1;
-                                c.last_error = Some(e);
-                            }
-                        }
-                    }
+                    started_any |= track(&mut children, &mut clients, &client, child);
                 }
                 Action::StartEvaluation {
                     client,
@@ -437,7 +423,7 @@ pub async fn run(opts: RunOptions) -> Result<RunSummary, RunError> {
                         .join("evaluation")
                         .join(format!("round-{round:04}"))
                         .join(format!("{}.json", heterotune_crds::uri::file_safe(&client)));
-                    match trainer.spawn_eval(
+                    let child = trainer.spawn_eval(
                         &client,
                         round,
                         attempt,
@@ -445,21 +431,8 @@ pub async fn run(opts: RunOptions) -> Result<RunSummary, RunError> {
                         &dirs,
                         &out,
                         tx.clone(),
-                    ) {
-                        Ok(handle) => {
-                            children.insert(client.clone(), handle);
-                            if let Some(c) = clients.get_mut(&client) {
-                                c.running = true;
-                            }
-                            started_any = true;
-                        }
-                        Err(e) => {
-                            if let Some(c) = clients.get_mut(&client) {
-                                c.failed_attempts += 1;
-                                c.last_error = Some(e);
-                            }
-                        }
-                    }
+                    );
+                    started_any |= track(&mut children, &mut clients, &client, child);
                 }
                 Action::CancelEvaluation { client, .. } => {
                     children.kill(&client);
@@ -562,6 +535,33 @@ pub async fn run(opts: RunOptions) -> Result<RunSummary, RunError> {
                 progress.note("interrupted: stopping trainers");
                 return Err(RunError::Interrupted);
             }
+        }
+    }
+}
+
+/// Records a trainer process that started (running) or could not start (a
+/// failed attempt); true when it started.
+fn track(
+    children: &mut process::Children,
+    clients: &mut BTreeMap<String, ClientRun>,
+    client: &str,
+    child: Result<tokio::sync::oneshot::Sender<()>, String>,
+) -> bool {
+    let state = clients.get_mut(client);
+    match child {
+        Ok(handle) => {
+            children.insert(client.to_string(), handle);
+            if let Some(c) = state {
+                c.running = true;
+            }
+            true
+        }
+        Err(e) => {
+            if let Some(c) = state {
+                c.failed_attempts += 1;
+                c.last_error = Some(e);
+            }
+            false
         }
     }
 }

@@ -87,6 +87,20 @@ pub struct ClientExit {
     pub summary: String,
 }
 
+impl ClientExit {
+    /// The exit of a process not finished yet (filled in when it ends).
+    fn pending(client: &str, round: u32, evaluation: bool, out: &Path) -> Self {
+        ClientExit {
+            client: client.to_string(),
+            round,
+            evaluation,
+            ok: false,
+            out_dir: out.to_path_buf(),
+            summary: String::new(),
+        }
+    }
+}
+
 /// Running trainers, by client; dropping or killing one stops its process.
 #[derive(Default)]
 pub struct Children {
@@ -318,14 +332,7 @@ impl TrainerCommand {
             std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
         }
         let cmd = self.train_command(client, round, "cpu", global, dirs);
-        let exit = ClientExit {
-            client: client.to_string(),
-            round,
-            evaluation: false,
-            ok: false,
-            out_dir: dirs.out.clone(),
-            summary: String::new(),
-        };
+        let exit = ClientExit::pending(client, round, false, &dirs.out);
         self.spawn(cmd, exit, attempt, dirs.log.clone(), tx)
     }
 
@@ -352,14 +359,7 @@ impl TrainerCommand {
             &dirs.cache,
             out,
         );
-        let exit = ClientExit {
-            client: client.to_string(),
-            round,
-            evaluation: true,
-            ok: false,
-            out_dir: out.to_path_buf(),
-            summary: String::new(),
-        };
+        let exit = ClientExit::pending(client, round, true, out);
         let log = dirs
             .log
             .with_file_name(format!("evaluation-round-{round:04}.log"));
