@@ -8,9 +8,13 @@
 //!
 //! * tokenises the same texts with [`TextTokenizer`] and requires identical
 //!   ids and masks (also with truncation);
-//! * runs the Rust backbone in f32 and requires max |Δ| ≤ 1e-4 on real
-//!   (unmasked) positions for the embeddings and every layer's output, and
-//!   for LLaMA's final norm and logits;
+//! * runs the Rust backbone in f32 and requires max |Δ| ≤ 1e-4 + 1e-6·max|hf|
+//!   on real (unmasked) positions for the embeddings and every layer's
+//!   output (max|hf| so far: an error made at a large activation stays in
+//!   the residual stream), and for LLaMA's final norm and logits (the relative term: the
+//!   layers compute on the real tokens only, so their GEMMs sum in another
+//!   order than HF's padded ones; SmolLM2's residual stream has ~25 000-sized
+//!   activations, where f32's own spacing is 0.002);
 //! * loads the model in bf16 and requires its mean-pooled output within
 //!   cosine 0.999 of HF's f32 one;
 //! * for LLaMA, greedy-decodes the same prompt and requires the same tokens
@@ -32,8 +36,11 @@ use heterotune_trainer::models::{load_backbone, Backbone, Family};
 use heterotune_trainer::tokenizer::TextTokenizer;
 use tch::{Device, Kind, Tensor};
 
-/// Hidden states must match HF to this (f32, real positions).
+/// Hidden states must match HF to this (f32, real positions), plus
+/// [`RELATIVE_TOLERANCE`] times the largest magnitude.
 const HIDDEN_TOLERANCE: f64 = 1e-4;
+/// Relative part of the tolerances: ~8 f32 ulps (a different summation order).
+const RELATIVE_TOLERANCE: f64 = 1e-6;
 /// LLaMA logits must match HF to this too (measured: 0 for SmolLM2 in f32,
 /// whose libtorch kernels are the ones HF calls).
 const LOGITS_TOLERANCE: f64 = 1e-4;
@@ -203,6 +210,7 @@ fn check_dir(name: &str, dir: &Path, real: bool) {
     let states = backbone.hidden_states(ids, mask);
     assert_eq!(states.len(), info.num_layers + 1);
     let mut worst: f64 = 0.0;
+    let mut largest: f64 = 0.0;
     let mut failures = Vec::new();
     println!("{name}: max |rust - hf| on real positions (max |hf|)");
     for (i, state) in states.iter().enumerate() {
@@ -217,14 +225,17 @@ fn check_dir(name: &str, dir: &Path, real: bool) {
         };
         println!("  {what:>11}: {diff:.3e}  ({scale:.2})");
         worst = worst.max(diff);
-        if diff > HIDDEN_TOLERANCE || diff.is_nan() {
+        // An error made at a large activation is carried by the residual
+        // stream after that value shrinks: scale by the largest one so far.
+        largest = largest.max(scale);
+        if diff > HIDDEN_TOLERANCE + RELATIVE_TOLERANCE * largest || diff.is_nan() {
             failures.push(format!("{what}: {diff:.3e}"));
         }
     }
     println!("{name}: worst hidden-state diff {worst:.3e}");
     assert!(
         failures.is_empty(),
-        "{name}: hidden states differ from HF by more than {HIDDEN_TOLERANCE}: {failures:?}"
+        "{name}: hidden states differ from HF by more than {HIDDEN_TOLERANCE} + {RELATIVE_TOLERANCE}·max|hf|: {failures:?}"
     );
 
     drop(backbone);
@@ -289,8 +300,8 @@ fn check_llama_head(
     let scale = masked_max_abs(hf_logits, mask);
     println!("  logits: {diff:.3e} (max |logit| {scale:.2})");
     assert!(
-        diff <= LOGITS_TOLERANCE,
-        "{name}: logits differ from HF by {diff:.3e} > {LOGITS_TOLERANCE}"
+        diff <= LOGITS_TOLERANCE + RELATIVE_TOLERANCE * scale,
+        "{name}: logits differ from HF by {diff:.3e} > {LOGITS_TOLERANCE} + {RELATIVE_TOLERANCE}·{scale:.2}"
     );
     let argmax_same = (logits
         .argmax(-1, false)

@@ -15,7 +15,7 @@ use super::config::{positive, Activation, RawConfig, WEIGHTS_FILE};
 use super::weights::{WeightStorage, Weights};
 use super::{
     add_delta, attention, Backbone, BackboneInfo, Family, FusedLinear, Linear, Projection,
-    ProjectionDelta,
+    ProjectionDelta, TokenRows,
 };
 use crate::error::{Error, Result};
 
@@ -310,6 +310,9 @@ impl Backbone for Bert {
         // Adapters may hand back f32 while the backbone computes in bf16.
         let hidden = &hidden.to_kind(self.word_embeddings.kind());
         let (batch, seq, width) = hidden.size3().expect("hidden must be [batch, seq, hidden]");
+        // Token-wise work on the real tokens only; attention padded.
+        let rows = TokenRows::of(attention_mask);
+        let hidden = &rows.pack(hidden);
         let [q, k, v]: [Tensor; 3] = layer
             .qkv
             .forward(hidden)
@@ -317,7 +320,7 @@ impl Backbone for Bert {
             .zip([Projection::Query, Projection::Key, Projection::Value])
             .map(|(out, projection)| {
                 let out = add_delta(out, hidden, delta, index, projection);
-                self.split_heads(&out, batch, seq)
+                self.split_heads(&rows.unpack(&out), batch, seq)
             })
             .collect::<Vec<_>>()
             .try_into()
@@ -327,17 +330,20 @@ impl Backbone for Bert {
         let context = attention(&q, &k, &v, Some(&mask), false)
             .transpose(1, 2)
             .reshape([batch, seq, width]);
-        let attended = layer
-            .attention_output
-            .project(&context, delta, index, Projection::Output);
+        let attended =
+            layer
+                .attention_output
+                .project(&rows.pack(&context), delta, index, Projection::Output);
         let hidden = layer.attention_norm.forward(&(attended + hidden));
         let inner = self
             .config
             .hidden_act
             .apply(&layer.intermediate.forward(&hidden));
-        layer
-            .output_norm
-            .forward(&(layer.output.forward(&inner) + hidden))
+        rows.unpack(
+            &layer
+                .output_norm
+                .forward(&(layer.output.forward(&inner) + hidden)),
+        )
     }
 
     /// Identity: BERT's last LayerNorm is inside its last layer.

@@ -15,7 +15,7 @@ use super::config::{positive, Activation, RawConfig, WEIGHTS_FILE};
 use super::weights::{WeightStorage, Weights};
 use super::{
     add_delta, attention, Backbone, BackboneInfo, Family, FusedLinear, Linear, Projection,
-    ProjectionDelta,
+    ProjectionDelta, TokenRows,
 };
 use crate::error::{Error, Result};
 
@@ -556,6 +556,9 @@ impl Backbone for Llama {
         let heads = self.config.num_attention_heads as i64;
         let kv_heads = self.config.num_kv_heads() as i64;
         let head_dim = self.config.head_dim() as i64;
+        // Token-wise work on the real tokens only; attention padded.
+        let rows = TokenRows::of(attention_mask);
+        let hidden = &rows.pack(hidden);
 
         let x = layer.input_norm.forward(hidden);
         let [q, k, v]: [Tensor; 3] = layer
@@ -568,7 +571,7 @@ impl Backbone for Llama {
                 (Projection::Value, kv_heads),
             ])
             .map(|(out, (projection, n))| {
-                add_delta(out, &x, delta, index, projection)
+                rows.unpack(&add_delta(out, &x, delta, index, projection))
                     .view([batch, seq, n, head_dim])
                     .transpose(1, 2)
             })
@@ -591,7 +594,7 @@ impl Backbone for Llama {
             .reshape([batch, seq, heads * head_dim]);
         let attended = layer
             .o_proj
-            .project(&context, delta, index, Projection::Output);
+            .project(&rows.pack(&context), delta, index, Projection::Output);
         let hidden = hidden + attended;
 
         let x = layer.post_attention_norm.forward(&hidden);
@@ -603,7 +606,7 @@ impl Backbone for Llama {
         let mlp = layer
             .down_proj
             .forward(&(self.config.hidden_act.apply(&gate) * up));
-        hidden + mlp
+        rows.unpack(&(hidden + mlp))
     }
 
     /// `model.norm` (input cast to the backbone's dtype first).

@@ -111,9 +111,11 @@ pub enum Projection {
 /// adapted in that layer.
 pub trait ProjectionDelta {
     /// The term to add to projection `projection` of layer `layer`, whose
-    /// input is `input` (`[batch, seq, in_features]`, in the backbone's
-    /// dtype); the result must broadcast to the projection's output shape
-    /// `[batch, seq, out_features]` and is cast to the backbone's dtype.
+    /// input is `input` (`[..., in_features]`: the real tokens' rows
+    /// `[tokens, in_features]` when the layer packs a padded batch, see
+    /// [`TokenRows`]; in the backbone's dtype); the result must have the
+    /// projection's output shape `[..., out_features]` and is cast to the
+    /// backbone's dtype. Every row must be computed from its own input row.
     fn delta(&self, layer: usize, projection: Projection, input: &Tensor) -> Option<Tensor>;
 }
 
@@ -217,6 +219,60 @@ impl FusedLinear {
     }
 }
 
+/// The real (unpadded) tokens of a `[batch, seq]` mask as rows of the
+/// flattened `[batch * seq, width]` activations. The layers run every
+/// token-wise operation (projections, feed-forward, norms, LoRA deltas) on
+/// the real rows only and lay them out padded just for attention: with
+/// TREC's batches ~46 % of the positions are padding, so this removes that
+/// share of the GEMM work without changing which examples share a batch.
+/// Rows are independent in those operations, so the real rows' results are
+/// the padded computation's (up to the GEMM's summation order); padded
+/// positions come out as zeros.
+pub(crate) struct TokenRows {
+    /// Indices of the real rows; `None` when packing would not pay (no or
+    /// little padding): then `pack`/`unpack` only reshape.
+    index: Option<Tensor>,
+    batch: i64,
+    seq: i64,
+}
+
+/// Pack only when at least this share of the positions is padding.
+const PACK_MIN_PADDING: f64 = 0.1;
+
+impl TokenRows {
+    /// The real rows of `attention_mask` (`[batch, seq]`, 1 = real token).
+    pub(crate) fn of(attention_mask: &Tensor) -> Self {
+        let (batch, seq) = attention_mask.size2().expect("mask must be [batch, seq]");
+        let flat = attention_mask.reshape([-1]).ne(0);
+        let real = flat.sum(Kind::Int64).int64_value(&[]);
+        let total = batch * seq;
+        let index = ((total - real) as f64 >= PACK_MIN_PADDING * total as f64)
+            .then(|| flat.nonzero().squeeze_dim(1));
+        TokenRows { index, batch, seq }
+    }
+
+    /// `[batch, seq, width]` → the real rows `[real, width]`.
+    pub(crate) fn pack(&self, x: &Tensor) -> Tensor {
+        let width = x.size().last().copied().unwrap_or(0);
+        let flat = x.reshape([self.batch * self.seq, width]);
+        match &self.index {
+            Some(i) => flat.index_select(0, i),
+            None => flat,
+        }
+    }
+
+    /// The real rows `[real, width]` → `[batch, seq, width]`, zeros at padding.
+    pub(crate) fn unpack(&self, rows: &Tensor) -> Tensor {
+        let width = rows.size().last().copied().unwrap_or(0);
+        let flat = match &self.index {
+            Some(i) => Tensor::zeros([self.batch * self.seq, width], (rows.kind(), rows.device()))
+                .index_copy(0, i, rows),
+            None => rows.shallow_clone(),
+        };
+        flat.view([self.batch, self.seq, width])
+    }
+}
+
 /// Adds the caller's delta for `projection` to `out`, if it adapts it.
 fn add_delta(
     out: Tensor,
@@ -311,6 +367,29 @@ mod tests {
 
     fn randn(shape: &[i64]) -> Tensor {
         Tensor::randn(shape, (Kind::Float, Device::Cpu))
+    }
+
+    #[test]
+    fn token_rows_pack_the_real_tokens_and_unpack_with_zeros() {
+        let mask = Tensor::from_slice(&[1i64, 1, 1, 0, 1, 0, 0, 0]).view([2, 4]);
+        let x = randn(&[2, 4, 3]);
+        let rows = TokenRows::of(&mask);
+        let packed = rows.pack(&x);
+        assert_eq!(packed.size(), [4, 3]);
+        // Row order: batch-major, positions in order.
+        let want = Tensor::cat(&[x.get(0).narrow(0, 0, 3), x.get(1).narrow(0, 0, 1)], 0);
+        assert_eq!(f64::try_from((&packed - &want).abs().max()).unwrap_or(1.0), 0.0);
+        let back = rows.unpack(&packed);
+        assert_eq!(back.size(), [2, 4, 3]);
+        let real = mask.unsqueeze(-1).to_kind(Kind::Float);
+        assert_eq!(f64::try_from((&back - &x * &real).abs().max()).unwrap_or(1.0), 0.0);
+        // Little padding (1 of 16 positions): not worth packing, only reshaped.
+        let mut dense = vec![1i64; 16];
+        dense[15] = 0;
+        let rows = TokenRows::of(&Tensor::from_slice(&dense).view([2, 8]));
+        let x = randn(&[2, 8, 3]);
+        assert_eq!(rows.pack(&x).size(), [16, 3]);
+        assert_eq!(rows.unpack(&rows.pack(&x)).size(), [2, 8, 3]);
     }
 
     /// The matmul path (used for bf16) equals the fused kernel in f32, with
