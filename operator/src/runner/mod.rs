@@ -377,13 +377,14 @@ pub async fn run(opts: RunOptions) -> Result<RunSummary, RunError> {
                         excluded.push(client);
                     }
                 }
-                Action::CancelClient { client, .. } => {
+                Action::CancelClient { client, round }
+                | Action::CancelEvaluation { client, round } => {
                     children.kill(&client);
                     if let Some(c) = clients.get_mut(&client) {
                         c.running = false;
                     }
                     progress.note(&format!(
-                        "round {round}: client {client} cut off at the round deadline"
+                        "round {round}: client {client} cut off at the deadline"
                     ));
                 }
                 Action::StartClient {
@@ -433,15 +434,6 @@ pub async fn run(opts: RunOptions) -> Result<RunSummary, RunError> {
                         tx.clone(),
                     );
                     started_any |= track(&mut children, &mut clients, &client, child);
-                }
-                Action::CancelEvaluation { client, .. } => {
-                    children.kill(&client);
-                    if let Some(c) = clients.get_mut(&client) {
-                        c.running = false;
-                    }
-                    progress.note(&format!(
-                        "evaluation: client {client} cut off at the deadline"
-                    ));
                 }
                 Action::StartAggregation {
                     round,

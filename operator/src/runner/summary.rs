@@ -61,20 +61,32 @@ pub fn new_report(ft: &FederatedTune, run: &str) -> Report {
     for (i, c) in spec.clients.iter().enumerate() {
         let key = spec.family_key(i);
         let entry = families.entry(key.clone()).or_insert_with(|| {
-            let (layers, hidden, params) = match uri::resolve(&c.model.uri) {
+            let (layers, hidden, value_width, params) = match uri::resolve(&c.model.uri) {
                 Ok(Location::Local(dir)) => {
                     let config: serde_json::Value =
                         std::fs::read_to_string(dir.join("config.json"))
                             .ok()
                             .and_then(|t| serde_json::from_str(&t).ok())
                             .unwrap_or_default();
+                    let hidden = config_number(&config, "hidden_size");
+                    // Grouped-query attention: v projects to kv_heads x head_dim.
+                    let heads = config_number(&config, "num_attention_heads").max(1);
+                    let kv_heads = match config_number(&config, "num_key_value_heads") {
+                        0 => heads,
+                        n => n,
+                    };
+                    let head_dim = match config_number(&config, "head_dim") {
+                        0 => hidden / heads,
+                        n => n,
+                    };
                     (
                         config_number(&config, "num_hidden_layers"),
-                        config_number(&config, "hidden_size"),
+                        hidden,
+                        kv_heads * head_dim,
                         parameters_of(&dir),
                     )
                 }
-                _ => (0, 0, c.model.parameters.unwrap_or(0)),
+                _ => (0, 0, 0, c.model.parameters.unwrap_or(0)),
             };
             let rank = u64::from(spec.adapter.rank);
             FamilyInfo {
@@ -87,8 +99,9 @@ pub fn new_report(ft: &FederatedTune, run: &str) -> Report {
                 parameters: params,
                 // Both references in bf16, as this run's uploads are.
                 full_model_bytes: params * 2,
-                // LoRA on query and value of every layer: A [r, d] + B [d, r] each.
-                lora_bytes: layers * 2 * 2 * rank * hidden * 2,
+                // LoRA on query and value of every layer: A [r, d] + B [d_out, r]
+                // each (d_out = d for the query, kv_heads x head_dim for the value).
+                lora_bytes: layers * rank * (hidden + hidden + hidden + value_width) * 2,
             }
         });
         entry.clients.push(c.name.clone());

@@ -378,11 +378,17 @@ mod tests {
         assert_eq!(packed.size(), [4, 3]);
         // Row order: batch-major, positions in order.
         let want = Tensor::cat(&[x.get(0).narrow(0, 0, 3), x.get(1).narrow(0, 0, 1)], 0);
-        assert_eq!(f64::try_from((&packed - &want).abs().max()).unwrap_or(1.0), 0.0);
+        assert_eq!(
+            f64::try_from((&packed - &want).abs().max()).unwrap_or(1.0),
+            0.0
+        );
         let back = rows.unpack(&packed);
         assert_eq!(back.size(), [2, 4, 3]);
         let real = mask.unsqueeze(-1).to_kind(Kind::Float);
-        assert_eq!(f64::try_from((&back - &x * &real).abs().max()).unwrap_or(1.0), 0.0);
+        assert_eq!(
+            f64::try_from((&back - &x * &real).abs().max()).unwrap_or(1.0),
+            0.0
+        );
         // Little padding (1 of 16 positions): not worth packing, only reshaped.
         let mut dense = vec![1i64; 16];
         dense[15] = 0;
