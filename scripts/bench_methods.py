@@ -19,6 +19,8 @@ test set, stays fixed), as in the prototype's measurements.
     scripts/bench_methods.py                       # 4 methods x 3 seeds x 12 rounds (docs used --seeds 0,1,2,3,4)
     scripts/bench_methods.py --seeds 0 --rounds 6  # a quicker look
     scripts/bench_methods.py --set training.maxGradNorm=0 --tag noclip   # a setting, side by side
+    scripts/bench_methods.py --set adapter.layers.everyLayerInGroup=true \
+        --set 'clients[*].model.adaptedLayers.everyLayerInGroup=true' --tag every
 
 Needs the release binaries (cargo build --release --bins) and the asset cache
 (scripts/setup.sh). Results are appended as JSON lines to <work>/results.jsonl, so an
@@ -70,16 +72,25 @@ def spec_for(base: dict, method: str, seed: int, rounds: int, store: Path,
     s["aggregation"] = {"algorithm": algorithm, **extra}
     s["storage"] = {"uri": f"file://{store}"}
     for path, value in overrides:
-        node = s
-        *parents, leaf = path.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
+        set_path(s, path.split("."), value)
     return spec
 
 
+def set_path(node, keys: list[str], value) -> None:
+    """Sets `value` at `keys` under `node`; a key `name[*]` walks every item of the list `name`."""
+    key, rest = keys[0], keys[1:]
+    if key.endswith("[*]"):
+        for item in node.get(key[:-3], []):
+            set_path(item, rest, value)
+    elif not rest:
+        node[key] = value
+    else:
+        set_path(node.setdefault(key, {}), rest, value)
+
+
 def parse_override(text: str) -> tuple[str, object]:
-    """`training.maxGradNorm=0` -> ("training.maxGradNorm", 0) (the value as YAML)."""
+    """`training.maxGradNorm=0` -> ("training.maxGradNorm", 0) (the value as YAML); a
+    segment `clients[*]` sets the field on every client."""
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"{text!r}: use PATH=VALUE under spec, e.g. training.maxGradNorm=0")
     path, value = text.split("=", 1)
