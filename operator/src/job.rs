@@ -314,13 +314,14 @@ pub async fn evaluate(
         return Ok(JobOutcome::AlreadyCommitted);
     }
     if !store.exists(&layout.global_manifest(round)).await? {
-        return Err(StagingError::MissingGlobal {
-            round,
-            next: round + 1,
-            store: store.uri().to_string(),
-            key: layout.global_dir(round),
-        }
-        .into());
+        return Err(JobError::Argument {
+            flag: "--round",
+            message: format!(
+                "round {round} is not aggregated yet ({} has no {}): the evaluation runs after the last aggregation",
+                store.uri(),
+                layout.global_manifest(round)
+            ),
+        });
     }
     let trainer = staged_trainer(opts, &run, own_model(index)).await?;
     let global = staging::ensure_global(store, layout, &trainer, &opts.work, round).await?;
