@@ -595,11 +595,12 @@ pub fn trainer_job(
     config: &JobConfig,
     cpu_request: &str,
 ) -> Job {
-    let what = ClientJob::new(run, client_index, ROLE_TRAINER, round, attempt, placement);
     client_job(
         run,
         client_index,
-        what,
+        ROLE_TRAINER,
+        round,
+        attempt,
         placement,
         active_deadline,
         config,
@@ -608,8 +609,7 @@ pub fn trainer_job(
 }
 
 /// Client `client_index`'s Job evaluating the global model of `round` (the
-/// last), attempt `attempt`: placed like its trainer (the same model on the
-/// same kind of device).
+/// last), attempt `attempt` (see [`client_job`]).
 #[allow(clippy::too_many_arguments)]
 pub fn evaluation_job(
     run: &Run,
@@ -621,11 +621,12 @@ pub fn evaluation_job(
     config: &JobConfig,
     cpu_request: &str,
 ) -> Job {
-    let what = ClientJob::new(run, client_index, ROLE_EVALUATOR, round, attempt, placement);
     client_job(
         run,
         client_index,
-        what,
+        ROLE_EVALUATOR,
+        round,
+        attempt,
         placement,
         active_deadline,
         config,
@@ -633,59 +634,34 @@ pub fn evaluation_job(
     )
 }
 
-/// What tells a client's Jobs apart.
-struct ClientJob {
-    role: &'static str,
-    name: String,
-    command: Vec<String>,
-    round: u32,
-    attempt: u32,
-}
-
-impl ClientJob {
-    /// A trainer ([`ROLE_TRAINER`]) or evaluator ([`ROLE_EVALUATOR`]) Job.
-    fn new(
-        run: &Run,
-        client_index: usize,
-        role: &'static str,
-        round: u32,
-        attempt: u32,
-        placement: &Placement,
-    ) -> ClientJob {
-        let client = &run.ft.spec.clients[client_index].name;
-        let device = placement.device();
-        let (name, command) = if role == ROLE_EVALUATOR {
-            (
-                evaluation_job_name(&run.name, round, attempt, client),
-                evaluator_command(client, round, device),
-            )
-        } else {
-            (
-                trainer_job_name(&run.name, round, attempt, client),
-                trainer_command(client, round, device),
-            )
-        };
-        ClientJob {
-            role,
-            name,
-            command,
-            round,
-            attempt,
-        }
-    }
-}
-
+/// Client `client_index`'s Job of `role`: a trainer ([`ROLE_TRAINER`]) for
+/// `round`, or an evaluator ([`ROLE_EVALUATOR`]) of `round`'s global model,
+/// placed like its trainer (the same model on the same kind of device).
 #[allow(clippy::too_many_arguments)]
-fn client_job(
+pub fn client_job(
     run: &Run,
     client_index: usize,
-    what: ClientJob,
+    role: &'static str,
+    round: u32,
+    attempt: u32,
     placement: &Placement,
     active_deadline: i64,
     config: &JobConfig,
     cpu_request: &str,
 ) -> Job {
-    let client = &run.ft.spec.clients[client_index];
+    let client = &run.ft.spec.clients[client_index].name;
+    let device = placement.device();
+    let (name, command) = if role == ROLE_EVALUATOR {
+        (
+            evaluation_job_name(&run.name, round, attempt, client),
+            evaluator_command(client, round, device),
+        )
+    } else {
+        (
+            trainer_job_name(&run.name, round, attempt, client),
+            trainer_command(client, round, device),
+        )
+    };
     let (resources, node_selector, tolerations) =
         placement_resources(run, client_index, placement, cpu_request);
     let mut annotations = BTreeMap::new();
@@ -697,16 +673,10 @@ fn client_job(
         run,
         config,
         PodParts {
-            name: what.name,
-            labels: labels(
-                run,
-                Some(what.role),
-                Some(what.round),
-                Some(&client.name),
-                Some(what.attempt),
-            ),
+            name,
+            labels: labels(run, Some(role), Some(round), Some(client), Some(attempt)),
             annotations,
-            command: what.command,
+            command,
             resources,
             node_selector,
             tolerations,

@@ -857,15 +857,26 @@ async fn apply(ft: &FederatedTune, ctx: &Context) -> Result<Action> {
                 client,
                 round,
                 attempt,
+            }
+            | PlanAction::StartEvaluation {
+                client,
+                round,
+                attempt,
             } => {
                 let Some(&i) = index_of.get(client.as_str()) else {
                     continue;
                 };
+                let role = if matches!(action, PlanAction::StartEvaluation { .. }) {
+                    ROLE_EVALUATOR
+                } else {
+                    ROLE_TRAINER
+                };
                 match &placements[i] {
                     Ok(p) => {
-                        to_create.push(jobs::trainer_job(
+                        to_create.push(jobs::client_job(
                             &run,
                             i,
+                            role,
                             *round,
                             *attempt,
                             p,
@@ -873,7 +884,7 @@ async fn apply(ft: &FederatedTune, ctx: &Context) -> Result<Action> {
                             &ctx.config.jobs,
                             &ctx.config.sizing.cpu.request,
                         ));
-                        if *attempt > 1 {
+                        if *attempt > 1 && role == ROLE_TRAINER {
                             extra.push(Announcement {
                                 warning: false,
                                 reason: "ClientRetry".into(),
@@ -888,28 +899,6 @@ async fn apply(ft: &FederatedTune, ctx: &Context) -> Result<Action> {
             }
             PlanAction::CancelClient { client, round } => {
                 to_cancel.extend(active_jobs(&jobs, ROLE_TRAINER, *round, client));
-            }
-            PlanAction::StartEvaluation {
-                client,
-                round,
-                attempt,
-            } => {
-                let Some(&i) = index_of.get(client.as_str()) else {
-                    continue;
-                };
-                match &placements[i] {
-                    Ok(p) => to_create.push(jobs::evaluation_job(
-                        &run,
-                        i,
-                        *round,
-                        *attempt,
-                        p,
-                        deadline,
-                        &ctx.config.jobs,
-                        &ctx.config.sizing.cpu.request,
-                    )),
-                    Err(e) => unplaceable.push(e.to_string()),
-                }
             }
             PlanAction::CancelEvaluation { client, round } => {
                 to_cancel.extend(active_jobs(&jobs, ROLE_EVALUATOR, *round, client));

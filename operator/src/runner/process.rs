@@ -178,6 +178,42 @@ impl TrainerCommand {
         cmd
     }
 
+    /// The arguments `train` and `eval` share: `client`'s model on `device`
+    /// with the global artifact in `global` (and its private state), the
+    /// prefix caches in `cache`, the output at `out`.
+    #[allow(clippy::too_many_arguments)]
+    fn client_command(
+        &self,
+        sub: &str,
+        client: &str,
+        device: &str,
+        global: &Path,
+        state_in: Option<&Path>,
+        cache: &Path,
+        out: &Path,
+    ) -> tokio::process::Command {
+        let mut cmd = self.command(sub);
+        cmd.arg("--client")
+            .arg(client)
+            .arg("--device")
+            .arg(device)
+            .arg("--global")
+            .arg(global)
+            .arg("--cache-dir")
+            .arg(cache)
+            .arg("--out")
+            .arg(out)
+            .arg("--run")
+            .arg(&self.run);
+        if self.threads > 0 {
+            cmd.arg("--threads").arg(self.threads.to_string());
+        }
+        if let Some(state_in) = state_in {
+            cmd.arg("--state-in").arg(state_in);
+        }
+        cmd
+    }
+
     /// The `train` command line of `client` in `round`.
     fn train_command(
         &self,
@@ -187,29 +223,19 @@ impl TrainerCommand {
         global: &Path,
         dirs: &ClientDirs,
     ) -> tokio::process::Command {
-        let mut cmd = self.command("train");
-        cmd.arg("--client")
-            .arg(client)
-            .arg("--round")
+        let mut cmd = self.client_command(
+            "train",
+            client,
+            device,
+            global,
+            dirs.state_in.as_deref(),
+            &dirs.cache,
+            &dirs.out,
+        );
+        cmd.arg("--round")
             .arg(round.to_string())
-            .arg("--device")
-            .arg(device)
-            .arg("--global")
-            .arg(global)
             .arg("--state-out")
-            .arg(&dirs.state_out)
-            .arg("--cache-dir")
-            .arg(&dirs.cache)
-            .arg("--out")
-            .arg(&dirs.out)
-            .arg("--run")
-            .arg(&self.run);
-        if self.threads > 0 {
-            cmd.arg("--threads").arg(self.threads.to_string());
-        }
-        if let Some(state_in) = &dirs.state_in {
-            cmd.arg("--state-in").arg(state_in);
-        }
+            .arg(&dirs.state_out);
         cmd
     }
 
@@ -268,40 +294,6 @@ impl TrainerCommand {
             .map(|_| ())
     }
 
-    /// The `eval` command line: `client`'s model with the global artifact
-    /// in `global` (and its private state) on the global test set, the
-    /// result written to `out`.
-    pub fn eval_command(
-        &self,
-        client: &str,
-        device: &str,
-        global: &Path,
-        state_in: Option<&Path>,
-        cache: &Path,
-        out: &Path,
-    ) -> tokio::process::Command {
-        let mut cmd = self.command("eval");
-        cmd.arg("--client")
-            .arg(client)
-            .arg("--device")
-            .arg(device)
-            .arg("--global")
-            .arg(global)
-            .arg("--cache-dir")
-            .arg(cache)
-            .arg("--out")
-            .arg(out)
-            .arg("--run")
-            .arg(&self.run);
-        if self.threads > 0 {
-            cmd.arg("--threads").arg(self.threads.to_string());
-        }
-        if let Some(state_in) = state_in {
-            cmd.arg("--state-in").arg(state_in);
-        }
-        cmd
-    }
-
     /// Evaluates `client` on the global model in `global` and waits for it.
     pub async fn evaluate(
         &self,
@@ -312,7 +304,7 @@ impl TrainerCommand {
         cache: &Path,
         out: &Path,
     ) -> Result<String, String> {
-        let cmd = self.eval_command(client, device, global, state_in, cache, out);
+        let cmd = self.client_command("eval", client, device, global, state_in, cache, out);
         run_to_end(cmd, &format!("evaluating {client}"), self.live_logs).await
     }
 
@@ -351,7 +343,8 @@ impl TrainerCommand {
         tx: mpsc::UnboundedSender<ClientExit>,
     ) -> Result<oneshot::Sender<()>, String> {
         let _ = std::fs::remove_file(out);
-        let cmd = self.eval_command(
+        let cmd = self.client_command(
+            "eval",
             client,
             "cpu",
             global,
