@@ -242,8 +242,16 @@ fn the_controllers_jobs_run_a_federation_through_s3() {
     // After the last round: each client's evaluation Job commits its
     // evaluation of round 2's global model (with its own private state).
     for i in 0..clients.len() {
-        let out = pod(&jobs::evaluation_job(
-            &run, i, 2, 1, &placement, 600, &config, "1",
+        let out = pod(&jobs::client_job(
+            &run,
+            i,
+            jobs::ROLE_EVALUATOR,
+            2,
+            1,
+            &placement,
+            600,
+            &config,
+            "1",
         ));
         assert!(
             text(&out).contains("evaluation committed"),
@@ -266,8 +274,16 @@ fn the_controllers_jobs_run_a_federation_through_s3() {
     }
     // A duplicate evaluation Job changes nothing.
     let before = server.get(BUCKET, &run.layout.evaluation_result(2, &clients[0]));
-    let out = pod(&jobs::evaluation_job(
-        &run, 0, 2, 2, &placement, 600, &config, "1",
+    let out = pod(&jobs::client_job(
+        &run,
+        0,
+        jobs::ROLE_EVALUATOR,
+        2,
+        2,
+        &placement,
+        600,
+        &config,
+        "1",
     ));
     assert!(text(&out).contains("already committed"), "{}", text(&out));
     assert_eq!(

@@ -608,32 +608,6 @@ pub fn trainer_job(
     )
 }
 
-/// Client `client_index`'s Job evaluating the global model of `round` (the
-/// last), attempt `attempt` (see [`client_job`]).
-#[allow(clippy::too_many_arguments)]
-pub fn evaluation_job(
-    run: &Run,
-    client_index: usize,
-    round: u32,
-    attempt: u32,
-    placement: &Placement,
-    active_deadline: i64,
-    config: &JobConfig,
-    cpu_request: &str,
-) -> Job {
-    client_job(
-        run,
-        client_index,
-        ROLE_EVALUATOR,
-        round,
-        attempt,
-        placement,
-        active_deadline,
-        config,
-        cpu_request,
-    )
-}
-
 /// Client `client_index`'s Job of `role`: a trainer ([`ROLE_TRAINER`]) for
 /// `round`, or an evaluator ([`ROLE_EVALUATOR`]) of `round`'s global model,
 /// placed like its trainer (the same model on the same kind of device).
