@@ -4,6 +4,8 @@
 //! * [`status`]: the observed state the operator and the local runner report.
 //! * [`manifest`] and [`layout`]: the artifact manifest and object-store
 //!   layout of the round protocol, shared by the operator and the trainer.
+//! * [`model`]: the model's rules without tensors: a model folder's facts
+//!   (config.json, safetensors header) and the slot map of adapted layers.
 //! * [`crd`] and [`validate`] (feature `kube`): the generated
 //!   CustomResourceDefinition with its CEL rules, and the local validator
 //!   that checks a spec against that very schema and those very rules, so
@@ -11,6 +13,7 @@
 
 pub mod layout;
 pub mod manifest;
+pub mod model;
 pub mod spec;
 pub mod status;
 pub mod uri;

@@ -2,60 +2,16 @@
 //! locally and fit the spec. They report through the same [`Problem`] type as
 //! the schema and CEL checks, with the field path of the reference.
 
-use std::path::Path;
-
-use heterotune_crds::spec::{
-    FederatedTuneSpec, LayerSelectionMode, LayerSelectionSpec, ModelFamily, PartitionStrategy,
-};
+use heterotune_crds::model::{LayerSelection, ModelFacts, MODEL_FILES};
+use heterotune_crds::spec::{FederatedTuneSpec, PartitionStrategy};
 use heterotune_crds::uri::{self, Location};
 use heterotune_crds::validate::{Problem, ProblemKind};
-
-/// Files a model directory must hold (Hugging Face layout).
-pub const MODEL_FILES: &[&str] = &["config.json", "model.safetensors", "tokenizer.json"];
-
-/// What a model's config.json says about its shape.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ModelFacts {
-    pub family: Option<ModelFamily>,
-    pub num_layers: Option<u64>,
-    pub hidden_size: Option<u64>,
-}
 
 fn problem(path: String, message: String) -> Problem {
     Problem {
         path,
         kind: ProblemKind::Reference,
         message,
-    }
-}
-
-/// Reads the family and depth from a config.json.
-pub fn read_model_facts(dir: &Path) -> Result<ModelFacts, String> {
-    let file = dir.join("config.json");
-    let text = std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
-    let config: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| format!("{}: not valid JSON: {e}", file.display()))?;
-    let model_type = config
-        .get("model_type")
-        .and_then(|v| v.as_str())
-        .unwrap_or_default();
-    let family = match model_type {
-        "bert" => Some(ModelFamily::Bert),
-        "llama" => Some(ModelFamily::Llama),
-        _ => None,
-    };
-    Ok(ModelFacts {
-        family,
-        num_layers: config.get("num_hidden_layers").and_then(|v| v.as_u64()),
-        hidden_size: config.get("hidden_size").and_then(|v| v.as_u64()),
-    })
-}
-
-/// Number of layers in the adapted window of a model with `num_layers` layers.
-fn window_depth(selection: &LayerSelectionSpec, num_layers: u64) -> u64 {
-    match selection.mode {
-        LayerSelectionMode::SlotEnds => num_layers,
-        LayerSelectionMode::TopWindow => selection.window.map(u64::from).unwrap_or(num_layers),
     }
 }
 
@@ -90,51 +46,39 @@ pub fn check_local_references(spec: &FederatedTuneSpec) -> Vec<Problem> {
             ));
             continue;
         }
-        let facts = match read_model_facts(&dir) {
+        let facts = match ModelFacts::read(&dir) {
             Ok(f) => f,
             Err(e) => {
-                problems.push(problem(path, e));
+                problems.push(problem(path, e.to_string()));
                 continue;
             }
         };
-        match facts.family {
-            Some(family) if family == client.model.family => {}
-            Some(family) => problems.push(problem(
+        if facts.family != client.model.family {
+            problems.push(problem(
                 format!("spec.clients[{i}].model.family"),
                 format!(
                     "is {} but {} holds a {} model: set family: {}",
                     client.model.family.as_str(),
                     dir.display(),
-                    family.as_str(),
-                    family.as_str()
+                    facts.family.as_str(),
+                    facts.family.as_str()
                 ),
-            )),
-            None => problems.push(problem(
-                path.clone(),
-                format!(
-                    "{}: model_type is neither bert nor llama",
-                    dir.join("config.json").display()
-                ),
-            )),
+            ));
         }
-        if let Some(layers) = facts.num_layers {
-            let selection = client
-                .model
-                .adapted_layers
-                .as_ref()
-                .unwrap_or(&spec.adapter.layers);
-            if let Some(window) = selection.window {
-                if u64::from(window) > layers {
-                    problems.push(problem(
-                        format!("spec.clients[{i}].model.adaptedLayers.window"),
-                        format!("is {window} but the model has only {layers} layers"),
-                    ));
-                }
+        let layers = facts.num_layers;
+        let selection = spec.layer_selection(i);
+        if let Some(window) = selection.window {
+            if u64::from(window) > layers {
+                problems.push(problem(
+                    format!("spec.clients[{i}].model.adaptedLayers.window"),
+                    format!("is {window} but the model has only {layers} layers"),
+                ));
             }
-            let depth = window_depth(selection, layers).min(layers);
-            if min_depth.as_ref().map(|(d, _)| depth < *d).unwrap_or(true) {
-                min_depth = Some((depth, client.name.clone()));
-            }
+        }
+        let depth = LayerSelection::from_spec(selection, layers as usize)
+            .window_depth(layers as usize) as u64;
+        if min_depth.as_ref().map(|(d, _)| depth < *d).unwrap_or(true) {
+            min_depth = Some((depth, client.name.clone()));
         }
     }
     if let (Some(slots), Some((depth, name))) = (spec.adapter.slots, &min_depth) {
@@ -181,6 +125,7 @@ fn check_dataset(uri_text: &str, path: &str, problems: &mut Vec<Problem>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     fn spec_with(dir: &Path, family: &str, slots: u32) -> FederatedTuneSpec {
         let yaml = format!(
@@ -209,7 +154,7 @@ spec:
         std::fs::write(
             dir.join("config.json"),
             format!(
-                r#"{{"model_type":"{model_type}","num_hidden_layers":{layers},"hidden_size":32}}"#
+                r#"{{"model_type":"{model_type}","num_hidden_layers":{layers},"hidden_size":32,"num_attention_heads":2,"vocab_size":64}}"#
             ),
         )
         .expect("write");

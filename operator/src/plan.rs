@@ -6,24 +6,20 @@
 use std::fmt::Write as _;
 
 use heterotune_crds::layout::RunLayout;
+use heterotune_crds::model::ModelFacts;
 use heterotune_crds::uri::{self, Location};
 use heterotune_crds::FederatedTune;
 
 use crate::report::human_bytes as bytes_si;
 use crate::sizing::{self, ModelShape, Placement, SizingConfig, Workload};
 
-/// The shape of client `index`'s model: from its local config.json (and
-/// the safetensors header for the exact parameter count), else the spec's
+/// The shape of client `index`'s model: from its local config.json, else the spec's
 /// `parameters`, else the packaged-model table.
 pub fn model_shape(ft: &FederatedTune, index: usize) -> Option<ModelShape> {
     let client = &ft.spec.clients[index];
     if let Ok(Location::Local(dir)) = uri::resolve(&client.model.uri) {
-        if let Ok(text) = std::fs::read_to_string(dir.join("config.json")) {
-            if let Ok(config) = serde_json::from_str::<serde_json::Value>(&text) {
-                if let Ok(shape) = ModelShape::from_config_json(&config) {
-                    return Some(shape);
-                }
-            }
+        if let Ok(facts) = ModelFacts::read(&dir) {
+            return Some(ModelShape::from_facts(&facts));
         }
     }
     if let Some(p) = client.model.parameters {

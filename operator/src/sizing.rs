@@ -39,9 +39,10 @@
 
 use std::collections::BTreeMap;
 
+use heterotune_crds::model::facts::{bert_parameters, llama_parameters};
+use heterotune_crds::model::{slots, LayerSelection, ModelFacts, SlotMap};
 use heterotune_crds::spec::{
-    AdapterKind, ClientSpec, Dtype, FederatedTuneSpec, LayerSelectionMode, LayerSelectionSpec,
-    ModelFamily, Toleration,
+    AdapterKind, ClientSpec, Dtype, FederatedTuneSpec, LayerSelectionSpec, ModelFamily, Toleration,
 };
 use serde::{Deserialize, Serialize};
 
@@ -114,66 +115,25 @@ pub fn human_bytes(bytes: u64) -> String {
     }
 }
 
-fn field(config: &serde_json::Value, names: &[&str]) -> Option<u64> {
-    names
-        .iter()
-        .find_map(|n| config.get(*n).and_then(serde_json::Value::as_u64))
-}
-
 impl ModelShape {
     /// Reads the shape from a Hugging Face `config.json`.
     pub fn from_config_json(config: &serde_json::Value) -> Result<ModelShape, SizingError> {
-        let need = |names: &[&str]| {
-            field(config, names).ok_or_else(|| {
-                SizingError::Config(format!("{} is missing or not an integer", names[0]))
-            })
-        };
-        let model_type = config
-            .get("model_type")
-            .and_then(serde_json::Value::as_str)
-            .unwrap_or_default();
-        let d = need(&["hidden_size", "n_embd", "dim"])?;
-        let layers = need(&["num_hidden_layers", "n_layer", "n_layers"])?;
-        let heads = need(&["num_attention_heads", "n_head", "n_heads"])?;
-        let vocab = need(&["vocab_size"])?;
-        match model_type {
-            "bert" => {
-                let i = field(config, &["intermediate_size"]).unwrap_or(4 * d);
-                let positions = field(config, &["max_position_embeddings"]).unwrap_or(512);
-                let types = field(config, &["type_vocab_size"]).unwrap_or(2);
-                Ok(ModelShape {
-                    family: ModelFamily::Bert,
-                    parameters: bert_parameters(d, layers, i, vocab, positions, types),
-                    hidden_size: d,
-                    num_layers: layers,
-                    num_heads: heads,
-                    vocab_size: vocab,
-                    intermediate_size: i,
-                    source: ShapeSource::Config,
-                })
-            }
-            "llama" | "mistral" | "qwen2" => {
-                let i = field(config, &["intermediate_size"]).unwrap_or(8 * d / 3);
-                let kv = field(config, &["num_key_value_heads"]).unwrap_or(heads);
-                let head_dim = field(config, &["head_dim"]).unwrap_or(d / heads.max(1));
-                let tied = config
-                    .get("tie_word_embeddings")
-                    .and_then(serde_json::Value::as_bool)
-                    .unwrap_or(false);
-                Ok(ModelShape {
-                    family: ModelFamily::Llama,
-                    parameters: llama_parameters(d, layers, heads, kv, head_dim, i, vocab, tied),
-                    hidden_size: d,
-                    num_layers: layers,
-                    num_heads: heads,
-                    vocab_size: vocab,
-                    intermediate_size: i,
-                    source: ShapeSource::Config,
-                })
-            }
-            other => Err(SizingError::Config(format!(
-                "model_type {other:?} is neither bert nor llama"
-            ))),
+        let facts = ModelFacts::from_value(std::path::Path::new("config.json"), config.clone())
+            .map_err(|e| SizingError::Config(e.message))?;
+        Ok(ModelShape::from_facts(&facts))
+    }
+
+    /// The shape of a model whose facts were read.
+    pub fn from_facts(facts: &ModelFacts) -> ModelShape {
+        ModelShape {
+            family: facts.family,
+            parameters: facts.parameters(),
+            hidden_size: facts.hidden_size,
+            num_layers: facts.num_layers,
+            num_heads: facts.num_heads,
+            vocab_size: facts.vocab_size,
+            intermediate_size: facts.intermediate_size,
+            source: ShapeSource::Config,
         }
     }
 
@@ -194,35 +154,6 @@ impl ModelShape {
             source: ShapeSource::Parameters,
         }
     }
-}
-
-/// Parameters of a BERT encoder without the pooler (the trainer does not load
-/// it): embeddings (words, positions, token types, LayerNorm) and per layer
-/// attention `4(d²+d)`, MLP `2di + i + d`, two LayerNorms `4d`.
-pub fn bert_parameters(d: u64, layers: u64, i: u64, vocab: u64, positions: u64, types: u64) -> u64 {
-    let embeddings = (vocab + positions + types) * d + 2 * d;
-    let layer = 4 * (d * d + d) + 2 * d * i + i + d + 4 * d;
-    embeddings + layers * layer
-}
-
-/// Parameters of a LLaMA decoder: embeddings, per layer the q/k/v/o
-/// projections (grouped-query k/v), the SwiGLU MLP `3di` and two RMSNorms,
-/// the final norm, and `lm_head` unless tied to the embeddings.
-#[allow(clippy::too_many_arguments)]
-pub fn llama_parameters(
-    d: u64,
-    layers: u64,
-    heads: u64,
-    kv_heads: u64,
-    head_dim: u64,
-    i: u64,
-    vocab: u64,
-    tied: bool,
-) -> u64 {
-    let attention = 2 * d * heads * head_dim + 2 * d * kv_heads * head_dim;
-    let layer = attention + 3 * d * i + 2 * d;
-    let head = if tied { 0 } else { vocab * d };
-    vocab * d + layers * layer + d + head
 }
 
 /// The shapes of the models `scripts/setup.sh` packages, by the last path
@@ -255,40 +186,20 @@ pub fn packaged_model(uri: &str) -> Option<ModelShape> {
     })
 }
 
-/// The adapted layers of a model with `num_layers` layers (the trainer's
-/// slot map): window position `j` of `n` maps to slot `floor(j·S/n)`; the
-/// last layer of each slot group is adapted, or every layer of the window.
+/// The adapted layers of a model with `num_layers` layers: the trainer's
+/// slot map ([`SlotMap::lenient`]: an estimate never fails on settings the
+/// checks reject).
 pub fn adapted_layers(num_layers: u64, slots: u64, selection: &LayerSelectionSpec) -> Vec<u64> {
-    let window = match selection.mode {
-        LayerSelectionMode::SlotEnds => num_layers,
-        LayerSelectionMode::TopWindow => selection
-            .window
-            .map(u64::from)
-            .unwrap_or(num_layers)
-            .min(num_layers),
-    }
-    .max(1);
-    let slots = slots.clamp(1, window);
-    let start = num_layers.saturating_sub(window);
-    let slot_of = |j: u64| j * slots / window;
-    (0..window)
-        .filter(|&j| {
-            selection.every_layer_in_group || j + 1 == window || slot_of(j + 1) != slot_of(j)
-        })
-        .map(|j| start + j)
+    SlotMap::lenient(num_layers as usize, slots as usize, selection)
+        .into_iter()
+        .map(|l| l as u64)
         .collect()
 }
 
 /// Depth of the layer-selection window of a client (what bounds `slots`).
 pub fn window_depth(num_layers: u64, selection: &LayerSelectionSpec) -> u64 {
-    match selection.mode {
-        LayerSelectionMode::SlotEnds => num_layers,
-        LayerSelectionMode::TopWindow => selection
-            .window
-            .map(u64::from)
-            .unwrap_or(num_layers)
-            .min(num_layers),
-    }
+    LayerSelection::from_spec(selection, num_layers as usize).window_depth(num_layers as usize)
+        as u64
 }
 
 /// Operator-wide sizing settings (Helm `sizing` values).
@@ -670,24 +581,11 @@ impl Placement {
 /// Resolves `adapter.slots`: the spec's value, or the shallowest client's
 /// window depth (what the trainer does). `shapes[i]` is client i's shape.
 pub fn resolve_slots(spec: &FederatedTuneSpec, shapes: &[Option<ModelShape>]) -> u64 {
-    if let Some(s) = spec.adapter.slots {
-        return u64::from(s);
-    }
-    spec.clients
-        .iter()
-        .zip(shapes)
-        .filter_map(|(c, shape)| {
-            let shape = shape.as_ref()?;
-            let selection = c
-                .model
-                .adapted_layers
-                .as_ref()
-                .unwrap_or(&spec.adapter.layers);
-            Some(window_depth(shape.num_layers, selection))
-        })
-        .min()
-        .unwrap_or(3)
-        .max(1)
+    let depths = shapes.iter().enumerate().filter_map(|(i, shape)| {
+        let shape = shape.as_ref()?;
+        Some(window_depth(shape.num_layers, spec.layer_selection(i)) as usize)
+    });
+    slots::resolve_slots(spec.adapter.slots, depths) as u64
 }
 
 /// Chooses where client `client` runs.
@@ -749,6 +647,7 @@ pub fn place(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use heterotune_crds::spec::LayerSelectionMode;
 
     /// A spec with `clients` (name, family, uri, dtype) and `extra` YAML under `spec:`.
     fn spec(clients: &[(&str, &str, &str, &str)], extra: &str) -> FederatedTuneSpec {
@@ -835,6 +734,39 @@ mod tests {
             every_layer_in_group: false,
         };
         assert_eq!(adapted_layers(30, 3, &top), vec![25, 27, 29]);
+    }
+
+    /// Every valid setting up to 40 layers: the estimate's adapted layers
+    /// are exactly the trainer's slot map, and the slot count it resolves
+    /// is the depth the trainer's check accepts.
+    #[test]
+    fn sizing_and_trainer_share_one_slot_map() {
+        for layers in 1..=40u64 {
+            for window in 1..=layers {
+                for every in [false, true] {
+                    let spec = LayerSelectionSpec {
+                        mode: LayerSelectionMode::TopWindow,
+                        window: Some(window as u32),
+                        every_layer_in_group: every,
+                    };
+                    let sel = LayerSelection::from_spec(&spec, layers as usize);
+                    assert_eq!(window_depth(layers, &spec), window);
+                    for slots in 1..=window {
+                        let map = SlotMap::new(layers as usize, slots as usize, sel, every)
+                            .expect("valid settings");
+                        let trainer: Vec<u64> = map
+                            .adapted_layers()
+                            .iter()
+                            .map(|&(l, _)| l as u64)
+                            .collect();
+                        assert_eq!(adapted_layers(layers, slots, &spec), trainer);
+                    }
+                    assert!(
+                        SlotMap::new(layers as usize, window as usize + 1, sel, every).is_err()
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -73,3 +73,18 @@ impl Error {
         }
     }
 }
+
+impl From<heterotune_crds::model::SlotError> for Error {
+    fn from(e: heterotune_crds::model::SlotError) -> Self {
+        Error::config(e.field, e.message)
+    }
+}
+
+impl From<heterotune_crds::model::ModelError> for Error {
+    fn from(e: heterotune_crds::model::ModelError) -> Self {
+        Error::Model {
+            path: e.path,
+            message: e.message,
+        }
+    }
+}

@@ -5,17 +5,16 @@
 
 use std::path::{Path, PathBuf};
 
-use heterotune_crds::spec::{
-    Dtype, FederatedTuneSpec, LayerSelectionMode, LayerSelectionSpec, PartitionStrategy,
-};
+use heterotune_crds::model::slots::resolve_slots as resolve_slot_count;
+use heterotune_crds::model::LayerSelection;
+use heterotune_crds::spec::{Dtype, FederatedTuneSpec, LayerSelectionSpec, PartitionStrategy};
 use heterotune_crds::uri::{self, Location};
 
 use crate::adapters::dema::DemaConfig;
-use crate::adapters::layers::LayerSelection;
 use crate::data::partition::{DataConfig, PartitionConfig, PartitionScheme};
 use crate::data::source::DatasetConfig;
 use crate::data::split::SplitFractions;
-use crate::models::config::ModelConfig;
+use crate::models::ModelConfig;
 use crate::{Error, Result};
 
 /// Reads a spec file: a whole FederatedTune (YAML or JSON) or just its spec.
@@ -132,15 +131,6 @@ pub fn data_config(spec: &FederatedTuneSpec) -> Result<DataConfig> {
     })
 }
 
-fn selection(spec: &LayerSelectionSpec, num_layers: usize) -> LayerSelection {
-    match spec.mode {
-        LayerSelectionMode::SlotEnds => LayerSelection::SlotEnds,
-        LayerSelectionMode::TopWindow => LayerSelection::TopWindow {
-            layers: spec.window.map(|w| w as usize).unwrap_or(num_layers),
-        },
-    }
-}
-
 /// The layer selection in force for client `index`.
 pub fn layer_selection_spec(spec: &FederatedTuneSpec, index: usize) -> &LayerSelectionSpec {
     spec.layer_selection(index)
@@ -149,10 +139,10 @@ pub fn layer_selection_spec(spec: &FederatedTuneSpec, index: usize) -> &LayerSel
 /// The number of slots: `adapter.slots`, or the depth of the shallowest
 /// client's adapted window (read from each local model's config.json).
 pub fn resolve_slots(spec: &FederatedTuneSpec) -> Result<usize> {
-    if let Some(s) = spec.adapter.slots {
-        return Ok(s as usize);
+    if spec.adapter.slots.is_some() {
+        return Ok(resolve_slot_count(spec.adapter.slots, []));
     }
-    let mut depth = usize::MAX;
+    let mut depths = Vec::with_capacity(spec.clients.len());
     for (i, c) in spec.clients.iter().enumerate() {
         let dir =
             local_path(&c.model.uri, &format!("spec.clients[{i}].model.uri")).map_err(|_| {
@@ -162,13 +152,11 @@ pub fn resolve_slots(spec: &FederatedTuneSpec) -> Result<usize> {
             )
             })?;
         let layers = num_layers(&dir)?;
-        let window = match selection(layer_selection_spec(spec, i), layers) {
-            LayerSelection::SlotEnds => layers,
-            LayerSelection::TopWindow { layers: w } => w.min(layers),
-        };
-        depth = depth.min(window);
+        depths.push(
+            LayerSelection::from_spec(layer_selection_spec(spec, i), layers).window_depth(layers),
+        );
     }
-    Ok(depth.max(1))
+    Ok(resolve_slot_count(None, depths))
 }
 
 /// `num_hidden_layers` from a model directory's config.json
@@ -190,7 +178,7 @@ pub fn dema_config(
         experts: spec.adapter.experts as usize,
         slots,
         scale: spec.adapter.scale,
-        layer_selection: selection(sel, num_layers),
+        layer_selection: LayerSelection::from_spec(sel, num_layers),
         every_layer_in_group: sel.every_layer_in_group,
         // Every client starts from the same shared initial values.
         init_seed: spec.training.seed,

@@ -9,11 +9,11 @@
 
 use std::path::{Path, PathBuf};
 
+use heterotune_crds::model::{ModelFacts, CONFIG_FILE, TOKENIZER_FILE};
 use tch::Tensor;
 use tokenizers::{PostProcessor, Tokenizer, TruncationDirection};
 
 use crate::error::{Error, Result};
-use crate::models::config::{CONFIG_FILE, TOKENIZER_FILE};
 
 /// A batch of token ids, right-padded.
 #[derive(Debug)]
@@ -115,7 +115,7 @@ impl TextTokenizer {
             ));
         }
         if !tok.pad_from_file {
-            if let Some(id) = config_pad_id(&dir.join(CONFIG_FILE)) {
+            if let Some(id) = ModelFacts::read(dir).ok().and_then(|f| f.pad_token_id) {
                 tok.pad_id = id;
             }
         }
@@ -217,18 +217,4 @@ impl TextTokenizer {
             .decode(ids, true)
             .map_err(|e| Error::model(&self.path, format!("cannot decode {ids:?}: {e}")))
     }
-}
-
-/// `pad_token_id`, else the (first) `eos_token_id`, from a `config.json`.
-fn config_pad_id(path: &Path) -> Option<i64> {
-    let text = std::fs::read_to_string(path).ok()?;
-    let value: serde_json::Value = serde_json::from_str(&text).ok()?;
-    let id = |v: &serde_json::Value| match v {
-        serde_json::Value::Array(items) => items.first().and_then(|x| x.as_i64()),
-        other => other.as_i64(),
-    };
-    value
-        .get("pad_token_id")
-        .and_then(id)
-        .or_else(|| value.get("eos_token_id").and_then(id))
 }

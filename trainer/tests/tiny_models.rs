@@ -689,7 +689,7 @@ fn tokenizer_pads_right_and_truncates_keeping_specials() {
 fn model_config_gives_shape_facts_without_weights() {
     use heterotune_trainer::adapters::lora::ProjectionDims;
     use heterotune_trainer::job;
-    use heterotune_trainer::models::config::ModelConfig;
+    use heterotune_trainer::models::ModelConfig;
 
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();

@@ -38,7 +38,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tch::{nn, Device, Kind, Tensor};
 
-use crate::adapters::layers::{LayerSelection, SlotMap};
+use heterotune_crds::model::{LayerSelection, SlotMap};
+
 use crate::data::split::{seeded_rng, standard_normal, uniform01};
 use crate::error::{Error, Result};
 use crate::models::BackboneInfo;
@@ -126,12 +127,12 @@ impl DemaConfig {
 
     /// The slot map of a backbone with `num_layers` layers.
     pub fn slot_map(&self, num_layers: usize) -> Result<SlotMap> {
-        SlotMap::new(
+        Ok(SlotMap::new(
             num_layers,
             self.slots,
             self.layer_selection,
             self.every_layer_in_group,
-        )
+        )?)
     }
 }
 

@@ -158,10 +158,10 @@ impl ProjectionDims {
 
     /// The projections of the backbone a `config.json` describes (BERT:
     /// square; LLaMA: see [`ProjectionDims::llama`]).
-    pub fn of_model(config: &crate::models::config::ModelConfig) -> Self {
+    pub fn of_model(config: &crate::models::ModelConfig) -> Self {
         match config {
-            crate::models::config::ModelConfig::Bert(c) => Self::square(c.hidden_size),
-            crate::models::config::ModelConfig::Llama(c) => Self::llama(c),
+            crate::models::ModelConfig::Bert(c) => Self::square(c.hidden_size),
+            crate::models::ModelConfig::Llama(c) => Self::llama(c),
         }
     }
 

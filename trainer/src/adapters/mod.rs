@@ -4,17 +4,16 @@
 //!   down/up projections per adapted layer), its parameter counts, and the
 //!   export / import of named tensors (maps; safetensors bytes and files
 //!   are [`crate::artifact`]'s);
-//! * [`layers`]: which layers carry adapters and their slots ([`SlotMap`]);
+//! * [`SlotMap`] (from `heterotune_crds::model`): which layers carry adapters and their slots;
 //! * [`head`]: pooling and the linear classification head;
 //! * [`lora`]: LoRA on the query/value projections (the baselines).
 
 pub mod dema;
 pub mod head;
-pub mod layers;
 pub mod lora;
 
 pub use dema::{
     export_named, family_parameter_count, load_named, shared_parameter_count, Dema, DemaConfig,
 };
 pub use head::{ClassifierHead, Pooling};
-pub use layers::{LayerSelection, SlotMap};
+pub use heterotune_crds::model::{LayerSelection, SlotMap};

@@ -11,7 +11,9 @@ use std::path::Path;
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
-use super::config::{positive, Activation, RawConfig, WEIGHTS_FILE};
+use heterotune_crds::model::{ModelFacts, WEIGHTS_FILE};
+
+use super::config::{positive, typed, Activation};
 use super::weights::{WeightStorage, Weights};
 use super::{
     add_delta, attention, Backbone, BackboneInfo, Family, FusedLinear, Linear, Projection,
@@ -209,9 +211,9 @@ impl Bert {
     /// [`Error::Model`] naming the file for a missing file, an unsupported or
     /// inconsistent configuration, or a missing / mis-shaped / non-float tensor.
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
-        let raw = RawConfig::read(dir)?;
-        let config: BertConfig = raw.parse()?;
-        config.validate(raw.path())?;
+        let facts = ModelFacts::read(dir)?;
+        let config: BertConfig = typed(&facts)?;
+        config.validate(&facts.source)?;
         let mut weights = Weights::open(&dir.join(WEIGHTS_FILE), device, kind)?;
         weights.strip_prefix("bert.");
         Self::from_weights(config, &weights)

@@ -12,24 +12,18 @@
 pub mod bert;
 pub mod config;
 pub mod llama;
+pub mod select;
 pub mod weights;
 
-use std::path::Path;
-
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 use crate::error::Result;
-use config::RawConfig;
+
 use weights::Weights;
 
-/// Architecture family of a backbone.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Family {
-    /// BERT-style encoder (all-MiniLM-L6-v2, paraphrase-MiniLM-L3-v2, ...).
-    Bert,
-    /// LLaMA-style decoder (SmolLM2, LLaMA, ...).
-    Llama,
-}
+/// Architecture family of a backbone: the API's one list of families.
+pub use heterotune_crds::spec::ModelFamily as Family;
+pub use select::{load_backbone, ModelConfig};
 
 /// Shape facts every backbone exposes.
 #[derive(Debug, Clone, PartialEq)]
@@ -117,23 +111,6 @@ pub trait ProjectionDelta {
     /// projection's output shape `[..., out_features]` and is cast to the
     /// backbone's dtype. Every row must be computed from its own input row.
     fn delta(&self, layer: usize, projection: Projection, input: &Tensor) -> Option<Tensor>;
-}
-
-/// Loads the backbone in `dir` (`config.json` + `model.safetensors`), with
-/// frozen weights in `dtype` on `device`. The architecture comes from
-/// `model_type` (`bert`, `llama`) or `architectures`; every size is read from
-/// `config.json`, so any checkpoint of these families loads.
-///
-/// # Errors
-/// [`crate::Error::Model`] naming the file: missing `config.json` or
-/// `model.safetensors`, unknown `model_type`, unsupported option, missing
-/// tensor, shape mismatch (expected vs found), non-float tensor.
-pub fn load_backbone(dir: &Path, device: Device, dtype: Kind) -> Result<Box<dyn Backbone>> {
-    let family = RawConfig::read(dir)?.family()?;
-    Ok(match family {
-        Family::Bert => Box::new(bert::Bert::load(dir, device, dtype)?),
-        Family::Llama => Box::new(llama::Llama::load(dir, device, dtype)?),
-    })
 }
 
 /// A frozen affine map `x Wᵀ + b` with a checkpoint's `[out, in]` weight.
@@ -364,6 +341,7 @@ fn attention_matmul(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::Device;
 
     fn randn(shape: &[i64]) -> Tensor {
         Tensor::randn(shape, (Kind::Float, Device::Cpu))

@@ -1,5 +1,5 @@
-//! Which backbone layers carry DeMA adapters, and which shared slot each
-//! one uses.
+//! Which backbone layers carry adapters, and which shared slot each one
+//! uses: the one slot map of the trainer, the sizing and the checks.
 //!
 //! Families of different depth meet in `S` slots. Within a window of `n`
 //! consecutive layers ending at the top of the backbone (the whole depth,
@@ -21,7 +21,24 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::spec::{LayerSelectionMode, LayerSelectionSpec};
+
+/// A slot map that cannot be built, naming the spec field to change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{field}`: {message}")]
+pub struct SlotError {
+    /// The field at fault (`dema.slots`, `dema.layerSelection.layers`...).
+    pub field: &'static str,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+fn slot_error(field: &'static str, message: impl Into<String>) -> SlotError {
+    SlotError {
+        field,
+        message: message.into(),
+    }
+}
 
 /// Which part of the backbone the slot map covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -36,6 +53,41 @@ pub enum LayerSelection {
         /// Number of top layers in the window.
         layers: usize,
     },
+}
+
+impl LayerSelection {
+    /// The selection a spec asks for on a backbone of `num_layers` layers
+    /// (a `topWindow` without `window` covers the whole depth).
+    pub fn from_spec(spec: &LayerSelectionSpec, num_layers: usize) -> LayerSelection {
+        match spec.mode {
+            LayerSelectionMode::SlotEnds => LayerSelection::SlotEnds,
+            LayerSelectionMode::TopWindow => LayerSelection::TopWindow {
+                layers: spec.window.map_or(num_layers, |w| w as usize),
+            },
+        }
+    }
+
+    /// Number of layers the window covers on a backbone of `num_layers`
+    /// layers (at most `num_layers`): what bounds the number of slots.
+    pub fn window_depth(self, num_layers: usize) -> usize {
+        match self {
+            LayerSelection::SlotEnds => num_layers,
+            LayerSelection::TopWindow { layers } => layers.min(num_layers),
+        }
+    }
+}
+
+/// The number of slots: `configured` (`adapter.slots`) when set, else the
+/// shallowest window among the clients' `window_depths` (at least 1; 3 when
+/// no depth is known).
+pub fn resolve_slots(
+    configured: Option<u32>,
+    window_depths: impl IntoIterator<Item = usize>,
+) -> usize {
+    if let Some(s) = configured {
+        return s as usize;
+    }
+    window_depths.into_iter().min().unwrap_or(3).max(1)
 }
 
 /// The resolved map from adapted layers to slots for one backbone.
@@ -58,9 +110,9 @@ impl SlotMap {
         slots: usize,
         selection: LayerSelection,
         every_layer_in_group: bool,
-    ) -> Result<SlotMap> {
+    ) -> Result<SlotMap, SlotError> {
         if num_layers == 0 {
-            return Err(Error::config(
+            return Err(slot_error(
                 "backbone.numLayers",
                 "the backbone has no layers to adapt",
             ));
@@ -69,7 +121,7 @@ impl SlotMap {
             LayerSelection::SlotEnds => num_layers,
             LayerSelection::TopWindow { layers } => {
                 if layers == 0 || layers > num_layers {
-                    return Err(Error::config(
+                    return Err(slot_error(
                         "dema.layerSelection.layers",
                         format!(
                             "must be between 1 and the backbone's {num_layers} layers, got \
@@ -81,10 +133,10 @@ impl SlotMap {
             }
         };
         if slots == 0 {
-            return Err(Error::config("dema.slots", "must be at least 1"));
+            return Err(slot_error("dema.slots", "must be at least 1"));
         }
         if slots > window {
-            return Err(Error::config(
+            return Err(slot_error(
                 "dema.slots",
                 format!(
                     "{slots} slots need at least {slots} layers, but the window has {window} \
@@ -141,6 +193,23 @@ impl SlotMap {
     /// Number of backbone layers.
     pub fn num_layers(&self) -> usize {
         self.num_layers
+    }
+
+    /// The adapted layers of a backbone of `num_layers` layers for an
+    /// estimate that must not fail on a spec the checks reject: the window
+    /// is cut to the depth and `slots` to the window.
+    pub fn lenient(num_layers: usize, slots: usize, spec: &LayerSelectionSpec) -> Vec<usize> {
+        let num_layers = num_layers.max(1);
+        let selection = match LayerSelection::from_spec(spec, num_layers) {
+            LayerSelection::TopWindow { layers } => LayerSelection::TopWindow {
+                layers: layers.clamp(1, num_layers),
+            },
+            other => other,
+        };
+        let slots = slots.clamp(1, selection.window_depth(num_layers));
+        SlotMap::new(num_layers, slots, selection, spec.every_layer_in_group)
+            .map(|m| m.adapted.iter().map(|&(l, _)| l).collect())
+            .unwrap_or_default()
     }
 }
 
@@ -210,6 +279,28 @@ mod tests {
         assert!(err.to_string().contains("layerSelection.layers"), "{err}");
         let err = SlotMap::new(30, 4, LayerSelection::TopWindow { layers: 3 }, false).unwrap_err();
         assert!(err.to_string().contains("the window has 3"), "{err}");
+    }
+
+    #[test]
+    fn spec_forms_windows_and_slot_resolution() {
+        let top = LayerSelectionSpec {
+            mode: LayerSelectionMode::TopWindow,
+            window: Some(6),
+            every_layer_in_group: false,
+        };
+        let sel = LayerSelection::from_spec(&top, 30);
+        assert_eq!(sel, LayerSelection::TopWindow { layers: 6 });
+        assert_eq!(sel.window_depth(30), 6);
+        assert_eq!(sel.window_depth(3), 3);
+        let ends = LayerSelectionSpec::default();
+        assert_eq!(LayerSelection::from_spec(&ends, 6).window_depth(6), 6);
+        assert_eq!(resolve_slots(Some(4), [3, 6]), 4);
+        assert_eq!(resolve_slots(None, [6, 3, 30]), 3);
+        assert_eq!(resolve_slots(None, []), 3);
+        assert_eq!(SlotMap::lenient(30, 3, &top), vec![25, 27, 29]);
+        assert_eq!(SlotMap::lenient(32, 3, &ends), vec![10, 21, 31]);
+        // Out-of-range settings are cut, not refused.
+        assert_eq!(SlotMap::lenient(3, 5, &top), vec![0, 1, 2]);
     }
 
     #[test]
