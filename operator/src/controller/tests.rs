@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use super::error::Category;
 use super::fixtures::*;
-use super::jobs;
+use super::names;
 use super::observe::MemoryRunStore;
 use super::reconcile::{error_policy, reconcile};
 
@@ -125,7 +125,7 @@ async fn a_new_run_creates_trainer_jobs_sized_to_each_model() {
             .metadata
             .annotations
             .as_ref()
-            .and_then(|a| a.get(jobs::ANNOTATION_PROFILE))
+            .and_then(|a| a.get(names::ANNOTATION_PROFILE))
             .map(String::as_str),
         Some("cpu")
     );
@@ -183,14 +183,17 @@ async fn a_new_run_creates_trainer_jobs_sized_to_each_model() {
         );
         let labels = job.metadata.labels.as_ref().expect("labels");
         assert_eq!(
-            labels.get(jobs::LABEL_RUN_UID).map(String::as_str),
+            labels.get(names::LABEL_RUN_UID).map(String::as_str),
             Some(UID)
         );
-        assert_eq!(labels.get(jobs::LABEL_ROUND).map(String::as_str), Some("1"));
+        assert_eq!(
+            labels.get(names::LABEL_ROUND).map(String::as_str),
+            Some("1")
+        );
         let c = container(job);
         assert_eq!(c.image.as_deref(), Some("trainer:test"));
         let cmd = c.command.clone().unwrap_or_default();
-        let client = labels.get(jobs::LABEL_CLIENT).cloned().unwrap_or_default();
+        let client = labels.get(names::LABEL_CLIENT).cloned().unwrap_or_default();
         let device = if client == "small" { "cpu" } else { "cuda" };
         let expected: Vec<String> = [
             "heterotune",
@@ -346,7 +349,7 @@ async fn a_failed_job_is_retried_then_the_client_is_excluded() {
                 .metadata
                 .labels
                 .as_ref()
-                .and_then(|l| l.get(jobs::LABEL_ATTEMPT))
+                .and_then(|l| l.get(names::LABEL_ATTEMPT))
                 .cloned();
             assert_eq!(attempt.as_deref(), Some("2"));
             let s = api.expect_status(&answer).await;
@@ -448,7 +451,7 @@ async fn quorum_in_the_store_starts_the_aggregation_and_cancels_stragglers() {
     );
     let labels = agg.metadata.labels.clone().unwrap_or_default();
     assert_eq!(
-        labels.get(jobs::LABEL_ROLE).map(String::as_str),
+        labels.get(names::LABEL_ROLE).map(String::as_str),
         Some("aggregator")
     );
     assert_eq!(quantity(&agg, "requests", "cpu").as_deref(), Some("1"));
@@ -843,11 +846,11 @@ async fn after_the_last_round_every_client_evaluates_the_final_global_model() {
     let job0 = &created[0];
     let labels = job0.metadata.labels.as_ref().expect("labels");
     assert_eq!(
-        labels.get(super::jobs::LABEL_ROLE).map(String::as_str),
+        labels.get(super::names::LABEL_ROLE).map(String::as_str),
         Some("evaluator")
     );
     assert_eq!(
-        labels.get(super::jobs::LABEL_ROUND).map(String::as_str),
+        labels.get(super::names::LABEL_ROUND).map(String::as_str),
         Some("2")
     );
     let command = container(job0).command.clone().unwrap_or_default();
@@ -863,7 +866,7 @@ async fn after_the_last_round_every_client_evaluates_the_final_global_model() {
     let annotations = job0.metadata.annotations.as_ref().expect("annotations");
     assert_eq!(
         annotations
-            .get(super::jobs::ANNOTATION_PROFILE)
+            .get(super::names::ANNOTATION_PROFILE)
             .map(String::as_str),
         Some("cpu")
     );
@@ -1015,24 +1018,24 @@ async fn deletion_applies_the_retention_policy_then_removes_the_finalizer() {
 #[test]
 fn job_names_are_bounded_distinct_and_stable() {
     assert_eq!(
-        jobs::trainer_job_name("trec", 3, 1, "site-1"),
+        names::trainer_job_name("trec", 3, 1, "site-1"),
         "trec-r3-site-1"
     );
     assert_eq!(
-        jobs::trainer_job_name("trec", 3, 2, "site-1"),
+        names::trainer_job_name("trec", 3, 2, "site-1"),
         "trec-r3a2-site-1"
     );
-    assert_eq!(jobs::aggregation_job_name("trec", 3, 1), "trec-agg-r3");
-    assert_eq!(jobs::aggregation_job_name("trec", 3, 2), "trec-agg-r3a2");
+    assert_eq!(names::aggregation_job_name("trec", 3, 1), "trec-agg-r3");
+    assert_eq!(names::aggregation_job_name("trec", 3, 2), "trec-agg-r3a2");
     assert_eq!(
-        jobs::evaluation_job_name("trec", 3, 1, "site-1"),
+        names::evaluation_job_name("trec", 3, 1, "site-1"),
         "trec-eval-r3-site-1"
     );
     assert_eq!(
-        jobs::evaluation_job_name("trec", 3, 2, "site-1"),
+        names::evaluation_job_name("trec", 3, 2, "site-1"),
         "trec-eval-r3a2-site-1"
     );
-    let long = jobs::evaluation_job_name(&"f".repeat(70), 12, 3, &"c".repeat(40));
+    let long = names::evaluation_job_name(&"f".repeat(70), 12, 3, &"c".repeat(40));
     assert!(long.len() <= 63, "{long}");
     assert!(
         long.ends_with(&format!("-eval-r12a3-{}", "c".repeat(40))),
@@ -1040,15 +1043,15 @@ fn job_names_are_bounded_distinct_and_stable() {
     );
     // A client named like a retry suffix does not collide.
     assert_ne!(
-        jobs::trainer_job_name("t", 1, 2, "c"),
-        jobs::trainer_job_name("t", 1, 1, "a2-c")
+        names::trainer_job_name("t", 1, 2, "c"),
+        names::trainer_job_name("t", 1, 1, "a2-c")
     );
     let long_ft = "a-very-long-federated-tune-name-that-goes-on-and-on-and-on-forever";
     let client = "c".repeat(40);
     let mut names = std::collections::BTreeSet::new();
     for round in [1, 9999] {
         for attempt in [1, 21] {
-            let n = jobs::trainer_job_name(long_ft, round, attempt, &client);
+            let n = names::trainer_job_name(long_ft, round, attempt, &client);
             assert!(n.len() <= 63, "{n} ({})", n.len());
             assert!(n.ends_with(&client), "{n}");
             assert!(
@@ -1059,16 +1062,16 @@ fn job_names_are_bounded_distinct_and_stable() {
             assert!(n.starts_with(|c: char| c.is_ascii_alphanumeric()), "{n}");
             assert_eq!(
                 n,
-                jobs::trainer_job_name(long_ft, round, attempt, &client),
+                names::trainer_job_name(long_ft, round, attempt, &client),
                 "stable"
             );
             names.insert(n);
         }
     }
     assert_eq!(names.len(), 4);
-    let dotted = jobs::trainer_job_name("team.trec", 1, 1, "a");
+    let dotted = names::trainer_job_name("team.trec", 1, 1, "a");
     assert!(!dotted.contains('.') && dotted.len() <= 63, "{dotted}");
-    assert_ne!(dotted, jobs::trainer_job_name("team-trec", 1, 1, "a"));
+    assert_ne!(dotted, names::trainer_job_name("team-trec", 1, 1, "a"));
 }
 
 #[test]
