@@ -44,6 +44,8 @@ pub mod status;
 pub mod validate;
 
 #[cfg(test)]
+mod decide_tests;
+#[cfg(test)]
 mod fixtures;
 #[cfg(test)]
 mod tests;
