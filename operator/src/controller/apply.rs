@@ -3,6 +3,8 @@
 //! deletes). A create that meets `409 AlreadyExists` and a delete that meets
 //! `404 NotFound` already happened, so a repeated reconcile is harmless.
 
+use std::future::Future;
+
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -10,7 +12,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 
 use super::context::{Context, MANAGER};
 use super::decide::JobIntents;
-use super::error::{is_already_exists, is_not_found, kube, Error, Result};
+use super::error::{is_already_exists, is_not_found, kube, Result};
 use super::jobs;
 use super::names::{spec_config_map_name, LABEL_ROLE};
 use super::run::Run;
@@ -52,43 +54,54 @@ async fn ensure_spec_config_map(ctx: &Context, run: &Run<'_>) -> Result<()> {
     Ok(())
 }
 
-async fn create_jobs(ctx: &Context, namespace: &str, jobs: Vec<Job>) -> Result<()> {
-    let api: Api<Job> = Api::namespaced(ctx.client.clone(), namespace);
+/// Runs `call` on every item, `api_concurrency` calls in flight at once,
+/// and stops at the first error.
+async fn each<T, F, Fut>(ctx: &Context, items: Vec<T>, call: F) -> Result<()>
+where
+    F: FnMut(T) -> Fut,
+    Fut: Future<Output = Result<()>>,
+{
     let concurrency = ctx.config.reconcile.api_concurrency.max(1);
-    futures::stream::iter(jobs)
-        .map(|job| {
-            let api = api.clone();
-            async move {
-                let role = job
-                    .metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(LABEL_ROLE))
-                    .cloned()
-                    .unwrap_or_default();
-                match api.create(&PostParams::default(), &job).await {
-                    Ok(_) => {
-                        ctx.metrics
-                            .jobs_created
-                            .with_label_values(&[role.as_str()])
-                            .inc();
-                        Ok(())
-                    }
-                    // Created before (by us, before a restart or with a stale cache).
-                    Err(e) if is_already_exists(&e) => Ok(()),
-                    Err(e) => Err(Error::Kube {
-                        op: "create job",
-                        source: e,
-                    }),
-                }
-            }
-        })
+    futures::stream::iter(items)
+        .map(call)
         .buffered(concurrency)
         .try_collect::<Vec<()>>()
         .await
         .map(|_| ())
 }
 
+/// Creates `jobs`; one that exists already was created before (by us,
+/// before a restart or with a stale cache).
+async fn create_jobs(ctx: &Context, namespace: &str, jobs: Vec<Job>) -> Result<()> {
+    let api: Api<Job> = Api::namespaced(ctx.client.clone(), namespace);
+    each(ctx, jobs, |job| {
+        let api = api.clone();
+        async move {
+            let role = job
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(LABEL_ROLE))
+                .cloned()
+                .unwrap_or_default();
+            match api.create(&PostParams::default(), &job).await {
+                Ok(_) => {
+                    ctx.metrics
+                        .jobs_created
+                        .with_label_values(&[role.as_str()])
+                        .inc();
+                    Ok(())
+                }
+                Err(e) if is_already_exists(&e) => Ok(()),
+                Err(e) => Err(kube("create job")(e)),
+            }
+        }
+    })
+    .await
+}
+
+/// Deletes the Jobs `names` (counted under `reason`); one already gone is
+/// fine.
 async fn delete_jobs(
     ctx: &Context,
     namespace: &str,
@@ -96,26 +109,18 @@ async fn delete_jobs(
     reason: &str,
 ) -> Result<()> {
     let api: Api<Job> = Api::namespaced(ctx.client.clone(), namespace);
-    let concurrency = ctx.config.reconcile.api_concurrency.max(1);
-    futures::stream::iter(names)
-        .map(|name| {
-            let api = api.clone();
-            async move {
-                match api.delete(&name, &DeleteParams::background()).await {
-                    Ok(_) => {
-                        ctx.metrics.jobs_deleted.with_label_values(&[reason]).inc();
-                        Ok(())
-                    }
-                    Err(e) if is_not_found(&e) => Ok(()),
-                    Err(e) => Err(Error::Kube {
-                        op: "delete job",
-                        source: e,
-                    }),
+    each(ctx, names, |name| {
+        let api = api.clone();
+        async move {
+            match api.delete(&name, &DeleteParams::background()).await {
+                Ok(_) => {
+                    ctx.metrics.jobs_deleted.with_label_values(&[reason]).inc();
+                    Ok(())
                 }
+                Err(e) if is_not_found(&e) => Ok(()),
+                Err(e) => Err(kube("delete job")(e)),
             }
-        })
-        .buffered(concurrency)
-        .try_collect::<Vec<()>>()
-        .await
-        .map(|_| ())
+        }
+    })
+    .await
 }

@@ -36,16 +36,9 @@ pub struct Dereferenced {
 /// Reads what the decision needs; fails only when the store is unreadable
 /// ([`Error::Storage`]).
 pub async fn dereference(ctx: &Context, run: &Run<'_>) -> Result<Dereferenced> {
-    let since = run
-        .ft
-        .status
-        .as_ref()
-        .and_then(|p| p.history.last())
-        .map(|h| h.round)
-        .unwrap_or(0);
     let store = ctx
         .store
-        .observe(&run.store_ref(), since)
+        .observe(&run.store_ref(), run.last_recorded_round())
         .await
         .map_err(Error::Storage)?;
     let jobs = observe_jobs(ctx, &run.namespace, &run.uid);

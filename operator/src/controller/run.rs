@@ -46,6 +46,16 @@ impl<'a> Run<'a> {
         })
     }
 
+    /// The last round the object's status records as completed (0: none).
+    pub fn last_recorded_round(&self) -> u32 {
+        self.ft
+            .status
+            .as_ref()
+            .and_then(|p| p.history.last())
+            .map(|h| h.round)
+            .unwrap_or(0)
+    }
+
     /// What the [`RunStore`](super::observe::RunStore) needs to find the run.
     pub fn store_ref(&self) -> RunRef {
         RunRef {

@@ -349,10 +349,7 @@ pub fn troubled(run: &Run, now: f64, trouble: Trouble) -> FederatedTuneStatus {
         now,
         phase: prev.and_then(|p| p.phase).unwrap_or(Phase::Pending),
         round: prev.map(|p| p.round).unwrap_or(0),
-        completed_rounds: prev
-            .and_then(|p| p.history.last())
-            .map(|h| h.round)
-            .unwrap_or(0),
+        completed_rounds: run.last_recorded_round(),
         clients: Vec::new(),
         new_rounds: &[],
         trouble: Some(trouble),
@@ -427,13 +424,7 @@ pub async fn write(
 /// Updates the run's metrics from the status about to be written.
 pub fn record_metrics(ctx: &Context, run: &Run, next: &FederatedTuneStatus) {
     let m = &ctx.metrics;
-    let last_known = run
-        .ft
-        .status
-        .as_ref()
-        .and_then(|p| p.history.last())
-        .map(|h| h.round)
-        .unwrap_or(0);
+    let last_known = run.last_recorded_round();
     for h in next.history.iter().filter(|h| h.round > last_known) {
         m.round_completed(
             &run.namespace,
