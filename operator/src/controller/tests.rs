@@ -173,84 +173,96 @@ async fn a_new_run_creates_trainer_jobs_sized_to_each_model() {
 
     // What every trainer Job carries.
     for job in [&small, &big, &huge] {
-        let spec = job.spec.as_ref().expect("job spec");
-        assert_eq!(spec.backoff_limit, Some(0));
-        assert_eq!(spec.active_deadline_seconds, Some(3600));
-        let owner = &job.metadata.owner_references.as_ref().expect("owner")[0];
-        assert_eq!(
-            (owner.kind.as_str(), owner.uid.as_str(), owner.controller),
-            ("FederatedTune", UID, Some(true))
-        );
-        let labels = job.metadata.labels.as_ref().expect("labels");
-        assert_eq!(
-            labels.get(names::LABEL_RUN_UID).map(String::as_str),
-            Some(UID)
-        );
-        assert_eq!(
-            labels.get(names::LABEL_ROUND).map(String::as_str),
-            Some("1")
-        );
-        let c = container(job);
-        assert_eq!(c.image.as_deref(), Some("trainer:test"));
-        let cmd = c.command.clone().unwrap_or_default();
-        let client = labels.get(names::LABEL_CLIENT).cloned().unwrap_or_default();
-        let device = if client == "small" { "cpu" } else { "cuda" };
-        let expected: Vec<String> = [
-            "heterotune",
-            "--log-format",
-            "json",
-            "job",
-            "train",
-            "--spec",
-            "/etc/heterotune/spec/spec.json",
-            "--work",
-            "/work",
-            "--client",
-            &client,
-            "--round",
-            "1",
-            "--device",
-            device,
-        ]
-        .iter()
-        .map(|a| a.to_string())
-        .collect();
-        assert_eq!(cmd, expected);
-        let env = c.env.clone().unwrap_or_default();
-        let key = env
-            .iter()
-            .find(|e| e.name == "AWS_SECRET_ACCESS_KEY")
-            .expect("secret env");
-        assert!(key.value.is_none(), "credentials only by reference");
-        let r = key
-            .value_from
-            .as_ref()
-            .and_then(|v| v.secret_key_ref.as_ref())
-            .expect("secretKeyRef");
-        assert_eq!(
-            (r.name.as_str(), r.key.as_str()),
-            ("s3-creds", "AWS_SECRET_ACCESS_KEY")
-        );
-        assert!(env
-            .iter()
-            .any(|e| e.name == "AWS_VIRTUAL_HOSTED_STYLE_REQUEST"
-                && e.value.as_deref() == Some("false")));
-        let sc = c.security_context.as_ref().expect("security context");
-        assert_eq!(sc.read_only_root_filesystem, Some(true));
-        assert_eq!(sc.allow_privilege_escalation, Some(false));
-        assert_eq!(
-            sc.capabilities.as_ref().and_then(|c| c.drop.clone()),
-            Some(vec!["ALL".to_string()])
-        );
-        let psc = pod(job).security_context.as_ref().expect("pod security");
-        assert_eq!(psc.run_as_non_root, Some(true));
-        assert_eq!(
-            psc.seccomp_profile.as_ref().map(|s| s.type_.as_str()),
-            Some("RuntimeDefault")
-        );
-        assert_eq!(pod(job).restart_policy.as_deref(), Some("Never"));
+        assert_trainer_basics(job);
     }
 
+    assert_round_one_started(&status);
+    assert_eq!(note, "round 1 started");
+}
+
+/// What every trainer Job of the first round carries: owner, labels,
+/// command, store credentials by reference, restricted security.
+fn assert_trainer_basics(job: &Job) {
+    let spec = job.spec.as_ref().expect("job spec");
+    assert_eq!(spec.backoff_limit, Some(0));
+    assert_eq!(spec.active_deadline_seconds, Some(3600));
+    let owner = &job.metadata.owner_references.as_ref().expect("owner")[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.uid.as_str(), owner.controller),
+        ("FederatedTune", UID, Some(true))
+    );
+    let labels = job.metadata.labels.as_ref().expect("labels");
+    assert_eq!(
+        labels.get(names::LABEL_RUN_UID).map(String::as_str),
+        Some(UID)
+    );
+    assert_eq!(
+        labels.get(names::LABEL_ROUND).map(String::as_str),
+        Some("1")
+    );
+    let c = container(job);
+    assert_eq!(c.image.as_deref(), Some("trainer:test"));
+    let cmd = c.command.clone().unwrap_or_default();
+    let client = labels.get(names::LABEL_CLIENT).cloned().unwrap_or_default();
+    let device = if client == "small" { "cpu" } else { "cuda" };
+    let expected: Vec<String> = [
+        "heterotune",
+        "--log-format",
+        "json",
+        "job",
+        "train",
+        "--spec",
+        "/etc/heterotune/spec/spec.json",
+        "--work",
+        "/work",
+        "--client",
+        &client,
+        "--round",
+        "1",
+        "--device",
+        device,
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    assert_eq!(cmd, expected);
+    let env = c.env.clone().unwrap_or_default();
+    let key = env
+        .iter()
+        .find(|e| e.name == "AWS_SECRET_ACCESS_KEY")
+        .expect("secret env");
+    assert!(key.value.is_none(), "credentials only by reference");
+    let r = key
+        .value_from
+        .as_ref()
+        .and_then(|v| v.secret_key_ref.as_ref())
+        .expect("secretKeyRef");
+    assert_eq!(
+        (r.name.as_str(), r.key.as_str()),
+        ("s3-creds", "AWS_SECRET_ACCESS_KEY")
+    );
+    assert!(env.iter().any(
+        |e| e.name == "AWS_VIRTUAL_HOSTED_STYLE_REQUEST" && e.value.as_deref() == Some("false")
+    ));
+    let sc = c.security_context.as_ref().expect("security context");
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(
+        sc.capabilities.as_ref().and_then(|c| c.drop.clone()),
+        Some(vec!["ALL".to_string()])
+    );
+    let psc = pod(job).security_context.as_ref().expect("pod security");
+    assert_eq!(psc.run_as_non_root, Some(true));
+    assert_eq!(
+        psc.seccomp_profile.as_ref().map(|s| s.type_.as_str()),
+        Some("RuntimeDefault")
+    );
+    assert_eq!(pod(job).restart_policy.as_deref(), Some("Never"));
+}
+
+/// Status after the first reconcile: round 1 running, every client
+/// training, estimates shown.
+fn assert_round_one_started(status: &heterotune_crds::status::FederatedTuneStatus) {
     // Status: running round 1, every client training, estimates shown.
     assert_eq!(status.phase, Some(Phase::Running));
     assert_eq!(
@@ -281,15 +293,14 @@ async fn a_new_run_creates_trainer_jobs_sized_to_each_model() {
         .clients
         .iter()
         .all(|c| c.estimated_memory_bytes.is_some()));
-    assert_eq!(cond(&status, "Ready").status, "True");
-    assert_eq!(cond(&status, "Progressing").reason, "RoundInProgress");
-    assert_eq!(cond(&status, "Degraded").status, "False");
+    assert_eq!(cond(status, "Ready").status, "True");
+    assert_eq!(cond(status, "Progressing").reason, "RoundInProgress");
+    assert_eq!(cond(status, "Degraded").status, "False");
     assert_eq!(status.start_time.as_deref(), Some("2023-11-14T22:13:20Z"));
     assert_eq!(
         status.artifacts.as_ref().map(|a| a.prefix.as_str()),
         Some("s3://artifacts/runs/default/trec-0f1e2d3c")
     );
-    assert_eq!(note, "round 1 started");
 }
 
 /// Runs one reconcile of `f` against `script` (which plays the API server
@@ -775,8 +786,52 @@ fn evaluation(client: &str, accuracy: f64) -> heterotune_crds::manifest::Evaluat
     }
 }
 
-#[tokio::test]
-async fn after_the_last_round_every_client_evaluates_the_final_global_model() {
+/// Every round aggregated: the clients evaluate the last global model;
+/// round 1's global accuracy (measured in round 2) is recorded.
+fn assert_evaluating(status: &heterotune_crds::status::FederatedTuneStatus) {
+    assert_eq!(status.phase, Some(Phase::Evaluating));
+    assert_eq!(cond(status, "Progressing").reason, "Evaluating");
+    assert_eq!(cond(status, "Complete").status, "False");
+    assert!(
+        status.clients.iter().all(|c| c.state == "Evaluating"),
+        "{:?}",
+        status.clients
+    );
+    assert_eq!(status.history[0].global_accuracy, Some(0.74));
+    assert_eq!(status.history[1].global_accuracy, None);
+    assert_eq!(
+        (status.last_global_accuracy, status.last_global_round),
+        (Some(0.74), Some(1))
+    );
+}
+
+/// The run succeeded with what c0 and c1 measured on the final global
+/// model; c2 ran out of retries.
+fn assert_succeeded_without_c2(status3: &heterotune_crds::status::FederatedTuneStatus) {
+    assert_eq!(status3.phase, Some(Phase::Succeeded));
+    assert_eq!(cond(status3, "Complete").status, "True");
+    let last = status3.history.last().expect("history");
+    assert_eq!(last.round, 2);
+    assert!(
+        (last.global_accuracy.unwrap_or(0.0) - 0.79).abs() < 1e-9,
+        "{last:?}"
+    );
+    assert!((last.global_accuracy_by_family["bert"] - 0.79).abs() < 1e-9);
+    assert_eq!(status3.last_global_round, Some(2));
+    let states: Vec<&str> = status3.clients.iter().map(|c| c.state.as_str()).collect();
+    assert_eq!(states, ["Evaluated", "Evaluated", "EvaluationFailed"]);
+    assert_eq!(cond(status3, "Degraded").status, "False");
+}
+
+/// A two-round run whose second round was just aggregated (round 2's
+/// participants measured round 1's global model), its Jobs, and the status
+/// written before the aggregation ended.
+fn two_rounds_aggregated() -> (
+    heterotune_crds::FederatedTune,
+    Arc<MemoryRunStore>,
+    Vec<Job>,
+    heterotune_crds::status::FederatedTuneStatus,
+) {
     let f = ft(&three_clients(), "  rounds: 2\n  maxRetriesPerClient: 1\n");
     let store = Arc::new(MemoryRunStore::default());
     store.complete_round(RUN_DIR, round_summary(1, 0.70), NOW - 200.0);
@@ -801,49 +856,12 @@ async fn after_the_last_round_every_client_evaluates_the_final_global_model() {
         history: vec![round_summary(1, 0.70)],
         ..Default::default()
     };
-    let f1 = with_status(f.clone(), prev);
-    let answer = f1.clone();
-    // 1. Every round is aggregated: one evaluation Job per client, placed
-    // like its trainer.
-    let (_, (status, created, notes)) = scenario(
-        &f1,
-        store.clone(),
-        cached.clone(),
-        |mut api| async move {
-            api.expect_spec_config_map().await;
-            let mut created = Vec::new();
-            for c in ["c0", "c1", "c2"] {
-                created.push(
-                    api.expect_create_job(&format!("trec-eval-r2-{c}"), false)
-                        .await,
-                );
-            }
-            let s = api.expect_status(&answer).await;
-            let mut notes = Vec::new();
-            for reason in ["RoundCompleted", "GlobalModelEvaluated", "Evaluating"] {
-                notes.push(api.expect_event(reason).await);
-            }
-            (api, (s, created, notes))
-        },
-        ok,
-    )
-    .await;
-    assert_eq!(status.phase, Some(Phase::Evaluating));
-    assert_eq!(cond(&status, "Progressing").reason, "Evaluating");
-    assert_eq!(cond(&status, "Complete").status, "False");
-    assert!(
-        status.clients.iter().all(|c| c.state == "Evaluating"),
-        "{:?}",
-        status.clients
-    );
-    assert_eq!(status.history[0].global_accuracy, Some(0.74));
-    assert_eq!(status.history[1].global_accuracy, None);
-    assert_eq!(
-        (status.last_global_accuracy, status.last_global_round),
-        (Some(0.74), Some(1))
-    );
-    assert_eq!(notes[1], "the global model of round 1: accuracy 0.7400");
-    let job0 = &created[0];
+    (f, store, cached, prev)
+}
+
+/// An evaluation Job of round 2: the evaluator's command, placed as its
+/// trainer would be (the MiniLM clients train on CPU).
+fn assert_placed_like_its_trainer(job0: &Job) {
     let labels = job0.metadata.labels.as_ref().expect("labels");
     assert_eq!(
         labels.get(super::names::LABEL_ROLE).map(String::as_str),
@@ -872,6 +890,41 @@ async fn after_the_last_round_every_client_evaluates_the_final_global_model() {
     );
     assert!(quantity(job0, "requests", "memory").is_some());
     assert!(quantity(job0, "limits", "nvidia.com/gpu").is_none());
+}
+
+#[tokio::test]
+async fn after_the_last_round_every_client_evaluates_the_final_global_model() {
+    let (f, store, cached, prev) = two_rounds_aggregated();
+    let f1 = with_status(f.clone(), prev);
+    let answer = f1.clone();
+    // 1. Every round is aggregated: one evaluation Job per client, placed
+    // like its trainer.
+    let (_, (status, created, notes)) = scenario(
+        &f1,
+        store.clone(),
+        cached.clone(),
+        |mut api| async move {
+            api.expect_spec_config_map().await;
+            let mut created = Vec::new();
+            for c in ["c0", "c1", "c2"] {
+                created.push(
+                    api.expect_create_job(&format!("trec-eval-r2-{c}"), false)
+                        .await,
+                );
+            }
+            let s = api.expect_status(&answer).await;
+            let mut notes = Vec::new();
+            for reason in ["RoundCompleted", "GlobalModelEvaluated", "Evaluating"] {
+                notes.push(api.expect_event(reason).await);
+            }
+            (api, (s, created, notes))
+        },
+        ok,
+    )
+    .await;
+    assert_evaluating(&status);
+    assert_eq!(notes[1], "the global model of round 1: accuracy 0.7400");
+    assert_placed_like_its_trainer(&created[0]);
 
     // 2. c0 and c1 evaluated; c2's evaluation failed once and is retried.
     store.evaluate(RUN_DIR, evaluation("c0", 0.80));
@@ -929,19 +982,7 @@ async fn after_the_last_round_every_client_evaluates_the_final_global_model() {
     )
     .await;
     assert_eq!(result.expect("reconcile"), Action::await_change());
-    assert_eq!(status3.phase, Some(Phase::Succeeded));
-    assert_eq!(cond(&status3, "Complete").status, "True");
-    let last = status3.history.last().expect("history");
-    assert_eq!(last.round, 2);
-    assert!(
-        (last.global_accuracy.unwrap_or(0.0) - 0.79).abs() < 1e-9,
-        "{last:?}"
-    );
-    assert!((last.global_accuracy_by_family["bert"] - 0.79).abs() < 1e-9);
-    assert_eq!(status3.last_global_round, Some(2));
-    let states: Vec<&str> = status3.clients.iter().map(|c| c.state.as_str()).collect();
-    assert_eq!(states, ["Evaluated", "Evaluated", "EvaluationFailed"]);
-    assert_eq!(cond(&status3, "Degraded").status, "False");
+    assert_succeeded_without_c2(&status3);
 }
 
 #[tokio::test]
