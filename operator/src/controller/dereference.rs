@@ -20,7 +20,7 @@ use crate::sizing::{self, ModelShape};
 const SHAPE_MISS_TTL: f64 = 60.0;
 
 /// What the cluster and the store say about a run: everything
-/// [`decide`](super::decide::decide) needs.
+/// the decide step needs.
 #[derive(Debug, Clone)]
 pub struct Dereferenced {
     /// The store's rounds, commits and evaluations.
