@@ -81,21 +81,21 @@ const POD_END: &str = "test.heterotune.dev/pod-end";
 pub fn job(round: u32, client: Option<&str>, attempt: u32, end: JobEnd, created: f64) -> Job {
     let (name, role) = match client {
         Some(c) => (
-            super::jobs::trainer_job_name("trec", round, attempt, c),
+            super::names::trainer_job_name("trec", round, attempt, c),
             "trainer",
         ),
         None => (
-            super::jobs::aggregation_job_name("trec", round, attempt),
+            super::names::aggregation_job_name("trec", round, attempt),
             "aggregator",
         ),
     };
     let mut labels = BTreeMap::new();
-    labels.insert(super::jobs::LABEL_RUN_UID.to_string(), UID.to_string());
-    labels.insert(super::jobs::LABEL_ROLE.to_string(), role.to_string());
-    labels.insert(super::jobs::LABEL_ROUND.to_string(), round.to_string());
-    labels.insert(super::jobs::LABEL_ATTEMPT.to_string(), attempt.to_string());
+    labels.insert(super::names::LABEL_RUN_UID.to_string(), UID.to_string());
+    labels.insert(super::names::LABEL_ROLE.to_string(), role.to_string());
+    labels.insert(super::names::LABEL_ROUND.to_string(), round.to_string());
+    labels.insert(super::names::LABEL_ATTEMPT.to_string(), attempt.to_string());
     if let Some(c) = client {
-        labels.insert(super::jobs::LABEL_CLIENT.to_string(), c.to_string());
+        labels.insert(super::names::LABEL_CLIENT.to_string(), c.to_string());
     }
     let condition = |t: &str| JobCondition {
         type_: t.into(),
@@ -149,13 +149,13 @@ pub fn job(round: u32, client: Option<&str>, attempt: u32, end: JobEnd, created:
 /// `client`'s Job evaluating the global model of `round` (run `trec`).
 pub fn evaluation_job(round: u32, client: &str, attempt: u32, end: JobEnd, created: f64) -> Job {
     let mut j = job(round, Some(client), attempt, end, created);
-    j.metadata.name = Some(super::jobs::evaluation_job_name(
+    j.metadata.name = Some(super::names::evaluation_job_name(
         "trec", round, attempt, client,
     ));
     if let Some(l) = j.metadata.labels.as_mut() {
         l.insert(
-            super::jobs::LABEL_ROLE.to_string(),
-            super::jobs::ROLE_EVALUATOR.to_string(),
+            super::names::LABEL_ROLE.to_string(),
+            super::names::ROLE_EVALUATOR.to_string(),
         );
     }
     j

@@ -1,30 +1,11 @@
-//! The desired objects of a run, built by pure functions: trainer and
-//! aggregation Jobs (names, labels, owner, deadline, store environment,
-//! resources, placement, security context) and the ConfigMap that hands the
-//! spec to the trainer.
-//!
-//! Job names are deterministic, so a restarted operator re-creating a Job
-//! gets `409 AlreadyExists` instead of a duplicate:
-//!
-//! | Job | name |
-//! |---|---|
-//! | trainer, first attempt | `<ft>-r<round>-<client>` |
-//! | trainer, attempt n ≥ 2 | `<ft>-r<round>a<n>-<client>` |
-//! | aggregation | `<ft>-agg-r<round>` (`…a<n>` for attempt n ≥ 2) |
-//! | evaluation of the final global model | `<ft>-eval-r<round>-<client>` (`…r<round>a<n>-…`) |
-//!
-//! Within one FederatedTune the character after `<ft>-r<digits>` (`-` or
-//! `a`) and after `<ft>-` (`r`, `a` or `e`) tells the forms apart, so no two
-//! Jobs of a run share a name. Names longer than 63 characters (the limit of the
-//! `job-name` label the Job controller adds) keep the round/client tail and
-//! shorten the FederatedTune part, adding 8 hex digits of the SHA-256 of the
-//! full name: `<ft-prefix>-<hash8>-r<round>-<client>`.
+//! The desired objects of a run, built by pure functions: trainer, evaluator
+//! and aggregation Jobs (owner, deadline, store environment, resources,
+//! placement, security context) and the ConfigMap that hands the spec to the
+//! trainer. Their names and labels come from [`super::names`].
 
 use std::collections::BTreeMap;
 
-use heterotune_crds::layout::RunLayout;
 use heterotune_crds::spec::StorageSpec;
-use heterotune_crds::FederatedTune;
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar,
@@ -33,44 +14,18 @@ use k8s_openapi::api::core::v1::{
     VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
-use kube::{Resource, ResourceExt};
-use sha2::{Digest, Sha256};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::context::JobConfig;
-use super::error::{Error, Result};
-use super::observe::storage_prefix;
+use super::names::{
+    aggregation_job_name, evaluation_job_name, labels, spec_config_map_name, trainer_job_name,
+    ANNOTATION_ESTIMATE, ANNOTATION_PARTICIPANTS, ANNOTATION_PROFILE, LABEL_ROLE,
+};
 use crate::sizing::{quantity_mib, Placement};
 
-/// Longest Job name (the Job controller copies it into a label value).
-pub const MAX_NAME: usize = 63;
-
-/// Label: the FederatedTune's UID (what the operator selects its Jobs by).
-pub const LABEL_RUN_UID: &str = "heterotune.dev/run-uid";
-/// Label: the FederatedTune's name (shortened with a hash when too long).
-pub const LABEL_RUN: &str = "heterotune.dev/federatedtune";
-/// Label: `trainer` or `aggregator`.
-pub const LABEL_ROLE: &str = "heterotune.dev/role";
-/// Label: the round (1-based).
-pub const LABEL_ROUND: &str = "heterotune.dev/round";
-/// Label: the client (trainer Jobs).
-pub const LABEL_CLIENT: &str = "heterotune.dev/client";
-/// Label: the attempt within the round (1-based).
-pub const LABEL_ATTEMPT: &str = "heterotune.dev/attempt";
-/// Label on everything the operator creates.
-pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
-/// Annotation: the GPU profile chosen for a trainer.
-pub const ANNOTATION_PROFILE: &str = "heterotune.dev/gpu-profile";
-/// Annotation: the trainer's memory estimate in bytes.
-pub const ANNOTATION_ESTIMATE: &str = "heterotune.dev/estimated-memory-bytes";
-/// Annotation: the aggregation's participants (comma-separated).
-pub const ANNOTATION_PARTICIPANTS: &str = "heterotune.dev/participants";
-/// Role label value of trainer Jobs.
-pub const ROLE_TRAINER: &str = "trainer";
-/// Role label value of aggregation Jobs.
-pub const ROLE_AGGREGATOR: &str = "aggregator";
-/// Role label value of the Jobs that evaluate the final global model.
-pub const ROLE_EVALUATOR: &str = "evaluator";
+// What the builders' callers name next to them (the role picks the Job).
+pub use super::names::{ROLE_AGGREGATOR, ROLE_EVALUATOR, ROLE_TRAINER};
+pub use super::run::Run;
 
 /// Where the spec ConfigMap is mounted in trainer and aggregation pods.
 pub const SPEC_DIR: &str = "/etc/heterotune/spec";
@@ -78,136 +33,6 @@ pub const SPEC_DIR: &str = "/etc/heterotune/spec";
 pub const SPEC_FILE: &str = "spec.json";
 /// The pods' writable scratch directory (models staged from the store, state).
 pub const WORK_DIR: &str = "/work";
-
-/// The identity of the FederatedTune being reconciled.
-#[derive(Debug, Clone)]
-pub struct Run<'a> {
-    /// The object.
-    pub ft: &'a FederatedTune,
-    /// Its name.
-    pub name: String,
-    /// Its namespace.
-    pub namespace: String,
-    /// Its UID.
-    pub uid: String,
-    /// Its keys in the store.
-    pub layout: RunLayout,
-    /// The owner reference its children carry.
-    pub owner: OwnerReference,
-}
-
-impl<'a> Run<'a> {
-    /// Collects the identity of `ft` (which came from the API server).
-    pub fn new(ft: &'a FederatedTune) -> Result<Run<'a>> {
-        let namespace = ft.namespace().ok_or(Error::MissingObjectKey("namespace"))?;
-        let uid = ft.uid().ok_or(Error::MissingObjectKey("uid"))?;
-        let owner = ft
-            .controller_owner_ref(&())
-            .ok_or(Error::MissingObjectKey("name"))?;
-        let name = ft.name_any();
-        let layout = RunLayout::new(&storage_prefix(&ft.spec.storage), &namespace, &name, &uid);
-        Ok(Run {
-            ft,
-            name,
-            namespace,
-            uid,
-            layout,
-            owner,
-        })
-    }
-}
-
-fn hash8(text: &str) -> String {
-    hex::encode(Sha256::digest(text.as_bytes()))[..8].to_string()
-}
-
-/// `ft` followed by `tail`, within [`MAX_NAME`] characters (see the module docs).
-pub fn bounded_name(ft: &str, tail: &str) -> String {
-    let full = format!("{ft}{tail}");
-    let clean = !ft.contains('.');
-    if clean && full.len() <= MAX_NAME {
-        return full;
-    }
-    let hash = hash8(&full);
-    let keep = MAX_NAME.saturating_sub(tail.len() + hash.len() + 1);
-    let prefix: String = ft.replace('.', "-").chars().take(keep).collect();
-    let prefix = prefix.trim_end_matches('-');
-    if prefix.is_empty() {
-        format!("{hash}{tail}")
-    } else {
-        format!("{prefix}-{hash}{tail}")
-    }
-}
-
-/// Name of client `client`'s trainer Job in `round`, attempt `attempt`.
-pub fn trainer_job_name(ft: &str, round: u32, attempt: u32, client: &str) -> String {
-    if attempt <= 1 {
-        bounded_name(ft, &format!("-r{round}-{client}"))
-    } else {
-        bounded_name(ft, &format!("-r{round}a{attempt}-{client}"))
-    }
-}
-
-/// Name of client `client`'s Job evaluating the global model of `round`.
-pub fn evaluation_job_name(ft: &str, round: u32, attempt: u32, client: &str) -> String {
-    if attempt <= 1 {
-        bounded_name(ft, &format!("-eval-r{round}-{client}"))
-    } else {
-        bounded_name(ft, &format!("-eval-r{round}a{attempt}-{client}"))
-    }
-}
-
-/// Name of the aggregation Job of `round`, attempt `attempt`.
-pub fn aggregation_job_name(ft: &str, round: u32, attempt: u32) -> String {
-    if attempt <= 1 {
-        bounded_name(ft, &format!("-agg-r{round}"))
-    } else {
-        bounded_name(ft, &format!("-agg-r{round}a{attempt}"))
-    }
-}
-
-/// Name of the ConfigMap holding the spec.
-pub fn spec_config_map_name(ft: &str) -> String {
-    bounded_name(ft, "-spec")
-}
-
-/// A label value for the FederatedTune's name (≤ 63 characters).
-pub fn run_label(ft: &str) -> String {
-    if ft.len() <= MAX_NAME {
-        ft.to_string()
-    } else {
-        bounded_name(&ft[..MAX_NAME.min(ft.len())], "")
-    }
-}
-
-/// Labels of a run's objects; `role`, `round`, `client`, `attempt` when given.
-pub fn labels(
-    run: &Run,
-    role: Option<&str>,
-    round: Option<u32>,
-    client: Option<&str>,
-    attempt: Option<u32>,
-) -> BTreeMap<String, String> {
-    let mut l = BTreeMap::new();
-    l.insert("app.kubernetes.io/name".into(), "heterotune".into());
-    l.insert(LABEL_MANAGED_BY.into(), super::context::MANAGER.into());
-    l.insert(LABEL_RUN_UID.into(), run.uid.clone());
-    l.insert(LABEL_RUN.into(), run_label(&run.name));
-    if let Some(r) = role {
-        l.insert("app.kubernetes.io/component".into(), r.into());
-        l.insert(LABEL_ROLE.into(), r.into());
-    }
-    if let Some(r) = round {
-        l.insert(LABEL_ROUND.into(), r.to_string());
-    }
-    if let Some(c) = client {
-        l.insert(LABEL_CLIENT.into(), c.into());
-    }
-    if let Some(a) = attempt {
-        l.insert(LABEL_ATTEMPT.into(), a.to_string());
-    }
-    l
-}
 
 /// The trainer pod's command line for one client and round. This is the
 /// single place that knows the pods' CLI (`heterotune job`, which stages
@@ -422,6 +247,75 @@ pub fn container_security() -> SecurityContext {
     }
 }
 
+/// The spec (read-only), the scratch directory and `/tmp` of every pod.
+fn volume_mounts() -> Vec<VolumeMount> {
+    vec![
+        VolumeMount {
+            name: "spec".into(),
+            mount_path: SPEC_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        },
+        VolumeMount {
+            name: "work".into(),
+            mount_path: WORK_DIR.into(),
+            ..VolumeMount::default()
+        },
+        VolumeMount {
+            name: "tmp".into(),
+            mount_path: "/tmp".into(),
+            ..VolumeMount::default()
+        },
+    ]
+}
+
+/// The volumes behind [`volume_mounts`].
+fn volumes(run: &Run, config: &JobConfig) -> Vec<Volume> {
+    vec![
+        Volume {
+            name: "spec".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: spec_config_map_name(&run.name),
+                items: Some(vec![KeyToPath {
+                    key: SPEC_FILE.into(),
+                    path: SPEC_FILE.into(),
+                    mode: None,
+                }]),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        Volume {
+            name: "work".into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                medium: None,
+                size_limit: config.work_size_limit.clone().map(Quantity),
+            }),
+            ..Volume::default()
+        },
+        Volume {
+            name: "tmp".into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Volume::default()
+        },
+    ]
+}
+
+/// The restricted security context of every pod, as user and group `uid`.
+fn pod_security(uid: i64) -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(uid),
+        run_as_group: Some(uid),
+        fs_group: Some(uid),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            localhost_profile: None,
+        }),
+        ..PodSecurityContext::default()
+    }
+}
+
 struct PodParts {
     name: String,
     labels: BTreeMap<String, String>,
@@ -464,27 +358,9 @@ fn job(run: &Run, config: &JobConfig, parts: PodParts) -> Job {
         // A failed container's last log lines become its termination
         // message, which the operator puts into the client's status.
         termination_message_policy: Some("FallbackToLogsOnError".into()),
-        volume_mounts: Some(vec![
-            VolumeMount {
-                name: "spec".into(),
-                mount_path: SPEC_DIR.into(),
-                read_only: Some(true),
-                ..VolumeMount::default()
-            },
-            VolumeMount {
-                name: "work".into(),
-                mount_path: WORK_DIR.into(),
-                ..VolumeMount::default()
-            },
-            VolumeMount {
-                name: "tmp".into(),
-                mount_path: "/tmp".into(),
-                ..VolumeMount::default()
-            },
-        ]),
+        volume_mounts: Some(volume_mounts()),
         ..Container::default()
     };
-    let uid = config.run_as_user;
     let pod = PodSpec {
         containers: vec![container],
         restart_policy: Some("Never".into()),
@@ -500,45 +376,8 @@ fn job(run: &Run, config: &JobConfig, parts: PodParts) -> Job {
                 .map(|n| LocalObjectReference { name: n.clone() })
                 .collect()
         }),
-        security_context: Some(PodSecurityContext {
-            run_as_non_root: Some(true),
-            run_as_user: Some(uid),
-            run_as_group: Some(uid),
-            fs_group: Some(uid),
-            seccomp_profile: Some(SeccompProfile {
-                type_: "RuntimeDefault".into(),
-                localhost_profile: None,
-            }),
-            ..PodSecurityContext::default()
-        }),
-        volumes: Some(vec![
-            Volume {
-                name: "spec".into(),
-                config_map: Some(ConfigMapVolumeSource {
-                    name: spec_config_map_name(&run.name),
-                    items: Some(vec![KeyToPath {
-                        key: SPEC_FILE.into(),
-                        path: SPEC_FILE.into(),
-                        mode: None,
-                    }]),
-                    ..ConfigMapVolumeSource::default()
-                }),
-                ..Volume::default()
-            },
-            Volume {
-                name: "work".into(),
-                empty_dir: Some(EmptyDirVolumeSource {
-                    medium: None,
-                    size_limit: config.work_size_limit.clone().map(Quantity),
-                }),
-                ..Volume::default()
-            },
-            Volume {
-                name: "tmp".into(),
-                empty_dir: Some(EmptyDirVolumeSource::default()),
-                ..Volume::default()
-            },
-        ]),
+        security_context: Some(pod_security(config.run_as_user)),
+        volumes: Some(volumes(run, config)),
         ..PodSpec::default()
     };
     Job {

@@ -1,30 +1,50 @@
 //! The Kubernetes controller for `FederatedTune`, owning batch/v1 Jobs.
 //!
-//! Shaped like kube-rs's controller-rs, with stackable's explicit steps and
-//! the pure round planner ([`crate::planner`]) in the middle:
+//! Shaped like kube-rs's controller-rs, with the explicit steps of
+//! stackable's zookeeper-operator and the pure round planner
+//! ([`crate::planner`]) in the middle. [`reconcile`](reconcile::reconcile)
+//! chains one module per step:
 //!
-//! * [`reconcile`](reconcile::reconcile): validate → observe (the Jobs of the
-//!   run from a reflector cache, the store through [`RunStore`]) → size
-//!   ([`crate::sizing`]) → [`crate::planner::plan`] → apply (create trainer
-//!   and aggregation Jobs, delete stragglers) → status by server-side apply →
-//!   Events; deletion runs the retention policy behind a finalizer.
-//! * [`jobs`]: the desired Jobs and ConfigMap, built by pure functions.
-//! * [`status`]: the status and its Events, computed by pure functions.
-//! * [`observe`]: the [`RunStore`] trait (what the store says), an in-memory
-//!   implementation for tests and one over [`crate::store::Store`].
+//! * [`validate`]: the spec's rules (pure, once per generation);
+//! * [`dereference`]: reads the run's Jobs (a reflector cache, [`job_facts`]),
+//!   the store through [`RunStore`] and the models' shapes;
+//! * [`decide`] (pure): placements ([`crate::sizing`]), the planner's
+//!   [`Observation`](crate::planner::Observation) ([`observation`]) and
+//!   actions, and the existing Jobs become Jobs to create ([`jobs`],
+//!   [`names`]) and delete, the status ([`status`], [`client_status`]) and
+//!   the Events ([`events`]);
+//! * [`apply`] (I/O only): creates and deletes the Jobs;
+//! * [`status`]: writes the status by server-side apply, publishes Events;
+//! * [`cleanup`]: deletion runs the retention policy behind a finalizer.
+//!
+//! [`observe`] holds the [`RunStore`] trait (what the store says), an
+//! in-memory implementation for tests and one over [`crate::store::Store`].
 //!
 //! Restart safety: nothing the controller needs lives only in its memory.
 //! Rounds and commits come from the store; attempts, failures and the round
 //! start come from the Jobs (kept at least as long as a round can last);
 //! Job names are deterministic, so a repeated create meets `409 AlreadyExists`.
 
+pub mod apply;
+pub mod cleanup;
+pub mod client_status;
 pub mod context;
+pub mod decide;
+pub mod dereference;
 pub mod error;
+pub mod events;
+pub mod job_facts;
 pub mod jobs;
+pub mod names;
+pub mod observation;
 pub mod observe;
 pub mod reconcile;
+pub mod run;
 pub mod status;
+pub mod validate;
 
+#[cfg(test)]
+mod decide_tests;
 #[cfg(test)]
 mod fixtures;
 #[cfg(test)]
@@ -80,7 +100,7 @@ pub async fn run(
         );
     }
     let (reader, writer) = reflector::store::<Job>();
-    let selector = format!("{}={}", jobs::LABEL_MANAGED_BY, MANAGER);
+    let selector = format!("{}={}", names::LABEL_MANAGED_BY, MANAGER);
     let job_events = watcher(jobs_api, watcher::Config::default().labels(&selector))
         .default_backoff()
         .modify(|j: &mut Job| j.managed_fields_mut().clear())

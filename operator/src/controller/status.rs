@@ -1,5 +1,6 @@
-//! The status a reconcile writes, computed by pure functions from what it
-//! observed and decided, and the Events that announce what changed.
+//! The last step of a reconcile: the status, computed by pure functions from
+//! what was observed and decided, written by server-side apply together with
+//! the Events of the change and the run's metrics.
 
 use heterotune_crds::spec::FederatedTuneSpec;
 use heterotune_crds::status::{
@@ -7,7 +8,15 @@ use heterotune_crds::status::{
     MAX_HISTORY,
 };
 
+use heterotune_crds::FederatedTune;
+use kube::api::{Api, Patch, PatchParams};
+use kube::ResourceExt;
+
+use super::context::{Context, MANAGER};
+use super::error::{kube, Error, Result};
+use super::events::{announcements, publish, Announcement};
 use super::observe::{CompletedRound, GlobalAccuracy};
+use super::run::Run;
 
 /// Condition types, in the order they are written.
 pub const CONDITION_TYPES: &[&str] = &[
@@ -84,24 +93,11 @@ fn condition(type_: &str, on: bool, reason: &str, message: String) -> Condition 
     }
 }
 
-/// The six conditions for a phase and its troubles.
-pub fn conditions(input: &StatusInput) -> Vec<Condition> {
-    let phase = input.phase;
+/// The Progressing condition: blocked by `blocking`, or what the phase is doing.
+fn progressing(input: &StatusInput, blocking: Option<&Trouble>) -> Condition {
     let spec = input.spec;
-    let trouble = input.trouble.as_ref();
     let failure = input.failure.as_ref();
-    let blocking = trouble.filter(|t| t.reason != "ClientsExcluded");
-    let ready = match (blocking, failure) {
-        (Some(t), _) => condition("Ready", false, &t.reason, t.message.clone()),
-        (None, Some((r, m))) => condition("Ready", false, r, m.clone()),
-        (None, None) => condition(
-            "Ready",
-            true,
-            "Reconciled",
-            "the operator is driving the run".into(),
-        ),
-    };
-    let progressing = match (phase, blocking) {
+    match (input.phase, blocking) {
         (_, Some(t)) => condition("Progressing", false, &t.reason, t.message.clone()),
         (Phase::Pending, None) => {
             condition("Progressing", true, "Starting", "starting round 1".into())
@@ -148,7 +144,27 @@ pub fn conditions(input: &StatusInput) -> Vec<Condition> {
                 .unwrap_or_else(|| ("Failed".into(), String::new()));
             condition("Progressing", false, &r, m)
         }
+    }
+}
+
+/// The six conditions for a phase and its troubles.
+pub fn conditions(input: &StatusInput) -> Vec<Condition> {
+    let phase = input.phase;
+    let spec = input.spec;
+    let trouble = input.trouble.as_ref();
+    let failure = input.failure.as_ref();
+    let blocking = trouble.filter(|t| t.reason != "ClientsExcluded");
+    let ready = match (blocking, failure) {
+        (Some(t), _) => condition("Ready", false, &t.reason, t.message.clone()),
+        (None, Some((r, m))) => condition("Ready", false, r, m.clone()),
+        (None, None) => condition(
+            "Ready",
+            true,
+            "Reconciled",
+            "the operator is driving the run".into(),
+        ),
     };
+    let progressing = progressing(input, blocking);
     let degraded = match trouble {
         Some(t) => condition("Degraded", true, &t.reason, t.message.clone()),
         None => condition("Degraded", false, "AsExpected", String::new()),
@@ -323,156 +339,123 @@ pub fn build(input: &StatusInput) -> FederatedTuneStatus {
     }
 }
 
-/// An Event to publish.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Announcement {
-    /// Warning (true) or Normal.
-    pub warning: bool,
-    /// Event reason.
-    pub reason: String,
-    /// Event note.
-    pub note: String,
+/// A status that keeps the previous phase and round and reports `trouble`.
+pub fn troubled(run: &Run, now: f64, trouble: Trouble) -> FederatedTuneStatus {
+    let prev = run.ft.status.as_ref();
+    build(&StatusInput {
+        previous: prev,
+        spec: &run.ft.spec,
+        generation: run.ft.metadata.generation,
+        now,
+        phase: prev.and_then(|p| p.phase).unwrap_or(Phase::Pending),
+        round: prev.map(|p| p.round).unwrap_or(0),
+        completed_rounds: run.last_recorded_round(),
+        clients: Vec::new(),
+        new_rounds: &[],
+        trouble: Some(trouble),
+        failure: None,
+        artifacts: prev.and_then(|p| p.artifacts.clone()),
+        round_started_at: None,
+        final_evaluation: None,
+    })
 }
 
-fn normal(reason: &str, note: String) -> Announcement {
-    Announcement {
-        warning: false,
+/// The Degraded condition an error before the decision shows: an invalid
+/// spec or an unreadable store (other errors leave the status alone).
+pub fn trouble_of(error: &Error) -> Option<Trouble> {
+    let (reason, message) = match error {
+        Error::InvalidSpec(message) => ("InvalidSpec", message.clone()),
+        Error::Storage(e) => ("StorageUnavailable", e.to_string()),
+        _ => return None,
+    };
+    Some(Trouble {
         reason: reason.into(),
-        note,
+        message,
+    })
+}
+
+/// Reports `error` (from the validate or dereference step) as a troubled
+/// status and hands it back, or the error of writing that status.
+pub async fn degrade(ctx: &Context, run: &Run<'_>, error: Error) -> Error {
+    let Some(trouble) = trouble_of(&error) else {
+        return error;
+    };
+    match write(ctx, run.ft, troubled(run, ctx.now(), trouble), Vec::new()).await {
+        Ok(_) => error,
+        Err(e) => e,
     }
 }
 
-fn warning(reason: &str, note: String) -> Announcement {
-    Announcement {
-        warning: true,
-        reason: reason.into(),
-        note,
+/// Writes `next` with server-side apply unless it equals the current status,
+/// then publishes the Events of the change and `extra`. Returns whether it
+/// wrote.
+pub async fn write(
+    ctx: &Context,
+    ft: &FederatedTune,
+    next: FederatedTuneStatus,
+    extra: Vec<Announcement>,
+) -> Result<bool> {
+    let prev = ft.status.as_ref();
+    let changed = prev != Some(&next);
+    if changed {
+        let api: Api<FederatedTune> =
+            Api::namespaced(ctx.client.clone(), &ft.namespace().unwrap_or_default());
+        let patch = serde_json::json!({
+            "apiVersion": heterotune_crds::API_VERSION,
+            "kind": heterotune_crds::KIND,
+            "status": next,
+        });
+        api.patch_status(
+            &ft.name_any(),
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(kube("patch status"))?;
     }
+    let mut all = announcements(prev, &next);
+    all.extend(extra);
+    for a in &all {
+        publish(ctx, ft, a).await;
+    }
+    Ok(changed)
 }
 
-fn cond<'a>(s: Option<&'a FederatedTuneStatus>, t: &str) -> Option<&'a Condition> {
-    s.and_then(|s| s.conditions.iter().find(|c| c.type_ == t))
-}
-
-/// The Events for the change from `prev` to `next`.
-pub fn announcements(
-    prev: Option<&FederatedTuneStatus>,
-    next: &FederatedTuneStatus,
-) -> Vec<Announcement> {
-    let mut out = Vec::new();
-    let last_round = prev
-        .and_then(|p| p.history.last())
-        .map(|h| h.round)
-        .unwrap_or(0);
-    for h in next.history.iter().filter(|h| h.round > last_round) {
-        let acc = h
-            .accuracy
-            .map(|a| format!(", accuracy {a:.4}"))
+/// Updates the run's metrics from the status about to be written.
+pub fn record_metrics(ctx: &Context, run: &Run, next: &FederatedTuneStatus) {
+    let m = &ctx.metrics;
+    let last_known = run.last_recorded_round();
+    for h in next.history.iter().filter(|h| h.round > last_known) {
+        m.round_completed(
+            &run.namespace,
+            &run.name,
+            (h.duration_seconds > 0.0).then_some(h.duration_seconds),
+            h.bytes_uploaded,
+            &h.rejected,
+            h.accuracy,
+            &h.accuracy_by_family,
+        );
+    }
+    if let Some(g) = next.last_global_accuracy {
+        let by_family = next
+            .history
+            .iter()
+            .rev()
+            .find(|h| h.global_accuracy.is_some())
+            .map(|h| h.global_accuracy_by_family.clone())
             .unwrap_or_default();
-        out.push(normal(
-            "RoundCompleted",
-            format!(
-                "round {} completed with {} participants{acc}",
-                h.round, h.participants
-            ),
-        ));
+        m.set_global_accuracy(&run.namespace, &run.name, g, &by_family);
     }
-    let prev_global = prev.and_then(|p| p.last_global_accuracy.zip(p.last_global_round));
-    let next_global = next.last_global_accuracy.zip(next.last_global_round);
-    if let Some((a, round)) = next_global.filter(|g| Some(*g) != prev_global) {
-        out.push(normal(
-            "GlobalModelEvaluated",
-            format!("the global model of round {round}: accuracy {a:.4}"),
-        ));
-    }
-    let (pd, nd) = (cond(prev, "Degraded"), cond(Some(next), "Degraded"));
-    match (pd, nd) {
-        (_, Some(n))
-            if n.status == "True"
-                && pd.map(|p| (p.status.as_str(), p.reason.as_str()))
-                    != Some(("True", n.reason.as_str())) =>
-        {
-            out.push(warning(&n.reason, n.message.clone()))
-        }
-        (Some(p), Some(n)) if p.status == "True" && n.status != "True" => out.push(normal(
-            "Recovered",
-            format!("no longer degraded ({})", p.reason),
-        )),
-        _ => {}
-    }
-    let prev_phase = prev.and_then(|p| p.phase);
-    let phase_changed = prev_phase != next.phase;
-    let round_changed = prev.map(|p| p.round) != Some(next.round);
-    match next.phase {
-        Some(Phase::Running) if phase_changed || round_changed => out.push(normal(
-            "RoundStarted",
-            format!("round {} started", next.round),
-        )),
-        Some(Phase::Aggregating) if phase_changed || round_changed => out.push(normal(
-            "Aggregating",
-            format!("round {}: aggregation started", next.round),
-        )),
-        Some(Phase::Evaluating) if phase_changed => out.push(normal(
-            "Evaluating",
-            format!(
-                "round {}: clients evaluate the final global model",
-                next.round
-            ),
-        )),
-        Some(Phase::Suspended) if phase_changed => {
-            out.push(normal("Suspended", "spec.suspend is true".into()))
-        }
-        Some(Phase::Succeeded) if phase_changed => out.push(normal(
-            "Succeeded",
-            next.progress.clone().unwrap_or_default(),
-        )),
-        Some(Phase::Failed) if phase_changed => {
-            let f = cond(Some(next), "Failed");
-            out.push(warning(
-                f.map(|c| c.reason.as_str()).unwrap_or("Failed"),
-                f.map(|c| c.message.clone()).unwrap_or_default(),
-            ))
-        }
-        _ => {}
-    }
-    if prev_phase == Some(Phase::Suspended)
-        && next.phase != Some(Phase::Suspended)
-        && !matches!(next.phase, Some(Phase::Failed))
-    {
-        out.push(normal("Resumed", "spec.suspend is false".into()));
-    }
-    let before_by_name: std::collections::HashMap<&str, &ClientStatus> = prev
-        .map(|p| p.clients.iter().map(|c| (c.name.as_str(), c)).collect())
-        .unwrap_or_default();
+    let mut counts: Vec<(&str, i64)> = crate::metrics::CLIENT_STATES
+        .iter()
+        .map(|s| (*s, 0))
+        .collect();
     for c in &next.clients {
-        let before = before_by_name.get(c.name.as_str()).copied();
-        let (reason, what) = match c.state.as_str() {
-            "Excluded" => ("ClientExcluded", format!("is out of round {}", next.round)),
-            "EvaluationFailed" => (
-                "EvaluationFailed",
-                format!(
-                    "could not evaluate the global model of round {} (the global accuracy leaves it out)",
-                    next.round
-                ),
-            ),
-            _ => continue,
-        };
-        if before.map(|b| b.state.as_str()) != Some(c.state.as_str()) {
-            out.push(warning(
-                reason,
-                format!(
-                    "client {} {what} after {} failed attempts{}",
-                    c.name,
-                    c.attempts,
-                    c.message
-                        .as_deref()
-                        .map(|m| format!(" (last: {m})"))
-                        .unwrap_or_default()
-                ),
-            ));
+        if let Some(entry) = counts.iter_mut().find(|(s, _)| *s == c.state) {
+            entry.1 += 1;
         }
     }
-    out
+    m.set_clients(&run.namespace, &run.name, &counts);
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use super::error::Category;
 use super::fixtures::*;
-use super::jobs;
+use super::names;
 use super::observe::MemoryRunStore;
 use super::reconcile::{error_policy, reconcile};
 
@@ -125,7 +125,7 @@ async fn a_new_run_creates_trainer_jobs_sized_to_each_model() {
             .metadata
             .annotations
             .as_ref()
-            .and_then(|a| a.get(jobs::ANNOTATION_PROFILE))
+            .and_then(|a| a.get(names::ANNOTATION_PROFILE))
             .map(String::as_str),
         Some("cpu")
     );
@@ -173,81 +173,96 @@ async fn a_new_run_creates_trainer_jobs_sized_to_each_model() {
 
     // What every trainer Job carries.
     for job in [&small, &big, &huge] {
-        let spec = job.spec.as_ref().expect("job spec");
-        assert_eq!(spec.backoff_limit, Some(0));
-        assert_eq!(spec.active_deadline_seconds, Some(3600));
-        let owner = &job.metadata.owner_references.as_ref().expect("owner")[0];
-        assert_eq!(
-            (owner.kind.as_str(), owner.uid.as_str(), owner.controller),
-            ("FederatedTune", UID, Some(true))
-        );
-        let labels = job.metadata.labels.as_ref().expect("labels");
-        assert_eq!(
-            labels.get(jobs::LABEL_RUN_UID).map(String::as_str),
-            Some(UID)
-        );
-        assert_eq!(labels.get(jobs::LABEL_ROUND).map(String::as_str), Some("1"));
-        let c = container(job);
-        assert_eq!(c.image.as_deref(), Some("trainer:test"));
-        let cmd = c.command.clone().unwrap_or_default();
-        let client = labels.get(jobs::LABEL_CLIENT).cloned().unwrap_or_default();
-        let device = if client == "small" { "cpu" } else { "cuda" };
-        let expected: Vec<String> = [
-            "heterotune",
-            "--log-format",
-            "json",
-            "job",
-            "train",
-            "--spec",
-            "/etc/heterotune/spec/spec.json",
-            "--work",
-            "/work",
-            "--client",
-            &client,
-            "--round",
-            "1",
-            "--device",
-            device,
-        ]
-        .iter()
-        .map(|a| a.to_string())
-        .collect();
-        assert_eq!(cmd, expected);
-        let env = c.env.clone().unwrap_or_default();
-        let key = env
-            .iter()
-            .find(|e| e.name == "AWS_SECRET_ACCESS_KEY")
-            .expect("secret env");
-        assert!(key.value.is_none(), "credentials only by reference");
-        let r = key
-            .value_from
-            .as_ref()
-            .and_then(|v| v.secret_key_ref.as_ref())
-            .expect("secretKeyRef");
-        assert_eq!(
-            (r.name.as_str(), r.key.as_str()),
-            ("s3-creds", "AWS_SECRET_ACCESS_KEY")
-        );
-        assert!(env
-            .iter()
-            .any(|e| e.name == "AWS_VIRTUAL_HOSTED_STYLE_REQUEST"
-                && e.value.as_deref() == Some("false")));
-        let sc = c.security_context.as_ref().expect("security context");
-        assert_eq!(sc.read_only_root_filesystem, Some(true));
-        assert_eq!(sc.allow_privilege_escalation, Some(false));
-        assert_eq!(
-            sc.capabilities.as_ref().and_then(|c| c.drop.clone()),
-            Some(vec!["ALL".to_string()])
-        );
-        let psc = pod(job).security_context.as_ref().expect("pod security");
-        assert_eq!(psc.run_as_non_root, Some(true));
-        assert_eq!(
-            psc.seccomp_profile.as_ref().map(|s| s.type_.as_str()),
-            Some("RuntimeDefault")
-        );
-        assert_eq!(pod(job).restart_policy.as_deref(), Some("Never"));
+        assert_trainer_basics(job);
     }
 
+    assert_round_one_started(&status);
+    assert_eq!(note, "round 1 started");
+}
+
+/// What every trainer Job of the first round carries: owner, labels,
+/// command, store credentials by reference, restricted security.
+fn assert_trainer_basics(job: &Job) {
+    let spec = job.spec.as_ref().expect("job spec");
+    assert_eq!(spec.backoff_limit, Some(0));
+    assert_eq!(spec.active_deadline_seconds, Some(3600));
+    let owner = &job.metadata.owner_references.as_ref().expect("owner")[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.uid.as_str(), owner.controller),
+        ("FederatedTune", UID, Some(true))
+    );
+    let labels = job.metadata.labels.as_ref().expect("labels");
+    assert_eq!(
+        labels.get(names::LABEL_RUN_UID).map(String::as_str),
+        Some(UID)
+    );
+    assert_eq!(
+        labels.get(names::LABEL_ROUND).map(String::as_str),
+        Some("1")
+    );
+    let c = container(job);
+    assert_eq!(c.image.as_deref(), Some("trainer:test"));
+    let cmd = c.command.clone().unwrap_or_default();
+    let client = labels.get(names::LABEL_CLIENT).cloned().unwrap_or_default();
+    let device = if client == "small" { "cpu" } else { "cuda" };
+    let expected: Vec<String> = [
+        "heterotune",
+        "--log-format",
+        "json",
+        "job",
+        "train",
+        "--spec",
+        "/etc/heterotune/spec/spec.json",
+        "--work",
+        "/work",
+        "--client",
+        &client,
+        "--round",
+        "1",
+        "--device",
+        device,
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    assert_eq!(cmd, expected);
+    let env = c.env.clone().unwrap_or_default();
+    let key = env
+        .iter()
+        .find(|e| e.name == "AWS_SECRET_ACCESS_KEY")
+        .expect("secret env");
+    assert!(key.value.is_none(), "credentials only by reference");
+    let r = key
+        .value_from
+        .as_ref()
+        .and_then(|v| v.secret_key_ref.as_ref())
+        .expect("secretKeyRef");
+    assert_eq!(
+        (r.name.as_str(), r.key.as_str()),
+        ("s3-creds", "AWS_SECRET_ACCESS_KEY")
+    );
+    assert!(env.iter().any(
+        |e| e.name == "AWS_VIRTUAL_HOSTED_STYLE_REQUEST" && e.value.as_deref() == Some("false")
+    ));
+    let sc = c.security_context.as_ref().expect("security context");
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(
+        sc.capabilities.as_ref().and_then(|c| c.drop.clone()),
+        Some(vec!["ALL".to_string()])
+    );
+    let psc = pod(job).security_context.as_ref().expect("pod security");
+    assert_eq!(psc.run_as_non_root, Some(true));
+    assert_eq!(
+        psc.seccomp_profile.as_ref().map(|s| s.type_.as_str()),
+        Some("RuntimeDefault")
+    );
+    assert_eq!(pod(job).restart_policy.as_deref(), Some("Never"));
+}
+
+/// Status after the first reconcile: round 1 running, every client
+/// training, estimates shown.
+fn assert_round_one_started(status: &heterotune_crds::status::FederatedTuneStatus) {
     // Status: running round 1, every client training, estimates shown.
     assert_eq!(status.phase, Some(Phase::Running));
     assert_eq!(
@@ -278,15 +293,14 @@ async fn a_new_run_creates_trainer_jobs_sized_to_each_model() {
         .clients
         .iter()
         .all(|c| c.estimated_memory_bytes.is_some()));
-    assert_eq!(cond(&status, "Ready").status, "True");
-    assert_eq!(cond(&status, "Progressing").reason, "RoundInProgress");
-    assert_eq!(cond(&status, "Degraded").status, "False");
+    assert_eq!(cond(status, "Ready").status, "True");
+    assert_eq!(cond(status, "Progressing").reason, "RoundInProgress");
+    assert_eq!(cond(status, "Degraded").status, "False");
     assert_eq!(status.start_time.as_deref(), Some("2023-11-14T22:13:20Z"));
     assert_eq!(
         status.artifacts.as_ref().map(|a| a.prefix.as_str()),
         Some("s3://artifacts/runs/default/trec-0f1e2d3c")
     );
-    assert_eq!(note, "round 1 started");
 }
 
 /// Runs one reconcile of `f` against `script` (which plays the API server
@@ -346,7 +360,7 @@ async fn a_failed_job_is_retried_then_the_client_is_excluded() {
                 .metadata
                 .labels
                 .as_ref()
-                .and_then(|l| l.get(jobs::LABEL_ATTEMPT))
+                .and_then(|l| l.get(names::LABEL_ATTEMPT))
                 .cloned();
             assert_eq!(attempt.as_deref(), Some("2"));
             let s = api.expect_status(&answer).await;
@@ -448,7 +462,7 @@ async fn quorum_in_the_store_starts_the_aggregation_and_cancels_stragglers() {
     );
     let labels = agg.metadata.labels.clone().unwrap_or_default();
     assert_eq!(
-        labels.get(jobs::LABEL_ROLE).map(String::as_str),
+        labels.get(names::LABEL_ROLE).map(String::as_str),
         Some("aggregator")
     );
     assert_eq!(quantity(&agg, "requests", "cpu").as_deref(), Some("1"));
@@ -772,8 +786,52 @@ fn evaluation(client: &str, accuracy: f64) -> heterotune_crds::manifest::Evaluat
     }
 }
 
-#[tokio::test]
-async fn after_the_last_round_every_client_evaluates_the_final_global_model() {
+/// Every round aggregated: the clients evaluate the last global model;
+/// round 1's global accuracy (measured in round 2) is recorded.
+fn assert_evaluating(status: &heterotune_crds::status::FederatedTuneStatus) {
+    assert_eq!(status.phase, Some(Phase::Evaluating));
+    assert_eq!(cond(status, "Progressing").reason, "Evaluating");
+    assert_eq!(cond(status, "Complete").status, "False");
+    assert!(
+        status.clients.iter().all(|c| c.state == "Evaluating"),
+        "{:?}",
+        status.clients
+    );
+    assert_eq!(status.history[0].global_accuracy, Some(0.74));
+    assert_eq!(status.history[1].global_accuracy, None);
+    assert_eq!(
+        (status.last_global_accuracy, status.last_global_round),
+        (Some(0.74), Some(1))
+    );
+}
+
+/// The run succeeded with what c0 and c1 measured on the final global
+/// model; c2 ran out of retries.
+fn assert_succeeded_without_c2(status3: &heterotune_crds::status::FederatedTuneStatus) {
+    assert_eq!(status3.phase, Some(Phase::Succeeded));
+    assert_eq!(cond(status3, "Complete").status, "True");
+    let last = status3.history.last().expect("history");
+    assert_eq!(last.round, 2);
+    assert!(
+        (last.global_accuracy.unwrap_or(0.0) - 0.79).abs() < 1e-9,
+        "{last:?}"
+    );
+    assert!((last.global_accuracy_by_family["bert"] - 0.79).abs() < 1e-9);
+    assert_eq!(status3.last_global_round, Some(2));
+    let states: Vec<&str> = status3.clients.iter().map(|c| c.state.as_str()).collect();
+    assert_eq!(states, ["Evaluated", "Evaluated", "EvaluationFailed"]);
+    assert_eq!(cond(status3, "Degraded").status, "False");
+}
+
+/// A two-round run whose second round was just aggregated (round 2's
+/// participants measured round 1's global model), its Jobs, and the status
+/// written before the aggregation ended.
+fn two_rounds_aggregated() -> (
+    heterotune_crds::FederatedTune,
+    Arc<MemoryRunStore>,
+    Vec<Job>,
+    heterotune_crds::status::FederatedTuneStatus,
+) {
     let f = ft(&three_clients(), "  rounds: 2\n  maxRetriesPerClient: 1\n");
     let store = Arc::new(MemoryRunStore::default());
     store.complete_round(RUN_DIR, round_summary(1, 0.70), NOW - 200.0);
@@ -798,6 +856,45 @@ async fn after_the_last_round_every_client_evaluates_the_final_global_model() {
         history: vec![round_summary(1, 0.70)],
         ..Default::default()
     };
+    (f, store, cached, prev)
+}
+
+/// An evaluation Job of round 2: the evaluator's command, placed as its
+/// trainer would be (the MiniLM clients train on CPU).
+fn assert_placed_like_its_trainer(job0: &Job) {
+    let labels = job0.metadata.labels.as_ref().expect("labels");
+    assert_eq!(
+        labels.get(super::names::LABEL_ROLE).map(String::as_str),
+        Some("evaluator")
+    );
+    assert_eq!(
+        labels.get(super::names::LABEL_ROUND).map(String::as_str),
+        Some("2")
+    );
+    let command = container(job0).command.clone().unwrap_or_default();
+    assert!(
+        command.windows(2).any(|w| w == ["job", "evaluate"]),
+        "{command:?}"
+    );
+    assert!(
+        command.windows(2).any(|w| w == ["--round", "2"]),
+        "{command:?}"
+    );
+    // Placed as its trainer would be: the MiniLM clients train on CPU.
+    let annotations = job0.metadata.annotations.as_ref().expect("annotations");
+    assert_eq!(
+        annotations
+            .get(super::names::ANNOTATION_PROFILE)
+            .map(String::as_str),
+        Some("cpu")
+    );
+    assert!(quantity(job0, "requests", "memory").is_some());
+    assert!(quantity(job0, "limits", "nvidia.com/gpu").is_none());
+}
+
+#[tokio::test]
+async fn after_the_last_round_every_client_evaluates_the_final_global_model() {
+    let (f, store, cached, prev) = two_rounds_aggregated();
     let f1 = with_status(f.clone(), prev);
     let answer = f1.clone();
     // 1. Every round is aggregated: one evaluation Job per client, placed
@@ -825,50 +922,9 @@ async fn after_the_last_round_every_client_evaluates_the_final_global_model() {
         ok,
     )
     .await;
-    assert_eq!(status.phase, Some(Phase::Evaluating));
-    assert_eq!(cond(&status, "Progressing").reason, "Evaluating");
-    assert_eq!(cond(&status, "Complete").status, "False");
-    assert!(
-        status.clients.iter().all(|c| c.state == "Evaluating"),
-        "{:?}",
-        status.clients
-    );
-    assert_eq!(status.history[0].global_accuracy, Some(0.74));
-    assert_eq!(status.history[1].global_accuracy, None);
-    assert_eq!(
-        (status.last_global_accuracy, status.last_global_round),
-        (Some(0.74), Some(1))
-    );
+    assert_evaluating(&status);
     assert_eq!(notes[1], "the global model of round 1: accuracy 0.7400");
-    let job0 = &created[0];
-    let labels = job0.metadata.labels.as_ref().expect("labels");
-    assert_eq!(
-        labels.get(super::jobs::LABEL_ROLE).map(String::as_str),
-        Some("evaluator")
-    );
-    assert_eq!(
-        labels.get(super::jobs::LABEL_ROUND).map(String::as_str),
-        Some("2")
-    );
-    let command = container(job0).command.clone().unwrap_or_default();
-    assert!(
-        command.windows(2).any(|w| w == ["job", "evaluate"]),
-        "{command:?}"
-    );
-    assert!(
-        command.windows(2).any(|w| w == ["--round", "2"]),
-        "{command:?}"
-    );
-    // Placed as its trainer would be: the MiniLM clients train on CPU.
-    let annotations = job0.metadata.annotations.as_ref().expect("annotations");
-    assert_eq!(
-        annotations
-            .get(super::jobs::ANNOTATION_PROFILE)
-            .map(String::as_str),
-        Some("cpu")
-    );
-    assert!(quantity(job0, "requests", "memory").is_some());
-    assert!(quantity(job0, "limits", "nvidia.com/gpu").is_none());
+    assert_placed_like_its_trainer(&created[0]);
 
     // 2. c0 and c1 evaluated; c2's evaluation failed once and is retried.
     store.evaluate(RUN_DIR, evaluation("c0", 0.80));
@@ -926,19 +982,7 @@ async fn after_the_last_round_every_client_evaluates_the_final_global_model() {
     )
     .await;
     assert_eq!(result.expect("reconcile"), Action::await_change());
-    assert_eq!(status3.phase, Some(Phase::Succeeded));
-    assert_eq!(cond(&status3, "Complete").status, "True");
-    let last = status3.history.last().expect("history");
-    assert_eq!(last.round, 2);
-    assert!(
-        (last.global_accuracy.unwrap_or(0.0) - 0.79).abs() < 1e-9,
-        "{last:?}"
-    );
-    assert!((last.global_accuracy_by_family["bert"] - 0.79).abs() < 1e-9);
-    assert_eq!(status3.last_global_round, Some(2));
-    let states: Vec<&str> = status3.clients.iter().map(|c| c.state.as_str()).collect();
-    assert_eq!(states, ["Evaluated", "Evaluated", "EvaluationFailed"]);
-    assert_eq!(cond(&status3, "Degraded").status, "False");
+    assert_succeeded_without_c2(&status3);
 }
 
 #[tokio::test]
@@ -1015,24 +1059,24 @@ async fn deletion_applies_the_retention_policy_then_removes_the_finalizer() {
 #[test]
 fn job_names_are_bounded_distinct_and_stable() {
     assert_eq!(
-        jobs::trainer_job_name("trec", 3, 1, "site-1"),
+        names::trainer_job_name("trec", 3, 1, "site-1"),
         "trec-r3-site-1"
     );
     assert_eq!(
-        jobs::trainer_job_name("trec", 3, 2, "site-1"),
+        names::trainer_job_name("trec", 3, 2, "site-1"),
         "trec-r3a2-site-1"
     );
-    assert_eq!(jobs::aggregation_job_name("trec", 3, 1), "trec-agg-r3");
-    assert_eq!(jobs::aggregation_job_name("trec", 3, 2), "trec-agg-r3a2");
+    assert_eq!(names::aggregation_job_name("trec", 3, 1), "trec-agg-r3");
+    assert_eq!(names::aggregation_job_name("trec", 3, 2), "trec-agg-r3a2");
     assert_eq!(
-        jobs::evaluation_job_name("trec", 3, 1, "site-1"),
+        names::evaluation_job_name("trec", 3, 1, "site-1"),
         "trec-eval-r3-site-1"
     );
     assert_eq!(
-        jobs::evaluation_job_name("trec", 3, 2, "site-1"),
+        names::evaluation_job_name("trec", 3, 2, "site-1"),
         "trec-eval-r3a2-site-1"
     );
-    let long = jobs::evaluation_job_name(&"f".repeat(70), 12, 3, &"c".repeat(40));
+    let long = names::evaluation_job_name(&"f".repeat(70), 12, 3, &"c".repeat(40));
     assert!(long.len() <= 63, "{long}");
     assert!(
         long.ends_with(&format!("-eval-r12a3-{}", "c".repeat(40))),
@@ -1040,15 +1084,15 @@ fn job_names_are_bounded_distinct_and_stable() {
     );
     // A client named like a retry suffix does not collide.
     assert_ne!(
-        jobs::trainer_job_name("t", 1, 2, "c"),
-        jobs::trainer_job_name("t", 1, 1, "a2-c")
+        names::trainer_job_name("t", 1, 2, "c"),
+        names::trainer_job_name("t", 1, 1, "a2-c")
     );
     let long_ft = "a-very-long-federated-tune-name-that-goes-on-and-on-and-on-forever";
     let client = "c".repeat(40);
     let mut names = std::collections::BTreeSet::new();
     for round in [1, 9999] {
         for attempt in [1, 21] {
-            let n = jobs::trainer_job_name(long_ft, round, attempt, &client);
+            let n = names::trainer_job_name(long_ft, round, attempt, &client);
             assert!(n.len() <= 63, "{n} ({})", n.len());
             assert!(n.ends_with(&client), "{n}");
             assert!(
@@ -1059,16 +1103,16 @@ fn job_names_are_bounded_distinct_and_stable() {
             assert!(n.starts_with(|c: char| c.is_ascii_alphanumeric()), "{n}");
             assert_eq!(
                 n,
-                jobs::trainer_job_name(long_ft, round, attempt, &client),
+                names::trainer_job_name(long_ft, round, attempt, &client),
                 "stable"
             );
             names.insert(n);
         }
     }
     assert_eq!(names.len(), 4);
-    let dotted = jobs::trainer_job_name("team.trec", 1, 1, "a");
+    let dotted = names::trainer_job_name("team.trec", 1, 1, "a");
     assert!(!dotted.contains('.') && dotted.len() <= 63, "{dotted}");
-    assert_ne!(dotted, jobs::trainer_job_name("team-trec", 1, 1, "a"));
+    assert_ne!(dotted, names::trainer_job_name("team-trec", 1, 1, "a"));
 }
 
 #[test]

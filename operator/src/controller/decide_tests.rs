@@ -1,0 +1,262 @@
+//! The pure decide step on its own: what was dereferenced in, intents out,
+//! no API server.
+
+use std::time::Duration;
+
+use heterotune_crds::status::Phase;
+use heterotune_crds::FederatedTune;
+use k8s_openapi::api::batch::v1::Job;
+use kube::runtime::controller::Action;
+
+use super::decide::{decide, remaining_deadline, stale_jobs, Decision};
+use super::dereference::Dereferenced;
+use super::error::Category;
+use super::fixtures::*;
+use super::job_facts::{job_facts, JobFacts};
+use super::names::{LABEL_ROLE, ROLE_AGGREGATOR, ROLE_TRAINER};
+use super::observation::observation;
+use super::observe::{CommitInfo, StoreObservation};
+use super::run::Run;
+use crate::planner;
+use crate::sizing::{self, ModelShape};
+
+/// The Jobs the controller's cache would hold.
+fn facts(jobs: &[Job]) -> Vec<JobFacts> {
+    jobs.iter().filter_map(job_facts).collect()
+}
+
+/// A store observation of round `completed + 1` with `commits` (client, at).
+fn store(completed: u32, commits: &[(&str, f64)]) -> StoreObservation {
+    StoreObservation {
+        completed_rounds: completed,
+        committed: commits
+            .iter()
+            .map(|(c, at)| {
+                let info = CommitInfo {
+                    committed_at: *at,
+                    ..CommitInfo::default()
+                };
+                (c.to_string(), info)
+            })
+            .collect(),
+        ..StoreObservation::default()
+    }
+}
+
+/// Decides for `f` as the reconcile would (shapes from the packaged table
+/// or `model.parameters`, as with an empty store).
+fn decided(f: &FederatedTune, store: StoreObservation, jobs: &[Job]) -> Decision {
+    let run = Run::new(f).expect("run");
+    let shapes = f
+        .spec
+        .clients
+        .iter()
+        .map(|c| {
+            sizing::packaged_model(&c.model.uri).or_else(|| {
+                c.model
+                    .parameters
+                    .map(|p| ModelShape::from_parameters(c.model.family, p))
+            })
+        })
+        .collect();
+    let world = Dereferenced {
+        store,
+        jobs: facts(jobs),
+        shapes,
+        now: NOW,
+    };
+    decide(&run, &world, &config())
+}
+
+fn names(jobs: &[Job]) -> Vec<String> {
+    jobs.iter()
+        .map(|j| j.metadata.name.clone().unwrap_or_default())
+        .collect()
+}
+
+fn role(job: &Job) -> Option<&str> {
+    job.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(LABEL_ROLE))
+        .map(String::as_str)
+}
+
+#[test]
+fn a_new_run_creates_one_trainer_per_client_and_deletes_nothing() {
+    let d = decided(&ft(&three_clients(), ""), store(0, &[]), &[]);
+    assert_eq!(
+        names(&d.jobs.create),
+        ["trec-r1-c0", "trec-r1-c1", "trec-r1-c2"]
+    );
+    assert!(d.jobs.create.iter().all(|j| role(j) == Some(ROLE_TRAINER)));
+    assert!(d.jobs.cancel.is_empty() && d.jobs.stale.is_empty());
+    assert!(d.events.is_empty() && d.unplaceable.is_empty());
+    assert_eq!(d.status.phase, Some(Phase::Running));
+    assert_eq!(d.status.round, 1);
+    assert!(d.status.clients.iter().all(|c| c.state == "Training"));
+    assert!(d.status.clients.iter().all(|c| c.attempts == 1));
+    // The round starts now.
+    assert_eq!(d.status.start_time.as_deref(), Some("2023-11-14T22:13:20Z"));
+    assert_eq!(
+        d.outcome(30).expect("ok"),
+        Action::requeue(Duration::from_secs(30))
+    );
+}
+
+#[test]
+fn running_trainers_are_left_alone() {
+    let jobs = [
+        job(1, Some("c0"), 1, JobEnd::Running, NOW - 50.0),
+        job(1, Some("c1"), 1, JobEnd::Succeeded, NOW - 50.0),
+        job(1, Some("c2"), 1, JobEnd::Running, NOW - 50.0),
+    ];
+    let d = decided(
+        &ft(&three_clients(), ""),
+        store(0, &[("c1", NOW - 10.0)]),
+        &jobs,
+    );
+    assert!(d.jobs.create.is_empty(), "{:?}", names(&d.jobs.create));
+    assert!(d.jobs.cancel.is_empty() && d.jobs.stale.is_empty());
+    let states: Vec<&str> = d.status.clients.iter().map(|c| c.state.as_str()).collect();
+    assert_eq!(states, ["Training", "Committed", "Training"]);
+}
+
+#[test]
+fn a_failed_attempt_is_retried_within_what_is_left_of_the_round() {
+    let t0 = NOW - 100.0;
+    let jobs = [
+        job(1, Some("c0"), 1, JobEnd::Failed, t0),
+        job(1, Some("c1"), 1, JobEnd::Running, t0),
+        job(1, Some("c2"), 1, JobEnd::Running, t0),
+    ];
+    let f = ft(&three_clients(), "  maxRetriesPerClient: 1\n");
+    let d = decided(&f, store(0, &[]), &jobs);
+    assert_eq!(names(&d.jobs.create), ["trec-r1a2-c0"]);
+    let deadline = d.jobs.create[0]
+        .spec
+        .as_ref()
+        .and_then(|s| s.active_deadline_seconds);
+    assert_eq!(deadline, Some(3500));
+    assert_eq!(d.events.len(), 1);
+    assert_eq!(d.events[0].reason, "ClientRetry");
+    assert_eq!(d.events[0].note, "client c0: attempt 2 of round 1");
+    assert_eq!(d.status.clients[0].state, "Training");
+    assert_eq!(d.status.clients[0].attempts, 2);
+}
+
+#[test]
+fn quorum_starts_the_aggregation_and_cancels_the_stragglers() {
+    let f = ft(
+        &three_clients(),
+        "  minClients: 2\n  waitAfterMinClientsSeconds: 60\n",
+    );
+    let jobs = [
+        job(1, Some("c0"), 1, JobEnd::Succeeded, NOW - 300.0),
+        job(1, Some("c1"), 1, JobEnd::Succeeded, NOW - 300.0),
+        job(1, Some("c2"), 1, JobEnd::Running, NOW - 300.0),
+    ];
+    let commits = [("c0", NOW - 200.0), ("c1", NOW - 120.0)];
+    let d = decided(&f, store(0, &commits), &jobs);
+    assert_eq!(names(&d.jobs.create), ["trec-agg-r1"]);
+    assert_eq!(role(&d.jobs.create[0]), Some(ROLE_AGGREGATOR));
+    assert_eq!(d.jobs.cancel, ["trec-r1-c2"]);
+    assert!(d.jobs.stale.is_empty());
+    assert_eq!(d.events.len(), 1);
+    assert_eq!(d.events[0].reason, "StragglersCancelled");
+    assert_eq!(d.events[0].note, "round 1: stopped trec-r1-c2");
+    assert_eq!(d.status.phase, Some(Phase::Aggregating));
+}
+
+#[test]
+fn a_client_that_fits_nowhere_holds_back_every_client_job() {
+    let clients = "    - name: small\n      model: { family: bert, uri: \"cache://models/all-MiniLM-L6-v2\" }\n    \
+                   - name: giant\n      model: { family: llama, uri: \"s3://models/llama-70b\", dtype: bfloat16, parameters: 70000000000 }\n";
+    let d = decided(&ft(clients, ""), store(0, &[]), &[]);
+    assert!(d.jobs.create.is_empty(), "{:?}", names(&d.jobs.create));
+    assert_eq!(d.unplaceable.len(), 1);
+    assert!(d.unplaceable[0].starts_with("client giant needs about"));
+    // Nothing started: still Pending, no start time, nobody training.
+    assert_eq!(d.status.phase, Some(Phase::Pending));
+    assert_eq!(d.status.start_time, None);
+    assert_eq!(d.status.clients[0].state, "Pending");
+    assert_eq!(d.status.clients[0].attempts, 0);
+    let degraded = d.status.conditions.iter().find(|c| c.type_ == "Degraded");
+    assert_eq!(
+        degraded.map(|c| c.reason.as_str()),
+        Some("NoGpuProfileFits")
+    );
+    let error = d.outcome(30).expect_err("no fit");
+    assert_eq!(error.category(), Category::User);
+}
+
+#[test]
+fn running_jobs_of_rounds_already_over_are_stale() {
+    let f = ft(&three_clients(), "  rounds: 3\n");
+    let jobs = facts(&[
+        job(1, Some("c0"), 1, JobEnd::Running, NOW - 900.0),
+        job(1, None, 1, JobEnd::Running, NOW - 900.0),
+        job(2, Some("c0"), 1, JobEnd::Running, NOW - 90.0),
+        job(1, Some("c1"), 1, JobEnd::Succeeded, NOW - 900.0),
+        evaluation_job(2, "c2", 1, JobEnd::Running, NOW - 90.0),
+        evaluation_job(3, "c2", 1, JobEnd::Running, NOW - 90.0),
+    ]);
+    let running = planner::Plan {
+        phase: Phase::Running,
+        round: 2,
+        actions: Vec::new(),
+        requeue_after: None,
+    };
+    // Round 1 is over: its running trainer and aggregation go, as does the
+    // evaluation of a global model that is not the last.
+    assert_eq!(
+        stale_jobs(&f.spec, &running, &jobs, 1),
+        ["trec-r1-c0", "trec-agg-r1", "trec-eval-r2-c2"]
+    );
+    // A finished run stops the evaluation of the last global model too.
+    let done = planner::Plan {
+        phase: Phase::Succeeded,
+        ..running
+    };
+    assert_eq!(
+        stale_jobs(&f.spec, &done, &jobs, 1),
+        [
+            "trec-r1-c0",
+            "trec-agg-r1",
+            "trec-eval-r2-c2",
+            "trec-eval-r3-c2"
+        ]
+    );
+}
+
+#[test]
+fn a_late_job_gets_what_is_left_of_the_round_and_at_least_a_second() {
+    let f = ft(&three_clients(), "  roundDeadlineSeconds: 600\n");
+    let started = |at: f64| {
+        let jobs = facts(&[job(1, Some("c0"), 1, JobEnd::Running, at)]);
+        observation(&f.spec, &store(0, &[]), &jobs, NOW)
+    };
+    let fresh = observation(&f.spec, &store(0, &[]), &[], NOW);
+    assert_eq!(remaining_deadline(&f.spec, &fresh, NOW), 600);
+    assert_eq!(remaining_deadline(&f.spec, &started(NOW - 100.0), NOW), 500);
+    assert_eq!(remaining_deadline(&f.spec, &started(NOW - 5000.0), NOW), 1);
+}
+
+#[test]
+fn the_outcome_waits_for_a_change_of_finished_runs_and_polls_the_others() {
+    let mut d = decided(&ft(&three_clients(), ""), store(0, &[]), &[]);
+    d.plan.requeue_after = Some(12.5);
+    assert_eq!(
+        d.outcome(30).expect("ok"),
+        Action::requeue(Duration::from_secs_f64(12.5))
+    );
+    d.plan.requeue_after = Some(0.1);
+    assert_eq!(
+        d.outcome(30).expect("ok"),
+        Action::requeue(Duration::from_secs(1))
+    );
+    for phase in [Phase::Succeeded, Phase::Failed, Phase::Suspended] {
+        d.plan.phase = phase;
+        assert_eq!(d.outcome(30).expect("ok"), Action::await_change());
+    }
+}
