@@ -21,8 +21,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use heterotune_crds::FederatedTune;
+use heterotune_operator::controller::metrics::Metrics;
 use heterotune_operator::controller::{self, Context, MemoryRunStore, OperatorConfig};
-use heterotune_operator::metrics::Metrics;
 use http::{Request, Response, StatusCode};
 use k8s_openapi::api::batch::v1::{Job, JobStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;

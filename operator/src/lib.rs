@@ -6,10 +6,7 @@
 
 pub mod checks;
 pub mod controller;
-pub mod http;
 pub mod job;
-pub mod leader;
-pub mod metrics;
 pub mod plan;
 pub mod planner;
 pub mod report;

@@ -151,13 +151,11 @@ pub fn plan(spec: &FederatedTuneSpec, obs: &Observation) -> Plan {
     }
     let round = obs.completed_rounds + 1;
     let retries = spec.max_retries_per_client;
-    let mut actions = Vec::new();
-
     if obs.aggregation == AggregationState::Running {
         return Plan {
             phase: Phase::Aggregating,
             round,
-            actions,
+            actions: Vec::new(),
             requeue_after: None,
         };
     }
@@ -171,111 +169,31 @@ pub fn plan(spec: &FederatedTuneSpec, obs: &Observation) -> Plan {
             ),
         );
     }
-
-    let committed: Vec<&ClientObservation> = obs.clients.iter().filter(|c| c.committed).collect();
-    let excluded: Vec<&ClientObservation> = obs
-        .clients
+    let groups = Groups::of(obs, retries);
+    let mut actions: Vec<Action> = groups
+        .excluded
         .iter()
-        .filter(|c| !c.committed && !c.running && c.failed_attempts > retries)
-        .collect();
-    let running: Vec<&ClientObservation> = obs
-        .clients
-        .iter()
-        .filter(|c| !c.committed && c.running)
-        .collect();
-    let pending: Vec<&ClientObservation> = obs
-        .clients
-        .iter()
-        .filter(|c| !c.committed && !c.running && c.failed_attempts <= retries)
-        .collect();
-    for c in &excluded {
-        actions.push(Action::ExcludeClient {
+        .map(|c| Action::ExcludeClient {
             client: c.name.clone(),
             round,
             failures: c.failed_attempts,
-        });
+        })
+        .collect();
+    let timing = RoundTiming::of(spec, obs);
+    if let Some(plan) = close_round(spec, obs, &groups, &timing, round, &mut actions) {
+        return plan;
     }
-
-    let quorum = spec.quorum() as usize;
-    let deadline = obs
-        .round_started_at
-        .map(|t| t + f64::from(spec.round_deadline_seconds));
-    let past_deadline = deadline.map(|d| obs.now >= d).unwrap_or(false);
-    let nothing_left = running.is_empty() && pending.is_empty();
-
-    // An earlier aggregation attempt failed but may be retried: the
-    // participants are the committed clients, as before.
-    let retry_aggregation = obs.aggregation == AggregationState::Failed;
-    if committed.len() >= quorum {
-        let wait_over = match (spec.wait_after_min_clients_seconds, obs.quorum_reached_at) {
-            (0, _) => false,
-            (w, Some(t)) => obs.now >= t + f64::from(w),
-            (_, None) => false,
-        };
-        if retry_aggregation || nothing_left || past_deadline || wait_over {
-            if spec.suspend {
-                return suspended(round, actions);
-            }
-            for c in &running {
-                actions.push(Action::CancelClient {
-                    client: c.name.clone(),
-                    round,
-                });
-            }
-            actions.push(Action::StartAggregation {
-                round,
-                participants: committed.iter().map(|c| c.name.clone()).collect(),
-                attempt: obs.aggregation_failures + 1,
-            });
-            return Plan {
-                phase: Phase::Aggregating,
-                round,
-                actions,
-                requeue_after: None,
-            };
-        }
-    } else if nothing_left {
-        return fail(
-            round,
-            FailureReason::QuorumNotMet,
-            format!(
-                "round {round}: {} of {} clients committed an artifact and none is left to wait for; minClients is {quorum}",
-                committed.len(),
-                obs.clients.len()
-            ),
-        );
-    } else if past_deadline {
-        return fail(
-            round,
-            FailureReason::DeadlineExceeded,
-            format!(
-                "round {round} passed its deadline ({} s) with {} of {quorum} required artifacts",
-                spec.round_deadline_seconds,
-                committed.len()
-            ),
-        );
-    }
-
     if spec.suspend {
         return suspended(round, actions);
     }
-    for c in &pending {
+    for c in &groups.pending {
         actions.push(Action::StartClient {
             client: c.name.clone(),
             round,
             attempt: c.failed_attempts + 1,
         });
     }
-    let mut wake: Vec<f64> = Vec::new();
-    if let Some(d) = deadline {
-        wake.push(d - obs.now);
-    }
-    if let (w, Some(t)) = (spec.wait_after_min_clients_seconds, obs.quorum_reached_at) {
-        if w > 0 && committed.len() >= quorum {
-            wake.push(t + f64::from(w) - obs.now);
-        }
-    }
-    let requeue_after = wake.into_iter().map(|s| s.max(0.0)).reduce(f64::min);
+    let requeue_after = timing.next_wake(spec, obs, groups.committed.len());
     let idle = obs.completed_rounds == 0
         && obs.round_started_at.is_none()
         && obs
@@ -292,6 +210,139 @@ pub fn plan(spec: &FederatedTuneSpec, obs: &Observation) -> Plan {
         actions,
         requeue_after,
     }
+}
+
+/// The clients of the open round, by where each stands.
+struct Groups<'a> {
+    committed: Vec<&'a ClientObservation>,
+    excluded: Vec<&'a ClientObservation>,
+    running: Vec<&'a ClientObservation>,
+    pending: Vec<&'a ClientObservation>,
+}
+
+impl<'a> Groups<'a> {
+    fn of(obs: &'a Observation, retries: u32) -> Groups<'a> {
+        let pick = |keep: &dyn Fn(&ClientObservation) -> bool| -> Vec<&'a ClientObservation> {
+            obs.clients.iter().filter(|c| keep(c)).collect()
+        };
+        Groups {
+            committed: pick(&|c| c.committed),
+            excluded: pick(&|c| !c.committed && !c.running && c.failed_attempts > retries),
+            running: pick(&|c| !c.committed && c.running),
+            pending: pick(&|c| !c.committed && !c.running && c.failed_attempts <= retries),
+        }
+    }
+
+    fn nothing_left(&self) -> bool {
+        self.running.is_empty() && self.pending.is_empty()
+    }
+}
+
+/// The open round's deadline, and whether it has passed.
+struct RoundTiming {
+    deadline: Option<f64>,
+    past_deadline: bool,
+}
+
+impl RoundTiming {
+    fn of(spec: &FederatedTuneSpec, obs: &Observation) -> RoundTiming {
+        let deadline = obs
+            .round_started_at
+            .map(|t| t + f64::from(spec.round_deadline_seconds));
+        RoundTiming {
+            deadline,
+            past_deadline: deadline.map(|d| obs.now >= d).unwrap_or(false),
+        }
+    }
+
+    /// Seconds until the deadline or the end of the wait after quorum,
+    /// whichever comes first.
+    fn next_wake(
+        &self,
+        spec: &FederatedTuneSpec,
+        obs: &Observation,
+        committed: usize,
+    ) -> Option<f64> {
+        let mut wake: Vec<f64> = Vec::new();
+        if let Some(d) = self.deadline {
+            wake.push(d - obs.now);
+        }
+        if let (w, Some(t)) = (spec.wait_after_min_clients_seconds, obs.quorum_reached_at) {
+            if w > 0 && committed >= spec.quorum() as usize {
+                wake.push(t + f64::from(w) - obs.now);
+            }
+        }
+        wake.into_iter().map(|s| s.max(0.0)).reduce(f64::min)
+    }
+}
+
+/// Ends the open round when it can or must end: aggregation once quorum is
+/// met and nothing more is worth waiting for, or failure when quorum can no
+/// longer be met. `None`: the round goes on.
+fn close_round(
+    spec: &FederatedTuneSpec,
+    obs: &Observation,
+    groups: &Groups,
+    timing: &RoundTiming,
+    round: u32,
+    actions: &mut Vec<Action>,
+) -> Option<Plan> {
+    let quorum = spec.quorum() as usize;
+    let committed = groups.committed.len();
+    if committed >= quorum {
+        // An earlier aggregation attempt failed but may be retried: the
+        // participants are the committed clients, as before.
+        let retry_aggregation = obs.aggregation == AggregationState::Failed;
+        let wait_over = match (spec.wait_after_min_clients_seconds, obs.quorum_reached_at) {
+            (0, _) => false,
+            (w, Some(t)) => obs.now >= t + f64::from(w),
+            (_, None) => false,
+        };
+        if !(retry_aggregation || groups.nothing_left() || timing.past_deadline || wait_over) {
+            return None;
+        }
+        if spec.suspend {
+            return Some(suspended(round, std::mem::take(actions)));
+        }
+        for c in &groups.running {
+            actions.push(Action::CancelClient {
+                client: c.name.clone(),
+                round,
+            });
+        }
+        actions.push(Action::StartAggregation {
+            round,
+            participants: groups.committed.iter().map(|c| c.name.clone()).collect(),
+            attempt: obs.aggregation_failures + 1,
+        });
+        return Some(Plan {
+            phase: Phase::Aggregating,
+            round,
+            actions: std::mem::take(actions),
+            requeue_after: None,
+        });
+    }
+    if groups.nothing_left() {
+        return Some(fail(
+            round,
+            FailureReason::QuorumNotMet,
+            format!(
+                "round {round}: {committed} of {} clients committed an artifact and none is left to wait for; minClients is {quorum}",
+                obs.clients.len()
+            ),
+        ));
+    }
+    if timing.past_deadline {
+        return Some(fail(
+            round,
+            FailureReason::DeadlineExceeded,
+            format!(
+                "round {round} passed its deadline ({} s) with {committed} of {quorum} required artifacts",
+                spec.round_deadline_seconds,
+            ),
+        ));
+    }
+    None
 }
 
 fn complete(rounds: u32) -> Plan {

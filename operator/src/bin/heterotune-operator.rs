@@ -13,10 +13,10 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::Parser;
+use heterotune_operator::controller::http::{self, Health};
+use heterotune_operator::controller::leader::{self, LeaderConfig};
+use heterotune_operator::controller::metrics::Metrics;
 use heterotune_operator::controller::{self, ObjectRunStore, OperatorConfig, RunOptions};
-use heterotune_operator::http::{self, Health};
-use heterotune_operator::leader::{self, LeaderConfig};
-use heterotune_operator::metrics::Metrics;
 use heterotune_operator::telemetry;
 use tokio::sync::watch;
 

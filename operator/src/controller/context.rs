@@ -14,7 +14,7 @@ use kube::Client;
 use serde::{Deserialize, Serialize};
 
 use super::observe::{now_seconds, RunStore};
-use crate::metrics::Metrics;
+use crate::controller::metrics::Metrics;
 use crate::sizing::{ModelShape, SizingConfig};
 
 /// Name of the controller (field manager, event reporter).

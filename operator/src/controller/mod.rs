@@ -33,8 +33,11 @@ pub mod decide;
 pub mod dereference;
 pub mod error;
 pub mod events;
+pub mod http;
 pub mod job_facts;
 pub mod jobs;
+pub mod leader;
+pub mod metrics;
 pub mod names;
 pub mod observation;
 pub mod observe;
@@ -83,7 +86,7 @@ pub async fn run(
     client: Client,
     config: OperatorConfig,
     store: Arc<dyn RunStore>,
-    metrics: Arc<crate::metrics::Metrics>,
+    metrics: Arc<crate::controller::metrics::Metrics>,
     options: RunOptions,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) -> anyhow::Result<()> {

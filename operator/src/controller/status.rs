@@ -446,7 +446,7 @@ pub fn record_metrics(ctx: &Context, run: &Run, next: &FederatedTuneStatus) {
             .unwrap_or_default();
         m.set_global_accuracy(&run.namespace, &run.name, g, &by_family);
     }
-    let mut counts: Vec<(&str, i64)> = crate::metrics::CLIENT_STATES
+    let mut counts: Vec<(&str, i64)> = crate::controller::metrics::CLIENT_STATES
         .iter()
         .map(|s| (*s, 0))
         .collect();

@@ -12,7 +12,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 
-use crate::metrics::Metrics;
+use crate::controller::metrics::Metrics;
 
 /// What the endpoints report.
 #[derive(Clone)]

@@ -1,0 +1,165 @@
+//! The memory estimate of one client's trainer (the table in the module
+//! docs of `sizing`).
+
+use heterotune_crds::spec::{AdapterKind, Dtype, FederatedTuneSpec, LayerSelectionSpec};
+
+use serde::Serialize;
+
+use super::settings::SizingConfig;
+use super::shape::{adapted_layers, ModelShape};
+use super::MIB;
+
+/// The training settings that matter for memory, for one client.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Workload {
+    /// Backbone dtype.
+    pub dtype: Dtype,
+    /// Training batch.
+    pub batch_size: u64,
+    /// Evaluation batch.
+    pub eval_batch_size: u64,
+    /// Tokens per example.
+    pub seq_len: u64,
+    /// Adapter type.
+    pub adapter: AdapterKind,
+    /// Rank r (DeMA) or the client's LoRA rank.
+    pub rank: u64,
+    /// Experts K.
+    pub experts: u64,
+    /// Slots S (resolved).
+    pub slots: u64,
+    /// Layer selection in force for this client.
+    pub layers: LayerSelectionSpec,
+    /// Classes C.
+    pub num_classes: u64,
+    /// Recompute activations.
+    pub gradient_checkpointing: bool,
+    /// Frozen-prefix cache bound in bytes (0 when disabled).
+    pub prefix_cache_bytes: u64,
+}
+
+impl Workload {
+    /// The workload of client `index` of `spec`, with `slots` resolved.
+    pub fn of(spec: &FederatedTuneSpec, index: usize, slots: u64) -> Workload {
+        let client = &spec.clients[index];
+        let t = &spec.training;
+        Workload {
+            dtype: client.model.dtype,
+            batch_size: u64::from(t.batch_size),
+            eval_batch_size: u64::from(t.eval_batch_size),
+            seq_len: u64::from(t.max_seq_length),
+            adapter: spec.adapter.kind,
+            rank: u64::from(client.lora_rank.unwrap_or(spec.adapter.rank)),
+            experts: u64::from(spec.adapter.experts),
+            slots,
+            layers: client
+                .model
+                .adapted_layers
+                .clone()
+                .unwrap_or_else(|| spec.adapter.layers.clone()),
+            num_classes: spec.task.labels.len() as u64,
+            gradient_checkpointing: t.gradient_checkpointing,
+            prefix_cache_bytes: if t.prefix_cache.enabled {
+                u64::from(t.prefix_cache.max_memory_mib) * MIB
+            } else {
+                0
+            },
+        }
+    }
+}
+
+/// A memory estimate, by part (bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MemoryEstimate {
+    /// Trainable adapter + head parameters.
+    pub trainable_parameters: u64,
+    /// Frozen weights.
+    pub weights: u64,
+    /// Adapter weights, gradients and AdamW moments.
+    pub adapter_state: u64,
+    /// Activations kept for the backward pass.
+    pub activations: u64,
+    /// One layer in flight.
+    pub workspace: u64,
+    /// Frozen-prefix cache bound.
+    pub prefix_cache: u64,
+    /// The margin.
+    pub margin: u64,
+    /// Fixed runtime overhead of the target.
+    pub runtime: u64,
+    /// Everything.
+    pub total: u64,
+}
+
+/// Where a memory estimate applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// Accelerator memory of one GPU.
+    Gpu,
+    /// Host memory of a CPU-only trainer.
+    Cpu,
+}
+
+/// Trainable parameters of a client: adapters and the classification head.
+pub fn trainable_parameters(shape: &ModelShape, w: &Workload) -> u64 {
+    let (d, r, k) = (shape.hidden_size, w.rank, w.experts);
+    let adapted = adapted_layers(shape.num_layers, w.slots, &w.layers).len() as u64;
+    let head = d * w.num_classes + w.num_classes;
+    match w.adapter {
+        AdapterKind::Dema => {
+            let shared = w.slots * (k * (r * r + r) + k * r + k);
+            shared + 2 * r * d * adapted + head
+        }
+        AdapterKind::Lora => 4 * r * d * adapted + head,
+    }
+}
+
+/// Activation bytes of one layer at batch `b` (Korthikanti et al., eq. 1, scaled to the dtype).
+pub fn layer_activation_bytes(shape: &ModelShape, w: &Workload, b: u64) -> u64 {
+    let (s, d, h) = (w.seq_len, shape.hidden_size, shape.num_heads);
+    (34 * s * b * d + 5 * h * s * s * b) * w.dtype.bytes() / 2
+}
+
+/// Estimates the memory of one client's trainer on `target`.
+pub fn estimate(
+    shape: &ModelShape,
+    w: &Workload,
+    config: &SizingConfig,
+    target: Target,
+) -> MemoryEstimate {
+    let e = w.dtype.bytes();
+    let weights = shape.parameters * e;
+    let trainable = trainable_parameters(shape, w);
+    let adapter_state = 16 * trainable;
+    let adapted = adapted_layers(shape.num_layers, w.slots, &w.layers);
+    let first = adapted
+        .first()
+        .copied()
+        .unwrap_or(shape.num_layers.saturating_sub(1));
+    let backprop_layers = shape.num_layers.saturating_sub(first + 1);
+    let per_layer = layer_activation_bytes(shape, w, w.batch_size);
+    let activations = if w.gradient_checkpointing {
+        backprop_layers * w.batch_size * w.seq_len * shape.hidden_size * e + per_layer
+    } else {
+        backprop_layers * per_layer
+    };
+    let workspace = layer_activation_bytes(shape, w, w.batch_size.max(w.eval_batch_size));
+    let sum = weights + adapter_state + activations + workspace + w.prefix_cache_bytes;
+    let margin = (sum * config.margin_percent).div_ceil(100);
+    let runtime = match target {
+        Target::Gpu => config.gpu_runtime_overhead,
+        Target::Cpu => config.cpu_runtime_overhead,
+    };
+    MemoryEstimate {
+        trainable_parameters: trainable,
+        weights,
+        adapter_state,
+        activations,
+        workspace,
+        prefix_cache: w.prefix_cache_bytes,
+        margin,
+        runtime,
+        total: sum + margin + runtime,
+    }
+}

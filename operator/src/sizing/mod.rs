@@ -1,0 +1,88 @@
+//! GPU sizing: how much memory one client's trainer needs, and where it runs.
+//!
+//! Pure functions, no I/O. The estimate follows what the trainer holds while
+//! it trains one client (see `trainer/src/train.rs` and `adapters/dema.rs`):
+//!
+//! | part | bytes |
+//! |---|---|
+//! | frozen weights | `P · e` (`e`: bytes per element of `model.dtype`) |
+//! | adapter state | `16 · A`: f32 weights, gradients and AdamW's two moments of the `A` trainable parameters |
+//! | stored activations | `W · act(b)`: the `W` layers above the first adapted layer keep their activations for the backward pass |
+//! | forward workspace | `act(max(b, b_eval))`: one layer in flight (training or evaluation batch) |
+//! | frozen-prefix cache | `prefixCache.maxMemoryMib` when enabled (the trainer keeps it on the device and fills it up to that bound) |
+//! | margin | `marginPercent` of the sum above (allocator fragmentation, small tensors) |
+//! | runtime | a fixed overhead: CUDA context, cuBLAS workspace and kernels on a GPU; process, tokenizer and data on a CPU |
+//!
+//! `act(b)` is the activation memory of one transformer layer from Korthikanti
+//! et al., "Reducing Activation Recomputation in Large Transformer Models"
+//! (2022), eq. 1: `s·b·d·(34 + 5·h·s/d)` bytes in a 16-bit dtype, scaled by
+//! `e/2` (twice that in f32). With `training.gradientCheckpointing` a layer
+//! keeps only its input (`b·s·d·e`) and one layer is recomputed at a time.
+//!
+//! `A` (DeMA): shared `S·(K·(r²+r) + K·r + K)` + family-specific `2·r·d` per
+//! adapted layer + the head `d·C + C`. LoRA: `4·r·d` per adapted layer (query
+//! and value projections) + the head. The adapted layers follow the trainer's
+//! slot map (`floor(j·S/n)` over the window of `n` layers).
+//!
+//! The model's shape comes, in this order, from its `config.json` (read from
+//! the store by the controller), from the table of packaged models
+//! ([`packaged_model`]), or from `clients[].model.parameters` with the
+//! LLaMA-like aspect ratio `L = d/128` (so `P ≈ 12·L·d² = 3·d³/32`).
+//!
+//! Placement ([`place`]): explicit `clients[].resources` win; else a small
+//! model (at most `cpu.maxParameters`, default 200 M, which covers the three
+//! packaged models) runs on CPU when `trainer.allowCpu` is set and
+//! `cpu.preferForSmallModels` is on; else the smallest configured GPU profile
+//! whose per-GPU memory holds the estimate (the trainer uses one device, so
+//! `gpusPerPod` does not divide the estimate); else CPU for a small model
+//! when allowed; else [`SizingError::NoGpuProfileFits`].
+
+mod estimate;
+mod placement;
+mod settings;
+mod shape;
+#[cfg(test)]
+mod tests;
+
+pub use estimate::{
+    estimate, layer_activation_bytes, trainable_parameters, MemoryEstimate, Target, Workload,
+};
+pub use placement::{place, Placement};
+pub use settings::{parse_quantity, quantity_mib, CpuPolicy, GpuProfile, SizingConfig};
+pub use shape::{
+    adapted_layers, packaged_model, resolve_slots, window_depth, ModelShape, ShapeSource,
+};
+
+/// One mebibyte.
+pub const MIB: u64 = 1024 * 1024;
+/// One gibibyte.
+pub const GIB: u64 = 1024 * MIB;
+
+/// Why a shape or a placement could not be worked out.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SizingError {
+    /// `config.json` lacks a field or has an unknown `model_type`.
+    #[error("model config: {0}")]
+    Config(String),
+    /// Nothing says how large the model is.
+    #[error("the size of {uri} is unknown: the operator cannot read its config.json and it is not a packaged model; set spec.clients[{index}].model.parameters or spec.clients[{index}].resources")]
+    UnknownModel { index: usize, uri: String },
+    /// The estimate exceeds every GPU profile and CPU is not an option.
+    #[error("client {client} needs about {} of accelerator memory but the largest GPU profile{} has {}{}", human_bytes(*needed), largest_name.as_deref().map(|n| format!(" ({n})")).unwrap_or_default(), human_bytes(*largest), cpu_note)]
+    NoGpuProfileFits {
+        client: String,
+        needed: u64,
+        largest: u64,
+        largest_name: Option<String>,
+        cpu_note: String,
+    },
+}
+
+/// Formats bytes as GiB/MiB for messages.
+pub fn human_bytes(bytes: u64) -> String {
+    if bytes >= GIB {
+        format!("{:.1} GiB", bytes as f64 / GIB as f64)
+    } else {
+        format!("{:.0} MiB", bytes as f64 / MIB as f64)
+    }
+}

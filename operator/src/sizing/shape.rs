@@ -1,0 +1,141 @@
+//! The shape of a backbone as far as memory is concerned: from its facts,
+//! the packaged-model table or a parameter count; its adapted layers.
+
+use heterotune_crds::model::facts::{bert_parameters, llama_parameters};
+use heterotune_crds::model::{slots, LayerSelection, ModelFacts, SlotMap};
+use heterotune_crds::spec::{FederatedTuneSpec, LayerSelectionSpec, ModelFamily};
+use serde::Serialize;
+
+use super::SizingError;
+
+/// Where a model's shape came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ShapeSource {
+    /// The checkpoint's `config.json`.
+    Config,
+    /// The table of packaged models.
+    Packaged,
+    /// `clients[].model.parameters` with an assumed aspect ratio.
+    Parameters,
+}
+
+/// The shape of a backbone, as far as memory is concerned.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelShape {
+    /// Architecture family.
+    pub family: ModelFamily,
+    /// Parameters the trainer loads (BERT without the pooler; LLaMA with
+    /// `lm_head` when it is not tied).
+    pub parameters: u64,
+    /// Hidden size `d`.
+    pub hidden_size: u64,
+    /// Layers `L`.
+    pub num_layers: u64,
+    /// Attention heads `h`.
+    pub num_heads: u64,
+    /// Vocabulary size.
+    pub vocab_size: u64,
+    /// MLP width.
+    pub intermediate_size: u64,
+    /// Where the numbers came from.
+    pub source: ShapeSource,
+}
+
+impl ModelShape {
+    /// Reads the shape from a Hugging Face `config.json`.
+    pub fn from_config_json(config: &serde_json::Value) -> Result<ModelShape, SizingError> {
+        let facts = ModelFacts::from_value(std::path::Path::new("config.json"), config.clone())
+            .map_err(|e| SizingError::Config(e.message))?;
+        Ok(ModelShape::from_facts(&facts))
+    }
+
+    /// The shape of a model whose facts were read.
+    pub fn from_facts(facts: &ModelFacts) -> ModelShape {
+        ModelShape {
+            family: facts.family,
+            parameters: facts.parameters(),
+            hidden_size: facts.hidden_size,
+            num_layers: facts.num_layers,
+            num_heads: facts.num_heads,
+            vocab_size: facts.vocab_size,
+            intermediate_size: facts.intermediate_size,
+            source: ShapeSource::Config,
+        }
+    }
+
+    /// A shape from a parameter count alone: `L = d/128` and `P = 3·d³/32`
+    /// (LLaMA-7B gives d = 4211, L = 33 against the real 4096 and 32), with
+    /// 64-dimensional heads, `i = 8d/3` and a 32000-token vocabulary.
+    pub fn from_parameters(family: ModelFamily, parameters: u64) -> ModelShape {
+        let d = ((parameters as f64) * 32.0 / 3.0).cbrt().round().max(64.0) as u64;
+        let layers = (d / 128).max(1);
+        ModelShape {
+            family,
+            parameters,
+            hidden_size: d,
+            num_layers: layers,
+            num_heads: (d / 64).max(1),
+            vocab_size: 32000,
+            intermediate_size: 8 * d / 3,
+            source: ShapeSource::Parameters,
+        }
+    }
+}
+
+/// The shapes of the models `scripts/setup.sh` packages, by the last path
+/// segment of `cache://models/<name>` (or any URI ending in that name).
+pub fn packaged_model(uri: &str) -> Option<ModelShape> {
+    let name = uri
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or_default();
+    let (family, d, layers, heads, i, vocab) = match name {
+        "all-MiniLM-L6-v2" => (ModelFamily::Bert, 384, 6, 12, 1536, 30522),
+        "paraphrase-MiniLM-L3-v2" => (ModelFamily::Bert, 384, 3, 12, 1536, 30522),
+        "SmolLM2-135M" | "SmolLM2-135M-Instruct" => (ModelFamily::Llama, 576, 30, 9, 1536, 49152),
+        _ => return None,
+    };
+    let parameters = match family {
+        ModelFamily::Bert => bert_parameters(d, layers, i, vocab, 512, 2),
+        ModelFamily::Llama => llama_parameters(d, layers, heads, 3, 64, i, vocab, true),
+    };
+    Some(ModelShape {
+        family,
+        parameters,
+        hidden_size: d,
+        num_layers: layers,
+        num_heads: heads,
+        vocab_size: vocab,
+        intermediate_size: i,
+        source: ShapeSource::Packaged,
+    })
+}
+
+/// The adapted layers of a model with `num_layers` layers: the trainer's
+/// slot map ([`SlotMap::lenient`]: an estimate never fails on settings the
+/// checks reject).
+pub fn adapted_layers(num_layers: u64, slots: u64, selection: &LayerSelectionSpec) -> Vec<u64> {
+    SlotMap::lenient(num_layers as usize, slots as usize, selection)
+        .into_iter()
+        .map(|l| l as u64)
+        .collect()
+}
+
+/// Depth of the layer-selection window of a client (what bounds `slots`).
+pub fn window_depth(num_layers: u64, selection: &LayerSelectionSpec) -> u64 {
+    LayerSelection::from_spec(selection, num_layers as usize).window_depth(num_layers as usize)
+        as u64
+}
+
+/// Resolves `adapter.slots`: the spec's value, or the shallowest client's
+/// window depth (what the trainer does). `shapes[i]` is client i's shape.
+pub fn resolve_slots(spec: &FederatedTuneSpec, shapes: &[Option<ModelShape>]) -> u64 {
+    let depths = shapes.iter().enumerate().filter_map(|(i, shape)| {
+        let shape = shape.as_ref()?;
+        Some(window_depth(shape.num_layers, spec.layer_selection(i)) as usize)
+    });
+    slots::resolve_slots(spec.adapter.slots, depths) as u64
+}

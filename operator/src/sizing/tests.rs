@@ -1,0 +1,372 @@
+//! Sizing by hand: parameter counts, estimates, placements.
+
+use super::*;
+use heterotune_crds::model::{LayerSelection, SlotMap};
+use heterotune_crds::spec::LayerSelectionMode;
+use heterotune_crds::spec::{FederatedTuneSpec, LayerSelectionSpec, ModelFamily};
+
+/// A spec with `clients` (name, family, uri, dtype) and `extra` YAML under `spec:`.
+fn spec(clients: &[(&str, &str, &str, &str)], extra: &str) -> FederatedTuneSpec {
+    let list: String = clients
+        .iter()
+        .map(|(n, f, u, d)| {
+            format!("    - name: {n}\n      model: {{ family: {f}, uri: \"{u}\", dtype: {d} }}\n")
+        })
+        .collect();
+    let yaml = format!(
+        "apiVersion: heterotune.dev/v1alpha1\nkind: FederatedTune\nmetadata: {{ name: t }}\nspec:\n  clients:\n{list}  task:\n    dataset: {{ uri: \"s3://d/x.jsonl\" }}\n    labels: [ABBR, DESC, ENTY, HUM, LOC, NUM]\n{extra}"
+    );
+    heterotune_crds::validate::parse_federated_tune(&yaml)
+        .expect("valid test spec")
+        .spec
+}
+
+fn profiles() -> SizingConfig {
+    let json = serde_json::json!({
+        "gpuProfiles": [
+            { "name": "a100-80gb", "memory": "80Gi", "nodeSelector": { "gpu": "a100-80" } },
+            { "name": "l4-24gb", "memory": "24Gi", "nodeSelector": { "gpu": "l4" },
+              "tolerations": [{ "key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule" }] },
+            { "name": "a100-40gb", "memory": 42949672960u64 }
+        ]
+    });
+    serde_json::from_value(json).expect("valid sizing config")
+}
+
+const MINILM_L6: &str = r#"{"model_type":"bert","hidden_size":384,"intermediate_size":1536,"num_hidden_layers":6,
+    "num_attention_heads":12,"vocab_size":30522,"max_position_embeddings":512,"type_vocab_size":2}"#;
+const LLAMA_7B: &str = r#"{"model_type":"llama","hidden_size":4096,"intermediate_size":11008,"num_hidden_layers":32,
+    "num_attention_heads":32,"num_key_value_heads":32,"vocab_size":32000,"tie_word_embeddings":false}"#;
+const LLAMA_13B: &str = r#"{"model_type":"llama","hidden_size":5120,"intermediate_size":13824,"num_hidden_layers":40,
+    "num_attention_heads":40,"num_key_value_heads":40,"vocab_size":32000,"tie_word_embeddings":false}"#;
+
+fn shape(json: &str) -> ModelShape {
+    ModelShape::from_config_json(&serde_json::from_str(json).expect("json")).expect("shape")
+}
+
+#[test]
+fn parameter_counts_match_the_model_cards() {
+    // all-MiniLM-L6-v2: embeddings (30522 + 512 + 2)·384 + 2·384 = 11,918,592;
+    // a layer 4·(384² + 384) + 2·384·1536 + 1536 + 384 + 4·384 = 1,774,464; 6 layers.
+    // 22,565,376 without the 147,840-parameter pooler the trainer does not load
+    // (the card's 22.7 M counts it).
+    let l6 = shape(MINILM_L6);
+    assert_eq!(l6.parameters, 11_918_592 + 6 * 1_774_464);
+    assert_eq!(l6.parameters, 22_565_376);
+    assert_eq!(
+        packaged_model("cache://models/all-MiniLM-L6-v2").map(|s| s.parameters),
+        Some(22_565_376)
+    );
+    // paraphrase-MiniLM-L3-v2: 11,918,592 + 3 · 1,774,464 = 17,241,984 (17.2 M).
+    assert_eq!(
+        packaged_model("cache://models/paraphrase-MiniLM-L3-v2").map(|s| s.parameters),
+        Some(17_241_984)
+    );
+    // SmolLM2-135M: embeddings 49152·576 = 28,311,552; a layer: q 576·576, k and v
+    // 576·192 (3 kv heads of 64), o 576·576, MLP 3·576·1536, 2 norms = 3,540,096;
+    // 30 layers, final norm 576, tied head: 134,515,008 (134.5 M).
+    let smol = packaged_model("s3://models/SmolLM2-135M-Instruct").expect("packaged");
+    assert_eq!(smol.parameters, 28_311_552 + 30 * 3_540_096 + 576);
+    assert_eq!(smol.parameters, 134_515_008);
+    // LLaMA-7B: 32000·4096 (embeddings) + 32·(4·4096² + 3·4096·11008 + 2·4096)
+    // + 4096 (norm) + 32000·4096 (untied head) = 6,738,415,616.
+    assert_eq!(shape(LLAMA_7B).parameters, 6_738_415_616);
+    // LLaMA-13B: 2·32000·5120 + 40·(4·5120² + 3·5120·13824 + 2·5120) + 5120 = 13,015,864,320.
+    assert_eq!(shape(LLAMA_13B).parameters, 13_015_864_320);
+}
+
+#[test]
+fn adapted_layers_follow_the_trainer_slot_map() {
+    let ends = LayerSelectionSpec::default();
+    assert_eq!(adapted_layers(30, 3, &ends), vec![9, 19, 29]);
+    assert_eq!(adapted_layers(6, 3, &ends), vec![1, 3, 5]);
+    assert_eq!(adapted_layers(3, 3, &ends), vec![0, 1, 2]);
+    assert_eq!(adapted_layers(32, 3, &ends), vec![10, 21, 31]);
+    let top = LayerSelectionSpec {
+        mode: LayerSelectionMode::TopWindow,
+        window: Some(6),
+        every_layer_in_group: false,
+    };
+    assert_eq!(adapted_layers(30, 3, &top), vec![25, 27, 29]);
+}
+
+/// Every valid setting up to 40 layers: the estimate's adapted layers
+/// are exactly the trainer's slot map, and the slot count it resolves
+/// is the depth the trainer's check accepts.
+#[test]
+fn sizing_and_trainer_share_one_slot_map() {
+    for layers in 1..=40u64 {
+        for window in 1..=layers {
+            for every in [false, true] {
+                let spec = LayerSelectionSpec {
+                    mode: LayerSelectionMode::TopWindow,
+                    window: Some(window as u32),
+                    every_layer_in_group: every,
+                };
+                let sel = LayerSelection::from_spec(&spec, layers as usize);
+                assert_eq!(window_depth(layers, &spec), window);
+                for slots in 1..=window {
+                    let map = SlotMap::new(layers as usize, slots as usize, sel, every)
+                        .expect("valid settings");
+                    let trainer: Vec<u64> = map
+                        .adapted_layers()
+                        .iter()
+                        .map(|&(l, _)| l as u64)
+                        .collect();
+                    assert_eq!(adapted_layers(layers, slots, &spec), trainer);
+                }
+                assert!(SlotMap::new(layers as usize, window as usize + 1, sel, every).is_err());
+            }
+        }
+    }
+}
+
+#[test]
+fn minilm_l6_estimate_by_hand() {
+    // Defaults: f32, batch 16, eval batch 64, 32 tokens, DeMA r 8, K 4, S 3, 6 classes,
+    // prefix cache 2048 MiB.
+    let s = spec(
+        &[("a", "bert", "cache://models/all-MiniLM-L6-v2", "float32")],
+        "",
+    );
+    let w = Workload::of(&s, 0, 3);
+    let e = estimate(&shape(MINILM_L6), &w, &SizingConfig::default(), Target::Cpu);
+    // trainable: shared 3·(4·(64+8) + 4·8 + 4) = 972; family 2·8·384·3 = 18,432;
+    // head 384·6 + 6 = 2,310.
+    assert_eq!(e.trainable_parameters, 972 + 18_432 + 2_310);
+    assert_eq!(e.weights, 22_565_376 * 4);
+    assert_eq!(e.adapter_state, 16 * 21_714);
+    // act(16) = (34·32·16·384 + 5·12·32²·16)·4/2 = (6,684,672 + 983,040)·2 = 15,335,424;
+    // adapted 1, 3, 5: layers 2..=5 keep activations.
+    assert_eq!(e.activations, 4 * 15_335_424);
+    // workspace act(64) = (34·32·64·384 + 5·12·32²·64)·2 = 61,341,696
+    assert_eq!(e.workspace, 61_341_696);
+    assert_eq!(e.prefix_cache, 2048 * MIB);
+    let sum = 90_261_504 + 347_424 + 61_341_696 + 61_341_696 + 2_147_483_648u64;
+    assert_eq!(sum, 2_360_775_968);
+    // margin: ceil(10 %) = 236,077,597; CPU runtime 512 MiB.
+    assert_eq!(e.total, 2_360_775_968 + 236_077_597 + 536_870_912);
+    assert_eq!(e.total, 3_133_724_477);
+}
+
+#[test]
+fn minilm_l3_estimate_by_hand() {
+    let s = spec(
+        &[(
+            "a",
+            "bert",
+            "cache://models/paraphrase-MiniLM-L3-v2",
+            "float32",
+        )],
+        "",
+    );
+    let shape = packaged_model(&s.clients[0].model.uri).expect("packaged");
+    let e = estimate(
+        &shape,
+        &Workload::of(&s, 0, 3),
+        &SizingConfig::default(),
+        Target::Cpu,
+    );
+    // Adapted 0, 1, 2: layers 1 and 2 keep activations (2 · 15,335,424).
+    assert_eq!(e.activations, 30_670_848);
+    // 68,967,936 + 347,424 + 30,670,848 + 61,341,696 + 2,147,483,648 = 2,308,811,552;
+    // margin 230,881,156; runtime 536,870,912.
+    assert_eq!(e.total, 2_308_811_552 + 230_881_156 + 536_870_912);
+}
+
+#[test]
+fn smollm2_estimate_by_hand_and_cpu_placement() {
+    let s = spec(
+        &[(
+            "a",
+            "llama",
+            "cache://models/SmolLM2-135M-Instruct",
+            "float32",
+        )],
+        "",
+    );
+    let shape = packaged_model(&s.clients[0].model.uri).expect("packaged");
+    let w = Workload::of(&s, 0, 3);
+    let e = estimate(&shape, &w, &SizingConfig::default(), Target::Cpu);
+    // trainable: 972 + 2·8·576·3 (27,648) + 576·6 + 6 (3,462) = 32,082.
+    assert_eq!(e.trainable_parameters, 32_082);
+    // act(16) = (34·32·16·576 + 5·9·32²·16)·2 = (10,027,008 + 737,280)·2 = 21,528,576;
+    // adapted 9, 19, 29: 20 layers keep activations.
+    assert_eq!(e.activations, 20 * 21_528_576);
+    // act(64) = (40,108,032 + 2,949,120)·2 = 86,114,304
+    assert_eq!(e.workspace, 86_114_304);
+    // 538,060,032 + 513,312 + 430,571,520 + 86,114,304 + 2,147,483,648 = 3,202,742,816
+    assert_eq!(e.total, 3_202_742_816 + 320_274_282 + 536_870_912);
+    // 134.5 M parameters ≤ 200 M: CPU by default, even with GPU profiles.
+    let p = place(&s.clients[0], Some(&shape), &w, true, &profiles(), 0).expect("placed");
+    assert_eq!(p.profile_name(), "cpu");
+    assert_eq!(p.estimated_bytes(), Some(4_059_888_010));
+}
+
+fn llama_workload(checkpointing: bool) -> (FederatedTuneSpec, Workload) {
+    let extra = format!(
+        "  training: {{ batchSize: 8, evalBatchSize: 8, maxSeqLength: 512, gradientCheckpointing: {checkpointing}, prefixCache: {{ enabled: false }} }}\n  adapter: {{ rank: 16, experts: 4, slots: 3 }}\n"
+    );
+    let s = spec(
+        &[("big", "llama", "s3://models/llama-7b", "bfloat16")],
+        &extra,
+    );
+    let w = Workload::of(&s, 0, 3);
+    (s, w)
+}
+
+#[test]
+fn llama_7b_estimate_by_hand_picks_the_40gb_profile() {
+    let (s, w) = llama_workload(false);
+    let shape = shape(LLAMA_7B);
+    let e = estimate(&shape, &w, &SizingConfig::default(), Target::Gpu);
+    // bf16 weights: 6,738,415,616 · 2.
+    assert_eq!(e.weights, 13_476_831_232);
+    // trainable: 3·(4·(256+16) + 4·16 + 4) = 3,468; 2·16·4096·3 = 393,216; 4096·6 + 6 = 24,582.
+    assert_eq!(e.trainable_parameters, 421_266);
+    // act(8) = 34·512·8·4096 + 5·32·512²·8 = 570,425,344 + 335,544,320 = 905,969,664 (bf16);
+    // adapted 10, 21, 31: 21 layers keep activations.
+    assert_eq!(e.activations, 21 * 905_969_664);
+    assert_eq!(e.workspace, 905_969_664);
+    // 13,476,831,232 + 6,740,256 + 19,025,362,944 + 905,969,664 = 33,414,904,096;
+    // margin 3,341,490,410; GPU runtime 1 GiB: 37,830,136,330 bytes (35.2 GiB).
+    assert_eq!(e.total, 33_414_904_096 + 3_341_490_410 + 1_073_741_824);
+    let p = place(&s.clients[0], Some(&shape), &w, true, &profiles(), 0).expect("placed");
+    assert_eq!(p.profile_name(), "a100-40gb");
+    match p {
+        Placement::Gpu { host_memory, .. } => {
+            assert_eq!(host_memory, 13_476_831_232 + 512 * MIB)
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn gradient_checkpointing_moves_llama_7b_to_a_24gb_gpu() {
+    let (s, w) = llama_workload(true);
+    let shape = shape(LLAMA_7B);
+    let e = estimate(&shape, &w, &SizingConfig::default(), Target::Gpu);
+    // 21 layer inputs 8·512·4096·2 = 33,554,432 each, plus one recomputed layer.
+    assert_eq!(e.activations, 21 * 33_554_432 + 905_969_664);
+    // 13,483,571,488 + 1,610,612,736 + 905,969,664 = 16,000,153,888; margin 1,600,015,389.
+    assert_eq!(e.total, 16_000_153_888 + 1_600_015_389 + 1_073_741_824);
+    let p = place(&s.clients[0], Some(&shape), &w, true, &profiles(), 0).expect("placed");
+    assert_eq!(p.profile_name(), "l4-24gb");
+}
+
+#[test]
+fn llama_13b_needs_80gb_and_fits_nothing_smaller() {
+    let (s, w) = llama_workload(false);
+    let shape = shape(LLAMA_13B);
+    let e = estimate(&shape, &w, &SizingConfig::default(), Target::Gpu);
+    // act(8) = 34·512·8·5120 + 5·40·512²·8 = 713,031,680 + 419,430,400 = 1,132,462,080;
+    // adapted 13, 26, 39: 26 layers keep activations.
+    assert_eq!(e.activations, 26 * 1_132_462_080);
+    // trainable 3,468 + 2·16·5120·3 + 5120·6 + 6 = 525,714
+    assert_eq!(e.trainable_parameters, 525_714);
+    // 26,031,728,640 + 8,411,424 + 29,444,014,080 + 1,132,462,080 = 56,616,616,224;
+    // margin 5,661,661,623; + 1 GiB: 63,352,019,671 bytes (59.0 GiB).
+    assert_eq!(e.total, 56_616_616_224 + 5_661_661_623 + 1_073_741_824);
+    let p = place(&s.clients[0], Some(&shape), &w, true, &profiles(), 0).expect("placed");
+    assert_eq!(p.profile_name(), "a100-80gb");
+    let mut small = profiles();
+    small.gpu_profiles.retain(|p| p.name != "a100-80gb");
+    let err = place(&s.clients[0], Some(&shape), &w, true, &small, 0).expect_err("too large");
+    let text = err.to_string();
+    assert!(
+        text.contains("needs about 59.0 GiB")
+            && text.contains("(a100-40gb) has 40.0 GiB")
+            && text.contains("200000000"),
+        "{text}"
+    );
+}
+
+#[test]
+fn cpu_rules_and_explicit_resources() {
+    let s = spec(
+        &[("a", "bert", "cache://models/all-MiniLM-L6-v2", "float32")],
+        "",
+    );
+    let shape = shape(MINILM_L6);
+    let w = Workload::of(&s, 0, 3);
+    // allowCpu false and no profiles: a clear error.
+    let err = place(
+        &s.clients[0],
+        Some(&shape),
+        &w,
+        false,
+        &SizingConfig::default(),
+        0,
+    )
+    .expect_err("no fit");
+    assert!(matches!(err, SizingError::NoGpuProfileFits { .. }));
+    assert!(err.to_string().contains("allowCpu is false"), "{err}");
+    // allowCpu false with profiles: the smallest GPU (24 GiB).
+    let p = place(&s.clients[0], Some(&shape), &w, false, &profiles(), 0).expect("gpu");
+    assert_eq!(p.profile_name(), "l4-24gb");
+    // Not preferring CPU: GPU when one fits, CPU as the fallback.
+    let mut cfg = profiles();
+    cfg.cpu.prefer_for_small_models = false;
+    assert_eq!(
+        place(&s.clients[0], Some(&shape), &w, true, &cfg, 0)
+            .expect("gpu")
+            .profile_name(),
+        "l4-24gb"
+    );
+    cfg.gpu_profiles.clear();
+    assert_eq!(
+        place(&s.clients[0], Some(&shape), &w, true, &cfg, 0)
+            .expect("cpu")
+            .profile_name(),
+        "cpu"
+    );
+    // Unknown size.
+    let err = place(&s.clients[0], None, &w, true, &cfg, 2).expect_err("unknown");
+    assert!(
+        err.to_string().contains("spec.clients[2].model.parameters"),
+        "{err}"
+    );
+    // Explicit resources win.
+    let mut c = s.clients[0].clone();
+    c.resources = Some(Default::default());
+    assert_eq!(
+        place(&c, None, &w, false, &cfg, 0)
+            .expect("explicit")
+            .profile_name(),
+        "explicit"
+    );
+}
+
+#[test]
+fn shapes_from_parameters_and_quantities() {
+    let s = ModelShape::from_parameters(ModelFamily::Llama, 6_738_415_616);
+    // cbrt(6,738,415,616 · 32/3) = 4158; L = 4158/128 = 32.
+    assert_eq!((s.hidden_size, s.num_layers, s.num_heads), (4158, 32, 64));
+    assert_eq!(parse_quantity("24Gi"), Some(24 * GIB));
+    assert_eq!(parse_quantity("512M"), Some(512_000_000));
+    assert_eq!(parse_quantity("1073741824"), Some(GIB));
+    assert_eq!(parse_quantity("lots"), None);
+    assert_eq!(quantity_mib(GIB + 1), "1025Mi");
+    let spec2 = spec(
+        &[
+            ("a", "llama", "cache://models/SmolLM2-135M", "float32"),
+            (
+                "b",
+                "bert",
+                "cache://models/paraphrase-MiniLM-L3-v2",
+                "float32",
+            ),
+        ],
+        "",
+    );
+    let shapes: Vec<Option<ModelShape>> = spec2
+        .clients
+        .iter()
+        .map(|c| packaged_model(&c.model.uri))
+        .collect();
+    assert_eq!(resolve_slots(&spec2, &shapes), 3);
+    let bad = ModelShape::from_config_json(
+        &serde_json::json!({"model_type":"gpt2","hidden_size":1,"num_hidden_layers":1,"num_attention_heads":1,"vocab_size":1}),
+    );
+    assert!(matches!(bad, Err(SizingError::Config(_))));
+}
