@@ -16,6 +16,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use heterotune_crds::layout::{RunLayout, MANIFEST_FILE};
+use heterotune_crds::model::CONFIG_FILE;
 use heterotune_crds::spec::{FederatedTuneSpec, StorageSpec};
 use heterotune_crds::uri::{self, Location};
 
@@ -127,51 +128,85 @@ pub async fn stage_inputs(
         }
     }
     for (model_uri, (need, field)) in wanted {
-        let Ok(Location::S3 { bucket, key }) = uri::resolve(model_uri) else {
-            continue;
-        };
-        let local = dir.join("models").join(folder_for(model_uri));
-        let marker = local.join(COMPLETE_MARKER);
-        let have_all = marker.is_file();
-        let store = buckets.get(&bucket)?;
-        match need {
-            ModelFiles::All if !have_all => {
-                let partial = local.with_extension("partial");
-                let _ = std::fs::remove_dir_all(&partial);
-                let n = store.download_prefix(&key, &partial).await?;
-                if n == 0 || !partial.join("config.json").is_file() {
-                    return Err(StagingError::Input {
-                        field,
-                        message: format!(
-                            "{model_uri} holds no model (no config.json under s3://{bucket}/{key}/): \
-                             upload the Hugging Face model folder there"
-                        ),
-                    });
-                }
-                std::fs::write(partial.join(COMPLETE_MARKER), b"").map_err(local_err(&partial))?;
-                let _ = std::fs::remove_dir_all(&local);
-                std::fs::rename(&partial, &local).map_err(local_err(&local))?;
-            }
-            ModelFiles::Config if !have_all && !local.join("config.json").is_file() => {
-                let config_key = format!("{key}/config.json");
-                if !store
-                    .download_file(&config_key, &local.join("config.json"))
-                    .await?
-                {
-                    return Err(StagingError::Input {
-                        field,
-                        message: format!(
-                            "{model_uri} has no config.json (s3://{bucket}/{config_key}): upload the \
-                             Hugging Face model folder there"
-                        ),
-                    });
-                }
-            }
-            _ => {}
+        if let Some(local) = stage_model(&mut buckets, model_uri, need, field, dir).await? {
+            staged.insert(model_uri.to_string(), local);
         }
-        staged.insert(model_uri.to_string(), local);
     }
-    // Datasets: the task's and the per-client shards.
+    stage_datasets(spec, &mut buckets, dir, &mut staged).await?;
+    if staged.is_empty() {
+        return Ok(None);
+    }
+    let file = dir.join("staged.json");
+    std::fs::create_dir_all(dir).map_err(local_err(dir))?;
+    let json = serde_json::to_vec_pretty(&staged).map_err(|e| StagingError::Input {
+        field: "staged inputs".into(),
+        message: e.to_string(),
+    })?;
+    std::fs::write(&file, json).map_err(local_err(&file))?;
+    Ok(Some(file))
+}
+
+/// Stages one `s3://` model under `dir/models` (`None` for a local model).
+async fn stage_model(
+    buckets: &mut Buckets<'_>,
+    model_uri: &str,
+    need: ModelFiles,
+    field: String,
+    dir: &Path,
+) -> Result<Option<PathBuf>, StagingError> {
+    let Ok(Location::S3 { bucket, key }) = uri::resolve(model_uri) else {
+        return Ok(None);
+    };
+    let local = dir.join("models").join(folder_for(model_uri));
+    let marker = local.join(COMPLETE_MARKER);
+    let have_all = marker.is_file();
+    let store = buckets.get(&bucket)?;
+    match need {
+        ModelFiles::All if !have_all => {
+            let partial = local.with_extension("partial");
+            let _ = std::fs::remove_dir_all(&partial);
+            let n = store.download_prefix(&key, &partial).await?;
+            if n == 0 || !partial.join(CONFIG_FILE).is_file() {
+                return Err(StagingError::Input {
+                    field,
+                    message: format!(
+                        "{model_uri} holds no model (no config.json under s3://{bucket}/{key}/): \
+                         upload the Hugging Face model folder there"
+                    ),
+                });
+            }
+            std::fs::write(partial.join(COMPLETE_MARKER), b"").map_err(local_err(&partial))?;
+            let _ = std::fs::remove_dir_all(&local);
+            std::fs::rename(&partial, &local).map_err(local_err(&local))?;
+        }
+        ModelFiles::Config if !have_all && !local.join(CONFIG_FILE).is_file() => {
+            let config_key = format!("{key}/{CONFIG_FILE}");
+            if !store
+                .download_file(&config_key, &local.join(CONFIG_FILE))
+                .await?
+            {
+                return Err(StagingError::Input {
+                    field,
+                    message: format!(
+                        "{model_uri} has no config.json (s3://{bucket}/{config_key}): upload the \
+                         Hugging Face model folder there"
+                    ),
+                });
+            }
+        }
+        _ => {}
+    }
+    Ok(Some(local))
+}
+
+/// Stages the `s3://` dataset files (the task's and the per-client shards)
+/// under `dir/data`, recording each in `staged`.
+async fn stage_datasets(
+    spec: &FederatedTuneSpec,
+    buckets: &mut Buckets<'_>,
+    dir: &Path,
+    staged: &mut BTreeMap<String, PathBuf>,
+) -> Result<(), StagingError> {
     let mut files: Vec<(String, String)> = vec![(
         spec.task.dataset.uri.clone(),
         "spec.task.dataset.uri".to_string(),
@@ -198,17 +233,7 @@ pub async fn stage_inputs(
         }
         staged.insert(uri::staging_key(&file_uri).to_string(), local);
     }
-    if staged.is_empty() {
-        return Ok(None);
-    }
-    let file = dir.join("staged.json");
-    std::fs::create_dir_all(dir).map_err(local_err(dir))?;
-    let json = serde_json::to_vec_pretty(&staged).map_err(|e| StagingError::Input {
-        field: "staged inputs".into(),
-        message: e.to_string(),
-    })?;
-    std::fs::write(&file, json).map_err(local_err(&file))?;
-    Ok(Some(file))
+    Ok(())
 }
 
 /// The local folder holding the global artifact of `round` under `work`,

@@ -102,6 +102,57 @@ fn load_config(path: Option<&PathBuf>) -> anyhow::Result<OperatorConfig> {
     }
 }
 
+/// How this replica came to run the controller.
+enum Lead {
+    /// Leader election is off.
+    Alone,
+    /// It holds the lease.
+    Elected(leader::Leadership),
+    /// A stop signal came while it waited (the lease was left).
+    Stopped,
+}
+
+/// Joins the leader election when it is on and waits for the lease.
+async fn lead(
+    args: &Args,
+    client: &kube::Client,
+    identity: &str,
+    ready: &AtomicBool,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<Lead> {
+    if !args.leader_election {
+        return Ok(Lead::Alone);
+    }
+    let mut l = leader::join(
+        client.clone(),
+        &LeaderConfig {
+            lease_name: args.lease_name.clone(),
+            namespace: args.lease_namespace.clone(),
+            identity: identity.to_string(),
+            duration_seconds: 15,
+            grace_seconds: 5,
+        },
+    )
+    .await
+    .context("cannot join the leader election")?;
+    // A standby is healthy and ready: it is doing its job by waiting.
+    ready.store(true, Ordering::Relaxed);
+    tracing::info!(%identity, lease = %args.lease_name, "waiting for leadership");
+    tokio::select! {
+        acquired = l.acquired() => {
+            if !acquired {
+                anyhow::bail!("the leader election ended before this replica became leader");
+            }
+        }
+        _ = stop.wait_for(|s| *s) => {
+            l.release().await;
+            return Ok(Lead::Stopped);
+        }
+    }
+    tracing::info!(%identity, "became leader");
+    Ok(Lead::Elected(l))
+}
+
 async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let config = load_config(args.config.as_ref())?;
     tracing::info!(
@@ -141,39 +192,14 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         .identity
         .clone()
         .unwrap_or_else(|| format!("heterotune-operator-{}", std::process::id()));
-    let mut leadership = None;
-    if args.leader_election {
-        let mut l = leader::join(
-            client.clone(),
-            &LeaderConfig {
-                lease_name: args.lease_name.clone(),
-                namespace: args.lease_namespace.clone(),
-                identity: identity.clone(),
-                duration_seconds: 15,
-                grace_seconds: 5,
-            },
-        )
-        .await
-        .context("cannot join the leader election")?;
-        // A standby is healthy and ready: it is doing its job by waiting.
-        ready.store(true, Ordering::Relaxed);
-        tracing::info!(%identity, lease = %args.lease_name, "waiting for leadership");
-        let mut stop = stop_rx.clone();
-        tokio::select! {
-            acquired = l.acquired() => {
-                if !acquired {
-                    anyhow::bail!("the leader election ended before this replica became leader");
-                }
-            }
-            _ = stop.wait_for(|s| *s) => {
-                l.release().await;
-                let _ = server.await;
-                return Ok(ExitCode::SUCCESS);
-            }
+    let leadership = match lead(&args, &client, &identity, &ready, stop_rx.clone()).await? {
+        Lead::Stopped => {
+            let _ = server.await;
+            return Ok(ExitCode::SUCCESS);
         }
-        tracing::info!(%identity, "became leader");
-        leadership = Some(l);
-    }
+        Lead::Alone => None,
+        Lead::Elected(l) => Some(l),
+    };
     metrics.leader.set(1);
 
     let lost = leadership.as_ref().map(|l| l.lost());
