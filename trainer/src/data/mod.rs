@@ -10,6 +10,7 @@
 //!   [`DataConfig`].
 
 pub mod partition;
+mod readers;
 pub mod source;
 pub mod split;
 

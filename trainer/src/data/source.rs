@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::readers::{read_delimited, read_jsonl, Fields, RawRecord};
 use crate::error::{Error, Result};
 
 /// File format of a dataset.
@@ -289,13 +290,6 @@ pub fn normalize_text(text: &str) -> String {
     out
 }
 
-/// One row as read from a file, before label resolution.
-struct RawRecord {
-    line: u64,
-    text: String,
-    label: String,
-}
-
 /// Loads, label-maps and deduplicates the dataset `cfg` describes.
 pub fn load(cfg: &DatasetConfig) -> Result<Dataset> {
     cfg.validate()?;
@@ -305,10 +299,15 @@ pub fn load(cfg: &DatasetConfig) -> Result<Dataset> {
     let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
 
     let mut builder = Builder::new(cfg, &path);
+    let fields = Fields {
+        text: &cfg.text_field,
+        label: &cfg.label_field,
+    };
+    let mut push = |record: RawRecord| builder.push(record);
     match format {
-        DataFormat::Csv => read_delimited(bytes, b',', true, cfg, &path, &mut builder)?,
-        DataFormat::Tsv => read_delimited(bytes, b'\t', false, cfg, &path, &mut builder)?,
-        DataFormat::Jsonl => read_jsonl(bytes, cfg, &path, &mut builder)?,
+        DataFormat::Csv => read_delimited(bytes, b',', true, &fields, &path, &mut push)?,
+        DataFormat::Tsv => read_delimited(bytes, b'\t', false, &fields, &path, &mut push)?,
+        DataFormat::Jsonl => read_jsonl(bytes, &fields, &path, &mut push)?,
     }
     builder.finish()
 }
@@ -471,176 +470,6 @@ impl<'a> Builder<'a> {
             examples,
             report,
         })
-    }
-}
-
-fn column_index(
-    headers: &csv::StringRecord,
-    field: &str,
-    role: &str,
-    path: &Path,
-) -> Result<usize> {
-    headers.iter().position(|h| h == field).ok_or_else(|| {
-        let available: Vec<String> = headers.iter().map(|h| format!("`{h}`")).collect();
-        Error::data(
-            path,
-            format!(
-                "line 1: the header has no column `{field}` ({role}); available columns: {}",
-                available.join(", ")
-            ),
-        )
-    })
-}
-
-fn read_delimited(
-    bytes: &[u8],
-    delimiter: u8,
-    quoting: bool,
-    cfg: &DatasetConfig,
-    path: &Path,
-    builder: &mut Builder<'_>,
-) -> Result<()> {
-    let mut reader = csv::ReaderBuilder::new()
-        .has_headers(true)
-        .delimiter(delimiter)
-        .quoting(quoting)
-        .flexible(true)
-        .from_reader(bytes);
-    let headers = reader
-        .headers()
-        .map_err(|e| Error::data(path, format!("cannot read the header line: {e}")))?
-        .clone();
-    if headers.is_empty() {
-        return Err(Error::data(path, "line 1: empty header line"));
-    }
-    let text_col = column_index(&headers, &cfg.text_field, "textField", path)?;
-    let label_col = column_index(&headers, &cfg.label_field, "labelField", path)?;
-    // Line numbers come from byte offsets: the csv crate's own line count
-    // is off by one after a CRLF header, and its record offsets may point
-    // at the `\n` of the previous line's CRLF, hence the `<=`.
-    let newlines: Vec<usize> = bytes
-        .iter()
-        .enumerate()
-        .filter(|(_, &b)| b == b'\n')
-        .map(|(i, _)| i)
-        .collect();
-    let line_at = |byte: u64| newlines.partition_point(|&p| p as u64 <= byte) as u64 + 1;
-    let mut record = csv::StringRecord::new();
-    loop {
-        let more = reader.read_record(&mut record).map_err(|e| {
-            let line = e.position().map(|p| line_at(p.byte())).unwrap_or(0);
-            let what = match e.kind() {
-                csv::ErrorKind::Utf8 { .. } => "invalid UTF-8".to_string(),
-                _ => e.to_string(),
-            };
-            Error::data(path, format!("line {line}: {what}"))
-        })?;
-        if !more {
-            break;
-        }
-        let line = record.position().map(|p| line_at(p.byte())).unwrap_or(0);
-        if record.len() == 1 && record.get(0).is_some_and(|f| f.trim().is_empty()) {
-            continue; // a whitespace-only line
-        }
-        let field = |col: usize, name: &str| -> Result<String> {
-            record.get(col).map(str::to_string).ok_or_else(|| {
-                Error::data(
-                    path,
-                    format!(
-                        "line {line}: field `{name}` missing: the row has {} fields, the \
-                         header {}",
-                        record.len(),
-                        headers.len()
-                    ),
-                )
-            })
-        };
-        let text = field(text_col, &cfg.text_field)?;
-        let label = field(label_col, &cfg.label_field)?;
-        if !builder.push(RawRecord { line, text, label })? {
-            break;
-        }
-    }
-    Ok(())
-}
-
-fn read_jsonl(
-    bytes: &[u8],
-    cfg: &DatasetConfig,
-    path: &Path,
-    builder: &mut Builder<'_>,
-) -> Result<()> {
-    for (i, raw_line) in bytes.split(|&b| b == b'\n').enumerate() {
-        let line = i as u64 + 1;
-        let raw_line = raw_line.strip_suffix(b"\r").unwrap_or(raw_line);
-        let text_line = std::str::from_utf8(raw_line)
-            .map_err(|_| Error::data(path, format!("line {line}: invalid UTF-8")))?;
-        if text_line.trim().is_empty() {
-            continue;
-        }
-        let value: serde_json::Value = serde_json::from_str(text_line)
-            .map_err(|e| Error::data(path, format!("line {line}: invalid JSON: {e}")))?;
-        let serde_json::Value::Object(object) = value else {
-            return Err(Error::data(
-                path,
-                format!("line {line}: expected a JSON object per line"),
-            ));
-        };
-        let get = |name: &str| {
-            object.get(name).ok_or_else(|| {
-                let available: Vec<String> = object.keys().map(|k| format!("`{k}`")).collect();
-                Error::data(
-                    path,
-                    format!(
-                        "line {line}: field `{name}` missing; available fields: {}",
-                        available.join(", ")
-                    ),
-                )
-            })
-        };
-        let text = match get(&cfg.text_field)? {
-            serde_json::Value::String(s) => s.clone(),
-            other => {
-                return Err(Error::data(
-                    path,
-                    format!(
-                        "line {line}: field `{}` must be a string, found {}",
-                        cfg.text_field,
-                        json_kind(other)
-                    ),
-                ))
-            }
-        };
-        let label = match get(&cfg.label_field)? {
-            serde_json::Value::String(s) => s.clone(),
-            serde_json::Value::Number(n) if n.is_i64() || n.is_u64() => n.to_string(),
-            other => {
-                return Err(Error::data(
-                    path,
-                    format!(
-                        "line {line}: field `{}` (the label) must be a string or an integer, \
-                         found {}",
-                        cfg.label_field,
-                        json_kind(other)
-                    ),
-                ))
-            }
-        };
-        if !builder.push(RawRecord { line, text, label })? {
-            break;
-        }
-    }
-    Ok(())
-}
-
-fn json_kind(value: &serde_json::Value) -> String {
-    match value {
-        serde_json::Value::Null => "null".into(),
-        serde_json::Value::Bool(b) => format!("a boolean ({b})"),
-        serde_json::Value::Number(n) => format!("a non-integer number ({n})"),
-        serde_json::Value::String(_) => "a string".into(),
-        serde_json::Value::Array(_) => "an array".into(),
-        serde_json::Value::Object(_) => "an object".into(),
     }
 }
 
