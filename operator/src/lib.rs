@@ -10,6 +10,7 @@ pub mod http;
 pub mod job;
 pub mod leader;
 pub mod metrics;
+pub mod observe;
 pub mod plan;
 pub mod planner;
 pub mod report;
