@@ -149,6 +149,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+    use crate::observe::manifest::participants;
     use bytes::Bytes;
     use heterotune_crds::layout::RunLayout;
     use heterotune_crds::manifest::{ArtifactKind, ArtifactManifest, FileDigest};
@@ -192,14 +193,14 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn the_object_store_adapter_reads_rounds_commits_and_applies_retention() {
-        let dir = tempfile::tempdir().expect("tempdir");
+    /// A run of 5 rounds in a local store: round 1 complete (client `a`
+    /// took part), `b` committed in round 2, plus strangers and uncommitted data.
+    async fn fixture(dir: &std::path::Path) -> (Store, RunRef) {
         let storage = StorageSpec {
-            uri: format!("file://{}", dir.path().display()),
+            uri: format!("file://{}", dir.display()),
             ..StorageSpec::default()
         };
-        let store = Store::from_spec(&storage, dir.path()).expect("store");
+        let store = Store::from_spec(&storage, dir).expect("store");
         let layout = RunLayout::new("", "ns", "ft", "0f1e2d3c-aaaa");
         let put = |key: String, m: ArtifactManifest| {
             let store = store.clone();
@@ -237,10 +238,18 @@ mod tests {
         .await;
         let run = RunRef {
             storage,
-            layout: layout.clone(),
+            layout,
             clients: vec!["a".into(), "b".into()],
             rounds: 5,
         };
+        (store, run)
+    }
+
+    #[tokio::test]
+    async fn the_object_store_adapter_reads_rounds_commits_and_applies_retention() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, run) = fixture(dir.path()).await;
+        let layout = run.layout.clone();
         let rs = ObjectRunStore::default();
         let obs = rs.observe(&run, 0).await.expect("observe");
         assert_eq!(obs.completed_rounds, 1);
@@ -267,23 +276,6 @@ mod tests {
             rs.observe(&run, 4).await.expect("observe").completed_rounds,
             1
         );
-        // The local runner's look: every new round, with its participants' manifests.
-        let look = Look {
-            since: 0,
-            history: usize::MAX,
-            client_manifests: true,
-        };
-        let facts = RunReader::default()
-            .look(&store, &run, look)
-            .await
-            .expect("look");
-        assert_eq!(facts.new_rounds.len(), 1);
-        let clients = &facts.new_rounds[0].clients;
-        assert_eq!(clients.len(), 1);
-        assert_eq!(
-            (clients[0].0.as_str(), clients[0].1.artifact.bytes),
-            ("a", 123)
-        );
 
         assert_eq!(
             rs.apply_retention(&run, RetentionPolicy::Retain)
@@ -309,5 +301,32 @@ mod tests {
             1
         );
         assert!(store.list(layout.run_dir()).await.expect("list").is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_local_runners_look_has_every_new_round_and_its_participants() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, run) = fixture(dir.path()).await;
+        let look = Look {
+            since: 0,
+            history: usize::MAX,
+            client_manifests: true,
+        };
+        let facts = RunReader::default()
+            .look(&store, &run, look)
+            .await
+            .expect("look");
+        assert_eq!(facts.new_rounds.len(), 1);
+        let clients = &facts.new_rounds[0].clients;
+        assert_eq!(clients.len(), 1);
+        assert_eq!(
+            (clients[0].0.as_str(), clients[0].1.artifact.bytes),
+            ("a", 123)
+        );
+        let facts = &facts.new_rounds[0];
+        assert_eq!(facts.global.as_ref().map(|g| g.round), Some(1));
+        // b took part in round 1 but has no manifest there.
+        let global = facts.global.as_ref().expect("global");
+        assert_eq!(participants(global), ["a", "b"]);
     }
 }

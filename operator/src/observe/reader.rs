@@ -48,7 +48,9 @@ impl RunReader {
         run: &RunRef,
         look: Look,
     ) -> Result<RunObservation, StoreError> {
-        let done = completed_rounds(store, run, look.since).await?;
+        let done = store
+            .completed_rounds_from(&run.layout, look.since, run.rounds)
+            .await?;
         let committed = if done < run.rounds {
             self.committed(store, run, done + 1).await?
         } else {
@@ -95,10 +97,7 @@ impl RunReader {
         let layout = &run.layout;
         let dir = format!("{}/clients", layout.round_dir(round));
         let keys = store.list(&dir).await?;
-        let known = lock(&self.commits)
-            .get(&(layout.run_dir().to_string(), round))
-            .cloned()
-            .unwrap_or_default();
+        let known = remembered(&self.commits, layout.run_dir(), round);
         let mut committed = BTreeMap::new();
         for key in keys {
             let Some(client) = key
@@ -140,11 +139,7 @@ impl RunReader {
         round: u32,
     ) -> Result<BTreeMap<String, EvaluationResult>, StoreError> {
         let layout = &run.layout;
-        let cache_key = (layout.run_dir().to_string(), round);
-        let mut known = lock(&self.evaluations)
-            .get(&cache_key)
-            .cloned()
-            .unwrap_or_default();
+        let mut known = remembered(&self.evaluations, layout.run_dir(), round);
         for key in store.list(&layout.evaluation_dir(round)).await? {
             let Some(client) = layout.evaluation_client(round, &key) else {
                 continue;
@@ -170,31 +165,21 @@ impl RunReader {
                 Err(e) => tracing::warn!(key, error = %e, "ignoring an unreadable evaluation"),
             }
         }
-        lock(&self.evaluations).insert(cache_key, known.clone());
+        lock(&self.evaluations).insert((layout.run_dir().to_string(), round), known.clone());
         Ok(known)
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+/// What `cache` remembers of `round` of the run in `run_dir`.
+fn remembered<T: Clone>(cache: &Cache<T>, run_dir: &str, round: u32) -> BTreeMap<String, T> {
+    lock(cache)
+        .get(&(run_dir.to_string(), round))
+        .cloned()
+        .unwrap_or_default()
 }
 
-/// Rounds `1..=n` whose global manifest exists, counted without gaps,
-/// starting at `since` when its manifest is there (one HEAD per round).
-async fn completed_rounds(store: &Store, run: &RunRef, since: u32) -> Result<u32, StoreError> {
-    let layout = &run.layout;
-    let mut done = if since > 0
-        && since <= run.rounds
-        && store.exists(&layout.global_manifest(since)).await?
-    {
-        since
-    } else {
-        0
-    };
-    while done < run.rounds && store.exists(&layout.global_manifest(done + 1)).await? {
-        done += 1;
-    }
-    Ok(done)
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The manifests of `round`'s participants (every spec client with one when

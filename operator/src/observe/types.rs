@@ -50,21 +50,38 @@ pub struct CompletedRound {
 /// The accuracy of one round's global model: overall and per family.
 pub type GlobalAccuracy = (f64, BTreeMap<String, f64>);
 
-/// The store's view of a run, as the controller keeps it.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct StoreObservation {
+/// The store's view of a run: the controller's with round summaries
+/// (`R` = [`CompletedRound`]), the local runner's with the report's facts
+/// ([`RunObservation`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoreObservation<R = CompletedRound> {
     /// Rounds `1..=completed_rounds` have a global manifest.
     pub completed_rounds: u32,
     /// Committed client artifacts of round `completed_rounds + 1`.
     pub committed: BTreeMap<String, CommitInfo>,
     /// Rounds after `since` (the caller's last known round) up to
-    /// `completed_rounds`, oldest first, at most
-    /// [`MAX_HISTORY`](heterotune_crds::status::MAX_HISTORY).
-    pub new_rounds: Vec<CompletedRound>,
+    /// `completed_rounds`, oldest first (the controller keeps at most
+    /// [`MAX_HISTORY`](heterotune_crds::status::MAX_HISTORY)).
+    pub new_rounds: Vec<R>,
     /// When every round is complete: the clients' evaluations of the last
     /// round's global model, by client.
     pub evaluated: BTreeMap<String, EvaluationResult>,
 }
+
+impl<R> Default for StoreObservation<R> {
+    fn default() -> Self {
+        StoreObservation {
+            completed_rounds: 0,
+            committed: BTreeMap::new(),
+            new_rounds: Vec::new(),
+            evaluated: BTreeMap::new(),
+        }
+    }
+}
+
+/// One look at the store with the facts of each round completed since the
+/// last look (what the run report is built from).
+pub type RunObservation = StoreObservation<RoundFacts>;
 
 /// A completed round as the store holds it: what the run report is built from.
 #[derive(Debug, Clone, PartialEq)]
@@ -89,21 +106,6 @@ pub struct Look {
     pub history: usize,
     /// Also read the participants' manifests of each newly completed round.
     pub client_manifests: bool,
-}
-
-/// One look at the store: the round protocol's state plus the facts of the
-/// rounds completed since the last look.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct RunObservation {
-    /// Rounds `1..=completed_rounds` have a global manifest.
-    pub completed_rounds: u32,
-    /// Committed client artifacts of round `completed_rounds + 1`.
-    pub committed: BTreeMap<String, CommitInfo>,
-    /// Rounds after [`Look::since`] up to `completed_rounds`, oldest first.
-    pub new_rounds: Vec<RoundFacts>,
-    /// When every round is complete: the clients' evaluations of the last
-    /// round's global model, by client.
-    pub evaluated: BTreeMap<String, EvaluationResult>,
 }
 
 /// What the controller needs from the object store.
