@@ -265,3 +265,102 @@ pub fn note_aggregation(report: &mut Report, round: u32, seconds: f64) {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use heterotune_crds::manifest::{ArtifactKind, FileDigest};
+
+    fn manifest(
+        client: Option<&str>,
+        metrics: &[(&str, f64)],
+        stats: serde_json::Value,
+    ) -> ArtifactManifest {
+        ArtifactManifest {
+            schema_version: 1,
+            kind: if client.is_some() {
+                ArtifactKind::Client
+            } else {
+                ArtifactKind::Global
+            },
+            run: "r".into(),
+            round: 2,
+            base_round: 1,
+            client: client.map(str::to_string),
+            family: client.map(|_| "bert".to_string()),
+            artifact: FileDigest {
+                path: "adapter.safetensors".into(),
+                sha256: "00".into(),
+                bytes: 100,
+            },
+            tensors: vec![],
+            num_examples: 10,
+            metrics: metrics.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            stats,
+            writer_version: "test".into(),
+            created_at: "2023-11-14T22:13:20Z".into(),
+        }
+    }
+
+    #[test]
+    fn a_round_is_recorded_from_its_facts_and_fills_in_the_previous_global_model() {
+        let mut report = Report::default();
+        note_aggregation(&mut report, 2, 0.5);
+        let empty = RoundFacts {
+            round: 1,
+            global: None,
+            clients: vec![],
+        };
+        record_round(&mut report, &empty, f64::NAN, &[]);
+        let global = manifest(
+            None,
+            &[
+                ("previous_global_accuracy", 0.6),
+                ("previous_global_macro_f1", 0.5),
+                ("previous_global_accuracy.bert", 0.7),
+            ],
+            serde_json::json!({ "participants": [{ "client": "a" }] }),
+        );
+        let a = manifest(
+            Some("a"),
+            &[("test_accuracy", 0.8)],
+            serde_json::Value::Null,
+        );
+        let facts = RoundFacts {
+            round: 2,
+            global: Some(global),
+            clients: vec![("a".into(), a)],
+        };
+        record_round(&mut report, &facts, 3.0, &["c".to_string()]);
+        let [first, second] = &report.rounds[..] else {
+            panic!("two rounds: {:?}", report.rounds);
+        };
+        assert_eq!(first.global_accuracy, Some(0.6));
+        assert_eq!(first.global_macro_f1, Some(0.5));
+        assert_eq!(first.global_accuracy_by_family.get("bert"), Some(&0.7));
+        assert_eq!(second.participants, ["a"]);
+        assert_eq!(second.excluded, ["c"]);
+        assert_eq!(second.accuracy, 0.8);
+        assert_eq!(second.aggregation_seconds, 0.5);
+        assert_eq!((second.bytes_uploaded, second.bytes_downloaded), (100, 100));
+
+        let result = |client: &str, accuracy: f64| EvaluationResult {
+            schema_version: 1,
+            run: "r".into(),
+            client: client.into(),
+            family: "bert".into(),
+            global_round: 2,
+            test_examples: 10,
+            accuracy,
+            macro_f1: accuracy,
+            loss: None,
+            seconds: None,
+            writer_version: "test".into(),
+            created_at: "2023-11-14T22:13:20Z".into(),
+        };
+        record_evaluation(&mut report, 2, &[result("a", 0.75), result("b", 0.25)]);
+        let last = &report.rounds[1];
+        assert_eq!(last.global_accuracy, Some(0.5));
+        assert_eq!(report.final_evaluation.len(), 2);
+    }
+}
