@@ -13,7 +13,7 @@
 //! after a fixed delay per request (`latency 5 ms`, a busy API server; Job
 //! creates go 16 at a time).
 //!
-//! Run: `cargo run --release -p heterotune-operator --example reconcile_bench`
+//! Run: `cargo run --release -p heterotune-operator --features testing --example reconcile_bench`
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -7,6 +7,7 @@
 pub mod checks;
 pub mod controller;
 pub mod job;
+pub mod observe;
 pub mod plan;
 pub mod planner;
 pub mod report;

@@ -161,6 +161,19 @@ impl Report {
                 .collect::<Vec<_>>()
                 .join(", ")
         ));
+        self.models_table(&mut md);
+        self.rounds_table(&mut md);
+        self.final_evaluation_table(&mut md);
+        self.last_round(&mut md);
+        md.push_str("\n![accuracy](accuracy.png)\n\n![bytes](bytes.png)\n");
+        for note in plot_notes {
+            md.push_str(&format!("\nNote: {note}\n"));
+        }
+        md
+    }
+
+    /// `## Models`: one row per family, with the reference uploads.
+    fn models_table(&self, md: &mut String) {
         md.push_str("## Models\n\n| family | architecture | model | layers | hidden | parameters | clients | full-model FedAvg upload | LoRA FedAvg upload |\n|---|---|---|---|---|---|---|---|---|\n");
         for f in &self.families {
             md.push_str(&format!(
@@ -176,6 +189,10 @@ impl Report {
                 human_bytes(f.lora_bytes)
             ));
         }
+    }
+
+    /// `## Rounds`: global-model and local accuracy per round and family.
+    fn rounds_table(&self, md: &mut String) {
         md.push_str(
             "\n## Rounds\n\nGlobal-test accuracy, mean over clients: **global model** = the round's \
              aggregated model as the clients receive it (what the federation delivers; measured \
@@ -218,6 +235,10 @@ impl Report {
                 seconds(r.aggregation_seconds, 2)
             ));
         }
+    }
+
+    /// `## The final global model`: each client's evaluation of it.
+    fn final_evaluation_table(&self, md: &mut String) {
         if !self.final_evaluation.is_empty() {
             md.push_str("\n## The final global model\n\n| client | family | global round | test acc | test macro-F1 | test examples |\n|---|---|---|---|---|---|\n");
             for e in &self.final_evaluation {
@@ -227,6 +248,10 @@ impl Report {
                 ));
             }
         }
+    }
+
+    /// The bytes of the last round against the references, and its clients.
+    fn last_round(&self, md: &mut String) {
         let (full, lora) = self.reference_bytes();
         if let Some(last) = self.rounds.last() {
             md.push_str(&format!(
@@ -260,11 +285,6 @@ impl Report {
                 ));
             }
         }
-        md.push_str("\n![accuracy](accuracy.png)\n\n![bytes](bytes.png)\n");
-        for note in plot_notes {
-            md.push_str(&format!("\nNote: {note}\n"));
-        }
-        md
     }
 }
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::TryStreamExt;
 use heterotune_crds::layout::{RunLayout, ADAPTER_FILE, MANIFEST_FILE};
-use heterotune_crds::spec::{FederatedTuneSpec, StorageSpec};
+use heterotune_crds::spec::StorageSpec;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
@@ -422,28 +422,30 @@ impl Store {
         Ok(n)
     }
 
-    /// Rounds `1..=n` whose global manifest exists, counted from round 1
+    /// Rounds `1..=max` whose global manifest exists, counted from round 1
     /// without gaps (the completed rounds of the run).
     pub async fn completed_rounds(&self, layout: &RunLayout, max: u32) -> Result<u32, StoreError> {
-        let mut done = 0;
+        self.completed_rounds_from(layout, 0, max).await
+    }
+
+    /// [`Self::completed_rounds`], counting on from `known` (a hint: when
+    /// its global manifest is absent, from round 1 again).
+    pub async fn completed_rounds_from(
+        &self,
+        layout: &RunLayout,
+        known: u32,
+        max: u32,
+    ) -> Result<u32, StoreError> {
+        let mut done =
+            if known > 0 && known <= max && self.exists(&layout.global_manifest(known)).await? {
+                known
+            } else {
+                0
+            };
         while done < max && self.exists(&layout.global_manifest(done + 1)).await? {
             done += 1;
         }
         Ok(done)
-    }
-
-    /// Which clients of `spec` have a committed artifact in `round`.
-    pub async fn committed_clients(
-        &self,
-        layout: &RunLayout,
-        spec: &FederatedTuneSpec,
-        round: u32,
-    ) -> Result<Vec<bool>, StoreError> {
-        let mut out = Vec::with_capacity(spec.clients.len());
-        for c in &spec.clients {
-            out.push(self.exists(&layout.client_manifest(round, &c.name)).await?);
-        }
-        Ok(out)
     }
 }
 
@@ -502,6 +504,10 @@ mod tests {
             2
         );
         assert_eq!(store.completed_rounds(&layout, 1).await.expect("rounds"), 1);
+        // A hint counts on from there; a stale one falls back to round 1.
+        let from = |known| store.completed_rounds_from(&layout, known, 10);
+        assert_eq!(from(2).await.expect("rounds"), 2);
+        assert_eq!(from(3).await.expect("rounds"), 2);
     }
 
     #[test]

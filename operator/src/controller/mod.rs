@@ -66,7 +66,9 @@ use kube::{Client, ResourceExt};
 
 pub use context::{Context, JobConfig, OperatorConfig, ReconcileConfig, MANAGER};
 pub use error::{Category, Error, Result};
-pub use observe::{MemoryRunStore, ObjectRunStore, RunStore};
+#[cfg(any(test, feature = "testing"))]
+pub use observe::MemoryRunStore;
+pub use observe::{ObjectRunStore, RunStore};
 pub use reconcile::{error_policy, reconcile, FINALIZER};
 
 /// How the controller runs.

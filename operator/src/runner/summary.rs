@@ -1,16 +1,16 @@
-//! Building the run report from the manifests in the store.
+//! The run report's bookkeeping: its skeleton from the spec, then each
+//! completed round and the final evaluation from the facts the shared
+//! observation ([`crate::observe`]) read from the store.
 
 use std::collections::BTreeMap;
 
-use heterotune_crds::layout::RunLayout;
 use heterotune_crds::manifest::{mean_accuracy, valid_score, ArtifactManifest, EvaluationResult};
-use heterotune_crds::spec::FederatedTuneSpec;
 use heterotune_crds::uri::{self, Location};
 use heterotune_crds::FederatedTune;
 use sha2::{Digest, Sha256};
 
+use crate::observe::RoundFacts;
 use crate::report::{ClientRecord, FamilyInfo, Report, RoundRecord};
-use crate::store::{Store, StoreError};
 
 /// Hex SHA-256.
 pub fn sha256_hex(bytes: &[u8]) -> String {
@@ -133,60 +133,16 @@ pub fn new_report(ft: &FederatedTune, run: &str) -> Report {
     }
 }
 
-async fn manifest(store: &Store, key: &str) -> Result<Option<ArtifactManifest>, StoreError> {
-    Ok(store
-        .get(key)
-        .await?
-        .and_then(|b| ArtifactManifest::from_slice(&b).ok()))
-}
-
-/// Adds round `round` to the report from the store's manifests.
-pub async fn record_round(
-    store: &Store,
-    layout: &RunLayout,
-    spec: &FederatedTuneSpec,
-    round: u32,
-    duration: f64,
-    excluded: &[String],
-    report: &mut Report,
-) -> Result<(), StoreError> {
-    let global = manifest(store, &layout.global_manifest(round)).await?;
-    let participants: Vec<String> = global
-        .as_ref()
-        .and_then(|g| g.stats.get("participants"))
-        .and_then(|p| p.as_array())
-        .map(|a| {
-            a.iter()
-                .filter_map(|v| {
-                    v.as_str()
-                        .or_else(|| v.get("client").and_then(|c| c.as_str()))
-                })
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default();
-    let mut clients = Vec::new();
-    for c in &spec.clients {
-        if !participants.is_empty() && !participants.contains(&c.name) {
-            continue;
-        }
-        let Some(m) = manifest(store, &layout.client_manifest(round, &c.name)).await? else {
-            continue;
-        };
-        let metric = |k: &str| m.metrics.get(k).copied().unwrap_or(f64::NAN);
-        clients.push(ClientRecord {
-            name: c.name.clone(),
-            family: m.family.clone().unwrap_or_default(),
-            test_accuracy: metric("test_accuracy"),
-            test_macro_f1: metric("test_macro_f1"),
-            validation_accuracy: metric("accuracy"),
-            train_loss: metric("mean_train_loss"),
-            steps_per_second: metric("steps_per_second"),
-            train_seconds: metric("train_seconds"),
-            peak_rss_bytes: metric("peak_rss_bytes"),
-            bytes_uploaded: m.artifact.bytes,
-        });
-    }
+/// Adds a completed round to the report from its facts (the manifests the
+/// store holds): `duration` and `excluded` are what this runner saw of it.
+pub fn record_round(report: &mut Report, facts: &RoundFacts, duration: f64, excluded: &[String]) {
+    let round = facts.round;
+    let global = facts.global.as_ref();
+    let clients: Vec<ClientRecord> = facts
+        .clients
+        .iter()
+        .map(|(name, m)| client_record(name, m))
+        .collect();
     let mean = |xs: &[f64]| {
         if xs.is_empty() {
             f64::NAN
@@ -204,44 +160,34 @@ pub async fn record_round(
     let accuracy = mean(&clients.iter().map(|c| c.test_accuracy).collect::<Vec<_>>());
     let macro_f1 = mean(&clients.iter().map(|c| c.test_macro_f1).collect::<Vec<_>>());
     let bytes_uploaded = clients.iter().map(|c| c.bytes_uploaded).sum();
-    let global_bytes = global.as_ref().map(|g| g.artifact.bytes).unwrap_or(0);
+    let global_bytes = global.map(|g| g.artifact.bytes).unwrap_or(0);
+    let kept = report.rounds.iter().find(|r| r.round == round).cloned();
     let record = RoundRecord {
         round,
         duration_seconds: duration,
-        aggregation_seconds: report
-            .rounds
-            .iter()
-            .find(|r| r.round == round)
-            .map(|r| r.aggregation_seconds)
-            .unwrap_or(0.0),
+        aggregation_seconds: kept.as_ref().map(|r| r.aggregation_seconds).unwrap_or(0.0),
         participants: clients.iter().map(|c| c.name.clone()).collect(),
         excluded: excluded.to_vec(),
         accuracy,
         macro_f1,
         accuracy_by_family: by_family.into_iter().map(|(k, v)| (k, mean(&v))).collect(),
-        global_accuracy: None,
-        global_macro_f1: None,
-        global_accuracy_by_family: BTreeMap::new(),
-        bytes_uploaded,
-        bytes_downloaded: global_bytes * clients.len() as u64,
-        clients,
-        aggregation: global.as_ref().map(|g| g.stats.clone()).unwrap_or_default(),
-    };
-    let kept = report.rounds.iter().find(|r| r.round == round).cloned();
-    report.rounds.retain(|r| r.round != round);
-    report.rounds.push(RoundRecord {
         // A final evaluation recorded before (a resumed run) stays.
         global_accuracy: kept.as_ref().and_then(|k| k.global_accuracy),
         global_macro_f1: kept.as_ref().and_then(|k| k.global_macro_f1),
         global_accuracy_by_family: kept
             .map(|k| k.global_accuracy_by_family)
             .unwrap_or_default(),
-        ..record
-    });
+        bytes_uploaded,
+        bytes_downloaded: global_bytes * clients.len() as u64,
+        clients,
+        aggregation: global.map(|g| g.stats.clone()).unwrap_or_default(),
+    };
+    report.rounds.retain(|r| r.round != round);
+    report.rounds.push(record);
     report.rounds.sort_by_key(|r| r.round);
     // This round's clients measured the previous round's global model.
     if let (Some(g), Some(previous)) = (
-        &global,
+        global,
         report.rounds.iter_mut().find(|r| r.round + 1 == round),
     ) {
         let metric = |k: &str| g.metrics.get(k).copied().filter(|v| v.is_finite());
@@ -258,53 +204,31 @@ pub async fn record_round(
                 .collect();
         }
     }
-    Ok(())
 }
 
-/// The clients' evaluations of the global model of `round` in the store
-/// (results of this run, for spec clients, in spec order).
-pub async fn evaluations(
-    store: &Store,
-    layout: &RunLayout,
-    spec: &FederatedTuneSpec,
-    round: u32,
-) -> Result<Vec<EvaluationResult>, StoreError> {
-    let keys = store.list(&layout.evaluation_dir(round)).await?;
-    let mut out = Vec::new();
-    for c in &spec.clients {
-        let key = layout.evaluation_result(round, &c.name);
-        if !keys.contains(&key) {
-            continue;
-        }
-        let Some(bytes) = store.get(&key).await? else {
-            continue;
-        };
-        match serde_json::from_slice::<EvaluationResult>(&bytes) {
-            Ok(r) if r.client == c.name && r.global_round == round && r.run == layout.run_dir() => {
-                out.push(r)
-            }
-            Ok(_) => tracing::warn!(
-                key,
-                "ignoring an evaluation of another client, round or run"
-            ),
-            Err(e) => tracing::warn!(key, error = %e, "ignoring an unreadable evaluation"),
-        }
+/// One client's figures in a round, from its manifest.
+fn client_record(name: &str, m: &ArtifactManifest) -> ClientRecord {
+    let metric = |k: &str| m.metrics.get(k).copied().unwrap_or(f64::NAN);
+    ClientRecord {
+        name: name.to_string(),
+        family: m.family.clone().unwrap_or_default(),
+        test_accuracy: metric("test_accuracy"),
+        test_macro_f1: metric("test_macro_f1"),
+        validation_accuracy: metric("accuracy"),
+        train_loss: metric("mean_train_loss"),
+        steps_per_second: metric("steps_per_second"),
+        train_seconds: metric("train_seconds"),
+        peak_rss_bytes: metric("peak_rss_bytes"),
+        bytes_uploaded: m.artifact.bytes,
     }
-    Ok(out)
 }
 
 /// Records the final evaluation (the clients' evaluations of the last
-/// round's global model) in the report.
-pub async fn record_evaluation(
-    store: &Store,
-    layout: &RunLayout,
-    spec: &FederatedTuneSpec,
-    report: &mut Report,
-) -> Result<(), StoreError> {
-    let results = evaluations(store, layout, spec, spec.rounds).await?;
+/// round's global model, in spec order) in the report.
+pub fn record_evaluation(report: &mut Report, last_round: u32, results: &[EvaluationResult]) {
     if let (Some((mean, by_family)), Some(last)) = (
-        mean_accuracy(&results),
-        report.rounds.iter_mut().find(|r| r.round == spec.rounds),
+        mean_accuracy(results),
+        report.rounds.iter_mut().find(|r| r.round == last_round),
     ) {
         last.global_accuracy = Some(mean);
         let f1: Vec<f64> = results
@@ -314,8 +238,7 @@ pub async fn record_evaluation(
         last.global_macro_f1 = (!f1.is_empty()).then(|| f1.iter().sum::<f64>() / f1.len() as f64);
         last.global_accuracy_by_family = by_family;
     }
-    report.final_evaluation = results;
-    Ok(())
+    report.final_evaluation = results.to_vec();
 }
 
 /// Records the aggregation time of `round` (before the round's record exists).
@@ -343,17 +266,101 @@ pub fn note_aggregation(report: &mut Report, round: u32, seconds: f64) {
     }
 }
 
-/// Rebuilds every round's record from the store (a resumed, finished run).
-pub async fn rebuild_from_store(
-    store: &Store,
-    layout: &RunLayout,
-    spec: &FederatedTuneSpec,
-    report: &mut Report,
-) -> Result<(), StoreError> {
-    for round in 1..=spec.rounds {
-        if store.exists(&layout.global_manifest(round)).await? {
-            record_round(store, layout, spec, round, f64::NAN, &[], report).await?;
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use heterotune_crds::manifest::{ArtifactKind, FileDigest};
+
+    fn manifest(
+        client: Option<&str>,
+        metrics: &[(&str, f64)],
+        stats: serde_json::Value,
+    ) -> ArtifactManifest {
+        ArtifactManifest {
+            schema_version: 1,
+            kind: if client.is_some() {
+                ArtifactKind::Client
+            } else {
+                ArtifactKind::Global
+            },
+            run: "r".into(),
+            round: 2,
+            base_round: 1,
+            client: client.map(str::to_string),
+            family: client.map(|_| "bert".to_string()),
+            artifact: FileDigest {
+                path: "adapter.safetensors".into(),
+                sha256: "00".into(),
+                bytes: 100,
+            },
+            tensors: vec![],
+            num_examples: 10,
+            metrics: metrics.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            stats,
+            writer_version: "test".into(),
+            created_at: "2023-11-14T22:13:20Z".into(),
         }
     }
-    record_evaluation(store, layout, spec, report).await
+
+    #[test]
+    fn a_round_is_recorded_from_its_facts_and_fills_in_the_previous_global_model() {
+        let mut report = Report::default();
+        note_aggregation(&mut report, 2, 0.5);
+        let empty = RoundFacts {
+            round: 1,
+            global: None,
+            clients: vec![],
+        };
+        record_round(&mut report, &empty, f64::NAN, &[]);
+        let global = manifest(
+            None,
+            &[
+                ("previous_global_accuracy", 0.6),
+                ("previous_global_macro_f1", 0.5),
+                ("previous_global_accuracy.bert", 0.7),
+            ],
+            serde_json::json!({ "participants": [{ "client": "a" }] }),
+        );
+        let a = manifest(
+            Some("a"),
+            &[("test_accuracy", 0.8)],
+            serde_json::Value::Null,
+        );
+        let facts = RoundFacts {
+            round: 2,
+            global: Some(global),
+            clients: vec![("a".into(), a)],
+        };
+        record_round(&mut report, &facts, 3.0, &["c".to_string()]);
+        let [first, second] = &report.rounds[..] else {
+            panic!("two rounds: {:?}", report.rounds);
+        };
+        assert_eq!(first.global_accuracy, Some(0.6));
+        assert_eq!(first.global_macro_f1, Some(0.5));
+        assert_eq!(first.global_accuracy_by_family.get("bert"), Some(&0.7));
+        assert_eq!(second.participants, ["a"]);
+        assert_eq!(second.excluded, ["c"]);
+        assert_eq!(second.accuracy, 0.8);
+        assert_eq!(second.aggregation_seconds, 0.5);
+        assert_eq!((second.bytes_uploaded, second.bytes_downloaded), (100, 100));
+
+        let result = |client: &str, accuracy: f64| EvaluationResult {
+            schema_version: 1,
+            run: "r".into(),
+            client: client.into(),
+            family: "bert".into(),
+            global_round: 2,
+            test_examples: 10,
+            accuracy,
+            macro_f1: accuracy,
+            loss: None,
+            seconds: None,
+            writer_version: "test".into(),
+            created_at: "2023-11-14T22:13:20Z".into(),
+        };
+        record_evaluation(&mut report, 2, &[result("a", 0.75), result("b", 0.25)]);
+        let last = &report.rounds[1];
+        assert_eq!(last.global_accuracy, Some(0.5));
+        assert_eq!(report.final_evaluation.len(), 2);
+    }
 }
