@@ -16,10 +16,10 @@ use std::process::{Command, Output};
 use heterotune_crds::manifest::ArtifactManifest;
 use heterotune_crds::manifest::EvaluationResult;
 use heterotune_operator::controller::jobs::{self, Run, SPEC_DIR, SPEC_FILE, WORK_DIR};
-use heterotune_operator::controller::observe::{
+use heterotune_operator::controller::JobConfig;
+use heterotune_operator::protocol::observe::{
     previous_global_from_manifest, summary_from_manifest,
 };
-use heterotune_operator::controller::JobConfig;
 use heterotune_operator::sizing::Placement;
 use heterotune_tests::s3::S3Server;
 use heterotune_tests::{binary, fixtures};

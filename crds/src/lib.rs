@@ -2,8 +2,9 @@
 //!
 //! * [`spec`]: `FederatedTune` (`heterotune.dev/v1alpha1`) and its parts.
 //! * [`status`]: the observed state the operator and the local runner report.
-//! * [`manifest`] and [`layout`]: the artifact manifest and object-store
-//!   layout of the round protocol, shared by the operator and the trainer.
+//! * [`manifest`], [`layout`] and [`digest`]: the artifact manifest, the
+//!   object-store layout and the digest of the round protocol, shared by the
+//!   operator and the trainer.
 //! * [`model`]: the model's rules without tensors: a model folder's facts
 //!   (config.json, safetensors header) and the slot map of adapted layers.
 //! * [`crd`] and [`validate`] (feature `kube`): the generated
@@ -11,6 +12,7 @@
 //!   that checks a spec against that very schema and those very rules, so
 //!   that `heterotune validate` and the API server cannot disagree.
 
+pub mod digest;
 pub mod layout;
 pub mod manifest;
 pub mod model;

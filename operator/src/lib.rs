@@ -1,19 +1,24 @@
-//! HeteroTune operator and CLI library.
+//! HeteroTune operator and CLI library, one folder per product:
 //!
-//! * [`checks`]: validation rules that need more than the document (files,
-//!   model configs), reported like the schema and CEL problems.
+//! * [`protocol`]: the round protocol (store, observation, pure planner),
+//!   shared by both executors;
+//! * [`execution`]: the trainer's command-line contract, staging, and the
+//!   pod side of a cluster run (`heterotune job`);
+//! * [`runner`]: `heterotune run`, the local executor, and its report;
+//! * [`controller`]: the Kubernetes executor (reconcile, Jobs, status,
+//!   metrics, HTTP, leader election);
+//! * [`sizing`]: memory estimates and placement of each client's trainer;
+//! * [`input`]: reading a spec file, and the checks a CRD cannot express;
+//! * [`dry_run`]: what `heterotune plan` prints;
 //! * [`telemetry`]: logging set-up (human or JSON).
+//!
+//! docs/architecture.md has the rules of the house (which may import which).
 
-pub mod checks;
 pub mod controller;
-pub mod job;
-pub mod observe;
-pub mod plan;
-pub mod planner;
-pub mod report;
+pub mod dry_run;
+pub mod execution;
+pub mod input;
+pub mod protocol;
 pub mod runner;
 pub mod sizing;
-pub mod spec_file;
-pub mod staging;
-pub mod store;
 pub mod telemetry;

@@ -7,8 +7,9 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use heterotune_crds::validate::{parse_federated_tune, Problems};
 use heterotune_crds::FederatedTune;
-use heterotune_operator::spec_file::SpecFileError;
-use heterotune_operator::{checks, runner, telemetry};
+use heterotune_operator::input::checks;
+use heterotune_operator::input::spec_file::SpecFileError;
+use heterotune_operator::{runner, telemetry};
 
 #[derive(Parser)]
 #[command(
@@ -266,7 +267,7 @@ fn plan(file: &Path) -> anyhow::Result<ExitCode> {
     let name = ft.metadata.name.clone().unwrap_or_default();
     let cwd = std::env::current_dir().context("current directory")?;
     let (layout, completed) =
-        match heterotune_operator::store::Store::from_spec(&ft.spec.storage, &cwd) {
+        match heterotune_operator::protocol::store::Store::from_spec(&ft.spec.storage, &cwd) {
             Ok(store) => {
                 let layout = heterotune_crds::layout::RunLayout::new(
                     store.prefix(),
@@ -296,7 +297,7 @@ fn plan(file: &Path) -> anyhow::Result<ExitCode> {
     let config = heterotune_operator::sizing::SizingConfig::default();
     print!(
         "{}",
-        heterotune_operator::plan::describe(&ft, &config, completed, &layout)
+        heterotune_operator::dry_run::describe(&ft, &config, completed, &layout)
     );
     let problems = checks::check_local_references(&ft.spec);
     if !problems.is_empty() {
@@ -307,7 +308,9 @@ fn plan(file: &Path) -> anyhow::Result<ExitCode> {
 }
 
 fn job(command: JobCommand) -> anyhow::Result<ExitCode> {
-    use heterotune_operator::job::{self as pod_job, JobError, JobOptions, JobOutcome};
+    use heterotune_operator::execution::pod_job::{
+        self as pod_job, JobError, JobOptions, JobOutcome,
+    };
     let args = match &command {
         JobCommand::Train { args, .. }
         | JobCommand::Aggregate { args, .. }

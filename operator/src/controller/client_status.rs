@@ -10,7 +10,7 @@ use heterotune_crds::status::{ClientStatus, FederatedTuneStatus};
 use super::job_facts::{jobs_by_client, JobFacts};
 use super::names::ROLE_EVALUATOR;
 use super::observation::client_step;
-use crate::planner::{ClientObservation, Observation};
+use crate::protocol::planner::{ClientObservation, Observation};
 use crate::sizing::{Placement, SizingError};
 
 /// What a client status is computed from, besides the client.

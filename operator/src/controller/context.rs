@@ -13,8 +13,8 @@ use kube::runtime::reflector::Store as Cache;
 use kube::Client;
 use serde::{Deserialize, Serialize};
 
-use super::observe::{now_seconds, RunStore};
 use crate::controller::metrics::Metrics;
+use crate::protocol::observe::{now_seconds, RunStore};
 use crate::sizing::{ModelShape, SizingConfig};
 
 /// Name of the controller (field manager, event reporter).

@@ -24,7 +24,7 @@ use super::names::{LABEL_ROLE, ROLE_EVALUATOR, ROLE_TRAINER};
 use super::observation::observation;
 use super::run::Run;
 use super::status::{self, StatusInput, Trouble};
-use crate::planner::{self, Action as PlanAction, Observation, Plan};
+use crate::protocol::planner::{self, Action as PlanAction, Observation, Plan};
 use crate::sizing::{self, ModelShape, Placement, SizingError, Workload};
 
 /// What the apply step does to the Jobs of the run, in this order.

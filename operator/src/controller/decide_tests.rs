@@ -15,9 +15,9 @@ use super::fixtures::*;
 use super::job_facts::{job_facts, JobFacts};
 use super::names::{LABEL_ROLE, ROLE_AGGREGATOR, ROLE_TRAINER};
 use super::observation::observation;
-use super::observe::{CommitInfo, StoreObservation};
 use super::run::Run;
-use crate::planner;
+use crate::protocol::observe::{CommitInfo, StoreObservation};
+use crate::protocol::planner;
 use crate::sizing::{self, ModelShape};
 
 /// The Jobs the controller's cache would hold.

@@ -1,6 +1,6 @@
 //! Step 1 of a reconcile, the only one that reads: the run's Jobs (from the
 //! controller's reflector caches, their pods explaining failures), the
-//! store's view of the run through [`RunStore`](super::observe::RunStore),
+//! store's view of the run through [`RunStore`](crate::protocol::observe::RunStore),
 //! and the shape of every client's model (remembered between reconciles).
 
 use std::collections::BTreeMap;
@@ -12,8 +12,8 @@ use super::context::Context;
 use super::error::{Error, Result};
 use super::job_facts::{failure_reason, job_facts, JobFacts};
 use super::names::LABEL_RUN_UID;
-use super::observe::StoreObservation;
 use super::run::Run;
+use crate::protocol::observe::StoreObservation;
 use crate::sizing::{self, ModelShape};
 
 /// How long a model config that could not be read is remembered.

@@ -1,7 +1,7 @@
 //! Controller errors, each with a metric label and a category that tells
 //! `error_policy` whether to wait for a spec change or to back off and retry.
 
-use crate::store::StoreError;
+use crate::protocol::store::StoreError;
 
 /// Whether a person must act, or a retry may succeed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -20,9 +20,9 @@ use kube::Client;
 use serde_json::Value;
 
 use super::context::{Context, OperatorConfig};
-use super::observe::MemoryRunStore;
 use super::reconcile::FINALIZER;
 use crate::controller::metrics::Metrics;
+use crate::protocol::observe::MemoryRunStore;
 
 pub const NOW: f64 = 1_700_000_000.0;
 pub const UID: &str = "0f1e2d3c-4b5a-6978-8091-a2b3c4d5e6f7";

@@ -37,7 +37,7 @@ pub const WORK_DIR: &str = "/work";
 /// The trainer pod's command line for one client and round. This is the
 /// single place that knows the pods' CLI (`heterotune job`, which stages
 /// from the store, runs `heterotune-trainer` and commits; see
-/// [`crate::job`]):
+/// [`crate::execution::pod_job`]):
 ///
 /// ```text
 /// heterotune --log-format json job train --spec /etc/heterotune/spec/spec.json \

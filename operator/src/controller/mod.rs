@@ -2,14 +2,14 @@
 //!
 //! Shaped like kube-rs's controller-rs, with the explicit steps of
 //! stackable's zookeeper-operator and the pure round planner
-//! ([`crate::planner`]) in the middle. [`reconcile`](reconcile::reconcile)
+//! ([`crate::protocol::planner`]) in the middle. [`reconcile`](reconcile::reconcile)
 //! chains one module per step:
 //!
 //! * [`validate`]: the spec's rules (pure, once per generation);
 //! * [`dereference`]: reads the run's Jobs (a reflector cache, [`job_facts`]),
 //!   the store through [`RunStore`] and the models' shapes;
 //! * [`decide`] (pure): placements ([`crate::sizing`]), the planner's
-//!   [`Observation`](crate::planner::Observation) ([`observation`]) and
+//!   [`Observation`](crate::protocol::planner::Observation) ([`observation`]) and
 //!   actions, and the existing Jobs become Jobs to create ([`jobs`],
 //!   [`names`]) and delete, the status ([`status`], [`client_status`]) and
 //!   the Events ([`events`]);
@@ -18,7 +18,7 @@
 //! * [`cleanup`]: deletion runs the retention policy behind a finalizer.
 //!
 //! [`observe`] holds the [`RunStore`] trait (what the store says), an
-//! in-memory implementation for tests and one over [`crate::store::Store`].
+//! in-memory implementation for tests and one over [`crate::protocol::store::Store`].
 //!
 //! Restart safety: nothing the controller needs lives only in its memory.
 //! Rounds and commits come from the store; attempts, failures and the round
@@ -40,7 +40,6 @@ pub mod leader;
 pub mod metrics;
 pub mod names;
 pub mod observation;
-pub mod observe;
 pub mod reconcile;
 pub mod run;
 pub mod status;
@@ -64,11 +63,11 @@ use kube::api::{Api, ListParams};
 use kube::runtime::{reflector, watcher, Controller, WatchStreamExt};
 use kube::{Client, ResourceExt};
 
+#[cfg(any(test, feature = "testing"))]
+pub use crate::protocol::observe::MemoryRunStore;
+pub use crate::protocol::observe::{ObjectRunStore, RunStore};
 pub use context::{Context, JobConfig, OperatorConfig, ReconcileConfig, MANAGER};
 pub use error::{Category, Error, Result};
-#[cfg(any(test, feature = "testing"))]
-pub use observe::MemoryRunStore;
-pub use observe::{ObjectRunStore, RunStore};
 pub use reconcile::{error_policy, reconcile, FINALIZER};
 
 /// How the controller runs.

@@ -5,8 +5,8 @@ use heterotune_crds::spec::FederatedTuneSpec;
 
 use super::job_facts::{jobs_by_client, JobFacts};
 use super::names::{ROLE_AGGREGATOR, ROLE_EVALUATOR, ROLE_TRAINER};
-use super::observe::StoreObservation;
-use crate::planner::{AggregationState, ClientObservation, Observation};
+use crate::protocol::observe::StoreObservation;
+use crate::protocol::planner::{AggregationState, ClientObservation, Observation};
 
 /// What the clients are doing now: training in round `completed + 1`, or
 /// (every round aggregated, `spec.evaluation.afterLastRound`) evaluating

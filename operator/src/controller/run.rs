@@ -7,7 +7,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::{Resource, ResourceExt};
 
 use super::error::{Error, Result};
-use super::observe::{storage_prefix, RunRef};
+use crate::protocol::observe::{storage_prefix, RunRef};
 
 /// The identity of the FederatedTune being reconciled.
 #[derive(Debug, Clone)]
@@ -56,7 +56,7 @@ impl<'a> Run<'a> {
             .unwrap_or(0)
     }
 
-    /// What the [`RunStore`](super::observe::RunStore) needs to find the run.
+    /// What the [`RunStore`](crate::protocol::observe::RunStore) needs to find the run.
     pub fn store_ref(&self) -> RunRef {
         RunRef {
             storage: self.ft.spec.storage.clone(),

@@ -15,8 +15,8 @@ use kube::ResourceExt;
 use super::context::{Context, MANAGER};
 use super::error::{kube, Error, Result};
 use super::events::{announcements, publish, Announcement};
-use super::observe::{CompletedRound, GlobalAccuracy};
 use super::run::Run;
+use crate::protocol::observe::{CompletedRound, GlobalAccuracy};
 
 /// Condition types, in the order they are written.
 pub const CONDITION_TYPES: &[&str] = &[
@@ -79,7 +79,7 @@ pub fn rfc3339(seconds: f64) -> String {
 }
 
 fn parse(text: &str) -> Option<f64> {
-    super::observe::unix_seconds(text)
+    crate::protocol::observe::unix_seconds(text)
 }
 
 fn condition(type_: &str, on: bool, reason: &str, message: String) -> Condition {

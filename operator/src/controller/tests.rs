@@ -12,8 +12,8 @@ use serde_json::Value;
 use super::error::Category;
 use super::fixtures::*;
 use super::names;
-use super::observe::MemoryRunStore;
 use super::reconcile::{error_policy, reconcile};
+use crate::protocol::observe::MemoryRunStore;
 
 const LLAMA_7B: &str = r#"{"model_type":"llama","hidden_size":4096,"intermediate_size":11008,"num_hidden_layers":32,
     "num_attention_heads":32,"num_key_value_heads":32,"vocab_size":32000,"tie_word_embeddings":false}"#;

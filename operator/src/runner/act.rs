@@ -5,10 +5,10 @@ use std::time::Instant;
 
 use super::executor::Runner;
 use super::options::RunError;
-use super::process::ClientDirs;
 use super::summary;
-use crate::planner::{Action, FailureReason};
-use crate::staging;
+use crate::execution::staging;
+use crate::execution::trainer::ClientDirs;
+use crate::protocol::planner::{Action, FailureReason};
 
 /// What acting on one action did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -12,14 +12,14 @@ use heterotune_crds::spec::FederatedTuneSpec;
 use tokio::sync::mpsc;
 
 use super::options::{RunError, RunOptions, RunSummary};
-use super::process::{Children, ClientExit, TrainerCommand};
 use super::progress::Progress;
 use super::state::RoundState;
 use super::summary;
-use crate::observe::{Look, RoundFacts, RunObservation, RunReader, RunRef};
-use crate::planner::Observation;
-use crate::report::Report;
-use crate::store::Store;
+use crate::execution::trainer::{Children, ClientExit, TrainerCommand};
+use crate::protocol::observe::{Look, RoundFacts, RunObservation, RunReader, RunRef};
+use crate::protocol::planner::Observation;
+use crate::protocol::store::Store;
+use crate::runner::report::Report;
 
 /// One run on this machine: its store, its trainers and its report.
 pub struct Runner {

@@ -1,7 +1,7 @@
 //! `heterotune run`: the whole federation on one machine.
 //!
 //! The local executor of the round protocol: it observes the store, asks the
-//! pure [`planner`](crate::planner) what to do, and does it with local
+//! pure [`planner`](crate::protocol::planner) what to do, and does it with local
 //! `heterotune-trainer` processes (bounded parallelism). The store is the
 //! only source of truth, so a killed runner (or trainer) resumes where the
 //! store says it is: a round is done exactly when its global manifest
@@ -10,21 +10,19 @@
 mod act;
 mod executor;
 mod options;
-mod process;
 mod progress;
+pub mod report;
 mod setup;
 mod state;
 mod summary;
 mod wait;
 
-use crate::planner;
+use crate::protocol::planner;
 
 use act::Acted;
 use executor::Runner;
 pub use options::{RunError, RunOptions, RunSummary};
-pub use process::{ClientDirs, TrainerCommand};
 pub use setup::local_uid;
-pub use summary::sha256_hex;
 
 /// Runs (or resumes) the federation the spec file describes: observe the
 /// store, plan, act, and wait for a trainer or a deadline when nothing

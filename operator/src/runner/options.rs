@@ -5,10 +5,10 @@ use std::path::PathBuf;
 
 use heterotune_crds::validate::Problems;
 
-use crate::report::Report;
-use crate::spec_file::SpecFileError;
-use crate::staging::StagingError;
-use crate::store::StoreError;
+use crate::execution::staging::StagingError;
+use crate::input::spec_file::SpecFileError;
+use crate::protocol::store::StoreError;
+use crate::runner::report::Report;
 
 /// How to run.
 #[derive(Debug, Clone)]

@@ -2,7 +2,7 @@
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::report::{human_bytes, Report};
+use crate::runner::report::{human_bytes, Report};
 
 /// Progress display of a run.
 pub struct Progress {

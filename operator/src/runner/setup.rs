@@ -13,15 +13,16 @@ use tokio::sync::mpsc;
 
 use super::executor::Runner;
 use super::options::{RunError, RunOptions};
-use super::process::{Children, TrainerCommand};
 use super::progress::Progress;
 use super::state::RoundState;
-use super::summary::{self, sha256_hex};
-use crate::checks;
-use crate::observe::{RunReader, RunRef};
-use crate::spec_file::{self, SpecFileError};
-use crate::staging::{self, ModelFiles};
-use crate::store::Store;
+use super::summary;
+use crate::execution::staging::{self, ModelFiles};
+use crate::execution::trainer::{Children, TrainerCommand};
+use crate::input::checks;
+use crate::input::spec_file::{self, SpecFileError};
+use crate::protocol::observe::{RunReader, RunRef};
+use crate::protocol::store::Store;
+use heterotune_crds::digest::sha256_hex;
 
 impl Runner {
     /// Sets the run up (a resumed run's report holds its completed rounds).

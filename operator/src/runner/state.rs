@@ -10,8 +10,8 @@ use std::time::Instant;
 use heterotune_crds::spec::FederatedTuneSpec;
 use tokio::sync::oneshot;
 
-use super::process::Children;
-use crate::planner::{AggregationState, ClientObservation, Observation};
+use crate::execution::trainer::Children;
+use crate::protocol::planner::{AggregationState, ClientObservation, Observation};
 
 /// Client bookkeeping of the current round (in memory; the store decides
 /// what is committed).

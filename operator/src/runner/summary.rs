@@ -1,57 +1,26 @@
 //! The run report's bookkeeping: its skeleton from the spec, then each
 //! completed round and the final evaluation from the facts the shared
-//! observation ([`crate::observe`]) read from the store.
+//! observation ([`crate::protocol::observe`]) read from the store.
 
 use std::collections::BTreeMap;
 
 use heterotune_crds::manifest::{mean_accuracy, valid_score, ArtifactManifest, EvaluationResult};
+use heterotune_crds::model::facts::stored_weights;
+use heterotune_crds::model::ModelFacts;
 use heterotune_crds::uri::{self, Location};
 use heterotune_crds::FederatedTune;
-use sha2::{Digest, Sha256};
 
-use crate::observe::RoundFacts;
-use crate::report::{ClientRecord, FamilyInfo, Report, RoundRecord};
+use crate::protocol::observe::RoundFacts;
+use crate::runner::report::{ClientRecord, FamilyInfo, Report, RoundRecord};
 
-/// Hex SHA-256.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
-}
-
-fn config_number(config: &serde_json::Value, key: &str) -> u64 {
-    config.get(key).and_then(|v| v.as_u64()).unwrap_or(0)
-}
-
-/// Parameter count of a checkpoint from its safetensors header (no weights read).
-fn parameters_of(dir: &std::path::Path) -> u64 {
-    let file = dir.join("model.safetensors");
-    let Ok(mut f) = std::fs::File::open(&file) else {
-        return 0;
-    };
-    use std::io::Read;
-    let mut len = [0u8; 8];
-    if f.read_exact(&mut len).is_err() {
-        return 0;
+/// Depth, width, value-projection width and stored parameter count of the
+/// model in `dir` (zeros for what cannot be read: the report still runs).
+fn model_dims(dir: &std::path::Path) -> (u64, u64, u64, u64) {
+    let params = stored_weights(dir).map(|h| h.parameters()).unwrap_or(0);
+    match ModelFacts::read(dir) {
+        Ok(f) => (f.num_layers, f.hidden_size, f.value_width(), params),
+        Err(_) => (0, 0, 0, params),
     }
-    let n = u64::from_le_bytes(len);
-    if n > 100 * 1024 * 1024 {
-        return 0;
-    }
-    let mut header = vec![0u8; n as usize];
-    if f.read_exact(&mut header).is_err() {
-        return 0;
-    }
-    let Ok(json) = serde_json::from_slice::<serde_json::Value>(&header) else {
-        return 0;
-    };
-    json.as_object()
-        .map(|m| {
-            m.iter()
-                .filter(|(k, _)| *k != "__metadata__")
-                .filter_map(|(_, v)| v.get("shape").and_then(|s| s.as_array()))
-                .map(|shape| shape.iter().filter_map(|d| d.as_u64()).product::<u64>())
-                .sum()
-        })
-        .unwrap_or(0)
 }
 
 /// The report skeleton: the run, its data and its model families.
@@ -62,30 +31,7 @@ pub fn new_report(ft: &FederatedTune, run: &str) -> Report {
         let key = spec.family_key(i);
         let entry = families.entry(key.clone()).or_insert_with(|| {
             let (layers, hidden, value_width, params) = match uri::resolve(&c.model.uri) {
-                Ok(Location::Local(dir)) => {
-                    let config: serde_json::Value =
-                        std::fs::read_to_string(dir.join("config.json"))
-                            .ok()
-                            .and_then(|t| serde_json::from_str(&t).ok())
-                            .unwrap_or_default();
-                    let hidden = config_number(&config, "hidden_size");
-                    // Grouped-query attention: v projects to kv_heads x head_dim.
-                    let heads = config_number(&config, "num_attention_heads").max(1);
-                    let kv_heads = match config_number(&config, "num_key_value_heads") {
-                        0 => heads,
-                        n => n,
-                    };
-                    let head_dim = match config_number(&config, "head_dim") {
-                        0 => hidden / heads,
-                        n => n,
-                    };
-                    (
-                        config_number(&config, "num_hidden_layers"),
-                        hidden,
-                        kv_heads * head_dim,
-                        parameters_of(&dir),
-                    )
-                }
+                Ok(Location::Local(dir)) => model_dims(&dir),
                 _ => (0, 0, 0, c.model.parameters.unwrap_or(0)),
             };
             let rank = u64::from(spec.adapter.rank);

@@ -4,7 +4,7 @@
 
 use super::executor::Runner;
 use super::options::RunError;
-use super::process::ClientExit;
+use crate::execution::trainer::ClientExit;
 
 /// What ended the wait.
 enum Event {

@@ -12,6 +12,7 @@
 pub mod bert;
 pub mod config;
 pub mod llama;
+pub mod rope;
 pub mod select;
 pub mod weights;
 

@@ -10,7 +10,7 @@ use heterotune_crds::model::ModelFacts;
 use heterotune_crds::uri::{self, Location};
 use heterotune_crds::FederatedTune;
 
-use crate::report::human_bytes as bytes_si;
+use crate::runner::report::human_bytes as bytes_si;
 use crate::sizing::{self, ModelShape, Placement, SizingConfig, Workload};
 
 /// The shape of client `index`'s model: from its local config.json, else the spec's

@@ -11,7 +11,7 @@ use heterotune_crds::manifest::{ArtifactManifest, EvaluationResult};
 use heterotune_crds::spec::{RetentionPolicy, StorageSpec};
 use heterotune_crds::status::RoundSummary;
 
-use crate::store::StoreError;
+use crate::protocol::store::StoreError;
 
 /// One run in its store.
 #[derive(Debug, Clone, PartialEq)]

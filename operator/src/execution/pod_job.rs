@@ -26,10 +26,10 @@ use std::path::{Path, PathBuf};
 use heterotune_crds::layout::{latest_state_before, state_file_name, RunLayout};
 use heterotune_crds::FederatedTune;
 
-use crate::runner::{ClientDirs, TrainerCommand};
-use crate::spec_file::{self, SpecFileError};
-use crate::staging::{self, ModelFiles, StagingError};
-use crate::store::{Store, StoreError};
+use super::trainer::{ClientDirs, TrainerCommand};
+use crate::execution::staging::{self, ModelFiles, StagingError};
+use crate::input::spec_file::{self, SpecFileError};
+use crate::protocol::store::{Store, StoreError};
 
 /// Where and how a job runs.
 #[derive(Debug, Clone)]

@@ -17,7 +17,7 @@ use heterotune_crds::manifest::{ArtifactManifest, EvaluationResult};
 
 use super::manifest::{now_seconds, participants, unix_seconds};
 use super::types::{CommitInfo, Look, RoundFacts, RunObservation, RunRef};
-use crate::store::{Store, StoreError};
+use crate::protocol::store::{Store, StoreError};
 
 type Cache<T> = Mutex<HashMap<(String, u32), BTreeMap<String, T>>>;
 

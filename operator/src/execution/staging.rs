@@ -20,8 +20,8 @@ use heterotune_crds::model::CONFIG_FILE;
 use heterotune_crds::spec::{FederatedTuneSpec, StorageSpec};
 use heterotune_crds::uri::{self, Location};
 
-use crate::runner::TrainerCommand;
-use crate::store::{Store, StoreError};
+use super::trainer::TrainerCommand;
+use crate::protocol::store::{Store, StoreError};
 
 /// File that marks a staged folder as complete.
 const COMPLETE_MARKER: &str = ".heterotune-staged";
@@ -93,7 +93,7 @@ impl Buckets<'_> {
 fn folder_for(uri: &str) -> String {
     let key = uri::staging_key(uri);
     let clean = uri::file_safe(key.rsplit('/').next().unwrap_or("input"));
-    let hash = crate::runner::sha256_hex(key.as_bytes());
+    let hash = heterotune_crds::digest::sha256_hex(key.as_bytes());
     format!("{}-{}", &hash[..12], clean)
 }
 

@@ -1,5 +1,5 @@
 //! [`ObjectRunStore`]: the controller's [`RunStore`] over
-//! [`crate::store::Store`], observing through the shared [`RunReader`].
+//! [`crate::protocol::store::Store`], observing through the shared [`RunReader`].
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -12,9 +12,9 @@ use heterotune_crds::uri::{self, Location};
 use super::manifest::completed_round;
 use super::reader::RunReader;
 use super::types::{Look, RunObservation, RunRef, RunStore, StoreObservation};
-use crate::store::{Store, StoreError};
+use crate::protocol::store::{Store, StoreError};
 
-/// A [`RunStore`] over [`crate::store::Store`]: S3 with the operator's own
+/// A [`RunStore`] over [`crate::protocol::store::Store`]: S3 with the operator's own
 /// credentials (`AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` in its
 /// environment) and the endpoint, region and addressing of each spec.
 ///
@@ -149,7 +149,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::observe::manifest::participants;
+    use crate::protocol::observe::manifest::participants;
     use bytes::Bytes;
     use heterotune_crds::layout::RunLayout;
     use heterotune_crds::manifest::{ArtifactKind, ArtifactManifest, FileDigest};

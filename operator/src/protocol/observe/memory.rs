@@ -14,7 +14,7 @@ use heterotune_crds::status::{RoundSummary, MAX_HISTORY};
 use super::types::{
     CommitInfo, CompletedRound, GlobalAccuracy, RunRef, RunStore, StoreObservation,
 };
-use crate::store::StoreError;
+use crate::protocol::store::StoreError;
 
 #[derive(Debug, Default, Clone)]
 struct MemRun {
