@@ -108,8 +108,13 @@ pub struct Children {
 }
 
 impl Children {
+    /// Number of running trainers.
     pub fn len(&self) -> usize {
         self.running.len()
+    }
+    /// Whether no trainer runs.
+    pub fn is_empty(&self) -> bool {
+        self.running.is_empty()
     }
     pub fn insert(&mut self, client: String, cancel: oneshot::Sender<()>) {
         self.running.insert(client, cancel);

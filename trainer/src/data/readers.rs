@@ -63,8 +63,8 @@ pub(crate) fn read_delimited(
     if headers.is_empty() {
         return Err(Error::data(path, "line 1: empty header line"));
     }
-    let text_col = column_index(&headers, &cfg.text, "textField", path)?;
-    let label_col = column_index(&headers, &cfg.label, "labelField", path)?;
+    let text_col = column_index(&headers, cfg.text, "textField", path)?;
+    let label_col = column_index(&headers, cfg.label, "labelField", path)?;
     // Line numbers come from byte offsets: the csv crate's own line count
     // is off by one after a CRLF header, and its record offsets may point
     // at the `\n` of the previous line's CRLF, hence the `<=`.
@@ -105,8 +105,8 @@ pub(crate) fn read_delimited(
                 )
             })
         };
-        let text = field(text_col, &cfg.text)?;
-        let label = field(label_col, &cfg.label)?;
+        let text = field(text_col, cfg.text)?;
+        let label = field(label_col, cfg.label)?;
         if !push(RawRecord { line, text, label })? {
             break;
         }
@@ -148,7 +148,7 @@ pub(crate) fn read_jsonl(
                 )
             })
         };
-        let text = match get(&cfg.text)? {
+        let text = match get(cfg.text)? {
             serde_json::Value::String(s) => s.clone(),
             other => {
                 return Err(Error::data(
@@ -161,7 +161,7 @@ pub(crate) fn read_jsonl(
                 ))
             }
         };
-        let label = match get(&cfg.label)? {
+        let label = match get(cfg.label)? {
             serde_json::Value::String(s) => s.clone(),
             serde_json::Value::Number(n) if n.is_i64() || n.is_u64() => n.to_string(),
             other => {
