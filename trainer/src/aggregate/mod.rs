@@ -40,6 +40,7 @@ pub mod fedavg;
 pub mod flexlora;
 pub mod hetlora;
 pub mod local_only;
+pub mod reject;
 pub mod stats;
 pub mod verify;
 
@@ -55,8 +56,8 @@ use crate::artifact::{sha256_hex, write_atomic, WRITER_VERSION};
 use crate::{Error, Result};
 pub use array::{Array, WireDtype};
 pub use common::{family_name, MOMENTUM_PREFIX};
+pub use reject::{Reject, RejectReason};
 pub use stats::{FamilyStats, GroupStats, PairCosine, Participant, RoundStats, Timing};
-pub use verify::{Reject, RejectReason};
 
 /// A client of the spec, as aggregation sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -7,7 +7,7 @@ use std::fmt;
 use heterotune_crds::spec::{AggregationAlgorithm, AlignmentRule, FederatedTuneSpec};
 use serde::{Deserialize, Serialize};
 
-use super::verify::Reject;
+use super::reject::Reject;
 
 /// Everything one round's aggregation measured.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
