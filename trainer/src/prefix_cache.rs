@@ -1,6 +1,7 @@
-//! The frozen-prefix cache of [`crate::train`]: each example's output of the
-//! frozen prefix, unpadded, in memory and (between rounds) in a safetensors
-//! file named by a fingerprint of everything that output depends on.
+//! The frozen-prefix cache of the training loop (`train.rs`): each
+//! example's output of the frozen prefix, unpadded, in memory and (between
+//! rounds) in a safetensors file named by a fingerprint of everything that
+//! output depends on.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;

@@ -28,7 +28,7 @@
 //! With `samples` weighting, a family left unchanged by steps 2-3
 //! contributes its exact sum `S_f` (not `N_f · G_f`), so with one family,
 //! or with no conflict and harmonisation off (or a no-op), `Δ = Σ_f S_f / N`
-//! bit for bit: exactly [`super::fedavg`]'s result.
+//! bit for bit: exactly `fedavg`'s result.
 //!
 //! Family parts (down/up) and the head are averaged within each family
 //! (sample-weighted) when the spec shares them. Cost: `O(F² · P)` per group

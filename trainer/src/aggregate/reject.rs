@@ -1,6 +1,6 @@
 //! Why a client artifact was rejected ([`RejectReason`], with stable
 //! labels) and the record of a reject ([`Reject`]); the checks themselves
-//! are in [`super::verify`].
+//! are in `verify.rs`.
 
 use serde::{Deserialize, Serialize};
 

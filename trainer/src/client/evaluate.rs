@@ -5,7 +5,7 @@ use std::path::Path;
 
 use heterotune_crds::manifest::{now_rfc3339, EvaluationResult, MANIFEST_SCHEMA_VERSION};
 
-use super::{load_client, model_id, settings, ClientOptions};
+use super::load::{load_client, model_id, settings, ClientOptions};
 use crate::artifact::{self, WRITER_VERSION};
 use crate::Result;
 

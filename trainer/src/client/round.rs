@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use heterotune_crds::manifest::{ArtifactKind, ArtifactManifest};
 use tch::Tensor;
 
-use super::{load_client, model_id, settings, ClientOptions, LoadedClient};
+use super::load::{load_client, model_id, settings, ClientOptions, LoadedClient};
 use crate::artifact::{self, StoreDtype, WRITER_VERSION};
 use crate::exchange::shared_names;
 use crate::metrics::Scores;
