@@ -81,6 +81,42 @@ pub struct ArtifactManifest {
 }
 
 impl ArtifactManifest {
+    /// The manifest of a `kind` artifact of round `round` of run `run`,
+    /// started from global round `base_round`, written now by
+    /// `writer_version`. It names no client or family and holds no examples,
+    /// metrics or stats (set those with struct update syntax:
+    /// `ArtifactManifest { num_examples, ..ArtifactManifest::new(..) }`); its
+    /// data file digest and tensor list are empty until the artifact's data
+    /// is written.
+    pub fn new(
+        kind: ArtifactKind,
+        run: impl Into<String>,
+        round: u32,
+        base_round: u32,
+        writer_version: impl Into<String>,
+    ) -> Self {
+        ArtifactManifest {
+            schema_version: MANIFEST_SCHEMA_VERSION,
+            kind,
+            run: run.into(),
+            round,
+            base_round,
+            client: None,
+            family: None,
+            artifact: FileDigest {
+                path: String::new(),
+                sha256: String::new(),
+                bytes: 0,
+            },
+            tensors: Vec::new(),
+            num_examples: 0,
+            metrics: BTreeMap::new(),
+            stats: serde_json::Value::Null,
+            writer_version: writer_version.into(),
+            created_at: now_rfc3339(),
+        }
+    }
+
     /// Parses a manifest, dropping non-numeric entries of `metrics` first: a
     /// writer serialises a NaN metric as `null`, and metrics are
     /// informational, so such a value must not make the manifest unreadable.
@@ -281,6 +317,18 @@ mod tests {
         assert!((by_family["L6"] - 0.7).abs() < 1e-12);
         assert_eq!(by_family["Smol"], 0.5);
         assert!(super::mean_accuracy(&rs[3..]).is_none());
+    }
+
+    #[test]
+    fn a_new_manifest_is_empty_but_for_what_it_was_given() {
+        let m = super::ArtifactManifest::new(super::ArtifactKind::Global, "r", 3, 2, "w 1");
+        assert_eq!(m.schema_version, super::MANIFEST_SCHEMA_VERSION);
+        assert_eq!((m.run.as_str(), m.round, m.base_round), ("r", 3, 2));
+        assert_eq!((m.client.clone(), m.family.clone()), (None, None));
+        assert!(m.tensors.is_empty() && m.metrics.is_empty() && m.stats.is_null());
+        assert_eq!((m.num_examples, m.artifact.bytes), (0, 0));
+        assert_eq!(m.writer_version, "w 1");
+        assert!(super::parse_rfc3339(&m.created_at).is_some());
     }
 
     #[test]

@@ -30,9 +30,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use clap::Parser;
-use heterotune_crds::manifest::{
-    ArtifactKind, ArtifactManifest, FileDigest, TensorInfo, MANIFEST_SCHEMA_VERSION,
-};
+use heterotune_crds::manifest::{ArtifactKind, ArtifactManifest, TensorInfo};
 use heterotune_crds::spec::{FamilyWeighting, FederatedTuneSpec};
 use heterotune_trainer::aggregate::array::{serialize, WireDtype};
 use heterotune_trainer::aggregate::cmga::{combine_group, CmgaOptions, FamilyUpdate};
@@ -176,26 +174,10 @@ fn dema_tensors(
 }
 
 fn manifest(kind: ArtifactKind, round: u32) -> ArtifactManifest {
-    ArtifactManifest {
-        schema_version: MANIFEST_SCHEMA_VERSION,
-        kind,
-        run: RUN.into(),
-        round,
-        base_round: round.saturating_sub(1),
-        client: None,
-        family: None,
-        artifact: FileDigest {
-            path: "adapter.safetensors".into(),
-            sha256: String::new(),
-            bytes: 0,
-        },
-        tensors: Vec::new(),
-        num_examples: 0,
-        metrics: BTreeMap::new(),
-        stats: serde_json::Value::Null,
-        writer_version: "aggregate_bench".into(),
-        created_at: "2026-01-01T00:00:00Z".into(),
-    }
+    let mut m = ArtifactManifest::new(kind, RUN, round, round.saturating_sub(1), "aggregate_bench");
+    m.artifact.path = "adapter.safetensors".into();
+    m.created_at = "2026-01-01T00:00:00Z".into();
+    m
 }
 
 fn spec_for(size: &Size, families: usize, clients: usize, algorithm: &str) -> FederatedTuneSpec {

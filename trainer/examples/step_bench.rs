@@ -43,8 +43,10 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Instant;
 
 use anyhow::Context as _;
+use heterotune_crds::spec::TrainingSpec;
 use heterotune_trainer::adapters::{DemaConfig, LayerSelection, Pooling};
 use heterotune_trainer::artifact::{self, StoreDtype};
+use heterotune_trainer::client::train_settings;
 use heterotune_trainer::data::source::Example;
 use heterotune_trainer::data::split::{seeded_rng, shuffle};
 use heterotune_trainer::models::{load_backbone, Family};
@@ -114,23 +116,17 @@ fn read_trec() -> anyhow::Result<Vec<Example>> {
     Ok(out)
 }
 
+/// The trainer's settings (`client::train_settings`) for `steps` steps of
+/// the spec's default training section, which is the quickstart's (batch
+/// 16, at most 32 tokens, learning rates 0.003 / 0.01, the prefix cache on).
 fn settings(steps: usize) -> TrainSettings {
-    TrainSettings {
-        steps,
-        batch_size: BATCH,
-        learning_rate: 0.003,
-        head_learning_rate: 0.01,
-        weight_decay: 0.0,
-        warmup_steps: 0,
-        max_grad_norm: 1.0,
-        max_seq_length: MAX_SEQ,
-        eval_batch_size: 64,
-        seed: TRAIN_SEED,
-        prefix_cache: true,
-        prefix_cache_bytes: 2048 * 1024 * 1024,
-        prefix_cache_dir: None,
-        gradient_checkpointing: false,
-    }
+    let training = TrainingSpec {
+        local_steps: steps as u32,
+        batch_size: BATCH as u32,
+        max_seq_length: MAX_SEQ as u32,
+        ..TrainingSpec::default()
+    };
+    train_settings(&training, TRAIN_SEED, None)
 }
 
 /// The batches (indices into a pool of `n`) the trainer draws in its first
@@ -349,6 +345,7 @@ fn bench_model(case: &ModelCase, all: &[Example], opt: &Options) -> anyhow::Resu
     let (bytes, _) = artifact::to_safetensors(&model.export(&names)?, StoreDtype::F32)?;
     artifact::write_atomic(&init, &bytes)?;
     let job = opt.out.join(format!("step_bench-{}.json", case.name));
+    let trainer = settings(opt.steps);
     let job_value = json!({
         "model": case.name,
         "model_dir": dir,
@@ -366,11 +363,11 @@ fn bench_model(case: &ModelCase, all: &[Example], opt: &Options) -> anyhow::Resu
         "rms_eps": heterotune_trainer::adapters::dema::RMS_EPS,
         "prefix_layers": prefix,
         "adapted_layers": adapted,
-        "learning_rate": 0.003,
-        "head_learning_rate": 0.01,
-        "weight_decay": 0.0,
-        "max_grad_norm": 1.0,
-        "eval_batch_size": 64,
+        "learning_rate": trainer.learning_rate,
+        "head_learning_rate": trainer.head_learning_rate,
+        "weight_decay": trainer.weight_decay,
+        "max_grad_norm": trainer.max_grad_norm,
+        "eval_batch_size": trainer.eval_batch_size,
         "warmup_steps": opt.warmup,
         "init": init,
         "trainable_parameters": trainable,

@@ -19,10 +19,12 @@ use std::path::{Path, PathBuf};
 use heterotune_crds::layout::{ADAPTER_FILE, MANIFEST_FILE};
 use heterotune_crds::manifest::{ArtifactManifest, FileDigest, TensorInfo};
 use safetensors::tensor::TensorView;
-use sha2::{Digest, Sha256};
 use tch::{Kind, Tensor};
 
 use crate::{Error, Result};
+
+/// The `writerVersion` of every manifest and record the trainer writes.
+pub const WRITER_VERSION: &str = concat!("heterotune-trainer ", env!("CARGO_PKG_VERSION"));
 
 /// Numeric type tensors are stored in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,10 +60,8 @@ impl StoreDtype {
     }
 }
 
-/// Hex SHA-256 of `bytes`.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
-}
+/// Hex SHA-256 of `bytes` (the digest manifests record).
+pub use heterotune_crds::digest::sha256_hex;
 
 /// Writes `bytes` to `path` atomically (temporary file, fsync, rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -288,28 +288,15 @@ pub fn read_artifact(dir: &Path) -> Result<(ArtifactManifest, BTreeMap<String, T
 #[cfg(test)]
 mod tests {
     use super::*;
-    use heterotune_crds::manifest::{ArtifactKind, MANIFEST_SCHEMA_VERSION};
+    use heterotune_crds::manifest::ArtifactKind;
 
     fn manifest() -> ArtifactManifest {
         ArtifactManifest {
-            schema_version: MANIFEST_SCHEMA_VERSION,
-            kind: ArtifactKind::Client,
-            run: "ns/run-abc".into(),
-            round: 1,
-            base_round: 0,
             client: Some("a".into()),
             family: Some("bert".into()),
-            artifact: FileDigest {
-                path: String::new(),
-                sha256: String::new(),
-                bytes: 0,
-            },
-            tensors: Vec::new(),
             num_examples: 10,
-            metrics: BTreeMap::new(),
-            stats: serde_json::Value::Null,
-            writer_version: "test".into(),
             created_at: "2026-01-01T00:00:00Z".into(),
+            ..ArtifactManifest::new(ArtifactKind::Client, "ns/run-abc", 1, 0, "test")
         }
     }
 

@@ -7,10 +7,15 @@
 //! and 390 MB of resident libraries (measured here), which a CPU pod's
 //! memory limit must then cover. So it is opened at run time, only when a
 //! GPU is asked for: `--device cuda`, or `--device auto` on a machine with an
-//! NVIDIA device node.
+//! NVIDIA device node. [`device`] turns the trainer's `--device` into a
+//! libtorch device.
 
 use std::ffi::{CStr, CString};
 use std::path::Path;
+
+use tch::Device;
+
+use crate::{Error, Result};
 
 /// The library that registers libtorch's CUDA backend when loaded.
 const LIBRARY: &str = "libtorch_cuda.so";
@@ -43,6 +48,41 @@ pub fn load_cuda_backend() -> Result<(), String> {
         return Err(format!("cannot load {LIBRARY}: {reason}"));
     }
     Ok(())
+}
+
+/// The libtorch device of `--device name`: `cpu`, `cuda` (an error when no
+/// GPU can be used), or `auto` (CUDA when available, with a warning when a
+/// GPU is present but its backend does not load).
+pub fn device(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "auto" => {
+            if gpu_device_present() {
+                if let Err(e) = load_cuda_backend() {
+                    tracing::warn!("a GPU is present but {e}; training on the CPU");
+                }
+            }
+            Ok(Device::cuda_if_available())
+        }
+        "cuda" => {
+            load_cuda_backend().map_err(|e| {
+                Error::Device(format!(
+                    "cuda: {e}: the trainer needs a CUDA build of libtorch \
+                     (the -cuda trainer image, or the CUDA torch wheel on this machine)"
+                ))
+            })?;
+            if tch::Cuda::is_available() {
+                Ok(Device::Cuda(0))
+            } else {
+                Err(Error::Device(
+                    "cuda: libtorch's CUDA backend is loaded but sees no GPU \
+                     (driver missing, or no GPU given to this container)"
+                        .to_string(),
+                ))
+            }
+        }
+        other => Err(Error::Device(format!("{other:?}: use cpu, cuda or auto"))),
+    }
 }
 
 #[cfg(test)]

@@ -35,6 +35,16 @@ pub enum Error {
     /// An error raised by libtorch.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    /// The `--device` asked for cannot be used (the message names the fix).
+    #[error("--device {0}")]
+    Device(String),
+    /// An error with what was being done when it happened.
+    #[error("{context}")]
+    Context {
+        context: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// Result alias for the trainer library.
@@ -71,6 +81,21 @@ impl Error {
             field: field.into(),
             message: message.into(),
         }
+    }
+}
+
+/// Adds what was being done to an error ([`Error::Context`]).
+pub trait Context<T> {
+    /// Wraps the error, if any, in [`Error::Context`] with `context()`.
+    fn context_with(self, context: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T, E: std::error::Error + Send + Sync + 'static> Context<T> for std::result::Result<T, E> {
+    fn context_with(self, context: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| Error::Context {
+            context: context(),
+            source: Box::new(e),
+        })
     }
 }
 

@@ -7,16 +7,24 @@
 //!   classification head.
 //! * [`data`]: datasets from CSV / TSV / JSONL, deduplication, deterministic
 //!   splits and non-IID partitions over clients.
+//! * [`client`]: one client loaded (backbone, adapter, head, data, state),
+//!   trained for a round, evaluated; [`exchange`]: what it sends and
+//!   receives; [`init`]: the run's initial global; [`aggregate`]: a round's
+//!   aggregation on the server.
 
 pub mod adapters;
 pub mod aggregate;
 pub mod artifact;
+pub mod client;
 pub mod cuda;
 pub mod data;
 pub mod error;
+pub mod exchange;
+pub mod init;
 pub mod job;
 pub mod metrics;
 pub mod models;
+pub(crate) mod prefix_cache;
 pub mod tokenizer;
 pub mod train;
 

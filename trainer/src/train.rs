@@ -12,13 +12,15 @@ use std::time::Instant;
 
 use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
 
-use crate::adapters::dema::{export_named, load_named, Dema, DemaConfig};
+pub use crate::adapters::choice::{Adapter, AdapterChoice};
+use crate::adapters::dema::{export_named, load_named, Dema};
 use crate::adapters::head::{ClassifierHead, Pooling};
-use crate::adapters::lora::{Lora, LoraConfig, ProjectionDims};
+use crate::adapters::lora::Lora;
 use crate::data::source::Example;
 use crate::data::split::{seeded_rng, shuffle};
 use crate::metrics::{peak_rss_bytes, scores, Scores};
 use crate::models::Backbone;
+use crate::prefix_cache::PrefixCache;
 use crate::tokenizer::TextTokenizer;
 use crate::{Error, Result};
 
@@ -74,63 +76,6 @@ pub struct ClientModel {
     prefix_layers: usize,
 }
 
-/// Which adapter to build.
-#[derive(Debug, Clone)]
-pub enum AdapterChoice {
-    /// DeMA with these settings.
-    Dema(DemaConfig),
-    /// LoRA on the query and value projections of the backbone `dims` describes.
-    Lora(LoraConfig, ProjectionDims),
-}
-
-/// A built adapter.
-pub enum Adapter {
-    Dema(Dema),
-    Lora(Lora),
-}
-
-impl Adapter {
-    /// Names of the parts shared across families (DeMA's experts and gates).
-    pub fn shared_names(&self) -> Vec<String> {
-        match self {
-            Adapter::Dema(d) => d.shared_names(),
-            Adapter::Lora(_) => Vec::new(),
-        }
-    }
-
-    /// Names of the family-specific parts (DeMA's projections; LoRA's factors).
-    pub fn family_names(&self) -> Vec<String> {
-        match self {
-            Adapter::Dema(d) => d.family_names(),
-            Adapter::Lora(l) => l.names(),
-        }
-    }
-
-    /// Trainable parameters of the adapter.
-    pub fn parameter_count(&self) -> usize {
-        match self {
-            Adapter::Dema(d) => d.shared_parameter_count() + d.family_parameter_count(),
-            Adapter::Lora(l) => l.parameter_count(),
-        }
-    }
-
-    /// DeMA's update on the output of `layer` (identity elsewhere and for LoRA).
-    fn after_layer(&self, layer: usize, h: Tensor) -> Tensor {
-        match self {
-            Adapter::Dema(d) if d.is_adapted(layer) => d.apply(layer, &h),
-            _ => h,
-        }
-    }
-
-    /// LoRA's updates inside the layers.
-    fn delta(&self) -> Option<&dyn crate::models::ProjectionDelta> {
-        match self {
-            Adapter::Lora(l) => Some(l),
-            Adapter::Dema(_) => None,
-        }
-    }
-}
-
 /// What a round of local training measured.
 #[derive(Debug, Clone)]
 pub struct TrainReport {
@@ -143,11 +88,6 @@ pub struct TrainReport {
     pub tokens_per_second: f64,
     pub cached_examples: usize,
     pub peak_rss_bytes: Option<u64>,
-}
-
-/// The frozen-prefix cache: the prefix output of each example, unpadded.
-struct PrefixCache {
-    states: HashMap<usize, Tensor>,
 }
 
 /// A set of examples ready for the window: tokens plus prefix outputs.
@@ -408,43 +348,24 @@ impl ClientModel {
         ids: &Tensor,
         mask: &Tensor,
     ) -> Tensor {
-        if let Some(cache) = cache {
-            if rows.iter().all(|i| cache.states.contains_key(i)) {
-                let t = ids.size()[1];
-                let parts: Vec<Tensor> = rows
-                    .iter()
-                    .map(|i| {
-                        let s = &cache.states[i];
-                        let pad = t - s.size()[0];
-                        if pad > 0 {
-                            s.constant_pad_nd([0, 0, 0, pad])
-                        } else {
-                            s.shallow_clone()
-                        }
-                    })
-                    .collect();
-                return Tensor::stack(&parts, 0);
-            }
-        }
-        self.prefix(ids, mask)
+        cache
+            .and_then(|c| c.stacked(rows, ids.size()[1]))
+            .unwrap_or_else(|| self.prefix(ids, mask))
     }
 
-    /// A fingerprint of everything the prefix output depends on: the
-    /// backbone (`model_id`), its compute dtype, the prefix depth and the
-    /// exact token ids. A cache file is reused only when it matches.
-    fn fingerprint(&self, model_id: &str, tokens: &Tokens) -> String {
-        let mut h = sha2::Sha256::new();
-        use sha2::Digest as _;
-        h.update(model_id.as_bytes());
-        h.update(format!("|{:?}|{}|", self.backbone.info().family, self.prefix_layers).as_bytes());
-        h.update(format!("{:?}", self.prefix_kind()).as_bytes());
-        for row in &tokens.ids {
-            h.update((row.len() as u64).to_le_bytes());
-            for id in row {
-                h.update(id.to_le_bytes());
-            }
-        }
-        hex::encode(h.finalize())
+    /// The cache file of `tokens` in `settings`' cache directory, if any.
+    fn cache_file(
+        &self,
+        settings: &TrainSettings,
+        model_id: &str,
+        tokens: &Tokens,
+    ) -> Option<std::path::PathBuf> {
+        settings.prefix_cache_dir.as_ref().map(|dir| {
+            let prefix = format!("|{:?}|{}|", self.backbone.info().family, self.prefix_layers);
+            let fingerprint =
+                PrefixCache::fingerprint(model_id, &prefix, self.prefix_kind(), &tokens.ids);
+            dir.join(format!("prefix-{}.safetensors", &fingerprint[..32]))
+        })
     }
 
     fn prefix_kind(&self) -> Kind {
@@ -473,38 +394,19 @@ impl ClientModel {
                 from_disk: false,
             });
         }
-        let file = settings.prefix_cache_dir.as_ref().map(|dir| {
-            dir.join(format!(
-                "prefix-{}.safetensors",
-                &self.fingerprint(model_id, &tokens)[..32]
-            ))
-        });
-        if let Some(file) = &file {
-            if let Ok(bytes) = std::fs::read(file) {
-                match crate::artifact::from_safetensors_kept(&bytes, file) {
-                    Ok(map) => {
-                        let states: HashMap<usize, Tensor> = map
-                            .into_iter()
-                            .filter_map(|(k, v)| {
-                                k.parse::<usize>()
-                                    .ok()
-                                    .map(|i| (i, v.to_device(self.device)))
-                            })
-                            .collect();
-                        let cached = states.len();
-                        return Ok(Prepared {
-                            tokens,
-                            cache: Some(PrefixCache { states }),
-                            prefix_seconds: start.elapsed().as_secs_f64(),
-                            cached,
-                            from_disk: true,
-                        });
-                    }
-                    Err(e) => {
-                        tracing::warn!(file = %file.display(), error = %e, "ignoring an unreadable prefix cache")
-                    }
-                }
-            }
+        let file = self.cache_file(settings, model_id, &tokens);
+        if let Some(cache) = file
+            .as_deref()
+            .and_then(|f| PrefixCache::load(f, self.device))
+        {
+            let cached = cache.states.len();
+            return Ok(Prepared {
+                tokens,
+                cache: Some(cache),
+                prefix_seconds: start.elapsed().as_secs_f64(),
+                cached,
+                from_disk: true,
+            });
         }
         let cache = self.build_cache(
             &tokens,
@@ -512,18 +414,7 @@ impl ClientModel {
             settings.prefix_cache_bytes,
         );
         if let Some(file) = &file {
-            let map: BTreeMap<String, Tensor> = cache
-                .states
-                .iter()
-                .map(|(i, t)| (i.to_string(), t.shallow_clone()))
-                .collect();
-            let dtype = if self.prefix_kind() == Kind::BFloat16 {
-                crate::artifact::StoreDtype::Bf16
-            } else {
-                crate::artifact::StoreDtype::F32
-            };
-            let (bytes, _) = crate::artifact::to_safetensors(&map, dtype)?;
-            crate::artifact::write_atomic(file, &bytes)?;
+            cache.save(file, self.prefix_kind())?;
         }
         let cached = cache.states.len();
         Ok(Prepared {

@@ -5,15 +5,14 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use heterotune_crds::manifest::{
-    ArtifactKind, ArtifactManifest, FileDigest, MANIFEST_SCHEMA_VERSION,
-};
+use heterotune_crds::manifest::{ArtifactKind, ArtifactManifest};
 use heterotune_crds::spec::FederatedTuneSpec;
 use heterotune_trainer::aggregate::{
-    self, aggregate_round, client_view, clients_dir, read_global, write_global, AggregateOutcome,
-    Array, RejectReason,
+    self, aggregate_round, clients_dir, read_global, write_global, AggregateOutcome, Array,
+    RejectReason,
 };
 use heterotune_trainer::artifact::{sha256_hex, write_artifact, StoreDtype};
+use heterotune_trainer::exchange::client_view;
 use heterotune_trainer::Error;
 use serde_json::json;
 use tch::Tensor;
@@ -58,24 +57,14 @@ fn arr(shape: &[usize], data: &[f32]) -> Array {
 
 fn global_manifest(round: u32) -> ArtifactManifest {
     ArtifactManifest {
-        schema_version: MANIFEST_SCHEMA_VERSION,
-        kind: ArtifactKind::Global,
-        run: RUN.into(),
-        round,
-        base_round: round.saturating_sub(1),
-        client: None,
-        family: None,
-        artifact: FileDigest {
-            path: String::new(),
-            sha256: String::new(),
-            bytes: 0,
-        },
-        tensors: Vec::new(),
-        num_examples: 0,
-        metrics: BTreeMap::new(),
-        stats: serde_json::Value::Null,
-        writer_version: "test".into(),
         created_at: "2026-01-01T00:00:00Z".into(),
+        ..ArtifactManifest::new(
+            ArtifactKind::Global,
+            RUN,
+            round,
+            round.saturating_sub(1),
+            "test",
+        )
     }
 }
 

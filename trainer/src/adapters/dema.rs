@@ -249,6 +249,65 @@ impl std::fmt::Debug for Dema {
     }
 }
 
+impl SlotParams {
+    /// Creates slot `s`'s variables under `path / "shared" / "slot{s}"`
+    /// (rank `r`, `k` experts); also returns their var-store names.
+    fn new(
+        path: &nn::Path,
+        s: usize,
+        r: usize,
+        k: usize,
+        seed: u64,
+    ) -> Result<(Self, Vec<String>)> {
+        let slot = format!("slot{s}");
+        let experts = path.sub("shared").sub(&slot).sub("experts");
+        let gate = path.sub("shared").sub(&slot).sub("gate");
+        let key = |part: &str, var: &str| format!("shared.{slot}.{part}.{var}");
+        let normal = |std: f64| InitDist::Normal { std };
+        let params = SlotParams {
+            experts_weight: init_var(
+                &experts,
+                "weight",
+                &key("experts", "weight"),
+                &[k, r, r],
+                normal(1.0 / (r as f64).sqrt()),
+                seed,
+            )?,
+            experts_bias: init_var(
+                &experts,
+                "bias",
+                &key("experts", "bias"),
+                &[k, r],
+                InitDist::Zeros,
+                seed,
+            )?,
+            gate_weight: init_var(
+                &gate,
+                "weight",
+                &key("gate", "weight"),
+                &[k, r],
+                normal(0.1),
+                seed,
+            )?,
+            gate_bias: init_var(
+                &gate,
+                "bias",
+                &key("gate", "bias"),
+                &[k],
+                InitDist::Zeros,
+                seed,
+            )?,
+        };
+        let names = vec![
+            experts.path("weight"),
+            experts.path("bias"),
+            gate.path("weight"),
+            gate.path("bias"),
+        ];
+        Ok((params, names))
+    }
+}
+
 impl Dema {
     /// Creates the adapter variables under `path` for the backbone `info`
     /// describes: `path / "shared" / "slot{s}" / ...` and
@@ -267,52 +326,9 @@ impl Dema {
         let mut slots = Vec::with_capacity(cfg.slots);
         let mut slot_names = Vec::with_capacity(cfg.slots);
         for s in 0..cfg.slots {
-            let slot = format!("slot{s}");
-            let experts = path.sub("shared").sub(&slot).sub("experts");
-            let gate = path.sub("shared").sub(&slot).sub("gate");
-            let key = |part: &str, var: &str| format!("shared.{slot}.{part}.{var}");
-            let normal = |std: f64| InitDist::Normal { std };
-            let params = SlotParams {
-                experts_weight: init_var(
-                    &experts,
-                    "weight",
-                    &key("experts", "weight"),
-                    &[k, r, r],
-                    normal(1.0 / (r as f64).sqrt()),
-                    seed,
-                )?,
-                experts_bias: init_var(
-                    &experts,
-                    "bias",
-                    &key("experts", "bias"),
-                    &[k, r],
-                    InitDist::Zeros,
-                    seed,
-                )?,
-                gate_weight: init_var(
-                    &gate,
-                    "weight",
-                    &key("gate", "weight"),
-                    &[k, r],
-                    normal(0.1),
-                    seed,
-                )?,
-                gate_bias: init_var(
-                    &gate,
-                    "bias",
-                    &key("gate", "bias"),
-                    &[k],
-                    InitDist::Zeros,
-                    seed,
-                )?,
-            };
+            let (params, names) = SlotParams::new(path, s, r, k, seed)?;
             slots.push(params);
-            slot_names.push(vec![
-                experts.path("weight"),
-                experts.path("bias"),
-                gate.path("weight"),
-                gate.path("bias"),
-            ]);
+            slot_names.push(names);
         }
         let mut layers = BTreeMap::new();
         let mut family_names = Vec::new();

@@ -6,12 +6,15 @@
 //!   are [`crate::artifact`]'s);
 //! * [`SlotMap`] (from `heterotune_crds::model`): which layers carry adapters and their slots;
 //! * [`head`]: pooling and the linear classification head;
-//! * [`lora`]: LoRA on the query/value projections (the baselines).
+//! * [`lora`]: LoRA on the query/value projections (the baselines);
+//! * [`choice`]: which of the two a client trains, built behind one interface.
 
+pub mod choice;
 pub mod dema;
 pub mod head;
 pub mod lora;
 
+pub use choice::{Adapter, AdapterChoice};
 pub use dema::{
     export_named, family_parameter_count, load_named, shared_parameter_count, Dema, DemaConfig,
 };

@@ -5,7 +5,7 @@
 //! Aggregation runs in plain Rust, single-threaded, with f64 accumulators:
 //! its results do not depend on libtorch's thread count or BLAS, so the same
 //! inputs give the same bytes on any machine (FlexLoRA's SVD is the one
-//! exception, see [`super::flexlora`]).
+//! exception, see `flexlora.rs`).
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -28,7 +28,7 @@
 //! With `samples` weighting, a family left unchanged by steps 2-3
 //! contributes its exact sum `S_f` (not `N_f · G_f`), so with one family,
 //! or with no conflict and harmonisation off (or a no-op), `Δ = Σ_f S_f / N`
-//! bit for bit: exactly [`super::fedavg`]'s result.
+//! bit for bit: exactly `fedavg`'s result.
 //!
 //! Family parts (down/up) and the head are averaged within each family
 //! (sample-weighted) when the spec shares them. Cost: `O(F² · P)` per group
@@ -42,8 +42,8 @@ use sha2::{Digest, Sha256};
 
 use super::array::{axpy, divided, dot, norm, scaled, Array};
 use super::common::{
-    average_within_families, dema_schema, family_stats, global_shared, group_of, natural_key,
-    FamilyAccumulator, ServerStep, SharedSource, FAMILY_PARTS, HEAD,
+    dema_schema, global_shared, group_of, natural_key, sums_of, FamilyAccumulator, NextGlobal,
+    SharedSource,
 };
 use super::stats::{pairwise_cosines, FamilyStats, GroupStats};
 use super::{Aggregated, Aggregator, ClientInfo, ClientUpdate, RoundContext};
@@ -165,99 +165,29 @@ pub fn combine_group(
     let norms: Vec<f64> = g.iter().map(|v| norm(v)).collect();
     let cosines_before = pairwise_cosines(&names, &g);
 
-    let mut harmonised_norms = None;
-    if opts.harmonise {
-        let nonzero: Vec<f64> = norms.iter().copied().filter(|&n| n > 0.0).collect();
-        if let Some(m) = median(nonzero) {
-            for i in 0..f {
-                if norms[i] > 0.0 {
-                    let s = m / norms[i];
-                    if s != 1.0 {
-                        g[i] = scaled(&g[i], s);
-                        modified[i] = true;
-                    }
-                }
-            }
-        }
-        harmonised_norms = Some(
-            names
-                .iter()
-                .zip(&g)
-                .map(|(n, v)| ((*n).clone(), norm(v)))
-                .collect(),
-        );
-    }
-
+    let harmonised_norms = opts.harmonise.then(|| {
+        harmonise(&mut g, &norms, &mut modified);
+        names
+            .iter()
+            .zip(&g)
+            .map(|(n, v)| ((*n).clone(), norm(v)))
+            .collect()
+    });
     let weights: Vec<f64> = match opts.weighting {
         FamilyWeighting::Samples => families.iter().map(|u| u.examples as f64 / total).collect(),
         FamilyWeighting::Uniform => vec![1.0 / f as f64; f],
     };
     let mut conflicts = 0u64;
     if opts.alignment == AlignmentRule::Pcgrad && f > 1 {
-        let originals = g.clone();
-        let sq: Vec<f64> = originals.iter().map(|o| dot(o, o)).collect();
-        for i in 0..f {
-            let others: Vec<usize> = (0..f).filter(|&j| j != i).collect();
-            for j in seeded_order(opts.seed, round, group, names[i], others) {
-                if sq[j] == 0.0 {
-                    continue;
-                }
-                let gi_norm = norm(&g[i]);
-                if gi_norm == 0.0 {
-                    break;
-                }
-                let d = dot(&g[i], &originals[j]);
-                if d / (gi_norm * sq[j].sqrt()) < opts.threshold {
-                    axpy(&mut g[i], -d / sq[j], &originals[j]);
-                    modified[i] = true;
-                    conflicts += 1;
-                }
-            }
-        }
+        let order =
+            |i: usize, others: Vec<usize>| seeded_order(opts.seed, round, group, names[i], others);
+        conflicts += pcgrad(&mut g, &mut modified, opts.threshold, order);
     }
-
     // Step 4 for the families as they are now (TIES overrides conflicting
     // coordinates below).
-    let mut delta = match opts.weighting {
-        FamilyWeighting::Samples => {
-            let terms: Vec<Cow<'_, [f64]>> = families
-                .iter()
-                .zip(&g)
-                .zip(&modified)
-                .map(|((u, gi), &m)| {
-                    if m {
-                        Cow::Owned(scaled(gi, u.examples as f64))
-                    } else {
-                        Cow::Borrowed(u.sum)
-                    }
-                })
-                .collect();
-            divided(&sum_in_order(&terms), total)
-        }
-        FamilyWeighting::Uniform => {
-            let terms: Vec<Cow<'_, [f64]>> = g.iter().map(|v| Cow::Borrowed(&v[..])).collect();
-            divided(&sum_in_order(&terms), f as f64)
-        }
-    };
-
+    let mut delta = combine(families, &g, &modified, opts.weighting, total);
     if opts.alignment == AlignmentRule::Ties && f > 1 {
-        for (i, d) in delta.iter_mut().enumerate() {
-            let elected: f64 = (0..f).map(|k| weights[k] * g[k][i]).sum();
-            if elected == 0.0 || !(0..f).any(|k| g[k][i] * elected < 0.0) {
-                continue;
-            }
-            let (mut num, mut den) = (0.0, 0.0);
-            for k in 0..f {
-                if g[k][i] * elected < 0.0 {
-                    g[k][i] = 0.0;
-                    conflicts += 1;
-                } else {
-                    num += weights[k] * g[k][i];
-                    den += weights[k];
-                }
-            }
-            *d = num / den;
-        }
+        conflicts += ties(&mut g, &weights, &mut delta);
     }
 
     let stats = GroupStats {
@@ -279,6 +209,118 @@ pub fn combine_group(
         aligned: g,
         stats,
     }
+}
+
+/// Step 2: rescales every non-zero family update `g[i]` (of norm
+/// `norms[i]`) to the median of the non-zero norms, marking the ones it
+/// changes in `modified`.
+fn harmonise(g: &mut [Vec<f64>], norms: &[f64], modified: &mut [bool]) {
+    let nonzero: Vec<f64> = norms.iter().copied().filter(|&n| n > 0.0).collect();
+    if let Some(m) = median(nonzero) {
+        for i in 0..g.len() {
+            if norms[i] > 0.0 {
+                let s = m / norms[i];
+                if s != 1.0 {
+                    g[i] = scaled(&g[i], s);
+                    modified[i] = true;
+                }
+            }
+        }
+    }
+}
+
+/// Step 3, `pcgrad`: projects each family update off the others' original
+/// updates it conflicts with (cosine below `threshold`), in the order
+/// `order(i, others)`; marks the projected ones in `modified` and returns
+/// the number of projections.
+fn pcgrad(
+    g: &mut [Vec<f64>],
+    modified: &mut [bool],
+    threshold: f64,
+    order: impl Fn(usize, Vec<usize>) -> Vec<usize>,
+) -> u64 {
+    let f = g.len();
+    let originals = g.to_vec();
+    let sq: Vec<f64> = originals.iter().map(|o| dot(o, o)).collect();
+    let mut conflicts = 0;
+    for i in 0..f {
+        let others: Vec<usize> = (0..f).filter(|&j| j != i).collect();
+        for j in order(i, others) {
+            if sq[j] == 0.0 {
+                continue;
+            }
+            let gi_norm = norm(&g[i]);
+            if gi_norm == 0.0 {
+                break;
+            }
+            let d = dot(&g[i], &originals[j]);
+            if d / (gi_norm * sq[j].sqrt()) < threshold {
+                axpy(&mut g[i], -d / sq[j], &originals[j]);
+                modified[i] = true;
+                conflicts += 1;
+            }
+        }
+    }
+    conflicts
+}
+
+/// Step 4: `Δ = Σ_f w_f G_f`; with `samples` weighting a family left
+/// unchanged (`!modified`) contributes its exact sum `S_f`.
+fn combine(
+    families: &[FamilyUpdate<'_>],
+    g: &[Vec<f64>],
+    modified: &[bool],
+    weighting: FamilyWeighting,
+    total: f64,
+) -> Vec<f64> {
+    match weighting {
+        FamilyWeighting::Samples => {
+            let terms: Vec<Cow<'_, [f64]>> = families
+                .iter()
+                .zip(g)
+                .zip(modified)
+                .map(|((u, gi), &m)| {
+                    if m {
+                        Cow::Owned(scaled(gi, u.examples as f64))
+                    } else {
+                        Cow::Borrowed(u.sum)
+                    }
+                })
+                .collect();
+            divided(&sum_in_order(&terms), total)
+        }
+        FamilyWeighting::Uniform => {
+            let terms: Vec<Cow<'_, [f64]>> = g.iter().map(|v| Cow::Borrowed(&v[..])).collect();
+            divided(&sum_in_order(&terms), g.len() as f64)
+        }
+    }
+}
+
+/// Step 3, `ties`: at each coordinate where some family disagrees with the
+/// elected sign, drops the disagreeing families (zeroed in `g`) and sets
+/// `delta` to the weighted mean of the agreeing ones; returns the number of
+/// family coordinates dropped.
+fn ties(g: &mut [Vec<f64>], weights: &[f64], delta: &mut [f64]) -> u64 {
+    let f = g.len();
+    let mut conflicts = 0;
+    for (i, d) in delta.iter_mut().enumerate() {
+        let elected: f64 = (0..f).map(|k| weights[k] * g[k][i]).sum();
+        if elected == 0.0 || !(0..f).any(|k| g[k][i] * elected < 0.0) {
+            continue;
+        }
+        let (mut num, mut den) = (0.0, 0.0);
+        for k in 0..f {
+            if g[k][i] * elected < 0.0 {
+                g[k][i] = 0.0;
+                conflicts += 1;
+            } else {
+                num += weights[k] * g[k][i];
+                den += weights[k];
+            }
+        }
+        *d = num / den;
+    }
+    conflicts
 }
 
 /// The previous global's shared groups (slots): group name → its tensor
@@ -315,35 +357,29 @@ pub(crate) fn flatten(
 
 /// Applies the server step to a group's flattened `delta`, tensor by tensor.
 pub(crate) fn apply_group(
-    step: &ServerStep<'_>,
+    next: &mut NextGlobal<'_>,
     previous: &BTreeMap<String, Array>,
     names: &[String],
     delta: &[f64],
-    out: &mut BTreeMap<String, Array>,
 ) {
     let mut offset = 0;
     for name in names {
         let base = &previous[name];
         let n = base.numel();
-        step.apply(out, name, base, &delta[offset..offset + n]);
+        next.step
+            .apply(&mut next.out, name, base, &delta[offset..offset + n]);
         offset += n;
     }
 }
 
-/// Family parts and head, within each family, as the spec shares them.
-pub(crate) fn average_family_parts(
-    ctx: &RoundContext<'_>,
-    acc: &FamilyAccumulator,
-    step: &ServerStep<'_>,
-    out: &mut BTreeMap<String, Array>,
-    families: &mut BTreeMap<String, FamilyStats>,
+/// Keeps a group no family updated: its tensors (and momentum) unchanged.
+pub(crate) fn carry_group(
+    next: &mut NextGlobal<'_>,
+    previous: &BTreeMap<String, Array>,
+    names: &[String],
 ) {
-    let share = &ctx.spec.adapter.share;
-    if share.family_parts {
-        average_within_families(ctx, acc, step, FAMILY_PARTS, "familyParts", out, families);
-    }
-    if share.head {
-        average_within_families(ctx, acc, step, HEAD, "head", out, families);
+    for n in names {
+        next.step.carry(&mut next.out, n, &previous[n]);
     }
 }
 
@@ -393,20 +429,15 @@ impl Aggregator for Cmga {
     }
 
     fn add(&mut self, _ctx: &RoundContext<'_>, update: ClientUpdate) -> Result<()> {
-        self.acc
-            .entry(update.family.clone())
-            .or_default()
-            .add(&update);
+        sums_of(&mut self.acc, &update).add(&update);
         Ok(())
     }
 
     fn finish(self: Box<Self>, ctx: &RoundContext<'_>) -> Result<Aggregated> {
-        let step = ServerStep::new(ctx);
-        let mut out = BTreeMap::new();
-        let mut families = family_stats(&self.acc);
+        let mut next = NextGlobal::new(ctx, &self.acc);
         if self.opts.weighting == FamilyWeighting::Uniform {
-            let w = 1.0 / families.len().max(1) as f64;
-            for f in families.values_mut() {
+            let w = 1.0 / next.families.len().max(1) as f64;
+            for f in next.families.values_mut() {
                 f.weight = w;
             }
         }
@@ -428,24 +459,17 @@ impl Aggregator for Cmga {
                 })
                 .collect();
             if updates.is_empty() {
-                for n in &names {
-                    step.carry(&mut out, n, &ctx.previous[n]);
-                }
+                carry_group(&mut next, ctx.previous, &names);
                 continue;
             }
             let combined = combine_group(&group, ctx.round, &updates, &self.opts);
-            apply_group(&step, ctx.previous, &names, &combined.delta, &mut out);
+            apply_group(&mut next, ctx.previous, &names, &combined.delta);
             conflicts += combined.stats.conflicts_projected;
             groups.push(combined.stats);
         }
-        record_shared_norms(&groups, &mut families);
-        average_family_parts(ctx, &self.acc, &step, &mut out, &mut families);
-        Ok(Aggregated {
-            tensors: out,
-            families,
-            groups,
-            conflicts_projected: conflicts,
-        })
+        record_shared_norms(&groups, &mut next.families);
+        next.average_family_parts(ctx, &self.acc);
+        Ok(next.done(groups, conflicts))
     }
 }
 

@@ -6,8 +6,8 @@
 use std::collections::BTreeMap;
 
 use super::array::{axpy_f32, divided, Array};
-use super::stats::FamilyStats;
-use super::{ClientInfo, ClientUpdate, RoundContext};
+use super::stats::{FamilyStats, GroupStats};
+use super::{Aggregated, ClientInfo, ClientUpdate, RoundContext};
 use crate::{Error, Result};
 
 /// Prefix of the server's momentum buffers in a global artifact
@@ -171,39 +171,118 @@ impl<'a> ServerStep<'a> {
     }
 }
 
-/// Averages the family-specific tensors `family/<key>/<local_prefix>*` of
-/// every family within the family (sample-weighted deltas, then the server
-/// step); families without participants keep their values. Records each
-/// family's update norm of this part under `part` in `families`.
-pub(crate) fn average_within_families(
-    ctx: &RoundContext<'_>,
-    acc: &FamilyAccumulator,
-    step: &ServerStep<'_>,
-    local_prefix: &str,
-    part: &str,
-    out: &mut BTreeMap<String, Array>,
-    families: &mut BTreeMap<String, FamilyStats>,
-) {
-    for key in ctx.families.keys() {
-        let tensors = family_tensors(ctx.previous, key, local_prefix);
-        let sums = acc.get(key);
-        let mut sq = 0.0;
-        for (local, prev) in tensors {
-            let global = family_name(key, &local);
-            match sums.and_then(|s| s.mean(&local)) {
-                Some(delta) => {
-                    sq += super::array::dot(&delta, &delta);
-                    step.apply(out, &global, prev, &delta);
-                }
-                None => step.carry(out, &global, prev),
-            }
+/// The new global an algorithm's `finish` builds: the server step, the
+/// tensors written so far and the family statistics. Every algorithm
+/// starts from [`NextGlobal::new`] and ends with [`NextGlobal::done`];
+/// what is averaged within each family goes through
+/// [`NextGlobal::step_families`].
+pub(crate) struct NextGlobal<'a> {
+    /// The server step of the spec.
+    pub step: ServerStep<'a>,
+    /// Global tensors by global name.
+    pub out: BTreeMap<String, Array>,
+    /// Per-family statistics.
+    pub families: BTreeMap<String, FamilyStats>,
+}
+
+impl<'a> NextGlobal<'a> {
+    /// An empty global, with the family statistics of `acc`.
+    pub fn new(ctx: &RoundContext<'a>, acc: &FamilyAccumulator) -> Self {
+        NextGlobal {
+            step: ServerStep::new(ctx),
+            out: BTreeMap::new(),
+            families: family_stats(acc),
         }
-        if sums.is_some() {
-            if let Some(f) = families.get_mut(key) {
-                f.update_norms.insert(part.to_string(), sq.sqrt());
+    }
+
+    /// For every family of the spec, steps its tensors `tensors_of(key)`
+    /// (local name → previous value) by `delta_of(mean, previous)`, `mean`
+    /// being the family's sample-weighted mean of that tensor in `acc`;
+    /// tensors without one keep their values. Records each participating
+    /// family's update norm of this part under `part`.
+    pub fn step_families(
+        &mut self,
+        ctx: &RoundContext<'a>,
+        acc: &FamilyAccumulator,
+        part: &str,
+        tensors_of: impl Fn(&str) -> BTreeMap<String, &'a Array>,
+        delta_of: impl Fn(Vec<f64>, &Array) -> Vec<f64>,
+    ) {
+        for key in ctx.families.keys() {
+            let sums = acc.get(key);
+            let mut sq = 0.0;
+            for (local, prev) in tensors_of(key) {
+                let global = family_name(key, &local);
+                match sums.and_then(|s| s.mean(&local)) {
+                    Some(mean) => {
+                        let delta = delta_of(mean, prev);
+                        sq += super::array::dot(&delta, &delta);
+                        self.step.apply(&mut self.out, &global, prev, &delta);
+                    }
+                    None => self.step.carry(&mut self.out, &global, prev),
+                }
+            }
+            if sums.is_some() {
+                if let Some(f) = self.families.get_mut(key) {
+                    f.update_norms.insert(part.to_string(), sq.sqrt());
+                }
             }
         }
     }
+
+    /// Averages the family-specific tensors `family/<key>/<local_prefix>*`
+    /// of every family within the family (sample-weighted deltas, then the
+    /// server step); families without participants keep their values.
+    pub fn average_within_families(
+        &mut self,
+        ctx: &RoundContext<'a>,
+        acc: &FamilyAccumulator,
+        local_prefix: &str,
+        part: &str,
+    ) {
+        let previous = ctx.previous;
+        self.step_families(
+            ctx,
+            acc,
+            part,
+            |key| family_tensors(previous, key, local_prefix),
+            |mean, _| mean,
+        );
+    }
+
+    /// The head, within each family, when the spec shares it.
+    pub fn average_head(&mut self, ctx: &RoundContext<'a>, acc: &FamilyAccumulator) {
+        if ctx.spec.adapter.share.head {
+            self.average_within_families(ctx, acc, HEAD, "head");
+        }
+    }
+
+    /// DeMA's family parts (when the spec shares them) and the head, within
+    /// each family.
+    pub fn average_family_parts(&mut self, ctx: &RoundContext<'a>, acc: &FamilyAccumulator) {
+        if ctx.spec.adapter.share.family_parts {
+            self.average_within_families(ctx, acc, FAMILY_PARTS, "familyParts");
+        }
+        self.average_head(ctx, acc);
+    }
+
+    /// The aggregation result, with the shared groups' statistics.
+    pub fn done(self, groups: Vec<GroupStats>, conflicts_projected: u64) -> Aggregated {
+        Aggregated {
+            tensors: self.out,
+            families: self.families,
+            groups,
+            conflicts_projected,
+        }
+    }
+}
+
+/// The sums of `update`'s family in `acc` (empty the first time).
+pub(crate) fn sums_of<'s>(
+    acc: &'s mut FamilyAccumulator,
+    update: &ClientUpdate,
+) -> &'s mut FamilySums {
+    acc.entry(update.family.clone()).or_default()
 }
 
 /// Family statistics skeleton (clients, examples, data share) from `acc`.

@@ -17,8 +17,8 @@ use std::collections::BTreeMap;
 use heterotune_crds::spec::{AdapterKind, AggregationAlgorithm};
 
 use super::common::{
-    average_within_families, dema_schema, family_name, family_stats, lora_schema, shared_base,
-    FamilyAccumulator, ServerStep, SharedSource, HEAD, LORA,
+    dema_schema, lora_schema, shared_base, sums_of, FamilyAccumulator, NextGlobal, SharedSource,
+    LORA,
 };
 use super::hetlora::add_lora_update;
 use super::{Aggregated, Aggregator, ClientInfo, ClientUpdate, RoundContext};
@@ -58,7 +58,7 @@ impl Aggregator for FamilyFedAvg {
     }
 
     fn add(&mut self, ctx: &RoundContext<'_>, update: ClientUpdate) -> Result<()> {
-        let sums = self.acc.entry(update.family.clone()).or_default();
+        let sums = sums_of(&mut self.acc, &update);
         match self.adapter {
             AdapterKind::Dema => sums.add(&update),
             AdapterKind::Lora => add_lora_update(ctx, sums, &update, false),
@@ -67,58 +67,24 @@ impl Aggregator for FamilyFedAvg {
     }
 
     fn finish(self: Box<Self>, ctx: &RoundContext<'_>) -> Result<Aggregated> {
-        let step = ServerStep::new(ctx);
-        let mut out = BTreeMap::new();
-        let mut families = family_stats(&self.acc);
+        let mut next = NextGlobal::new(ctx, &self.acc);
         match self.adapter {
             AdapterKind::Dema => {
-                for key in ctx.families.keys() {
-                    let sums = self.acc.get(key);
-                    let mut sq = 0.0;
-                    for (local, base) in shared_base(ctx, key, SharedSource::PerFamily) {
-                        let global = family_name(key, &local);
-                        match sums.and_then(|s| s.mean(&local)) {
-                            Some(delta) => {
-                                sq += super::array::dot(&delta, &delta);
-                                step.apply(&mut out, &global, base, &delta);
-                            }
-                            None => step.carry(&mut out, &global, base),
-                        }
-                    }
-                    if let Some(f) = families.get_mut(key) {
-                        f.update_norms.insert("shared".into(), sq.sqrt());
-                    }
-                }
-                super::cmga::average_family_parts(ctx, &self.acc, &step, &mut out, &mut families);
-            }
-            AdapterKind::Lora => {
-                average_within_families(
+                // Each family's own copy of the shared part.
+                next.step_families(
                     ctx,
                     &self.acc,
-                    &step,
-                    LORA,
-                    "lora",
-                    &mut out,
-                    &mut families,
+                    "shared",
+                    |key| shared_base(ctx, key, SharedSource::PerFamily),
+                    |mean, _| mean,
                 );
-                if ctx.spec.adapter.share.head {
-                    average_within_families(
-                        ctx,
-                        &self.acc,
-                        &step,
-                        HEAD,
-                        "head",
-                        &mut out,
-                        &mut families,
-                    );
-                }
+                next.average_family_parts(ctx, &self.acc);
+            }
+            AdapterKind::Lora => {
+                next.average_within_families(ctx, &self.acc, LORA, "lora");
+                next.average_head(ctx, &self.acc);
             }
         }
-        Ok(Aggregated {
-            tensors: out,
-            families,
-            groups: Vec::new(),
-            conflicts_projected: 0,
-        })
+        Ok(next.done(Vec::new(), 0))
     }
 }

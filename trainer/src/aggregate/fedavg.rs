@@ -14,9 +14,9 @@ use heterotune_crds::spec::AggregationAlgorithm;
 
 use super::array::{divided, norm};
 use super::cmga::{
-    apply_group, average_family_parts, flatten, record_shared_norms, shared_groups, sum_in_order,
+    apply_group, carry_group, flatten, record_shared_norms, shared_groups, sum_in_order,
 };
-use super::common::{dema_schema, family_stats, FamilyAccumulator, ServerStep, SharedSource};
+use super::common::{dema_schema, sums_of, FamilyAccumulator, NextGlobal, SharedSource};
 use super::stats::{pairwise_cosines, GroupStats};
 use super::{Aggregated, Aggregator, ClientInfo, ClientUpdate, RoundContext};
 use crate::Result;
@@ -48,24 +48,17 @@ impl Aggregator for FedAvg {
     }
 
     fn add(&mut self, _ctx: &RoundContext<'_>, update: ClientUpdate) -> Result<()> {
-        self.acc
-            .entry(update.family.clone())
-            .or_default()
-            .add(&update);
+        sums_of(&mut self.acc, &update).add(&update);
         Ok(())
     }
 
     fn finish(self: Box<Self>, ctx: &RoundContext<'_>) -> Result<Aggregated> {
-        let step = ServerStep::new(ctx);
-        let mut out = BTreeMap::new();
-        let mut families = family_stats(&self.acc);
+        let mut next = NextGlobal::new(ctx, &self.acc);
         let total: f64 = self.acc.values().map(|s| s.examples as f64).sum();
         let mut groups = Vec::new();
         for (group, names) in shared_groups(ctx.previous) {
             if self.acc.is_empty() {
-                for n in &names {
-                    step.carry(&mut out, n, &ctx.previous[n]);
-                }
+                carry_group(&mut next, ctx.previous, &names);
                 continue;
             }
             let sizes: Vec<usize> = names.iter().map(|n| ctx.previous[n].numel()).collect();
@@ -76,7 +69,7 @@ impl Aggregator for FedAvg {
                 .collect();
             let terms: Vec<Cow<'_, [f64]>> = sums.iter().map(|s| Cow::Borrowed(&s[..])).collect();
             let delta = divided(&sum_in_order(&terms), total);
-            apply_group(&step, ctx.previous, &names, &delta, &mut out);
+            apply_group(&mut next, ctx.previous, &names, &delta);
 
             let keys: Vec<&String> = self.acc.keys().collect();
             let family_updates: Vec<Vec<f64>> = self
@@ -101,13 +94,8 @@ impl Aggregator for FedAvg {
                 combined_norm: norm(&delta),
             });
         }
-        record_shared_norms(&groups, &mut families);
-        average_family_parts(ctx, &self.acc, &step, &mut out, &mut families);
-        Ok(Aggregated {
-            tensors: out,
-            families,
-            groups,
-            conflicts_projected: 0,
-        })
+        record_shared_norms(&groups, &mut next.families);
+        next.average_family_parts(ctx, &self.acc);
+        Ok(next.done(groups, 0))
     }
 }

@@ -32,8 +32,8 @@ use tch::{Kind, Tensor};
 
 use super::array::Array;
 use super::common::{
-    average_within_families, family_name, family_stats, family_tensors, lora_schema, truncate,
-    Factor, FamilyAccumulator, FamilySums, ServerStep, HEAD, LORA,
+    family_name, family_tensors, lora_schema, truncate, Factor, FamilyAccumulator, FamilySums,
+    NextGlobal, HEAD, LORA,
 };
 use super::{Aggregated, Aggregator, ClientInfo, ClientUpdate, RoundContext};
 use crate::{Error, Result};
@@ -213,15 +213,13 @@ impl Aggregator for FlexLora {
     }
 
     fn finish(self: Box<Self>, ctx: &RoundContext<'_>) -> Result<Aggregated> {
-        let step = ServerStep::new(ctx);
-        let mut out = BTreeMap::new();
         let mut heads = FamilyAccumulator::new();
         let mut products = BTreeMap::new();
         for (key, fam) in self.families {
             heads.insert(key.clone(), fam.sums);
             products.insert(key, (fam.products, fam.rank_examples));
         }
-        let mut families = family_stats(&heads);
+        let mut next = NextGlobal::new(ctx, &heads);
         for key in ctx.families.keys() {
             let stems = stems(ctx.previous, key);
             let (Some((fam_products, rank_examples)), Some(sums)) =
@@ -229,8 +227,11 @@ impl Aggregator for FlexLora {
             else {
                 for stem in &stems {
                     let (a, b) = factor_pair(ctx.previous, key, stem)?;
-                    step.carry(&mut out, &family_name(key, &format!("{stem}.a")), a);
-                    step.carry(&mut out, &family_name(key, &format!("{stem}.b")), b);
+                    let out = &mut next.out;
+                    next.step
+                        .carry(out, &family_name(key, &format!("{stem}.a")), a);
+                    next.step
+                        .carry(out, &family_name(key, &format!("{stem}.b")), b);
                 }
                 continue;
             };
@@ -248,7 +249,7 @@ impl Aggregator for FlexLora {
                     let b = truncate(Factor::B, full_b, r).to_f64();
                     add_product(&mut base, &b, &a, m, r, n, ex as f64 / total);
                 }
-                let lr = step.lr();
+                let lr = next.step.lr();
                 let w: Vec<f64> = sum
                     .iter()
                     .zip(&base)
@@ -259,22 +260,15 @@ impl Aggregator for FlexLora {
                     })
                     .collect();
                 let (a, b) = svd_factors(&w, m, n, rank)?;
-                out.insert(family_name(key, &format!("{stem}.a")), a);
-                out.insert(family_name(key, &format!("{stem}.b")), b);
+                next.out.insert(family_name(key, &format!("{stem}.a")), a);
+                next.out.insert(family_name(key, &format!("{stem}.b")), b);
             }
-            if let Some(f) = families.get_mut(key) {
+            if let Some(f) = next.families.get_mut(key) {
                 f.update_norms.insert("lora".into(), sq.sqrt());
             }
         }
-        if ctx.spec.adapter.share.head {
-            average_within_families(ctx, &heads, &step, HEAD, "head", &mut out, &mut families);
-        }
-        Ok(Aggregated {
-            tensors: out,
-            families,
-            groups: Vec::new(),
-            conflicts_projected: 0,
-        })
+        next.average_head(ctx, &heads);
+        Ok(next.done(Vec::new(), 0))
     }
 }
 

@@ -20,10 +20,9 @@ use std::collections::BTreeMap;
 
 use heterotune_crds::spec::AggregationAlgorithm;
 
-use super::array::{dot, Array};
 use super::common::{
-    add_padded, average_within_families, factor_of, family_name, family_stats, family_tensors,
-    lora_schema, truncate, FamilyAccumulator, FamilySums, ServerStep, HEAD, LORA,
+    add_padded, factor_of, family_name, family_tensors, lora_schema, sums_of, truncate,
+    FamilyAccumulator, FamilySums, NextGlobal, LORA,
 };
 use super::{Aggregated, Aggregator, ClientInfo, ClientUpdate, RoundContext};
 use crate::Result;
@@ -100,45 +99,26 @@ impl Aggregator for HetLora {
     }
 
     fn add(&mut self, ctx: &RoundContext<'_>, update: ClientUpdate) -> Result<()> {
-        let sums = self.acc.entry(update.family.clone()).or_default();
-        add_lora_update(ctx, sums, &update, true);
+        add_lora_update(ctx, sums_of(&mut self.acc, &update), &update, true);
         Ok(())
     }
 
     fn finish(self: Box<Self>, ctx: &RoundContext<'_>) -> Result<Aggregated> {
-        let step = ServerStep::new(ctx);
-        let mut out: BTreeMap<String, Array> = BTreeMap::new();
-        let mut families = family_stats(&self.acc);
-        for key in ctx.families.keys() {
-            let sums = self.acc.get(key);
-            let mut sq = 0.0;
-            for (local, prev) in family_tensors(ctx.previous, key, LORA) {
-                let global = family_name(key, &local);
-                match sums.and_then(|s| s.mean(&local)) {
-                    Some(mean) => {
-                        let delta: Vec<f64> = mean
-                            .iter()
-                            .zip(&prev.data)
-                            .map(|(&m, &p)| m - f64::from(p))
-                            .collect();
-                        sq += dot(&delta, &delta);
-                        step.apply(&mut out, &global, prev, &delta);
-                    }
-                    None => step.carry(&mut out, &global, prev),
-                }
-            }
-            if let Some(f) = families.get_mut(key) {
-                f.update_norms.insert("lora".into(), sq.sqrt());
-            }
-        }
-        if ctx.spec.adapter.share.head {
-            average_within_families(ctx, &self.acc, &step, HEAD, "head", &mut out, &mut families);
-        }
-        Ok(Aggregated {
-            tensors: out,
-            families,
-            groups: Vec::new(),
-            conflicts_projected: 0,
-        })
+        let mut next = NextGlobal::new(ctx, &self.acc);
+        // The family's mean trained factors `M`: the step is `M − θ`.
+        next.step_families(
+            ctx,
+            &self.acc,
+            "lora",
+            |key| family_tensors(ctx.previous, key, LORA),
+            |mean, prev| {
+                mean.iter()
+                    .zip(&prev.data)
+                    .map(|(&m, &p)| m - f64::from(p))
+                    .collect()
+            },
+        );
+        next.average_head(ctx, &self.acc);
+        Ok(next.done(Vec::new(), 0))
     }
 }

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use heterotune_crds::spec::AggregationAlgorithm;
 
-use super::common::{family_stats, FamilyAccumulator};
+use super::common::{family_stats, sums_of, FamilyAccumulator};
 use super::{Aggregated, Aggregator, ClientInfo, ClientUpdate, RoundContext};
 use crate::Result;
 
@@ -38,10 +38,7 @@ impl Aggregator for LocalOnly {
     }
 
     fn add(&mut self, _ctx: &RoundContext<'_>, update: ClientUpdate) -> Result<()> {
-        self.acc
-            .entry(update.family.clone())
-            .or_default()
-            .record(&update);
+        sums_of(&mut self.acc, &update).record(&update);
         Ok(())
     }
 

@@ -40,6 +40,7 @@ pub mod fedavg;
 pub mod flexlora;
 pub mod hetlora;
 pub mod local_only;
+pub mod reject;
 pub mod stats;
 pub mod verify;
 
@@ -48,17 +49,15 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use heterotune_crds::layout::{ADAPTER_FILE, MANIFEST_FILE};
-use heterotune_crds::manifest::{
-    ArtifactKind, ArtifactManifest, FileDigest, MANIFEST_SCHEMA_VERSION,
-};
+use heterotune_crds::manifest::{ArtifactKind, ArtifactManifest, FileDigest};
 use heterotune_crds::spec::{AdapterKind, AggregationAlgorithm, FederatedTuneSpec};
 
-use crate::artifact::{sha256_hex, write_atomic};
+use crate::artifact::{sha256_hex, write_atomic, WRITER_VERSION};
 use crate::{Error, Result};
 pub use array::{Array, WireDtype};
 pub use common::{family_name, MOMENTUM_PREFIX};
+pub use reject::{Reject, RejectReason};
 pub use stats::{FamilyStats, GroupStats, PairCosine, Participant, RoundStats, Timing};
-pub use verify::{Reject, RejectReason};
 
 /// A client of the spec, as aggregation sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -314,14 +313,68 @@ pub fn aggregate_round(
     out_dir: &Path,
 ) -> Result<AggregateOutcome> {
     let started = Instant::now();
+    let (prev_manifest, previous) = read_previous(previous_global, run_name, round)?;
+    let ctx = RoundContext::new(spec, run_name, round, &previous);
+    let mut aggregator = aggregator_for(spec)?;
+    let mut schemas = BTreeMap::new();
+    for (name, info) in &ctx.clients {
+        schemas.insert(name.clone(), aggregator.expected_tensors(&ctx, info)?);
+    }
+    let entries = client_dirs(&clients_dir(run_dir, round))?;
+    let mut stats = RoundStats::of_round(spec, round);
+    add_verified(&ctx, &schemas, &entries, aggregator.as_mut(), &mut stats)?;
+    check_quorum(&stats)?;
+    let verified_at = Instant::now();
+
+    let tensors = finish_checked(aggregator, &ctx, &mut stats)?;
+    let aggregated_at = Instant::now();
+    stats.timing = Timing {
+        verify_seconds: (verified_at - started).as_secs_f64(),
+        aggregate_seconds: (aggregated_at - verified_at).as_secs_f64(),
+        write_seconds: 0.0,
+        total_seconds: 0.0,
+    };
+    let manifest = ArtifactManifest {
+        num_examples: stats.examples,
+        metrics: round_metrics(&stats, &prev_manifest),
+        ..ArtifactManifest::new(
+            ArtifactKind::Global,
+            run_name,
+            round,
+            round - 1,
+            WRITER_VERSION,
+        )
+    };
+    let manifest = write_round_global(
+        out_dir,
+        &tensors,
+        manifest,
+        &mut stats,
+        (started, aggregated_at),
+    )?;
+    Ok(AggregateOutcome {
+        manifest,
+        stats,
+        global_dir: out_dir.to_path_buf(),
+    })
+}
+
+/// Reads the previous global of round `round` of run `run_name` from
+/// `dir` and checks that it is one: a global artifact of that run, of the
+/// round before.
+fn read_previous(
+    dir: &Path,
+    run_name: &str,
+    round: u32,
+) -> Result<(ArtifactManifest, BTreeMap<String, Array>)> {
     if round == 0 {
         return Err(Error::config(
             "round",
             "round 0 is the initial state: aggregation starts at round 1",
         ));
     }
-    let (prev_manifest, previous) = read_global(previous_global)?;
-    let prev_path = previous_global.join(MANIFEST_FILE);
+    let (prev_manifest, previous) = read_global(dir)?;
+    let prev_path = dir.join(MANIFEST_FILE);
     if prev_manifest.kind != ArtifactKind::Global {
         return Err(Error::data(
             &prev_path,
@@ -344,20 +397,17 @@ pub fn aggregate_round(
             ),
         ));
     }
-    let ctx = RoundContext::new(spec, run_name, round, &previous);
-    let mut aggregator = aggregator_for(spec)?;
-    let mut schemas = BTreeMap::new();
-    for (name, info) in &ctx.clients {
-        schemas.insert(name.clone(), aggregator.expected_tensors(&ctx, info)?);
-    }
+    Ok((prev_manifest, previous))
+}
 
-    // Committed client artifacts, in name order.
-    let dir = clients_dir(run_dir, round);
+/// The client folders under `dir` (name, path), in name order; none when
+/// `dir` does not exist.
+fn client_dirs(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
     let mut entries: Vec<(String, PathBuf)> = Vec::new();
-    match std::fs::read_dir(&dir) {
+    match std::fs::read_dir(dir) {
         Ok(read) => {
             for entry in read {
-                let entry = entry.map_err(|e| Error::io(&dir, e))?;
+                let entry = entry.map_err(|e| Error::io(dir, e))?;
                 let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
                 if is_dir {
                     let name = entry.file_name().to_string_lossy().into_owned();
@@ -366,29 +416,29 @@ pub fn aggregate_round(
             }
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(Error::io(&dir, e)),
+        Err(e) => return Err(Error::io(dir, e)),
     }
     entries.sort();
+    Ok(entries)
+}
 
-    let mut stats = RoundStats {
-        algorithm: spec.aggregation.algorithm.as_str().to_string(),
-        alignment: (spec.aggregation.algorithm == AggregationAlgorithm::Cmga).then(|| {
-            match spec.aggregation.alignment {
-                heterotune_crds::spec::AlignmentRule::Pcgrad => "pcgrad".to_string(),
-                heterotune_crds::spec::AlignmentRule::Ties => "ties".to_string(),
-            }
-        }),
-        round,
-        quorum: spec.quorum(),
-        ..RoundStats::default()
-    };
+/// Verifies each committed artifact of `entries` and adds the accepted
+/// ones to `aggregator`, in order; records participants, rejects and the
+/// clients with no committed artifact in `stats`.
+fn add_verified(
+    ctx: &RoundContext<'_>,
+    schemas: &BTreeMap<String, BTreeMap<String, Vec<usize>>>,
+    entries: &[(String, PathBuf)],
+    aggregator: &mut dyn Aggregator,
+    stats: &mut RoundStats,
+) -> Result<()> {
     let mut committed = BTreeSet::new();
-    for (name, path) in &entries {
+    for (name, path) in entries {
         if !verify::is_committed(path) {
             continue;
         }
         committed.insert(name.clone());
-        match verify::verify_client(&ctx, &schemas, path, name) {
+        match verify::verify_client(ctx, schemas, path, name) {
             Ok(v) => {
                 stats.participants.push(Participant {
                     client: v.update.client.clone(),
@@ -404,7 +454,7 @@ pub fn aggregate_round(
                 });
                 stats.bytes_received += v.bytes;
                 stats.examples += v.update.num_examples;
-                aggregator.add(&ctx, v.update)?;
+                aggregator.add(ctx, v.update)?;
             }
             Err(reject) => {
                 stats.bytes_rejected += reject.bytes;
@@ -422,25 +472,37 @@ pub fn aggregate_round(
         .filter(|c| !committed.contains(*c))
         .cloned()
         .collect();
-    if (stats.participants.len() as u64) < u64::from(stats.quorum) {
-        let mut parts: Vec<String> = stats
-            .rejects
-            .iter()
-            .map(|r| format!("{} rejected ({}: {})", r.client, r.reason, r.detail))
-            .collect();
-        if !stats.missing.is_empty() {
-            parts.push(format!("missing: {}", stats.missing.join(", ")));
-        }
-        return Err(Error::QuorumNotMet {
-            round,
-            accepted: stats.participants.len(),
-            required: stats.quorum,
-            summary: parts.join("; "),
-        });
-    }
-    let verified_at = Instant::now();
+    Ok(())
+}
 
-    let aggregated = aggregator.finish(&ctx)?;
+/// [`Error::QuorumNotMet`] when fewer updates than the quorum were accepted.
+fn check_quorum(stats: &RoundStats) -> Result<()> {
+    if (stats.participants.len() as u64) >= u64::from(stats.quorum) {
+        return Ok(());
+    }
+    let mut parts: Vec<String> = stats
+        .rejects
+        .iter()
+        .map(|r| format!("{} rejected ({}: {})", r.client, r.reason, r.detail))
+        .collect();
+    if !stats.missing.is_empty() {
+        parts.push(format!("missing: {}", stats.missing.join(", ")));
+    }
+    Err(Error::QuorumNotMet {
+        round: stats.round,
+        accepted: stats.participants.len(),
+        required: stats.quorum,
+        summary: parts.join("; "),
+    })
+}
+
+/// The aggregator's new global, checked finite; its statistics go to `stats`.
+fn finish_checked(
+    aggregator: Box<dyn Aggregator>,
+    ctx: &RoundContext<'_>,
+    stats: &mut RoundStats,
+) -> Result<BTreeMap<String, Array>> {
+    let aggregated = aggregator.finish(ctx)?;
     if let Some((name, _)) = aggregated
         .tensors
         .iter()
@@ -449,19 +511,24 @@ pub fn aggregate_round(
         return Err(Error::config(
             "spec.aggregation.maxUpdateNorm",
             format!(
-                "round {round}: the aggregated {name} is not finite (updates too large for f32): \
-                 set a norm bound"
+                "round {}: the aggregated {name} is not finite (updates too large for f32): \
+                 set a norm bound",
+                ctx.round
             ),
         ));
     }
     stats.families = aggregated.families;
     stats.groups = aggregated.groups;
     stats.conflicts_projected = aggregated.conflicts_projected;
-    let aggregated_at = Instant::now();
+    Ok(aggregated.tensors)
+}
 
+/// The global manifest's metrics of the round (`aggregation_seconds` is
+/// added when the data is written).
+fn round_metrics(stats: &RoundStats, previous: &ArtifactManifest) -> BTreeMap<String, f64> {
     let mut metrics = stats::participant_metrics(&stats.participants);
     // The round's wall time: from the previous global's commit to now.
-    if let Some(since) = heterotune_crds::manifest::parse_rfc3339(&prev_manifest.created_at) {
+    if let Some(since) = heterotune_crds::manifest::parse_rfc3339(&previous.created_at) {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -475,40 +542,26 @@ pub fn aggregate_round(
         "conflicts_projected".into(),
         stats.conflicts_projected as f64,
     );
-    stats.timing = Timing {
-        verify_seconds: (verified_at - started).as_secs_f64(),
-        aggregate_seconds: (aggregated_at - verified_at).as_secs_f64(),
-        write_seconds: 0.0,
-        total_seconds: 0.0,
-    };
-    let manifest = ArtifactManifest {
-        schema_version: MANIFEST_SCHEMA_VERSION,
-        kind: ArtifactKind::Global,
-        run: run_name.to_string(),
-        round,
-        base_round: round - 1,
-        client: None,
-        family: None,
-        artifact: FileDigest {
-            path: String::new(),
-            sha256: String::new(),
-            bytes: 0,
-        },
-        tensors: Vec::new(),
-        num_examples: stats.examples,
-        metrics,
-        stats: serde_json::Value::Null,
-        writer_version: format!("heterotune-trainer {}", env!("CARGO_PKG_VERSION")),
-        created_at: heterotune_crds::manifest::now_rfc3339(),
-    };
-    // The manifest's stats include the write time of the data file: write
-    // the data, then the manifest with the final timing.
-    let (bytes, infos) = array::serialize(&aggregated.tensors, WireDtype::F32)?;
+    metrics
+}
+
+/// Writes the round's global into `out_dir`: the data, then the manifest
+/// with `stats` and the final timing (the write time of the data included;
+/// `since`: when the round's aggregation began and when it ended). Returns
+/// the manifest as written.
+fn write_round_global(
+    out_dir: &Path,
+    tensors: &BTreeMap<String, Array>,
+    mut manifest: ArtifactManifest,
+    stats: &mut RoundStats,
+    since: (Instant, Instant),
+) -> Result<ArtifactManifest> {
+    let (started, aggregated_at) = since;
+    let (bytes, infos) = array::serialize(tensors, WireDtype::F32)?;
     write_atomic(&out_dir.join(ADAPTER_FILE), &bytes)?;
     let written_at = Instant::now();
     stats.timing.write_seconds = (written_at - aggregated_at).as_secs_f64();
     stats.timing.total_seconds = (written_at - started).as_secs_f64();
-    let mut manifest = manifest;
     manifest.artifact = FileDigest {
         path: ADAPTER_FILE.to_string(),
         sha256: sha256_hex(&bytes),
@@ -518,64 +571,10 @@ pub fn aggregate_round(
     manifest
         .metrics
         .insert("aggregation_seconds".into(), stats.timing.total_seconds);
-    manifest.stats = serde_json::to_value(&stats)
+    manifest.stats = serde_json::to_value(&*stats)
         .map_err(|e| Error::config("stats", format!("cannot serialise: {e}")))?;
     let json = serde_json::to_vec_pretty(&manifest)
         .map_err(|e| Error::config("manifest", format!("cannot serialise: {e}")))?;
     write_atomic(&out_dir.join(MANIFEST_FILE), &json)?;
-    Ok(AggregateOutcome {
-        manifest,
-        stats,
-        global_dir: out_dir.to_path_buf(),
-    })
-}
-
-/// What a client loads from a global artifact, under its own var-store
-/// names (a drop-in for the trainer's loading of `--global`):
-///
-/// * top-level `shared.*` as they are;
-/// * `family/<family_key>/<name>` as `<name>`, taking precedence over a
-///   top-level tensor of the same name (`family-fedavg` stores each
-///   family's copy of the shared part there);
-/// * with `lora_rank = Some(r)`, LoRA factors `lora.*.a` truncated to their
-///   first `r` rows and `lora.*.b` to their first `r` columns (the global
-///   stores each family's largest rank: HetLoRA's and FlexLoRA's
-///   redistribution);
-/// * nothing else (`server/*` state, other families).
-///
-/// Errors if a LoRA factor holds fewer than `r` components.
-pub fn client_view(
-    global: BTreeMap<String, tch::Tensor>,
-    family_key: &str,
-    lora_rank: Option<usize>,
-) -> Result<BTreeMap<String, tch::Tensor>> {
-    let prefix = family_name(family_key, "");
-    let mut shared = BTreeMap::new();
-    let mut own = BTreeMap::new();
-    for (name, t) in global {
-        if let Some(local) = name.strip_prefix(&prefix) {
-            own.insert(local.to_string(), t);
-        } else if name.starts_with(common::SHARED) {
-            shared.insert(name, t);
-        }
-    }
-    shared.extend(own);
-    if let Some(r) = lora_rank {
-        for (name, t) in shared.iter_mut() {
-            let dim = match common::factor_of(name) {
-                Some(common::Factor::A) => 0,
-                Some(common::Factor::B) => 1,
-                None => continue,
-            };
-            let size = t.size();
-            if size.len() != 2 || (size[dim] as usize) < r {
-                return Err(Error::model(
-                    "<global artifact>",
-                    format!("{name}: shape {size:?} holds fewer than rank {r} components"),
-                ));
-            }
-            *t = t.f_narrow(dim as i64, 0, r as i64)?.f_contiguous()?;
-        }
-    }
-    Ok(shared)
+    Ok(manifest)
 }

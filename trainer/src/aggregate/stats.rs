@@ -2,10 +2,12 @@
 //! manifest's `stats` (camelCase JSON) and returned to the caller.
 
 use std::collections::BTreeMap;
+use std::fmt;
 
+use heterotune_crds::spec::{AggregationAlgorithm, AlignmentRule, FederatedTuneSpec};
 use serde::{Deserialize, Serialize};
 
-use super::verify::Reject;
+use super::reject::Reject;
 
 /// Everything one round's aggregation measured.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -44,6 +46,45 @@ pub struct RoundStats {
     pub conflicts_projected: u64,
     /// Where the time went.
     pub timing: Timing,
+}
+
+impl RoundStats {
+    /// The statistics of round `round` of `spec` before any artifact is read:
+    /// the algorithm, the alignment rule (CMGA) and the quorum.
+    pub fn of_round(spec: &FederatedTuneSpec, round: u32) -> Self {
+        let algorithm = spec.aggregation.algorithm;
+        RoundStats {
+            algorithm: algorithm.as_str().to_string(),
+            alignment: (algorithm == AggregationAlgorithm::Cmga).then(|| {
+                match spec.aggregation.alignment {
+                    AlignmentRule::Pcgrad => "pcgrad".to_string(),
+                    AlignmentRule::Ties => "ties".to_string(),
+                }
+            }),
+            round,
+            quorum: spec.quorum(),
+            ..RoundStats::default()
+        }
+    }
+}
+
+/// The trainer's report of a round: participants, rejects, missing clients.
+impl fmt::Display for RoundStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "round {}: aggregated {} clients ({} rejected, {} missing), {} bytes received",
+            self.round,
+            self.participants.len(),
+            self.rejects.len(),
+            self.missing.len(),
+            self.bytes_received
+        )?;
+        for r in &self.rejects {
+            writeln!(f, "  rejected {r:?}")?;
+        }
+        Ok(())
+    }
 }
 
 /// One accepted update.

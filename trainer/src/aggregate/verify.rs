@@ -49,11 +49,12 @@ use std::path::Path;
 
 use heterotune_crds::layout::MANIFEST_FILE;
 use heterotune_crds::manifest::{ArtifactKind, ArtifactManifest, MANIFEST_SCHEMA_VERSION};
-use heterotune_crds::spec::NormBoundAction;
-use serde::{Deserialize, Serialize};
+use heterotune_crds::spec::{AggregationSpec, NormBoundAction};
+use safetensors::tensor::TensorView;
 
 use super::array::{decode, Array};
-use super::{ClientUpdate, RoundContext};
+use super::reject::{Reject, RejectReason, Rejecter};
+use super::{ClientInfo, ClientUpdate, RoundContext};
 use crate::artifact::{sha256_hex, tensor_views};
 
 /// Largest accepted client manifest.
@@ -61,139 +62,6 @@ pub const MAX_MANIFEST_BYTES: u64 = 16 * 1024 * 1024;
 
 /// Largest accepted `numExamples` (keeps sums of weights exact in u64 and f64).
 pub const MAX_EXAMPLES: u64 = 1 << 40;
-
-/// Why a client artifact was rejected. [`RejectReason::label`] is stable:
-/// use it as a metric label (`heterotune_artifacts_rejected_total{reason=...}`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RejectReason {
-    /// The manifest could not be read (not a file, too large, I/O error).
-    ManifestUnreadable,
-    /// The manifest is not a valid artifact manifest (or names a data file
-    /// outside its directory).
-    ManifestInvalid,
-    /// The manifest is not a client manifest.
-    WrongKind,
-    /// The manifest's schema version is not the one this build reads.
-    UnsupportedSchema,
-    /// The manifest belongs to another run.
-    WrongRun,
-    /// The manifest belongs to another round.
-    WrongRound,
-    /// The update was trained from another global state than the previous round's.
-    StaleBase,
-    /// The manifest names another client than its directory.
-    ClientMismatch,
-    /// The client is not in the spec.
-    UnknownClient,
-    /// The manifest's family is not the family of the client's model.
-    FamilyMismatch,
-    /// The manifest's `numExamples` (the aggregation weight) is 0 or above
-    /// [`MAX_EXAMPLES`].
-    InvalidExamples,
-    /// The artifact is larger than `aggregation.maxArtifactBytes`.
-    TooLarge,
-    /// The data file is missing, a link or not a regular file.
-    NotAFile,
-    /// The data file's size differs from the manifest's (truncated upload).
-    SizeMismatch,
-    /// The data file's sha256 differs from the manifest's.
-    ChecksumMismatch,
-    /// The data file is not valid safetensors.
-    MalformedData,
-    /// The manifest's tensor list differs from the data file's header.
-    ManifestTensorsMismatch,
-    /// An expected tensor is absent.
-    MissingTensor,
-    /// A tensor the spec does not imply for this client is present.
-    UnexpectedTensor,
-    /// A tensor is not BF16.
-    WrongDtype,
-    /// A tensor's shape differs from the expected one.
-    WrongShape,
-    /// A value is NaN or infinite.
-    NonFinite,
-    /// The update's norm exceeds `maxUpdateNorm` (with `normBoundAction: reject`).
-    NormExceeded,
-}
-
-impl RejectReason {
-    /// Every reason, in declaration order.
-    pub const ALL: [RejectReason; 23] = [
-        RejectReason::ManifestUnreadable,
-        RejectReason::ManifestInvalid,
-        RejectReason::WrongKind,
-        RejectReason::UnsupportedSchema,
-        RejectReason::WrongRun,
-        RejectReason::WrongRound,
-        RejectReason::StaleBase,
-        RejectReason::ClientMismatch,
-        RejectReason::UnknownClient,
-        RejectReason::FamilyMismatch,
-        RejectReason::InvalidExamples,
-        RejectReason::TooLarge,
-        RejectReason::NotAFile,
-        RejectReason::SizeMismatch,
-        RejectReason::ChecksumMismatch,
-        RejectReason::MalformedData,
-        RejectReason::ManifestTensorsMismatch,
-        RejectReason::MissingTensor,
-        RejectReason::UnexpectedTensor,
-        RejectReason::WrongDtype,
-        RejectReason::WrongShape,
-        RejectReason::NonFinite,
-        RejectReason::NormExceeded,
-    ];
-
-    /// Stable snake_case label (metrics, stats, logs).
-    pub fn label(self) -> &'static str {
-        match self {
-            RejectReason::ManifestUnreadable => "manifest_unreadable",
-            RejectReason::ManifestInvalid => "manifest_invalid",
-            RejectReason::WrongKind => "wrong_kind",
-            RejectReason::UnsupportedSchema => "unsupported_schema",
-            RejectReason::WrongRun => "wrong_run",
-            RejectReason::WrongRound => "wrong_round",
-            RejectReason::StaleBase => "stale_base",
-            RejectReason::ClientMismatch => "client_mismatch",
-            RejectReason::UnknownClient => "unknown_client",
-            RejectReason::FamilyMismatch => "family_mismatch",
-            RejectReason::InvalidExamples => "invalid_examples",
-            RejectReason::TooLarge => "too_large",
-            RejectReason::NotAFile => "not_a_file",
-            RejectReason::SizeMismatch => "size_mismatch",
-            RejectReason::ChecksumMismatch => "checksum_mismatch",
-            RejectReason::MalformedData => "malformed_data",
-            RejectReason::ManifestTensorsMismatch => "manifest_tensors_mismatch",
-            RejectReason::MissingTensor => "missing_tensor",
-            RejectReason::UnexpectedTensor => "unexpected_tensor",
-            RejectReason::WrongDtype => "wrong_dtype",
-            RejectReason::WrongShape => "wrong_shape",
-            RejectReason::NonFinite => "non_finite",
-            RejectReason::NormExceeded => "norm_exceeded",
-        }
-    }
-}
-
-impl std::fmt::Display for RejectReason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.label())
-    }
-}
-
-/// A rejected artifact: never aggregated.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Reject {
-    /// The client directory's name (the claimed client).
-    pub client: String,
-    /// Why.
-    pub reason: RejectReason,
-    /// Human-readable detail (never contains tensor values).
-    pub detail: String,
-    /// Bytes of the data file that were read before rejecting (0 if none).
-    pub bytes: u64,
-}
 
 /// An accepted update, ready for the aggregator.
 #[derive(Debug)]
@@ -233,22 +101,6 @@ fn parse_manifest(text: &[u8]) -> serde_json::Result<ArtifactManifest> {
     ArtifactManifest::from_slice(text)
 }
 
-struct Rejecter<'a> {
-    client: &'a str,
-    bytes: u64,
-}
-
-impl Rejecter<'_> {
-    fn reject(&self, reason: RejectReason, detail: impl Into<String>) -> Reject {
-        Reject {
-            client: self.client.to_string(),
-            reason,
-            detail: detail.into(),
-            bytes: self.bytes,
-        }
-    }
-}
-
 /// Reads at most `limit + 1` bytes of a regular file (links refused).
 fn read_bounded(path: &Path, limit: u64) -> std::result::Result<Vec<u8>, String> {
     let meta = std::fs::symlink_metadata(path).map_err(|e| e.to_string())?;
@@ -273,6 +125,11 @@ pub fn is_committed(dir: &Path) -> bool {
 /// against the round `ctx` and the expected tensors `schemas` (per client
 /// name). On success the update's values are f32 deltas, clipped if the
 /// norm bound clips.
+///
+/// The checklist, in order (the first failure rejects): the manifest
+/// ([`check_manifest`]), the data file ([`read_data`]), its header against
+/// the manifest and the schema ([`check_header`]), the values
+/// ([`decode_values`]) and the norm bound ([`apply_norm_bound`]).
 pub fn verify_client(
     ctx: &RoundContext<'_>,
     schemas: &BTreeMap<String, BTreeMap<String, Vec<usize>>>,
@@ -283,9 +140,37 @@ pub fn verify_client(
         client: dir_name,
         bytes: 0,
     };
-    let agg = &ctx.spec.aggregation;
+    let m = read_manifest(&r, dir)?;
+    let info = check_manifest(&r, ctx, &m, dir_name)?;
+    let bytes = read_data(&mut r, dir, &m, ctx.spec.aggregation.max_artifact_bytes)?;
+    let views =
+        tensor_views(&bytes).map_err(|e| r.reject(RejectReason::MalformedData, e.to_string()))?;
+    let empty = BTreeMap::new();
+    let schema = schemas.get(dir_name).unwrap_or(&empty);
+    check_header(&r, &views, &m, schema)?;
+    let (mut tensors, sum_sq) = decode_values(&r, views)?;
+    let update_norm = sum_sq.sqrt();
+    let clipped = apply_norm_bound(&r, &ctx.spec.aggregation, update_norm, &mut tensors)?;
+    Ok(Verified {
+        update: ClientUpdate {
+            client: dir_name.to_string(),
+            family: info.family.clone(),
+            num_examples: m.num_examples,
+            lora_rank: info.lora_rank,
+            tensors,
+        },
+        bytes: r.bytes,
+        update_norm,
+        clipped,
+        test_accuracy: score(&m.metrics, "test_accuracy"),
+        test_macro_f1: score(&m.metrics, "test_macro_f1"),
+        received_accuracy: score(&m.metrics, "received_test_accuracy"),
+        received_macro_f1: score(&m.metrics, "received_test_macro_f1"),
+    })
+}
 
-    // The manifest.
+/// Reads and parses the manifest in `dir` (bounded in size).
+fn read_manifest(r: &Rejecter<'_>, dir: &Path) -> std::result::Result<ArtifactManifest, Reject> {
     let manifest_path = dir.join(MANIFEST_FILE);
     let text = read_bounded(&manifest_path, MAX_MANIFEST_BYTES)
         .map_err(|e| r.reject(RejectReason::ManifestUnreadable, e))?;
@@ -297,6 +182,19 @@ pub fn verify_client(
     }
     let m = parse_manifest(&text)
         .map_err(|e| r.reject(RejectReason::ManifestInvalid, e.to_string()))?;
+    Ok(m)
+}
+
+/// Checks the manifest `m` against the round: kind, schema, run, round,
+/// base round, client, family, examples, data file name and declared size.
+/// Returns the spec's client it names.
+fn check_manifest<'c>(
+    r: &Rejecter<'_>,
+    ctx: &'c RoundContext<'_>,
+    m: &ArtifactManifest,
+    dir_name: &str,
+) -> std::result::Result<&'c ClientInfo, Reject> {
+    let agg = &ctx.spec.aggregation;
     if m.kind != ArtifactKind::Client {
         return Err(r.reject(RejectReason::WrongKind, format!("kind {:?}", m.kind)));
     }
@@ -377,7 +275,19 @@ pub fn verify_client(
         ));
     }
 
-    // The data.
+    Ok(info)
+}
+
+/// Reads the data file `m.artifact.path` of `dir` (a regular file of the
+/// declared size, at most `cap` bytes, with the declared sha256); records
+/// the bytes read in `r`.
+fn read_data(
+    r: &mut Rejecter<'_>,
+    dir: &Path,
+    m: &ArtifactManifest,
+    cap: u64,
+) -> std::result::Result<Vec<u8>, Reject> {
+    let file_name = &m.artifact.path;
     let data_path = dir.join(file_name);
     let meta = std::fs::symlink_metadata(&data_path)
         .map_err(|e| r.reject(RejectReason::NotAFile, format!("{file_name}: {e}")))?;
@@ -422,12 +332,19 @@ pub fn verify_client(
             "sha256 differs from the manifest's",
         ));
     }
-    let views =
-        tensor_views(&bytes).map_err(|e| r.reject(RejectReason::MalformedData, e.to_string()))?;
+    Ok(bytes)
+}
 
-    // The header against the manifest, then against the schema.
+/// Checks the data file's header against the manifest's tensor list, then
+/// against the expected tensors `schema` (names, BF16, shapes).
+fn check_header(
+    r: &Rejecter<'_>,
+    views: &[(String, TensorView<'_>)],
+    m: &ArtifactManifest,
+    schema: &BTreeMap<String, Vec<usize>>,
+) -> std::result::Result<(), Reject> {
     let mut header: BTreeMap<String, (String, Vec<usize>)> = BTreeMap::new();
-    for (name, view) in &views {
+    for (name, view) in views {
         header.insert(
             name.clone(),
             (format!("{:?}", view.dtype()), view.shape().to_vec()),
@@ -451,8 +368,6 @@ pub fn verify_client(
             "the manifest's tensors differ from the data file's header",
         ));
     }
-    let empty = BTreeMap::new();
-    let schema = schemas.get(dir_name).unwrap_or(&empty);
     if let Some(name) = schema.keys().find(|n| !header.contains_key(*n)) {
         return Err(r.reject(RejectReason::MissingTensor, name.clone()));
     }
@@ -475,7 +390,15 @@ pub fn verify_client(
         }
     }
 
-    // The values, in name order (the norm's sum has a fixed order).
+    Ok(())
+}
+
+/// The values as f32 arrays, in name order, checked finite, and the sum of
+/// their squares (in that fixed order).
+fn decode_values(
+    r: &Rejecter<'_>,
+    views: Vec<(String, TensorView<'_>)>,
+) -> std::result::Result<(BTreeMap<String, Array>, f64), Reject> {
     let mut tensors = BTreeMap::new();
     let mut sum_sq = 0.0f64;
     for (name, view) in views {
@@ -515,7 +438,17 @@ pub fn verify_client(
             .map_err(|e| r.reject(RejectReason::MalformedData, e.to_string()))?;
         tensors.insert(name, array);
     }
-    let update_norm = sum_sq.sqrt();
+    Ok((tensors, sum_sq))
+}
+
+/// Applies `maxUpdateNorm` to an update of norm `update_norm`: rejects it,
+/// or scales `tensors` down to the bound (returns whether it did).
+fn apply_norm_bound(
+    r: &Rejecter<'_>,
+    agg: &AggregationSpec,
+    update_norm: f64,
+    tensors: &mut BTreeMap<String, Array>,
+) -> std::result::Result<bool, Reject> {
     let mut clipped = false;
     if let Some(bound) = agg.max_update_norm {
         if update_norm > bound {
@@ -538,22 +471,7 @@ pub fn verify_client(
             }
         }
     }
-    Ok(Verified {
-        update: ClientUpdate {
-            client: dir_name.to_string(),
-            family: info.family.clone(),
-            num_examples: m.num_examples,
-            lora_rank: info.lora_rank,
-            tensors,
-        },
-        bytes: r.bytes,
-        update_norm,
-        clipped,
-        test_accuracy: score(&m.metrics, "test_accuracy"),
-        test_macro_f1: score(&m.metrics, "test_macro_f1"),
-        received_accuracy: score(&m.metrics, "received_test_accuracy"),
-        received_macro_f1: score(&m.metrics, "received_test_macro_f1"),
-    })
+    Ok(clipped)
 }
 
 #[cfg(test)]

@@ -1,0 +1,58 @@
+//! A client's evaluation of a global model on the global test set: the
+//! evaluation record (`heterotune-trainer eval`).
+
+use std::path::Path;
+
+use heterotune_crds::manifest::{now_rfc3339, EvaluationResult, MANIFEST_SCHEMA_VERSION};
+
+use super::load::{load_client, model_id, settings, ClientOptions};
+use crate::artifact::{self, WRITER_VERSION};
+use crate::Result;
+
+/// Evaluates client `opts.client` with the global in `global` (and its
+/// private state `state_in`) on the global test set; writes the result as
+/// an evaluation record (JSON) to `out` when given.
+pub fn evaluate(
+    opts: &ClientOptions,
+    global: Option<&Path>,
+    state_in: Option<&Path>,
+    cache_dir: Option<&Path>,
+    out: Option<&Path>,
+    run: &str,
+) -> Result<EvaluationResult> {
+    let start = std::time::Instant::now();
+    let loaded = load_client(opts, global, state_in)?;
+    let client = loaded.spec_client();
+    let settings = settings(&loaded.spec, loaded.base_round, loaded.index, cache_dir);
+    let test = loaded
+        .model
+        .prepare(&loaded.test, &settings, &model_id(client))?;
+    let (scores, loss) =
+        loaded
+            .model
+            .evaluate(&test, settings.eval_batch_size, loaded.num_classes)?;
+    let result = EvaluationResult {
+        schema_version: MANIFEST_SCHEMA_VERSION,
+        run: run.to_string(),
+        client: client.name.clone(),
+        family: loaded.family_key.clone(),
+        global_round: loaded.base_round,
+        test_examples: scores.examples as u64,
+        accuracy: scores.accuracy,
+        macro_f1: scores.macro_f1,
+        loss: loss.is_finite().then_some(loss),
+        seconds: Some(start.elapsed().as_secs_f64()),
+        writer_version: WRITER_VERSION.to_string(),
+        created_at: now_rfc3339(),
+    };
+    if let Some(file) = out {
+        artifact::write_atomic(file, &to_json(&result)?)?;
+    }
+    Ok(result)
+}
+
+/// An evaluation record as the trainer writes and prints it (compact JSON).
+pub fn to_json(result: &EvaluationResult) -> Result<Vec<u8>> {
+    serde_json::to_vec(result)
+        .map_err(|e| crate::Error::config("evaluation", format!("cannot serialise: {e}")))
+}

@@ -1,0 +1,299 @@
+//! Loading one client: its backbone, adapter and head ([`adapter_choice`]),
+//! its data, its private state and the global it received
+//! ([`load_client`]); the settings it trains with ([`settings`]).
+
+use heterotune_crds::model::LayerSelection;
+use std::path::{Path, PathBuf};
+
+use heterotune_crds::spec::{
+    AdapterKind, ClientSpec, FederatedTuneSpec, Pooling as SpecPooling, TrainingSpec,
+};
+use tch::Device;
+
+use crate::adapters::head::Pooling;
+use crate::adapters::lora::{LoraConfig, ProjectionDims};
+use crate::artifact;
+use crate::data::partition::{federate, ClientData};
+use crate::data::source::Example;
+use crate::error::Context as _;
+use crate::exchange::{client_view, lora_rank, shared_names};
+use crate::job;
+use crate::models::ModelConfig;
+use crate::models::{load_backbone, Backbone};
+use crate::tokenizer::TextTokenizer;
+use crate::train::{AdapterChoice, ClientModel, TrainSettings};
+use crate::Result;
+
+/// Which client to load and where it runs (the trainer's common arguments).
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// The FederatedTune (YAML or JSON; the whole object or its spec).
+    pub spec: PathBuf,
+    /// The client's name in the spec.
+    pub client: String,
+    /// libtorch intra-op threads (`None`: all cores).
+    pub threads: Option<i32>,
+    /// `cpu`, `cuda`, or `auto` ([`crate::cuda::device`]).
+    pub device: String,
+}
+
+/// A client's model with its private and global state loaded, and its data.
+pub struct LoadedClient {
+    /// The run's spec.
+    pub spec: FederatedTuneSpec,
+    /// The client's index in `spec.clients`.
+    pub index: usize,
+    /// The model: backbone, adapter and head.
+    pub model: ClientModel,
+    /// The family key of the client's model.
+    pub family_key: String,
+    /// The round of the global it loaded (0: none, or the initial state).
+    pub base_round: u32,
+    /// Seconds spent loading the backbone and tokenizer.
+    pub load_seconds: f64,
+    /// The client's training examples.
+    pub train: Vec<Example>,
+    /// The client's validation examples.
+    pub validation: Vec<Example>,
+    /// The global test examples (`task.maxTestExamples` at most).
+    pub test: Vec<Example>,
+    /// Classes of the task.
+    pub num_classes: usize,
+    /// Every variable of the model's var store.
+    pub all_names: Vec<String>,
+}
+
+impl LoadedClient {
+    /// The client's entry in the spec.
+    pub fn spec_client(&self) -> &ClientSpec {
+        &self.spec.clients[self.index]
+    }
+}
+
+/// The adapter client `index` trains on a backbone with `num_layers` layers
+/// whose config.json is in `model_dir`.
+pub fn adapter_choice(
+    spec: &FederatedTuneSpec,
+    index: usize,
+    model_dir: &Path,
+    num_layers: usize,
+    rank: usize,
+) -> Result<AdapterChoice> {
+    Ok(match spec.adapter.kind {
+        AdapterKind::Dema => {
+            let slots = job::resolve_slots(spec)?;
+            AdapterChoice::Dema(job::dema_config(spec, index, num_layers, slots))
+        }
+        AdapterKind::Lora => {
+            // LoRA adapts every layer of the client's window.
+            let window = LayerSelection::from_spec(spec.layer_selection(index), num_layers)
+                .window_depth(num_layers);
+            let first = num_layers - window;
+            let cfg = LoraConfig {
+                rank,
+                alpha: spec.adapter.lora_alpha,
+                scaling_rank: Some(spec.adapter.rank as usize),
+                layers: (first..num_layers).collect(),
+                init_seed: spec.training.seed,
+            };
+            let dims = ProjectionDims::of_model(&ModelConfig::read(model_dir)?);
+            AdapterChoice::Lora(cfg, dims)
+        }
+    })
+}
+
+/// The head's pooling of `spec.training.pooling`.
+pub fn pooling(spec: &FederatedTuneSpec) -> Pooling {
+    match spec.training.pooling {
+        SpecPooling::Mean => Pooling::Mean,
+        SpecPooling::LastToken => Pooling::LastToken,
+    }
+}
+
+/// The training settings of client `index` in round `round` (its batch
+/// order seeded by the spec's seed, the round and the client).
+pub fn settings(
+    spec: &FederatedTuneSpec,
+    round: u32,
+    index: usize,
+    cache_dir: Option<&Path>,
+) -> TrainSettings {
+    let seed = spec
+        .training
+        .seed
+        .wrapping_mul(1_000_003)
+        .wrapping_add(u64::from(round) * 1_009 + index as u64);
+    train_settings(&spec.training, seed, cache_dir)
+}
+
+/// The training settings of `training` with batch-order seed `seed`, the
+/// frozen-prefix caches persisting in `cache_dir`.
+pub fn train_settings(
+    training: &TrainingSpec,
+    seed: u64,
+    cache_dir: Option<&Path>,
+) -> TrainSettings {
+    TrainSettings {
+        steps: training.local_steps as usize,
+        batch_size: training.batch_size as usize,
+        learning_rate: training.learning_rate,
+        head_learning_rate: training.head_learning_rate,
+        weight_decay: training.weight_decay,
+        warmup_steps: training.warmup_steps as usize,
+        max_grad_norm: training.max_grad_norm,
+        max_seq_length: training.max_seq_length as usize,
+        eval_batch_size: training.eval_batch_size as usize,
+        seed,
+        prefix_cache: training.prefix_cache.enabled,
+        prefix_cache_bytes: training.prefix_cache.max_memory_mib as usize * 1024 * 1024,
+        prefix_cache_dir: cache_dir.map(Path::to_path_buf),
+        gradient_checkpointing: training.gradient_checkpointing,
+    }
+}
+
+/// The key of a client's model in the prefix-cache fingerprints.
+pub fn model_id(client: &ClientSpec) -> String {
+    format!("{}|{:?}", client.model.uri, client.model.dtype)
+}
+
+/// Loads client `opts.client`: its backbone (on `opts.device`), data,
+/// adapter and head, then its private state `state_in` and, on top of it,
+/// the global artifact in `global`.
+pub fn load_client(
+    opts: &ClientOptions,
+    global: Option<&Path>,
+    state_in: Option<&Path>,
+) -> Result<LoadedClient> {
+    let spec = job::read_spec(&opts.spec)?;
+    let index = job::client_index(&spec, &opts.client)?;
+    if let Some(t) = opts.threads {
+        tch::set_num_threads(t);
+    }
+    let device = crate::cuda::device(&opts.device)?;
+    let (backbone, tokenizer, model_dir, load_seconds) = load_frozen(&spec, index, device)?;
+    let (mine, test, num_classes) = client_data(&spec, index)?;
+    let info = backbone.info().clone();
+    let choice = adapter_choice(
+        &spec,
+        index,
+        &model_dir,
+        info.num_layers,
+        lora_rank(&spec, index),
+    )?;
+    let model = ClientModel::new(
+        backbone,
+        tokenizer,
+        &choice,
+        num_classes,
+        pooling(&spec),
+        device,
+    )?;
+    let all_names: Vec<String> = model.vs.variables().keys().cloned().collect();
+
+    // Private state first, then the global state on top of it.
+    if let Some(file) = state_in {
+        import_private(&model, file, &all_names)?;
+    }
+    let family_key = job::family_key(&spec, index);
+    let mut base_round = 0;
+    if let Some(global) = global {
+        // With a private state, the global only replaces what the client
+        // exchanges: the rest of the global (the initial values a
+        // `local-only` run keeps there, say) must not undo local training.
+        // Without one (first round), everything starts from the global.
+        let from_global = if state_in.is_some() {
+            shared_names(&model, &spec)
+        } else {
+            all_names.clone()
+        };
+        base_round = import_global(&model, &spec, index, &family_key, global, &from_global)?;
+    }
+    Ok(LoadedClient {
+        index,
+        family_key,
+        base_round,
+        load_seconds,
+        train: mine.train,
+        validation: mine.validation,
+        test,
+        num_classes,
+        all_names,
+        model,
+        spec,
+    })
+}
+
+/// The frozen part of client `index`: its backbone on `device` and its
+/// tokenizer, the model folder, and the seconds loading them took.
+fn load_frozen(
+    spec: &FederatedTuneSpec,
+    index: usize,
+    device: Device,
+) -> Result<(Box<dyn Backbone>, TextTokenizer, PathBuf, f64)> {
+    let client = &spec.clients[index];
+    let model_dir = job::local_path(
+        &client.model.uri,
+        &format!("spec.clients[{index}].model.uri"),
+    )?;
+    let load_start = std::time::Instant::now();
+    let backbone = load_backbone(&model_dir, device, job::kind_of(client.model.dtype))
+        .context_with(|| format!("loading the backbone of client {}", client.name))?;
+    let tokenizer = TextTokenizer::for_model(&model_dir, backbone.info().vocab_size)?;
+    Ok((
+        backbone,
+        tokenizer,
+        model_dir,
+        load_start.elapsed().as_secs_f64(),
+    ))
+}
+
+/// Client `index`'s share of the data, the global test set (at most
+/// `task.maxTestExamples`) and the number of classes.
+fn client_data(
+    spec: &FederatedTuneSpec,
+    index: usize,
+) -> Result<(ClientData, Vec<Example>, usize)> {
+    let data = federate(&job::data_config(spec)?).context_with(|| "preparing the data".into())?;
+    let mine = data.clients[index].clone();
+    let mut test = data.test.clone();
+    if let Some(max) = spec.task.max_test_examples {
+        test.truncate(max as usize);
+    }
+    Ok((mine, test, data.labels.len()))
+}
+
+/// Loads the client's private state from `file` into `names`.
+fn import_private(model: &ClientModel, file: &Path, names: &[String]) -> Result<()> {
+    let bytes = std::fs::read(file)
+        .context_with(|| format!("reading the client state {}", file.display()))?;
+    let values = artifact::from_safetensors(&bytes, file)?;
+    model
+        .import(&values, names)
+        .context_with(|| format!("loading the client state {}", file.display()))?;
+    Ok(())
+}
+
+/// Loads the client's view of the global artifact in `global` into
+/// `names`; returns the global's round.
+fn import_global(
+    model: &ClientModel,
+    spec: &FederatedTuneSpec,
+    index: usize,
+    family_key: &str,
+    global: &Path,
+    names: &[String],
+) -> Result<u32> {
+    let (manifest, tensors) = artifact::read_artifact(global)
+        .context_with(|| format!("reading the global artifact in {}", global.display()))?;
+    let misfit = || {
+        format!(
+            "the global artifact in {} does not fit client {}",
+            global.display(),
+            spec.clients[index].name
+        )
+    };
+    let rank = (spec.adapter.kind == AdapterKind::Lora).then(|| lora_rank(spec, index));
+    let mapped = client_view(tensors, family_key, rank).context_with(misfit)?;
+    model.import(&mapped, names).context_with(misfit)?;
+    Ok(manifest.round)
+}

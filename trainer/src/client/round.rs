@@ -1,0 +1,255 @@
+//! One round of a client: train, score, write the artifact (the delta of
+//! what the client shares) and its private state, and the report.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use heterotune_crds::manifest::{ArtifactKind, ArtifactManifest};
+use tch::Tensor;
+
+use super::load::{load_client, model_id, settings, ClientOptions, LoadedClient};
+use crate::artifact::{self, StoreDtype, WRITER_VERSION};
+use crate::exchange::shared_names;
+use crate::metrics::Scores;
+use crate::train::{TrainReport, TrainSettings};
+use crate::Result;
+
+/// One round of training: which round, the states it starts from and where
+/// its outputs go (the trainer's `train` arguments).
+#[derive(Debug, Clone, Copy)]
+pub struct TrainRound<'a> {
+    /// The round being trained (1-based).
+    pub round: u32,
+    /// Directory of the previous round's global artifact.
+    pub global: Option<&'a Path>,
+    /// The client's private state after the previous round.
+    pub state_in: Option<&'a Path>,
+    /// Where to save the client's private state after this round.
+    pub state_out: Option<&'a Path>,
+    /// Directory where frozen-prefix caches persist between rounds.
+    pub cache_dir: Option<&'a Path>,
+    /// Where to write adapter.safetensors and manifest.json.
+    pub out: &'a Path,
+    /// The run this artifact belongs to (written into the manifest).
+    pub run: &'a str,
+}
+
+/// What one round of a client measured.
+#[derive(Debug, Clone)]
+struct RoundScores {
+    report: TrainReport,
+    validation: Scores,
+    validation_loss: f64,
+    test: Scores,
+    /// The global test scores of the model the client received.
+    received: Option<Scores>,
+}
+
+/// What [`train_round`] did; its `Display` is the trainer's report.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    client: String,
+    family_key: String,
+    num_layers: usize,
+    prefix_layers: usize,
+    round: u32,
+    base_round: u32,
+    examples: [usize; 3],
+    scores: RoundScores,
+    load_seconds: f64,
+    prefix_from_disk: bool,
+    trainable: usize,
+    backbone_parameters: usize,
+    /// Bytes and tensors of the uploaded artifact.
+    upload: (u64, usize),
+    out: PathBuf,
+    /// The manifest as written.
+    pub manifest: ArtifactManifest,
+}
+
+/// Trains client `opts.client` for one round and writes its artifact (the
+/// delta of what it shares, BF16) into `args.out`, and its private state
+/// into `args.state_out`.
+pub fn train_round(opts: &ClientOptions, args: &TrainRound<'_>) -> Result<TrainSummary> {
+    let mut c = load_client(opts, args.global, args.state_in)?;
+    let info = c.model.backbone().info().clone();
+    let send = shared_names(&c.model, &c.spec);
+    let before = c.model.export(&send)?;
+    let settings = settings(&c.spec, args.round, c.index, args.cache_dir);
+    let (scores, prefix_from_disk) = train_and_score(&mut c, &settings)?;
+    if let Some(file) = args.state_out {
+        let values = c.model.export(&c.all_names)?;
+        let (bytes, _) = artifact::to_safetensors(&values, StoreDtype::F32)?;
+        artifact::write_atomic(file, &bytes)?;
+    }
+    let after = c.model.export(&send)?;
+    let delta: BTreeMap<String, Tensor> = after
+        .iter()
+        .map(|(name, t)| (name.clone(), t - &before[name]))
+        .collect();
+    let trainable = c.model.adapter.parameter_count() + c.model.head.parameter_count();
+    let client = c.spec_client();
+    let manifest = ArtifactManifest {
+        client: Some(client.name.clone()),
+        family: Some(c.family_key.clone()),
+        num_examples: c.train.len() as u64,
+        metrics: scores.metrics(c.load_seconds, trainable, info.num_parameters),
+        stats: serde_json::json!({"familyArchitecture": client.model.family.as_str(), "prefixLayers": c.model.prefix_layers()}),
+        ..ArtifactManifest::new(
+            ArtifactKind::Client,
+            args.run,
+            args.round,
+            c.base_round,
+            WRITER_VERSION,
+        )
+    };
+    let manifest = artifact::write_artifact(args.out, &delta, StoreDtype::Bf16, manifest)?;
+    Ok(TrainSummary {
+        client: client.name.clone(),
+        family_key: c.family_key.clone(),
+        num_layers: info.num_layers,
+        prefix_layers: c.model.prefix_layers(),
+        round: args.round,
+        base_round: c.base_round,
+        examples: [c.train.len(), c.validation.len(), c.test.len()],
+        scores,
+        load_seconds: c.load_seconds,
+        prefix_from_disk,
+        trainable,
+        backbone_parameters: info.num_parameters,
+        upload: (manifest.artifact.bytes, manifest.tensors.len()),
+        out: args.out.to_path_buf(),
+        manifest,
+    })
+}
+
+/// Scores the received model on the test set (when the spec evaluates each
+/// round and there is a previous round), trains, then scores the trained
+/// model on validation and test. Also says whether the training prefixes
+/// came from the disk cache.
+fn train_and_score(c: &mut LoadedClient, settings: &TrainSettings) -> Result<(RoundScores, bool)> {
+    let model_id = model_id(c.spec_client());
+    let batch = settings.eval_batch_size;
+    let test_data = c.model.prepare(&c.test, settings, &model_id)?;
+    // The model this client received (the previous round's global with its
+    // own private parts), before local training: the previous round's
+    // global accuracy. Round 1 starts from the untrained initial state.
+    let received = if c.spec.evaluation.each_round && c.base_round > 0 {
+        Some(c.model.evaluate(&test_data, batch, c.num_classes)?.0)
+    } else {
+        None
+    };
+    let train_data = c.model.prepare(&c.train, settings, &model_id)?;
+    let report = c.model.train(&train_data, settings)?;
+    let val_data = c.model.prepare(&c.validation, settings, &model_id)?;
+    let (validation, validation_loss) = c.model.evaluate(&val_data, batch, c.num_classes)?;
+    let (test, _) = c.model.evaluate(&test_data, batch, c.num_classes)?;
+    let scores = RoundScores {
+        report,
+        validation,
+        validation_loss,
+        test,
+        received,
+    };
+    Ok((scores, train_data.from_disk))
+}
+
+impl RoundScores {
+    /// The client manifest's metrics.
+    fn metrics(
+        &self,
+        load_seconds: f64,
+        trainable: usize,
+        backbone_parameters: usize,
+    ) -> BTreeMap<String, f64> {
+        let (report, val, tst) = (&self.report, &self.validation, &self.test);
+        let mut metrics = BTreeMap::new();
+        metrics.insert("loss".into(), report.final_loss);
+        metrics.insert("mean_train_loss".into(), report.mean_loss);
+        metrics.insert("validation_loss".into(), self.validation_loss);
+        metrics.insert("accuracy".into(), val.accuracy);
+        metrics.insert("macro_f1".into(), val.macro_f1);
+        metrics.insert("validation_examples".into(), val.examples as f64);
+        metrics.insert("test_accuracy".into(), tst.accuracy);
+        metrics.insert("test_macro_f1".into(), tst.macro_f1);
+        metrics.insert("test_examples".into(), tst.examples as f64);
+        if let Some(r) = &self.received {
+            metrics.insert("received_test_accuracy".into(), r.accuracy);
+            metrics.insert("received_test_macro_f1".into(), r.macro_f1);
+        }
+        metrics.insert("steps".into(), report.steps as f64);
+        metrics.insert("steps_per_second".into(), report.steps_per_second);
+        metrics.insert("tokens_per_second".into(), report.tokens_per_second);
+        metrics.insert("train_seconds".into(), report.seconds);
+        metrics.insert("prefix_cache_seconds".into(), report.prefix_seconds);
+        metrics.insert(
+            "prefix_cached_examples".into(),
+            report.cached_examples as f64,
+        );
+        metrics.insert("load_seconds".into(), load_seconds);
+        metrics.insert("trainable_parameters".into(), trainable as f64);
+        metrics.insert("backbone_parameters".into(), backbone_parameters as f64);
+        if let Some(rss) = report.peak_rss_bytes {
+            metrics.insert("peak_rss_bytes".into(), rss as f64);
+        }
+        metrics
+    }
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+impl fmt::Display for TrainSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (report, val, tst) = (
+            &self.scores.report,
+            &self.scores.validation,
+            &self.scores.test,
+        );
+        let [train, validation, test] = self.examples;
+        writeln!(
+            f,
+            "client {} ({}, {} layers, frozen prefix of {} layers): round {}, {train} train / {validation} validation / {test} test examples",
+            self.client, self.family_key, self.num_layers, self.prefix_layers, self.round,
+        )?;
+        writeln!(
+            f,
+            "  trained {} steps in {:.1} s ({:.2} steps/s, {:.0} tokens/s; prefix cache {:.1} s for {} examples; model load {:.1} s)",
+            report.steps,
+            report.seconds,
+            report.steps_per_second,
+            report.tokens_per_second,
+            report.prefix_seconds,
+            report.cached_examples,
+            self.load_seconds
+        )?;
+        if self.prefix_from_disk {
+            writeln!(f, "  (frozen-prefix cache loaded from disk)")?;
+        }
+        if let Some(r) = &self.scores.received {
+            writeln!(
+                f,
+                "  received global model (round {}): global test accuracy {:.3}, macro-F1 {:.3}",
+                self.base_round, r.accuracy, r.macro_f1
+            )?;
+        }
+        writeln!(
+            f,
+            "  loss {:.4} -> validation accuracy {:.3}, macro-F1 {:.3}; global test accuracy {:.3}, macro-F1 {:.3}",
+            report.final_loss, val.accuracy, val.macro_f1, tst.accuracy, tst.macro_f1
+        )?;
+        writeln!(
+            f,
+            "  parameters: {} trainable of {} in the backbone ({:.4} %); upload {} bytes ({} tensors, bf16); peak RSS {:.0} MiB",
+            self.trainable,
+            self.backbone_parameters,
+            100.0 * self.trainable as f64 / self.backbone_parameters.max(1) as f64,
+            self.upload.0,
+            self.upload.1,
+            report.peak_rss_bytes.map(mib).unwrap_or(f64::NAN)
+        )?;
+        writeln!(f, "  artifact: {}", self.out.display())
+    }
+}
