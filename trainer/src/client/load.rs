@@ -2,9 +2,9 @@
 //! its data, its private state and the global it received
 //! ([`load_client`]); the settings it trains with ([`settings`]).
 
-use heterotune_crds::model::LayerSelection;
 use std::path::{Path, PathBuf};
 
+use heterotune_crds::model::LayerSelection;
 use heterotune_crds::spec::{
     AdapterKind, ClientSpec, FederatedTuneSpec, Pooling as SpecPooling, TrainingSpec,
 };
