@@ -2,7 +2,7 @@
 //! the packaged-model table or a parameter count; its adapted layers.
 
 use heterotune_crds::model::facts::{bert_parameters, llama_parameters};
-use heterotune_crds::model::{slots, LayerSelection, ModelFacts, SlotMap};
+use heterotune_crds::model::{slots, LayerSelection, ModelFacts, SlotMap, CONFIG_FILE};
 use heterotune_crds::spec::{FederatedTuneSpec, LayerSelectionSpec, ModelFamily};
 use serde::Serialize;
 
@@ -46,7 +46,7 @@ pub struct ModelShape {
 impl ModelShape {
     /// Reads the shape from a Hugging Face `config.json`.
     pub fn from_config_json(config: &serde_json::Value) -> Result<ModelShape, SizingError> {
-        let facts = ModelFacts::from_value(std::path::Path::new("config.json"), config.clone())
+        let facts = ModelFacts::from_value(std::path::Path::new(CONFIG_FILE), config.clone())
             .map_err(|e| SizingError::Config(e.message))?;
         Ok(ModelShape::from_facts(&facts))
     }

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use futures::future::BoxFuture;
+use heterotune_crds::model::CONFIG_FILE;
 use heterotune_crds::spec::{RetentionPolicy, StorageSpec};
 use heterotune_crds::status::MAX_HISTORY;
 use heterotune_crds::uri::{self, Location};
@@ -98,9 +99,9 @@ impl RunStore for ObjectRunStore {
             };
             let store = self.store(&model_storage)?;
             let config_key = if key.is_empty() {
-                "config.json".to_string()
+                CONFIG_FILE.to_string()
             } else {
-                format!("{key}/config.json")
+                format!("{key}/{CONFIG_FILE}")
             };
             Ok(store
                 .get(&config_key)
