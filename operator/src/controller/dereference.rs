@@ -4,8 +4,10 @@
 //! and the shape of every client's model (remembered between reconciles).
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::Arc;
 
+use heterotune_crds::model::{ModelFacts, CONFIG_FILE};
 use k8s_openapi::api::core::v1::Pod;
 
 use super::context::Context;
@@ -105,8 +107,11 @@ async fn shapes(ctx: &Context, run: &Run<'_>) -> Vec<Option<ModelShape>> {
                 let mut found = sizing::packaged_model(&uri);
                 if found.is_none() && uri.starts_with("s3://") {
                     match ctx.store.model_config(&spec.storage, &uri).await {
-                        Ok(Some(cfg)) => match sizing::ModelShape::from_config_json(&cfg) {
-                            Ok(s) => found = Some(s),
+                        Ok(Some(bytes)) => match ModelFacts::from_bytes(
+                            Path::new(&format!("{uri}/{CONFIG_FILE}")),
+                            &bytes,
+                        ) {
+                            Ok(facts) => found = Some(ModelShape::from_facts(&facts)),
                             Err(e) => tracing::warn!(uri, error = %e, "unusable model config"),
                         },
                         Ok(None) => {}

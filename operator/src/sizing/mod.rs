@@ -61,9 +61,6 @@ pub const GIB: u64 = 1024 * MIB;
 /// Why a shape or a placement could not be worked out.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum SizingError {
-    /// `config.json` lacks a field or has an unknown `model_type`.
-    #[error("model config: {0}")]
-    Config(String),
     /// Nothing says how large the model is.
     #[error("the size of {uri} is unknown: the operator cannot read its config.json and it is not a packaged model; set spec.clients[{index}].model.parameters or spec.clients[{index}].resources")]
     UnknownModel { index: usize, uri: String },

@@ -2,11 +2,9 @@
 //! the packaged-model table or a parameter count; its adapted layers.
 
 use heterotune_crds::model::facts::{bert_parameters, llama_parameters};
-use heterotune_crds::model::{slots, LayerSelection, ModelFacts, SlotMap, CONFIG_FILE};
+use heterotune_crds::model::{slots, LayerSelection, ModelFacts, SlotMap};
 use heterotune_crds::spec::{FederatedTuneSpec, LayerSelectionSpec, ModelFamily};
 use serde::Serialize;
-
-use super::SizingError;
 
 /// Where a model's shape came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -44,13 +42,6 @@ pub struct ModelShape {
 }
 
 impl ModelShape {
-    /// Reads the shape from a Hugging Face `config.json`.
-    pub fn from_config_json(config: &serde_json::Value) -> Result<ModelShape, SizingError> {
-        let facts = ModelFacts::from_value(std::path::Path::new(CONFIG_FILE), config.clone())
-            .map_err(|e| SizingError::Config(e.message))?;
-        Ok(ModelShape::from_facts(&facts))
-    }
-
     /// The shape of a model whose facts were read.
     pub fn from_facts(facts: &ModelFacts) -> ModelShape {
         ModelShape {

@@ -167,7 +167,7 @@ impl RunStore for MemoryRunStore {
         &'a self,
         storage: &'a StorageSpec,
         uri: &'a str,
-    ) -> BoxFuture<'a, Result<Option<serde_json::Value>, StoreError>> {
+    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, StoreError>> {
         Box::pin(async move {
             self.check(&storage.uri)?;
             Ok(self
@@ -175,7 +175,7 @@ impl RunStore for MemoryRunStore {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .get(uri.trim_end_matches('/'))
-                .cloned())
+                .map(|v| v.to_string().into_bytes()))
         })
     }
 

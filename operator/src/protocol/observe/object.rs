@@ -88,7 +88,7 @@ impl RunStore for ObjectRunStore {
         &'a self,
         storage: &'a StorageSpec,
         uri: &'a str,
-    ) -> BoxFuture<'a, Result<Option<serde_json::Value>, StoreError>> {
+    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, StoreError>> {
         Box::pin(async move {
             let Ok(Location::S3 { bucket, key }) = uri::resolve(uri) else {
                 return Ok(None);
@@ -103,10 +103,7 @@ impl RunStore for ObjectRunStore {
             } else {
                 format!("{key}/{CONFIG_FILE}")
             };
-            Ok(store
-                .get(&config_key)
-                .await?
-                .and_then(|b| serde_json::from_slice(&b).ok()))
+            Ok(store.get(&config_key).await?.map(|b| b.to_vec()))
         })
     }
 

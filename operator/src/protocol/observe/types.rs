@@ -119,13 +119,14 @@ pub trait RunStore: Send + Sync {
         since: u32,
     ) -> BoxFuture<'a, Result<StoreObservation, StoreError>>;
 
-    /// The `config.json` of the model at `uri` (`s3://bucket/prefix`), or
-    /// `None` when it does not exist.
+    /// The bytes of the `config.json` of the model at `uri`
+    /// (`s3://bucket/prefix`), or `None` when it does not exist (parse them
+    /// with `heterotune_crds::model::ModelFacts::from_bytes`).
     fn model_config<'a>(
         &'a self,
         storage: &'a StorageSpec,
         uri: &'a str,
-    ) -> BoxFuture<'a, Result<Option<serde_json::Value>, StoreError>>;
+    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, StoreError>>;
 
     /// Applies `spec.retention.onDelete` to the run's artifacts; returns how
     /// many objects were deleted.
