@@ -161,6 +161,9 @@ impl Runner {
     /// Aggregates `round` over `participants`, then prunes old client
     /// rounds (`retention.keepClientRounds`); a failure is counted.
     async fn aggregate(&mut self, round: u32, participants: &[String], attempt: u32) {
+        // A round resumed with every client committed starts here: its
+        // report entry is recorded like any other round's.
+        self.state.start(round);
         self.progress.aggregating(round, participants.len());
         let agg_start = Instant::now();
         let result = staging::aggregate(

@@ -137,7 +137,7 @@ impl Runner {
             }
         }
         self.facts.retain(|r, _| *r >= round);
-        self.state = RoundState::new(&self.spec);
+        self.state = RoundState::new(&self.spec, round);
         if round <= rounds {
             self.progress.start_round(round);
         } else {

@@ -25,6 +25,11 @@ pub struct ClientRun {
 /// The current round as the runner saw it.
 #[derive(Debug, Default)]
 pub struct RoundState {
+    /// The round this bookkeeping is of (`rounds + 1`: the final
+    /// evaluation; 0 before the first observation). It survives passes of
+    /// the loop in which this runner starts nothing, so failures add up
+    /// even in a round whose clients were all committed before a resume.
+    pub round: u32,
     /// The round and when this runner started its first process in it
     /// (`rounds + 1`: the final evaluation); `None` until then.
     pub started: Option<(u32, Instant)>,
@@ -39,9 +44,10 @@ pub struct RoundState {
 }
 
 impl RoundState {
-    /// A fresh round for the clients of `spec`.
-    pub fn new(spec: &FederatedTuneSpec) -> Self {
+    /// Fresh bookkeeping of `round` for the clients of `spec`.
+    pub fn new(spec: &FederatedTuneSpec, round: u32) -> Self {
         RoundState {
+            round,
             clients: spec
                 .clients
                 .iter()
@@ -51,9 +57,9 @@ impl RoundState {
         }
     }
 
-    /// True when this state is of `round` (a process of it was started).
+    /// True when this state is of `round`.
     pub fn is_of(&self, round: u32) -> bool {
-        self.started.map(|(r, _)| r) == Some(round)
+        self.round == round
     }
 
     /// Marks the round started now, unless it already is.
@@ -143,5 +149,41 @@ impl RoundState {
         c.failed_attempts += 1;
         c.last_error = Some(why);
         c.last_error.as_deref()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> FederatedTuneSpec {
+        let yaml = r#"
+apiVersion: heterotune.dev/v1alpha1
+kind: FederatedTune
+metadata: { name: t }
+spec:
+  clients:
+    - { name: a, model: { family: bert, uri: "cache://models/m" } }
+  task: { dataset: { uri: "cache://data/d.jsonl" }, labels: [neg, pos] }
+"#;
+        heterotune_crds::validate::parse_federated_tune(yaml)
+            .expect("valid")
+            .spec
+    }
+
+    /// A round in which this runner starts no process (every client was
+    /// committed before a resume) keeps its aggregation failures: the
+    /// planner sees them add up and ends the round instead of retrying
+    /// the aggregation forever.
+    #[test]
+    fn bookkeeping_belongs_to_its_round_without_a_started_process() {
+        let spec = spec();
+        let mut state = RoundState::new(&spec, 2);
+        assert!(state.is_of(2) && !state.is_of(3));
+        state.aggregation_failures = 1;
+        let obs = state.observation(&spec, 1, &[true], Instant::now());
+        assert_eq!(obs.aggregation, AggregationState::Failed);
+        assert_eq!(obs.aggregation_failures, 1);
+        assert!(obs.round_started_at.is_none());
     }
 }
