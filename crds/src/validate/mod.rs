@@ -154,6 +154,19 @@ pub fn check_object(object: &mut Value, old: Option<&Value>) -> Vec<Problem> {
             message: "required value".into(),
         }),
     }
+    // The namespace names a folder of local runs: only what the API server
+    // accepts (a DNS label), never a path such as `../..`.
+    match object.pointer("/metadata/namespace") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(ns)) if is_dns_label(ns) => {}
+        Some(other) => problems.push(Problem {
+            path: "metadata.namespace".into(),
+            kind: ProblemKind::Pattern,
+            message: format!(
+                "{other} is not a valid namespace: lower-case letters, digits and '-', starting and ending with a letter or digit, at most 63 characters"
+            ),
+        }),
+    }
     if !problems.is_empty() {
         return problems;
     }
@@ -206,6 +219,16 @@ fn is_dns_subdomain(name: &str) -> bool {
         && name
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric())
+}
+
+fn is_dns_label(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         && name.starts_with(|c: char| c.is_ascii_alphanumeric())
         && name.ends_with(|c: char| c.is_ascii_alphanumeric())
 }

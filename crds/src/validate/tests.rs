@@ -249,6 +249,16 @@ fn invalid_specs_name_their_field() {
             set(base(), "/metadata/name", Some(json!("Quick Start"))),
             "metadata.name",
         ),
+        (
+            "namespace that walks out of the work folder",
+            set(base(), "/metadata/namespace", Some(json!("../../.."))),
+            "metadata.namespace",
+        ),
+        (
+            "namespace that is not a string",
+            set(base(), "/metadata/namespace", Some(json!(7))),
+            "metadata.namespace",
+        ),
     ];
     let mut failures = Vec::new();
     for (what, mut doc, path) in cases {
