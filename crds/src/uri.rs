@@ -36,6 +36,35 @@ pub enum UriError {
     NoCache(String),
     #[error("{file} (named by HETEROTUNE_STAGED): {message}")]
     Staged { file: String, message: String },
+    #[error("{0:?} has a '..' component: name the file or folder itself (a cache:// URI stays inside the cache)")]
+    ParentComponent(String),
+    #[error("{uri:?} points into {root}, which holds the system's and processes' state, not models or data")]
+    SystemPath { uri: String, root: &'static str },
+}
+
+/// Folders a model or dataset URI may never name: they hold process and
+/// kernel state (a process's environment, with the store's credentials).
+const SYSTEM_ROOTS: &[&str] = &["/proc", "/sys", "/dev"];
+
+/// Refuses a local path with a `..` component or inside [`SYSTEM_ROOTS`]
+/// (also through a symbolic link, when the path exists).
+fn confined(uri: &str, path: PathBuf) -> Result<Location, UriError> {
+    if path
+        .components()
+        .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        return Err(UriError::ParentComponent(uri.to_string()));
+    }
+    let real = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
+    for candidate in [&path, &real] {
+        if let Some(root) = SYSTEM_ROOTS.iter().find(|r| candidate.starts_with(r)) {
+            return Err(UriError::SystemPath {
+                uri: uri.to_string(),
+                root,
+            });
+        }
+    }
+    Ok(Location::Local(path))
 }
 
 /// The cache root: `$HETEROTUNE_CACHE`, else `$HOME/.cache/heterotune`.
@@ -86,9 +115,9 @@ pub fn staged_path(uri: &str) -> Result<Option<PathBuf>, UriError> {
 pub fn resolve(uri: &str) -> Result<Location, UriError> {
     if let Some(rest) = uri.strip_prefix("cache://") {
         let root = cache_root().ok_or_else(|| UriError::NoCache(uri.to_string()))?;
-        Ok(Location::Local(root.join(rest.trim_start_matches('/'))))
+        confined(uri, root.join(rest.trim_start_matches('/')))
     } else if let Some(rest) = uri.strip_prefix("file://") {
-        Ok(Location::Local(PathBuf::from(rest)))
+        confined(uri, PathBuf::from(rest))
     } else if let Some(rest) = uri.strip_prefix("s3://") {
         let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
         if bucket.is_empty() {
@@ -99,7 +128,7 @@ pub fn resolve(uri: &str) -> Result<Location, UriError> {
             key: key.trim_matches('/').to_string(),
         })
     } else if uri.starts_with('/') {
-        Ok(Location::Local(PathBuf::from(uri)))
+        confined(uri, PathBuf::from(uri))
     } else {
         Err(UriError::Unsupported(uri.to_string()))
     }
@@ -133,5 +162,35 @@ mod tests {
             Ok(Location::Local(p)) => assert!(p.ends_with("models/m")),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A spec cannot name a file outside the cache through cache://, nor
+    /// the kernel's and processes' state (a process's environment holds
+    /// the store's credentials), directly or through a link.
+    #[test]
+    fn paths_stay_out_of_system_state_and_inside_the_cache() {
+        for uri in [
+            "cache://../../../etc/passwd",
+            "cache://models/../../x",
+            "/data/../etc/passwd",
+            "file://a/../../b",
+        ] {
+            assert_eq!(
+                resolve(uri),
+                Err(UriError::ParentComponent(uri.into())),
+                "{uri}"
+            );
+        }
+        for uri in ["/proc/self/environ", "file:///sys/kernel", "/dev/zero"] {
+            assert!(
+                matches!(resolve(uri), Err(UriError::SystemPath { .. })),
+                "{uri}"
+            );
+        }
+        let dir = tempfile::tempdir().expect("dir");
+        let link = dir.path().join("environ.csv");
+        std::os::unix::fs::symlink("/proc/self/environ", &link).expect("link");
+        let err = resolve(&link.display().to_string()).expect_err("through a link");
+        assert!(err.to_string().contains("/proc"), "{err}");
     }
 }

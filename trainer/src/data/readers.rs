@@ -31,15 +31,42 @@ fn column_index(
     path: &Path,
 ) -> Result<usize> {
     headers.iter().position(|h| h == field).ok_or_else(|| {
-        let available: Vec<String> = headers.iter().map(|h| format!("`{h}`")).collect();
         Error::data(
             path,
             format!(
                 "line 1: the header has no column `{field}` ({role}); available columns: {}",
-                available.join(", ")
+                quoted_names(headers.iter())
             ),
         )
     })
+}
+
+/// Most names an error lists, and most characters of each: an error must
+/// not carry a file's content (a "header" may be a whole secret-laden line).
+const MAX_NAMES: usize = 8;
+const MAX_NAME_CHARS: usize = 32;
+
+/// Column or field names for an error message: at most [`MAX_NAMES`], each
+/// cut to [`MAX_NAME_CHARS`] and escaped.
+fn quoted_names<'a>(names: impl Iterator<Item = &'a str>) -> String {
+    let names: Vec<&str> = names.collect();
+    let mut shown: Vec<String> = names
+        .iter()
+        .take(MAX_NAMES)
+        .map(|n| {
+            let cut: String = n.chars().take(MAX_NAME_CHARS).collect();
+            let more = if n.chars().count() > MAX_NAME_CHARS {
+                "…"
+            } else {
+                ""
+            };
+            format!("`{}{more}`", cut.escape_debug())
+        })
+        .collect();
+    if names.len() > MAX_NAMES {
+        shown.push(format!("… ({} more)", names.len() - MAX_NAMES));
+    }
+    shown.join(", ")
 }
 
 pub(crate) fn read_delimited(
@@ -138,12 +165,11 @@ pub(crate) fn read_jsonl(
         };
         let get = |name: &str| {
             object.get(name).ok_or_else(|| {
-                let available: Vec<String> = object.keys().map(|k| format!("`{k}`")).collect();
                 Error::data(
                     path,
                     format!(
                         "line {line}: field `{name}` missing; available fields: {}",
-                        available.join(", ")
+                        quoted_names(object.keys().map(String::as_str))
                     ),
                 )
             })
@@ -191,5 +217,24 @@ fn json_kind(value: &serde_json::Value) -> String {
         serde_json::Value::String(_) => "a string".into(),
         serde_json::Value::Array(_) => "an array".into(),
         serde_json::Value::Object(_) => "an object".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A header line that is really a secret (`/proc/self/environ` read as
+    /// CSV) is not echoed: names are cut, escaped and counted.
+    #[test]
+    fn error_names_are_cut_and_escaped() {
+        let secret = format!("AWS_SECRET_ACCESS_KEY={}\0PATH=/bin", "s".repeat(40));
+        let text = quoted_names([secret.as_str(), "text"].into_iter());
+        assert!(!text.contains(&"s".repeat(33)), "{text}");
+        assert!(text.contains("`text`") && text.contains('…'), "{text}");
+        let many: Vec<String> = (0..20).map(|i| format!("c{i}")).collect();
+        let text = quoted_names(many.iter().map(String::as_str));
+        assert!(text.ends_with("… (12 more)"), "{text}");
+        assert!(!quoted_names(["a\nb"].into_iter()).contains('\n'));
     }
 }
