@@ -173,9 +173,28 @@ async fn run_to_end(
     }
 }
 
+/// Makes the process `cmd` starts receive SIGKILL when the thread that
+/// started it ends (Linux `PR_SET_PDEATHSIG`): a runner or pod-side job
+/// killed with SIGKILL leaves no trainer behind, training on and writing
+/// to the store. The runtime's worker threads live as long as the runner.
+pub fn die_with_parent(cmd: &mut tokio::process::Command) {
+    #[cfg(target_os = "linux")]
+    // SAFETY: the closure runs in the child between fork and exec and calls
+    // only prctl(2), which is async-signal-safe; it allocates nothing.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 impl TrainerCommand {
     fn command(&self, sub: &str) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new(&self.binary);
+        die_with_parent(&mut cmd);
         cmd.arg(sub).arg("--spec").arg(&self.spec);
         if let Some(staged) = &self.staged {
             cmd.env(heterotune_crds::uri::STAGED_ENV, staged);
@@ -406,5 +425,49 @@ impl TrainerCommand {
             }
         });
         Ok(cancel_tx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state_of(pid: u32) -> Option<char> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit(')').next()?.trim_start().chars().next()
+    }
+
+    /// A child started with [`die_with_parent`] is killed when the thread
+    /// that started it ends, as when a runner is killed.
+    #[test]
+    fn a_trainer_dies_with_its_parent() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let parent = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                let mut cmd = tokio::process::Command::new("sleep");
+                cmd.arg("30");
+                die_with_parent(&mut cmd);
+                let child = cmd.spawn().expect("spawn sleep");
+                tx.send(child.id().expect("pid")).expect("send");
+                // The runtime and this thread end without waiting.
+                std::mem::forget(child);
+            });
+        });
+        let pid = rx.recv().expect("pid");
+        parent.join().expect("parent thread");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while matches!(state_of(pid), Some(s) if s != 'Z') {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "sleep {pid} outlived the thread that started it"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        // Reap it (the test process is its parent); SAFETY: a plain syscall on our own child.
+        unsafe { libc::waitpid(pid as i32, std::ptr::null_mut(), 0) };
     }
 }
