@@ -12,6 +12,7 @@
 //!   that checks a spec against that very schema and those very rules, so
 //!   that `heterotune validate` and the API server cannot disagree.
 
+pub mod bounded;
 pub mod digest;
 pub mod layout;
 pub mod manifest;

@@ -142,7 +142,8 @@ enum JobCommand {
 }
 
 fn read(file: &Path) -> anyhow::Result<String> {
-    std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))
+    heterotune_crds::bounded::read_text(file, heterotune_crds::bounded::MAX_SPEC_BYTES)
+        .with_context(|| format!("cannot read {}", file.display()))
 }
 
 fn report(file: &Path, problems: &Problems) {

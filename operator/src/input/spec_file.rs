@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use heterotune_crds::bounded::{read_text, MAX_SPEC_BYTES};
 use heterotune_crds::validate::{parse_document, validate_value, Problems};
 use heterotune_crds::FederatedTune;
 use serde_json::Value;
@@ -34,7 +35,7 @@ impl SpecFileError {
 /// Reads and validates `file`; returns the object and its document with
 /// defaults applied.
 pub fn read(file: &Path) -> Result<(FederatedTune, Value), SpecFileError> {
-    let text = std::fs::read_to_string(file).map_err(|e| SpecFileError::Read {
+    let text = read_text(file, MAX_SPEC_BYTES).map_err(|e| SpecFileError::Read {
         file: file.to_path_buf(),
         source: e,
     })?;
