@@ -222,16 +222,12 @@ mod tests {
         metrics: &[(&str, f64)],
         stats: serde_json::Value,
     ) -> ArtifactManifest {
+        let kind = if client.is_some() {
+            ArtifactKind::Client
+        } else {
+            ArtifactKind::Global
+        };
         ArtifactManifest {
-            schema_version: 1,
-            kind: if client.is_some() {
-                ArtifactKind::Client
-            } else {
-                ArtifactKind::Global
-            },
-            run: "r".into(),
-            round: 2,
-            base_round: 1,
             client: client.map(str::to_string),
             family: client.map(|_| "bert".to_string()),
             artifact: FileDigest {
@@ -239,12 +235,11 @@ mod tests {
                 sha256: "00".into(),
                 bytes: 100,
             },
-            tensors: vec![],
             num_examples: 10,
             metrics: metrics.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
             stats,
-            writer_version: "test".into(),
             created_at: "2023-11-14T22:13:20Z".into(),
+            ..ArtifactManifest::new(kind, "r", 2, 1, "test")
         }
     }
 

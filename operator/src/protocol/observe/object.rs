@@ -163,19 +163,12 @@ mod tests {
         metrics.insert("accuracy.bert".to_string(), 0.75);
         metrics.insert("round_seconds".to_string(), 42.0);
         ArtifactManifest {
-            schema_version: 1,
-            kind,
-            run: "r".into(),
-            round,
-            base_round: round - 1,
             client: client.map(str::to_string),
-            family: None,
             artifact: FileDigest {
                 path: "adapter.safetensors".into(),
                 sha256: "00".into(),
                 bytes: 123,
             },
-            tensors: vec![],
             num_examples: 10,
             metrics,
             // As `heterotune-trainer aggregate` writes them (RoundStats).
@@ -186,8 +179,8 @@ mod tests {
                 "bytesReceived": 200,
                 "bytesRejected": 46
             }),
-            writer_version: "test".into(),
             created_at: created.into(),
+            ..ArtifactManifest::new(kind, "r", round, round - 1, "test")
         }
     }
 
