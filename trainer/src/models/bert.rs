@@ -14,11 +14,9 @@ use tch::{Device, Kind, Tensor};
 use heterotune_crds::model::{ModelFacts, WEIGHTS_FILE};
 
 use super::config::{positive, typed, Activation};
+use super::encoder::{layer_at, EncoderLayer, LayerNames, LayerNorm, LayerShape};
 use super::weights::{WeightStorage, Weights};
-use super::{
-    add_delta, attention, Backbone, BackboneInfo, Family, FusedLinear, Linear, Projection,
-    ProjectionDelta, TokenRows,
-};
+use super::{Backbone, BackboneInfo, Family, ProjectionDelta};
 use crate::error::{Error, Result};
 
 /// Hyper-parameters of a BERT encoder, as in Hugging Face's `config.json`.
@@ -107,87 +105,21 @@ impl BertConfig {
         }
         Ok(())
     }
-
-    fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_attention_heads
-    }
 }
 
-/// LayerNorm over the last dimension.
-#[derive(Debug)]
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f64,
-    size: i64,
-}
-
-impl LayerNorm {
-    fn load(w: &Weights, prefix: &str, size: usize, eps: f64) -> Result<Self> {
-        Ok(Self {
-            weight: w.get(&format!("{prefix}.weight"), &[size])?,
-            bias: w.get(&format!("{prefix}.bias"), &[size])?,
-            eps,
-            size: size as i64,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Tensor {
-        x.layer_norm(
-            [self.size],
-            Some(&self.weight),
-            Some(&self.bias),
-            self.eps,
-            true,
-        )
-    }
-}
-
-/// One encoder layer: self-attention + output LayerNorm, FFN + LayerNorm.
-#[derive(Debug)]
-struct BertLayer {
-    /// `attention.self.{query,key,value}`, fused.
-    qkv: FusedLinear,
-    attention_output: Linear,
-    attention_norm: LayerNorm,
-    intermediate: Linear,
-    output: Linear,
-    output_norm: LayerNorm,
-}
-
-impl BertLayer {
-    fn load(w: &Weights, cfg: &BertConfig, index: usize) -> Result<Self> {
-        let p = format!("encoder.layer.{index}");
-        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-        Ok(Self {
-            qkv: FusedLinear::load(
-                w,
-                &[
-                    (&format!("{p}.attention.self.query"), h),
-                    (&format!("{p}.attention.self.key"), h),
-                    (&format!("{p}.attention.self.value"), h),
-                ],
-                h,
-                true,
-            )?,
-            attention_output: Linear::load(w, &format!("{p}.attention.output.dense"), h, h, true)?,
-            attention_norm: LayerNorm::load(
-                w,
-                &format!("{p}.attention.output.LayerNorm"),
-                h,
-                cfg.layer_norm_eps,
-            )?,
-            intermediate: Linear::load(w, &format!("{p}.intermediate.dense"), h, i, true)?,
-            output: Linear::load(w, &format!("{p}.output.dense"), i, h, true)?,
-            output_norm: LayerNorm::load(
-                w,
-                &format!("{p}.output.LayerNorm"),
-                h,
-                cfg.layer_norm_eps,
-            )?,
-        })
-    }
-}
+/// BERT's names of a layer's parts.
+const BERT_LAYER: LayerNames = LayerNames {
+    qkv: [
+        "attention.self.query",
+        "attention.self.key",
+        "attention.self.value",
+    ],
+    attention_output: "attention.output.dense",
+    attention_norm: "attention.output.LayerNorm",
+    intermediate: "intermediate.dense",
+    output: "output.dense",
+    output_norm: "output.LayerNorm",
+};
 
 /// A frozen BERT encoder.
 #[derive(Debug)]
@@ -198,7 +130,7 @@ pub struct Bert {
     /// Position embeddings plus the type-0 embedding, `[max_positions, hidden]`.
     position_type_embeddings: Tensor,
     embedding_norm: LayerNorm,
-    layers: Vec<BertLayer>,
+    layers: Vec<EncoderLayer>,
     /// Keeps memory-mapped weights alive; declared last so it drops last.
     _storage: WeightStorage,
 }
@@ -237,8 +169,15 @@ impl Bert {
         )?;
         let position_type_embeddings = positions.f_add(&types.f_get(0)?)?;
         let embedding_norm = LayerNorm::load(w, "embeddings.LayerNorm", h, config.layer_norm_eps)?;
+        let shape = LayerShape {
+            hidden: h,
+            intermediate: config.intermediate_size,
+            heads: config.num_attention_heads,
+            eps: config.layer_norm_eps,
+            act: config.hidden_act,
+        };
         let layers = (0..config.num_hidden_layers)
-            .map(|i| BertLayer::load(w, &config, i))
+            .map(|i| EncoderLayer::load(w, &BERT_LAYER, shape, i))
             .collect::<Result<Vec<_>>>()?;
         let info = BackboneInfo {
             family: Family::Bert,
@@ -261,12 +200,6 @@ impl Bert {
     /// The configuration this encoder was built from.
     pub fn config(&self) -> &BertConfig {
         &self.config
-    }
-
-    fn split_heads(&self, x: &Tensor, batch: i64, seq: i64) -> Tensor {
-        let heads = self.config.num_attention_heads as i64;
-        x.view([batch, seq, heads, self.config.head_dim() as i64])
-            .transpose(1, 2)
     }
 }
 
@@ -303,49 +236,13 @@ impl Backbone for Bert {
         attention_mask: &Tensor,
         delta: Option<&dyn ProjectionDelta>,
     ) -> Tensor {
-        let layer = self.layers.get(index).unwrap_or_else(|| {
-            panic!(
-                "layer {index} out of range: this BERT has {} layers",
-                self.layers.len()
-            )
-        });
+        let layer = layer_at(&self.layers, index, "BERT");
         // Adapters may hand back f32 while the backbone computes in bf16.
-        let hidden = &hidden.to_kind(self.word_embeddings.kind());
-        let (batch, seq, width) = hidden.size3().expect("hidden must be [batch, seq, hidden]");
-        // Token-wise work on the real tokens only; attention padded.
-        let rows = TokenRows::of(attention_mask);
-        let hidden = &rows.pack(hidden);
-        let [q, k, v]: [Tensor; 3] = layer
-            .qkv
-            .forward(hidden)
-            .into_iter()
-            .zip([Projection::Query, Projection::Key, Projection::Value])
-            .map(|(out, projection)| {
-                let out = add_delta(out, hidden, delta, index, projection);
-                self.split_heads(&rows.unpack(&out), batch, seq)
-            })
-            .collect::<Vec<_>>()
-            .try_into()
-            .expect("three fused projections");
+        let hidden = hidden.to_kind(self.word_embeddings.kind());
+        let (batch, seq) = attention_mask.size2().expect("mask must be [batch, seq]");
         // Key padding mask, broadcast over heads and queries: true = attend.
-        let mask = attention_mask.ne(0).view([batch, 1, 1, seq]);
-        let context = attention(&q, &k, &v, Some(&mask), false)
-            .transpose(1, 2)
-            .reshape([batch, seq, width]);
-        let attended =
-            layer
-                .attention_output
-                .project(&rows.pack(&context), delta, index, Projection::Output);
-        let hidden = layer.attention_norm.forward(&(attended + hidden));
-        let inner = self
-            .config
-            .hidden_act
-            .apply(&layer.intermediate.forward(&hidden));
-        rows.unpack(
-            &layer
-                .output_norm
-                .forward(&(layer.output.forward(&inner) + hidden)),
-        )
+        let keep = attention_mask.ne(0).view([batch, 1, 1, seq]);
+        layer.forward(index, &hidden, attention_mask, &keep, delta)
     }
 
     /// Identity: BERT's last LayerNorm is inside its last layer.
