@@ -82,21 +82,21 @@ def make_tiny(kind, tokenizer_dir, out_dir):
     torch.manual_seed(0)
     with open(os.path.join(tokenizer_dir, "config.json")) as f:
         vocab_size = json.load(f)["vocab_size"]
+    # The encoders' (BERT, MPNet) options the real models do not use.
+    encoder = dict(
+        vocab_size=vocab_size,
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        intermediate_size=100,
+        hidden_act="gelu_new",
+        layer_norm_eps=1e-7,
+        initializer_range=0.2,
+    )
     if kind == "bert":
         from transformers import BertConfig, BertForSequenceClassification
 
-        config = BertConfig(
-            vocab_size=vocab_size,
-            hidden_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=3,
-            intermediate_size=100,
-            hidden_act="gelu_new",
-            max_position_embeddings=64,
-            layer_norm_eps=1e-7,
-            initializer_range=0.2,
-            num_labels=3,
-        )
+        config = BertConfig(max_position_embeddings=64, num_labels=3, **encoder)
         model = BertForSequenceClassification(config)
     elif kind == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -131,17 +131,7 @@ def make_tiny(kind, tokenizer_dir, out_dir):
         from transformers import MPNetConfig, MPNetForMaskedLM
 
         config = MPNetConfig(
-            vocab_size=vocab_size,
-            hidden_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=3,
-            intermediate_size=100,
-            hidden_act="gelu_new",
-            max_position_embeddings=66,
-            layer_norm_eps=1e-7,
-            initializer_range=0.2,
-            relative_attention_num_buckets=32,
-            pad_token_id=1,
+            max_position_embeddings=66, relative_attention_num_buckets=32, pad_token_id=1, **encoder
         )
         model = MPNetForMaskedLM(config)
     else:
@@ -212,26 +202,20 @@ def main():
 
         return fn
 
-    if model_type == "bert":
-        from transformers import BertModel
+    if model_type in ("bert", "mpnet"):
+        from transformers import BertModel, MPNetModel
 
-        model = BertModel.from_pretrained(args.model_dir, dtype=torch.float32, add_pooling_layer=False)
+        bert = model_type == "bert"
+        encoder_class = BertModel if bert else MPNetModel
+        model = encoder_class.from_pretrained(args.model_dir, dtype=torch.float32, add_pooling_layer=False)
         model.eval()
         model.embeddings.register_forward_hook(hook("hidden.0"))
         for i, layer in enumerate(model.encoder.layer):
             layer.register_forward_hook(hook(f"hidden.{i + 1}"))
+        # BERT: token type 0 everywhere; MPNet has no token types.
+        types = {"token_type_ids": torch.zeros_like(input_ids)} if bert else {}
         with torch.no_grad():
-            model(input_ids=input_ids, attention_mask=mask, token_type_ids=torch.zeros_like(input_ids))
-    elif model_type == "mpnet":
-        from transformers import MPNetModel
-
-        model = MPNetModel.from_pretrained(args.model_dir, dtype=torch.float32, add_pooling_layer=False)
-        model.eval()
-        model.embeddings.register_forward_hook(hook("hidden.0"))
-        for i, layer in enumerate(model.encoder.layer):
-            layer.register_forward_hook(hook(f"hidden.{i + 1}"))
-        with torch.no_grad():
-            model(input_ids=input_ids, attention_mask=mask)
+            model(input_ids=input_ids, attention_mask=mask, **types)
     else:
         from transformers import LlamaForCausalLM
 

@@ -46,25 +46,30 @@ fn bert_tensors(config: &Value) -> Vec<(String, Tensor)> {
     tch::manual_seed(7);
     let h = config["hidden_size"].as_i64().unwrap();
     let i = config["intermediate_size"].as_i64().unwrap();
-    let mut t = vec![
-        (
-            "embeddings.word_embeddings.weight".to_string(),
-            randn(&[BERT_VOCAB, h], 1.0),
-        ),
-        (
-            "embeddings.position_embeddings.weight".to_string(),
-            randn(&[40, h], 0.5),
-        ),
-        (
-            "embeddings.token_type_embeddings.weight".to_string(),
-            randn(&[2, h], 0.5),
-        ),
-        ("embeddings.LayerNorm.weight".to_string(), near_one(h)),
-        ("embeddings.LayerNorm.bias".to_string(), randn(&[h], 0.1)),
-    ];
+    let mut t = embedding_tensors(BERT_VOCAB, 40, h);
+    t.push((
+        "embeddings.token_type_embeddings.weight".to_string(),
+        randn(&[2, h], 0.5),
+    ));
     let layers = config["num_hidden_layers"].as_i64().unwrap();
     encoder_layers(&mut t, layers, h, i, &BERT_NAMES);
     t
+}
+
+/// An encoder's word and position tables and embedding LayerNorm.
+fn embedding_tensors(vocab: i64, positions: i64, h: i64) -> Vec<(String, Tensor)> {
+    vec![
+        (
+            "embeddings.word_embeddings.weight".to_string(),
+            randn(&[vocab, h], 1.0),
+        ),
+        (
+            "embeddings.position_embeddings.weight".to_string(),
+            randn(&[positions, h], 0.5),
+        ),
+        ("embeddings.LayerNorm.weight".to_string(), near_one(h)),
+        ("embeddings.LayerNorm.bias".to_string(), randn(&[h], 0.1)),
+    ]
 }
 
 /// The parts of a post-LN encoder layer: q, k, v, attention output, its
@@ -138,22 +143,11 @@ fn mpnet_tensors(config: &Value) -> Vec<(String, Tensor)> {
     let h = config["hidden_size"].as_i64().unwrap();
     let i = config["intermediate_size"].as_i64().unwrap();
     let heads = config["num_attention_heads"].as_i64().unwrap();
-    let mut t = vec![
-        (
-            "embeddings.word_embeddings.weight".to_string(),
-            randn(&[MPNET_VOCAB, h], 1.0),
-        ),
-        (
-            "embeddings.position_embeddings.weight".to_string(),
-            randn(&[42, h], 0.5),
-        ),
-        ("embeddings.LayerNorm.weight".to_string(), near_one(h)),
-        ("embeddings.LayerNorm.bias".to_string(), randn(&[h], 0.1)),
-        (
-            "encoder.relative_attention_bias.weight".to_string(),
-            randn(&[32, heads], 1.0),
-        ),
-    ];
+    let mut t = embedding_tensors(MPNET_VOCAB, 42, h);
+    t.push((
+        "encoder.relative_attention_bias.weight".to_string(),
+        randn(&[32, heads], 1.0),
+    ));
     let layers = config["num_hidden_layers"].as_i64().unwrap();
     encoder_layers(&mut t, layers, h, i, &MPNET_NAMES);
     t
@@ -303,11 +297,19 @@ fn bert_padding_does_not_change_real_positions() {
     let _guard = tch::no_grad_guard();
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_bert(tmp.path());
-    let short: &[i64] = &[2, 11, 12, 13, 3];
-    let (alone, alone_mask) = ids(&[short]);
-    let (batch, batch_mask) = ids(&[short, &[2, 4, 5, 6, 7, 8, 9, 10, 3]]);
+    assert_padding_invariant(model.as_ref(), [2, 3], 0);
+}
+
+/// A 5-token sequence (`[first, 11, 12, 13, last]`) gives the same states
+/// alone and right-padded with `pad` in a batch with a longer one.
+fn assert_padding_invariant(model: &dyn Backbone, [first, last]: [i64; 2], pad: i64) {
+    let short: &[i64] = &[first, 11, 12, 13, last];
+    let (alone, alone_mask) = ids_padded_with(&[short], pad);
+    let long: &[i64] = &[first, 4, 5, 6, 7, 8, 9, 10, last];
+    let (batch, batch_mask) = ids_padded_with(&[short, long], pad);
     let a = model.hidden_states(&alone, &alone_mask);
     let b = model.hidden_states(&batch, &batch_mask);
+    assert_eq!(b[1].size()[..2], [2, 9]);
     for (layer, (a, b)) in a.iter().zip(&b).enumerate() {
         let diff = max_diff(a, &b.get(0).narrow(0, 0, 5).unsqueeze(0));
         assert!(
@@ -360,24 +362,11 @@ fn mpnet_shapes_parameters_and_padding() {
     let facts = heterotune_crds::model::ModelFacts::read(tmp.path()).unwrap();
     assert_eq!(facts.parameters(), expected);
     // Padding (id 1, MPNet's) does not change the real positions.
-    let short: &[i64] = &[0, 11, 12, 13, 2];
-    let (alone, alone_mask) = ids_padded_with(&[short], 1);
-    let (batch, batch_mask) = ids_padded_with(&[short, &[0, 4, 5, 6, 7, 8, 9, 10, 2]], 1);
-    let a = model.hidden_states(&alone, &alone_mask);
-    let b = model.hidden_states(&batch, &batch_mask);
-    assert_eq!(b[2].size(), [2, 9, 32]);
-    for (layer, (a, b)) in a.iter().zip(&b).enumerate() {
-        let diff = max_diff(a, &b.get(0).narrow(0, 0, 5).unsqueeze(0));
-        assert!(
-            diff < 1e-5,
-            "layer {layer}: padding changed real outputs by {diff}"
-        );
-    }
+    assert_padding_invariant(model.as_ref(), [0, 2], 1);
 }
 
 /// Positions start after the padding id (RoBERTa's rule), and the relative
-/// position bias reaches the attention: a sequence and its reversal differ
-/// beyond what the position embeddings alone explain.
+/// position bias reaches the attention: zeroing its table changes a layer.
 #[test]
 fn mpnet_positions_and_relative_bias() {
     let _guard = tch::no_grad_guard();

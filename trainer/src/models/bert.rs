@@ -11,10 +11,8 @@ use std::path::Path;
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
-use heterotune_crds::model::{ModelFacts, WEIGHTS_FILE};
-
-use super::config::{positive, typed, Activation};
-use super::encoder::{layer_at, EncoderLayer, LayerNames, LayerNorm, LayerShape};
+use super::config::{positive, Activation};
+use super::encoder::{open_checkpoint, EncoderStack, LayerNames, LayerShape, StackShape};
 use super::weights::{WeightStorage, Weights};
 use super::{Backbone, BackboneInfo, Family, ProjectionDelta};
 use crate::error::{Error, Result};
@@ -126,11 +124,8 @@ const BERT_LAYER: LayerNames = LayerNames {
 pub struct Bert {
     config: BertConfig,
     info: BackboneInfo,
-    word_embeddings: Tensor,
-    /// Position embeddings plus the type-0 embedding, `[max_positions, hidden]`.
-    position_type_embeddings: Tensor,
-    embedding_norm: LayerNorm,
-    layers: Vec<EncoderLayer>,
+    /// Its position table holds the positions plus the type-0 embedding.
+    encoder: EncoderStack,
     /// Keeps memory-mapped weights alive; declared last so it drops last.
     _storage: WeightStorage,
 }
@@ -143,11 +138,7 @@ impl Bert {
     /// [`Error::Model`] naming the file for a missing file, an unsupported or
     /// inconsistent configuration, or a missing / mis-shaped / non-float tensor.
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
-        let facts = ModelFacts::read(dir)?;
-        let config: BertConfig = typed(&facts)?;
-        config.validate(&facts.source)?;
-        let mut weights = Weights::open(&dir.join(WEIGHTS_FILE), device, kind)?;
-        weights.strip_prefix("bert.");
+        let (config, weights) = open_checkpoint(dir, device, kind, "bert.", BertConfig::validate)?;
         Self::from_weights(config, &weights)
     }
 
@@ -156,43 +147,28 @@ impl Bert {
     /// # Errors
     /// As [`Bert::load`] for the tensors.
     pub fn from_weights(config: BertConfig, w: &Weights) -> Result<Self> {
-        let h = config.hidden_size;
-        let word_embeddings =
-            w.get("embeddings.word_embeddings.weight", &[config.vocab_size, h])?;
-        let positions = w.get(
-            "embeddings.position_embeddings.weight",
-            &[config.max_position_embeddings, h],
-        )?;
+        let shape = StackShape {
+            vocab: config.vocab_size,
+            positions: config.max_position_embeddings,
+            layers: config.num_hidden_layers,
+            layer: LayerShape {
+                hidden: config.hidden_size,
+                intermediate: config.intermediate_size,
+                heads: config.num_attention_heads,
+                eps: config.layer_norm_eps,
+                act: config.hidden_act,
+            },
+        };
+        let mut encoder = EncoderStack::load(w, shape, &BERT_LAYER)?;
         let types = w.get(
             "embeddings.token_type_embeddings.weight",
-            &[config.type_vocab_size, h],
+            &[config.type_vocab_size, config.hidden_size],
         )?;
-        let position_type_embeddings = positions.f_add(&types.f_get(0)?)?;
-        let embedding_norm = LayerNorm::load(w, "embeddings.LayerNorm", h, config.layer_norm_eps)?;
-        let shape = LayerShape {
-            hidden: h,
-            intermediate: config.intermediate_size,
-            heads: config.num_attention_heads,
-            eps: config.layer_norm_eps,
-            act: config.hidden_act,
-        };
-        let layers = (0..config.num_hidden_layers)
-            .map(|i| EncoderLayer::load(w, &BERT_LAYER, shape, i))
-            .collect::<Result<Vec<_>>>()?;
-        let info = BackboneInfo {
-            family: Family::Bert,
-            hidden_size: h,
-            num_layers: config.num_hidden_layers,
-            vocab_size: config.vocab_size,
-            num_parameters: w.loaded_elements(),
-        };
+        encoder.position_embeddings = encoder.position_embeddings.f_add(&types.f_get(0)?)?;
         Ok(Self {
+            info: encoder.info(Family::Bert, w),
             config,
-            info,
-            word_embeddings,
-            position_type_embeddings,
-            embedding_norm,
-            layers,
+            encoder,
             _storage: w.storage(),
         })
     }
@@ -219,9 +195,8 @@ impl Backbone for Bert {
             "sequence length {seq} exceeds max_position_embeddings {}",
             self.config.max_position_embeddings
         );
-        let words = Tensor::embedding(&self.word_embeddings, input_ids, -1, false, false);
-        let positions = self.position_type_embeddings.narrow(0, 0, seq);
-        self.embedding_norm.forward(&(words + positions))
+        let positions = self.encoder.position_embeddings.narrow(0, 0, seq);
+        self.encoder.embed(input_ids, &positions)
     }
 
     /// Post-LN encoder layer with a key padding mask. `hidden` is first cast
@@ -236,13 +211,10 @@ impl Backbone for Bert {
         attention_mask: &Tensor,
         delta: Option<&dyn ProjectionDelta>,
     ) -> Tensor {
-        let layer = layer_at(&self.layers, index, "BERT");
-        // Adapters may hand back f32 while the backbone computes in bf16.
-        let hidden = hidden.to_kind(self.word_embeddings.kind());
-        let (batch, seq) = attention_mask.size2().expect("mask must be [batch, seq]");
         // Key padding mask, broadcast over heads and queries: true = attend.
-        let keep = attention_mask.ne(0).view([batch, 1, 1, seq]);
-        layer.forward(index, &hidden, attention_mask, &keep, delta)
+        let keep = |batch, seq| attention_mask.ne(0).view([batch, 1, 1, seq]);
+        self.encoder
+            .layer("BERT", index, (hidden, attention_mask), keep, delta)
     }
 
     /// Identity: BERT's last LayerNorm is inside its last layer.

@@ -1,16 +1,46 @@
-//! The post-LN Transformer encoder layer that BERT and MPNet share
-//! (self-attention + LayerNorm, feed-forward + LayerNorm), and its
-//! LayerNorm. The architectures differ only in their checkpoint names
-//! ([`LayerNames`]) and in the attention mask they hand to
-//! [`EncoderLayer::forward`]: BERT a key padding mask, MPNet that mask
-//! folded into its relative position bias.
+//! What BERT and MPNet share: the post-LN Transformer encoder layer
+//! (self-attention + LayerNorm, feed-forward + LayerNorm), its LayerNorm,
+//! and the stack of word and position tables, embedding LayerNorm and
+//! layers ([`EncoderStack`]). The architectures differ in their checkpoint
+//! names ([`LayerNames`]), their position ids and token types, and the
+//! attention mask they hand to [`EncoderLayer::forward`]: BERT a key padding
+//! mask, MPNet that mask folded into its relative position bias.
 
-use tch::Tensor;
+use std::path::Path;
 
-use super::config::Activation;
+use serde::de::DeserializeOwned;
+use tch::{Device, Kind, Tensor};
+
+use heterotune_crds::model::{ModelFacts, WEIGHTS_FILE};
+
+use super::config::{typed, Activation};
 use super::weights::Weights;
-use super::{add_delta, attention, FusedLinear, Linear, Projection, ProjectionDelta, TokenRows};
+use super::{
+    add_delta, attention, BackboneInfo, Family, FusedLinear, Linear, Projection, ProjectionDelta,
+    TokenRows,
+};
 use crate::error::Result;
+
+/// The typed, validated configuration in `dir` and its weights in `kind`
+/// on `device`, with the task head's `prefix` (`bert.`, `mpnet.`) stripped.
+///
+/// # Errors
+/// [`crate::Error::Model`] naming the file: missing file, invalid or
+/// unsupported configuration (`validate`), unreadable weights.
+pub(super) fn open_checkpoint<C: DeserializeOwned>(
+    dir: &Path,
+    device: Device,
+    kind: Kind,
+    prefix: &str,
+    validate: impl FnOnce(&C, &Path) -> Result<()>,
+) -> Result<(C, Weights)> {
+    let facts = ModelFacts::read(dir)?;
+    let config: C = typed(&facts)?;
+    validate(&config, &facts.source)?;
+    let mut weights = Weights::open(&dir.join(WEIGHTS_FILE), device, kind)?;
+    weights.strip_prefix(prefix);
+    Ok((config, weights))
+}
 
 /// LayerNorm over the last dimension.
 #[derive(Debug)]
@@ -156,17 +186,93 @@ impl EncoderLayer {
     }
 }
 
-/// Layer `index` of `layers`, panicking with the architecture's `name`
-/// when it is out of range.
-pub(super) fn layer_at<'a>(
-    layers: &'a [EncoderLayer],
-    index: usize,
-    name: &str,
-) -> &'a EncoderLayer {
-    layers.get(index).unwrap_or_else(|| {
-        panic!(
-            "layer {index} out of range: this {name} has {} layers",
-            layers.len()
-        )
-    })
+/// Sizes of an encoder, from the architecture's configuration.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct StackShape {
+    /// Token vocabulary.
+    pub vocab: usize,
+    /// Learned positions.
+    pub positions: usize,
+    /// Number of layers.
+    pub layers: usize,
+    /// Each layer's sizes.
+    pub layer: LayerShape,
+}
+
+/// An encoder's word and position tables, embedding LayerNorm and layers.
+#[derive(Debug)]
+pub(super) struct EncoderStack {
+    /// `[vocab, hidden]`.
+    word_embeddings: Tensor,
+    /// `[positions, hidden]` (BERT adds its type-0 embedding).
+    pub position_embeddings: Tensor,
+    embedding_norm: LayerNorm,
+    layers: Vec<EncoderLayer>,
+}
+
+impl EncoderStack {
+    /// Loads `embeddings.{word,position}_embeddings`, `embeddings.LayerNorm`
+    /// and the layers under `names`.
+    pub(super) fn load(w: &Weights, shape: StackShape, names: &LayerNames) -> Result<Self> {
+        let h = shape.layer.hidden;
+        Ok(Self {
+            word_embeddings: w.get("embeddings.word_embeddings.weight", &[shape.vocab, h])?,
+            position_embeddings: w.get(
+                "embeddings.position_embeddings.weight",
+                &[shape.positions, h],
+            )?,
+            embedding_norm: LayerNorm::load(w, "embeddings.LayerNorm", h, shape.layer.eps)?,
+            layers: (0..shape.layers)
+                .map(|i| EncoderLayer::load(w, names, shape.layer, i))
+                .collect::<Result<Vec<_>>>()?,
+        })
+    }
+
+    /// The backbone's shape facts once every tensor of `w` is loaded.
+    pub(super) fn info(&self, family: Family, w: &Weights) -> BackboneInfo {
+        let (vocab_size, hidden_size) = self
+            .word_embeddings
+            .size2()
+            .map(|(v, h)| (v as usize, h as usize))
+            .unwrap_or_default();
+        BackboneInfo {
+            family,
+            hidden_size,
+            num_layers: self.layers.len(),
+            vocab_size,
+            num_parameters: w.loaded_elements(),
+        }
+    }
+
+    /// Word embeddings of `input_ids` plus `positions` (broadcastable), normed.
+    pub(super) fn embed(&self, input_ids: &Tensor, positions: &Tensor) -> Tensor {
+        let words = Tensor::embedding(&self.word_embeddings, input_ids, -1, false, false);
+        self.embedding_norm.forward(&(words + positions))
+    }
+
+    /// Runs layer `index` on `hidden` cast to the backbone's dtype (adapters
+    /// may hand back f32 while the backbone computes in bf16), with the
+    /// attention mask `keep` makes from `(batch, seq)`.
+    ///
+    /// # Panics
+    /// When `index` is out of range (naming the architecture `name`) or
+    /// shapes disagree.
+    pub(super) fn layer(
+        &self,
+        name: &str,
+        index: usize,
+        (hidden, attention_mask): (&Tensor, &Tensor),
+        keep: impl FnOnce(i64, i64) -> Tensor,
+        delta: Option<&dyn ProjectionDelta>,
+    ) -> Tensor {
+        let layer = self.layers.get(index).unwrap_or_else(|| {
+            panic!(
+                "layer {index} out of range: this {name} has {} layers",
+                self.layers.len()
+            )
+        });
+        let hidden = hidden.to_kind(self.word_embeddings.kind());
+        let (batch, seq) = attention_mask.size2().expect("mask must be [batch, seq]");
+        layer.forward(index, &hidden, attention_mask, &keep(batch, seq), delta)
+    }
 }

@@ -19,10 +19,8 @@ use std::path::Path;
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
-use heterotune_crds::model::{ModelFacts, WEIGHTS_FILE};
-
-use super::config::{positive, typed, Activation};
-use super::encoder::{layer_at, EncoderLayer, LayerNames, LayerNorm, LayerShape};
+use super::config::{positive, Activation};
+use super::encoder::{open_checkpoint, EncoderStack, LayerNames, LayerShape, StackShape};
 use super::weights::{WeightStorage, Weights};
 use super::{Backbone, BackboneInfo, Family, ProjectionDelta};
 use crate::error::{Error, Result};
@@ -164,12 +162,9 @@ fn position_bias(table: &Tensor, len: i64) -> Tensor {
 pub struct Mpnet {
     config: MpnetConfig,
     info: BackboneInfo,
-    word_embeddings: Tensor,
-    position_embeddings: Tensor,
-    embedding_norm: LayerNorm,
+    encoder: EncoderStack,
     /// The relative position bias for the longest sequence, `[heads, n, n]` f32.
     position_bias: Tensor,
-    layers: Vec<EncoderLayer>,
     /// Keeps memory-mapped weights alive; declared last so it drops last.
     _storage: WeightStorage,
 }
@@ -182,11 +177,8 @@ impl Mpnet {
     /// [`Error::Model`] naming the file for a missing file, an unsupported or
     /// inconsistent configuration, or a missing / mis-shaped / non-float tensor.
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
-        let facts = ModelFacts::read(dir)?;
-        let config: MpnetConfig = typed(&facts)?;
-        config.validate(&facts.source)?;
-        let mut weights = Weights::open(&dir.join(WEIGHTS_FILE), device, kind)?;
-        weights.strip_prefix("mpnet.");
+        let (config, weights) =
+            open_checkpoint(dir, device, kind, "mpnet.", MpnetConfig::validate)?;
         Self::from_weights(config, &weights)
     }
 
@@ -195,14 +187,19 @@ impl Mpnet {
     /// # Errors
     /// As [`Mpnet::load`] for the tensors.
     pub fn from_weights(config: MpnetConfig, w: &Weights) -> Result<Self> {
-        let h = config.hidden_size;
-        let word_embeddings =
-            w.get("embeddings.word_embeddings.weight", &[config.vocab_size, h])?;
-        let position_embeddings = w.get(
-            "embeddings.position_embeddings.weight",
-            &[config.max_position_embeddings, h],
-        )?;
-        let embedding_norm = LayerNorm::load(w, "embeddings.LayerNorm", h, config.layer_norm_eps)?;
+        let shape = StackShape {
+            vocab: config.vocab_size,
+            positions: config.max_position_embeddings,
+            layers: config.num_hidden_layers,
+            layer: LayerShape {
+                hidden: config.hidden_size,
+                intermediate: config.intermediate_size,
+                heads: config.num_attention_heads,
+                eps: config.layer_norm_eps,
+                act: config.hidden_act,
+            },
+        };
+        let encoder = EncoderStack::load(w, shape, &MPNET_LAYER)?;
         let table = w.get_as(
             "encoder.relative_attention_bias.weight",
             &[
@@ -211,32 +208,11 @@ impl Mpnet {
             ],
             Kind::Float,
         )?;
-        let position_bias = position_bias(&table, config.max_sequence() as i64);
-        let shape = LayerShape {
-            hidden: h,
-            intermediate: config.intermediate_size,
-            heads: config.num_attention_heads,
-            eps: config.layer_norm_eps,
-            act: config.hidden_act,
-        };
-        let layers = (0..config.num_hidden_layers)
-            .map(|i| EncoderLayer::load(w, &MPNET_LAYER, shape, i))
-            .collect::<Result<Vec<_>>>()?;
-        let info = BackboneInfo {
-            family: Family::Mpnet,
-            hidden_size: h,
-            num_layers: config.num_hidden_layers,
-            vocab_size: config.vocab_size,
-            num_parameters: w.loaded_elements(),
-        };
         Ok(Self {
+            info: encoder.info(Family::Mpnet, w),
+            position_bias: position_bias(&table, config.max_sequence() as i64),
             config,
-            info,
-            word_embeddings,
-            position_embeddings,
-            embedding_norm,
-            position_bias,
-            layers,
+            encoder,
             _storage: w.storage(),
         })
     }
@@ -267,9 +243,9 @@ impl Backbone for Mpnet {
         );
         let real = input_ids.ne(PADDING_IDX).to_kind(Kind::Int64);
         let positions = real.cumsum(-1, Kind::Int64) * &real + PADDING_IDX;
-        let words = Tensor::embedding(&self.word_embeddings, input_ids, -1, false, false);
-        let positions = Tensor::embedding(&self.position_embeddings, &positions, -1, false, false);
-        self.embedding_norm.forward(&(words + positions))
+        let table = &self.encoder.position_embeddings;
+        let positions = Tensor::embedding(table, &positions, -1, false, false);
+        self.encoder.embed(input_ids, &positions)
     }
 
     /// Post-LN encoder layer whose attention scores get the relative
@@ -286,21 +262,13 @@ impl Backbone for Mpnet {
         attention_mask: &Tensor,
         delta: Option<&dyn ProjectionDelta>,
     ) -> Tensor {
-        let layer = layer_at(&self.layers, index, "MPNet");
-        // Adapters may hand back f32 while the backbone computes in bf16.
-        let hidden = hidden.to_kind(self.word_embeddings.kind());
-        let (batch, seq) = attention_mask.size2().expect("mask must be [batch, seq]");
-        let padding = attention_mask
-            .eq(0)
-            .to_kind(Kind::Float)
-            .view([batch, 1, 1, seq]);
-        let bias = self
-            .position_bias
-            .narrow(1, 0, seq)
-            .narrow(2, 0, seq)
-            .unsqueeze(0)
-            + padding * f64::from(f32::MIN);
-        layer.forward(index, &hidden, attention_mask, &bias, delta)
+        let keep = |batch, seq| {
+            let padding = attention_mask.eq(0).to_kind(Kind::Float);
+            let bias = self.position_bias.narrow(1, 0, seq).narrow(2, 0, seq);
+            bias.unsqueeze(0) + padding.view([batch, 1, 1, seq]) * f64::from(f32::MIN)
+        };
+        self.encoder
+            .layer("MPNet", index, (hidden, attention_mask), keep, delta)
     }
 
     /// Identity: MPNet's last LayerNorm is inside its last layer.
