@@ -91,7 +91,7 @@ fn train_from(model: &dyn Backbone, input: &Tensor, mask: &Tensor, start: usize)
 fn plan(model: &dyn Backbone) -> (Vec<usize>, Vec<usize>) {
     let n = model.info().num_layers;
     match model.info().family {
-        Family::Bert => (vec![n], vec![]),
+        Family::Bert | Family::Mpnet => (vec![n], vec![]),
         Family::Llama => (vec![n.min(21)], vec![n.min(6)]),
     }
 }

@@ -49,7 +49,7 @@ use heterotune_trainer::artifact::{self, StoreDtype};
 use heterotune_trainer::client::train_settings;
 use heterotune_trainer::data::source::Example;
 use heterotune_trainer::data::split::{seeded_rng, shuffle};
-use heterotune_trainer::models::{load_backbone, Family};
+use heterotune_trainer::models::load_backbone;
 use heterotune_trainer::tokenizer::TextTokenizer;
 use heterotune_trainer::train::{Adapter, AdapterChoice, ClientModel, TrainSettings};
 use serde_json::{json, Value};
@@ -349,7 +349,7 @@ fn bench_model(case: &ModelCase, all: &[Example], opt: &Options) -> anyhow::Resu
     let job_value = json!({
         "model": case.name,
         "model_dir": dir,
-        "family": match info.family { Family::Bert => "bert", Family::Llama => "llama" },
+        "family": info.family.as_str(),
         "num_layers": info.num_layers,
         "hidden_size": info.hidden_size,
         "labels": LABELS,

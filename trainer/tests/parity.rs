@@ -1,5 +1,5 @@
 //! Parity of the Rust backbones and tokenizer with Hugging Face transformers
-//! on the project's three real models.
+//! on the project's four real models.
 //!
 //! For each model in `$HETEROTUNE_CACHE/models` (made by `scripts/setup.sh`),
 //! `scripts/parity_reference.py` runs transformers (f32, eval) on a fixed
@@ -11,7 +11,9 @@
 //! * runs the Rust backbone in f32 and requires max |Δ| ≤ 1e-4 + 1e-6·max|hf|
 //!   on real (unmasked) positions for the embeddings and every layer's
 //!   output (max|hf| so far: an error made at a large activation stays in
-//!   the residual stream), and for LLaMA's final norm and logits (the relative term: the
+//!   the residual stream), for the mean-pooled final output (what the head
+//!   reads, and sentence-transformers' embedding for MPNet), and for
+//!   LLaMA's final norm and logits (the relative term: the
 //!   layers compute on the real tokens only, so their GEMMs sum in another
 //!   order than HF's padded ones; SmolLM2's residual stream has ~25 000-sized
 //!   activations, where f32's own spacing is 0.002);
@@ -20,10 +22,10 @@
 //! * for LLaMA, greedy-decodes the same prompt and requires the same tokens
 //!   (" Paris.").
 //!
-//! Two more tests build small random transformers checkpoints with the options
+//! Three more tests build small random transformers checkpoints with the options
 //! the real models do not use (`parity_reference.py make-tiny`: GELU-tanh,
-//! `bert.` prefix, head_dim != hidden/heads, llama3 RoPE, untied head,
-//! biases) and check them the same way.
+//! `bert.` / `mpnet.` prefixes, head_dim != hidden/heads, llama3 RoPE,
+//! untied head, biases) and check them the same way.
 //!
 //! A missing model directory FAILS the test (run `scripts/setup.sh`).
 
@@ -233,6 +235,13 @@ fn check_dir(name: &str, dir: &Path, real: bool) {
         }
     }
     println!("{name}: worst hidden-state diff {worst:.3e}");
+    let pooled = masked_mean(&backbone.final_norm(&states[info.num_layers]), mask);
+    let hf_pooled = reference.tensor("pooled");
+    let diff = (&pooled - hf_pooled).abs().max().double_value(&[]);
+    println!("  mean-pooled output: {diff:.3e}");
+    if diff > HIDDEN_TOLERANCE + RELATIVE_TOLERANCE * largest || diff.is_nan() {
+        failures.push(format!("mean-pooled output: {diff:.3e}"));
+    }
     assert!(
         failures.is_empty(),
         "{name}: hidden states differ from HF by more than {HIDDEN_TOLERANCE} + {RELATIVE_TOLERANCE}·max|hf|: {failures:?}"
@@ -263,7 +272,7 @@ fn check_bf16(dir: &Path, reference: &Reference, layers: usize, family: Family, 
     let mask = reference.tensor("attention_mask");
     let ours = masked_mean(&backbone.forward(ids, mask), mask);
     let key = match family {
-        Family::Bert => format!("hidden.{layers}"),
+        Family::Bert | Family::Mpnet => format!("hidden.{layers}"),
         Family::Llama => "final_norm".to_string(),
     };
     let theirs = masked_mean(reference.tensor(&key), mask);
@@ -359,6 +368,11 @@ fn parity_paraphrase_minilm_l3_v2() {
 }
 
 #[test]
+fn parity_all_mpnet_base_v2() {
+    check_model("all-mpnet-base-v2");
+}
+
+#[test]
 fn parity_smollm2_135m_instruct() {
     check_model("SmolLM2-135M-Instruct");
 }
@@ -388,4 +402,9 @@ fn parity_tiny_bert_variant() {
 #[test]
 fn parity_tiny_llama_variant() {
     check_tiny("llama", "SmolLM2-135M-Instruct");
+}
+
+#[test]
+fn parity_tiny_mpnet_variant() {
+    check_tiny("mpnet", "all-mpnet-base-v2");
 }

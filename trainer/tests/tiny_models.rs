@@ -15,6 +15,7 @@ use tch::{Device, Kind, Tensor};
 
 const BERT_VOCAB: i64 = 50;
 const LLAMA_VOCAB: i64 = 60;
+const MPNET_VOCAB: i64 = 45;
 
 fn randn(shape: &[i64], std: f64) -> Tensor {
     Tensor::randn(shape, (Kind::Float, Device::Cpu)) * std
@@ -45,40 +46,110 @@ fn bert_tensors(config: &Value) -> Vec<(String, Tensor)> {
     tch::manual_seed(7);
     let h = config["hidden_size"].as_i64().unwrap();
     let i = config["intermediate_size"].as_i64().unwrap();
-    let mut t = vec![
+    let mut t = embedding_tensors(BERT_VOCAB, 40, h);
+    t.push((
+        "embeddings.token_type_embeddings.weight".to_string(),
+        randn(&[2, h], 0.5),
+    ));
+    let layers = config["num_hidden_layers"].as_i64().unwrap();
+    encoder_layers(&mut t, layers, h, i, &BERT_NAMES);
+    t
+}
+
+/// An encoder's word and position tables and embedding LayerNorm.
+fn embedding_tensors(vocab: i64, positions: i64, h: i64) -> Vec<(String, Tensor)> {
+    vec![
         (
             "embeddings.word_embeddings.weight".to_string(),
-            randn(&[BERT_VOCAB, h], 1.0),
+            randn(&[vocab, h], 1.0),
         ),
         (
             "embeddings.position_embeddings.weight".to_string(),
-            randn(&[40, h], 0.5),
-        ),
-        (
-            "embeddings.token_type_embeddings.weight".to_string(),
-            randn(&[2, h], 0.5),
+            randn(&[positions, h], 0.5),
         ),
         ("embeddings.LayerNorm.weight".to_string(), near_one(h)),
         ("embeddings.LayerNorm.bias".to_string(), randn(&[h], 0.1)),
-    ];
-    for l in 0..config["num_hidden_layers"].as_i64().unwrap() {
+    ]
+}
+
+/// The parts of a post-LN encoder layer: q, k, v, attention output, its
+/// LayerNorm, FFN in, FFN out, its LayerNorm.
+type LayerNames = [&'static str; 8];
+
+const BERT_NAMES: LayerNames = [
+    "attention.self.query",
+    "attention.self.key",
+    "attention.self.value",
+    "attention.output.dense",
+    "attention.output.LayerNorm",
+    "intermediate.dense",
+    "output.dense",
+    "output.LayerNorm",
+];
+
+const MPNET_NAMES: LayerNames = [
+    "attention.attn.q",
+    "attention.attn.k",
+    "attention.attn.v",
+    "attention.attn.o",
+    "attention.LayerNorm",
+    "intermediate.dense",
+    "output.dense",
+    "output.LayerNorm",
+];
+
+/// Random weights of `layers` encoder layers (BERT's or MPNet's `names`).
+fn encoder_layers(t: &mut Vec<(String, Tensor)>, layers: i64, h: i64, i: i64, names: &LayerNames) {
+    let [q, k, v, o, attention_norm, inner, out, out_norm] = names;
+    for l in 0..layers {
         let p = format!("encoder.layer.{l}");
-        for (name, out, inp) in [
-            ("attention.self.query", h, h),
-            ("attention.self.key", h, h),
-            ("attention.self.value", h, h),
-            ("attention.output.dense", h, h),
-            ("intermediate.dense", i, h),
-            ("output.dense", h, i),
+        for (name, rows, cols) in [
+            (q, h, h),
+            (k, h, h),
+            (v, h, h),
+            (o, h, h),
+            (inner, i, h),
+            (out, h, i),
         ] {
-            t.push((format!("{p}.{name}.weight"), randn(&[out, inp], 0.3)));
-            t.push((format!("{p}.{name}.bias"), randn(&[out], 0.1)));
+            t.push((format!("{p}.{name}.weight"), randn(&[rows, cols], 0.3)));
+            t.push((format!("{p}.{name}.bias"), randn(&[rows], 0.1)));
         }
-        for name in ["attention.output.LayerNorm", "output.LayerNorm"] {
+        for name in [attention_norm, out_norm] {
             t.push((format!("{p}.{name}.weight"), near_one(h)));
             t.push((format!("{p}.{name}.bias"), randn(&[h], 0.1)));
         }
     }
+}
+
+fn mpnet_config() -> Value {
+    json!({
+        "architectures": ["MPNetForMaskedLM"],
+        "model_type": "mpnet",
+        "vocab_size": MPNET_VOCAB,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 48,
+        "hidden_act": "gelu",
+        "max_position_embeddings": 42,
+        "layer_norm_eps": 1e-5,
+        "relative_attention_num_buckets": 32,
+        "pad_token_id": 1
+    })
+}
+
+fn mpnet_tensors(config: &Value) -> Vec<(String, Tensor)> {
+    tch::manual_seed(13);
+    let h = config["hidden_size"].as_i64().unwrap();
+    let i = config["intermediate_size"].as_i64().unwrap();
+    let heads = config["num_attention_heads"].as_i64().unwrap();
+    let mut t = embedding_tensors(MPNET_VOCAB, 42, h);
+    t.push((
+        "encoder.relative_attention_bias.weight".to_string(),
+        randn(&[32, heads], 1.0),
+    ));
+    let layers = config["num_hidden_layers"].as_i64().unwrap();
+    encoder_layers(&mut t, layers, h, i, &MPNET_NAMES);
     t
 }
 
@@ -160,13 +231,24 @@ fn tiny_llama(dir: &Path, heads: i64, kv_heads: i64) -> Box<dyn Backbone> {
     load_backbone(dir, Device::Cpu, Kind::Float).unwrap()
 }
 
+fn tiny_mpnet(dir: &Path) -> Box<dyn Backbone> {
+    let config = mpnet_config();
+    write_model(dir, &config, &mpnet_tensors(&config));
+    load_backbone(dir, Device::Cpu, Kind::Float).unwrap()
+}
+
 fn ids(rows: &[&[i64]]) -> (Tensor, Tensor) {
+    ids_padded_with(rows, 0)
+}
+
+/// `[batch, seq]` ids right-padded with `pad`, and their mask.
+fn ids_padded_with(rows: &[&[i64]], pad: i64) -> (Tensor, Tensor) {
     let seq = rows.iter().map(|r| r.len()).max().unwrap();
     let mut id = Vec::new();
     let mut mask = Vec::new();
     for r in rows {
         id.extend_from_slice(r);
-        id.extend(std::iter::repeat_n(0, seq - r.len()));
+        id.extend(std::iter::repeat_n(pad, seq - r.len()));
         mask.extend(std::iter::repeat_n(1i64, r.len()));
         mask.extend(std::iter::repeat_n(0i64, seq - r.len()));
     }
@@ -215,11 +297,19 @@ fn bert_padding_does_not_change_real_positions() {
     let _guard = tch::no_grad_guard();
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_bert(tmp.path());
-    let short: &[i64] = &[2, 11, 12, 13, 3];
-    let (alone, alone_mask) = ids(&[short]);
-    let (batch, batch_mask) = ids(&[short, &[2, 4, 5, 6, 7, 8, 9, 10, 3]]);
+    assert_padding_invariant(model.as_ref(), [2, 3], 0);
+}
+
+/// A 5-token sequence (`[first, 11, 12, 13, last]`) gives the same states
+/// alone and right-padded with `pad` in a batch with a longer one.
+fn assert_padding_invariant(model: &dyn Backbone, [first, last]: [i64; 2], pad: i64) {
+    let short: &[i64] = &[first, 11, 12, 13, last];
+    let (alone, alone_mask) = ids_padded_with(&[short], pad);
+    let long: &[i64] = &[first, 4, 5, 6, 7, 8, 9, 10, last];
+    let (batch, batch_mask) = ids_padded_with(&[short, long], pad);
     let a = model.hidden_states(&alone, &alone_mask);
     let b = model.hidden_states(&batch, &batch_mask);
+    assert_eq!(b[1].size()[..2], [2, 9]);
     for (layer, (a, b)) in a.iter().zip(&b).enumerate() {
         let diff = max_diff(a, &b.get(0).narrow(0, 0, 5).unsqueeze(0));
         assert!(
@@ -249,6 +339,75 @@ fn bert_prefix_is_stripped() {
     assert_eq!(
         max_diff(&a.forward(&input, &mask), &b.forward(&input, &mask)),
         0.0
+    );
+}
+
+#[test]
+fn mpnet_shapes_parameters_and_padding() {
+    let _guard = tch::no_grad_guard();
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_mpnet(tmp.path());
+    let info = model.info().clone();
+    assert_eq!(info.family, Family::Mpnet);
+    assert_eq!(
+        (info.hidden_size, info.num_layers, info.vocab_size),
+        (32, 2, MPNET_VOCAB as usize)
+    );
+    // Every tensor is loaded, and the facts' formula counts the same.
+    let expected: u64 = mpnet_tensors(&mpnet_config())
+        .iter()
+        .map(|(_, t)| t.numel() as u64)
+        .sum();
+    assert_eq!(info.num_parameters as u64, expected);
+    let facts = heterotune_crds::model::ModelFacts::read(tmp.path()).unwrap();
+    assert_eq!(facts.parameters(), expected);
+    // Padding (id 1, MPNet's) does not change the real positions.
+    assert_padding_invariant(model.as_ref(), [0, 2], 1);
+}
+
+/// Positions start after the padding id (RoBERTa's rule), and the relative
+/// position bias reaches the attention: zeroing its table changes a layer.
+#[test]
+fn mpnet_positions_and_relative_bias() {
+    let _guard = tch::no_grad_guard();
+    let tmp = tempfile::tempdir().unwrap();
+    let config = mpnet_config();
+    let tensors = mpnet_tensors(&config);
+    write_model(tmp.path(), &config, &tensors);
+    let model = load_backbone(tmp.path(), Device::Cpu, Kind::Float).unwrap();
+    let weight = |name: &str| &tensors.iter().find(|(n, _)| n == name).unwrap().1;
+    let (input, _) = ids(&[&[0, 7, 8, 2]]);
+    let words = weight("embeddings.word_embeddings.weight").index_select(0, &input.get(0));
+    let positions = weight("embeddings.position_embeddings.weight").narrow(0, 2, 4);
+    let want = (words + positions).layer_norm(
+        [32],
+        Some(weight("embeddings.LayerNorm.weight")),
+        Some(weight("embeddings.LayerNorm.bias")),
+        1e-5,
+        false,
+    );
+    assert!(max_diff(&model.embed(&input).get(0), &want) < 1e-5);
+
+    // The same layers without the bias table's effect: a zero table.
+    let flat: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(n, t)| match n.as_str() {
+            "encoder.relative_attention_bias.weight" => (n.clone(), t.zeros_like()),
+            _ => (n.clone(), t.shallow_clone()),
+        })
+        .collect();
+    let flat_dir = tmp.path().join("flat");
+    write_model(&flat_dir, &config, &flat);
+    let flat = load_backbone(&flat_dir, Device::Cpu, Kind::Float).unwrap();
+    let (input, mask) = ids(&[&[0, 7, 8, 9, 10, 11, 2]]);
+    let hidden = model.embed(&input);
+    let diff = max_diff(
+        &model.layer(0, &hidden, &mask, None),
+        &flat.layer(0, &hidden, &mask, None),
+    );
+    assert!(
+        diff > 1e-3,
+        "the relative position bias had no effect ({diff})"
     );
 }
 
@@ -410,7 +569,8 @@ fn projection_deltas_reach_every_attention_projection() {
     let bert = tiny_bert(&tmp.path().join("bert"));
     // LLaMA with head_dim * heads != hidden would also work; here 4 x 8 = 32.
     let llama = tiny_llama(&tmp.path().join("llama"), 4, 2);
-    for model in [&bert, &llama] {
+    let mpnet = tiny_mpnet(&tmp.path().join("mpnet"));
+    for model in [&bert, &llama, &mpnet] {
         let (input, mask) = ids(&[&[1, 5, 6, 7], &[1, 8, 9]]);
         let hidden = model.embed(&input);
         let plain = model.layer(1, &hidden, &mask, None);
@@ -459,6 +619,7 @@ fn gradients_flow_through_frozen_layers() {
     for model in [
         tiny_bert(&tmp.path().join("bert")),
         tiny_llama(&tmp.path().join("llama"), 4, 1),
+        tiny_mpnet(&tmp.path().join("mpnet")),
     ] {
         let (input, mask) = ids(&[&[1, 5, 6, 7], &[1, 8, 9]]);
         let start = tch::no_grad(|| model.embed(&input)).set_requires_grad(true);
@@ -485,7 +646,10 @@ fn bf16_weights_track_f32() {
     write_model(&bert_dir, &bert_cfg, &bert_tensors(&bert_cfg));
     let llama_cfg = llama_config(4, 2, true);
     write_model(&llama_dir, &llama_cfg, &llama_tensors(&llama_cfg));
-    for dir in [&bert_dir, &llama_dir] {
+    let mpnet_dir = tmp.path().join("mpnet");
+    let mpnet_cfg = mpnet_config();
+    write_model(&mpnet_dir, &mpnet_cfg, &mpnet_tensors(&mpnet_cfg));
+    for dir in [&bert_dir, &llama_dir, &mpnet_dir] {
         let f32 = load_backbone(dir, Device::Cpu, Kind::Float).unwrap();
         let bf16 = load_backbone(dir, Device::Cpu, Kind::BFloat16).unwrap();
         let (input, mask) = ids(&[&[1, 5, 6, 7, 8]]);
@@ -515,7 +679,10 @@ fn bf16_backbone_accepts_f32_adapters() {
     write_model(&bert_dir, &bert_cfg, &bert_tensors(&bert_cfg));
     let llama_cfg = llama_config(4, 2, true);
     write_model(&llama_dir, &llama_cfg, &llama_tensors(&llama_cfg));
-    for dir in [&bert_dir, &llama_dir] {
+    let mpnet_dir = tmp.path().join("mpnet");
+    let mpnet_cfg = mpnet_config();
+    write_model(&mpnet_dir, &mpnet_cfg, &mpnet_tensors(&mpnet_cfg));
+    for dir in [&bert_dir, &llama_dir, &mpnet_dir] {
         let model = load_backbone(dir, Device::Cpu, Kind::BFloat16).unwrap();
         let (input, mask) = ids(&[&[1, 5, 6, 7, 8], &[1, 9]]);
         let hidden = model.embed(&input).to_kind(Kind::Float);
@@ -721,6 +888,13 @@ fn model_config_gives_shape_facts_without_weights() {
     assert_eq!(llama.num_layers(), 3);
     let dims = ProjectionDims::of_model(&llama);
     assert_eq!((dims.hidden, dims.query_out, dims.value_out), (32, 32, 8));
+
+    // MPNet: square projections like BERT.
+    std::fs::write(dir.join("config.json"), mpnet_config().to_string()).unwrap();
+    let mpnet = ModelConfig::read(dir).unwrap();
+    assert_eq!(mpnet.family(), Family::Mpnet);
+    assert_eq!(ProjectionDims::of_model(&mpnet), ProjectionDims::square(32));
+    assert_eq!(job::num_layers(dir).unwrap(), 2);
 
     // Errors name the file and the field.
     let mut missing = bert_config();

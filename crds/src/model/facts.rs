@@ -45,8 +45,10 @@ pub struct ModelFacts {
     pub vocab_size: u64,
     /// Learned positions (BERT) or the context length (LLaMA).
     pub max_positions: u64,
-    /// Token types (BERT segments; 0 for LLaMA).
+    /// Token types (BERT segments; 0 for LLaMA and MPNet).
     pub type_vocab_size: u64,
+    /// Buckets of MPNet's relative position bias table (0 for the others).
+    pub relative_attention_buckets: u64,
     /// Whether the output head shares the embeddings (LLaMA).
     pub tied_embeddings: bool,
     /// `pad_token_id`, else the (first) `eos_token_id`.
@@ -75,6 +77,7 @@ struct Common {
     head_dim: Option<u64>,
     max_position_embeddings: Option<u64>,
     type_vocab_size: Option<u64>,
+    relative_attention_num_buckets: Option<u64>,
     #[serde(default)]
     tie_word_embeddings: Option<bool>,
     pad_token_id: Option<serde_json::Value>,
@@ -82,7 +85,7 @@ struct Common {
 }
 
 /// The families this release supports, as `model_type` names them.
-pub const SUPPORTED: &str = "bert, llama";
+pub const SUPPORTED: &str = "bert, llama, mpnet";
 
 /// The family named by `model_type`, or by the first known `architectures`
 /// entry when `model_type` is absent.
@@ -90,6 +93,7 @@ fn family_of(model_type: Option<&str>, architectures: &[String]) -> Result<Model
     let by_type = |t: &str| match t {
         "bert" => Some(ModelFamily::Bert),
         "llama" => Some(ModelFamily::Llama),
+        "mpnet" => Some(ModelFamily::Mpnet),
         _ => None,
     };
     if let Some(t) = model_type {
@@ -100,7 +104,7 @@ fn family_of(model_type: Option<&str>, architectures: &[String]) -> Result<Model
         .iter()
         .find_map(|a| {
             let lower = a.to_ascii_lowercase();
-            ["bert", "llama"]
+            ["bert", "llama", "mpnet"]
                 .into_iter()
                 .find(|f| lower.starts_with(f))
                 .and_then(by_type)
@@ -170,6 +174,13 @@ impl ModelFacts {
         let (default_ffn, default_positions, default_types) = match family {
             ModelFamily::Bert => (4 * c.hidden_size, 512, 2),
             ModelFamily::Llama => (8 * c.hidden_size / 3, 2048, 0),
+            ModelFamily::Mpnet => (4 * c.hidden_size, 514, 0),
+        };
+        let relative_attention_buckets = match family {
+            ModelFamily::Mpnet => c
+                .relative_attention_num_buckets
+                .unwrap_or(DEFAULT_RELATIVE_BUCKETS),
+            ModelFamily::Bert | ModelFamily::Llama => 0,
         };
         let pad = c.pad_token_id.as_ref().and_then(first_id);
         Ok(ModelFacts {
@@ -184,6 +195,7 @@ impl ModelFacts {
             vocab_size: c.vocab_size,
             max_positions: c.max_position_embeddings.unwrap_or(default_positions),
             type_vocab_size: c.type_vocab_size.unwrap_or(default_types),
+            relative_attention_buckets,
             tied_embeddings: c.tie_word_embeddings.unwrap_or(false),
             pad_token_id: pad.or_else(|| c.eos_token_id.as_ref().and_then(first_id)),
             config,
@@ -218,6 +230,15 @@ impl ModelFacts {
                 v,
                 self.tied_embeddings,
             ),
+            ModelFamily::Mpnet => mpnet_parameters(
+                d,
+                l,
+                i,
+                v,
+                self.max_positions,
+                self.num_heads,
+                self.relative_attention_buckets,
+            ),
         }
     }
 }
@@ -229,6 +250,24 @@ pub fn bert_parameters(d: u64, layers: u64, i: u64, vocab: u64, positions: u64, 
     let embeddings = (vocab + positions + types) * d + 2 * d;
     let layer = 4 * (d * d + d) + 2 * d * i + i + d + 4 * d;
     embeddings + layers * layer
+}
+
+/// MPNet's `relative_attention_num_buckets` when `config.json` omits it.
+pub const DEFAULT_RELATIVE_BUCKETS: u64 = 32;
+
+/// Parameters of an MPNet encoder without the pooler (the trainer does not
+/// load it): a BERT encoder without token types, plus the relative position
+/// bias table `buckets · heads` shared by all layers.
+pub fn mpnet_parameters(
+    d: u64,
+    layers: u64,
+    i: u64,
+    vocab: u64,
+    positions: u64,
+    heads: u64,
+    buckets: u64,
+) -> u64 {
+    bert_parameters(d, layers, i, vocab, positions, 0) + buckets * heads
 }
 
 /// Parameters of a LLaMA decoder: embeddings, per layer the q/k/v/o
@@ -288,6 +327,64 @@ mod tests {
         assert_eq!(llama.value_width(), 192);
         assert_eq!(llama.parameters(), 134_515_008);
         assert_eq!(llama.pad_token_id, Some(2));
+    }
+
+    /// all-mpnet-base-v2's `config.json` (the fields the facts read).
+    fn mpnet_config() -> serde_json::Value {
+        json!({"architectures":["MPNetForMaskedLM"],"model_type":"mpnet","hidden_size":768,
+            "num_hidden_layers":12,"num_attention_heads":12,"intermediate_size":3072,
+            "vocab_size":30527,"max_position_embeddings":514,
+            "relative_attention_num_buckets":32,"pad_token_id":1,"eos_token_id":2})
+    }
+
+    #[test]
+    fn mpnet_facts_and_defaults() {
+        let mpnet = facts(mpnet_config()).expect("mpnet");
+        assert_eq!(mpnet.family, ModelFamily::Mpnet);
+        assert_eq!(
+            (mpnet.type_vocab_size, mpnet.relative_attention_buckets),
+            (0, 32)
+        );
+        assert_eq!(mpnet.value_width(), 768);
+        assert_eq!(mpnet.pad_token_id, Some(1));
+        // The real checkpoint's F32 tensors without the pooler (see below).
+        assert_eq!(mpnet.parameters(), 108_895_872);
+        // Defaults: FFN 4d, 514 positions, 32 buckets; family from architectures.
+        let tiny = facts(json!({"architectures":["MPNetModel"],"hidden_size":8,
+            "num_hidden_layers":1,"num_attention_heads":2,"vocab_size":10}))
+        .expect("defaults");
+        assert_eq!(tiny.family, ModelFamily::Mpnet);
+        assert_eq!((tiny.intermediate_size, tiny.max_positions), (32, 514));
+        assert_eq!(
+            tiny.parameters(),
+            mpnet_parameters(8, 1, 32, 10, 514, 2, 32)
+        );
+    }
+
+    /// The parameter count from the configuration equals the tensors of the
+    /// real all-mpnet-base-v2 checkpoint (made by scripts/setup.sh) minus
+    /// the pooler, which the trainer does not load, and the int64
+    /// `embeddings.position_ids` buffer.
+    #[test]
+    fn mpnet_parameters_match_the_real_checkpoint() {
+        let cache = std::env::var_os("HETEROTUNE_CACHE")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                Path::new(&std::env::var_os("HOME").expect("HOME is set"))
+                    .join(".cache")
+                    .join("heterotune")
+            });
+        let dir = cache.join("models").join("all-mpnet-base-v2");
+        let facts = ModelFacts::read(&dir)
+            .unwrap_or_else(|e| panic!("all-mpnet-base-v2 missing ({e}): run scripts/setup.sh"));
+        let header = stored_weights(&dir).expect("safetensors header");
+        let loaded: u64 = header
+            .tensors
+            .iter()
+            .filter(|(name, t)| !name.starts_with("pooler.") && t.dtype == "F32")
+            .map(|(_, t)| t.shape.iter().product::<u64>())
+            .sum();
+        assert_eq!(facts.parameters(), loaded);
     }
 
     #[test]

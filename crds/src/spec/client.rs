@@ -60,6 +60,8 @@ pub enum ModelFamily {
     Bert,
     /// LLaMA-style decoders (SmolLM2, TinyLlama, LLaMA-2/3, ...).
     Llama,
+    /// MPNet encoders with a shared relative position bias (all-mpnet-base-v2, ...).
+    Mpnet,
 }
 
 impl ModelFamily {
@@ -68,6 +70,7 @@ impl ModelFamily {
         match self {
             ModelFamily::Bert => "bert",
             ModelFamily::Llama => "llama",
+            ModelFamily::Mpnet => "mpnet",
         }
     }
 }

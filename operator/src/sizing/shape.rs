@@ -1,7 +1,9 @@
 //! The shape of a backbone as far as memory is concerned: from its facts,
 //! the packaged-model table or a parameter count; its adapted layers.
 
-use heterotune_crds::model::facts::{bert_parameters, llama_parameters};
+use heterotune_crds::model::facts::{
+    bert_parameters, llama_parameters, mpnet_parameters, DEFAULT_RELATIVE_BUCKETS,
+};
 use heterotune_crds::model::{slots, LayerSelection, ModelFacts, SlotMap};
 use heterotune_crds::spec::{FederatedTuneSpec, LayerSelectionSpec, ModelFamily};
 use serde::Serialize;
@@ -92,6 +94,9 @@ pub fn packaged_model(uri: &str) -> Option<ModelShape> {
     let parameters = match family {
         ModelFamily::Bert => bert_parameters(d, layers, i, vocab, 512, 2),
         ModelFamily::Llama => llama_parameters(d, layers, heads, 3, 64, i, vocab, true),
+        ModelFamily::Mpnet => {
+            mpnet_parameters(d, layers, i, vocab, 514, heads, DEFAULT_RELATIVE_BUCKETS)
+        }
     };
     Some(ModelShape {
         family,

@@ -137,7 +137,7 @@ pub struct ProjectionDims {
 }
 
 impl ProjectionDims {
-    /// All projections `d -> d` (BERT, LLaMA without grouped-query attention).
+    /// All projections `d -> d` (BERT, MPNet, LLaMA without grouped-query attention).
     pub fn square(hidden: usize) -> Self {
         ProjectionDims {
             hidden,
@@ -156,11 +156,12 @@ impl ProjectionDims {
         }
     }
 
-    /// The projections of the backbone a `config.json` describes (BERT:
+    /// The projections of the backbone a `config.json` describes (BERT, MPNet:
     /// square; LLaMA: see [`ProjectionDims::llama`]).
     pub fn of_model(config: &crate::models::ModelConfig) -> Self {
         match config {
             crate::models::ModelConfig::Bert(c) => Self::square(c.hidden_size),
+            crate::models::ModelConfig::Mpnet(c) => Self::square(c.hidden_size),
             crate::models::ModelConfig::Llama(c) => Self::llama(c),
         }
     }

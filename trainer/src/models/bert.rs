@@ -11,14 +11,10 @@ use std::path::Path;
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
-use heterotune_crds::model::{ModelFacts, WEIGHTS_FILE};
-
-use super::config::{positive, typed, Activation};
+use super::config::{positive, Activation};
+use super::encoder::{open_checkpoint, EncoderStack, LayerNames, LayerShape, StackShape};
 use super::weights::{WeightStorage, Weights};
-use super::{
-    add_delta, attention, Backbone, BackboneInfo, Family, FusedLinear, Linear, Projection,
-    ProjectionDelta, TokenRows,
-};
+use super::{Backbone, BackboneInfo, Family, ProjectionDelta};
 use crate::error::{Error, Result};
 
 /// Hyper-parameters of a BERT encoder, as in Hugging Face's `config.json`.
@@ -107,98 +103,29 @@ impl BertConfig {
         }
         Ok(())
     }
-
-    fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_attention_heads
-    }
 }
 
-/// LayerNorm over the last dimension.
-#[derive(Debug)]
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f64,
-    size: i64,
-}
-
-impl LayerNorm {
-    fn load(w: &Weights, prefix: &str, size: usize, eps: f64) -> Result<Self> {
-        Ok(Self {
-            weight: w.get(&format!("{prefix}.weight"), &[size])?,
-            bias: w.get(&format!("{prefix}.bias"), &[size])?,
-            eps,
-            size: size as i64,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Tensor {
-        x.layer_norm(
-            [self.size],
-            Some(&self.weight),
-            Some(&self.bias),
-            self.eps,
-            true,
-        )
-    }
-}
-
-/// One encoder layer: self-attention + output LayerNorm, FFN + LayerNorm.
-#[derive(Debug)]
-struct BertLayer {
-    /// `attention.self.{query,key,value}`, fused.
-    qkv: FusedLinear,
-    attention_output: Linear,
-    attention_norm: LayerNorm,
-    intermediate: Linear,
-    output: Linear,
-    output_norm: LayerNorm,
-}
-
-impl BertLayer {
-    fn load(w: &Weights, cfg: &BertConfig, index: usize) -> Result<Self> {
-        let p = format!("encoder.layer.{index}");
-        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-        Ok(Self {
-            qkv: FusedLinear::load(
-                w,
-                &[
-                    (&format!("{p}.attention.self.query"), h),
-                    (&format!("{p}.attention.self.key"), h),
-                    (&format!("{p}.attention.self.value"), h),
-                ],
-                h,
-                true,
-            )?,
-            attention_output: Linear::load(w, &format!("{p}.attention.output.dense"), h, h, true)?,
-            attention_norm: LayerNorm::load(
-                w,
-                &format!("{p}.attention.output.LayerNorm"),
-                h,
-                cfg.layer_norm_eps,
-            )?,
-            intermediate: Linear::load(w, &format!("{p}.intermediate.dense"), h, i, true)?,
-            output: Linear::load(w, &format!("{p}.output.dense"), i, h, true)?,
-            output_norm: LayerNorm::load(
-                w,
-                &format!("{p}.output.LayerNorm"),
-                h,
-                cfg.layer_norm_eps,
-            )?,
-        })
-    }
-}
+/// BERT's names of a layer's parts.
+const BERT_LAYER: LayerNames = LayerNames {
+    qkv: [
+        "attention.self.query",
+        "attention.self.key",
+        "attention.self.value",
+    ],
+    attention_output: "attention.output.dense",
+    attention_norm: "attention.output.LayerNorm",
+    intermediate: "intermediate.dense",
+    output: "output.dense",
+    output_norm: "output.LayerNorm",
+};
 
 /// A frozen BERT encoder.
 #[derive(Debug)]
 pub struct Bert {
     config: BertConfig,
     info: BackboneInfo,
-    word_embeddings: Tensor,
-    /// Position embeddings plus the type-0 embedding, `[max_positions, hidden]`.
-    position_type_embeddings: Tensor,
-    embedding_norm: LayerNorm,
-    layers: Vec<BertLayer>,
+    /// Its position table holds the positions plus the type-0 embedding.
+    encoder: EncoderStack,
     /// Keeps memory-mapped weights alive; declared last so it drops last.
     _storage: WeightStorage,
 }
@@ -211,11 +138,7 @@ impl Bert {
     /// [`Error::Model`] naming the file for a missing file, an unsupported or
     /// inconsistent configuration, or a missing / mis-shaped / non-float tensor.
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
-        let facts = ModelFacts::read(dir)?;
-        let config: BertConfig = typed(&facts)?;
-        config.validate(&facts.source)?;
-        let mut weights = Weights::open(&dir.join(WEIGHTS_FILE), device, kind)?;
-        weights.strip_prefix("bert.");
+        let (config, weights) = open_checkpoint(dir, device, kind, "bert.", BertConfig::validate)?;
         Self::from_weights(config, &weights)
     }
 
@@ -224,36 +147,28 @@ impl Bert {
     /// # Errors
     /// As [`Bert::load`] for the tensors.
     pub fn from_weights(config: BertConfig, w: &Weights) -> Result<Self> {
-        let h = config.hidden_size;
-        let word_embeddings =
-            w.get("embeddings.word_embeddings.weight", &[config.vocab_size, h])?;
-        let positions = w.get(
-            "embeddings.position_embeddings.weight",
-            &[config.max_position_embeddings, h],
-        )?;
+        let shape = StackShape {
+            vocab: config.vocab_size,
+            positions: config.max_position_embeddings,
+            layers: config.num_hidden_layers,
+            layer: LayerShape {
+                hidden: config.hidden_size,
+                intermediate: config.intermediate_size,
+                heads: config.num_attention_heads,
+                eps: config.layer_norm_eps,
+                act: config.hidden_act,
+            },
+        };
+        let mut encoder = EncoderStack::load(w, shape, &BERT_LAYER)?;
         let types = w.get(
             "embeddings.token_type_embeddings.weight",
-            &[config.type_vocab_size, h],
+            &[config.type_vocab_size, config.hidden_size],
         )?;
-        let position_type_embeddings = positions.f_add(&types.f_get(0)?)?;
-        let embedding_norm = LayerNorm::load(w, "embeddings.LayerNorm", h, config.layer_norm_eps)?;
-        let layers = (0..config.num_hidden_layers)
-            .map(|i| BertLayer::load(w, &config, i))
-            .collect::<Result<Vec<_>>>()?;
-        let info = BackboneInfo {
-            family: Family::Bert,
-            hidden_size: h,
-            num_layers: config.num_hidden_layers,
-            vocab_size: config.vocab_size,
-            num_parameters: w.loaded_elements(),
-        };
+        encoder.position_embeddings = encoder.position_embeddings.f_add(&types.f_get(0)?)?;
         Ok(Self {
+            info: encoder.info(Family::Bert, w),
             config,
-            info,
-            word_embeddings,
-            position_type_embeddings,
-            embedding_norm,
-            layers,
+            encoder,
             _storage: w.storage(),
         })
     }
@@ -261,12 +176,6 @@ impl Bert {
     /// The configuration this encoder was built from.
     pub fn config(&self) -> &BertConfig {
         &self.config
-    }
-
-    fn split_heads(&self, x: &Tensor, batch: i64, seq: i64) -> Tensor {
-        let heads = self.config.num_attention_heads as i64;
-        x.view([batch, seq, heads, self.config.head_dim() as i64])
-            .transpose(1, 2)
     }
 }
 
@@ -286,9 +195,8 @@ impl Backbone for Bert {
             "sequence length {seq} exceeds max_position_embeddings {}",
             self.config.max_position_embeddings
         );
-        let words = Tensor::embedding(&self.word_embeddings, input_ids, -1, false, false);
-        let positions = self.position_type_embeddings.narrow(0, 0, seq);
-        self.embedding_norm.forward(&(words + positions))
+        let positions = self.encoder.position_embeddings.narrow(0, 0, seq);
+        self.encoder.embed(input_ids, &positions)
     }
 
     /// Post-LN encoder layer with a key padding mask. `hidden` is first cast
@@ -303,49 +211,10 @@ impl Backbone for Bert {
         attention_mask: &Tensor,
         delta: Option<&dyn ProjectionDelta>,
     ) -> Tensor {
-        let layer = self.layers.get(index).unwrap_or_else(|| {
-            panic!(
-                "layer {index} out of range: this BERT has {} layers",
-                self.layers.len()
-            )
-        });
-        // Adapters may hand back f32 while the backbone computes in bf16.
-        let hidden = &hidden.to_kind(self.word_embeddings.kind());
-        let (batch, seq, width) = hidden.size3().expect("hidden must be [batch, seq, hidden]");
-        // Token-wise work on the real tokens only; attention padded.
-        let rows = TokenRows::of(attention_mask);
-        let hidden = &rows.pack(hidden);
-        let [q, k, v]: [Tensor; 3] = layer
-            .qkv
-            .forward(hidden)
-            .into_iter()
-            .zip([Projection::Query, Projection::Key, Projection::Value])
-            .map(|(out, projection)| {
-                let out = add_delta(out, hidden, delta, index, projection);
-                self.split_heads(&rows.unpack(&out), batch, seq)
-            })
-            .collect::<Vec<_>>()
-            .try_into()
-            .expect("three fused projections");
         // Key padding mask, broadcast over heads and queries: true = attend.
-        let mask = attention_mask.ne(0).view([batch, 1, 1, seq]);
-        let context = attention(&q, &k, &v, Some(&mask), false)
-            .transpose(1, 2)
-            .reshape([batch, seq, width]);
-        let attended =
-            layer
-                .attention_output
-                .project(&rows.pack(&context), delta, index, Projection::Output);
-        let hidden = layer.attention_norm.forward(&(attended + hidden));
-        let inner = self
-            .config
-            .hidden_act
-            .apply(&layer.intermediate.forward(&hidden));
-        rows.unpack(
-            &layer
-                .output_norm
-                .forward(&(layer.output.forward(&inner) + hidden)),
-        )
+        let keep = |batch, seq| attention_mask.ne(0).view([batch, 1, 1, seq]);
+        self.encoder
+            .layer("BERT", index, (hidden, attention_mask), keep, delta)
     }
 
     /// Identity: BERT's last LayerNorm is inside its last layer.

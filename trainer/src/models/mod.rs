@@ -7,11 +7,14 @@
 //!
 //! [`load_backbone`] reads a Hugging Face model directory (`config.json` +
 //! `model.safetensors`) and picks the architecture: [`bert::Bert`] for
-//! BERT-family encoders, [`llama::Llama`] for LLaMA-family decoders.
+//! BERT-family encoders, [`mpnet::Mpnet`] for MPNet encoders,
+//! [`llama::Llama`] for LLaMA-family decoders.
 
 pub mod bert;
 pub mod config;
+mod encoder;
 pub mod llama;
+pub mod mpnet;
 pub mod rope;
 pub mod select;
 pub mod weights;
@@ -270,8 +273,11 @@ fn add_delta(
 /// over keys and values `[batch, kv_heads, seq, head_dim]` (grouped-query
 /// attention when `kv_heads < heads`: query head `h` reads key/value head
 /// `h / (heads / kv_heads)`, as Hugging Face's `repeat_kv`). `keep`, when
-/// given, is a 4-D boolean mask broadcastable to `[batch, 1, seq, seq]`
-/// (true = attend); `causal` adds the causal mask. Returns `[batch, heads, seq, head_dim]`.
+/// given, is a 4-D mask broadcastable to `[batch, heads, seq, seq]` (its
+/// second dimension 1 or `heads`): boolean (true = attend) or an additive
+/// float bias (MPNet's relative position bias with its padding folded in
+/// as the most negative f32); `causal` adds the causal mask. Returns
+/// `[batch, heads, seq, head_dim]`.
 ///
 /// f32/f64 use libtorch's fused SDPA kernel (the same call as Hugging Face's
 /// default `sdpa` attention, so f32 results match it bit for bit). Other
@@ -282,11 +288,16 @@ fn attention(q: &Tensor, k: &Tensor, v: &Tensor, keep: Option<&Tensor>, causal: 
     let heads = q.size()[1];
     let kv_heads = k.size()[1];
     if matches!(q.kind(), Kind::Float | Kind::Double) {
+        // A float mask must have the queries' dtype.
+        let keep = keep.map(|m| match m.kind() {
+            Kind::Bool => m.shallow_clone(),
+            _ => m.to_kind(q.kind()),
+        });
         return Tensor::scaled_dot_product_attention(
             q,
             k,
             v,
-            keep,
+            keep.as_ref(),
             0.0,
             causal,
             None,
@@ -312,12 +323,25 @@ fn attention_matmul(
     // [batch, kv_heads, groups * seq, head_dim]: each key/value head meets
     // its group of query heads in one batched matmul, without copying k, v.
     let grouped = q.reshape([batch, kv_heads, groups * seq, head_dim]);
-    let scores = grouped
+    let mut scores = grouped
         .matmul(&k.transpose(-1, -2))
         .to_kind(Kind::Float)
         .view([batch, kv_heads, groups, seq, seq])
         * (head_dim as f64).powf(-0.5);
-    let mut allowed: Option<Tensor> = keep.map(|m| m.unsqueeze(1));
+    let mut allowed: Option<Tensor> = None;
+    if let Some(m) = keep {
+        // [b, 1 | heads, s, s] -> [b, 1 | kv_heads, 1 | groups, s, s].
+        let size = m.size();
+        let m = if size[1] == heads && heads > 1 {
+            m.reshape([size[0], kv_heads, groups, size[2], size[3]])
+        } else {
+            m.unsqueeze(1)
+        };
+        match m.kind() {
+            Kind::Bool => allowed = Some(m),
+            _ => scores += m.to_kind(Kind::Float),
+        }
+    }
     if causal {
         let tril = Tensor::ones([seq, seq], (Kind::Bool, q.device())).tril(0);
         allowed = Some(match allowed {
@@ -378,7 +402,8 @@ mod tests {
     }
 
     /// The matmul path (used for bf16) equals the fused kernel in f32, with
-    /// grouped heads, key masks, causal masks and both together.
+    /// grouped heads, key masks, causal masks, both together, and an
+    /// additive per-head bias.
     #[test]
     fn matmul_attention_matches_fused_kernel() {
         tch::manual_seed(3);
@@ -393,12 +418,16 @@ mod tests {
             let key_mask = keys.view([b, 1, 1, t]);
             let tril = Tensor::ones([t, t], (Kind::Bool, Device::Cpu)).tril(0);
             let both = tril.logical_and(&key_mask);
+            // A per-head additive bias with the padded keys folded in (MPNet).
+            let padding = keys.logical_not().to_kind(Kind::Float).view([b, 1, 1, t]);
+            let bias = randn(&[1, heads, t, t]) + padding * f64::from(f32::MIN);
             for (keep, causal) in [
                 (None, false),
                 (None, true),
                 (Some(&key_mask), false),
                 (Some(&both), false),
                 (Some(&key_mask), true),
+                (Some(&bias), false),
             ] {
                 let fused = attention(&q, &k, &v, keep, causal);
                 let explicit = attention_matmul(&q, &k, &v, keep, causal);

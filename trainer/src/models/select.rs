@@ -1,5 +1,5 @@
 //! Choosing the architecture of a model folder: its facts name the family,
-//! and the family's own file (`bert.rs`, `llama.rs`) reads the rest.
+//! and the family's own file (`bert.rs`, `llama.rs`, `mpnet.rs`) reads the rest.
 
 use std::path::Path;
 
@@ -9,6 +9,7 @@ use tch::{Device, Kind};
 use super::bert::{Bert, BertConfig};
 use super::config::typed;
 use super::llama::{Llama, LlamaConfig};
+use super::mpnet::{Mpnet, MpnetConfig};
 use super::{Backbone, BackboneInfo, Family};
 use crate::error::Result;
 
@@ -20,6 +21,8 @@ pub enum ModelConfig {
     Bert(BertConfig),
     /// A LLaMA-family decoder (boxed: the larger configuration).
     Llama(Box<LlamaConfig>),
+    /// An MPNet encoder.
+    Mpnet(MpnetConfig),
 }
 
 impl ModelConfig {
@@ -49,6 +52,11 @@ impl ModelConfig {
                 c.validate(&facts.source)?;
                 ModelConfig::Llama(Box::new(c))
             }
+            Family::Mpnet => {
+                let c: MpnetConfig = typed(facts)?;
+                c.validate(&facts.source)?;
+                ModelConfig::Mpnet(c)
+            }
         })
     }
 
@@ -57,6 +65,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Bert(_) => Family::Bert,
             ModelConfig::Llama(_) => Family::Llama,
+            ModelConfig::Mpnet(_) => Family::Mpnet,
         }
     }
 
@@ -65,6 +74,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Bert(c) => c.hidden_size,
             ModelConfig::Llama(c) => c.hidden_size,
+            ModelConfig::Mpnet(c) => c.hidden_size,
         }
     }
 
@@ -73,6 +83,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Bert(c) => c.num_hidden_layers,
             ModelConfig::Llama(c) => c.num_hidden_layers,
+            ModelConfig::Mpnet(c) => c.num_hidden_layers,
         }
     }
 
@@ -81,6 +92,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Bert(c) => c.vocab_size,
             ModelConfig::Llama(c) => c.vocab_size,
+            ModelConfig::Mpnet(c) => c.vocab_size,
         }
     }
 
@@ -109,5 +121,6 @@ pub fn load_backbone(dir: &Path, device: Device, dtype: Kind) -> Result<Box<dyn 
     Ok(match ModelFacts::read(dir)?.family {
         Family::Bert => Box::new(Bert::load(dir, device, dtype)?),
         Family::Llama => Box::new(Llama::load(dir, device, dtype)?),
+        Family::Mpnet => Box::new(Mpnet::load(dir, device, dtype)?),
     })
 }
