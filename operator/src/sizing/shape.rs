@@ -88,6 +88,7 @@ pub fn packaged_model(uri: &str) -> Option<ModelShape> {
     let (family, d, layers, heads, i, vocab) = match name {
         "all-MiniLM-L6-v2" => (ModelFamily::Bert, 384, 6, 12, 1536, 30522),
         "paraphrase-MiniLM-L3-v2" => (ModelFamily::Bert, 384, 3, 12, 1536, 30522),
+        "all-mpnet-base-v2" => (ModelFamily::Mpnet, 768, 12, 12, 3072, 30527),
         "SmolLM2-135M" | "SmolLM2-135M-Instruct" => (ModelFamily::Llama, 576, 30, 9, 1536, 49152),
         _ => return None,
     };

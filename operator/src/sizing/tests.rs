@@ -65,6 +65,18 @@ fn parameter_counts_match_the_model_cards() {
         packaged_model("cache://models/paraphrase-MiniLM-L3-v2").map(|s| s.parameters),
         Some(17_241_984)
     );
+    // all-mpnet-base-v2: embeddings (30527 + 514)·768 + 2·768 = 23,841,024 (no token
+    // types); a layer as BERT's at d = 768, i = 3072: 7,087,872; 12 layers; the
+    // relative-position bias 32 buckets · 12 heads = 384: 108,895,872 (the
+    // checkpoint's 109.5 M counts the 590,592-parameter pooler).
+    assert_eq!(
+        packaged_model("cache://models/all-mpnet-base-v2").map(|s| s.parameters),
+        Some(23_841_024 + 12 * 7_087_872 + 384)
+    );
+    assert_eq!(
+        packaged_model("s3://m/all-mpnet-base-v2/").map(|s| s.parameters),
+        Some(108_895_872)
+    );
     // SmolLM2-135M: embeddings 49152·576 = 28,311,552; a layer: q 576·576, k and v
     // 576·192 (3 kv heads of 64), o 576·576, MLP 3·576·1536, 2 norms = 3,540,096;
     // 30 layers, final norm 576, tied head: 134,515,008 (134.5 M).
