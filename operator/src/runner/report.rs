@@ -78,19 +78,16 @@ pub struct FamilyInfo {
     /// The backbone dtype the spec gives (`auto`, `float32`, ...).
     #[serde(default)]
     pub dtype: String,
-    /// The dtypes the family's trainers ran in, from their manifests
-    /// (`auto` resolved on each trainer's device).
+    /// The dtypes its trainers ran in (`auto` resolved), from their manifests.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dtypes_run: Vec<String>,
 }
 
-impl FamilyInfo {
-    /// The dtype cell: `float32`, or `auto → bfloat16` once trainers ran.
-    pub fn dtype_cell(&self) -> String {
-        match self.dtypes_run.join("/") {
-            run if run.is_empty() || run == self.dtype => self.dtype.clone(),
-            run => format!("{} → {run}", self.dtype),
-        }
+/// A family's dtype cell: `float32`, or `auto → bfloat16` once trainers ran.
+fn dtype_cell(f: &FamilyInfo) -> String {
+    match f.dtypes_run.join("/") {
+        run if run.is_empty() || run == f.dtype => f.dtype.clone(),
+        run => format!("{} → {run}", f.dtype),
     }
 }
 
@@ -198,7 +195,7 @@ impl Report {
                 f.key,
                 f.architecture,
                 f.model_uri,
-                f.dtype_cell(),
+                dtype_cell(f),
                 f.num_layers,
                 f.hidden_size,
                 f.parameters as f64 / 1e6,

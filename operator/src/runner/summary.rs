@@ -321,7 +321,7 @@ mod tests {
         assert_eq!(second.accuracy, 0.8);
         assert_eq!(second.aggregation_seconds, 0.5);
         assert_eq!((second.bytes_uploaded, second.bytes_downloaded), (100, 100));
-        assert_eq!(report.families[0].dtype_cell(), "auto → bfloat16");
+        assert_eq!(report.families[0].dtypes_run, ["bfloat16"]);
 
         let result = |client: &str, accuracy: f64| EvaluationResult {
             schema_version: 1,
