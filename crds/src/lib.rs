@@ -5,6 +5,7 @@
 //! * [`manifest`], [`layout`] and [`digest`]: the artifact manifest, the
 //!   object-store layout and the digest of the round protocol, shared by the
 //!   operator and the trainer.
+//! * [`dtype`]: what `dtype: auto` becomes on a CPU or a CUDA GPU.
 //! * [`model`]: the model's rules without tensors: a model folder's facts
 //!   (config.json, safetensors header) and the slot map of adapted layers.
 //! * [`crd`] and [`validate`] (feature `kube`): the generated
@@ -14,6 +15,7 @@
 
 pub mod bounded;
 pub mod digest;
+pub mod dtype;
 pub mod layout;
 pub mod manifest;
 pub mod model;

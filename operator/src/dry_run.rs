@@ -1,14 +1,17 @@
 //! `heterotune plan`: what a run would do, without doing it — clients and
 //! their model families, adapted layers, trainable parameters and upload
-//! size, the memory estimate and placement (GPU profile or CPU), the store
-//! and how far a previous run there has come.
+//! size, the memory estimate and placement (GPU profile or CPU), the dtype
+//! `auto` clients would get on this machine, the store and how far a
+//! previous run there has come.
 
 use std::fmt::Write as _;
 
+use heterotune_crds::dtype;
 use heterotune_crds::layout::RunLayout;
 use heterotune_crds::model::ModelFacts;
+use heterotune_crds::spec::Dtype;
 use heterotune_crds::uri::{self, Location};
-use heterotune_crds::FederatedTune;
+use heterotune_crds::{FederatedTune, FederatedTuneSpec};
 
 use crate::runner::report::human_bytes as bytes_si;
 use crate::sizing::{self, ModelShape, Placement, SizingConfig, Workload};
@@ -66,6 +69,9 @@ pub fn describe(
             row.placement
         );
     }
+    if let Some(line) = dtype_line(spec, dtype::resolve_this_cpu(Dtype::Auto)) {
+        let _ = writeln!(out, "\n{line}");
+    }
     let _ = writeln!(
         out,
         "\nabout {} uploaded per round in all; store {} (run folder {})",
@@ -99,6 +105,25 @@ fn headline(ft: &FederatedTune, slots: u64) -> String {
     )
 }
 
+/// What the clients with `dtype: auto` run in: `on_cpu` on this machine's
+/// CPU, the GPU rule beside it (`None` when no client says `auto`).
+fn dtype_line(spec: &FederatedTuneSpec, on_cpu: dtype::Resolved) -> Option<String> {
+    let auto: Vec<&str> = spec
+        .clients
+        .iter()
+        .filter(|c| c.model.dtype == Dtype::Auto)
+        .map(|c| c.name.as_str())
+        .collect();
+    (!auto.is_empty()).then(|| {
+        format!(
+            "dtype of {}: {on_cpu} on this machine's CPU; on a CUDA GPU bfloat16 at compute \
+             capability 8.0 or more, float32 below (memory is sized as bfloat16 on a GPU, \
+             float32 on a CPU)",
+            auto.join(", ")
+        )
+    })
+}
+
 /// One client's line of the table, as text cells.
 struct ClientRow {
     params: String,
@@ -111,7 +136,7 @@ struct ClientRow {
 
 impl ClientRow {
     fn of(
-        spec: &heterotune_crds::FederatedTuneSpec,
+        spec: &FederatedTuneSpec,
         i: usize,
         shape: Option<&ModelShape>,
         slots: u64,
@@ -173,5 +198,65 @@ fn progress_line(completed_rounds: Option<u32>, rounds: u32) -> String {
             n + 1
         ),
         None => "store not checked".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use heterotune_crds::dtype::{resolve_cpu, CpuBf16Units};
+
+    const SPEC: &str = r#"apiVersion: heterotune.dev/v1alpha1
+kind: FederatedTune
+metadata: { name: t }
+spec:
+  clients:
+    - name: auto-a
+      model: { family: bert, uri: "s3://m/a" }
+    - name: exact
+      model: { family: bert, uri: "s3://m/a", dtype: float32 }
+    - name: auto-b
+      model: { family: bert, uri: "s3://m/a", dtype: auto }
+  task:
+    dataset: { uri: "s3://d/x.jsonl" }
+    labels: [a, b]
+"#;
+
+    fn ft() -> FederatedTune {
+        heterotune_crds::validate::parse_federated_tune(SPEC).expect("valid spec")
+    }
+
+    #[test]
+    fn the_plan_names_the_dtype_auto_clients_get() {
+        let ft = ft();
+        let units = |avx512_bf16| CpuBf16Units {
+            avx512_bf16,
+            amx_bf16: false,
+        };
+        let bf16 = dtype_line(&ft.spec, resolve_cpu(Dtype::Auto, units(true), None));
+        let line = bf16.expect("two auto clients");
+        assert!(line.starts_with("dtype of auto-a, auto-b: auto → bfloat16 (AVX512-BF16)"));
+        let f32 = dtype_line(&ft.spec, resolve_cpu(Dtype::Auto, units(false), None));
+        assert!(f32
+            .expect("a line")
+            .contains("auto → float32 (no bf16 units) on this machine's CPU"));
+        let mut exact = ft.spec.clone();
+        exact.clients.retain(|c| c.name == "exact");
+        assert_eq!(
+            dtype_line(&exact, resolve_cpu(Dtype::Auto, units(true), None)),
+            None
+        );
+    }
+
+    #[test]
+    fn describe_prints_this_machines_choice() {
+        let ft = ft();
+        let layout = RunLayout::new("", "default", "t", "uid");
+        let text = describe(&ft, &SizingConfig::default(), None, &layout);
+        let here = dtype::resolve_this_cpu(Dtype::Auto).to_string();
+        assert!(
+            text.contains(&format!("dtype of auto-a, auto-b: {here}")),
+            "{text}"
+        );
     }
 }

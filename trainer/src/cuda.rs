@@ -8,7 +8,7 @@
 //! memory limit must then cover. So it is opened at run time, only when a
 //! GPU is asked for: `--device cuda`, or `--device auto` on a machine with an
 //! NVIDIA device node. [`device`] turns the trainer's `--device` into a
-//! libtorch device.
+//! libtorch device; [`compute_capability`] asks the driver what a GPU is.
 
 use std::ffi::{CStr, CString};
 use std::path::Path;
@@ -85,6 +85,47 @@ pub fn device(name: &str) -> Result<Device> {
     }
 }
 
+/// The driver library, present wherever a CUDA GPU is usable.
+const DRIVER: &CStr = c"libcuda.so.1";
+
+/// The compute capability (major, minor) of CUDA device `index` as the
+/// driver reports it (tch does not expose it); `None` when it cannot be read.
+pub fn compute_capability(index: usize) -> Option<(u32, u32)> {
+    type Init = unsafe extern "C" fn(u32) -> i32;
+    type DeviceGet = unsafe extern "C" fn(*mut i32, i32) -> i32;
+    type Attribute = unsafe extern "C" fn(*mut i32, i32, i32) -> i32;
+    // CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR and _MINOR.
+    const MAJOR: i32 = 75;
+    const MINOR: i32 = 76;
+    let ordinal = i32::try_from(index).ok()?;
+    // SAFETY: dlopen/dlsym with valid NUL-terminated names; the symbols are
+    // the driver API's, called with their documented signatures and valid
+    // out-pointers; the handle is never closed.
+    unsafe {
+        let handle = libc::dlopen(DRIVER.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL);
+        if handle.is_null() {
+            return None;
+        }
+        let symbol = |name: &CStr| {
+            let p = libc::dlsym(handle, name.as_ptr());
+            (!p.is_null()).then_some(p)
+        };
+        let init: Init = std::mem::transmute(symbol(c"cuInit")?);
+        let device_get: DeviceGet = std::mem::transmute(symbol(c"cuDeviceGet")?);
+        let attribute: Attribute = std::mem::transmute(symbol(c"cuDeviceGetAttribute")?);
+        let mut device = 0;
+        let (mut major, mut minor) = (0, 0);
+        let ok = init(0) == 0
+            && device_get(&mut device, ordinal) == 0
+            && attribute(&mut major, MAJOR, device) == 0
+            && attribute(&mut minor, MINOR, device) == 0;
+        if !ok {
+            return None;
+        }
+        Some((u32::try_from(major).ok()?, u32::try_from(minor).ok()?))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -95,6 +136,14 @@ mod tests {
         match super::load_cuda_backend() {
             Ok(()) => {}
             Err(e) => assert!(e.contains("libtorch_cuda.so"), "{e}"),
+        }
+    }
+
+    #[test]
+    fn compute_capability_is_none_without_a_gpu_or_plausible_with_one() {
+        match super::compute_capability(0) {
+            None => {}
+            Some((major, _)) => assert!((3..=20).contains(&major), "{major}"),
         }
     }
 }

@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
+use heterotune_crds::dtype::{self, Resolved};
 use heterotune_crds::model::slots::resolve_slots as resolve_slot_count;
 use heterotune_crds::model::LayerSelection;
 use heterotune_crds::spec::{Dtype, FederatedTuneSpec, LayerSelectionSpec, PartitionStrategy};
@@ -185,10 +186,27 @@ pub fn dema_config(
     }
 }
 
-/// libtorch kind of a spec dtype.
+/// What `dtype` (a client's `model.dtype`) is on `device`: `auto` resolved
+/// by the rule of [`heterotune_crds::dtype`] (a CUDA GPU by the compute
+/// capability its driver reports, any other device by this CPU's bf16 units
+/// and `HETEROTUNE_CPU_BF16`); explicit dtypes as they are.
+pub fn resolve_dtype(dtype: Dtype, device: tch::Device) -> Resolved {
+    match device {
+        tch::Device::Cuda(index) => {
+            let capability = (dtype == Dtype::Auto)
+                .then(|| crate::cuda::compute_capability(index))
+                .flatten();
+            dtype::resolve_cuda(dtype, capability)
+        }
+        _ => dtype::resolve_this_cpu(dtype),
+    }
+}
+
+/// libtorch kind of a resolved dtype ([`resolve_dtype`]; an unresolved
+/// `auto` runs float32).
 pub fn kind_of(dtype: Dtype) -> tch::Kind {
     match dtype {
-        Dtype::Float32 => tch::Kind::Float,
+        Dtype::Auto | Dtype::Float32 => tch::Kind::Float,
         Dtype::Bfloat16 => tch::Kind::BFloat16,
         Dtype::Float16 => tch::Kind::Half,
     }

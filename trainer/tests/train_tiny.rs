@@ -197,3 +197,44 @@ fn lora_starts_exact_and_learns() {
         );
     }
 }
+
+#[test]
+fn an_auto_client_trains_on_the_cpu_in_the_dtype_the_rule_chooses() {
+    use heterotune_crds::dtype::resolve_this_cpu;
+    use heterotune_crds::spec::Dtype;
+    use heterotune_trainer::client::{train_round, ClientOptions, TrainRound};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The fixture's clients leave `dtype` out: `auto`, the default.
+    let yaml = fixtures::write_federation(dir.path(), "auto", 1, "  storage: { uri: \"/tmp\" }");
+    let spec_file = dir.path().join("spec.yaml");
+    std::fs::write(&spec_file, yaml).expect("spec");
+    let expected = resolve_this_cpu(Dtype::Auto);
+    assert_ne!(expected.dtype, Dtype::Auto);
+    let opts = ClientOptions {
+        spec: spec_file,
+        client: "tiny-llama".into(),
+        threads: Some(1),
+        device: "cpu".into(),
+    };
+    let out = dir.path().join("out");
+    let args = TrainRound {
+        round: 1,
+        global: None,
+        state_in: None,
+        state_out: None,
+        cache_dir: None,
+        out: &out,
+        run: "auto-test",
+    };
+    let summary = train_round(&opts, &args).expect("an auto client trains");
+    let m = &summary.manifest;
+    assert_eq!(m.stats["dtype"], expected.dtype.as_str());
+    assert_eq!(m.stats["dtypeChoice"], expected.to_string());
+    assert_eq!(
+        m.metrics.get("backbone_dtype_bytes"),
+        Some(&(expected.dtype.bytes() as f64))
+    );
+    assert!(m.metrics["loss"].is_finite(), "{:?}", m.metrics);
+    assert!(summary.to_string().contains(&expected.to_string()));
+}

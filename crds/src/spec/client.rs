@@ -79,21 +79,37 @@ impl ModelFamily {
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Dtype {
-    /// 32-bit float: exact, and the fast choice on most CPUs.
+    /// Chosen by the trainer for the device it runs on: bfloat16 where the
+    /// device computes it natively (a CPU with AVX512-BF16 or AMX-BF16, a
+    /// CUDA GPU of compute capability 8.0 or more), float32 elsewhere
+    /// ([`crate::dtype`]).
     #[default]
+    Auto,
+    /// 32-bit float: exact, and the fast choice on CPUs without bf16 units.
     Float32,
-    /// bfloat16: half the memory; the usual choice on GPUs.
+    /// bfloat16: half the memory; fast on GPUs and on CPUs with bf16 units,
+    /// emulated (several times slower) on other CPUs.
     Bfloat16,
     /// IEEE half precision.
     Float16,
 }
 
 impl Dtype {
-    /// Bytes per element.
+    /// Bytes per element; for `auto`, the most it may choose (float32's 4).
     pub fn bytes(self) -> u64 {
         match self {
-            Dtype::Float32 => 4,
+            Dtype::Auto | Dtype::Float32 => 4,
             Dtype::Bfloat16 | Dtype::Float16 => 2,
+        }
+    }
+
+    /// The name used in the spec.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dtype::Auto => "auto",
+            Dtype::Float32 => "float32",
+            Dtype::Bfloat16 => "bfloat16",
+            Dtype::Float16 => "float16",
         }
     }
 }
@@ -115,7 +131,8 @@ pub struct ModelSpec {
     )]
     pub uri: String,
 
-    /// Numeric type of the frozen backbone.
+    /// Numeric type of the frozen backbone; `auto` (the default) lets the
+    /// trainer choose bfloat16 or float32 for the device it runs on.
     #[serde(default)]
     pub dtype: Dtype,
 

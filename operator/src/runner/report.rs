@@ -75,6 +75,20 @@ pub struct FamilyInfo {
     pub full_model_bytes: u64,
     /// What LoRA (rank r on query and value, bf16) FedAvg would upload.
     pub lora_bytes: u64,
+    /// The backbone dtype the spec gives (`auto`, `float32`, ...).
+    #[serde(default)]
+    pub dtype: String,
+    /// The dtypes its trainers ran in (`auto` resolved), from their manifests.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dtypes_run: Vec<String>,
+}
+
+/// A family's dtype cell: `float32`, or `auto → bfloat16` once trainers ran.
+fn dtype_cell(f: &FamilyInfo) -> String {
+    match f.dtypes_run.join("/") {
+        run if run.is_empty() || run == f.dtype => f.dtype.clone(),
+        run => format!("{} → {run}", f.dtype),
+    }
 }
 
 /// The whole report.
@@ -174,13 +188,14 @@ impl Report {
 
     /// `## Models`: one row per family, with the reference uploads.
     fn models_table(&self, md: &mut String) {
-        md.push_str("## Models\n\n| family | architecture | model | layers | hidden | parameters | clients | full-model FedAvg upload | LoRA FedAvg upload |\n|---|---|---|---|---|---|---|---|---|\n");
+        md.push_str("## Models\n\n| family | architecture | model | dtype | layers | hidden | parameters | clients | full-model FedAvg upload | LoRA FedAvg upload |\n|---|---|---|---|---|---|---|---|---|---|\n");
         for f in &self.families {
             md.push_str(&format!(
-                "| {} | {} | `{}` | {} | {} | {:.1} M | {} | {} | {} |\n",
+                "| {} | {} | `{}` | {} | {} | {} | {:.1} M | {} | {} | {} |\n",
                 f.key,
                 f.architecture,
                 f.model_uri,
+                dtype_cell(f),
                 f.num_layers,
                 f.hidden_size,
                 f.parameters as f64 / 1e6,
@@ -545,6 +560,8 @@ mod tests {
                 parameters: 22_000_000,
                 full_model_bytes: 88_000_000,
                 lora_bytes: 147_000,
+                dtype: "auto".into(),
+                dtypes_run: vec!["bfloat16".into()],
             }],
             rounds,
             status: "Succeeded".into(),
@@ -561,6 +578,10 @@ mod tests {
         assert!(md.contains("| 3 | – | 0.800 |"), "{md}");
         assert!(md.contains("| 2 | 0.800 | 0.700 |"), "{md}");
         assert!(md.contains("176.0 MB for full-model FedAvg"), "{md}");
+        assert!(
+            md.contains("| `cache://models/x` | auto → bfloat16 | 6 |"),
+            "{md}"
+        );
         let back: Report =
             serde_json::from_slice(&std::fs::read(dir.path().join("report.json")).expect("json"))
                 .expect("parse");

@@ -48,6 +48,8 @@ pub fn new_report(ft: &FederatedTune, run: &str) -> Report {
                 // LoRA on query and value of every layer: A [r, d] + B [d_out, r]
                 // each (d_out = d for the query, kv_heads x head_dim for the value).
                 lora_bytes: layers * rank * (hidden + hidden + hidden + value_width) * 2,
+                dtype: c.model.dtype.as_str().to_string(),
+                dtypes_run: Vec::new(),
             }
         });
         entry.clients.push(c.name.clone());
@@ -128,6 +130,7 @@ pub fn record_round(report: &mut Report, facts: &RoundFacts, duration: f64, excl
         clients,
         aggregation: global.map(|g| g.stats.clone()).unwrap_or_default(),
     };
+    record_dtypes(report, facts);
     report.rounds.retain(|r| r.round != round);
     report.rounds.push(record);
     report.rounds.sort_by_key(|r| r.round);
@@ -148,6 +151,22 @@ pub fn record_round(report: &mut Report, facts: &RoundFacts, duration: f64, excl
                         .map(|f| (f.to_string(), *v))
                 })
                 .collect();
+        }
+    }
+}
+
+/// Adds the dtypes the round's trainers ran in (their manifests' `dtype`
+/// stat) to their families.
+fn record_dtypes(report: &mut Report, facts: &RoundFacts) {
+    for (_, m) in &facts.clients {
+        let (Some(family), Some(dtype)) = (&m.family, m.stats["dtype"].as_str()) else {
+            continue;
+        };
+        if let Some(f) = report.families.iter_mut().find(|f| &f.key == family) {
+            if !f.dtypes_run.iter().any(|d| d == dtype) {
+                f.dtypes_run.push(dtype.to_string());
+                f.dtypes_run.sort();
+            }
         }
     }
 }
@@ -265,8 +284,21 @@ mod tests {
         let a = manifest(
             Some("a"),
             &[("test_accuracy", 0.8)],
-            serde_json::Value::Null,
+            serde_json::json!({ "dtype": "bfloat16" }),
         );
+        report.families.push(FamilyInfo {
+            key: "bert".into(),
+            architecture: "bert".into(),
+            model_uri: "s3://m".into(),
+            clients: vec!["a".into()],
+            num_layers: 1,
+            hidden_size: 1,
+            parameters: 1,
+            full_model_bytes: 2,
+            lora_bytes: 2,
+            dtype: "auto".into(),
+            dtypes_run: Vec::new(),
+        });
         let facts = RoundFacts {
             round: 2,
             global: Some(global),
@@ -284,6 +316,7 @@ mod tests {
         assert_eq!(second.accuracy, 0.8);
         assert_eq!(second.aggregation_seconds, 0.5);
         assert_eq!((second.bytes_uploaded, second.bytes_downloaded), (100, 100));
+        assert_eq!(report.families[0].dtypes_run, ["bfloat16"]);
 
         let result = |client: &str, accuracy: f64| EvaluationResult {
             schema_version: 1,

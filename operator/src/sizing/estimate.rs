@@ -12,7 +12,8 @@ use super::MIB;
 /// The training settings that matter for memory, for one client.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Workload {
-    /// Backbone dtype.
+    /// Backbone dtype as the spec says (`auto` is sized per target:
+    /// [`Workload::on`]).
     pub dtype: Dtype,
     /// Training batch.
     pub batch_size: u64,
@@ -64,6 +65,23 @@ impl Workload {
             } else {
                 0
             },
+        }
+    }
+}
+
+impl Workload {
+    /// This workload as sized on `target`: `auto` is bfloat16 on a GPU (what
+    /// the trainer picks at compute capability 8.0 and above) and float32 on
+    /// a CPU (an upper bound: the operator cannot see the node's CPU).
+    pub fn on(&self, target: Target) -> Workload {
+        let dtype = match (self.dtype, target) {
+            (Dtype::Auto, Target::Gpu) => Dtype::Bfloat16,
+            (Dtype::Auto, Target::Cpu) => Dtype::Float32,
+            (dtype, _) => dtype,
+        };
+        Workload {
+            dtype,
+            ..self.clone()
         }
     }
 }
@@ -128,6 +146,7 @@ pub fn estimate(
     config: &SizingConfig,
     target: Target,
 ) -> MemoryEstimate {
+    let w = &w.on(target);
     let e = w.dtype.bytes();
     let weights = shape.parameters * e;
     let trainable = trainable_parameters(shape, w);

@@ -5,7 +5,7 @@
 //!
 //! | part | bytes |
 //! |---|---|
-//! | frozen weights | `P · e` (`e`: bytes per element of `model.dtype`) |
+//! | frozen weights | `P · e` (`e`: bytes per element of `model.dtype`; `auto` below) |
 //! | adapter state | `16 · A`: f32 weights, gradients and AdamW's two moments of the `A` trainable parameters |
 //! | stored activations | `W · act(b)`: the `W` layers above the first adapted layer keep their activations for the backward pass |
 //! | forward workspace | `act(max(b, b_eval))`: one layer in flight (training or evaluation batch) |
@@ -18,6 +18,14 @@
 //! (2022), eq. 1: `s·b·d·(34 + 5·h·s/d)` bytes in a 16-bit dtype, scaled by
 //! `e/2` (twice that in f32). With `training.gradientCheckpointing` a layer
 //! keeps only its input (`b·s·d·e`) and one layer is recomputed at a time.
+//!
+//! `dtype: auto` (the default) is resolved by the trainer on the device it
+//! runs on (`heterotune_crds::dtype`). The estimate takes it as bfloat16 on
+//! a GPU profile (`e = 2`): GPUs older than compute capability 8.0 run it in
+//! float32 and need twice the weight and activation memory, so give their
+//! clients `dtype: float32` or a profile sized for it. On a CPU placement it
+//! is float32 (`e = 4`), an upper bound: the operator cannot see the node's
+//! CPU, and a CPU with bf16 units runs it in half that.
 //!
 //! `A` (DeMA): shared `S·(K·(r²+r) + K·r + K)` + family-specific `2·r·d` per
 //! adapted layer + the head `d·C + C`. LoRA: `4·r·d` per adapted layer (query

@@ -3,7 +3,7 @@
 use super::*;
 use heterotune_crds::model::{LayerSelection, ModelFacts, SlotMap};
 use heterotune_crds::spec::LayerSelectionMode;
-use heterotune_crds::spec::{FederatedTuneSpec, LayerSelectionSpec, ModelFamily};
+use heterotune_crds::spec::{Dtype, FederatedTuneSpec, LayerSelectionSpec, ModelFamily};
 
 /// A spec with `clients` (name, family, uri, dtype) and `extra` YAML under `spec:`.
 fn spec(clients: &[(&str, &str, &str, &str)], extra: &str) -> FederatedTuneSpec {
@@ -254,6 +254,35 @@ fn llama_7b_estimate_by_hand_picks_the_40gb_profile() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn auto_is_sized_as_bfloat16_on_a_gpu_and_float32_on_a_cpu() {
+    // The default dtype: the llama-7b estimate above on a GPU, the
+    // float32 MiniLM-L6 estimate on a CPU.
+    let (s, explicit) = llama_workload(false);
+    let auto = Workload {
+        dtype: Dtype::Auto,
+        ..explicit.clone()
+    };
+    let (llama, config) = (shape(LLAMA_7B), SizingConfig::default());
+    let gpu = estimate(&llama, &auto, &config, Target::Gpu);
+    assert_eq!(gpu, estimate(&llama, &explicit, &config, Target::Gpu));
+    assert_eq!(gpu.weights, 13_476_831_232);
+    let p = place(&s.clients[0], Some(&llama), &auto, true, &profiles(), 0).expect("placed");
+    assert_eq!(p.profile_name(), "a100-40gb");
+    let cpu = estimate(&llama, &auto, &config, Target::Cpu);
+    assert_eq!(cpu.weights, 2 * 13_476_831_232);
+    let minilm = "cache://models/all-MiniLM-L6-v2";
+    let f32_spec = spec(&[("a", "bert", minilm, "float32")], "");
+    let auto_spec = spec(&[("a", "bert", minilm, "auto")], "");
+    let (l6, f32_w) = (shape(MINILM_L6), Workload::of(&f32_spec, 0, 3));
+    let auto_w = Workload::of(&auto_spec, 0, 3);
+    assert_eq!(auto_w.dtype, Dtype::Auto);
+    assert_eq!(
+        estimate(&l6, &auto_w, &config, Target::Cpu).total,
+        estimate(&l6, &f32_w, &config, Target::Cpu).total
+    );
 }
 
 #[test]

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use heterotune_crds::manifest::{now_rfc3339, EvaluationResult, MANIFEST_SCHEMA_VERSION};
 
-use super::load::{load_client, model_id, settings, ClientOptions};
+use super::load::{load_client, settings, ClientOptions};
 use crate::artifact::{self, WRITER_VERSION};
 use crate::Result;
 
@@ -26,7 +26,7 @@ pub fn evaluate(
     let settings = settings(&loaded.spec, loaded.base_round, loaded.index, cache_dir);
     let test = loaded
         .model
-        .prepare(&loaded.test, &settings, &model_id(client))?;
+        .prepare(&loaded.test, &settings, &loaded.model_id())?;
     let (scores, loss) =
         loaded
             .model

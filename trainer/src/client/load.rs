@@ -4,9 +4,10 @@
 
 use std::path::{Path, PathBuf};
 
+use heterotune_crds::dtype::Resolved;
 use heterotune_crds::model::LayerSelection;
 use heterotune_crds::spec::{
-    AdapterKind, ClientSpec, FederatedTuneSpec, Pooling as SpecPooling, TrainingSpec,
+    AdapterKind, ClientSpec, Dtype, FederatedTuneSpec, Pooling as SpecPooling, TrainingSpec,
 };
 use tch::Device;
 
@@ -51,6 +52,8 @@ pub struct LoadedClient {
     pub base_round: u32,
     /// Seconds spent loading the backbone and tokenizer.
     pub load_seconds: f64,
+    /// The backbone's dtype on this device (`auto` resolved).
+    pub dtype: Resolved,
     /// The client's training examples.
     pub train: Vec<Example>,
     /// The client's validation examples.
@@ -67,6 +70,11 @@ impl LoadedClient {
     /// The client's entry in the spec.
     pub fn spec_client(&self) -> &ClientSpec {
         &self.spec.clients[self.index]
+    }
+
+    /// The key of this client's backbone in the prefix-cache fingerprints.
+    pub fn model_id(&self) -> String {
+        model_id(self.spec_client(), self.dtype.dtype)
     }
 }
 
@@ -151,9 +159,11 @@ pub fn train_settings(
     }
 }
 
-/// The key of a client's model in the prefix-cache fingerprints.
-pub fn model_id(client: &ClientSpec) -> String {
-    format!("{}|{:?}", client.model.uri, client.model.dtype)
+/// The key of a client's model in the prefix-cache fingerprints, with the
+/// dtype it runs in (`auto` resolved: the same computation as the explicit
+/// dtype, so the same key).
+pub fn model_id(client: &ClientSpec, dtype: Dtype) -> String {
+    format!("{}|{:?}", client.model.uri, dtype)
 }
 
 /// Loads client `opts.client`: its backbone (on `opts.device`), data,
@@ -170,7 +180,13 @@ pub fn load_client(
         tch::set_num_threads(t);
     }
     let device = crate::cuda::device(&opts.device)?;
-    let (backbone, tokenizer, model_dir, load_seconds) = load_frozen(&spec, index, device)?;
+    let dtype = job::resolve_dtype(spec.clients[index].model.dtype, device);
+    tracing::info!(
+        "client {}: backbone dtype {dtype} on {device:?}",
+        spec.clients[index].name
+    );
+    let (backbone, tokenizer, model_dir, load_seconds) =
+        load_frozen(&spec, index, device, dtype.dtype)?;
     let (mine, test, num_classes) = client_data(&spec, index)?;
     let info = backbone.info().clone();
     let choice = adapter_choice(
@@ -213,6 +229,7 @@ pub fn load_client(
         family_key,
         base_round,
         load_seconds,
+        dtype,
         train: mine.train,
         validation: mine.validation,
         test,
@@ -223,12 +240,13 @@ pub fn load_client(
     })
 }
 
-/// The frozen part of client `index`: its backbone on `device` and its
-/// tokenizer, the model folder, and the seconds loading them took.
+/// The frozen part of client `index`: its backbone on `device` in `dtype`
+/// and its tokenizer, the model folder, and the seconds loading them took.
 fn load_frozen(
     spec: &FederatedTuneSpec,
     index: usize,
     device: Device,
+    dtype: Dtype,
 ) -> Result<(Box<dyn Backbone>, TextTokenizer, PathBuf, f64)> {
     let client = &spec.clients[index];
     let model_dir = job::local_path(
@@ -236,7 +254,7 @@ fn load_frozen(
         &format!("spec.clients[{index}].model.uri"),
     )?;
     let load_start = std::time::Instant::now();
-    let backbone = load_backbone(&model_dir, device, job::kind_of(client.model.dtype))
+    let backbone = load_backbone(&model_dir, device, job::kind_of(dtype))
         .context_with(|| format!("loading the backbone of client {}", client.name))?;
     let tokenizer = TextTokenizer::for_model(&model_dir, backbone.info().vocab_size)?;
     Ok((

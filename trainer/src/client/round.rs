@@ -6,9 +6,10 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use heterotune_crds::manifest::{ArtifactKind, ArtifactManifest};
+use heterotune_crds::spec::Dtype;
 use tch::Tensor;
 
-use super::load::{load_client, model_id, settings, ClientOptions, LoadedClient};
+use super::load::{load_client, settings, ClientOptions, LoadedClient};
 use crate::artifact::{self, StoreDtype, WRITER_VERSION};
 use crate::exchange::shared_names;
 use crate::metrics::Scores;
@@ -51,6 +52,8 @@ struct RoundScores {
 pub struct TrainSummary {
     client: String,
     family_key: String,
+    /// The backbone's dtype (`auto → bfloat16 (AVX512-BF16)`, `float32`).
+    dtype: String,
     num_layers: usize,
     prefix_layers: usize,
     round: u32,
@@ -94,8 +97,18 @@ pub fn train_round(opts: &ClientOptions, args: &TrainRound<'_>) -> Result<TrainS
         client: Some(client.name.clone()),
         family: Some(c.family_key.clone()),
         num_examples: c.train.len() as u64,
-        metrics: scores.metrics(c.load_seconds, trainable, info.num_parameters),
-        stats: serde_json::json!({"familyArchitecture": client.model.family.as_str(), "prefixLayers": c.model.prefix_layers()}),
+        metrics: scores.metrics(
+            c.load_seconds,
+            trainable,
+            info.num_parameters,
+            c.dtype.dtype,
+        ),
+        stats: serde_json::json!({
+            "familyArchitecture": client.model.family.as_str(),
+            "prefixLayers": c.model.prefix_layers(),
+            "dtype": c.dtype.dtype.as_str(),
+            "dtypeChoice": c.dtype.to_string(),
+        }),
         ..ArtifactManifest::new(
             ArtifactKind::Client,
             args.run,
@@ -108,6 +121,7 @@ pub fn train_round(opts: &ClientOptions, args: &TrainRound<'_>) -> Result<TrainS
     Ok(TrainSummary {
         client: client.name.clone(),
         family_key: c.family_key.clone(),
+        dtype: c.dtype.to_string(),
         num_layers: info.num_layers,
         prefix_layers: c.model.prefix_layers(),
         round: args.round,
@@ -129,7 +143,7 @@ pub fn train_round(opts: &ClientOptions, args: &TrainRound<'_>) -> Result<TrainS
 /// model on validation and test. Also says whether the training prefixes
 /// came from the disk cache.
 fn train_and_score(c: &mut LoadedClient, settings: &TrainSettings) -> Result<(RoundScores, bool)> {
-    let model_id = model_id(c.spec_client());
+    let model_id = c.model_id();
     let batch = settings.eval_batch_size;
     let test_data = c.model.prepare(&c.test, settings, &model_id)?;
     // The model this client received (the previous round's global with its
@@ -162,6 +176,7 @@ impl RoundScores {
         load_seconds: f64,
         trainable: usize,
         backbone_parameters: usize,
+        dtype: Dtype,
     ) -> BTreeMap<String, f64> {
         let (report, val, tst) = (&self.report, &self.validation, &self.test);
         let mut metrics = BTreeMap::new();
@@ -190,6 +205,8 @@ impl RoundScores {
         metrics.insert("load_seconds".into(), load_seconds);
         metrics.insert("trainable_parameters".into(), trainable as f64);
         metrics.insert("backbone_parameters".into(), backbone_parameters as f64);
+        // The resolved dtype, by its width (its name is in the stats).
+        metrics.insert("backbone_dtype_bytes".into(), dtype.bytes() as f64);
         if let Some(rss) = report.peak_rss_bytes {
             metrics.insert("peak_rss_bytes".into(), rss as f64);
         }
@@ -211,8 +228,8 @@ impl fmt::Display for TrainSummary {
         let [train, validation, test] = self.examples;
         writeln!(
             f,
-            "client {} ({}, {} layers, frozen prefix of {} layers): round {}, {train} train / {validation} validation / {test} test examples",
-            self.client, self.family_key, self.num_layers, self.prefix_layers, self.round,
+            "client {} ({}, {} layers, frozen prefix of {} layers, dtype {}): round {}, {train} train / {validation} validation / {test} test examples",
+            self.client, self.family_key, self.num_layers, self.prefix_layers, self.dtype, self.round,
         )?;
         writeln!(
             f,
