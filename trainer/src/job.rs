@@ -20,7 +20,8 @@ use crate::{Error, Result};
 
 /// Reads a spec file: a whole FederatedTune (YAML or JSON) or just its spec.
 pub fn read_spec(path: &Path) -> Result<FederatedTuneSpec> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = heterotune_crds::bounded::read_text(path, heterotune_crds::bounded::MAX_SPEC_BYTES)
+        .map_err(|e| Error::io(path, e))?;
     let value: serde_json::Value = serde_saphyr::from_str(&text).map_err(|e| {
         Error::config(
             path.display().to_string(),
