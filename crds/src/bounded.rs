@@ -63,13 +63,8 @@ mod tests {
         let fifo = dir.path().join("fifo");
         let c = std::ffi::CString::new(fifo.to_str().expect("utf-8")).expect("c path");
         // SAFETY: mkfifo with a valid NUL-terminated path.
-        assert_eq!(unsafe { libc_mkfifo(c.as_ptr(), 0o600) }, 0);
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
         let err = read_text(&fifo, 10).expect_err("fifo");
         assert!(err.to_string().contains("not a regular file"), "{err}");
-    }
-
-    extern "C" {
-        #[link_name = "mkfifo"]
-        fn libc_mkfifo(path: *const std::ffi::c_char, mode: u32) -> i32;
     }
 }
