@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use heterotune_crds::dtype::{self, Resolved};
 use heterotune_crds::model::slots::resolve_slots as resolve_slot_count;
 use heterotune_crds::model::LayerSelection;
-use heterotune_crds::spec::{Dtype, FederatedTuneSpec, LayerSelectionSpec, PartitionStrategy};
+use heterotune_crds::spec::{Dtype, FederatedTuneSpec, PartitionStrategy};
 use heterotune_crds::uri::{self, Location};
 
 use crate::adapters::dema::DemaConfig;
@@ -133,11 +133,6 @@ pub fn data_config(spec: &FederatedTuneSpec) -> Result<DataConfig> {
     })
 }
 
-/// The layer selection in force for client `index`.
-pub fn layer_selection_spec(spec: &FederatedTuneSpec, index: usize) -> &LayerSelectionSpec {
-    spec.layer_selection(index)
-}
-
 /// The number of slots: `adapter.slots`, or the depth of the shallowest
 /// client's adapted window (read from each local model's config.json).
 pub fn resolve_slots(spec: &FederatedTuneSpec) -> Result<usize> {
@@ -154,9 +149,8 @@ pub fn resolve_slots(spec: &FederatedTuneSpec) -> Result<usize> {
             )
             })?;
         let layers = num_layers(&dir)?;
-        depths.push(
-            LayerSelection::from_spec(layer_selection_spec(spec, i), layers).window_depth(layers),
-        );
+        depths
+            .push(LayerSelection::from_spec(spec.layer_selection(i), layers).window_depth(layers));
     }
     Ok(resolve_slot_count(None, depths))
 }
@@ -174,7 +168,7 @@ pub fn dema_config(
     num_layers: usize,
     slots: usize,
 ) -> DemaConfig {
-    let sel = layer_selection_spec(spec, index);
+    let sel = spec.layer_selection(index);
     DemaConfig {
         rank: spec.adapter.rank as usize,
         experts: spec.adapter.experts as usize,
