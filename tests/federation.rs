@@ -392,3 +392,46 @@ fn local_only_clients_keep_their_training_across_rounds() {
         );
     }
 }
+
+/// A bridge (`spec.bridge`): every client co-trains a small common model
+/// next to its own. The final evaluation reports each model a client can
+/// serve; the bridge is one global model (the same accuracy for every
+/// client) and the served accuracy is the ensemble's (the default).
+#[test]
+fn bridge_federation_shares_one_bridge_and_serves_the_ensemble() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let spec =
+        fixtures::write_federation(root, "bridge", 2, "  storage: { uri: \"file://store\" }")
+            .replace("algorithm: cmga", "algorithm: fedavg");
+    let bridge = root.join("models/tiny-bert-a");
+    let spec = format!(
+        "{spec}  bridge: {{ model: {{ family: bert, uri: \"{}\" }} }}\n",
+        bridge.display()
+    );
+    let spec_file = root.join("spec.yaml");
+    std::fs::write(&spec_file, &spec).expect("spec");
+    let out = run_command(root, &spec_file)
+        .output()
+        .expect("heterotune runs");
+    assert!(out.status.success(), "{}\n{spec}", output_text(&out));
+    check_report(root, 2);
+    let r = report(root);
+    let evaluations = r["finalEvaluation"].as_array().expect("final evaluation");
+    assert_eq!(evaluations.len(), 3, "{r}");
+    let variant = |e: &serde_json::Value, v: &str| {
+        e["variants"][v]
+            .as_f64()
+            .unwrap_or_else(|| panic!("variant {v} in {e}"))
+    };
+    let bridge_accuracy = variant(&evaluations[0], "bridge");
+    for e in evaluations {
+        assert_eq!(e["accuracy"].as_f64(), Some(variant(e, "ensemble")), "{e}");
+        assert!(variant(e, "own").is_finite(), "{e}");
+        assert_eq!(
+            variant(e, "bridge"),
+            bridge_accuracy,
+            "one global bridge: {e}"
+        );
+    }
+}

@@ -161,6 +161,10 @@ pub struct EvaluationResult {
     /// Seconds the evaluation took (model load included).
     #[serde(default)]
     pub seconds: Option<f64>,
+    /// With a bridge (`spec.bridge`): the accuracy of each model the client
+    /// can serve (`own`, `bridge`, `ensemble`); `accuracy` is the served one's.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub variants: BTreeMap<String, f64>,
     /// Version of the program that wrote it.
     pub writer_version: String,
     /// Creation time (RFC 3339).
@@ -297,6 +301,7 @@ mod tests {
             macro_f1: 0.5,
             loss: None,
             seconds: None,
+            variants: Default::default(),
             writer_version: "t".into(),
             created_at: "x".into(),
         }

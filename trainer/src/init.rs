@@ -70,6 +70,7 @@ pub fn write_initial_global(
         }
         families.push(key);
     }
+    tensors.extend(crate::client::bridge::initial_values(spec)?);
     let manifest = ArtifactManifest {
         stats: serde_json::json!({ "families": families, "slots": slots }),
         ..ArtifactManifest::new(ArtifactKind::Global, run, 0, 0, WRITER_VERSION)

@@ -24,6 +24,7 @@ pub mod init;
 pub mod job;
 pub mod metrics;
 pub mod models;
+pub mod mutual;
 pub(crate) mod prefix_cache;
 pub mod tokenizer;
 pub mod train;

@@ -56,8 +56,70 @@ fn by_length(tokens: &Tokens) -> Vec<usize> {
     order
 }
 
+/// The training examples' order: a seeded shuffle, reshuffled each time it
+/// runs out (batches never straddle two shuffles' duplicates within one).
+pub(crate) struct BatchSampler {
+    rng: rand_chacha::ChaCha8Rng,
+    order: Vec<usize>,
+    cursor: usize,
+}
+
+impl BatchSampler {
+    /// A sampler over `n` examples seeded by `seed`.
+    pub(crate) fn new(seed: u64, n: usize) -> Self {
+        let order: Vec<usize> = (0..n).collect();
+        BatchSampler {
+            rng: seeded_rng(seed, 0x74_7261_696e),
+            cursor: order.len(),
+            order,
+        }
+    }
+
+    /// The next batch: `batch_size` rows (at most `n`).
+    pub(crate) fn next(&mut self, batch_size: usize) -> Vec<usize> {
+        let mut rows = Vec::with_capacity(batch_size);
+        while rows.len() < batch_size.min(self.order.len()) {
+            if self.cursor >= self.order.len() {
+                shuffle(&mut self.rng, &mut self.order);
+                self.cursor = 0;
+            }
+            rows.push(self.order[self.cursor]);
+            self.cursor += 1;
+        }
+        rows
+    }
+}
+
+/// Sets the learning rates of step `step` (linear warm-up, then constant):
+/// group 0 the adapters', group 1 the head's.
+pub(crate) fn set_step_lr(opt: &mut nn::Optimizer, settings: &TrainSettings, step: usize) {
+    let warm = if settings.warmup_steps > 0 && step < settings.warmup_steps {
+        (step + 1) as f64 / settings.warmup_steps as f64
+    } else {
+        1.0
+    };
+    opt.set_lr_group(0, settings.learning_rate * warm);
+    opt.set_lr_group(1, settings.head_learning_rate * warm);
+}
+
+/// Accuracy and macro-F1 of `logits` `[n, classes]` against `data`'s
+/// labels, and the mean cross-entropy.
+pub fn score_logits(logits: &Tensor, data: &Prepared, num_classes: usize) -> Result<(Scores, f64)> {
+    let labels: Vec<usize> = data.tokens.labels.iter().map(|&l| l as usize).collect();
+    if labels.is_empty() {
+        return Ok((scores(&[], &[], num_classes), f64::NAN));
+    }
+    let target = Tensor::from_slice(&data.tokens.labels).to_device(logits.device());
+    let loss = logits.cross_entropy_for_logits(&target).double_value(&[]);
+    let predictions: Vec<usize> = Vec::<i64>::try_from(logits.argmax(-1, false))?
+        .into_iter()
+        .map(|p| p as usize)
+        .collect();
+    Ok((scores(&predictions, &labels, num_classes), loss))
+}
+
 /// Tokenised examples, unpadded.
-struct Tokens {
+pub(crate) struct Tokens {
     ids: Vec<Vec<i64>>,
     labels: Vec<i64>,
 }
@@ -90,10 +152,37 @@ pub struct TrainReport {
     pub peak_rss_bytes: Option<u64>,
 }
 
+impl TrainReport {
+    /// The report of a training loop that started at `start` (its steps at
+    /// `train_start`), with the step losses `losses` over `tokens_seen` real
+    /// tokens of `data`.
+    pub(crate) fn new(
+        losses: &[f64],
+        start: Instant,
+        train_start: Instant,
+        tokens_seen: i64,
+        data: &Prepared,
+    ) -> Self {
+        let train_seconds = train_start.elapsed().as_secs_f64();
+        let steps = losses.len();
+        TrainReport {
+            steps,
+            final_loss: losses.last().copied().unwrap_or(f64::NAN),
+            mean_loss: losses.iter().sum::<f64>() / steps.max(1) as f64,
+            seconds: start.elapsed().as_secs_f64() + data.prefix_seconds,
+            prefix_seconds: data.prefix_seconds,
+            steps_per_second: steps as f64 / train_seconds.max(1e-9),
+            tokens_per_second: tokens_seen as f64 / train_seconds.max(1e-9),
+            cached_examples: data.cached,
+            peak_rss_bytes: peak_rss_bytes(),
+        }
+    }
+}
+
 /// A set of examples ready for the window: tokens plus prefix outputs.
 pub struct Prepared {
-    tokens: Tokens,
-    cache: Option<PrefixCache>,
+    pub(crate) tokens: Tokens,
+    pub(crate) cache: Option<PrefixCache>,
     /// Seconds spent building (or loading) the prefix cache.
     pub prefix_seconds: f64,
     /// Examples whose prefix output is cached.
@@ -181,7 +270,7 @@ impl ClientModel {
     }
 
     /// Right-pads `rows` of `tokens` into `[b, t]` ids and mask.
-    fn batch(&self, tokens: &Tokens, rows: &[usize]) -> (Tensor, Tensor, Tensor) {
+    pub(crate) fn batch(&self, tokens: &Tokens, rows: &[usize]) -> (Tensor, Tensor, Tensor) {
         let t = rows
             .iter()
             .map(|&i| tokens.ids[i].len())
@@ -224,7 +313,7 @@ impl ClientModel {
 
     /// The first adapter, the layers above the prefix with their adapters,
     /// final norm and head: the logits.
-    fn window(&self, h: Tensor, mask: &Tensor) -> Tensor {
+    pub(crate) fn window(&self, h: Tensor, mask: &Tensor) -> Tensor {
         let layers = self.backbone.info().num_layers;
         let mut h = match self.prefix_layers {
             0 => h,
@@ -341,7 +430,7 @@ impl ClientModel {
     }
 
     /// Window input for `rows`: from the cache where every row is cached, else recomputed.
-    fn window_input(
+    pub(crate) fn window_input(
         &self,
         cache: Option<&PrefixCache>,
         rows: &[usize],
@@ -426,6 +515,17 @@ impl ClientModel {
         })
     }
 
+    /// AdamW over the adapters (group 0) and the head (group 1).
+    pub(crate) fn optimizer(&self, settings: &TrainSettings) -> Result<nn::Optimizer> {
+        let mut opt = nn::AdamW {
+            wd: settings.weight_decay,
+            ..Default::default()
+        }
+        .build(&self.vs, settings.learning_rate)?;
+        opt.set_lr_group(1, settings.head_learning_rate);
+        Ok(opt)
+    }
+
     /// Trains for `settings.steps` steps on prepared training examples.
     pub fn train(&mut self, data: &Prepared, settings: &TrainSettings) -> Result<TrainReport> {
         if data.is_empty() {
@@ -437,40 +537,15 @@ impl ClientModel {
         let start = Instant::now();
         let tokens = &data.tokens;
         let cache = data.cache.as_ref();
-        let prefix_seconds = data.prefix_seconds;
-        let cached_examples = data.cached;
         let n = data.len();
-
-        let mut opt = nn::AdamW {
-            wd: settings.weight_decay,
-            ..Default::default()
-        }
-        .build(&self.vs, settings.learning_rate)?;
-        opt.set_lr_group(1, settings.head_learning_rate);
-
-        let mut rng = seeded_rng(settings.seed, 0x74_7261_696e);
-        let mut order: Vec<usize> = (0..n).collect();
-        let mut cursor = order.len();
+        let mut opt = self.optimizer(settings)?;
+        let mut sampler = BatchSampler::new(settings.seed, n);
         let mut losses = Vec::with_capacity(settings.steps);
         let mut tokens_seen = 0i64;
         let train_start = Instant::now();
         for step in 0..settings.steps {
-            let warm = if settings.warmup_steps > 0 && step < settings.warmup_steps {
-                (step + 1) as f64 / settings.warmup_steps as f64
-            } else {
-                1.0
-            };
-            opt.set_lr_group(0, settings.learning_rate * warm);
-            opt.set_lr_group(1, settings.head_learning_rate * warm);
-            let mut rows = Vec::with_capacity(settings.batch_size);
-            while rows.len() < settings.batch_size.min(n) {
-                if cursor >= order.len() {
-                    shuffle(&mut rng, &mut order);
-                    cursor = 0;
-                }
-                rows.push(order[cursor]);
-                cursor += 1;
-            }
+            set_step_lr(&mut opt, settings, step);
+            let rows = sampler.next(settings.batch_size);
             let (ids, mask, labels) = self.batch(tokens, &rows);
             tokens_seen += mask.sum(Kind::Int64).int64_value(&[]);
             let h = self.window_input(cache, &rows, &ids, &mask);
@@ -495,19 +570,13 @@ impl ClientModel {
             }
             losses.push(value);
         }
-        let train_seconds = train_start.elapsed().as_secs_f64();
-        let steps = losses.len();
-        Ok(TrainReport {
-            steps,
-            final_loss: losses.last().copied().unwrap_or(f64::NAN),
-            mean_loss: losses.iter().sum::<f64>() / steps.max(1) as f64,
-            seconds: start.elapsed().as_secs_f64() + prefix_seconds,
-            prefix_seconds,
-            steps_per_second: steps as f64 / train_seconds.max(1e-9),
-            tokens_per_second: tokens_seen as f64 / train_seconds.max(1e-9),
-            cached_examples,
-            peak_rss_bytes: peak_rss_bytes(),
-        })
+        Ok(TrainReport::new(
+            &losses,
+            start,
+            train_start,
+            tokens_seen,
+            data,
+        ))
     }
 
     /// Accuracy and macro-F1 on prepared examples, and the mean loss.
@@ -517,32 +586,31 @@ impl ClientModel {
         batch_size: usize,
         num_classes: usize,
     ) -> Result<(Scores, f64)> {
-        if data.is_empty() {
-            return Ok((scores(&[], &[], num_classes), f64::NAN));
-        }
+        let logits = self.logits(data, batch_size)?;
+        score_logits(&logits, data, num_classes)
+    }
+
+    /// Logits `[n, classes]` (f32, CPU, in the examples' order) of prepared
+    /// examples, without gradient.
+    pub fn logits(&self, data: &Prepared, batch_size: usize) -> Result<Tensor> {
         let tokens = &data.tokens;
-        let n = data.len();
-        let mut predictions = vec![0usize; n];
-        let mut loss_sum = 0.0;
+        let n = data.len() as i64;
+        let classes = self.head.num_classes() as i64;
+        let mut out = Tensor::zeros([n, classes], (Kind::Float, Device::Cpu));
         tch::no_grad(|| -> Result<()> {
             for chunk in by_length(tokens).chunks(batch_size.max(1)) {
-                let (ids, mask, labels) = self.batch(tokens, chunk);
+                let (ids, mask, _) = self.batch(tokens, chunk);
                 let h = self.window_input(data.cache.as_ref(), chunk, &ids, &mask);
-                let logits = self.window(h, &mask);
-                loss_sum +=
-                    logits.cross_entropy_for_logits(&labels).double_value(&[]) * chunk.len() as f64;
-                let pred = Vec::<i64>::try_from(logits.argmax(-1, false).to_device(Device::Cpu))?;
-                for (&i, p) in chunk.iter().zip(pred) {
-                    predictions[i] = p as usize;
-                }
+                let logits = self
+                    .window(h, &mask)
+                    .to_kind(Kind::Float)
+                    .to_device(Device::Cpu);
+                let index: Vec<i64> = chunk.iter().map(|&i| i as i64).collect();
+                let _ = out.f_index_copy_(0, &Tensor::from_slice(&index), &logits)?;
             }
             Ok(())
         })?;
-        let labels: Vec<usize> = tokens.labels.iter().map(|&l| l as usize).collect();
-        Ok((
-            scores(&predictions, &labels, num_classes),
-            loss_sum / n as f64,
-        ))
+        Ok(out)
     }
 
     /// Current values of the named variables (detached f32 CPU copies).

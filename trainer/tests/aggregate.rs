@@ -1289,3 +1289,75 @@ fn global_metrics_average_the_participants_test_scores() {
         .get("testAccuracy")
         .is_none());
 }
+
+/// A bridge part (a 2-class head of width 2), all `value`.
+fn bridge_part(value: f32) -> BTreeMap<String, Array> {
+    let mut m = BTreeMap::new();
+    m.insert("bridge.head.weight".into(), arr(&[2, 2], &[value; 4]));
+    m.insert("bridge.head.bias".into(), arr(&[2], &[value; 2]));
+    m
+}
+
+/// The three-family case with a bridge (`spec.bridge`): the bridge is
+/// averaged over every client of every family (sample-weighted), the rest
+/// exactly as without it; a client that leaves a bridge tensor out is
+/// rejected; a global without bridge tensors is a configuration error.
+#[test]
+fn the_bridge_is_averaged_over_every_client_of_every_family() {
+    let (mut s, widths) = three_families(json!({"algorithm": "fedavg"}));
+    let (mut plain, _) = three_families(json!({"algorithm": "fedavg"}));
+    plain.min_clients = Some(3);
+    s.bridge = Some(
+        serde_json::from_value(json!({"model": {"family": "bert", "uri": "/m/fam1"}}))
+            .expect("bridge spec"),
+    );
+    s.min_clients = Some(3);
+    let mut global0 = dema_global(&s, THETA0, &widths);
+    global0.extend(bridge_part(0.5));
+    let run = Run::new(&global0);
+    // Each client with a bridge delta: a +1, b −1, c +2 (n=1); d (n=2) below.
+    for (client, n, fam, v, bridge) in [
+        ("a", 1, 2, [1.0, 0.0, 0.0, 0.0], 1.0),
+        ("b", 1, 3, [-1.0, 1.0, 0.0, 0.0], -1.0),
+        ("c", 1, 4, [0.0, 0.0, 2.0, 0.0], 2.0),
+    ] {
+        let mut u = update(v, fam, 1.0);
+        u.extend(bridge_part(bridge));
+        run.good(1, client, &key(&s, client), n, &u);
+    }
+    // d sends no bridge head bias: rejected.
+    let mut u = update([0.0, 0.0, 0.5, 0.0], 4, 0.5);
+    let mut partial = bridge_part(0.5);
+    partial.remove("bridge.head.bias");
+    u.extend(partial);
+    run.good(1, "d", &key(&s, "d"), 2, &u);
+    let out = run.aggregate(&s, 1);
+    assert_eq!(out.stats.rejects.len(), 1, "{:?}", out.stats.rejects);
+    assert_eq!(out.stats.rejects[0].client, "d");
+    assert_eq!(out.stats.rejects[0].reason, RejectReason::MissingTensor);
+    let g = values(&run.global(1));
+    // Over a, b, c (n = 1 each): (1 − 1 + 2) / 3.
+    let want = 0.5 + 2.0 / 3.0;
+    for name in ["bridge.head.weight", "bridge.head.bias"] {
+        assert_close(&g[name].data, &vec![want; g[name].numel()], name);
+    }
+    // The shared part is what plain FedAvg makes of the same three clients.
+    let run_plain = Run::new(&dema_global(&plain, THETA0, &widths));
+    for (client, fam, v) in [
+        ("a", 2, [1.0, 0.0, 0.0, 0.0]),
+        ("b", 3, [-1.0, 1.0, 0.0, 0.0]),
+        ("c", 4, [0.0, 0.0, 2.0, 0.0]),
+    ] {
+        run_plain.good(1, client, &key(&plain, client), 1, &update(v, fam, 1.0));
+    }
+    run_plain.aggregate(&plain, 1);
+    let g_plain = values(&run_plain.global(1));
+    assert_eq!(shared_vector(&g, ""), shared_vector(&g_plain, ""));
+
+    // A global without the bridge: the spec's bridge cannot be served.
+    let run_without = Run::new(&dema_global(&s, THETA0, &widths));
+    let err = run_without
+        .aggregate_into(&s, 1, &run_without.global(1))
+        .expect_err("no bridge tensors in the previous global");
+    assert!(err.to_string().contains("spec.bridge"), "{err}");
+}

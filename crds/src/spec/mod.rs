@@ -7,6 +7,7 @@
 
 mod adapter;
 mod aggregation;
+mod bridge;
 mod client;
 mod evaluation;
 mod storage;
@@ -17,6 +18,7 @@ pub use adapter::{AdapterKind, AdapterSpec, LayerSelectionMode, LayerSelectionSp
 pub use aggregation::{
     AggregationAlgorithm, AggregationSpec, AlignmentRule, FamilyWeighting, NormBoundAction,
 };
+pub use bridge::{BridgeSpec, DistillationSpec, ServedModel};
 pub use client::{
     ClientDataSpec, ClientResources, ClientSpec, Dtype, ModelFamily, ModelSpec, Toleration,
 };
@@ -92,6 +94,12 @@ use crate::status::FederatedTuneStatus;
         "reason": "FieldValueForbidden"
     },
     {
+        "rule": "!has(self.bridge) || (self.adapter.type == 'dema' && self.aggregation.algorithm != 'local-only')",
+        "message": "a bridge is trained with DeMA adapters and averaged over all clients: set adapter.type to dema and an aggregation algorithm other than local-only",
+        "fieldPath": ".bridge",
+        "reason": "FieldValueInvalid"
+    },
+    {
         "rule": "self.adapter.type == 'lora' || self.clients.all(c, !has(c.loraRank))",
         "message": "clients[].loraRank applies to adapter.type lora only",
         "fieldPath": ".clients",
@@ -155,6 +163,11 @@ pub struct FederatedTuneSpec {
     /// How client updates are combined each round.
     #[serde(default)]
     pub aggregation: AggregationSpec,
+
+    /// A small common model every client co-trains next to its own, averaged
+    /// over all clients, with mutual distillation (cross-architecture transfer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<BridgeSpec>,
 
     /// How the aggregated model is evaluated (each round, and after the last).
     #[serde(default)]

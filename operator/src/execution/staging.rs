@@ -127,6 +127,21 @@ pub async fn stage_inputs(
             entry.0 = ModelFiles::All;
         }
     }
+    // The bridge: every client's trainer runs it, so it needs what the
+    // neediest client needs.
+    if let Some(bridge) = &spec.bridge {
+        let need = if (0..spec.clients.len()).any(|i| models(i) == ModelFiles::All) {
+            ModelFiles::All
+        } else {
+            ModelFiles::Config
+        };
+        let entry = wanted
+            .entry(uri::staging_key(&bridge.model.uri))
+            .or_insert((need, "spec.bridge.model.uri".into()));
+        if need == ModelFiles::All {
+            entry.0 = ModelFiles::All;
+        }
+    }
     for (model_uri, (need, field)) in wanted {
         if let Some(local) = stage_model(&mut buckets, model_uri, need, field, dir).await? {
             staged.insert(model_uri.to_string(), local);

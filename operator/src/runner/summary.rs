@@ -329,6 +329,7 @@ mod tests {
             macro_f1: accuracy,
             loss: None,
             seconds: None,
+            variants: Default::default(),
             writer_version: "test".into(),
             created_at: "2023-11-14T22:13:20Z".into(),
         };

@@ -124,6 +124,11 @@ impl ClassifierHead {
         self.names.clone()
     }
 
+    /// Number of classes `C`.
+    pub fn num_classes(&self) -> usize {
+        self.bias.numel()
+    }
+
     /// Number of head parameters, `C * d + C`.
     pub fn parameter_count(&self) -> usize {
         self.weight.numel() + self.bias.numel()

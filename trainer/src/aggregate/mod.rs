@@ -33,6 +33,7 @@
 //! global must hold every family's shared parts.
 
 pub mod array;
+pub mod bridge;
 pub mod cmga;
 pub mod common;
 pub mod family_fedavg;
@@ -229,6 +230,24 @@ pub fn aggregator_for(spec: &FederatedTuneSpec) -> Result<Box<dyn Aggregator>> {
             ),
         ));
     }
+    let inner = algorithm_for(spec)?;
+    match (&spec.bridge, alg) {
+        (None, _) => Ok(inner),
+        (Some(_), AggregationAlgorithm::LocalOnly) => Err(Error::config(
+            "spec.bridge",
+            "a bridge is averaged over all clients: it needs an aggregation algorithm other than local-only",
+        )),
+        (Some(_), _) if spec.adapter.kind != AdapterKind::Dema => Err(Error::config(
+            "spec.bridge",
+            "a bridge is trained with DeMA adapters: set adapter.type to dema",
+        )),
+        (Some(_), _) => Ok(Box::new(bridge::Bridged::new(inner))),
+    }
+}
+
+/// The aggregator of `spec.aggregation.algorithm` alone (no bridge).
+fn algorithm_for(spec: &FederatedTuneSpec) -> Result<Box<dyn Aggregator>> {
+    let alg = spec.aggregation.algorithm;
     let kind = spec.adapter.kind;
     Ok(match (alg, kind) {
         (AggregationAlgorithm::Cmga, AdapterKind::Dema) => {

@@ -7,6 +7,7 @@ use heterotune_crds::manifest::{now_rfc3339, EvaluationResult, MANIFEST_SCHEMA_V
 
 use super::load::{load_client, settings, ClientOptions};
 use crate::artifact::{self, WRITER_VERSION};
+use crate::mutual::PairScores;
 use crate::Result;
 
 /// Evaluates client `opts.client` with the global in `global` (and its
@@ -27,10 +28,25 @@ pub fn evaluate(
     let test = loaded
         .model
         .prepare(&loaded.test, &settings, &loaded.model_id())?;
-    let (scores, loss) =
-        loaded
-            .model
-            .evaluate(&test, settings.eval_batch_size, loaded.num_classes)?;
+    let (batch, classes) = (settings.eval_batch_size, loaded.num_classes);
+    let ((scores, loss), variants) = match (&loaded.bridge, &loaded.spec.bridge) {
+        (Some(b), Some(spec)) => {
+            let bridge_test = b
+                .model
+                .prepare(&loaded.test, &settings, &b.model_id(spec))?;
+            let pair = PairScores::of(
+                (&loaded.model, &test),
+                (&b.model, &bridge_test),
+                batch,
+                classes,
+            )?;
+            (*pair.get(spec.serve), pair.accuracies())
+        }
+        _ => (
+            loaded.model.evaluate(&test, batch, classes)?,
+            Default::default(),
+        ),
+    };
     let result = EvaluationResult {
         schema_version: MANIFEST_SCHEMA_VERSION,
         run: run.to_string(),
@@ -42,6 +58,7 @@ pub fn evaluate(
         macro_f1: scores.macro_f1,
         loss: loss.is_finite().then_some(loss),
         seconds: Some(start.elapsed().as_secs_f64()),
+        variants,
         writer_version: WRITER_VERSION.to_string(),
         created_at: now_rfc3339(),
     };

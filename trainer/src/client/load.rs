@@ -2,15 +2,18 @@
 //! its data, its private state and the global it received
 //! ([`load_client`]); the settings it trains with ([`settings`]).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use heterotune_crds::dtype::Resolved;
 use heterotune_crds::model::LayerSelection;
 use heterotune_crds::spec::{
-    AdapterKind, ClientSpec, Dtype, FederatedTuneSpec, Pooling as SpecPooling, TrainingSpec,
+    AdapterKind, ClientSpec, Dtype, FederatedTuneSpec, ModelSpec, Pooling as SpecPooling,
+    TrainingSpec,
 };
 use tch::Device;
 
+use super::bridge::{load_bridge, BridgeModel};
 use crate::adapters::head::Pooling;
 use crate::adapters::lora::{LoraConfig, ProjectionDims};
 use crate::artifact;
@@ -64,6 +67,8 @@ pub struct LoadedClient {
     pub num_classes: usize,
     /// Every variable of the model's var store.
     pub all_names: Vec<String>,
+    /// The bridge model (`spec.bridge`), trained next to `model`.
+    pub bridge: Option<BridgeModel>,
 }
 
 impl LoadedClient {
@@ -185,20 +190,27 @@ pub fn load_client(
         "client {}: backbone dtype {dtype} on {device:?}",
         spec.clients[index].name
     );
-    let (backbone, tokenizer, model_dir, load_seconds) =
-        load_frozen(&spec, index, device, dtype.dtype)?;
+    let client = &spec.clients[index];
+    let frozen = load_frozen(
+        &client.model,
+        &format!("spec.clients[{index}].model.uri"),
+        &format!("client {}", client.name),
+        device,
+        dtype.dtype,
+    )?;
+    let load_seconds = frozen.load_seconds;
     let (mine, test, num_classes) = client_data(&spec, index)?;
-    let info = backbone.info().clone();
+    let info = frozen.backbone.info().clone();
     let choice = adapter_choice(
         &spec,
         index,
-        &model_dir,
+        &frozen.model_dir,
         info.num_layers,
         lora_rank(&spec, index),
     )?;
     let model = ClientModel::new(
-        backbone,
-        tokenizer,
+        frozen.backbone,
+        frozen.tokenizer,
         &choice,
         num_classes,
         pooling(&spec),
@@ -206,9 +218,15 @@ pub fn load_client(
     )?;
     let all_names: Vec<String> = model.vs.variables().keys().cloned().collect();
 
+    let bridge = load_bridge(&spec, device, num_classes)?;
+
     // Private state first, then the global state on top of it.
     if let Some(file) = state_in {
-        import_private(&model, file, &all_names)?;
+        let values = import_private(&model, file, &all_names)?;
+        if let Some(b) = &bridge {
+            b.import(&values)
+                .context_with(|| format!("loading the bridge's state {}", file.display()))?;
+        }
     }
     let family_key = job::family_key(&spec, index);
     let mut base_round = 0;
@@ -222,7 +240,12 @@ pub fn load_client(
         } else {
             all_names.clone()
         };
-        base_round = import_global(&model, &spec, index, &family_key, global, &from_global)?;
+        let (round, mapped) =
+            import_global(&model, &spec, index, &family_key, global, &from_global)?;
+        base_round = round;
+        if let Some(b) = &bridge {
+            import_bridge(b, &mapped, global)?;
+        }
     }
     Ok(LoadedClient {
         index,
@@ -236,33 +259,69 @@ pub fn load_client(
         num_classes,
         all_names,
         model,
+        bridge,
         spec,
     })
 }
 
-/// The frozen part of client `index`: its backbone on `device` in `dtype`
-/// and its tokenizer, the model folder, and the seconds loading them took.
-fn load_frozen(
-    spec: &FederatedTuneSpec,
-    index: usize,
+/// Loads the bridge's tensors of a global into `bridge`: all of them, or
+/// an error (a global written without `spec.bridge`).
+fn import_bridge(
+    bridge: &BridgeModel,
+    mapped: &BTreeMap<String, tch::Tensor>,
+    global: &Path,
+) -> Result<()> {
+    let loaded = bridge.import(mapped).context_with(|| {
+        format!(
+            "loading the bridge from the global artifact in {}",
+            global.display()
+        )
+    })?;
+    if loaded != bridge.all_names.len() {
+        return Err(crate::Error::config(
+            "spec.bridge",
+            format!(
+                "the global artifact in {} holds {loaded} of the bridge's {} tensors: the run \
+                 was started without this bridge (a bridge cannot be added to a running \
+                 federation: start a new run, or remove spec.bridge)",
+                global.display(),
+                bridge.all_names.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A frozen backbone with its tokenizer, loaded.
+pub(crate) struct Frozen {
+    pub backbone: Box<dyn Backbone>,
+    pub tokenizer: TextTokenizer,
+    /// The local model folder.
+    pub model_dir: PathBuf,
+    /// Seconds loading the backbone and tokenizer took.
+    pub load_seconds: f64,
+}
+
+/// The frozen backbone of `model` (spec field `field`, belonging to `who`)
+/// on `device` in `dtype`, and its tokenizer.
+pub(crate) fn load_frozen(
+    model: &ModelSpec,
+    field: &str,
+    who: &str,
     device: Device,
     dtype: Dtype,
-) -> Result<(Box<dyn Backbone>, TextTokenizer, PathBuf, f64)> {
-    let client = &spec.clients[index];
-    let model_dir = job::local_path(
-        &client.model.uri,
-        &format!("spec.clients[{index}].model.uri"),
-    )?;
+) -> Result<Frozen> {
+    let model_dir = job::local_path(&model.uri, field)?;
     let load_start = std::time::Instant::now();
     let backbone = load_backbone(&model_dir, device, job::kind_of(dtype))
-        .context_with(|| format!("loading the backbone of client {}", client.name))?;
+        .context_with(|| format!("loading the backbone of {who}"))?;
     let tokenizer = TextTokenizer::for_model(&model_dir, backbone.info().vocab_size)?;
-    Ok((
+    Ok(Frozen {
         backbone,
         tokenizer,
         model_dir,
-        load_start.elapsed().as_secs_f64(),
-    ))
+        load_seconds: load_start.elapsed().as_secs_f64(),
+    })
 }
 
 /// Client `index`'s share of the data, the global test set (at most
@@ -280,19 +339,24 @@ fn client_data(
     Ok((mine, test, data.labels.len()))
 }
 
-/// Loads the client's private state from `file` into `names`.
-fn import_private(model: &ClientModel, file: &Path, names: &[String]) -> Result<()> {
+/// Loads the client's private state from `file` into `names`; returns
+/// every value the file holds.
+fn import_private(
+    model: &ClientModel,
+    file: &Path,
+    names: &[String],
+) -> Result<BTreeMap<String, tch::Tensor>> {
     let bytes = std::fs::read(file)
         .context_with(|| format!("reading the client state {}", file.display()))?;
     let values = artifact::from_safetensors(&bytes, file)?;
     model
         .import(&values, names)
         .context_with(|| format!("loading the client state {}", file.display()))?;
-    Ok(())
+    Ok(values)
 }
 
 /// Loads the client's view of the global artifact in `global` into
-/// `names`; returns the global's round.
+/// `names`; returns the global's round and that view.
 fn import_global(
     model: &ClientModel,
     spec: &FederatedTuneSpec,
@@ -300,7 +364,7 @@ fn import_global(
     family_key: &str,
     global: &Path,
     names: &[String],
-) -> Result<u32> {
+) -> Result<(u32, BTreeMap<String, tch::Tensor>)> {
     let (manifest, tensors) = artifact::read_artifact(global)
         .context_with(|| format!("reading the global artifact in {}", global.display()))?;
     let misfit = || {
@@ -313,5 +377,5 @@ fn import_global(
     let rank = (spec.adapter.kind == AdapterKind::Lora).then(|| lora_rank(spec, index));
     let mapped = client_view(tensors, family_key, rank).context_with(misfit)?;
     model.import(&mapped, names).context_with(misfit)?;
-    Ok(manifest.round)
+    Ok((manifest.round, mapped))
 }

@@ -4,6 +4,7 @@
 //! artifact ([`round::train_round`]), evaluating it
 //! ([`evaluate::evaluate`]).
 
+pub mod bridge;
 pub mod evaluate;
 pub mod load;
 pub mod round;

@@ -13,7 +13,8 @@ use super::load::{load_client, settings, ClientOptions, LoadedClient};
 use crate::artifact::{self, StoreDtype, WRITER_VERSION};
 use crate::exchange::shared_names;
 use crate::metrics::Scores;
-use crate::train::{TrainReport, TrainSettings};
+use crate::mutual::{train_pair, PairScores, Side};
+use crate::train::{ClientModel, Prepared, TrainReport, TrainSettings};
 use crate::Result;
 
 /// One round of training: which round, the states it starts from and where
@@ -45,6 +46,10 @@ struct RoundScores {
     test: Scores,
     /// The global test scores of the model the client received.
     received: Option<Scores>,
+    /// With a bridge: global-test accuracy of each model the client can
+    /// serve, after training and as received.
+    variants: BTreeMap<String, f64>,
+    received_variants: BTreeMap<String, f64>,
 }
 
 /// What [`train_round`] did; its `Display` is the trainer's report.
@@ -78,20 +83,27 @@ pub fn train_round(opts: &ClientOptions, args: &TrainRound<'_>) -> Result<TrainS
     let mut c = load_client(opts, args.global, args.state_in)?;
     let info = c.model.backbone().info().clone();
     let send = shared_names(&c.model, &c.spec);
-    let before = c.model.export(&send)?;
+    let before = exported(&c, &send)?;
     let settings = settings(&c.spec, args.round, c.index, args.cache_dir);
     let (scores, prefix_from_disk) = train_and_score(&mut c, &settings)?;
     if let Some(file) = args.state_out {
-        let values = c.model.export(&c.all_names)?;
+        let mut values = c.model.export(&c.all_names)?;
+        if let Some(b) = &c.bridge {
+            values.extend(b.export()?);
+        }
         let (bytes, _) = artifact::to_safetensors(&values, StoreDtype::F32)?;
         artifact::write_atomic(file, &bytes)?;
     }
-    let after = c.model.export(&send)?;
+    let after = exported(&c, &send)?;
     let delta: BTreeMap<String, Tensor> = after
         .iter()
         .map(|(name, t)| (name.clone(), t - &before[name]))
         .collect();
-    let trainable = c.model.adapter.parameter_count() + c.model.head.parameter_count();
+    let trainable = c.model.adapter.parameter_count()
+        + c.model.head.parameter_count()
+        + c.bridge.as_ref().map_or(0, |b| {
+            b.model.adapter.parameter_count() + b.model.head.parameter_count()
+        });
     let client = c.spec_client();
     let manifest = ArtifactManifest {
         client: Some(client.name.clone()),
@@ -138,11 +150,24 @@ pub fn train_round(opts: &ClientOptions, args: &TrainRound<'_>) -> Result<TrainS
     })
 }
 
+/// What client `c` sends, by artifact name: its own model's `send`
+/// tensors and, with a bridge, every bridge tensor.
+fn exported(c: &LoadedClient, send: &[String]) -> Result<BTreeMap<String, Tensor>> {
+    let mut values = c.model.export(send)?;
+    if let Some(b) = &c.bridge {
+        values.extend(b.export()?);
+    }
+    Ok(values)
+}
+
 /// Scores the received model on the test set (when the spec evaluates each
 /// round and there is a previous round), trains, then scores the trained
 /// model on validation and test. Also says whether the training prefixes
 /// came from the disk cache.
 fn train_and_score(c: &mut LoadedClient, settings: &TrainSettings) -> Result<(RoundScores, bool)> {
+    if c.bridge.is_some() {
+        return train_and_score_pair(c, settings);
+    }
     let model_id = c.model_id();
     let batch = settings.eval_batch_size;
     let test_data = c.model.prepare(&c.test, settings, &model_id)?;
@@ -165,8 +190,71 @@ fn train_and_score(c: &mut LoadedClient, settings: &TrainSettings) -> Result<(Ro
         validation_loss,
         test,
         received,
+        variants: BTreeMap::new(),
+        received_variants: BTreeMap::new(),
     };
     Ok((scores, train_data.from_disk))
+}
+
+/// [`train_and_score`] for a client with a bridge: the two models trained
+/// together ([`crate::mutual`]); the scores are the served model's, with
+/// every variant's accuracy alongside.
+fn train_and_score_pair(
+    c: &mut LoadedClient,
+    settings: &TrainSettings,
+) -> Result<(RoundScores, bool)> {
+    let own_id = c.model_id();
+    let (Some(spec), Some(b)) = (c.spec.bridge.clone(), c.bridge.as_mut()) else {
+        return Err(crate::Error::config(
+            "spec.bridge",
+            "no bridge model loaded",
+        ));
+    };
+    let bridge_id = b.model_id(&spec);
+    let (batch, classes) = (settings.eval_batch_size, c.num_classes);
+    let prepare = |examples: &[crate::data::source::Example]| -> Result<_> {
+        Ok((
+            c.model.prepare(examples, settings, &own_id)?,
+            b.model.prepare(examples, settings, &bridge_id)?,
+        ))
+    };
+    let test = prepare(&c.test)?;
+    let train = prepare(&c.train)?;
+    let validation = prepare(&c.validation)?;
+    let score = |m: &ClientModel, bm: &ClientModel, d: &(Prepared, Prepared)| {
+        PairScores::of((m, &d.0), (bm, &d.1), batch, classes)
+    };
+    let received = if c.spec.evaluation.each_round && c.base_round > 0 {
+        Some(score(&c.model, &b.model, &test)?)
+    } else {
+        None
+    };
+    let (report, _) = train_pair(
+        Side {
+            model: &mut c.model,
+            data: &train.0,
+        },
+        Side {
+            model: &mut b.model,
+            data: &train.1,
+        },
+        settings,
+        &spec.distillation,
+    )?;
+    let val = score(&c.model, &b.model, &validation)?;
+    let tst = score(&c.model, &b.model, &test)?;
+    let served = spec.serve;
+    let (validation, validation_loss) = *val.get(served);
+    let scores = RoundScores {
+        report,
+        validation,
+        validation_loss,
+        test: tst.get(served).0,
+        received: received.as_ref().map(|r| r.get(served).0),
+        variants: tst.accuracies(),
+        received_variants: received.map(|r| r.accuracies()).unwrap_or_default(),
+    };
+    Ok((scores, train.0.from_disk))
 }
 
 impl RoundScores {
@@ -192,6 +280,12 @@ impl RoundScores {
         if let Some(r) = &self.received {
             metrics.insert("received_test_accuracy".into(), r.accuracy);
             metrics.insert("received_test_macro_f1".into(), r.macro_f1);
+        }
+        for (variant, accuracy) in &self.variants {
+            metrics.insert(format!("{variant}_test_accuracy"), *accuracy);
+        }
+        for (variant, accuracy) in &self.received_variants {
+            metrics.insert(format!("received_{variant}_test_accuracy"), *accuracy);
         }
         metrics.insert("steps".into(), report.steps as f64);
         metrics.insert("steps_per_second".into(), report.steps_per_second);
@@ -257,6 +351,19 @@ impl fmt::Display for TrainSummary {
             "  loss {:.4} -> validation accuracy {:.3}, macro-F1 {:.3}; global test accuracy {:.3}, macro-F1 {:.3}",
             report.final_loss, val.accuracy, val.macro_f1, tst.accuracy, tst.macro_f1
         )?;
+        if !self.scores.variants.is_empty() {
+            let list: Vec<String> = self
+                .scores
+                .variants
+                .iter()
+                .map(|(v, a)| format!("{v} {a:.3}"))
+                .collect();
+            writeln!(
+                f,
+                "  with the bridge, global test accuracy: {}",
+                list.join(", ")
+            )?;
+        }
         writeln!(
             f,
             "  parameters: {} trainable of {} in the backbone ({:.4} %); upload {} bytes ({} tensors, bf16); peak RSS {:.0} MiB",

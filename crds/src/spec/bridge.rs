@@ -1,0 +1,96 @@
+//! The bridge: one small common model that every client co-trains next to
+//! its own, averaged over *all* clients, with mutual distillation between
+//! the two on the client's own data (this project's cross-architecture
+//! transfer; docs/method.md, "The bridge").
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::client::ModelSpec;
+
+/// A bridge model shared by every client of the federation.
+///
+/// Each round a client trains DeMA adapters and a head on the bridge's
+/// frozen backbone as well as on its own, on the same batches, each model
+/// learning from the labels and from the other's softened predictions. The
+/// bridge's adapters and head are averaged over every client, whatever its
+/// own architecture: with the bridge alone the federation is the
+/// smallest-common-model FedAvg baseline, so what the pair adds over that
+/// baseline is cross-family knowledge.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BridgeSpec {
+    /// The common backbone: one every client can run (the smallest of the
+    /// federation's models is the natural choice). Its adapters use
+    /// `adapter.rank` and `adapter.experts`, one slot per adapted layer.
+    pub model: ModelSpec,
+
+    /// How strongly the two models learn from each other.
+    #[serde(default)]
+    pub distillation: DistillationSpec,
+
+    /// Which model a client serves and is evaluated with.
+    #[serde(default)]
+    pub serve: ServedModel,
+}
+
+/// Mutual distillation between a client's own model and the bridge.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DistillationSpec {
+    /// Weight of each model's distillation term (KL divergence from the
+    /// other model's softened predictions, times temperature²) next to its
+    /// cross-entropy on the labels. 0 trains the two independently.
+    #[serde(default = "default_weight")]
+    #[schemars(range(min = 0.0, max = 100.0))]
+    pub weight: f64,
+    /// Softmax temperature of the distillation term.
+    #[serde(default = "default_temperature")]
+    #[schemars(range(min = 0.1, max = 100.0))]
+    pub temperature: f64,
+}
+
+impl Default for DistillationSpec {
+    fn default() -> Self {
+        DistillationSpec {
+            weight: default_weight(),
+            temperature: default_temperature(),
+        }
+    }
+}
+
+fn default_weight() -> f64 {
+    1.0
+}
+
+fn default_temperature() -> f64 {
+    2.0
+}
+
+/// The model a client with a bridge serves.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ServedModel {
+    /// The client's own model.
+    Own,
+    /// The bridge model (the same for every client).
+    Bridge,
+    /// The mean of the two models' class probabilities.
+    #[default]
+    Ensemble,
+}
+
+impl ServedModel {
+    /// The name used in the spec (and as the key of evaluation variants).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServedModel::Own => "own",
+            ServedModel::Bridge => "bridge",
+            ServedModel::Ensemble => "ensemble",
+        }
+    }
+
+    /// Every variant, in report order.
+    pub const ALL: [ServedModel; 3] =
+        [ServedModel::Own, ServedModel::Bridge, ServedModel::Ensemble];
+}

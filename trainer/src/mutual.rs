@@ -1,0 +1,227 @@
+//! Mutual distillation of a client's own model and the bridge (`spec.bridge`):
+//! both train on the same batches of the client's data, each on the labels
+//! and on the other's softened predictions (deep mutual learning, FedKD).
+//!
+//! Per step, with logits `a` (own) and `b` (bridge), temperature `T` and
+//! weight `w`:
+//!
+//!     L_own    = CE(a, y) + w T² KL(softmax(b/T) ‖ softmax(a/T))
+//!     L_bridge = CE(b, y) + w T² KL(softmax(a/T) ‖ softmax(b/T))
+//!
+//! the teacher side of each KL detached, so each model gets only its own
+//! loss's gradient; each has its own optimiser and gradient clipping.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use heterotune_crds::spec::{DistillationSpec, ServedModel};
+use tch::{Kind, Tensor};
+
+use crate::metrics::Scores;
+use crate::train::{
+    score_logits, set_step_lr, BatchSampler, ClientModel, Prepared, TrainReport, TrainSettings,
+};
+use crate::{Error, Result};
+
+/// `T² KL(softmax(teacher/T) ‖ softmax(student/T))`, batch mean; gradient to
+/// `student` only.
+pub fn distillation_loss(student: &Tensor, teacher: &Tensor, temperature: f64) -> Tensor {
+    let log_q = (student / temperature).log_softmax(-1, Kind::Float);
+    let log_p = (teacher.detach() / temperature).log_softmax(-1, Kind::Float);
+    let batch = student.size()[0].max(1) as f64;
+    (log_p.exp() * (log_p - log_q)).sum(Kind::Float) * (temperature * temperature / batch)
+}
+
+/// One model of the pair with its prepared training data.
+pub struct Side<'a> {
+    pub model: &'a mut ClientModel,
+    pub data: &'a Prepared,
+}
+
+/// Trains `own` and `bridge` together for `settings.steps` steps (the batch
+/// order of `settings.seed`, the same rows for both: the two prepared sets
+/// must hold the same examples in the same order). Returns each model's
+/// report (its losses include the distillation term).
+pub fn train_pair(
+    own: Side<'_>,
+    bridge: Side<'_>,
+    settings: &TrainSettings,
+    distill: &DistillationSpec,
+) -> Result<(TrainReport, TrainReport)> {
+    let n = own.data.len();
+    if n == 0 {
+        return Err(Error::config(
+            "data",
+            "this client has no training examples",
+        ));
+    }
+    if bridge.data.len() != n {
+        return Err(Error::config(
+            "bridge",
+            format!(
+                "the bridge prepared {} examples, the client's model {n}",
+                bridge.data.len()
+            ),
+        ));
+    }
+    if settings.gradient_checkpointing {
+        return Err(Error::config(
+            "spec.training.gradientCheckpointing",
+            "is not supported with spec.bridge yet: turn one of them off",
+        ));
+    }
+    let start = Instant::now();
+    let mut opts = [
+        own.model.optimizer(settings)?,
+        bridge.model.optimizer(settings)?,
+    ];
+    let mut sampler = BatchSampler::new(settings.seed, n);
+    let mut losses: [Vec<f64>; 2] = Default::default();
+    let mut tokens_seen = [0i64; 2];
+    let train_start = Instant::now();
+    let models = [&*own.model, &*bridge.model];
+    let data = [own.data, bridge.data];
+    for step in 0..settings.steps {
+        let rows = sampler.next(settings.batch_size);
+        let mut logits = Vec::with_capacity(2);
+        let mut labels = None;
+        for (i, (m, d)) in models.iter().zip(data).enumerate() {
+            let (ids, mask, y) = m.batch(&d.tokens, &rows);
+            tokens_seen[i] += mask.sum(Kind::Int64).int64_value(&[]);
+            let h = m.window_input(d.cache.as_ref(), &rows, &ids, &mask);
+            logits.push(m.window(h, &mask).to_kind(Kind::Float));
+            labels.get_or_insert(y);
+        }
+        let labels = labels.expect("two models");
+        let mut total = Tensor::zeros([], (Kind::Float, logits[0].device()));
+        for i in 0..2 {
+            let ce = logits[i].cross_entropy_for_logits(&labels);
+            let kd = distillation_loss(&logits[i], &logits[1 - i], distill.temperature);
+            let loss = ce + kd * distill.weight;
+            let value = loss.double_value(&[]);
+            if !value.is_finite() {
+                return Err(Error::config(
+                    "training.learningRate",
+                    format!("loss became {value} at step {step}: lower the learning rate"),
+                ));
+            }
+            losses[i].push(value);
+            total += loss;
+        }
+        for opt in opts.iter_mut() {
+            set_step_lr(opt, settings, step);
+            opt.zero_grad();
+        }
+        total.backward();
+        for opt in opts.iter_mut() {
+            if settings.max_grad_norm > 0.0 {
+                opt.clip_grad_norm(settings.max_grad_norm);
+            }
+            opt.step();
+        }
+    }
+    let report =
+        |i: usize| TrainReport::new(&losses[i], start, train_start, tokens_seen[i], data[i]);
+    Ok((report(0), report(1)))
+}
+
+/// Class probabilities of the ensemble: the mean of the two models'
+/// softmax, as logits (log-probabilities) for [`crate::train::score_logits`].
+pub fn ensemble_logits(own: &Tensor, bridge: &Tensor) -> Tensor {
+    let p = (own.softmax(-1, Kind::Float) + bridge.softmax(-1, Kind::Float)) / 2.0;
+    p.clamp_min(1e-12).log()
+}
+
+/// Global-test (or validation) scores of each model a client with a bridge
+/// can serve, with their mean cross-entropy.
+#[derive(Debug, Clone)]
+pub struct PairScores {
+    pub own: (Scores, f64),
+    pub bridge: (Scores, f64),
+    pub ensemble: (Scores, f64),
+}
+
+impl PairScores {
+    /// Scores `own` and `bridge` on the same examples (`own_data` and
+    /// `bridge_data` prepared from one list) and their ensemble.
+    pub fn of(
+        own: (&ClientModel, &Prepared),
+        bridge: (&ClientModel, &Prepared),
+        batch_size: usize,
+        num_classes: usize,
+    ) -> Result<Self> {
+        let a = own.0.logits(own.1, batch_size)?;
+        let b = bridge.0.logits(bridge.1, batch_size)?;
+        Ok(PairScores {
+            own: score_logits(&a, own.1, num_classes)?,
+            bridge: score_logits(&b, bridge.1, num_classes)?,
+            ensemble: score_logits(&ensemble_logits(&a, &b), own.1, num_classes)?,
+        })
+    }
+
+    /// The scores of the served model `served`.
+    pub fn get(&self, served: ServedModel) -> &(Scores, f64) {
+        match served {
+            ServedModel::Own => &self.own,
+            ServedModel::Bridge => &self.bridge,
+            ServedModel::Ensemble => &self.ensemble,
+        }
+    }
+
+    /// Accuracy of every variant, by its spec name.
+    pub fn accuracies(&self) -> BTreeMap<String, f64> {
+        ServedModel::ALL
+            .iter()
+            .map(|&v| (v.as_str().to_string(), self.get(v).0.accuracy))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn distillation_is_zero_between_equal_logits_and_positive_otherwise() {
+        let a = Tensor::from_slice(&[1.0f32, 2.0, 0.5, -1.0, 0.0, 3.0]).view([2, 3]);
+        let same = distillation_loss(&a, &a.copy(), 2.0).double_value(&[]);
+        assert!(same.abs() < 1e-6, "{same}");
+        let b = Tensor::from_slice(&[0.0f32, 0.0, 4.0, 2.0, 1.0, 0.0]).view([2, 3]);
+        let diff = distillation_loss(&a, &b, 2.0).double_value(&[]);
+        assert!(diff > 0.05, "{diff}");
+        // KL by hand for row 0 at T = 1: Σ p (log p − log q).
+        let row = |t: &Tensor| t.get(0).unsqueeze(0);
+        let p = row(&b).softmax(-1, Kind::Float);
+        let q = row(&a).softmax(-1, Kind::Float);
+        let want = (&p * (p.log() - q.log()))
+            .sum(Kind::Float)
+            .double_value(&[]);
+        let got = distillation_loss(&row(&a), &row(&b), 1.0).double_value(&[]);
+        assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+    }
+
+    #[test]
+    fn distillation_sends_gradient_to_the_student_only() {
+        let a = Tensor::from_slice(&[1.0f32, 2.0, 0.5])
+            .view([1, 3])
+            .set_requires_grad(true);
+        let b = Tensor::from_slice(&[0.0f32, 0.0, 4.0])
+            .view([1, 3])
+            .set_requires_grad(true);
+        distillation_loss(&a, &b, 2.0).backward();
+        assert!(a.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);
+        assert!(!b.grad().defined() || b.grad().abs().sum(Kind::Float).double_value(&[]) == 0.0);
+    }
+
+    #[test]
+    fn the_ensemble_averages_probabilities() {
+        let a = Tensor::from_slice(&[10.0f32, 0.0]).view([1, 2]);
+        let b = Tensor::from_slice(&[0.0f32, 10.0]).view([1, 2]);
+        let p = ensemble_logits(&a, &b).exp();
+        let v = Vec::<f32>::try_from(p.view([-1])).unwrap();
+        assert!(
+            (v[0] - 0.5).abs() < 1e-3 && (v[1] - 0.5).abs() < 1e-3,
+            "{v:?}"
+        );
+    }
+}
