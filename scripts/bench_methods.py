@@ -219,7 +219,7 @@ def main() -> None:
             and k.task in tasks and k.seed in seeds
 
     if not args.report_only:
-        binary, trainer = Path(args.binary), Path(args.trainer)
+        binary, trainer = Path(args.binary).resolve(), Path(args.trainer).resolve()
         for b in (binary, trainer):
             if not b.is_file():
                 sys.exit(f"{b} is missing: run `cargo build --release --bins` first")

@@ -370,7 +370,8 @@ def test_plots_write_pngs(tmp_path):
     analysis.expand_variants(runs)
     figs = plots.draw({("S2", "trec"): runs}, BRIDGE, tmp_path)
     paths = [p for p, _ in figs[("S2", "trec")]]
-    assert [p.name for p in paths] == ["bench-s2-trec-accuracy.png", "bench-s2-trec-clients.png"]
+    assert [p.name for p in paths] == ["bench-s2-trec-accuracy.png", "bench-s2-trec-paired.png",
+                                       "bench-s2-trec-clients.png"]
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
