@@ -22,6 +22,7 @@ finalEvaluation[].accuracy), averaged over clients.
 
     scripts/bench_methods.py                      # everything: 3 scenarios x 2 tasks x 8 methods x 3 seeds
     scripts/bench_methods.py --scenarios S2 --tasks trec --methods 'DeMA+FedAvg,family-FedAvg'
+    scripts/bench_methods.py --scenarios s1 --methods bridge-ensemble,dema-cmga-pcgrad   # slugs work too
     scripts/bench_methods.py --report-only        # tables and figures from the results file
     scripts/bench_methods.py --quick              # smoke test of the whole pipeline (~1 minute)
     scripts/bench_methods.py --set training.maxGradNorm=0 --tag noclip   # a setting, side by side
@@ -49,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench import analysis, results  # noqa: E402
 from bench.spec import (METHODS, SCENARIOS, SMALLEST_COMMON, TASKS, VADER_RULE, RunKey,  # noqa: E402
-                        build_spec, dataset_for)
+                        build_spec, dataset_for, slug)
 
 QUICK = {"scenarios": "S2", "tasks": "trec", "methods": f"{SMALLEST_COMMON},DeMA+FedAvg", "seeds": "0",
          "rounds": 1, "steps": 2, "max_test_examples": 50, "default_method": "DeMA+FedAvg"}
@@ -65,11 +66,19 @@ def parse_override(text: str) -> tuple[str, object]:
 
 
 def split_list(text: str, known, what: str) -> list:
+    """Comma-separated items; with `known`, each is a known name or its slug (`dema-cmga-pcgrad`
+    for `DeMA+CMGA (PCGrad)`, `s1` for `S1`)."""
     items = [x.strip() for x in text.split(",") if x.strip()]
+    if known is None:
+        return items
+    by_slug = {slug(k): k for k in known}
+    out = []
     for x in items:
-        if known is not None and x not in known:
-            sys.exit(f"--{what}: unknown {x!r}; use: {', '.join(known)}")
-    return items
+        name = x if x in known else by_slug.get(slug(x))
+        if name is None:
+            sys.exit(f"--{what}: unknown {x!r}; use: {', '.join(known)} (or their slugs: {', '.join(by_slug)})")
+        out.append(name)
+    return out
 
 
 def run_one(binary: Path, trainer: Path, spec: dict, key: RunKey, work: Path, threads: int | None) -> tuple[dict, float]:
@@ -195,8 +204,9 @@ def main() -> None:
     p.add_argument("--tag", default="", help="names the runs of this setting (needed with --set)")
     p.add_argument("--keep-going", action="store_true", help="record a failed run and go on with the others")
     args = p.parse_args()
-    if args.overrides and not args.tag:
-        sys.exit("--set needs --tag (the runs of another setting must not share names or results)")
+    if (args.overrides or args.max_test_examples) and not args.tag and not args.quick:
+        sys.exit("--set and --max-test-examples need --tag (the runs of another setting must not share "
+                 "names or results)")
     if args.quick:
         for k, v in QUICK.items():
             setattr(args, k, v)

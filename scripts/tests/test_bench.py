@@ -379,3 +379,17 @@ def test_plots_write_pngs(tmp_path):
 def test_models_table_matches_the_ladder():
     assert [MODELS[k].label for k in (L3, L6, MP, SM)] == ["MiniLM-L3", "MiniLM-L6", "MPNet", "SmolLM2"]
     assert MODELS[L3].params < MODELS[L6].params < MODELS[MP].params < MODELS[SM].params
+
+
+def test_cli_lists_and_quick_slice():
+    import bench_methods
+
+    assert bench_methods.split_list("bridge-ensemble, DeMA+FedAvg,smallest-common-fedavg", METHODS, "methods") == [
+        BRIDGE, "DeMA+FedAvg", SMALLEST_COMMON]
+    assert bench_methods.split_list("s1,S3", SCENARIOS, "scenarios") == ["S1", "S3"]
+    with pytest.raises(SystemExit):
+        bench_methods.split_list("fedprox", METHODS, "methods")
+    q = bench_methods.QUICK
+    assert (q["scenarios"], q["tasks"], q["seeds"], q["rounds"], q["steps"], q["max_test_examples"]) == (
+        "S2", "trec", "0", 1, 2, 50)
+    assert bench_methods.split_list(q["methods"], METHODS, "methods") == [SMALLEST_COMMON, "DeMA+FedAvg"]
