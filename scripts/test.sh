@@ -23,6 +23,7 @@ echo "== cargo test"
 cargo test --workspace
 echo "== pytest (converters)"
 HETEROTUNE_REQUIRE_CACHE=1 python -m pytest -q scripts/tests
+echo "== benchmark smoke (bench_methods.py --quick: 2 one-round federations, tables, PNGs; ~45 s)" && rm -rf .bench/quick-test && python scripts/bench_methods.py --quick --work .bench/quick-test --binary target/debug/heterotune --trainer target/debug/heterotune-trainer >/dev/null
 echo "== Helm chart (lint, kubernetes-validate --strict, promtool)"
 tool_env="$(./scripts/test-tools.sh)"
 env $tool_env HETEROTUNE_REQUIRE_TOOLS=1 tests/helm/check.sh

@@ -1,0 +1,284 @@
+"""Scenarios, tasks and methods of the heterogeneity benchmark, and the spec of each run.
+
+Every run's FederatedTune is built here from the quickstart's task, training and adapter
+settings (examples/quickstart.yaml); only the clients, the dataset, the seeds, the rounds, the
+local steps and the method differ. Same data, seeds, rounds, local steps and batch for every
+method of a scenario and task.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# --- models: the capacity ladder, smallest first -------------------------------------------
+
+@dataclass(frozen=True)
+class Model:
+    key: str            # the model folder (also the prefix of report.json's family keys)
+    label: str          # short name in tables
+    family: str         # spec.clients[].model.family
+    params: int         # parameters of the packaged backbone (report.json families[].parameters)
+    lora_rank: int      # HetLoRA / FlexLoRA rank by capacity
+    extra: dict = field(default_factory=dict)  # further model fields (adaptedLayers, dtype)
+
+    def model_spec(self) -> dict:
+        return {"family": self.family, "uri": f"cache://models/{self.key}", **copy.deepcopy(self.extra)}
+
+
+MODELS = {
+    m.key: m
+    for m in [
+        Model("paraphrase-MiniLM-L3-v2", "MiniLM-L3", "bert", 17_241_984, 4),
+        Model("all-MiniLM-L6-v2", "MiniLM-L6", "bert", 22_713_216, 8),
+        Model("all-mpnet-base-v2", "MPNet", "mpnet", 109_486_978, 16),
+        Model("SmolLM2-135M-Instruct", "SmolLM2", "llama", 134_515_008, 16,
+              {"dtype": "auto", "adaptedLayers": {"mode": "topWindow", "window": 6}}),
+    ]
+}
+# Table column order: the ladder, smallest first.
+MODEL_ORDER = [k for k, _ in sorted(MODELS.items(), key=lambda kv: kv[1].params)]
+# Client names by tier (site kind), as in the quickstart.
+SITE = {
+    "paraphrase-MiniLM-L3-v2": "edge",
+    "all-MiniLM-L6-v2": "clinic",
+    "all-mpnet-base-v2": "hospital",
+    "SmolLM2-135M-Instruct": "bank",
+}
+
+
+def model_label(key: str) -> str:
+    return MODELS[key].label if key in MODELS else key
+
+
+# --- scenarios ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    title: str
+    per_model: int      # clients per model of the ladder
+    alpha: float        # Dirichlet concentration of the label skew
+
+    def clients(self) -> list[tuple[str, str]]:
+        """(client name, home model key): the model the client's hardware runs."""
+        out = []
+        for key in MODEL_ORDER:
+            site = SITE[key]
+            if self.per_model == 1:
+                out.append((site, key))
+            else:
+                out += [(f"{site}-{chr(ord('a') + i)}", key) for i in range(self.per_model)]
+        return out
+
+
+SCENARIOS = {
+    s.name: s
+    for s in [
+        Scenario("S1", "ladder of 8 clients (2 per model), Dirichlet α=0.5", 2, 0.5),
+        Scenario("S2", "one client per model (4 clients), Dirichlet α=0.5", 1, 0.5),
+        Scenario("S3", "ladder of 8 clients (2 per model), Dirichlet α=0.1", 2, 0.1),
+    ]
+}
+
+
+# --- tasks -------------------------------------------------------------------------------------
+
+VADER_RULE = ("VADER movie-review snippets (~/.cache/heterotune/data/vader/movie.tsv, mean human "
+              "rating −4…+4): |score| < 0.5 dropped as ambiguous, label `neg` for score < 0 and `pos` "
+              "for score > 0: 10 072 of the 10 605 snippets kept, 5 076 neg / 4 996 pos")
+VADER_COUNTS = {"neg": 5076, "pos": 4996, "dropped": 533}
+
+
+def derive_vader_movie(tsv: Path, out: Path, threshold: float = 0.5) -> dict:
+    """Writes the binary movie-sentiment JSONL (see VADER_RULE) and returns counts.
+
+    Rewrites `out` only when its content changes, so a run's dataset stays byte-identical."""
+    lines, counts = [], {"neg": 0, "pos": 0, "dropped": 0}
+    with tsv.open(encoding="utf-8") as f:
+        header = f.readline().rstrip("\n").split("\t")
+        if header[:3] != ["id", "score", "text"]:
+            raise ValueError(f"{tsv}: expected the header id<TAB>score<TAB>text, got {header}")
+        for line in f:
+            line = line.rstrip("\n")
+            if not line:
+                continue
+            _id, score, text = line.split("\t", 2)
+            s = float(score)
+            if abs(s) < threshold or not text.strip():
+                counts["dropped"] += 1
+                continue
+            label = "neg" if s < 0 else "pos"
+            counts[label] += 1
+            lines.append(json.dumps({"text": text.strip(), "label": label}, ensure_ascii=False))
+    body = "\n".join(lines) + "\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not out.exists() or out.read_text(encoding="utf-8") != body:
+        out.write_text(body, encoding="utf-8")
+    return counts
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    title: str
+    labels: tuple | None    # None: the base spec's labels
+
+
+TASKS = {
+    t.name: t
+    for t in [
+        Task("trec", "TREC-6 question type (6 classes)", None),
+        Task("movie", "movie-review sentiment, binary (VADER movie ratings)", ("neg", "pos")),
+    ]
+}
+
+
+def dataset_for(task: str, base_dataset: dict, data_dir: Path, cache: Path) -> dict:
+    """The task's `spec.task.dataset` (deriving the movie JSONL into `data_dir` if needed)."""
+    if task == "trec":
+        return copy.deepcopy(base_dataset)
+    if task == "movie":
+        out = data_dir / "vader-movie-binary.jsonl"
+        derive_vader_movie(cache / "data/vader/movie.tsv", out)
+        return {"uri": str(out.resolve()), "format": "jsonl", "textField": "text", "labelField": "label"}
+    raise KeyError(task)
+
+
+# --- methods -----------------------------------------------------------------------------------
+
+SMALLEST_COMMON = "smallest-common FedAvg"
+FAMILY_FEDAVG = "family-FedAvg"
+HETLORA = "HetLoRA"
+FLEXLORA = "FlexLoRA"
+BRIDGE = "Bridge (ensemble)"
+# The deployable baselines: what a platform team would run without HeteroTune's method.
+DEPLOYABLE = [SMALLEST_COMMON, FAMILY_FEDAVG, HETLORA, FLEXLORA]
+# label: (aggregation, adapter overrides, whether clients get per-capacity LoRA ranks,
+#         whether every client runs the scenario's smallest model, extra spec fields)
+METHODS: dict[str, dict] = {
+    "local-only": {"aggregation": {"algorithm": "local-only"}},
+    SMALLEST_COMMON: {"aggregation": {"algorithm": "fedavg"}, "smallest": True},
+    FAMILY_FEDAVG: {"aggregation": {"algorithm": "family-fedavg"}},
+    HETLORA: {"aggregation": {"algorithm": "hetlora"}, "lora": True},
+    FLEXLORA: {"aggregation": {"algorithm": "flexlora"}, "lora": True},
+    "DeMA+FedAvg": {"aggregation": {"algorithm": "fedavg"}},
+    "DeMA+CMGA (PCGrad)": {"aggregation": {"algorithm": "cmga", "alignment": "pcgrad",
+                                           "conflictThreshold": 0.0}},
+    BRIDGE: {
+        "aggregation": {"algorithm": "fedavg"},
+        "bridge": {
+            "model": {"family": "bert", "uri": "cache://models/paraphrase-MiniLM-L3-v2"},
+            "distillation": {"weight": 1.0, "temperature": 2.0},
+            "serve": "ensemble",
+        },
+    },
+}
+# Rows derived from the bridge run's finalEvaluation[].variants (no run of their own).
+BRIDGE_VARIANTS = {"own": "Bridge: own model", "bridge": "Bridge: bridge model"}
+# Listed in the docs, not run yet.
+NOT_RUN = {
+    "smallest-common FedDF (public pool)": "the public unlabeled pool and the FedDF distillation "
+    "step are not built yet (issue 13, part 3b)",
+}
+# The method the quickstart ships today (examples/quickstart.yaml); the bridge replaces it as the
+# default once it is measured.
+SHIPPED_DEFAULT = "DeMA+CMGA (PCGrad)"
+
+
+def slug(text: str) -> str:
+    out = "".join(c.lower() if c.isalnum() else "-" for c in text)
+    while "--" in out:
+        out = out.replace("--", "-")
+    return out.strip("-")
+
+
+def smallest_model(scenario: Scenario) -> str:
+    return min({m for _, m in scenario.clients()}, key=lambda k: MODELS[k].params)
+
+
+@dataclass(frozen=True)
+class RunKey:
+    scenario: str
+    task: str
+    method: str
+    seed: int
+    rounds: int
+    steps: int
+    tag: str = ""
+
+    def as_dict(self) -> dict:
+        return {"scenario": self.scenario, "task": self.task, "method": self.method, "seed": self.seed,
+                "rounds": self.rounds, "steps": self.steps, "tag": self.tag}
+
+    def name(self) -> str:
+        suffix = f"-{slug(self.tag)}" if self.tag else ""
+        return (f"b-{self.scenario.lower()}-{self.task}-{slug(self.method)}-s{self.seed}"
+                f"-r{self.rounds}-k{self.steps}{suffix}")[:63].rstrip("-")
+
+
+def build_spec(base: dict, key: RunKey, dataset: dict, store: Path,
+               overrides: list[tuple[str, object]] = (), max_test_examples: int | None = None) -> dict:
+    """The FederatedTune of one run: the quickstart's task/training/adapter settings, the
+    scenario's clients, the task's dataset, and the method."""
+    scenario, task, method = SCENARIOS[key.scenario], TASKS[key.task], METHODS[key.method]
+    b = base["spec"]
+    smallest = smallest_model(scenario)
+    clients = []
+    for name, home in scenario.clients():
+        model = MODELS[smallest if method.get("smallest") else home]
+        c = {"name": name, "model": model.model_spec()}
+        if method.get("lora"):
+            c["loraRank"] = model.lora_rank
+        clients.append(c)
+    t = copy.deepcopy(b["task"])
+    t["dataset"] = dataset
+    if task.labels is not None:
+        t["labels"] = list(task.labels)
+    t["partition"]["alpha"] = scenario.alpha
+    t["partition"]["seed"] = key.seed
+    if max_test_examples is not None:
+        t["maxTestExamples"] = max_test_examples
+    training = copy.deepcopy(b["training"])
+    training["seed"] = key.seed
+    training["localSteps"] = key.steps
+    adapter = copy.deepcopy(b["adapter"])
+    if method.get("lora"):
+        adapter = {"type": "lora", "rank": adapter.get("rank", 8)}
+    spec = {
+        "rounds": key.rounds,
+        # every client every round: the methods are compared on the same updates
+        "minClients": len(clients),
+        "roundDeadlineSeconds": b.get("roundDeadlineSeconds", 900),
+        "maxRetriesPerClient": b.get("maxRetriesPerClient", 1),
+        "clients": clients,
+        "task": t,
+        "training": training,
+        "adapter": adapter,
+        "aggregation": copy.deepcopy(method["aggregation"]),
+        "storage": {"uri": f"file://{store}"},
+    }
+    if "bridge" in method:
+        spec["bridge"] = copy.deepcopy(method["bridge"])
+    for path, value in overrides:
+        set_path(spec, path.split("."), value)
+    return {
+        "apiVersion": base.get("apiVersion", "heterotune.dev/v1alpha1"),
+        "kind": base.get("kind", "FederatedTune"),
+        "metadata": {"name": key.name(), "namespace": base.get("metadata", {}).get("namespace", "default")},
+        "spec": spec,
+    }
+
+
+def set_path(node, keys: list[str], value) -> None:
+    """Sets `value` at `keys` under `node`; a key `name[*]` walks every item of the list `name`."""
+    key, rest = keys[0], keys[1:]
+    if key.endswith("[*]"):
+        for item in node.get(key[:-3], []):
+            set_path(item, rest, value)
+    elif not rest:
+        node[key] = value
+    else:
+        set_path(node.setdefault(key, {}), rest, value)

@@ -1,0 +1,395 @@
+"""The heterogeneity benchmark (scripts/bench_methods.py, scripts/bench/): spec building, the
+movie-sentiment derivation, report parsing, and the tables' maths on synthetic results. No model
+runs here (scripts/test.sh runs `bench_methods.py --quick` once as the smoke test)."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bench import analysis, results
+from bench.spec import (BRIDGE, DEPLOYABLE, VADER_COUNTS, FAMILY_FEDAVG, FLEXLORA, HETLORA, METHODS, MODELS, SCENARIOS,
+                        SMALLEST_COMMON, TASKS, RunKey, build_spec, dataset_for, derive_vader_movie,
+                        smallest_model)
+
+ROOT = Path(__file__).resolve().parents[2]
+L3, L6, MP, SM = "paraphrase-MiniLM-L3-v2", "all-MiniLM-L6-v2", "all-mpnet-base-v2", "SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(scope="module")
+def base():
+    return yaml.safe_load((ROOT / "examples/quickstart.yaml").read_text())
+
+
+TREC = {"uri": "cache://data/trec/trec.jsonl", "format": "jsonl", "textField": "text", "labelField": "label"}
+
+
+def spec(base, scenario="S1", method="DeMA+FedAvg", seed=3, task="trec", **kw):
+    return build_spec(base, RunKey(scenario, task, method, seed, 12, 20), TREC, Path("/tmp/store"), **kw)["spec"]
+
+
+# --- spec building ---------------------------------------------------------------------------------
+
+def test_scenarios_are_the_ladder(base):
+    s1 = spec(base, "S1")
+    models = [c["model"]["uri"].rsplit("/", 1)[1] for c in s1["clients"]]
+    assert models == [L3, L3, L6, L6, MP, MP, SM, SM]
+    assert [c["model"]["family"] for c in s1["clients"]] == ["bert"] * 4 + ["mpnet"] * 2 + ["llama"] * 2
+    assert s1["clients"][6]["model"]["adaptedLayers"] == {"mode": "topWindow", "window": 6}
+    assert len({c["name"] for c in s1["clients"]}) == 8
+    assert s1["minClients"] == 8 and s1["task"]["partition"]["alpha"] == 0.5
+    s2 = spec(base, "S2")
+    assert [c["name"] for c in s2["clients"]] == ["edge", "clinic", "hospital", "bank"]
+    assert s2["minClients"] == 4
+    s3 = spec(base, "S3")
+    assert s3["task"]["partition"]["alpha"] == 0.1 and len(s3["clients"]) == 8
+
+
+def test_quickstart_settings_seeds_rounds_and_steps(base):
+    s = spec(base, seed=7)
+    q = base["spec"]
+    assert s["task"]["partition"]["seed"] == 7 and s["training"]["seed"] == 7
+    assert s["task"]["splits"] == q["task"]["splits"]  # the split (hence the test set) stays fixed
+    assert s["training"]["localSteps"] == 20 and s["rounds"] == 12
+    for k in ("batchSize", "learningRate", "headLearningRate", "maxSeqLength"):
+        assert s["training"][k] == q["training"][k]
+    assert s["adapter"] == q["adapter"]
+    assert s["task"]["labels"] == q["task"]["labels"]
+    assert spec(base, max_test_examples=50)["task"]["maxTestExamples"] == 50
+    assert q["training"]["seed"] == 0 and q["task"]["partition"]["seed"] == 0  # base left untouched
+
+
+def test_every_method_same_data_and_training(base):
+    specs = {m: spec(base, method=m) for m in METHODS}
+    for m, s in specs.items():
+        assert s["task"] == specs["local-only"]["task"], m
+        assert s["training"] == specs["local-only"]["training"], m
+        assert s["rounds"] == 12 and s["minClients"] == 8
+
+
+def test_method_settings(base):
+    assert spec(base, method="local-only")["aggregation"] == {"algorithm": "local-only"}
+    assert spec(base, method=FAMILY_FEDAVG)["aggregation"] == {"algorithm": "family-fedavg"}
+    assert spec(base, method="DeMA+CMGA (PCGrad)")["aggregation"] == {
+        "algorithm": "cmga", "alignment": "pcgrad", "conflictThreshold": 0.0}
+    sc = spec(base, method=SMALLEST_COMMON)
+    assert sc["aggregation"] == {"algorithm": "fedavg"} and sc["adapter"]["type"] == "dema"
+    assert {json.dumps(c["model"], sort_keys=True) for c in sc["clients"]} == {
+        json.dumps({"family": "bert", "uri": f"cache://models/{L3}"}, sort_keys=True)}
+    assert smallest_model(SCENARIOS["S1"]) == L3
+    for m, algo in [(HETLORA, "hetlora"), (FLEXLORA, "flexlora")]:
+        s = spec(base, method=m)
+        assert s["aggregation"] == {"algorithm": algo} and s["adapter"]["type"] == "lora"
+        assert [c["loraRank"] for c in s["clients"]] == [4, 4, 8, 8, 16, 16, 16, 16]
+    assert all("loraRank" not in c for c in spec(base, method="DeMA+FedAvg")["clients"])
+    b = spec(base, method=BRIDGE)
+    assert b["aggregation"] == {"algorithm": "fedavg"}
+    assert b["bridge"] == {"model": {"family": "bert", "uri": f"cache://models/{L3}"},
+                           "distillation": {"weight": 1.0, "temperature": 2.0}, "serve": "ensemble"}
+    assert "bridge" not in spec(base, method="DeMA+FedAvg")
+    assert set(DEPLOYABLE) <= set(METHODS)
+
+
+def test_run_names_unique_and_valid():
+    names = set()
+    for sc in SCENARIOS:
+        for t in TASKS:
+            for m in METHODS:
+                for seed in (0, 1, 2):
+                    n = RunKey(sc, t, m, seed, 12, 20, "every-layer").name()
+                    assert len(n) <= 63 and n == n.lower() and not n.endswith("-"), n
+                    names.add(n)
+    assert len(names) == len(SCENARIOS) * len(TASKS) * len(METHODS) * 3
+
+
+def test_overrides(base):
+    s = spec(base, overrides=[("training.maxGradNorm", 0),
+                              ("clients[*].model.adaptedLayers.everyLayerInGroup", True)])
+    assert s["training"]["maxGradNorm"] == 0
+    assert all(c["model"]["adaptedLayers"]["everyLayerInGroup"] for c in s["clients"])
+
+
+def test_vader_movie_derivation(tmp_path):
+    tsv = tmp_path / "movie.tsv"
+    tsv.write_text("id\tscore\ttext\n1\t2.3\tGreat film.\n2\t-0.4\tMeh.\n3\t0.49\tOk I guess\n"
+                   "4\t-3.1\tAwful\tto sit through.\n5\t0.5\tFine.\n6\t-0.5\tDull.\n")
+    out = tmp_path / "d" / "movie.jsonl"
+    counts = derive_vader_movie(tsv, out)
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert rows == [{"text": "Great film.", "label": "pos"}, {"text": "Awful\tto sit through.", "label": "neg"},
+                    {"text": "Fine.", "label": "pos"}, {"text": "Dull.", "label": "neg"}]
+    assert counts == {"neg": 2, "pos": 2, "dropped": 2}
+    mtime = out.stat().st_mtime_ns
+    derive_vader_movie(tsv, out)
+    assert out.stat().st_mtime_ns == mtime  # unchanged content is not rewritten
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("score\ttext\n1\tx\n")
+    with pytest.raises(ValueError):
+        derive_vader_movie(bad, tmp_path / "x.jsonl")
+
+
+def test_vader_movie_counts_on_the_cache(cache, tmp_path):
+    """The counts the docs quote, on the packaged (sha256-pinned) VADER movie ratings."""
+    assert derive_vader_movie(Path(cache) / "data/vader/movie.tsv", tmp_path / "m.jsonl") == VADER_COUNTS
+
+
+def test_movie_task_dataset(tmp_path, base):
+    (tmp_path / "cache/data/vader").mkdir(parents=True)
+    (tmp_path / "cache/data/vader/movie.tsv").write_text("id\tscore\ttext\n1\t1.0\tgood\n2\t-1.0\tbad\n")
+    ds = dataset_for("movie", TREC, tmp_path / "work/data", tmp_path / "cache")
+    assert ds["format"] == "jsonl" and os.path.isabs(ds["uri"]) and Path(ds["uri"]).is_file()
+    s = build_spec(base, RunKey("S2", "movie", "DeMA+FedAvg", 0, 1, 2), ds, tmp_path / "store")["spec"]
+    assert s["task"]["labels"] == ["neg", "pos"] and s["task"]["dataset"] == ds
+    assert dataset_for("trec", TREC, tmp_path, tmp_path) == TREC
+
+
+def _validator():
+    for b in ("debug", "release"):
+        p = ROOT / "target" / b / "heterotune"
+        if p.is_file():
+            return p
+    return None
+
+
+@pytest.mark.skipif(_validator() is None, reason="no heterotune binary under target/ (cargo build)")
+def test_specs_pass_heterotune_validate(tmp_path, base):
+    """Every spec the benchmark builds passes the CRD schema and CEL rules (the bridge only once
+    the binary knows `spec.bridge`)."""
+    binary = _validator()
+    knows_bridge = "bridge" in subprocess.run([str(binary), "crd"], capture_output=True, text=True).stdout
+    ds = {"uri": "/tmp/movie.jsonl", "format": "jsonl", "textField": "text", "labelField": "label"}
+    for sc in SCENARIOS:
+        for t, dataset in [("trec", TREC), ("movie", ds)]:
+            for m in METHODS:
+                if m == BRIDGE and not knows_bridge:
+                    continue
+                f = tmp_path / f"{sc}-{t}-{m.replace(' ', '_').replace('/', '_')}.yaml"
+                f.write_text(yaml.safe_dump(build_spec(base, RunKey(sc, t, m, 0, 12, 20), dataset, tmp_path)))
+                r = subprocess.run([str(binary), "validate", "-f", str(f)], capture_output=True, text=True)
+                assert r.returncode == 0, f"{sc} {t} {m}: {r.stdout}{r.stderr}"
+
+
+# --- report parsing and the results file -----------------------------------------------------------
+
+def _report(variants=False):
+    rounds = [{"durationSeconds": d, "clients": [
+        {"name": "edge", "family": f"{L3}.ef204a", "bytesUploaded": 100 * r, "trainSeconds": 1.0 * r,
+         "peakRssBytes": 1e8 * r, "testAccuracy": 0.5},
+        {"name": "bank", "family": f"{SM}.b280af", "bytesUploaded": 300, "trainSeconds": 4.0,
+         "peakRssBytes": 5e8, "testAccuracy": 0.4}]} for r, d in [(1, 10.0), (2, 8.0), (3, 6.0)]]
+    final = [{"client": "edge", "family": f"{L3}.ef204a", "accuracy": 0.8},
+             {"client": "bank", "family": f"{SM}.b280af", "accuracy": 0.6}]
+    if variants:
+        final[0]["variants"] = {"own": 0.78, "bridge": 0.75, "ensemble": 0.8}
+        final[1]["variants"] = {"own": 0.55, "bridge": 0.7, "ensemble": 0.6}
+    return {"rounds": rounds, "finalEvaluation": final, "totalSeconds": 30.0}
+
+
+def test_summarise_report():
+    r = results.summarise(_report(), {"edge": L3, "bank": SM})
+    edge, bank = r["clients"]
+    assert edge == {"name": "edge", "home": L3, "model": L3, "accuracy": 0.8, "local_accuracy": 0.5,
+                    "bytes_up": 200, "train_seconds": 2.0, "peak_rss": 3e8}
+    assert bank["model"] == SM and "variants" not in bank
+    assert r["round_seconds"] == 7.0 and r["total_seconds"] == 30.0
+    # smallest-common: the client's home differs from the model it ran
+    r = results.summarise(_report(), {"edge": L3, "bank": MP})
+    assert r["clients"][1]["home"] == MP and r["clients"][1]["model"] == SM
+    r = results.summarise(_report(variants=True), {})
+    assert r["clients"][1]["variants"] == {"own": 0.55, "bridge": 0.7, "ensemble": 0.6}
+    with pytest.raises(ValueError):
+        results.summarise({"rounds": [], "finalEvaluation": []}, {})
+
+
+def test_results_file_roundtrip(tmp_path):
+    f = tmp_path / "results.jsonl"
+    f.write_text(json.dumps({"method": "DeMA+FedAvg", "seed": 0, "rounds": 12, "tag": "",
+                             "result": {"global": 0.7}}) + "\n")  # the 6-client table's layout
+    k = RunKey("S2", "trec", "DeMA+FedAvg", 0, 1, 2, "quick")
+    results.append(f, k, {"clients": [], "x": 1}, 3.0, "2026-12-06")
+    results.append(f, k, {"clients": [], "x": 2}, 4.0)
+    loaded = results.load(f)
+    assert list(loaded) == [k] and loaded[k]["result"]["x"] == 2 and loaded[k]["wall_seconds"] == 4.0
+    assert results.load(tmp_path / "none.jsonl") == {}
+
+
+# --- tables on synthetic results -------------------------------------------------------------------
+
+HOMES = [("edge", L3), ("clinic", L6), ("hospital", MP), ("bank", SM)]
+
+
+def res(accs, variants=None, wall=10.0):
+    clients = []
+    for (name, home), a in zip(HOMES, accs):
+        c = {"name": name, "home": home, "model": home, "accuracy": a, "bytes_up": 1000.0,
+             "train_seconds": 2.0, "peak_rss": 2**20 * 100}
+        if variants:
+            c["variants"] = {k: v[len(clients)] for k, v in variants.items()}
+        clients.append(c)
+    return {"clients": clients, "wall_seconds": wall}
+
+
+def runs_fixture():
+    """S2-like: 3 seeds; the default (bridge) beats everything except on `bank`, where local-only wins."""
+    return {
+        "local-only": {s: res([0.5, 0.5, 0.5, 0.80]) for s in range(3)},
+        SMALLEST_COMMON: {0: res([0.70, 0.70, 0.70, 0.70]), 1: res([0.72] * 4), 2: res([0.68] * 4)},
+        FAMILY_FEDAVG: {0: res([0.60, 0.62, 0.64, 0.66]), 1: res([0.6] * 4), 2: res([0.6] * 4)},
+        HETLORA: {s: res([0.55] * 4) for s in range(3)},
+        BRIDGE: {s: res([0.80, 0.82, 0.84, 0.78 + 0.01 * s],
+                        variants={"own": [0.7, 0.8, 0.9, 0.6], "bridge": [0.75] * 4,
+                                  "ensemble": [0.80, 0.82, 0.84, 0.78 + 0.01 * s]})
+                 for s in range(3)},
+    }
+
+
+def test_overall_by_model_mean_std():
+    r = res([0.6, 0.7, 0.8, 0.9])
+    assert analysis.overall(r) == pytest.approx(0.75)
+    assert analysis.by_model(r, MP) == pytest.approx(0.8) and analysis.by_model(r, "x") is None
+    assert analysis.mean_std([1.0, 3.0]) == (2.0, 1.0)
+    assert analysis.fmt_acc([0.8, 0.9]) == ".850±.050" and analysis.fmt_acc([0.8]) == ".800"
+    assert analysis.fmt_points([-1.0, -3.0]) == "−2.0±1.0"
+
+
+def test_paired_and_best_deployable():
+    runs = runs_fixture()
+    assert analysis.best_deployable(runs) == SMALLEST_COMMON
+    assert analysis.best_deployable(runs, exclude=SMALLEST_COMMON) == FAMILY_FEDAVG
+    p = analysis.paired(runs, BRIDGE, SMALLEST_COMMON)
+    assert [s for s, _ in p] == [0, 1, 2]
+    assert p[0][1] == pytest.approx(100 * (0.81 - 0.70))
+    assert p[1][1] == pytest.approx(100 * (0.8125 - 0.72))
+    del runs[SMALLEST_COMMON][2]
+    assert [s for s, _ in analysis.paired(runs, BRIDGE, SMALLEST_COMMON)] == [0, 1]
+
+
+def test_bridge_variants_become_rows():
+    groups = analysis.group({
+        RunKey("S2", "trec", BRIDGE, s, 12, 20): {"wall_seconds": 5.0, "result": r}
+        for s, r in runs_fixture()[BRIDGE].items()})
+    runs = groups[("S2", "trec")]
+    assert set(runs) == {BRIDGE, "Bridge: own model", "Bridge: bridge model"}
+    assert analysis.overall(runs["Bridge: own model"][0]) == pytest.approx(0.75)
+    assert analysis.overall(runs["Bridge: bridge model"][1]) == pytest.approx(0.75)
+    assert runs[BRIDGE][0]["wall_seconds"] == 5.0
+    # a run without variants adds nothing
+    runs = {BRIDGE: {0: res([0.8] * 4)}}
+    analysis.expand_variants(runs)
+    assert set(runs) == {BRIDGE}
+
+
+def test_per_client_table_flags_worse_off_clients():
+    runs = runs_fixture()
+    analysis.expand_variants(runs)
+    rows = {r.name: r for r in analysis.per_client(runs, BRIDGE)}
+    assert rows["edge"].best_alt == SMALLEST_COMMON and rows["edge"].alt == pytest.approx(0.70)
+    assert rows["edge"].delta == pytest.approx(10.0) and not rows["edge"].flagged
+    # bank: 0.78/0.79/0.80 under the bridge, 0.80 alone
+    assert rows["bank"].best_alt == "local-only"
+    assert rows["bank"].default == pytest.approx(0.79) and rows["bank"].delta == pytest.approx(-1.0)
+    assert not rows["bank"].flagged  # exactly 1 point is allowed
+    runs["local-only"][0] = res([0.5, 0.5, 0.5, 0.83])
+    rows = {r.name: r for r in analysis.per_client(runs, BRIDGE)}
+    assert rows["bank"].delta == pytest.approx(-2.0) and rows["bank"].flagged
+    # the bridge's own served variants are not alternatives to it
+    assert all(not r.best_alt.startswith("Bridge:") for r in rows.values())
+    assert analysis.per_client(runs, "DeMA+FedAvg") == []
+
+
+def test_targets_met_missed_and_margins():
+    runs = runs_fixture()
+    t = analysis.targets(runs, BRIDGE, "trec")
+    assert len(t) == 3
+    over_best, over_fam, clients = t
+    diffs = [100 * (analysis.overall(runs[BRIDGE][s]) - analysis.overall(runs[SMALLEST_COMMON][s])) for s in range(3)]
+    assert over_best.value == pytest.approx(sum(diffs) / 3) and over_best.seeds == 3
+    assert over_best.status == "met" and over_best.margin == pytest.approx(over_best.value - 4.6)
+    assert over_fam.status == "met" and over_fam.value > 15
+    assert clients.value == pytest.approx(-1.0) and clients.status == "met"
+    runs["local-only"][1] = res([0.5, 0.5, 0.5, 0.95])
+    clients = analysis.targets(runs, BRIDGE, "trec")[2]
+    assert clients.status == "missed" and clients.margin < 0 and "bank" in clients.note
+    # a weak default misses by a negative margin; the second task adds the ordering check
+    t = analysis.targets(runs, HETLORA, "movie")
+    assert t[0].status == "missed" and t[0].margin < -4.6 and t[1].status == "missed"
+    assert len(t) == 4 and t[3].status == "missed"
+    # nothing measured
+    t = analysis.targets({HETLORA: runs[HETLORA]}, BRIDGE, "trec")
+    assert [x.status for x in t] == ["not measured"] * 3
+
+
+def test_default_resolution():
+    g = {("S2", "trec"): {"DeMA+FedAvg": {0: res([0.5] * 4)}}}
+    assert analysis.resolve_default(g, "auto") == "DeMA+CMGA (PCGrad)"
+    g[("S1", "trec")] = {BRIDGE: {0: res([0.5] * 4)}}
+    assert analysis.resolve_default(g, "auto") == BRIDGE
+    assert analysis.resolve_default(g, HETLORA) == HETLORA
+
+
+def test_compute_rows_per_model_as_run():
+    runs = runs_fixture()
+    runs[SMALLEST_COMMON] = {0: {"clients": [dict(c, model=L3) for c in res([0.7] * 4)["clients"]]}}
+    analysis.expand_variants(runs)
+    rows = analysis.compute_rows(runs)
+    sc = [r for r in rows if r[0] == SMALLEST_COMMON]
+    assert sc == [(SMALLEST_COMMON, L3, 4, 2.0, 100.0, 1.0)]
+    assert not [r for r in rows if r[0].startswith("Bridge:")]
+    assert len([r for r in rows if r[0] == BRIDGE]) == 4
+
+
+def test_render_and_docs_block():
+    runs = runs_fixture()
+    analysis.expand_variants(runs)
+    text = analysis.render({("S2", "trec"): runs}, BRIDGE, "SETTING", {("S2", "trec"): [("img/a.png", "cap")]})
+    assert text.startswith("SETTING")
+    assert "![cap](img/a.png)" in text
+    assert "| **Bridge (ensemble)** |" in text and "| Bridge: own model |" in text
+    assert "not run: " in text and "smallest-common FedDF" in text
+    assert "| edge | MiniLM-L3 | 0.800 | 0.700 | smallest-common FedAvg | +10.0 |  |" in text
+    assert "Targets (issue 13)" in text and "| met |" in text
+    assert "No results yet" in analysis.render({}, BRIDGE, "S", {})
+
+    doc = "# Benchmarks\n\n## Training step vs PyTorch\n\ntext\n"
+    once = analysis.update_block(doc, "BLOCK 1")
+    assert once.startswith("# Benchmarks\n\n" + analysis.SECTION + "\n\n" + analysis.BEGIN + "\nBLOCK 1\n"
+                           + analysis.END + "\n\n## Training step vs PyTorch")
+    twice = analysis.update_block(once, "BLOCK 2\n")
+    assert twice == once.replace("BLOCK 1", "BLOCK 2") and twice.count(analysis.BEGIN) == 1
+    assert analysis.update_block("", "B").startswith("# Benchmarks\n\n" + analysis.SECTION)
+
+
+def test_plots_write_pngs(tmp_path):
+    pytest.importorskip("matplotlib")
+    from bench import plots
+
+    runs = runs_fixture()
+    analysis.expand_variants(runs)
+    figs = plots.draw({("S2", "trec"): runs}, BRIDGE, tmp_path)
+    paths = [p for p, _ in figs[("S2", "trec")]]
+    assert [p.name for p in paths] == ["bench-s2-trec-accuracy.png", "bench-s2-trec-paired.png",
+                                       "bench-s2-trec-clients.png"]
+    for p in paths:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_models_table_matches_the_ladder():
+    assert [MODELS[k].label for k in (L3, L6, MP, SM)] == ["MiniLM-L3", "MiniLM-L6", "MPNet", "SmolLM2"]
+    assert MODELS[L3].params < MODELS[L6].params < MODELS[MP].params < MODELS[SM].params
+
+
+def test_cli_lists_and_quick_slice():
+    import bench_methods
+
+    assert bench_methods.split_list("bridge-ensemble, DeMA+FedAvg,smallest-common-fedavg", METHODS, "methods") == [
+        BRIDGE, "DeMA+FedAvg", SMALLEST_COMMON]
+    assert bench_methods.split_list("s1,S3", SCENARIOS, "scenarios") == ["S1", "S3"]
+    with pytest.raises(SystemExit):
+        bench_methods.split_list("fedprox", METHODS, "methods")
+    q = bench_methods.QUICK
+    assert (q["scenarios"], q["tasks"], q["seeds"], q["rounds"], q["steps"], q["max_test_examples"]) == (
+        "S2", "trec", "0", 1, 2, 50)
+    assert bench_methods.split_list(q["methods"], METHODS, "methods") == [SMALLEST_COMMON, "DeMA+FedAvg"]
