@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use heterotune_crds::dtype::{self, Resolved};
 use heterotune_crds::model::slots::resolve_slots as resolve_slot_count;
 use heterotune_crds::model::LayerSelection;
-use heterotune_crds::spec::{Dtype, FederatedTuneSpec, PartitionStrategy};
+use heterotune_crds::spec::{Dtype, FederatedTuneSpec, OutputScale, PartitionStrategy};
 use heterotune_crds::uri::{self, Location};
 
 use crate::adapters::dema::DemaConfig;
@@ -174,6 +174,7 @@ pub fn dema_config(
         experts: spec.adapter.experts as usize,
         slots,
         scale: spec.adapter.scale,
+        residual_scale: spec.adapter.output_scale == OutputScale::Residual,
         layer_selection: LayerSelection::from_spec(sel, num_layers),
         every_layer_in_group: sel.every_layer_in_group,
         // Every client starts from the same shared initial values.

@@ -27,6 +27,13 @@ pub struct AdapterSpec {
     #[serde(default = "default_scale")]
     #[schemars(range(min = 0.0, max = 100.0))]
     pub scale: f64,
+    /// What the DeMA output is measured against: `fixed` adds `scale · U m`
+    /// to the layer's output; `residual` adds `scale · rms(h) · U m`, in
+    /// units of that token's residual stream (whose size differs ~50× across
+    /// families: RMS 20–28 at SmolLM2's top layers, 0.3–0.7 in the MiniLMs
+    /// and MPNet), so one learning rate suits every family.
+    #[serde(default)]
+    pub output_scale: OutputScale,
     /// Which layers carry adapters, unless a client overrides it.
     #[serde(default)]
     pub layers: LayerSelectionSpec,
@@ -60,11 +67,23 @@ impl Default for AdapterSpec {
             experts: default_experts(),
             slots: None,
             scale: default_scale(),
+            output_scale: OutputScale::default(),
             layers: LayerSelectionSpec::default(),
             share: SharePolicy::default(),
             lora_alpha: default_lora_alpha(),
         }
     }
+}
+
+/// What DeMA's output is scaled against (`adapter.outputScale`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputScale {
+    /// `h + scale · U m`.
+    #[default]
+    Fixed,
+    /// `h + scale · rms(h) · U m`.
+    Residual,
 }
 
 /// Adapter architectures.

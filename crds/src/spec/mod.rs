@@ -14,7 +14,9 @@ mod storage;
 mod task;
 mod training;
 
-pub use adapter::{AdapterKind, AdapterSpec, LayerSelectionMode, LayerSelectionSpec, SharePolicy};
+pub use adapter::{
+    AdapterKind, AdapterSpec, LayerSelectionMode, LayerSelectionSpec, OutputScale, SharePolicy,
+};
 pub use aggregation::{
     AggregationAlgorithm, AggregationSpec, AlignmentRule, FamilyWeighting, NormBoundAction,
 };

@@ -77,6 +77,10 @@ pub struct DemaConfig {
     /// Output scale `s`. Default 1.0.
     #[serde(default = "default_scale")]
     pub scale: f64,
+    /// Scale the output by the input's RMS (`adapter.outputScale: residual`):
+    /// `h + s · rms(h) · U m`. Default false (`h + s · U m`).
+    #[serde(default)]
+    pub residual_scale: bool,
     /// Which layers the slot map covers. Default `slotEnds` (full depth).
     #[serde(default)]
     pub layer_selection: LayerSelection,
@@ -97,6 +101,7 @@ impl Default for DemaConfig {
             experts: default_experts(),
             slots: default_slots(),
             scale: default_scale(),
+            residual_scale: false,
             layer_selection: LayerSelection::SlotEnds,
             every_layer_in_group: false,
             init_seed: 0,
@@ -406,13 +411,19 @@ impl Dema {
         } else {
             hidden.to_kind(Kind::Float)
         };
-        let normed = &x * (x.square().mean_dim(-1, true, Kind::Float) + RMS_EPS).rsqrt();
+        let inv_rms = (x.square().mean_dim(-1, true, Kind::Float) + RMS_EPS).rsqrt();
+        let normed = &x * &inv_rms;
         let z = normed.matmul(&params.down.tr()); // [..., r]
         let gate = (z.matmul(&slot.gate_weight.tr()) + &slot.gate_bias).softmax(-1, Kind::Float); // [..., K]
         let experts = Tensor::einsum("...i,koi->...ko", &[&z, &slot.experts_weight], None::<i64>)
             + &slot.experts_bias; // [..., K, r]
         let mixed = (gate.unsqueeze(-1) * experts).sum_dim_intlist(-2, false, Kind::Float); // [..., r]
-        let out = x + mixed.matmul(&params.up.tr()) * self.cfg.scale;
+        let update = mixed.matmul(&params.up.tr()) * self.cfg.scale;
+        let out = if self.cfg.residual_scale {
+            x + update / inv_rms
+        } else {
+            x + update
+        };
         if kind == Kind::Float {
             out
         } else {
@@ -727,6 +738,34 @@ mod tests {
         }
         // Other slots' experts are untouched by layer 3.
         assert_eq!(grad_norm("shared.slot0.experts.weight"), 0.0);
+    }
+
+    #[test]
+    fn residual_scale_multiplies_the_update_by_the_tokens_rms() {
+        let fixed_cfg = DemaConfig::default();
+        let (vs, fixed) = build(32, 3, &fixed_cfg);
+        let residual_cfg = DemaConfig {
+            residual_scale: true,
+            ..DemaConfig::default()
+        };
+        let (vs_r, residual) = build(32, 3, &residual_cfg);
+        let up = Tensor::randn([32, 8], (Kind::Float, Device::Cpu));
+        tch::no_grad(|| {
+            for v in [&vs, &vs_r] {
+                v.variables()["family.layer1.up.weight"]
+                    .shallow_clone()
+                    .copy_(&up);
+            }
+        });
+        // Tokens at very different scales (as SmolLM2's residual stream).
+        let h = hidden(32) * Tensor::from_slice(&[0.3f32, 25.0]).view([2, 1, 1]);
+        let rms = (h.square().mean_dim(-1, true, Kind::Float) + RMS_EPS).sqrt();
+        let want = &h + (fixed.apply(1, &h) - &h) * &rms;
+        let got = residual.apply(1, &h);
+        let diff = ((got - &want).abs() / (want.abs() + 1e-3))
+            .max()
+            .double_value(&[]);
+        assert!(diff < 1e-4, "{diff}");
     }
 
     #[test]

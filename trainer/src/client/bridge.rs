@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use heterotune_crds::dtype::Resolved;
 use heterotune_crds::model::LayerSelection;
-use heterotune_crds::spec::{BridgeSpec, FederatedTuneSpec};
+use heterotune_crds::spec::{BridgeSpec, FederatedTuneSpec, OutputScale};
 use tch::{Device, Tensor};
 
 use super::load::{load_frozen, pooling};
@@ -83,6 +83,7 @@ pub fn dema_config(spec: &FederatedTuneSpec, bridge: &BridgeSpec, num_layers: us
         experts: spec.adapter.experts as usize,
         slots: layer_selection.window_depth(num_layers),
         scale: spec.adapter.scale,
+        residual_scale: spec.adapter.output_scale == OutputScale::Residual,
         layer_selection,
         every_layer_in_group: sel.every_layer_in_group,
         init_seed: spec.training.seed,
