@@ -267,6 +267,7 @@ fn bench_model(case: &ModelCase, all: &[Example], opt: &Options) -> anyhow::Resu
         experts: 4,
         slots: 3,
         scale: 1.0,
+        residual_scale: false,
         layer_selection: case.selection,
         every_layer_in_group: false,
         init_seed: 0,
