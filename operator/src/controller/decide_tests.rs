@@ -63,6 +63,11 @@ fn decided(f: &FederatedTune, store: StoreObservation, jobs: &[Job]) -> Decision
         store,
         jobs: facts(jobs),
         shapes,
+        bridge: f
+            .spec
+            .bridge
+            .as_ref()
+            .and_then(|b| sizing::packaged_model(&b.model.uri)),
         now: NOW,
     };
     decide(&run, &world, &config())
