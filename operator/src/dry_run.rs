@@ -307,4 +307,77 @@ spec:
             "{text}"
         );
     }
+
+    /// A MiniLM-L6 client with a bridge at `bridge_uri`.
+    fn bridged(bridge_uri: &str) -> FederatedTune {
+        let yaml = SPEC.replace(
+            "  task:",
+            &format!("  bridge: {{ model: {{ family: bert, uri: \"{bridge_uri}\" }} }}\n  task:"),
+        );
+        let mut ft = heterotune_crds::validate::parse_federated_tune(&yaml).expect("valid spec");
+        ft.spec.clients.truncate(1);
+        ft.spec.clients[0].model.uri = "cache://models/all-MiniLM-L6-v2".into();
+        ft
+    }
+
+    #[test]
+    fn the_plan_prints_the_bridge_and_counts_it_per_client() {
+        let layout = RunLayout::new("", "default", "t", "uid");
+        let config = SizingConfig::default();
+        let with = bridged("cache://models/paraphrase-MiniLM-L3-v2");
+        let text = describe(&with, &config, None, &layout);
+        // Trainable: 3·(4·(64 + 8) + 4·8 + 4) = 972 shared, 2·8·384·3 = 18,432
+        // per layer, the head 384·2 + 2 = 770 (two labels).
+        assert!(
+            text.contains(
+                "bridge cache://models/paraphrase-MiniLM-L3-v2 (bert): 17.2 M params, 3 layers, \
+                 adapted [0, 1, 2] (S=3), 20174 trainable"
+            ),
+            "{text}"
+        );
+        let bridge = BridgeModel::of(
+            &with.spec,
+            model_shape(&with.spec.bridge.as_ref().expect("bridge").model),
+        )
+        .expect("a bridge")
+        .expect("known");
+        let adds = |t| sizing::human_bytes(bridge.parts(&config, t).total());
+        let line = format!(
+            "adds per client: {} of memory on a CPU, {} on a GPU",
+            adds(Target::Cpu),
+            adds(Target::Gpu)
+        );
+        assert!(text.contains(&line), "{text}");
+        // The memory column: the client's own estimate plus the bridge's parts.
+        let mut without = with.clone();
+        without.spec.bridge = None;
+        let shape = model_shape(&with.spec.clients[0].model).expect("shape");
+        // One client: S is its window's depth, 6.
+        let w = Workload::of(&with.spec, 0, 6);
+        let own = sizing::estimate(&shape, &w, &config, Target::Cpu);
+        let sum = own.with_bridge(bridge.parts(&config, Target::Cpu)).total;
+        assert!(text.contains(&sizing::human_bytes(sum)), "{text}");
+        let plain = describe(&without, &config, None, &layout);
+        assert!(!plain.contains("bridge"), "{plain}");
+        assert!(plain.contains(&sizing::human_bytes(own.total)), "{plain}");
+    }
+
+    #[test]
+    fn the_plan_names_an_unknown_bridge_by_its_field() {
+        let layout = RunLayout::new("", "default", "t", "uid");
+        let text = describe(
+            &bridged("s3://m/private-bridge"),
+            &SizingConfig::default(),
+            None,
+            &layout,
+        );
+        assert!(
+            text.contains("bridge s3://m/private-bridge: the size of the bridge model s3://m/private-bridge (spec.bridge.model.uri) is unknown"),
+            "{text}"
+        );
+        assert!(
+            text.contains("NO FIT: the size of the bridge model"),
+            "{text}"
+        );
+    }
 }

@@ -282,7 +282,13 @@ impl Actor<'_> {
                     ));
                 }
             }
-            Err(e) => acts.unplaceable.push(e.to_string()),
+            Err(e) => {
+                // One line for what every client shares (an unknown bridge).
+                let why = e.to_string();
+                if !acts.unplaceable.contains(&why) {
+                    acts.unplaceable.push(why);
+                }
+            }
         }
     }
 

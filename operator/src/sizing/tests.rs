@@ -420,3 +420,146 @@ fn shapes_from_parameters_and_quantities() {
         .collect();
     assert_eq!(resolve_slots(&spec2, &shapes), 3);
 }
+
+const BRIDGE: &str =
+    "  bridge: { model: { family: bert, uri: \"cache://models/paraphrase-MiniLM-L3-v2\" } }\n";
+
+/// A SmolLM2 client (float32, top 6 layers, LoRA rank 4 of its own) with
+/// `adapter.slots: 2` and `extra`.
+fn smollm2_client(extra: &str) -> FederatedTuneSpec {
+    let client = "cache://models/SmolLM2-135M-Instruct";
+    let mut s = spec(
+        &[("a", "llama", client, "float32")],
+        &format!("  adapter: {{ slots: 2 }}\n{extra}"),
+    );
+    s.clients[0].model.adapted_layers = Some(LayerSelectionSpec {
+        mode: LayerSelectionMode::TopWindow,
+        window: Some(6),
+        every_layer_in_group: false,
+    });
+    s.clients[0].lora_rank = Some(4);
+    s
+}
+
+#[test]
+fn a_bridge_adds_exactly_its_parts_to_every_client() {
+    let (with, without) = (smollm2_client(BRIDGE), smollm2_client(""));
+    let own = packaged_model("cache://models/SmolLM2-135M-Instruct").expect("packaged");
+    let l3 = packaged_model("cache://models/paraphrase-MiniLM-L3-v2");
+    let bridge = BridgeModel::of(&with, l3)
+        .expect("a bridge")
+        .expect("known size");
+    assert_eq!(BridgeModel::of(&without, None), None);
+    // The bridge's DeMA: adapter.rank 8 (not the client's 4), one slot per
+    // adapted layer of its own selection (3, not adapter.slots = 2).
+    assert_eq!((bridge.workload.rank, bridge.workload.slots), (8, 3));
+    let config = SizingConfig::default();
+    let parts = bridge.parts(&config, Target::Cpu);
+    // The same numbers as the paraphrase-MiniLM-L3-v2 client above, less
+    // the runtime: 68,967,936 + 347,424 + 30,670,848 + 61,341,696 +
+    // 2,147,483,648 (its own prefix cache) + margin 230,881,156.
+    assert_eq!(parts.trainable_parameters, 21_714);
+    assert_eq!(parts.weights, 17_241_984 * 4);
+    assert_eq!(parts.prefix_cache, 2048 * MIB);
+    assert_eq!(parts.total(), 2_308_811_552 + 230_881_156);
+    let w = Workload::of(&with, 0, 2);
+    assert_eq!(w, Workload::of(&without, 0, 2));
+    let known = Some(Ok(bridge.clone()));
+    for (target, cfg) in [(Target::Cpu, config.clone()), (Target::Gpu, profiles())] {
+        let alone = estimate(&own, &w, &cfg, target);
+        let both = alone.with_bridge(bridge.parts(&cfg, target));
+        assert_eq!(both.total, alone.total + bridge.parts(&cfg, target).total());
+        assert_eq!((both.own, both.runtime), (alone.own, alone.runtime));
+    }
+    // Placement uses the sum: on CPU (134.5 M + 17.2 M ≤ 200 M) …
+    let on_cpu = place(
+        &with.clients[0],
+        Some(&own),
+        &w,
+        known.as_ref(),
+        true,
+        &config,
+        0,
+    );
+    let alone = place(&without.clients[0], Some(&own), &w, None, true, &config, 0);
+    let (on_cpu, alone) = (on_cpu.expect("cpu"), alone.expect("cpu"));
+    assert_eq!(on_cpu.profile_name(), "cpu");
+    assert_eq!(
+        on_cpu.estimated_bytes(),
+        alone.estimated_bytes().map(|b| b + 2_539_692_708)
+    );
+    // … and on a GPU, where the host stages both backbones' weights.
+    let gpu = place(
+        &with.clients[0],
+        Some(&own),
+        &w,
+        known.as_ref(),
+        false,
+        &profiles(),
+        0,
+    );
+    match gpu.expect("gpu") {
+        Placement::Gpu {
+            estimate,
+            host_memory,
+            ..
+        } => {
+            let bf16 = bridge.parts(&profiles(), Target::Gpu);
+            assert_eq!(bf16.weights, 17_241_984 * 2);
+            assert_eq!(estimate.bridge, Some(bf16));
+            // The client's float32, the bridge's `auto` as bfloat16.
+            assert_eq!(host_memory, 134_515_008 * 4 + 17_241_984 * 2 + 512 * MIB);
+        }
+        other => panic!("{other:?}"),
+    }
+    // The CPU rule counts both backbones: 190 M + 17.2 M > 200 M.
+    let mut big = with.clone();
+    big.clients[0].model.parameters = Some(190_000_000);
+    let big_shape = ModelShape::from_parameters(ModelFamily::Llama, 190_000_000);
+    let p = place(
+        &big.clients[0],
+        Some(&big_shape),
+        &w,
+        known.as_ref(),
+        true,
+        &profiles(),
+        0,
+    );
+    assert_eq!(p.expect("gpu").profile_name(), "l4-24gb");
+}
+
+#[test]
+fn an_unknown_bridge_names_its_field() {
+    let s =
+        smollm2_client("  bridge: { model: { family: bert, uri: \"s3://m/private-bridge\" } }\n");
+    let own = packaged_model("cache://models/SmolLM2-135M-Instruct").expect("packaged");
+    let unknown = BridgeModel::of(&s, None).expect("a bridge");
+    let w = Workload::of(&s, 0, 2);
+    let err = place(
+        &s.clients[0],
+        Some(&own),
+        &w,
+        Some(&unknown),
+        true,
+        &profiles(),
+        0,
+    )
+    .expect_err("unknown bridge");
+    assert_eq!(
+        err,
+        SizingError::UnknownBridge {
+            uri: "s3://m/private-bridge".into()
+        }
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("s3://m/private-bridge (spec.bridge.model.uri)")
+            && text.contains("spec.bridge.model.parameters"),
+        "{text}"
+    );
+    // Explicit resources still win, without an estimate.
+    let mut c = s.clients[0].clone();
+    c.resources = Some(Default::default());
+    let p = place(&c, Some(&own), &w, Some(&unknown), true, &profiles(), 0).expect("explicit");
+    assert_eq!(p, Placement::Explicit { estimate: None });
+}
