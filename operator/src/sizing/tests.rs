@@ -3,7 +3,9 @@
 use super::*;
 use heterotune_crds::model::{LayerSelection, ModelFacts, SlotMap};
 use heterotune_crds::spec::LayerSelectionMode;
-use heterotune_crds::spec::{Dtype, FederatedTuneSpec, LayerSelectionSpec, ModelFamily};
+use heterotune_crds::spec::{
+    ClientSpec, Dtype, FederatedTuneSpec, LayerSelectionSpec, ModelFamily,
+};
 
 /// A spec with `clients` (name, family, uri, dtype) and `extra` YAML under `spec:`.
 fn spec(clients: &[(&str, &str, &str, &str)], extra: &str) -> FederatedTuneSpec {
@@ -19,6 +21,18 @@ fn spec(clients: &[(&str, &str, &str, &str)], extra: &str) -> FederatedTuneSpec 
     heterotune_crds::validate::parse_federated_tune(&yaml)
         .expect("valid test spec")
         .spec
+}
+
+/// [`place`] without a bridge.
+fn place_alone(
+    client: &ClientSpec,
+    shape: Option<&ModelShape>,
+    w: &Workload,
+    allow_cpu: bool,
+    config: &SizingConfig,
+    index: usize,
+) -> Result<Placement, SizingError> {
+    place(client, shape, w, None, allow_cpu, config, index)
 }
 
 fn profiles() -> SizingConfig {
@@ -213,7 +227,7 @@ fn smollm2_estimate_by_hand_and_cpu_placement() {
     // 538,060,032 + 513,312 + 430,571,520 + 86,114,304 + 2,147,483,648 = 3,202,742,816
     assert_eq!(e.total, 3_202_742_816 + 320_274_282 + 536_870_912);
     // 134.5 M parameters ≤ 200 M: CPU by default, even with GPU profiles.
-    let p = place(&s.clients[0], Some(&shape), &w, None, true, &profiles(), 0).expect("placed");
+    let p = place_alone(&s.clients[0], Some(&shape), &w, true, &profiles(), 0).expect("placed");
     assert_eq!(p.profile_name(), "cpu");
     assert_eq!(p.estimated_bytes(), Some(4_059_888_010));
 }
@@ -246,7 +260,7 @@ fn llama_7b_estimate_by_hand_picks_the_40gb_profile() {
     // 13,476,831,232 + 6,740,256 + 19,025,362,944 + 905,969,664 = 33,414,904,096;
     // margin 3,341,490,410; GPU runtime 1 GiB: 37,830,136,330 bytes (35.2 GiB).
     assert_eq!(e.total, 33_414_904_096 + 3_341_490_410 + 1_073_741_824);
-    let p = place(&s.clients[0], Some(&shape), &w, None, true, &profiles(), 0).expect("placed");
+    let p = place_alone(&s.clients[0], Some(&shape), &w, true, &profiles(), 0).expect("placed");
     assert_eq!(p.profile_name(), "a100-40gb");
     match p {
         Placement::Gpu { host_memory, .. } => {
@@ -269,16 +283,7 @@ fn auto_is_sized_as_bfloat16_on_a_gpu_and_float32_on_a_cpu() {
     let gpu = estimate(&llama, &auto, &config, Target::Gpu);
     assert_eq!(gpu, estimate(&llama, &explicit, &config, Target::Gpu));
     assert_eq!(gpu.own.weights, 13_476_831_232);
-    let p = place(
-        &s.clients[0],
-        Some(&llama),
-        &auto,
-        None,
-        true,
-        &profiles(),
-        0,
-    )
-    .expect("placed");
+    let p = place_alone(&s.clients[0], Some(&llama), &auto, true, &profiles(), 0).expect("placed");
     assert_eq!(p.profile_name(), "a100-40gb");
     let cpu = estimate(&llama, &auto, &config, Target::Cpu);
     assert_eq!(cpu.own.weights, 2 * 13_476_831_232);
@@ -303,7 +308,7 @@ fn gradient_checkpointing_moves_llama_7b_to_a_24gb_gpu() {
     assert_eq!(e.own.activations, 21 * 33_554_432 + 905_969_664);
     // 13,483,571,488 + 1,610,612,736 + 905,969,664 = 16,000,153,888; margin 1,600,015,389.
     assert_eq!(e.total, 16_000_153_888 + 1_600_015_389 + 1_073_741_824);
-    let p = place(&s.clients[0], Some(&shape), &w, None, true, &profiles(), 0).expect("placed");
+    let p = place_alone(&s.clients[0], Some(&shape), &w, true, &profiles(), 0).expect("placed");
     assert_eq!(p.profile_name(), "l4-24gb");
 }
 
@@ -320,11 +325,11 @@ fn llama_13b_needs_80gb_and_fits_nothing_smaller() {
     // 26,031,728,640 + 8,411,424 + 29,444,014,080 + 1,132,462,080 = 56,616,616,224;
     // margin 5,661,661,623; + 1 GiB: 63,352,019,671 bytes (59.0 GiB).
     assert_eq!(e.total, 56_616_616_224 + 5_661_661_623 + 1_073_741_824);
-    let p = place(&s.clients[0], Some(&shape), &w, None, true, &profiles(), 0).expect("placed");
+    let p = place_alone(&s.clients[0], Some(&shape), &w, true, &profiles(), 0).expect("placed");
     assert_eq!(p.profile_name(), "a100-80gb");
     let mut small = profiles();
     small.gpu_profiles.retain(|p| p.name != "a100-80gb");
-    let err = place(&s.clients[0], Some(&shape), &w, None, true, &small, 0).expect_err("too large");
+    let err = place_alone(&s.clients[0], Some(&shape), &w, true, &small, 0).expect_err("too large");
     let text = err.to_string();
     assert!(
         text.contains("needs about 59.0 GiB")
@@ -343,11 +348,10 @@ fn cpu_rules_and_explicit_resources() {
     let shape = shape(MINILM_L6);
     let w = Workload::of(&s, 0, 3);
     // allowCpu false and no profiles: a clear error.
-    let err = place(
+    let err = place_alone(
         &s.clients[0],
         Some(&shape),
         &w,
-        None,
         false,
         &SizingConfig::default(),
         0,
@@ -356,26 +360,26 @@ fn cpu_rules_and_explicit_resources() {
     assert!(matches!(err, SizingError::NoGpuProfileFits { .. }));
     assert!(err.to_string().contains("allowCpu is false"), "{err}");
     // allowCpu false with profiles: the smallest GPU (24 GiB).
-    let p = place(&s.clients[0], Some(&shape), &w, None, false, &profiles(), 0).expect("gpu");
+    let p = place_alone(&s.clients[0], Some(&shape), &w, false, &profiles(), 0).expect("gpu");
     assert_eq!(p.profile_name(), "l4-24gb");
     // Not preferring CPU: GPU when one fits, CPU as the fallback.
     let mut cfg = profiles();
     cfg.cpu.prefer_for_small_models = false;
     assert_eq!(
-        place(&s.clients[0], Some(&shape), &w, None, true, &cfg, 0)
+        place_alone(&s.clients[0], Some(&shape), &w, true, &cfg, 0)
             .expect("gpu")
             .profile_name(),
         "l4-24gb"
     );
     cfg.gpu_profiles.clear();
     assert_eq!(
-        place(&s.clients[0], Some(&shape), &w, None, true, &cfg, 0)
+        place_alone(&s.clients[0], Some(&shape), &w, true, &cfg, 0)
             .expect("cpu")
             .profile_name(),
         "cpu"
     );
     // Unknown size.
-    let err = place(&s.clients[0], None, &w, None, true, &cfg, 2).expect_err("unknown");
+    let err = place_alone(&s.clients[0], None, &w, true, &cfg, 2).expect_err("unknown");
     assert!(
         err.to_string().contains("spec.clients[2].model.parameters"),
         "{err}"
@@ -384,7 +388,7 @@ fn cpu_rules_and_explicit_resources() {
     let mut c = s.clients[0].clone();
     c.resources = Some(Default::default());
     assert_eq!(
-        place(&c, None, &w, None, false, &cfg, 0)
+        place_alone(&c, None, &w, false, &cfg, 0)
             .expect("explicit")
             .profile_name(),
         "explicit"
@@ -481,7 +485,7 @@ fn a_bridge_adds_exactly_its_parts_to_every_client() {
         &config,
         0,
     );
-    let alone = place(&without.clients[0], Some(&own), &w, None, true, &config, 0);
+    let alone = place_alone(&without.clients[0], Some(&own), &w, true, &config, 0);
     let (on_cpu, alone) = (on_cpu.expect("cpu"), alone.expect("cpu"));
     assert_eq!(on_cpu.profile_name(), "cpu");
     assert_eq!(
