@@ -2,8 +2,8 @@
 //! their model families, adapted layers, trainable parameters and upload
 //! size, the memory estimate and placement (GPU profile or CPU), the dtype
 //! `auto` clients would get on this machine, the bridge model and what it
-//! adds to every client, the store and how far a
-//! previous run there has come.
+//! adds to every client, the store and how far a previous run there has
+//! come.
 
 use std::fmt::Write as _;
 
