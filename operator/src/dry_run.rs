@@ -1,34 +1,36 @@
 //! `heterotune plan`: what a run would do, without doing it — clients and
 //! their model families, adapted layers, trainable parameters and upload
 //! size, the memory estimate and placement (GPU profile or CPU), the dtype
-//! `auto` clients would get on this machine, the store and how far a
-//! previous run there has come.
+//! `auto` clients would get on this machine, the bridge model and what it
+//! adds to every client, the store and how far a previous run there has
+//! come.
 
 use std::fmt::Write as _;
 
 use heterotune_crds::dtype;
 use heterotune_crds::layout::RunLayout;
 use heterotune_crds::model::ModelFacts;
-use heterotune_crds::spec::Dtype;
+use heterotune_crds::spec::{Dtype, ModelSpec};
 use heterotune_crds::uri::{self, Location};
 use heterotune_crds::{FederatedTune, FederatedTuneSpec};
 
 use crate::runner::report::human_bytes as bytes_si;
-use crate::sizing::{self, ModelShape, Placement, SizingConfig, Workload};
+use crate::sizing::{
+    self, BridgeModel, ModelShape, Placement, SizingConfig, SizingError, Target, Workload,
+};
 
-/// The shape of client `index`'s model: from its local config.json, else the spec's
+/// The shape of a backbone: from its local config.json, else the spec's
 /// `parameters`, else the packaged-model table.
-pub fn model_shape(ft: &FederatedTune, index: usize) -> Option<ModelShape> {
-    let client = &ft.spec.clients[index];
-    if let Ok(Location::Local(dir)) = uri::resolve(&client.model.uri) {
+pub fn model_shape(model: &ModelSpec) -> Option<ModelShape> {
+    if let Ok(Location::Local(dir)) = uri::resolve(&model.uri) {
         if let Ok(facts) = ModelFacts::read(&dir) {
             return Some(ModelShape::from_facts(&facts));
         }
     }
-    if let Some(p) = client.model.parameters {
-        return Some(ModelShape::from_parameters(client.model.family, p));
+    if let Some(p) = model.parameters {
+        return Some(ModelShape::from_parameters(model.family, p));
     }
-    sizing::packaged_model(&client.model.uri)
+    sizing::packaged_model(&model.uri)
 }
 
 /// The plan as text.
@@ -39,9 +41,10 @@ pub fn describe(
     layout: &RunLayout,
 ) -> String {
     let spec = &ft.spec;
-    let shapes: Vec<Option<ModelShape>> = (0..spec.clients.len())
-        .map(|i| model_shape(ft, i))
-        .collect();
+    let shapes: Vec<Option<ModelShape>> =
+        spec.clients.iter().map(|c| model_shape(&c.model)).collect();
+    let bridge_shape = spec.bridge.as_ref().and_then(|b| model_shape(&b.model));
+    let bridge = BridgeModel::of(spec, bridge_shape);
     let slots = sizing::resolve_slots(spec, &shapes);
     let mut out = headline(ft, slots);
     let _ = writeln!(
@@ -51,9 +54,10 @@ pub fn describe(
     );
     let mut upload_total = 0u64;
     for (i, c) in spec.clients.iter().enumerate() {
-        let row = ClientRow::of(spec, i, shapes[i].as_ref(), slots, config);
-        // Uploads are bf16 deltas of the shared parts (2 bytes a parameter).
-        let upload = row.trainable * 2;
+        let row = ClientRow::of(spec, i, shapes[i].as_ref(), slots, bridge.as_ref(), config);
+        // Uploads are bf16 deltas of the shared parts (2 bytes a parameter),
+        // the bridge's with them.
+        let upload = (row.trainable + bridge_trainable(bridge.as_ref())) * 2;
         upload_total += upload;
         let _ = writeln!(
             out,
@@ -68,6 +72,9 @@ pub fn describe(
             row.memory,
             row.placement
         );
+    }
+    if let Some(text) = bridge_lines(spec, bridge.as_ref(), config) {
+        let _ = write!(out, "\n{text}");
     }
     if let Some(line) = dtype_line(spec, dtype::resolve_this_cpu(Dtype::Auto)) {
         let _ = writeln!(out, "\n{line}");
@@ -105,6 +112,45 @@ fn headline(ft: &FederatedTune, slots: u64) -> String {
     )
 }
 
+/// Trainable parameters of the bridge (0 without one or when unknown).
+fn bridge_trainable(bridge: Option<&Result<BridgeModel, SizingError>>) -> u64 {
+    match bridge {
+        Some(Ok(b)) => sizing::trainable_parameters(&b.shape, &b.workload),
+        _ => 0,
+    }
+}
+
+/// The bridge (`spec.bridge`): its model, size and what it adds to every
+/// client (`None` without one).
+fn bridge_lines(
+    spec: &FederatedTuneSpec,
+    bridge: Option<&Result<BridgeModel, SizingError>>,
+    config: &SizingConfig,
+) -> Option<String> {
+    let model = &spec.bridge.as_ref()?.model;
+    let b = match bridge? {
+        Ok(b) => b,
+        Err(e) => return Some(format!("bridge {}: {e}\n", model.uri)),
+    };
+    let adapted = sizing::adapted_layers(b.shape.num_layers, b.workload.slots, &b.workload.layers);
+    let trainable = bridge_trainable(bridge);
+    let adds = |target| sizing::human_bytes(b.parts(config, target).total());
+    Some(format!(
+        "bridge {} ({}): {:.1} M params, {} layers, adapted {adapted:?} (S={}), {trainable} trainable; \
+         every client trains it next to its own model\n  \
+         adds per client: {} of memory on a CPU, {} on a GPU (in the memory column), \
+         {} uploaded per round\n",
+        model.uri,
+        model.family.as_str(),
+        b.shape.parameters as f64 / 1e6,
+        b.shape.num_layers,
+        b.workload.slots,
+        adds(Target::Cpu),
+        adds(Target::Gpu),
+        bytes_si(trainable * 2),
+    ))
+}
+
 /// What the clients with `dtype: auto` run in: `on_cpu` on this machine's
 /// CPU, the GPU rule beside it (`None` when no client says `auto`).
 fn dtype_line(spec: &FederatedTuneSpec, on_cpu: dtype::Resolved) -> Option<String> {
@@ -140,6 +186,7 @@ impl ClientRow {
         i: usize,
         shape: Option<&ModelShape>,
         slots: u64,
+        bridge: Option<&Result<BridgeModel, SizingError>>,
         config: &SizingConfig,
     ) -> ClientRow {
         let Some(shape) = shape else {
@@ -158,6 +205,7 @@ impl ClientRow {
             &spec.clients[i],
             Some(shape),
             &workload,
+            bridge,
             spec.trainer.allow_cpu,
             config,
             i,
@@ -256,6 +304,79 @@ spec:
         let here = dtype::resolve_this_cpu(Dtype::Auto).to_string();
         assert!(
             text.contains(&format!("dtype of auto-a, auto-b: {here}")),
+            "{text}"
+        );
+    }
+
+    /// A MiniLM-L6 client with a bridge at `bridge_uri`.
+    fn bridged(bridge_uri: &str) -> FederatedTune {
+        let yaml = SPEC.replace(
+            "  task:",
+            &format!("  bridge: {{ model: {{ family: bert, uri: \"{bridge_uri}\" }} }}\n  task:"),
+        );
+        let mut ft = heterotune_crds::validate::parse_federated_tune(&yaml).expect("valid spec");
+        ft.spec.clients.truncate(1);
+        ft.spec.clients[0].model.uri = "cache://models/all-MiniLM-L6-v2".into();
+        ft
+    }
+
+    #[test]
+    fn the_plan_prints_the_bridge_and_counts_it_per_client() {
+        let layout = RunLayout::new("", "default", "t", "uid");
+        let config = SizingConfig::default();
+        let with = bridged("cache://models/paraphrase-MiniLM-L3-v2");
+        let text = describe(&with, &config, None, &layout);
+        // Trainable: 3·(4·(64 + 8) + 4·8 + 4) = 972 shared, 2·8·384·3 = 18,432
+        // per layer, the head 384·2 + 2 = 770 (two labels).
+        assert!(
+            text.contains(
+                "bridge cache://models/paraphrase-MiniLM-L3-v2 (bert): 17.2 M params, 3 layers, \
+                 adapted [0, 1, 2] (S=3), 20174 trainable"
+            ),
+            "{text}"
+        );
+        let bridge = BridgeModel::of(
+            &with.spec,
+            model_shape(&with.spec.bridge.as_ref().expect("bridge").model),
+        )
+        .expect("a bridge")
+        .expect("known");
+        let adds = |t| sizing::human_bytes(bridge.parts(&config, t).total());
+        let line = format!(
+            "adds per client: {} of memory on a CPU, {} on a GPU",
+            adds(Target::Cpu),
+            adds(Target::Gpu)
+        );
+        assert!(text.contains(&line), "{text}");
+        // The memory column: the client's own estimate plus the bridge's parts.
+        let mut without = with.clone();
+        without.spec.bridge = None;
+        let shape = model_shape(&with.spec.clients[0].model).expect("shape");
+        // One client: S is its window's depth, 6.
+        let w = Workload::of(&with.spec, 0, 6);
+        let own = sizing::estimate(&shape, &w, &config, Target::Cpu);
+        let sum = own.with_bridge(bridge.parts(&config, Target::Cpu)).total;
+        assert!(text.contains(&sizing::human_bytes(sum)), "{text}");
+        let plain = describe(&without, &config, None, &layout);
+        assert!(!plain.contains("bridge"), "{plain}");
+        assert!(plain.contains(&sizing::human_bytes(own.total)), "{plain}");
+    }
+
+    #[test]
+    fn the_plan_names_an_unknown_bridge_by_its_field() {
+        let layout = RunLayout::new("", "default", "t", "uid");
+        let text = describe(
+            &bridged("s3://m/private-bridge"),
+            &SizingConfig::default(),
+            None,
+            &layout,
+        );
+        assert!(
+            text.contains("bridge s3://m/private-bridge: the size of the bridge model s3://m/private-bridge (spec.bridge.model.uri) is unknown"),
+            "{text}"
+        );
+        assert!(
+            text.contains("NO FIT: the size of the bridge model"),
             "{text}"
         );
     }

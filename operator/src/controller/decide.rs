@@ -25,7 +25,7 @@ use super::observation::observation;
 use super::run::Run;
 use super::status::{self, StatusInput, Trouble};
 use crate::protocol::planner::{self, Action as PlanAction, Observation, Plan};
-use crate::sizing::{self, ModelShape, Placement, SizingError, Workload};
+use crate::sizing::{self, BridgeModel, ModelShape, Placement, SizingError, Workload};
 
 /// What the apply step does to the Jobs of the run, in this order.
 #[derive(Debug, Clone, Default)]
@@ -81,7 +81,7 @@ impl Decision {
 /// Decides everything about `run` from what `world` says (pure).
 pub fn decide(run: &Run, world: &Dereferenced, config: &OperatorConfig) -> Decision {
     let spec = &run.ft.spec;
-    let placements = placements(spec, &world.shapes, &config.sizing);
+    let placements = placements(spec, &world.shapes, world.bridge.clone(), &config.sizing);
     let obs = observation(spec, &world.store, &world.jobs, world.now);
     let plan = planner::plan(spec, &obs);
     let actor = Actor {
@@ -107,19 +107,31 @@ pub fn decide(run: &Run, world: &Dereferenced, config: &OperatorConfig) -> Decis
     }
 }
 
-/// Places every client (given the shapes of their models).
+/// Places every client (given the shapes of their models and of the
+/// bridge's, which every client's trainer loads with `spec.bridge`).
 pub fn placements(
     spec: &FederatedTuneSpec,
     shapes: &[Option<ModelShape>],
+    bridge: Option<ModelShape>,
     config: &sizing::SizingConfig,
 ) -> Vec<Result<Placement, SizingError>> {
     let slots = sizing::resolve_slots(spec, shapes);
+    let bridge = BridgeModel::of(spec, bridge);
     spec.clients
         .iter()
         .enumerate()
         .map(|(i, c)| {
             let w = Workload::of(spec, i, slots);
-            sizing::place(c, shapes[i].as_ref(), &w, spec.trainer.allow_cpu, config, i)
+            let allow_cpu = spec.trainer.allow_cpu;
+            sizing::place(
+                c,
+                shapes[i].as_ref(),
+                &w,
+                bridge.as_ref(),
+                allow_cpu,
+                config,
+                i,
+            )
         })
         .collect()
 }
@@ -270,7 +282,13 @@ impl Actor<'_> {
                     ));
                 }
             }
-            Err(e) => acts.unplaceable.push(e.to_string()),
+            Err(e) => {
+                // One line for what every client shares (an unknown bridge).
+                let why = e.to_string();
+                if !acts.unplaceable.contains(&why) {
+                    acts.unplaceable.push(why);
+                }
+            }
         }
     }
 

@@ -8,7 +8,7 @@ use heterotune_crds::FederatedTune;
 use k8s_openapi::api::batch::v1::Job;
 use kube::runtime::controller::Action;
 
-use super::decide::{decide, remaining_deadline, stale_jobs, Decision};
+use super::decide::{decide, placements, remaining_deadline, stale_jobs, Decision};
 use super::dereference::Dereferenced;
 use super::error::Category;
 use super::fixtures::*;
@@ -63,6 +63,11 @@ fn decided(f: &FederatedTune, store: StoreObservation, jobs: &[Job]) -> Decision
         store,
         jobs: facts(jobs),
         shapes,
+        bridge: f
+            .spec
+            .bridge
+            .as_ref()
+            .and_then(|b| sizing::packaged_model(&b.model.uri)),
         now: NOW,
     };
     decide(&run, &world, &config())
@@ -188,6 +193,62 @@ fn a_client_that_fits_nowhere_holds_back_every_client_job() {
     );
     let error = d.outcome(30).expect_err("no fit");
     assert_eq!(error.category(), Category::User);
+}
+
+/// `spec.bridge` on the model at `uri`.
+fn bridge(uri: &str) -> String {
+    format!("  bridge: {{ model: {{ family: bert, uri: \"{uri}\" }} }}\n")
+}
+
+#[test]
+fn a_bridge_is_counted_in_every_client_placement() {
+    let l3 = "cache://models/paraphrase-MiniLM-L3-v2";
+    let with = ft(&three_clients(), &bridge(l3));
+    let without = ft(&three_clients(), "");
+    let d = decided(&with, store(0, &[]), &[]);
+    assert_eq!(d.jobs.create.len(), 3);
+    assert!(d.unplaceable.is_empty());
+    let estimates = |f: &FederatedTune, bridge| {
+        let shapes = vec![sizing::packaged_model("cache://models/all-MiniLM-L6-v2"); 3];
+        placements(&f.spec, &shapes, bridge, &config().sizing)
+            .into_iter()
+            .map(|p| p.expect("placed").estimated_bytes().expect("estimate"))
+            .collect::<Vec<u64>>()
+    };
+    let (alone, both) = (
+        estimates(&without, None),
+        estimates(&with, sizing::packaged_model(l3)),
+    );
+    // The bridge's parts on a CPU (float32), by hand in sizing's tests.
+    let bridge_parts = 2_308_811_552 + 230_881_156;
+    for (a, b) in alone.iter().zip(&both) {
+        assert_eq!(*b, a + bridge_parts);
+    }
+    let reported: Vec<Option<u64>> = d
+        .status
+        .clients
+        .iter()
+        .map(|c| c.estimated_memory_bytes)
+        .collect();
+    assert_eq!(reported, both.into_iter().map(Some).collect::<Vec<_>>());
+}
+
+#[test]
+fn an_unknown_bridge_holds_back_every_client_job_and_names_its_field() {
+    let f = ft(&three_clients(), &bridge("s3://models/private-bridge"));
+    let d = decided(&f, store(0, &[]), &[]);
+    assert!(d.jobs.create.is_empty(), "{:?}", names(&d.jobs.create));
+    assert_eq!(d.unplaceable.len(), 1, "{:?}", d.unplaceable);
+    assert!(
+        d.unplaceable[0].contains("s3://models/private-bridge (spec.bridge.model.uri) is unknown"),
+        "{}",
+        d.unplaceable[0]
+    );
+    assert_eq!(d.status.phase, Some(Phase::Pending));
+    assert_eq!(
+        d.outcome(30).expect_err("unknown").category(),
+        Category::User
+    );
 }
 
 #[test]

@@ -1,13 +1,15 @@
 //! Step 1 of a reconcile, the only one that reads: the run's Jobs (from the
 //! controller's reflector caches, their pods explaining failures), the
 //! store's view of the run through [`RunStore`](crate::protocol::observe::RunStore),
-//! and the shape of every client's model (remembered between reconciles).
+//! and the shape of every client's model and of the bridge's (remembered
+//! between reconciles).
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use heterotune_crds::model::{ModelFacts, CONFIG_FILE};
+use heterotune_crds::spec::ModelSpec;
 use k8s_openapi::api::core::v1::Pod;
 
 use super::context::Context;
@@ -31,6 +33,8 @@ pub struct Dereferenced {
     pub jobs: Vec<JobFacts>,
     /// Every client's model shape, in spec order (`None`: unknown).
     pub shapes: Vec<Option<ModelShape>>,
+    /// The bridge model's shape (`None`: no `spec.bridge`, or unknown).
+    pub bridge: Option<ModelShape>,
     /// When they were read (Unix seconds).
     pub now: f64,
 }
@@ -45,11 +49,12 @@ pub async fn dereference(ctx: &Context, run: &Run<'_>) -> Result<Dereferenced> {
         .map_err(Error::Storage)?;
     let jobs = observe_jobs(ctx, &run.namespace, &run.uid);
     let now = ctx.now();
-    let shapes = shapes(ctx, run).await;
+    let (shapes, bridge) = shapes(ctx, run).await;
     Ok(Dereferenced {
         store,
         jobs,
         shapes,
+        bridge,
         now,
     })
 }
@@ -84,56 +89,62 @@ pub fn observe_jobs(ctx: &Context, namespace: &str, uid: &str) -> Vec<JobFacts> 
         .collect()
 }
 
-/// Looks up the shape of every client's model (config.json in the store,
-/// the packaged table, or `model.parameters`), once per URI.
-async fn shapes(ctx: &Context, run: &Run<'_>) -> Vec<Option<ModelShape>> {
+/// Looks up the shape of every client's model and of the bridge's
+/// (config.json in the store, the packaged table, or `model.parameters`),
+/// once per URI.
+async fn shapes(ctx: &Context, run: &Run<'_>) -> (Vec<Option<ModelShape>>, Option<ModelShape>) {
     let spec = &run.ft.spec;
-    let now = ctx.now();
-    let mut by_uri: BTreeMap<String, Option<ModelShape>> = BTreeMap::new();
-    for c in &spec.clients {
-        let uri = c.model.uri.clone();
-        if by_uri.contains_key(&uri) {
-            continue;
-        }
-        let cached = ctx
-            .memory()
-            .shapes
-            .get(&uri)
-            .filter(|(s, at)| s.is_some() || now - at < SHAPE_MISS_TTL)
-            .map(|(s, _)| s.clone());
-        let shape = match cached {
-            Some(s) => s,
-            None => {
-                let mut found = sizing::packaged_model(&uri);
-                if found.is_none() && uri.starts_with("s3://") {
-                    match ctx.store.model_config(&spec.storage, &uri).await {
-                        Ok(Some(bytes)) => match ModelFacts::from_bytes(
-                            Path::new(&format!("{uri}/{CONFIG_FILE}")),
-                            &bytes,
-                        ) {
-                            Ok(facts) => found = Some(ModelShape::from_facts(&facts)),
-                            Err(e) => tracing::warn!(uri, error = %e, "unusable model config"),
-                        },
-                        Ok(None) => {}
-                        Err(e) => tracing::warn!(uri, error = %e, "cannot read the model config"),
-                    }
-                }
-                ctx.memory()
-                    .shapes
-                    .insert(uri.clone(), (found.clone(), now));
-                found
-            }
-        };
-        by_uri.insert(uri, shape);
-    }
-    spec.clients
+    let models: Vec<&ModelSpec> = spec
+        .clients
         .iter()
-        .map(|c| {
-            by_uri.get(&c.model.uri).cloned().flatten().or_else(|| {
-                c.model
-                    .parameters
-                    .map(|p| ModelShape::from_parameters(c.model.family, p))
-            })
+        .map(|c| &c.model)
+        .chain(spec.bridge.as_ref().map(|b| &b.model))
+        .collect();
+    let mut by_uri: BTreeMap<&str, Option<ModelShape>> = BTreeMap::new();
+    for m in &models {
+        if !by_uri.contains_key(m.uri.as_str()) {
+            by_uri.insert(&m.uri, shape_at(ctx, run, &m.uri).await);
+        }
+    }
+    let shape = |m: &ModelSpec| {
+        by_uri.get(m.uri.as_str()).cloned().flatten().or_else(|| {
+            m.parameters
+                .map(|p| ModelShape::from_parameters(m.family, p))
         })
-        .collect()
+    };
+    let shapes = spec.clients.iter().map(|c| shape(&c.model)).collect();
+    (shapes, spec.bridge.as_ref().and_then(|b| shape(&b.model)))
+}
+
+/// The shape of the model at `uri` from the packaged table or its
+/// config.json in the store, remembered between reconciles (a miss for
+/// [`SHAPE_MISS_TTL`] seconds).
+async fn shape_at(ctx: &Context, run: &Run<'_>, uri: &str) -> Option<ModelShape> {
+    let now = ctx.now();
+    let cached = ctx
+        .memory()
+        .shapes
+        .get(uri)
+        .filter(|(s, at)| s.is_some() || now - at < SHAPE_MISS_TTL)
+        .map(|(s, _)| s.clone());
+    if let Some(s) = cached {
+        return s;
+    }
+    let mut found = sizing::packaged_model(uri);
+    if found.is_none() && uri.starts_with("s3://") {
+        match ctx.store.model_config(&run.ft.spec.storage, uri).await {
+            Ok(Some(bytes)) => {
+                match ModelFacts::from_bytes(Path::new(&format!("{uri}/{CONFIG_FILE}")), &bytes) {
+                    Ok(facts) => found = Some(ModelShape::from_facts(&facts)),
+                    Err(e) => tracing::warn!(uri, error = %e, "unusable model config"),
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(uri, error = %e, "cannot read the model config"),
+        }
+    }
+    ctx.memory()
+        .shapes
+        .insert(uri.to_string(), (found.clone(), now));
+    found
 }

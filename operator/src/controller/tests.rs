@@ -15,6 +15,8 @@ use super::names;
 use super::reconcile::{error_policy, reconcile};
 use crate::protocol::observe::MemoryRunStore;
 
+const MINILM_L3: &str = r#"{"model_type":"bert","hidden_size":384,"intermediate_size":1536,"num_hidden_layers":3,
+    "num_attention_heads":12,"vocab_size":30522,"max_position_embeddings":512,"type_vocab_size":2}"#;
 const LLAMA_7B: &str = r#"{"model_type":"llama","hidden_size":4096,"intermediate_size":11008,"num_hidden_layers":32,
     "num_attention_heads":32,"num_key_value_heads":32,"vocab_size":32000,"tie_word_embeddings":false}"#;
 
@@ -532,6 +534,65 @@ async fn a_restart_with_a_stale_cache_meets_already_exists_and_goes_on() {
     )
     .await;
     assert_eq!(status.phase, Some(Phase::Running));
+}
+
+#[tokio::test]
+async fn the_bridge_config_is_read_from_the_store_and_sizes_every_trainer() {
+    // c2's own model is the bridge's: one URI, one entry.
+    let l6 = "cache://models/all-MiniLM-L6-v2";
+    let clients = format!(
+        "    - name: c0\n      model: {{ family: bert, uri: \"{l6}\" }}\n    \
+         - name: c1\n      model: {{ family: bert, uri: \"{l6}\" }}\n    \
+         - name: c2\n      model: {{ family: bert, uri: \"s3://models/bridge-l3\" }}\n"
+    );
+    let bridge = "  bridge: { model: { family: bert, uri: \"s3://models/bridge-l3\" } }\n";
+    let f = ft(&clients, bridge);
+    let store = Arc::new(MemoryRunStore::default());
+    store.put_model_config(
+        "s3://models/bridge-l3",
+        serde_json::from_str(MINILM_L3).expect("json"),
+    );
+    let cached: Vec<Job> = ["c0", "c1", "c2"]
+        .iter()
+        .map(|c| job(1, Some(c), 1, JobEnd::Running, NOW - 50.0))
+        .collect();
+    let answer = f.clone();
+    let (_, status) = scenario(
+        &f,
+        store,
+        cached,
+        |mut api| async move {
+            let s = api.expect_status(&answer).await;
+            api.expect_event("RoundStarted").await;
+            (api, s)
+        },
+        |r, ctx| {
+            ok(r, ctx);
+            let memory = ctx.memory();
+            let read = memory.shapes.get("s3://models/bridge-l3");
+            let layers = read.and_then(|(s, _)| s.as_ref()).map(|s| s.num_layers);
+            assert_eq!(layers, Some(3), "the bridge's config.json from the store");
+            assert_eq!(memory.shapes.len(), 2, "{:?}", memory.shapes.keys());
+        },
+    )
+    .await;
+    // By hand (sizing's tests, S = 3, float32 on a CPU): MiniLM-L6
+    // 3,133,724,477 and MiniLM-L3 3,076,563,620 alone, each plus the
+    // bridge's parts, 2,539,692,708.
+    let estimates: Vec<Option<u64>> = status
+        .clients
+        .iter()
+        .map(|c| c.estimated_memory_bytes)
+        .collect();
+    let bridge = 2_539_692_708;
+    assert_eq!(
+        estimates,
+        [
+            Some(3_133_724_477 + bridge),
+            Some(3_133_724_477 + bridge),
+            Some(3_076_563_620 + bridge)
+        ]
+    );
 }
 
 #[tokio::test]

@@ -1,7 +1,7 @@
 //! The memory estimate of one client's trainer (the table in the module
 //! docs of `sizing`).
 
-use heterotune_crds::spec::{AdapterKind, Dtype, FederatedTuneSpec, LayerSelectionSpec};
+use heterotune_crds::spec::{AdapterKind, Dtype, FederatedTuneSpec, LayerSelectionSpec, ModelSpec};
 
 use serde::Serialize;
 
@@ -43,18 +43,32 @@ impl Workload {
     /// The workload of client `index` of `spec`, with `slots` resolved.
     pub fn of(spec: &FederatedTuneSpec, index: usize, slots: u64) -> Workload {
         let client = &spec.clients[index];
+        let rank = client.lora_rank.unwrap_or(spec.adapter.rank);
+        Workload::of_model(spec, &client.model, spec.adapter.kind, rank, slots)
+    }
+
+    /// The workload of backbone `model` of `spec` with `adapter` of `rank`
+    /// over `slots` slots: the batch, sequence, classes and cache are the
+    /// run's, the dtype and layer selection the model's (else
+    /// `adapter.layers`).
+    pub fn of_model(
+        spec: &FederatedTuneSpec,
+        model: &ModelSpec,
+        adapter: AdapterKind,
+        rank: u32,
+        slots: u64,
+    ) -> Workload {
         let t = &spec.training;
         Workload {
-            dtype: client.model.dtype,
+            dtype: model.dtype,
             batch_size: u64::from(t.batch_size),
             eval_batch_size: u64::from(t.eval_batch_size),
             seq_len: u64::from(t.max_seq_length),
-            adapter: spec.adapter.kind,
-            rank: u64::from(client.lora_rank.unwrap_or(spec.adapter.rank)),
+            adapter,
+            rank: u64::from(rank),
             experts: u64::from(spec.adapter.experts),
             slots,
-            layers: client
-                .model
+            layers: model
                 .adapted_layers
                 .clone()
                 .unwrap_or_else(|| spec.adapter.layers.clone()),
@@ -86,10 +100,11 @@ impl Workload {
     }
 }
 
-/// A memory estimate, by part (bytes).
+/// One backbone's parts of a memory estimate (bytes): everything but the
+/// runtime, which a process pays once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct MemoryEstimate {
+pub struct ModelParts {
     /// Trainable adapter + head parameters.
     pub trainable_parameters: u64,
     /// Frozen weights.
@@ -102,12 +117,51 @@ pub struct MemoryEstimate {
     pub workspace: u64,
     /// Frozen-prefix cache bound.
     pub prefix_cache: u64,
-    /// The margin.
+    /// The margin on the parts above.
     pub margin: u64,
-    /// Fixed runtime overhead of the target.
+}
+
+impl ModelParts {
+    /// The bytes of every part.
+    pub fn total(&self) -> u64 {
+        self.weights
+            + self.adapter_state
+            + self.activations
+            + self.workspace
+            + self.prefix_cache
+            + self.margin
+    }
+}
+
+/// The memory estimate of one client's trainer, by part (bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MemoryEstimate {
+    /// The client's own model.
+    #[serde(flatten)]
+    pub own: ModelParts,
+    /// The bridge model (`spec.bridge`) the trainer loads next to it.
+    pub bridge: Option<ModelParts>,
+    /// Fixed runtime overhead of the target (once per trainer).
     pub runtime: u64,
     /// Everything.
     pub total: u64,
+}
+
+impl MemoryEstimate {
+    /// This estimate with `bridge`'s parts added (the runtime stays one).
+    pub fn with_bridge(self, bridge: ModelParts) -> MemoryEstimate {
+        MemoryEstimate {
+            bridge: Some(bridge),
+            total: self.own.total() + bridge.total() + self.runtime,
+            ..self
+        }
+    }
+
+    /// Frozen weights of every backbone the trainer loads.
+    pub fn weights(&self) -> u64 {
+        self.own.weights + self.bridge.map_or(0, |b| b.weights)
+    }
 }
 
 /// Where a memory estimate applies.
@@ -139,13 +193,35 @@ pub fn layer_activation_bytes(shape: &ModelShape, w: &Workload, b: u64) -> u64 {
     (34 * s * b * d + 5 * h * s * s * b) * w.dtype.bytes() / 2
 }
 
-/// Estimates the memory of one client's trainer on `target`.
+/// Estimates the memory of one client's trainer on `target`, its own model
+/// alone ([`MemoryEstimate::with_bridge`] adds a bridge).
 pub fn estimate(
     shape: &ModelShape,
     w: &Workload,
     config: &SizingConfig,
     target: Target,
 ) -> MemoryEstimate {
+    let own = model_parts(shape, w, config, target);
+    let runtime = match target {
+        Target::Gpu => config.gpu_runtime_overhead,
+        Target::Cpu => config.cpu_runtime_overhead,
+    };
+    MemoryEstimate {
+        own,
+        bridge: None,
+        runtime,
+        total: own.total() + runtime,
+    }
+}
+
+/// The parts of one backbone trained with `w` on `target` (the table in the
+/// module docs of `sizing`, all but the runtime).
+pub fn model_parts(
+    shape: &ModelShape,
+    w: &Workload,
+    config: &SizingConfig,
+    target: Target,
+) -> ModelParts {
     let w = &w.on(target);
     let e = w.dtype.bytes();
     let weights = shape.parameters * e;
@@ -165,20 +241,13 @@ pub fn estimate(
     };
     let workspace = layer_activation_bytes(shape, w, w.batch_size.max(w.eval_batch_size));
     let sum = weights + adapter_state + activations + workspace + w.prefix_cache_bytes;
-    let margin = (sum * config.margin_percent).div_ceil(100);
-    let runtime = match target {
-        Target::Gpu => config.gpu_runtime_overhead,
-        Target::Cpu => config.cpu_runtime_overhead,
-    };
-    MemoryEstimate {
+    ModelParts {
         trainable_parameters: trainable,
         weights,
         adapter_state,
         activations,
         workspace,
         prefix_cache: w.prefix_cache_bytes,
-        margin,
-        runtime,
-        total: sum + margin + runtime,
+        margin: (sum * config.margin_percent).div_ceil(100),
     }
 }

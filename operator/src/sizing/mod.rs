@@ -37,6 +37,14 @@
 //! ([`packaged_model`]), or from `clients[].model.parameters` with the
 //! LLaMA-like aspect ratio `L = d/128` (so `P ≈ 12·L·d² = 3·d³/32`).
 //!
+//! With `spec.bridge` every client's trainer also loads the bridge's
+//! backbone and trains DeMA adapters and a head on it ([`BridgeModel`]):
+//! its parts (weights in its dtype, adapter state, activations, workspace,
+//! its own prefix cache, margin) are added to the client's, the runtime is
+//! counted once, and placement uses the sum (memory, and the parameters of
+//! both backbones for the CPU rule). Its shape comes from the same sources
+//! as a client's.
+//!
 //! Placement ([`place`]): explicit `clients[].resources` win; else a small
 //! model (at most `cpu.maxParameters`, default 200 M, which covers the three
 //! packaged models) runs on CPU when `trainer.allowCpu` is set and
@@ -45,6 +53,7 @@
 //! `gpusPerPod` does not divide the estimate); else CPU for a small model
 //! when allowed; else [`SizingError::NoGpuProfileFits`].
 
+mod bridge;
 mod estimate;
 mod placement;
 mod settings;
@@ -52,8 +61,10 @@ mod shape;
 #[cfg(test)]
 mod tests;
 
+pub use bridge::BridgeModel;
 pub use estimate::{
-    estimate, layer_activation_bytes, trainable_parameters, MemoryEstimate, Target, Workload,
+    estimate, layer_activation_bytes, model_parts, trainable_parameters, MemoryEstimate,
+    ModelParts, Target, Workload,
 };
 pub use placement::{place, Placement};
 pub use settings::{parse_quantity, quantity_mib, CpuPolicy, GpuProfile, SizingConfig};
@@ -72,6 +83,9 @@ pub enum SizingError {
     /// Nothing says how large the model is.
     #[error("the size of {uri} is unknown: the operator cannot read its config.json and it is not a packaged model; set spec.clients[{index}].model.parameters or spec.clients[{index}].resources")]
     UnknownModel { index: usize, uri: String },
+    /// Nothing says how large the bridge model is.
+    #[error("the size of the bridge model {uri} (spec.bridge.model.uri) is unknown: the operator cannot read its config.json and it is not a packaged model; set spec.bridge.model.parameters")]
+    UnknownBridge { uri: String },
     /// The estimate exceeds every GPU profile and CPU is not an option.
     #[error("client {client} needs about {} of accelerator memory but the largest GPU profile{} has {}{}", human_bytes(*needed), largest_name.as_deref().map(|n| format!(" ({n})")).unwrap_or_default(), human_bytes(*largest), cpu_note)]
     NoGpuProfileFits {

@@ -3,6 +3,7 @@
 
 use heterotune_crds::spec::ClientSpec;
 
+use super::bridge::BridgeModel;
 use super::estimate::{estimate, MemoryEstimate, Target, Workload};
 use super::settings::{GpuProfile, SizingConfig};
 use super::shape::ModelShape;
@@ -60,39 +61,55 @@ impl Placement {
     }
 }
 
-/// Chooses where client `client` runs.
+/// Chooses where client `client` runs: its own model of `shape` trained
+/// with `workload` and, with `spec.bridge`, `bridge` next to it (`Some(Err)`:
+/// the bridge's size is unknown).
 pub fn place(
     client: &ClientSpec,
     shape: Option<&ModelShape>,
     workload: &Workload,
+    bridge: Option<&Result<BridgeModel, SizingError>>,
     allow_cpu: bool,
     config: &SizingConfig,
     index: usize,
 ) -> Result<Placement, SizingError> {
+    let bridge = bridge.map(Result::as_ref).transpose();
+    let sized = |shape: &ModelShape, bridge: Option<&BridgeModel>, target: Target| {
+        let own = estimate(shape, workload, config, target);
+        match bridge {
+            Some(b) => own.with_bridge(b.parts(config, target)),
+            None => own,
+        }
+    };
     if client.resources.is_some() {
         return Ok(Placement::Explicit {
-            estimate: shape.map(|s| estimate(s, workload, config, Target::Gpu)),
+            estimate: match (shape, bridge) {
+                (Some(s), Ok(b)) => Some(sized(s, b, Target::Gpu)),
+                _ => None,
+            },
         });
     }
     let shape = shape.ok_or_else(|| SizingError::UnknownModel {
         index,
         uri: client.model.uri.clone(),
     })?;
-    let small = allow_cpu && shape.parameters <= config.cpu.max_parameters;
+    let bridge = bridge.map_err(Clone::clone)?;
+    let parameters = shape.parameters + bridge.map_or(0, |b| b.shape.parameters);
+    let small = allow_cpu && parameters <= config.cpu.max_parameters;
     let cpu = || Placement::Cpu {
-        estimate: estimate(shape, workload, config, Target::Cpu),
+        estimate: sized(shape, bridge, Target::Cpu),
     };
     if small && config.cpu.prefer_for_small_models {
         return Ok(cpu());
     }
-    let gpu = estimate(shape, workload, config, Target::Gpu);
+    let gpu = sized(shape, bridge, Target::Gpu);
     let mut profiles: Vec<&GpuProfile> = config.gpu_profiles.iter().collect();
     profiles.sort_by_key(|p| (p.memory, p.gpus_per_pod));
     if let Some(profile) = profiles.iter().find(|p| p.memory >= gpu.total) {
         return Ok(Placement::Gpu {
             profile: (*profile).clone(),
             estimate: gpu,
-            host_memory: gpu.weights + config.cpu_runtime_overhead,
+            host_memory: gpu.weights() + config.cpu_runtime_overhead,
         });
     }
     if small {
@@ -103,8 +120,9 @@ pub fn place(
         " (spec.trainer.allowCpu is false)".to_string()
     } else {
         format!(
-            " (CPU training is limited to models of at most {} parameters; this one has {})",
-            config.cpu.max_parameters, shape.parameters
+            " (CPU training is limited to models of at most {} parameters; this one has {parameters}{})",
+            config.cpu.max_parameters,
+            if bridge.is_some() { " with the bridge" } else { "" }
         )
     };
     Err(SizingError::NoGpuProfileFits {

@@ -3,7 +3,9 @@
 use super::*;
 use heterotune_crds::model::{LayerSelection, ModelFacts, SlotMap};
 use heterotune_crds::spec::LayerSelectionMode;
-use heterotune_crds::spec::{Dtype, FederatedTuneSpec, LayerSelectionSpec, ModelFamily};
+use heterotune_crds::spec::{
+    ClientSpec, Dtype, FederatedTuneSpec, LayerSelectionSpec, ModelFamily,
+};
 
 /// A spec with `clients` (name, family, uri, dtype) and `extra` YAML under `spec:`.
 fn spec(clients: &[(&str, &str, &str, &str)], extra: &str) -> FederatedTuneSpec {
@@ -19,6 +21,18 @@ fn spec(clients: &[(&str, &str, &str, &str)], extra: &str) -> FederatedTuneSpec 
     heterotune_crds::validate::parse_federated_tune(&yaml)
         .expect("valid test spec")
         .spec
+}
+
+/// [`place`] without a bridge.
+fn place_alone(
+    client: &ClientSpec,
+    shape: Option<&ModelShape>,
+    w: &Workload,
+    allow_cpu: bool,
+    config: &SizingConfig,
+    index: usize,
+) -> Result<Placement, SizingError> {
+    place(client, shape, w, None, allow_cpu, config, index)
 }
 
 fn profiles() -> SizingConfig {
@@ -148,15 +162,15 @@ fn minilm_l6_estimate_by_hand() {
     let e = estimate(&shape(MINILM_L6), &w, &SizingConfig::default(), Target::Cpu);
     // trainable: shared 3·(4·(64+8) + 4·8 + 4) = 972; family 2·8·384·3 = 18,432;
     // head 384·6 + 6 = 2,310.
-    assert_eq!(e.trainable_parameters, 972 + 18_432 + 2_310);
-    assert_eq!(e.weights, 22_565_376 * 4);
-    assert_eq!(e.adapter_state, 16 * 21_714);
+    assert_eq!(e.own.trainable_parameters, 972 + 18_432 + 2_310);
+    assert_eq!(e.own.weights, 22_565_376 * 4);
+    assert_eq!(e.own.adapter_state, 16 * 21_714);
     // act(16) = (34·32·16·384 + 5·12·32²·16)·4/2 = (6,684,672 + 983,040)·2 = 15,335,424;
     // adapted 1, 3, 5: layers 2..=5 keep activations.
-    assert_eq!(e.activations, 4 * 15_335_424);
+    assert_eq!(e.own.activations, 4 * 15_335_424);
     // workspace act(64) = (34·32·64·384 + 5·12·32²·64)·2 = 61,341,696
-    assert_eq!(e.workspace, 61_341_696);
-    assert_eq!(e.prefix_cache, 2048 * MIB);
+    assert_eq!(e.own.workspace, 61_341_696);
+    assert_eq!(e.own.prefix_cache, 2048 * MIB);
     let sum = 90_261_504 + 347_424 + 61_341_696 + 61_341_696 + 2_147_483_648u64;
     assert_eq!(sum, 2_360_775_968);
     // margin: ceil(10 %) = 236,077,597; CPU runtime 512 MiB.
@@ -183,7 +197,7 @@ fn minilm_l3_estimate_by_hand() {
         Target::Cpu,
     );
     // Adapted 0, 1, 2: layers 1 and 2 keep activations (2 · 15,335,424).
-    assert_eq!(e.activations, 30_670_848);
+    assert_eq!(e.own.activations, 30_670_848);
     // 68,967,936 + 347,424 + 30,670,848 + 61,341,696 + 2,147,483,648 = 2,308,811,552;
     // margin 230,881,156; runtime 536,870,912.
     assert_eq!(e.total, 2_308_811_552 + 230_881_156 + 536_870_912);
@@ -204,16 +218,16 @@ fn smollm2_estimate_by_hand_and_cpu_placement() {
     let w = Workload::of(&s, 0, 3);
     let e = estimate(&shape, &w, &SizingConfig::default(), Target::Cpu);
     // trainable: 972 + 2·8·576·3 (27,648) + 576·6 + 6 (3,462) = 32,082.
-    assert_eq!(e.trainable_parameters, 32_082);
+    assert_eq!(e.own.trainable_parameters, 32_082);
     // act(16) = (34·32·16·576 + 5·9·32²·16)·2 = (10,027,008 + 737,280)·2 = 21,528,576;
     // adapted 9, 19, 29: 20 layers keep activations.
-    assert_eq!(e.activations, 20 * 21_528_576);
+    assert_eq!(e.own.activations, 20 * 21_528_576);
     // act(64) = (40,108,032 + 2,949,120)·2 = 86,114,304
-    assert_eq!(e.workspace, 86_114_304);
+    assert_eq!(e.own.workspace, 86_114_304);
     // 538,060,032 + 513,312 + 430,571,520 + 86,114,304 + 2,147,483,648 = 3,202,742,816
     assert_eq!(e.total, 3_202_742_816 + 320_274_282 + 536_870_912);
     // 134.5 M parameters ≤ 200 M: CPU by default, even with GPU profiles.
-    let p = place(&s.clients[0], Some(&shape), &w, true, &profiles(), 0).expect("placed");
+    let p = place_alone(&s.clients[0], Some(&shape), &w, true, &profiles(), 0).expect("placed");
     assert_eq!(p.profile_name(), "cpu");
     assert_eq!(p.estimated_bytes(), Some(4_059_888_010));
 }
@@ -236,17 +250,17 @@ fn llama_7b_estimate_by_hand_picks_the_40gb_profile() {
     let shape = shape(LLAMA_7B);
     let e = estimate(&shape, &w, &SizingConfig::default(), Target::Gpu);
     // bf16 weights: 6,738,415,616 · 2.
-    assert_eq!(e.weights, 13_476_831_232);
+    assert_eq!(e.own.weights, 13_476_831_232);
     // trainable: 3·(4·(256+16) + 4·16 + 4) = 3,468; 2·16·4096·3 = 393,216; 4096·6 + 6 = 24,582.
-    assert_eq!(e.trainable_parameters, 421_266);
+    assert_eq!(e.own.trainable_parameters, 421_266);
     // act(8) = 34·512·8·4096 + 5·32·512²·8 = 570,425,344 + 335,544,320 = 905,969,664 (bf16);
     // adapted 10, 21, 31: 21 layers keep activations.
-    assert_eq!(e.activations, 21 * 905_969_664);
-    assert_eq!(e.workspace, 905_969_664);
+    assert_eq!(e.own.activations, 21 * 905_969_664);
+    assert_eq!(e.own.workspace, 905_969_664);
     // 13,476,831,232 + 6,740,256 + 19,025,362,944 + 905,969,664 = 33,414,904,096;
     // margin 3,341,490,410; GPU runtime 1 GiB: 37,830,136,330 bytes (35.2 GiB).
     assert_eq!(e.total, 33_414_904_096 + 3_341_490_410 + 1_073_741_824);
-    let p = place(&s.clients[0], Some(&shape), &w, true, &profiles(), 0).expect("placed");
+    let p = place_alone(&s.clients[0], Some(&shape), &w, true, &profiles(), 0).expect("placed");
     assert_eq!(p.profile_name(), "a100-40gb");
     match p {
         Placement::Gpu { host_memory, .. } => {
@@ -268,11 +282,11 @@ fn auto_is_sized_as_bfloat16_on_a_gpu_and_float32_on_a_cpu() {
     let (llama, config) = (shape(LLAMA_7B), SizingConfig::default());
     let gpu = estimate(&llama, &auto, &config, Target::Gpu);
     assert_eq!(gpu, estimate(&llama, &explicit, &config, Target::Gpu));
-    assert_eq!(gpu.weights, 13_476_831_232);
-    let p = place(&s.clients[0], Some(&llama), &auto, true, &profiles(), 0).expect("placed");
+    assert_eq!(gpu.own.weights, 13_476_831_232);
+    let p = place_alone(&s.clients[0], Some(&llama), &auto, true, &profiles(), 0).expect("placed");
     assert_eq!(p.profile_name(), "a100-40gb");
     let cpu = estimate(&llama, &auto, &config, Target::Cpu);
-    assert_eq!(cpu.weights, 2 * 13_476_831_232);
+    assert_eq!(cpu.own.weights, 2 * 13_476_831_232);
     let minilm = "cache://models/all-MiniLM-L6-v2";
     let f32_spec = spec(&[("a", "bert", minilm, "float32")], "");
     let auto_spec = spec(&[("a", "bert", minilm, "auto")], "");
@@ -291,10 +305,10 @@ fn gradient_checkpointing_moves_llama_7b_to_a_24gb_gpu() {
     let shape = shape(LLAMA_7B);
     let e = estimate(&shape, &w, &SizingConfig::default(), Target::Gpu);
     // 21 layer inputs 8·512·4096·2 = 33,554,432 each, plus one recomputed layer.
-    assert_eq!(e.activations, 21 * 33_554_432 + 905_969_664);
+    assert_eq!(e.own.activations, 21 * 33_554_432 + 905_969_664);
     // 13,483,571,488 + 1,610,612,736 + 905,969,664 = 16,000,153,888; margin 1,600,015,389.
     assert_eq!(e.total, 16_000_153_888 + 1_600_015_389 + 1_073_741_824);
-    let p = place(&s.clients[0], Some(&shape), &w, true, &profiles(), 0).expect("placed");
+    let p = place_alone(&s.clients[0], Some(&shape), &w, true, &profiles(), 0).expect("placed");
     assert_eq!(p.profile_name(), "l4-24gb");
 }
 
@@ -305,17 +319,17 @@ fn llama_13b_needs_80gb_and_fits_nothing_smaller() {
     let e = estimate(&shape, &w, &SizingConfig::default(), Target::Gpu);
     // act(8) = 34·512·8·5120 + 5·40·512²·8 = 713,031,680 + 419,430,400 = 1,132,462,080;
     // adapted 13, 26, 39: 26 layers keep activations.
-    assert_eq!(e.activations, 26 * 1_132_462_080);
+    assert_eq!(e.own.activations, 26 * 1_132_462_080);
     // trainable 3,468 + 2·16·5120·3 + 5120·6 + 6 = 525,714
-    assert_eq!(e.trainable_parameters, 525_714);
+    assert_eq!(e.own.trainable_parameters, 525_714);
     // 26,031,728,640 + 8,411,424 + 29,444,014,080 + 1,132,462,080 = 56,616,616,224;
     // margin 5,661,661,623; + 1 GiB: 63,352,019,671 bytes (59.0 GiB).
     assert_eq!(e.total, 56_616_616_224 + 5_661_661_623 + 1_073_741_824);
-    let p = place(&s.clients[0], Some(&shape), &w, true, &profiles(), 0).expect("placed");
+    let p = place_alone(&s.clients[0], Some(&shape), &w, true, &profiles(), 0).expect("placed");
     assert_eq!(p.profile_name(), "a100-80gb");
     let mut small = profiles();
     small.gpu_profiles.retain(|p| p.name != "a100-80gb");
-    let err = place(&s.clients[0], Some(&shape), &w, true, &small, 0).expect_err("too large");
+    let err = place_alone(&s.clients[0], Some(&shape), &w, true, &small, 0).expect_err("too large");
     let text = err.to_string();
     assert!(
         text.contains("needs about 59.0 GiB")
@@ -334,7 +348,7 @@ fn cpu_rules_and_explicit_resources() {
     let shape = shape(MINILM_L6);
     let w = Workload::of(&s, 0, 3);
     // allowCpu false and no profiles: a clear error.
-    let err = place(
+    let err = place_alone(
         &s.clients[0],
         Some(&shape),
         &w,
@@ -346,26 +360,26 @@ fn cpu_rules_and_explicit_resources() {
     assert!(matches!(err, SizingError::NoGpuProfileFits { .. }));
     assert!(err.to_string().contains("allowCpu is false"), "{err}");
     // allowCpu false with profiles: the smallest GPU (24 GiB).
-    let p = place(&s.clients[0], Some(&shape), &w, false, &profiles(), 0).expect("gpu");
+    let p = place_alone(&s.clients[0], Some(&shape), &w, false, &profiles(), 0).expect("gpu");
     assert_eq!(p.profile_name(), "l4-24gb");
     // Not preferring CPU: GPU when one fits, CPU as the fallback.
     let mut cfg = profiles();
     cfg.cpu.prefer_for_small_models = false;
     assert_eq!(
-        place(&s.clients[0], Some(&shape), &w, true, &cfg, 0)
+        place_alone(&s.clients[0], Some(&shape), &w, true, &cfg, 0)
             .expect("gpu")
             .profile_name(),
         "l4-24gb"
     );
     cfg.gpu_profiles.clear();
     assert_eq!(
-        place(&s.clients[0], Some(&shape), &w, true, &cfg, 0)
+        place_alone(&s.clients[0], Some(&shape), &w, true, &cfg, 0)
             .expect("cpu")
             .profile_name(),
         "cpu"
     );
     // Unknown size.
-    let err = place(&s.clients[0], None, &w, true, &cfg, 2).expect_err("unknown");
+    let err = place_alone(&s.clients[0], None, &w, true, &cfg, 2).expect_err("unknown");
     assert!(
         err.to_string().contains("spec.clients[2].model.parameters"),
         "{err}"
@@ -374,7 +388,7 @@ fn cpu_rules_and_explicit_resources() {
     let mut c = s.clients[0].clone();
     c.resources = Some(Default::default());
     assert_eq!(
-        place(&c, None, &w, false, &cfg, 0)
+        place_alone(&c, None, &w, false, &cfg, 0)
             .expect("explicit")
             .profile_name(),
         "explicit"
@@ -409,4 +423,147 @@ fn shapes_from_parameters_and_quantities() {
         .map(|c| packaged_model(&c.model.uri))
         .collect();
     assert_eq!(resolve_slots(&spec2, &shapes), 3);
+}
+
+const BRIDGE: &str =
+    "  bridge: { model: { family: bert, uri: \"cache://models/paraphrase-MiniLM-L3-v2\" } }\n";
+
+/// A SmolLM2 client (float32, top 6 layers, LoRA rank 4 of its own) with
+/// `adapter.slots: 2` and `extra`.
+fn smollm2_client(extra: &str) -> FederatedTuneSpec {
+    let client = "cache://models/SmolLM2-135M-Instruct";
+    let mut s = spec(
+        &[("a", "llama", client, "float32")],
+        &format!("  adapter: {{ slots: 2 }}\n{extra}"),
+    );
+    s.clients[0].model.adapted_layers = Some(LayerSelectionSpec {
+        mode: LayerSelectionMode::TopWindow,
+        window: Some(6),
+        every_layer_in_group: false,
+    });
+    s.clients[0].lora_rank = Some(4);
+    s
+}
+
+#[test]
+fn a_bridge_adds_exactly_its_parts_to_every_client() {
+    let (with, without) = (smollm2_client(BRIDGE), smollm2_client(""));
+    let own = packaged_model("cache://models/SmolLM2-135M-Instruct").expect("packaged");
+    let l3 = packaged_model("cache://models/paraphrase-MiniLM-L3-v2");
+    let bridge = BridgeModel::of(&with, l3)
+        .expect("a bridge")
+        .expect("known size");
+    assert_eq!(BridgeModel::of(&without, None), None);
+    // The bridge's DeMA: adapter.rank 8 (not the client's 4), one slot per
+    // adapted layer of its own selection (3, not adapter.slots = 2).
+    assert_eq!((bridge.workload.rank, bridge.workload.slots), (8, 3));
+    let config = SizingConfig::default();
+    let parts = bridge.parts(&config, Target::Cpu);
+    // The same numbers as the paraphrase-MiniLM-L3-v2 client above, less
+    // the runtime: 68,967,936 + 347,424 + 30,670,848 + 61,341,696 +
+    // 2,147,483,648 (its own prefix cache) + margin 230,881,156.
+    assert_eq!(parts.trainable_parameters, 21_714);
+    assert_eq!(parts.weights, 17_241_984 * 4);
+    assert_eq!(parts.prefix_cache, 2048 * MIB);
+    assert_eq!(parts.total(), 2_308_811_552 + 230_881_156);
+    let w = Workload::of(&with, 0, 2);
+    assert_eq!(w, Workload::of(&without, 0, 2));
+    let known = Some(Ok(bridge.clone()));
+    for (target, cfg) in [(Target::Cpu, config.clone()), (Target::Gpu, profiles())] {
+        let alone = estimate(&own, &w, &cfg, target);
+        let both = alone.with_bridge(bridge.parts(&cfg, target));
+        assert_eq!(both.total, alone.total + bridge.parts(&cfg, target).total());
+        assert_eq!((both.own, both.runtime), (alone.own, alone.runtime));
+    }
+    // Placement uses the sum: on CPU (134.5 M + 17.2 M ≤ 200 M) …
+    let on_cpu = place(
+        &with.clients[0],
+        Some(&own),
+        &w,
+        known.as_ref(),
+        true,
+        &config,
+        0,
+    );
+    let alone = place_alone(&without.clients[0], Some(&own), &w, true, &config, 0);
+    let (on_cpu, alone) = (on_cpu.expect("cpu"), alone.expect("cpu"));
+    assert_eq!(on_cpu.profile_name(), "cpu");
+    assert_eq!(
+        on_cpu.estimated_bytes(),
+        alone.estimated_bytes().map(|b| b + 2_539_692_708)
+    );
+    // … and on a GPU, where the host stages both backbones' weights.
+    let gpu = place(
+        &with.clients[0],
+        Some(&own),
+        &w,
+        known.as_ref(),
+        false,
+        &profiles(),
+        0,
+    );
+    match gpu.expect("gpu") {
+        Placement::Gpu {
+            estimate,
+            host_memory,
+            ..
+        } => {
+            let bf16 = bridge.parts(&profiles(), Target::Gpu);
+            assert_eq!(bf16.weights, 17_241_984 * 2);
+            assert_eq!(estimate.bridge, Some(bf16));
+            // The client's float32, the bridge's `auto` as bfloat16.
+            assert_eq!(host_memory, 134_515_008 * 4 + 17_241_984 * 2 + 512 * MIB);
+        }
+        other => panic!("{other:?}"),
+    }
+    // The CPU rule counts both backbones: 190 M + 17.2 M > 200 M.
+    let mut big = with.clone();
+    big.clients[0].model.parameters = Some(190_000_000);
+    let big_shape = ModelShape::from_parameters(ModelFamily::Llama, 190_000_000);
+    let p = place(
+        &big.clients[0],
+        Some(&big_shape),
+        &w,
+        known.as_ref(),
+        true,
+        &profiles(),
+        0,
+    );
+    assert_eq!(p.expect("gpu").profile_name(), "l4-24gb");
+}
+
+#[test]
+fn an_unknown_bridge_names_its_field() {
+    let s =
+        smollm2_client("  bridge: { model: { family: bert, uri: \"s3://m/private-bridge\" } }\n");
+    let own = packaged_model("cache://models/SmolLM2-135M-Instruct").expect("packaged");
+    let unknown = BridgeModel::of(&s, None).expect("a bridge");
+    let w = Workload::of(&s, 0, 2);
+    let err = place(
+        &s.clients[0],
+        Some(&own),
+        &w,
+        Some(&unknown),
+        true,
+        &profiles(),
+        0,
+    )
+    .expect_err("unknown bridge");
+    assert_eq!(
+        err,
+        SizingError::UnknownBridge {
+            uri: "s3://m/private-bridge".into()
+        }
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("s3://m/private-bridge (spec.bridge.model.uri)")
+            && text.contains("spec.bridge.model.parameters"),
+        "{text}"
+    );
+    // Explicit resources still win, without an estimate.
+    let mut c = s.clients[0].clone();
+    c.resources = Some(Default::default());
+    let p = place(&c, Some(&own), &w, Some(&unknown), true, &profiles(), 0).expect("explicit");
+    assert_eq!(p, Placement::Explicit { estimate: None });
 }
