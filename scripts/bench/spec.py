@@ -258,6 +258,9 @@ def build_spec(base: dict, key: RunKey, dataset: dict, store: Path,
         "training": training,
         "adapter": adapter,
         "aggregation": copy.deepcopy(method["aggregation"]),
+        # The primary figure is the final global model (afterLastRound); evaluating every
+        # round's received model too would cost a test-set pass per client and round.
+        "evaluation": {"eachRound": False, "afterLastRound": True},
         "storage": {"uri": f"file://{store}"},
     }
     if "bridge" in method:
