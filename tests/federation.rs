@@ -401,9 +401,15 @@ fn local_only_clients_keep_their_training_across_rounds() {
 fn bridge_federation_shares_one_bridge_and_serves_the_ensemble() {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path();
+    // With a public pool held out of the training split: the bridge also
+    // teaches every own model there.
     let spec =
         fixtures::write_federation(root, "bridge", 2, "  storage: { uri: \"file://store\" }")
-            .replace("algorithm: cmga", "algorithm: fedavg");
+            .replace("algorithm: cmga", "algorithm: fedavg")
+            .replace(
+                "    maxTestExamples: 48",
+                "    splits: { pool: 0.1 }\n    maxTestExamples: 48",
+            );
     let bridge = root.join("models/tiny-bert-a");
     let spec = format!(
         "{spec}  bridge: {{ model: {{ family: bert, uri: \"{}\" }} }}\n",

@@ -123,6 +123,7 @@ pub fn data_config(spec: &FederatedTuneSpec) -> Result<DataConfig> {
             test,
         },
         split_seed: task.splits.seed,
+        pool: task.splits.pool,
         partition: PartitionConfig {
             clients: spec.clients.len(),
             scheme,

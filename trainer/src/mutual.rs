@@ -38,13 +38,33 @@ pub struct Side<'a> {
     pub data: &'a Prepared,
 }
 
+/// The public pool prepared for both models (the same texts in the same
+/// order): the bridge teaches the own model on it.
+#[derive(Clone, Copy)]
+pub struct Pool<'a> {
+    pub own: &'a Prepared,
+    pub bridge: &'a Prepared,
+}
+
+/// Logits (f32) of `rows` of `data` through `model`'s window, the rows'
+/// labels and their real tokens.
+fn batch_logits(model: &ClientModel, data: &Prepared, rows: &[usize]) -> (Tensor, Tensor, i64) {
+    let (ids, mask, labels) = model.batch(&data.tokens, rows);
+    let tokens = mask.sum(Kind::Int64).int64_value(&[]);
+    let h = model.window_input(data.cache.as_ref(), rows, &ids, &mask);
+    (model.window(h, &mask).to_kind(Kind::Float), labels, tokens)
+}
+
 /// Trains `own` and `bridge` together for `settings.steps` steps (the batch
 /// order of `settings.seed`, the same rows for both: the two prepared sets
-/// must hold the same examples in the same order). Returns each model's
-/// report (its losses include the distillation term).
+/// must hold the same examples in the same order). With a `pool`, each step
+/// also distils the bridge into the own model on a batch of pool texts
+/// (`distillation.poolWeight`). Returns each model's report (its losses
+/// include the distillation terms).
 pub fn train_pair(
     own: Side<'_>,
     bridge: Side<'_>,
+    pool: Option<Pool<'_>>,
     settings: &TrainSettings,
     distill: &DistillationSpec,
 ) -> Result<(TrainReport, TrainReport)> {
@@ -76,6 +96,12 @@ pub fn train_pair(
         bridge.model.optimizer(settings)?,
     ];
     let mut sampler = BatchSampler::new(settings.seed, n);
+    let mut pool_sampler = pool.filter(|p| !p.own.is_empty()).map(|p| {
+        (
+            p,
+            BatchSampler::new(settings.seed ^ 0x706f_6f6c, p.own.len()),
+        )
+    });
     let mut losses: [Vec<f64>; 2] = Default::default();
     let mut tokens_seen = [0i64; 2];
     let train_start = Instant::now();
@@ -84,18 +110,16 @@ pub fn train_pair(
     for step in 0..settings.steps {
         let rows = sampler.next(settings.batch_size);
         let mut logits = Vec::with_capacity(2);
-        let mut labels = None;
+        let mut labels = Vec::with_capacity(2);
         for (i, (m, d)) in models.iter().zip(data).enumerate() {
-            let (ids, mask, y) = m.batch(&d.tokens, &rows);
-            tokens_seen[i] += mask.sum(Kind::Int64).int64_value(&[]);
-            let h = m.window_input(d.cache.as_ref(), &rows, &ids, &mask);
-            logits.push(m.window(h, &mask).to_kind(Kind::Float));
-            labels.get_or_insert(y);
+            let (l, y, tokens) = batch_logits(m, d, &rows);
+            tokens_seen[i] += tokens;
+            logits.push(l);
+            labels.push(y);
         }
-        let labels = labels.expect("two models");
         let mut total = Tensor::zeros([], (Kind::Float, logits[0].device()));
         for i in 0..2 {
-            let ce = logits[i].cross_entropy_for_logits(&labels);
+            let ce = logits[i].cross_entropy_for_logits(&labels[i]);
             let kd = distillation_loss(&logits[i], &logits[1 - i], distill.temperature);
             let loss = ce + kd * distill.weight;
             let value = loss.double_value(&[]);
@@ -107,6 +131,13 @@ pub fn train_pair(
             }
             losses[i].push(value);
             total += loss;
+        }
+        if let Some((p, sampler)) = pool_sampler.as_mut() {
+            let rows = sampler.next(settings.batch_size);
+            let (student, _, _) = batch_logits(models[0], p.own, &rows);
+            let teacher = tch::no_grad(|| batch_logits(models[1], p.bridge, &rows).0);
+            total +=
+                distillation_loss(&student, &teacher, distill.temperature) * distill.pool_weight;
         }
         for opt in opts.iter_mut() {
             set_step_lr(opt, settings, step);

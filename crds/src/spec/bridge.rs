@@ -48,6 +48,12 @@ pub struct DistillationSpec {
     #[serde(default = "default_temperature")]
     #[schemars(range(min = 0.1, max = 100.0))]
     pub temperature: f64,
+    /// Weight of the bridge teaching the client's own model on the public
+    /// pool (`task.splits.pool`): on texts of every class, also the classes
+    /// the client's family never saw. Unused without a pool.
+    #[serde(default = "default_weight")]
+    #[schemars(range(min = 0.0, max = 100.0))]
+    pub pool_weight: f64,
 }
 
 impl Default for DistillationSpec {
@@ -55,6 +61,7 @@ impl Default for DistillationSpec {
         DistillationSpec {
             weight: default_weight(),
             temperature: default_temperature(),
+            pool_weight: default_weight(),
         }
     }
 }

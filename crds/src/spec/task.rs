@@ -104,6 +104,13 @@ pub struct SplitSpec {
     /// Seed of the split.
     #[serde(default)]
     pub seed: u64,
+    /// Fraction of the training split held out as a public, unlabeled pool
+    /// (texts only, stratified, disjoint from every client's data and from
+    /// the test set): the bridge teaches every client's own model on it
+    /// (`spec.bridge`). 0 (the default) holds out nothing.
+    #[serde(default)]
+    #[schemars(range(min = 0.0, max = 0.5))]
+    pub pool: f64,
 }
 
 fn default_validation() -> f64 {
@@ -118,6 +125,7 @@ impl Default for SplitSpec {
     fn default() -> Self {
         SplitSpec {
             validation: default_validation(),
+            pool: 0.0,
             test: default_test(),
             seed: 0,
         }

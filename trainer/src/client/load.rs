@@ -63,6 +63,8 @@ pub struct LoadedClient {
     pub validation: Vec<Example>,
     /// The global test examples (`task.maxTestExamples` at most).
     pub test: Vec<Example>,
+    /// The public, unlabeled pool (`task.splits.pool`; empty without one).
+    pub pool: Vec<Example>,
     /// Classes of the task.
     pub num_classes: usize,
     /// Every variable of the model's var store.
@@ -199,7 +201,7 @@ pub fn load_client(
         dtype.dtype,
     )?;
     let load_seconds = frozen.load_seconds;
-    let (mine, test, num_classes) = client_data(&spec, index)?;
+    let (mine, test, pool, num_classes) = client_data(&spec, index)?;
     let info = frozen.backbone.info().clone();
     let choice = adapter_choice(
         &spec,
@@ -256,6 +258,7 @@ pub fn load_client(
         train: mine.train,
         validation: mine.validation,
         test,
+        pool,
         num_classes,
         all_names,
         model,
@@ -325,18 +328,18 @@ pub(crate) fn load_frozen(
 }
 
 /// Client `index`'s share of the data, the global test set (at most
-/// `task.maxTestExamples`) and the number of classes.
+/// `task.maxTestExamples`), the public pool and the number of classes.
 fn client_data(
     spec: &FederatedTuneSpec,
     index: usize,
-) -> Result<(ClientData, Vec<Example>, usize)> {
+) -> Result<(ClientData, Vec<Example>, Vec<Example>, usize)> {
     let data = federate(&job::data_config(spec)?).context_with(|| "preparing the data".into())?;
     let mine = data.clients[index].clone();
     let mut test = data.test.clone();
     if let Some(max) = spec.task.max_test_examples {
         test.truncate(max as usize);
     }
-    Ok((mine, test, data.labels.len()))
+    Ok((mine, test, data.pool, data.labels.len()))
 }
 
 /// Loads the client's private state from `file` into `names`; returns

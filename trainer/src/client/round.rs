@@ -13,7 +13,7 @@ use super::load::{load_client, settings, ClientOptions, LoadedClient};
 use crate::artifact::{self, StoreDtype, WRITER_VERSION};
 use crate::exchange::shared_names;
 use crate::metrics::Scores;
-use crate::mutual::{train_pair, PairScores, Side};
+use crate::mutual::{train_pair, PairScores, Pool, Side};
 use crate::train::{ClientModel, Prepared, TrainReport, TrainSettings};
 use crate::Result;
 
@@ -221,6 +221,7 @@ fn train_and_score_pair(
     let test = prepare(&c.test)?;
     let train = prepare(&c.train)?;
     let validation = prepare(&c.validation)?;
+    let pool = prepare(&c.pool)?;
     let score = |m: &ClientModel, bm: &ClientModel, d: &(Prepared, Prepared)| {
         PairScores::of((m, &d.0), (bm, &d.1), batch, classes)
     };
@@ -238,6 +239,10 @@ fn train_and_score_pair(
             model: &mut b.model,
             data: &train.1,
         },
+        Some(Pool {
+            own: &pool.0,
+            bridge: &pool.1,
+        }),
         settings,
         &spec.distillation,
     )?;

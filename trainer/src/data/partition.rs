@@ -31,8 +31,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::source::{self, normalize_text, DatasetConfig, Example, LoadReport};
 use crate::data::split::{
-    dirichlet, group_by_label, num_labels, seeded_rng, shuffle, split, SplitFractions, Splits,
-    STREAM_PARTITION,
+    dirichlet, group_by_label, hold_out_pool, num_labels, seeded_rng, shuffle, split,
+    SplitFractions, Splits, STREAM_PARTITION,
 };
 use crate::error::{Error, Result};
 
@@ -382,6 +382,10 @@ pub struct DataConfig {
     /// Seed of the train / validation / test split.
     #[serde(default)]
     pub split_seed: u64,
+    /// Fraction of the training split held out as the public, unlabeled
+    /// pool ([`hold_out_pool`]). Default 0.
+    #[serde(default)]
+    pub pool: f64,
     /// Partition over clients.
     pub partition: PartitionConfig,
 }
@@ -417,6 +421,9 @@ pub struct FederatedData {
     pub clients: Vec<ClientData>,
     /// The common, global test set (not partitioned).
     pub test: Vec<Example>,
+    /// The public pool: texts held out of the training split, labels
+    /// removed (every label 0); empty without `pool`.
+    pub pool: Vec<Example>,
     /// Load report of `dataset` (in `shards` mode: of the test file).
     pub report: LoadReport,
     /// Load reports of the shards (`shards` mode only).
@@ -446,7 +453,13 @@ pub fn federate(cfg: &DataConfig) -> Result<FederatedData> {
         return federate_shards(cfg, uris);
     }
     let dataset = source::load(&cfg.dataset)?;
-    let splits = split(&dataset.examples, &cfg.split, cfg.split_seed)?;
+    let mut splits = split(&dataset.examples, &cfg.split, cfg.split_seed)?;
+    let pool = hold_out_pool(
+        &dataset.examples,
+        &mut splits.train,
+        cfg.pool,
+        cfg.split_seed,
+    )?;
     let part = partition(&dataset.examples, &splits, &cfg.partition)?;
     let pick = |idx: &[usize]| -> Vec<Example> {
         idx.iter().map(|&i| dataset.examples[i].clone()).collect()
@@ -460,10 +473,18 @@ pub fn federate(cfg: &DataConfig) -> Result<FederatedData> {
         })
         .collect();
     let test = pick(&splits.test);
+    let pool = pool
+        .iter()
+        .map(|&i| Example {
+            text: dataset.examples[i].text.clone(),
+            label: 0,
+        })
+        .collect();
     Ok(FederatedData {
         labels: dataset.labels,
         clients,
         test,
+        pool,
         report: dataset.report,
         shard_reports: Vec::new(),
         test_overlap_dropped: 0,
@@ -472,6 +493,13 @@ pub fn federate(cfg: &DataConfig) -> Result<FederatedData> {
 }
 
 fn federate_shards(cfg: &DataConfig, uris: &[String]) -> Result<FederatedData> {
+    if cfg.pool > 0.0 {
+        return Err(Error::config(
+            "spec.task.splits.pool",
+            "a public pool is held out of the shared dataset's training split: it does not \
+             apply to `shards` partitions (set it to 0, or use a dirichlet or iid partition)",
+        ));
+    }
     if cfg.dataset.labels.is_none() {
         return Err(Error::config(
             "dataset.labels",
@@ -532,6 +560,7 @@ fn federate_shards(cfg: &DataConfig, uris: &[String]) -> Result<FederatedData> {
         labels: test_set.labels,
         clients,
         test: test_set.examples,
+        pool: Vec::new(),
         report: test_set.report,
         shard_reports,
         test_overlap_dropped: dropped,
@@ -810,6 +839,7 @@ mod tests {
             dataset,
             split: SplitFractions::default(),
             split_seed: 0,
+            pool: 0.0,
             partition: cfg(4, PartitionScheme::Dirichlet { alpha: 1.0 }, 0),
         };
         let fed = federate(&cfg).unwrap();
@@ -848,6 +878,7 @@ mod tests {
             dataset: dataset.clone(),
             split: SplitFractions::default(),
             split_seed: 0,
+            pool: 0.0,
             partition: cfg(
                 2,
                 PartitionScheme::Shards {

@@ -234,6 +234,47 @@ pub fn split(examples: &[Example], fractions: &SplitFractions, seed: u64) -> Res
     Ok(splits)
 }
 
+/// RNG stream of the public pool's draw (independent of the split's, so a
+/// pool of 0 leaves every other split as it was).
+pub const STREAM_POOL: u64 = 3;
+
+/// Moves `round(n_c · fraction)` training examples of each class c out of
+/// `train` into the public pool (stratified, deterministic for `seed`);
+/// the rest of `train` keeps its order. Returns the pool's indices.
+pub fn hold_out_pool(
+    examples: &[Example],
+    train: &mut Vec<usize>,
+    fraction: f64,
+    seed: u64,
+) -> Result<Vec<usize>> {
+    if !fraction.is_finite() || !(0.0..=0.5).contains(&fraction) {
+        return Err(Error::config(
+            "spec.task.splits.pool",
+            format!("must be between 0 and 0.5, got {fraction}"),
+        ));
+    }
+    if fraction == 0.0 {
+        return Ok(Vec::new());
+    }
+    let mut rng = seeded_rng(seed, STREAM_POOL);
+    let mut pool = Vec::new();
+    for mut group in group_by_label(examples, train, num_labels(examples)) {
+        shuffle(&mut rng, &mut group);
+        let n = ((group.len() as f64 * fraction).round() as usize).min(group.len());
+        pool.extend_from_slice(&group[..n]);
+    }
+    pool.sort_unstable();
+    train.retain(|i| pool.binary_search(i).is_err());
+    shuffle(&mut rng, &mut pool);
+    if train.is_empty() {
+        return Err(Error::config(
+            "spec.task.splits.pool",
+            format!("holding out {fraction} leaves no training examples"),
+        ));
+    }
+    Ok(pool)
+}
+
 #[cfg(test)]
 /// `counts[c]` examples of class c, interleaved.
 pub(crate) fn synthetic(counts: &[usize]) -> Vec<Example> {
@@ -364,5 +405,34 @@ mod tests {
         let p = dirichlet(&mut rng, 0.01, 5);
         assert!((p.iter().sum::<f64>() - 1.0).abs() < 1e-12);
         assert!(p.iter().all(|x| x.is_finite() && *x >= 0.0));
+    }
+
+    #[test]
+    fn the_pool_is_stratified_disjoint_and_optional() {
+        let examples = synthetic(&[40, 20, 10]);
+        let s = split(&examples, &SplitFractions::default(), 7).unwrap();
+        let mut train = s.train.clone();
+        assert!(hold_out_pool(&examples, &mut train, 0.0, 7)
+            .unwrap()
+            .is_empty());
+        assert_eq!(train, s.train, "no pool: the training split as it was");
+        let pool = hold_out_pool(&examples, &mut train, 0.25, 7).unwrap();
+        let count =
+            |idx: &[usize], c: usize| idx.iter().filter(|&&i| examples[i].label == c).count();
+        for c in 0..3 {
+            let n = count(&s.train, c);
+            assert_eq!(
+                count(&pool, c),
+                (n as f64 * 0.25).round() as usize,
+                "class {c}"
+            );
+        }
+        assert_eq!(train.len() + pool.len(), s.train.len());
+        assert!(pool
+            .iter()
+            .all(|i| !train.contains(i) && !s.test.contains(i)));
+        let mut again = s.train.clone();
+        assert_eq!(hold_out_pool(&examples, &mut again, 0.25, 7).unwrap(), pool);
+        assert!(hold_out_pool(&examples, &mut again, 0.9, 7).is_err());
     }
 }
