@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-from .spec import (BRIDGE, BRIDGE_VARIANTS, DEPLOYABLE, FAMILY_FEDAVG, METHODS, MODEL_ORDER, NOT_RUN,
+from .spec import (BRIDGE, BRIDGE_POOL, BRIDGE_VARIANTS, DEPLOYABLE, FAMILY_FEDAVG, METHODS, MODEL_ORDER, NOT_RUN,
                    SCENARIOS, SHIPPED_DEFAULT, TASKS, RunKey, model_label)
 
 # Issue 13's targets (points of mean global-test accuracy, paired over seeds).
@@ -18,7 +18,7 @@ TARGET_OVER_DEPLOYABLE = 4.6
 TARGET_OVER_FAMILY = 3.0
 TARGET_CLIENT_SLACK = 1.0
 EPS = 1e-9  # points: a difference that is exactly on a target meets it (float noise aside)
-METHOD_ORDER = list(METHODS) + list(BRIDGE_VARIANTS.values())
+METHOD_ORDER = list(METHODS) + [label for v in BRIDGE_VARIANTS.values() for label in v.values()]
 
 # groups[(scenario, task)][method][seed] = result (with "wall_seconds")
 Groups = dict[tuple[str, str], dict[str, dict[int, dict]]]
@@ -39,11 +39,12 @@ def group(records: dict[RunKey, dict]) -> Groups:
 def expand_variants(runs: dict[str, dict[int, dict]]) -> None:
     """Adds "Bridge: own model" / "Bridge: bridge model" from the bridge runs' per-client
     `variants` (same run, another served model: same bytes and compute)."""
-    for seed, res in runs.get(BRIDGE, {}).items():
-        for variant, label in BRIDGE_VARIANTS.items():
-            if all(variant in c.get("variants", {}) for c in res["clients"]):
-                clients = [dict(c, accuracy=c["variants"][variant]) for c in res["clients"]]
-                runs.setdefault(label, {})[seed] = dict(res, clients=clients, derived_from=BRIDGE)
+    for method, variants in BRIDGE_VARIANTS.items():
+        for seed, res in runs.get(method, {}).items():
+            for variant, label in variants.items():
+                if all(variant in c.get("variants", {}) for c in res["clients"]):
+                    clients = [dict(c, accuracy=c["variants"][variant]) for c in res["clients"]]
+                    runs.setdefault(label, {})[seed] = dict(res, clients=clients, derived_from=method)
 
 
 def ordered(methods) -> list[str]:
@@ -112,8 +113,9 @@ def resolve_default(groups: Groups, requested: str) -> str:
     """`auto`: the bridge where it has been measured, else the method the quickstart ships."""
     if requested != "auto":
         return requested
-    if any(runs.get(BRIDGE) for runs in groups.values()):
-        return BRIDGE
+    for method in (BRIDGE_POOL, BRIDGE):
+        if any(runs.get(method) for runs in groups.values()):
+            return method
     return SHIPPED_DEFAULT
 
 
