@@ -5,8 +5,8 @@
 //! Per step, with logits `a` (own) and `b` (bridge), temperature `T` and
 //! weight `w`:
 //!
-//!     L_own    = CE(a, y) + w T² KL(softmax(b/T) ‖ softmax(a/T))
-//!     L_bridge = CE(b, y) + w T² KL(softmax(a/T) ‖ softmax(b/T))
+//!     L_own    = CE(a, y) + w   T² KL(softmax(b/T) ‖ softmax(a/T))
+//!     L_bridge = CE(b, y) + w_b T² KL(softmax(a/T) ‖ softmax(b/T))
 //!
 //! the teacher side of each KL detached, so each model gets only its own
 //! loss's gradient; each has its own optimiser and gradient clipping.
@@ -121,7 +121,12 @@ pub fn train_pair(
         for i in 0..2 {
             let ce = logits[i].cross_entropy_for_logits(&labels[i]);
             let kd = distillation_loss(&logits[i], &logits[1 - i], distill.temperature);
-            let loss = ce + kd * distill.weight;
+            let weight = if i == 0 {
+                distill.weight
+            } else {
+                distill.bridge_weight
+            };
+            let loss = ce + kd * weight;
             let value = loss.double_value(&[]);
             if !value.is_finite() {
                 return Err(Error::config(
@@ -170,6 +175,7 @@ pub struct PairScores {
     pub own: (Scores, f64),
     pub bridge: (Scores, f64),
     pub ensemble: (Scores, f64),
+    pub confident: (Scores, f64),
 }
 
 impl PairScores {
@@ -187,6 +193,7 @@ impl PairScores {
             own: score_logits(&a, own.1, num_classes)?,
             bridge: score_logits(&b, bridge.1, num_classes)?,
             ensemble: score_logits(&ensemble_logits(&a, &b), own.1, num_classes)?,
+            confident: score_logits(&confident_logits(&a, &b), own.1, num_classes)?,
         })
     }
 
@@ -196,6 +203,7 @@ impl PairScores {
             ServedModel::Own => &self.own,
             ServedModel::Bridge => &self.bridge,
             ServedModel::Ensemble => &self.ensemble,
+            ServedModel::Confident => &self.confident,
         }
     }
 
@@ -206,6 +214,17 @@ impl PairScores {
             .map(|&v| (v.as_str().to_string(), self.get(v).0.accuracy))
             .collect()
     }
+}
+
+/// The two models' probabilities weighted per example by each one's top
+/// probability, as log-probabilities.
+pub fn confident_logits(own: &Tensor, bridge: &Tensor) -> Tensor {
+    let (p, q) = (
+        own.softmax(-1, Kind::Float),
+        bridge.softmax(-1, Kind::Float),
+    );
+    let (cp, cq) = (p.amax(-1, true), q.amax(-1, true));
+    ((p * &cp + q * &cq) / (cp + cq)).clamp_min(1e-12).log()
 }
 
 #[cfg(test)]
@@ -242,6 +261,21 @@ mod tests {
         distillation_loss(&a, &b, 2.0).backward();
         assert!(a.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);
         assert!(!b.grad().defined() || b.grad().abs().sum(Kind::Float).double_value(&[]) == 0.0);
+    }
+
+    #[test]
+    fn the_confident_ensemble_follows_the_surer_model() {
+        // own is sure of class 0, the bridge hedges towards class 1.
+        let a = Tensor::from_slice(&[6.0f32, 0.0, 0.0]).view([1, 3]);
+        let b = Tensor::from_slice(&[0.0f32, 0.5, 0.0]).view([1, 3]);
+        let p = confident_logits(&a, &b).exp();
+        let v = Vec::<f32>::try_from(p.view([-1])).unwrap();
+        assert!((v.iter().sum::<f32>() - 1.0).abs() < 1e-4, "{v:?}");
+        assert!(v[0] > 0.6, "{v:?}");
+        let swapped = Vec::<f32>::try_from(confident_logits(&b, &a).exp().view([-1])).unwrap();
+        for (x, y) in v.iter().zip(&swapped) {
+            assert!((x - y).abs() < 1e-6, "symmetric: {v:?} {swapped:?}");
+        }
     }
 
     #[test]

@@ -38,12 +38,17 @@ pub struct BridgeSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DistillationSpec {
-    /// Weight of each model's distillation term (KL divergence from the
-    /// other model's softened predictions, times temperature²) next to its
-    /// cross-entropy on the labels. 0 trains the two independently.
+    /// Weight of the own model's distillation term on the client's data
+    /// (KL divergence from the bridge's softened predictions, times
+    /// temperature²) next to its cross-entropy on the labels.
     #[serde(default = "default_weight")]
     #[schemars(range(min = 0.0, max = 100.0))]
     pub weight: f64,
+    /// Weight of the bridge's distillation term on the client's data (from
+    /// the own model's predictions): 0 makes the teaching one-way.
+    #[serde(default = "default_weight")]
+    #[schemars(range(min = 0.0, max = 100.0))]
+    pub bridge_weight: f64,
     /// Softmax temperature of the distillation term.
     #[serde(default = "default_temperature")]
     #[schemars(range(min = 0.1, max = 100.0))]
@@ -60,6 +65,7 @@ impl Default for DistillationSpec {
     fn default() -> Self {
         DistillationSpec {
             weight: default_weight(),
+            bridge_weight: default_weight(),
             temperature: default_temperature(),
             pool_weight: default_weight(),
         }
@@ -85,6 +91,11 @@ pub enum ServedModel {
     /// The mean of the two models' class probabilities.
     #[default]
     Ensemble,
+    /// The two models' class probabilities weighted, example by example, by
+    /// each model's confidence (its top probability): a model that does not
+    /// know an example's class (one its family never saw) tends to hedge,
+    /// and the other one decides.
+    Confident,
 }
 
 impl ServedModel {
@@ -94,10 +105,15 @@ impl ServedModel {
             ServedModel::Own => "own",
             ServedModel::Bridge => "bridge",
             ServedModel::Ensemble => "ensemble",
+            ServedModel::Confident => "confident",
         }
     }
 
     /// Every variant, in report order.
-    pub const ALL: [ServedModel; 3] =
-        [ServedModel::Own, ServedModel::Bridge, ServedModel::Ensemble];
+    pub const ALL: [ServedModel; 4] = [
+        ServedModel::Own,
+        ServedModel::Bridge,
+        ServedModel::Ensemble,
+        ServedModel::Confident,
+    ];
 }

@@ -102,6 +102,12 @@ use crate::status::FederatedTuneStatus;
         "reason": "FieldValueInvalid"
     },
     {
+        "rule": "!has(self.task.splits) || !has(self.task.splits.pool) || self.task.splits.pool == 0.0 || has(self.bridge)",
+        "message": "task.splits.pool holds training examples out for the bridge to teach on: set spec.bridge, or set pool to 0",
+        "fieldPath": ".task.splits.pool",
+        "reason": "FieldValueInvalid"
+    },
+    {
         "rule": "self.adapter.type == 'lora' || self.clients.all(c, !has(c.loraRank))",
         "message": "clients[].loraRank applies to adapter.type lora only",
         "fieldPath": ".clients",

@@ -85,6 +85,35 @@ fn invalid_specs_name_their_field() {
             "spec.roundz",
         ),
         (
+            "a bridge with local-only training",
+            set(
+                set(
+                    base(),
+                    "/spec/bridge",
+                    Some(json!({"model": {"family": "bert", "uri": "cache://models/m"}})),
+                ),
+                "/spec/aggregation",
+                Some(json!({"algorithm": "local-only"})),
+            ),
+            "spec.bridge",
+        ),
+        (
+            "a pool without a bridge",
+            set(base(), "/spec/task/splits", Some(json!({"pool": 0.1}))),
+            "spec.task.splits.pool",
+        ),
+        (
+            "an unknown served model",
+            set(
+                base(),
+                "/spec/bridge",
+                Some(
+                    json!({"model": {"family": "bert", "uri": "cache://models/m"}, "serve": "best"}),
+                ),
+            ),
+            "spec.bridge.serve",
+        ),
+        (
             "unknown nested field",
             set(base(), "/spec/clients/0/model/size", Some(json!("big"))),
             "spec.clients[0].model.size",
