@@ -117,7 +117,9 @@ fn coordinatewise(arrays: &[&Array], mode: RobustCombine, trim_fraction: f64) ->
             }
             column.sort_by(f64::total_cmp);
             match mode {
-                RobustCombine::Median if n % 2 == 0 => (column[n / 2 - 1] + column[n / 2]) / 2.0,
+                RobustCombine::Median if n.is_multiple_of(2) => {
+                    (column[n / 2 - 1] + column[n / 2]) / 2.0
+                }
                 RobustCombine::Median => column[n / 2],
                 _ => {
                     let kept = &column[k..n - k];

@@ -19,8 +19,11 @@
 //! **Protocol.** Round `r` reads the previous global (round `r − 1`; round
 //! 0 is the initial state) and the committed client artifacts under
 //! `<run_dir>/round-NNNN/clients/<client>/` (crds::layout), verifies each
-//! ([`verify`]), streams the accepted ones into the aggregator in client-name
-//! order (memory: the per-family sums, not the clients' updates), checks the
+//! ([`verify`]), applies the round-level defences against hostile updates
+//! ([`robust`]: adaptive norm bound, capped weights; [`combine`]: median,
+//! trimmed mean) in two passes ([`intake`]), streams the accepted ones into
+//! the aggregator in client-name order (memory: the per-family sums and a
+//! bounded number of kept updates, not all the clients' updates), checks the
 //! quorum, and writes `adapter.safetensors` (F32) then `manifest.json` (the
 //! commit marker) into the output directory. The same inputs give the same
 //! data file, byte for byte: sorted iteration, f64 accumulation in a fixed
