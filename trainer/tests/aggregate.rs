@@ -1621,3 +1621,39 @@ fn robust_options_are_checked() {
     let err = aggregate::aggregator_for(&bad).err().expect("refused");
     assert!(err.to_string().contains("trimFraction"), "{err}");
 }
+
+#[test]
+fn weights_are_capped_by_the_partition_when_the_data_is_readable() {
+    // A 200-example dataset, split and partitioned iid over five clients as
+    // the clients do: the aggregator computes each client's training-set
+    // size and caps the attacker's 2^40 to its own.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("d.jsonl");
+    let lines: Vec<String> = (0..200)
+        .map(|i| {
+            let label = if i % 2 == 0 { "x" } else { "y" };
+            json!({"text": format!("example {i}"), "label": label}).to_string()
+        })
+        .collect();
+    std::fs::write(&data, lines.join("\n")).expect("dataset");
+    let mut s = five_clients(json!({"algorithm": "fedavg"}));
+    s.task.dataset.uri = data.display().to_string();
+    s.task.partition.strategy = heterotune_crds::spec::PartitionStrategy::Iid;
+    s.task.partition.min_examples_per_client = 1;
+    let sizes = aggregate::robust::partition_sizes(&s).expect("partition sizes");
+    assert_eq!(sizes.len(), 5);
+    assert!(sizes.values().all(|&n| (30..=34).contains(&n)), "{sizes:?}");
+    let k = key(&s, "a");
+    let run = Run::new(&shared(THETA0));
+    for c in ["a", "b", "c", "d"] {
+        run.good(1, c, &k, sizes[c], &shared(V));
+    }
+    run.good(1, "e", &k, 1 << 40, &shared(V));
+    let out = run.aggregate(&s, 1);
+    assert_eq!(out.stats.robust.examples_cap, "partition");
+    let e = &out.stats.participants[4];
+    assert_eq!((e.num_examples, e.weight), (1 << 40, sizes["e"]));
+    assert!(out.stats.participants[..4]
+        .iter()
+        .all(|p| p.weight == p.num_examples));
+}
