@@ -533,6 +533,9 @@ fn two_conflicting_families_are_aligned() {
 }
 
 /// A LoRA global: one family, factors of `lora.layer0.query` at rank 2.
+/// The cases weight two clients 1 : 3; the default `maxExamplesShare` (0.5)
+/// would make that 1 : 1 (two clients: at most equal weights), so it is
+/// turned off here, where the algorithms' weighted arithmetic is checked.
 fn lora_spec(algorithm: &str, ranks: &[(&str, u32)]) -> FederatedTuneSpec {
     let clients: Vec<serde_json::Value> = ranks
         .iter()
@@ -541,7 +544,7 @@ fn lora_spec(algorithm: &str, ranks: &[(&str, u32)]) -> FederatedTuneSpec {
     spec(json!({
         "clients": clients,
         "adapter": {"type": "lora", "rank": 2, "share": {"familyParts": true, "head": false}},
-        "aggregation": {"algorithm": algorithm},
+        "aggregation": {"algorithm": algorithm, "robust": {"maxExamplesShare": 1.0}},
     }))
 }
 
@@ -1360,4 +1363,297 @@ fn the_bridge_is_averaged_over_every_client_of_every_family() {
         .aggregate_into(&s, 1, &run_without.global(1))
         .expect_err("no bridge tensors in the previous global");
     assert!(err.to_string().contains("spec.bridge"), "{err}");
+}
+
+/// Five clients of one family sharing only DeMA's shared part, under
+/// `aggregation` (fedavg unless it says otherwise).
+fn five_clients(aggregation: serde_json::Value) -> FederatedTuneSpec {
+    spec(json!({
+        "clients": clients(&[("a", "/m/x"), ("b", "/m/x"), ("c", "/m/x"), ("d", "/m/x"), ("e", "/m/x")]),
+        "aggregation": aggregation,
+        "adapter": {"rank": 1, "experts": 1, "slots": 1, "share": {"familyParts": false, "head": false}},
+    }))
+}
+
+/// An honest shared update, exact in BF16 (‖V‖² = 0.15625).
+const V: [f32; 4] = [0.125, 0.25, -0.125, 0.25];
+
+/// The global's shared delta from THETA0.
+fn shared_delta(g: &BTreeMap<String, Array>) -> Vec<f64> {
+    shared_vector(g, "")
+        .iter()
+        .zip(THETA0)
+        .map(|(v, t)| f64::from(*v) - f64::from(t))
+        .collect()
+}
+
+fn l2(v: &[f64]) -> f64 {
+    v.iter().map(|x| x * x).sum::<f64>().sqrt()
+}
+
+#[test]
+fn hostile_updates_no_longer_move_the_global_beyond_the_bound() {
+    let s = five_clients(json!({"algorithm": "fedavg"}));
+    let k = key(&s, "a");
+    let honest = ["a", "b", "c", "d"];
+    let norm_v = 0.15625f64.sqrt();
+    // ×1000: the attacker's RMS is 1000 × the (lower) median's, so it is
+    // clipped to 5 × ‖V‖: Δ = (4 · 10 · V + 10 · 5 V) / 50 = 1.8 V.
+    let run = Run::new(&shared(THETA0));
+    for c in honest {
+        run.good(1, c, &k, 10, &shared(V));
+    }
+    run.good(1, "e", &k, 10, &shared(V.map(|x| 1000.0 * x)));
+    let out = run.aggregate(&s, 1);
+    let want: Vec<f64> = V.iter().map(|&x| 1.8 * f64::from(x)).collect();
+    assert_close(
+        &shared_delta(&values(&run.global(1)))
+            .iter()
+            .map(|&x| x as f32)
+            .collect::<Vec<_>>(),
+        &want,
+        "×1000",
+    );
+    let e = &out.stats.participants[4];
+    assert!(e.clipped && e.clipped_parts == ["shared"], "{e:?}");
+    assert_eq!(out.stats.robust.clipped, ["e"]);
+    assert!((out.stats.robust.median_rms["shared"] - norm_v / 2.0).abs() < 1e-12);
+
+    // ±3.3e38 (finite BF16): clipped to 5 ‖V‖ as well, so the global moves
+    // by at most (4 ‖V‖ + 5 ‖V‖) / 5.
+    let run = Run::new(&shared(THETA0));
+    for c in honest {
+        run.good(1, c, &k, 10, &shared(V));
+    }
+    run.good(1, "e", &k, 10, &shared([3.3e38, -3.3e38, 3.3e38, -3.3e38]));
+    run.aggregate(&s, 1);
+    let delta = shared_delta(&values(&run.global(1)));
+    assert!(l2(&delta) <= 1.8 * norm_v + 1e-6, "{delta:?}");
+    // The attacker's clipped update is 5 ‖V‖ (1, −1, 1, −1) / 2.
+    let want: Vec<f64> = V
+        .iter()
+        .zip([1.0, -1.0, 1.0, -1.0])
+        .map(|(&x, sign)| (4.0 * f64::from(x) + 2.5 * norm_v * sign) / 5.0)
+        .collect();
+    assert_close(
+        &delta.iter().map(|&x| x as f32).collect::<Vec<_>>(),
+        &want,
+        "±3.3e38",
+    );
+
+    // With normBoundAction: reject the attacker is rejected instead.
+    let strict = FederatedTuneSpec {
+        min_clients: Some(4),
+        ..five_clients(json!({"algorithm": "fedavg", "normBoundAction": "reject"}))
+    };
+    let out = run.aggregate(&strict, 1);
+    assert_eq!(out.stats.participants.len(), 4);
+    assert_eq!(out.stats.rejects[0].reason, RejectReason::NormExceeded);
+    assert_eq!(out.stats.reject_counts["norm_exceeded"], 1);
+    let delta = shared_delta(&values(&run.global(1)));
+    assert_close(
+        &delta.iter().map(|&x| x as f32).collect::<Vec<_>>(),
+        &V.map(f64::from),
+        "rejected",
+    );
+}
+
+#[test]
+fn an_inflated_weight_is_capped() {
+    // The attacker claims 2^40 examples for an honest-sized update W.
+    let s = five_clients(json!({"algorithm": "fedavg"}));
+    let k = key(&s, "a");
+    let w: [f32; 4] = [-0.25, 0.0, 0.25, -0.125];
+    let run = Run::new(&shared(THETA0));
+    for c in ["a", "b", "c", "d"] {
+        run.good(1, c, &k, 10, &shared(V));
+    }
+    run.good(1, "e", &k, 1 << 40, &shared(w));
+    // maxExamplesShare 0.5 (the data is not readable here): e weighs 40,
+    // half the round: Δ = (40 V + 40 W) / 80.
+    let out = run.aggregate(&s, 1);
+    assert_eq!(out.stats.robust.examples_cap, "unavailable");
+    let e = &out.stats.participants[4];
+    assert_eq!((e.num_examples, e.weight), (1 << 40, 40));
+    assert_eq!(out.stats.robust.weights_capped, ["e"]);
+    assert_eq!(out.stats.examples, 80);
+    let want: Vec<f64> = V
+        .iter()
+        .zip(w)
+        .map(|(&v, w)| (f64::from(v) + f64::from(w)) / 2.0)
+        .collect();
+    let got = shared_delta(&values(&run.global(1)));
+    assert_close(
+        &got.iter().map(|&x| x as f32).collect::<Vec<_>>(),
+        &want,
+        "share cap",
+    );
+
+    // Partition sizes known (the local runner): e's weight is its
+    // partition's size, 10: Δ = (40 V + 10 W) / 50.
+    let sizes: BTreeMap<String, u64> = ["a", "b", "c", "d", "e"]
+        .iter()
+        .map(|c| (c.to_string(), 10))
+        .collect();
+    let options = aggregate::RoundOptions {
+        partition_sizes: Some(sizes),
+        ..aggregate::RoundOptions::default()
+    };
+    let out_dir = run.dir.join("sized");
+    let out =
+        aggregate::aggregate_round_with(&s, &run.dir, RUN, 1, &run.global(0), &out_dir, options)
+            .expect("aggregate");
+    assert_eq!(out.stats.robust.examples_cap, "partition");
+    assert_eq!(out.stats.participants[4].weight, 10);
+    let want: Vec<f64> = V
+        .iter()
+        .zip(w)
+        .map(|(&v, w)| (4.0 * f64::from(v) + f64::from(w)) / 5.0)
+        .collect();
+    let got = shared_delta(&values(&out_dir));
+    assert_close(
+        &got.iter().map(|&x| x as f32).collect::<Vec<_>>(),
+        &want,
+        "partition cap",
+    );
+}
+
+#[test]
+fn median_and_trimmed_mean_on_a_hand_computed_case() {
+    // Per coordinate, unweighted, over the five clients (weights differ
+    // and do not matter):
+    //   a ( 1,  0.5, -1,   0 )   b (2, 0.25,  0, 1)   c (3, 1, 0.5, -2)
+    //   d (1000, 0.75, -3.3e38, 0.5)   e (0, -1, 1, 4)
+    // median (2, 0.5, 0, 0.5); trimmed (20 %: drop the min and the max)
+    // (2, 0.5, -1/6, 0.5).
+    let rows: [(&str, u64, [f32; 4]); 5] = [
+        ("a", 1, [1.0, 0.5, -1.0, 0.0]),
+        ("b", 2, [2.0, 0.25, 0.0, 1.0]),
+        ("c", 3, [3.0, 1.0, 0.5, -2.0]),
+        ("d", 4, [1000.0, 0.75, -3.3e38, 0.5]),
+        ("e", 5, [0.0, -1.0, 1.0, 4.0]),
+    ];
+    let s = five_clients(json!({}));
+    let k = key(&s, "a");
+    let run = Run::new(&shared(THETA0));
+    for (c, n, u) in rows {
+        run.good(1, c, &k, n, &shared(u));
+    }
+    let cases = [
+        ("median", json!({"combine": "median"}), [2.0, 0.5, 0.0, 0.5]),
+        (
+            "trimmedMean",
+            json!({"combine": "trimmedMean", "trimFraction": 0.2}),
+            [2.0, 0.5, -1.0 / 6.0, 0.5],
+        ),
+    ];
+    for (what, robust, want) in cases {
+        for algorithm in ["fedavg", "cmga"] {
+            // The combiner alone (no norm bound, no weight cap).
+            let mut r = robust.clone();
+            r["normBoundMultiple"] = json!(0.0);
+            r["maxExamplesShare"] = json!(1.0);
+            let s = five_clients(json!({"algorithm": algorithm, "robust": r}));
+            let out_dir = run.dir.join(format!("{what}-{algorithm}"));
+            let out = run.aggregate_into(&s, 1, &out_dir).expect(what);
+            assert_eq!(out.stats.robust.combine, what);
+            let got = shared_delta(&values(&out_dir));
+            assert_close(
+                &got.iter().map(|&x| x as f32).collect::<Vec<_>>(),
+                &want,
+                what,
+            );
+        }
+        // One family: CMGA over the family's robust update is FedAvg's, bit for bit.
+        assert_eq!(
+            data_bytes(&run.dir.join(format!("{what}-fedavg"))),
+            data_bytes(&run.dir.join(format!("{what}-cmga"))),
+            "{what}"
+        );
+    }
+}
+
+#[test]
+fn the_median_forms_each_family_update_before_cmga() {
+    // The three-family case with `combine: median`: family 3 = {c, d} gets
+    // the unweighted median of (0,0,2,0) and (0,0,0.5,0), G3 = (0,0,1.25,0)
+    // (the weighted mean was (0,0,1,0)); G1, G2 project as before:
+    // Δ = 1/5 (½,½,0,0) + 1/5 (0,1,0,0) + 3/5 G3 = (0.1, 0.3, 0.75, 0).
+    let (s, widths) = three_families(json!({"algorithm": "cmga", "robust": {"combine": "median"}}));
+    let run = Run::new(&dema_global(&s, THETA0, &widths));
+    write_three_family_round(&run, &s);
+    let out = run.aggregate(&s, 1);
+    let want: Vec<f64> = [0.1, 0.3, 0.75, 0.0]
+        .iter()
+        .zip(THETA0)
+        .map(|(d, t)| d + f64::from(t))
+        .collect();
+    let g = values(&run.global(1));
+    assert_close(&shared_vector(&g, ""), &want, "cmga median");
+    assert_eq!(out.stats.conflicts_projected, 2);
+    // Family 3's parts: the median of 2 and 0.5.
+    let t = &g[&format!("family/{}/head.bias", key(&s, "c"))];
+    assert_close(&t.data, &[1.5, 1.5], "family parts");
+    // Reruns, and the re-reading second pass, give the same bytes.
+    let bytes = data_bytes(&run.global(1));
+    run.aggregate(&s, 1);
+    assert_eq!(data_bytes(&run.global(1)), bytes);
+    let options = aggregate::RoundOptions {
+        retain_bytes: 0,
+        ..aggregate::RoundOptions::default()
+    };
+    let out_dir = run.dir.join("re-read");
+    aggregate::aggregate_round_with(&s, &run.dir, RUN, 1, &run.global(0), &out_dir, options)
+        .expect("re-read");
+    assert_eq!(data_bytes(&out_dir), bytes);
+}
+
+#[test]
+fn robust_options_are_checked() {
+    let lora = spec(json!({
+        "clients": [{"name": "a", "model": {"family": "bert", "uri": "/m/lora"}, "loraRank": 1}],
+        "adapter": {"type": "lora", "rank": 2},
+        "aggregation": {"algorithm": "hetlora", "robust": {"combine": "median"}},
+    }));
+    let err = aggregate::aggregator_for(&lora).err().expect("refused");
+    assert!(err.to_string().contains("robust.combine"), "{err}");
+    let bad = five_clients(json!({"robust": {"trimFraction": 0.5}}));
+    let err = aggregate::aggregator_for(&bad).err().expect("refused");
+    assert!(err.to_string().contains("trimFraction"), "{err}");
+}
+
+#[test]
+fn weights_are_capped_by_the_partition_when_the_data_is_readable() {
+    // A 200-example dataset, split and partitioned iid over five clients as
+    // the clients do: the aggregator computes each client's training-set
+    // size and caps the attacker's 2^40 to its own.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("d.jsonl");
+    let lines: Vec<String> = (0..200)
+        .map(|i| {
+            let label = if i % 2 == 0 { "x" } else { "y" };
+            json!({"text": format!("example {i}"), "label": label}).to_string()
+        })
+        .collect();
+    std::fs::write(&data, lines.join("\n")).expect("dataset");
+    let mut s = five_clients(json!({"algorithm": "fedavg"}));
+    s.task.dataset.uri = data.display().to_string();
+    s.task.partition.strategy = heterotune_crds::spec::PartitionStrategy::Iid;
+    s.task.partition.min_examples_per_client = 1;
+    let sizes = aggregate::robust::partition_sizes(&s).expect("partition sizes");
+    assert_eq!(sizes.len(), 5);
+    assert!(sizes.values().all(|&n| (30..=34).contains(&n)), "{sizes:?}");
+    let k = key(&s, "a");
+    let run = Run::new(&shared(THETA0));
+    for c in ["a", "b", "c", "d"] {
+        run.good(1, c, &k, sizes[c], &shared(V));
+    }
+    run.good(1, "e", &k, 1 << 40, &shared(V));
+    let out = run.aggregate(&s, 1);
+    assert_eq!(out.stats.robust.examples_cap, "partition");
+    let e = &out.stats.participants[4];
+    assert_eq!((e.num_examples, e.weight), (1 << 40, sizes["e"]));
+    assert!(out.stats.participants[..4]
+        .iter()
+        .all(|p| p.weight == p.num_examples));
 }

@@ -34,11 +34,12 @@ pub struct AggregationSpec {
     #[serde(default)]
     #[schemars(range(min = 0.0, max = 0.999))]
     pub server_momentum: f64,
-    /// Bound on the L2 norm of one client's update.
+    /// Absolute bound on the L2 norm of one client's update (off when
+    /// unset; the adaptive bound `robust.normBoundMultiple` is on by default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0.0))]
     pub max_update_norm: Option<f64>,
-    /// What happens to an update above `maxUpdateNorm`.
+    /// What happens to an update above `maxUpdateNorm` or the adaptive bound.
     #[serde(default)]
     pub norm_bound_action: NormBoundAction,
     /// Largest accepted client artifact, in bytes.
@@ -48,6 +49,92 @@ pub struct AggregationSpec {
     /// Seed of CMGA's random order of the other families.
     #[serde(default)]
     pub seed: u64,
+    /// Defences against hostile (well-formed but malicious) updates.
+    #[serde(default)]
+    pub robust: RobustSpec,
+}
+
+/// Defences against hostile updates (docs/aggregation.md, "Hostile updates").
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RobustSpec {
+    /// Adaptive norm bound: a part of an update (shared, bridge, the rest)
+    /// whose RMS value exceeds this multiple of the round's median RMS of
+    /// that part is clipped to it (or rejected, per `normBoundAction`).
+    /// 0 disables it.
+    #[serde(default = "default_norm_bound_multiple")]
+    #[schemars(range(min = 0.0))]
+    pub norm_bound_multiple: f64,
+    /// No client's aggregation weight above this fraction of the round's
+    /// total weight (larger weights are capped, water-filling). 1 disables it.
+    #[serde(default = "default_max_examples_share")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub max_examples_share: f64,
+    /// Cap each client's `numExamples` by its partition's training-set size
+    /// when the aggregator can read the dataset (the local runner can).
+    #[serde(default = "default_true")]
+    pub examples_from_partition: bool,
+    /// How the updates that are averaged together are combined, coordinate
+    /// by coordinate (within each family before CMGA's alignment).
+    #[serde(default)]
+    pub combine: RobustCombine,
+    /// `trimmedMean`: fraction of the updates dropped at each end of every
+    /// coordinate (`floor(fraction · n)` each side).
+    #[serde(default = "default_trim_fraction")]
+    #[schemars(range(min = 0.0, max = 0.49))]
+    pub trim_fraction: f64,
+}
+
+fn default_norm_bound_multiple() -> f64 {
+    5.0
+}
+
+fn default_max_examples_share() -> f64 {
+    0.5
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_trim_fraction() -> f64 {
+    0.2
+}
+
+impl Default for RobustSpec {
+    fn default() -> Self {
+        RobustSpec {
+            norm_bound_multiple: default_norm_bound_multiple(),
+            max_examples_share: default_max_examples_share(),
+            examples_from_partition: true,
+            combine: RobustCombine::default(),
+            trim_fraction: default_trim_fraction(),
+        }
+    }
+}
+
+/// Coordinate-wise combination of the updates averaged together.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum RobustCombine {
+    /// Sample-weighted mean (the algorithms as described).
+    #[default]
+    Mean,
+    /// Unweighted coordinate-wise median.
+    Median,
+    /// Unweighted coordinate-wise trimmed mean (`trimFraction`).
+    TrimmedMean,
+}
+
+impl RobustCombine {
+    /// The name used in the spec.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RobustCombine::Mean => "mean",
+            RobustCombine::Median => "median",
+            RobustCombine::TrimmedMean => "trimmedMean",
+        }
+    }
 }
 
 fn default_server_lr() -> f64 {
@@ -72,6 +159,7 @@ impl Default for AggregationSpec {
             norm_bound_action: NormBoundAction::default(),
             max_artifact_bytes: default_max_artifact_bytes(),
             seed: 0,
+            robust: RobustSpec::default(),
         }
     }
 }

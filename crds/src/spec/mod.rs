@@ -19,6 +19,7 @@ pub use adapter::{
 };
 pub use aggregation::{
     AggregationAlgorithm, AggregationSpec, AlignmentRule, FamilyWeighting, NormBoundAction,
+    RobustCombine, RobustSpec,
 };
 pub use bridge::{BridgeSpec, DistillationSpec, ServedModel};
 pub use client::{

@@ -188,6 +188,42 @@ fn invalid_specs_name_their_field() {
             "spec.aggregation.conflictThreshold",
         ),
         (
+            "norm bound multiple negative",
+            set(
+                base(),
+                "/spec/aggregation",
+                Some(json!({"robust": {"normBoundMultiple": -1.0}})),
+            ),
+            "spec.aggregation.robust.normBoundMultiple",
+        ),
+        (
+            "examples share above 1",
+            set(
+                base(),
+                "/spec/aggregation",
+                Some(json!({"robust": {"maxExamplesShare": 1.5}})),
+            ),
+            "spec.aggregation.robust.maxExamplesShare",
+        ),
+        (
+            "trim fraction of half",
+            set(
+                base(),
+                "/spec/aggregation",
+                Some(json!({"robust": {"combine": "trimmedMean", "trimFraction": 0.5}})),
+            ),
+            "spec.aggregation.robust.trimFraction",
+        ),
+        (
+            "unknown combiner",
+            set(
+                base(),
+                "/spec/aggregation",
+                Some(json!({"robust": {"combine": "krum"}})),
+            ),
+            "spec.aggregation.robust.combine",
+        ),
+        (
             "lr negative",
             set(
                 base(),

@@ -19,8 +19,11 @@
 //! **Protocol.** Round `r` reads the previous global (round `r − 1`; round
 //! 0 is the initial state) and the committed client artifacts under
 //! `<run_dir>/round-NNNN/clients/<client>/` (crds::layout), verifies each
-//! ([`verify`]), streams the accepted ones into the aggregator in client-name
-//! order (memory: the per-family sums, not the clients' updates), checks the
+//! ([`verify`]), applies the round-level defences against hostile updates
+//! ([`robust`]: adaptive norm bound, capped weights; [`combine`]: median,
+//! trimmed mean) in two passes ([`intake`]), streams the accepted ones into
+//! the aggregator in client-name order (memory: the per-family sums and a
+//! bounded number of kept updates, not all the clients' updates), checks the
 //! quorum, and writes `adapter.safetensors` (F32) then `manifest.json` (the
 //! commit marker) into the output directory. The same inputs give the same
 //! data file, byte for byte: sorted iteration, f64 accumulation in a fixed
@@ -35,29 +38,34 @@
 pub mod array;
 pub mod bridge;
 pub mod cmga;
+pub mod combine;
 pub mod common;
 pub mod family_fedavg;
 pub mod fedavg;
 pub mod flexlora;
 pub mod hetlora;
+pub mod intake;
 pub mod local_only;
 pub mod reject;
+pub mod robust;
 pub mod stats;
 pub mod verify;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use heterotune_crds::layout::{ADAPTER_FILE, MANIFEST_FILE};
 use heterotune_crds::manifest::{ArtifactKind, ArtifactManifest, FileDigest};
-use heterotune_crds::spec::{AdapterKind, AggregationAlgorithm, FederatedTuneSpec};
+use heterotune_crds::spec::{AdapterKind, AggregationAlgorithm, FederatedTuneSpec, RobustCombine};
 
 use crate::artifact::{sha256_hex, write_atomic, WRITER_VERSION};
 use crate::{Error, Result};
 pub use array::{Array, WireDtype};
 pub use common::{family_name, MOMENTUM_PREFIX};
+pub use intake::RoundOptions;
 pub use reject::{Reject, RejectReason};
+pub use robust::RobustStats;
 pub use stats::{FamilyStats, GroupStats, PairCosine, Participant, RoundStats, Timing};
 
 /// A client of the spec, as aggregation sees it.
@@ -230,19 +238,28 @@ pub fn aggregator_for(spec: &FederatedTuneSpec) -> Result<Box<dyn Aggregator>> {
             ),
         ));
     }
+    robust::check_spec(spec)?;
     let inner = algorithm_for(spec)?;
-    match (&spec.bridge, alg) {
-        (None, _) => Ok(inner),
-        (Some(_), AggregationAlgorithm::LocalOnly) => Err(Error::config(
+    let bridged: Box<dyn Aggregator> = match (&spec.bridge, alg) {
+        (None, _) => inner,
+        (Some(_), AggregationAlgorithm::LocalOnly) => return Err(Error::config(
             "spec.bridge",
             "a bridge is averaged over all clients: it needs an aggregation algorithm other than local-only",
         )),
-        (Some(_), _) if spec.adapter.kind != AdapterKind::Dema => Err(Error::config(
-            "spec.bridge",
-            "a bridge is trained with DeMA adapters: set adapter.type to dema",
-        )),
-        (Some(_), _) => Ok(Box::new(bridge::Bridged::new(inner))),
-    }
+        (Some(_), _) if spec.adapter.kind != AdapterKind::Dema => {
+            return Err(Error::config(
+                "spec.bridge",
+                "a bridge is trained with DeMA adapters: set adapter.type to dema",
+            ))
+        }
+        (Some(_), _) => Box::new(bridge::Bridged::new(inner)),
+    };
+    let robust = &agg.robust;
+    Ok(match robust.combine {
+        RobustCombine::Mean => bridged,
+        _ if alg == AggregationAlgorithm::LocalOnly => bridged,
+        mode => Box::new(combine::Robust::new(bridged, mode, robust.trim_fraction)),
+    })
 }
 
 /// The aggregator of `spec.aggregation.algorithm` alone (no bridge).
@@ -331,6 +348,29 @@ pub fn aggregate_round(
     previous_global: &Path,
     out_dir: &Path,
 ) -> Result<AggregateOutcome> {
+    let options = RoundOptions::default();
+    aggregate_round_with(
+        spec,
+        run_dir,
+        run_name,
+        round,
+        previous_global,
+        out_dir,
+        options,
+    )
+}
+
+/// [`aggregate_round`] with explicit [`RoundOptions`] (how many decoded
+/// updates to keep between the two passes; the clients' partition sizes).
+pub fn aggregate_round_with(
+    spec: &FederatedTuneSpec,
+    run_dir: &Path,
+    run_name: &str,
+    round: u32,
+    previous_global: &Path,
+    out_dir: &Path,
+    mut options: RoundOptions,
+) -> Result<AggregateOutcome> {
     let started = Instant::now();
     let (prev_manifest, previous) = read_previous(previous_global, run_name, round)?;
     let ctx = RoundContext::new(spec, run_name, round, &previous);
@@ -339,10 +379,18 @@ pub fn aggregate_round(
     for (name, info) in &ctx.clients {
         schemas.insert(name.clone(), aggregator.expected_tensors(&ctx, info)?);
     }
-    let entries = client_dirs(&clients_dir(run_dir, round))?;
+    let entries = intake::client_dirs(&clients_dir(run_dir, round))?;
     let mut stats = RoundStats::of_round(spec, round);
-    add_verified(&ctx, &schemas, &entries, aggregator.as_mut(), &mut stats)?;
-    check_quorum(&stats)?;
+    stats.robust.examples_cap = intake::examples_cap(spec, &mut options).to_string();
+    intake::take_round(
+        &ctx,
+        &schemas,
+        &entries,
+        &options,
+        aggregator.as_mut(),
+        &mut stats,
+    )?;
+    intake::check_quorum(&stats)?;
     let verified_at = Instant::now();
 
     let tensors = finish_checked(aggregator, &ctx, &mut stats)?;
@@ -417,102 +465,6 @@ fn read_previous(
         ));
     }
     Ok((prev_manifest, previous))
-}
-
-/// The client folders under `dir` (name, path), in name order; none when
-/// `dir` does not exist.
-fn client_dirs(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
-    let mut entries: Vec<(String, PathBuf)> = Vec::new();
-    match std::fs::read_dir(dir) {
-        Ok(read) => {
-            for entry in read {
-                let entry = entry.map_err(|e| Error::io(dir, e))?;
-                let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
-                if is_dir {
-                    let name = entry.file_name().to_string_lossy().into_owned();
-                    entries.push((name, entry.path()));
-                }
-            }
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(Error::io(dir, e)),
-    }
-    entries.sort();
-    Ok(entries)
-}
-
-/// Verifies each committed artifact of `entries` and adds the accepted
-/// ones to `aggregator`, in order; records participants, rejects and the
-/// clients with no committed artifact in `stats`.
-fn add_verified(
-    ctx: &RoundContext<'_>,
-    schemas: &BTreeMap<String, BTreeMap<String, Vec<usize>>>,
-    entries: &[(String, PathBuf)],
-    aggregator: &mut dyn Aggregator,
-    stats: &mut RoundStats,
-) -> Result<()> {
-    let mut committed = BTreeSet::new();
-    for (name, path) in entries {
-        if !verify::is_committed(path) {
-            continue;
-        }
-        committed.insert(name.clone());
-        match verify::verify_client(ctx, schemas, path, name) {
-            Ok(v) => {
-                stats.participants.push(Participant {
-                    client: v.update.client.clone(),
-                    family: v.update.family.clone(),
-                    num_examples: v.update.num_examples,
-                    bytes: v.bytes,
-                    update_norm: v.update_norm,
-                    clipped: v.clipped,
-                    test_accuracy: v.test_accuracy,
-                    test_macro_f1: v.test_macro_f1,
-                    received_accuracy: v.received_accuracy,
-                    received_macro_f1: v.received_macro_f1,
-                });
-                stats.bytes_received += v.bytes;
-                stats.examples += v.update.num_examples;
-                aggregator.add(ctx, v.update)?;
-            }
-            Err(reject) => {
-                stats.bytes_rejected += reject.bytes;
-                *stats
-                    .reject_counts
-                    .entry(reject.reason.label().to_string())
-                    .or_default() += 1;
-                stats.rejects.push(reject);
-            }
-        }
-    }
-    stats.missing = ctx
-        .clients
-        .keys()
-        .filter(|c| !committed.contains(*c))
-        .cloned()
-        .collect();
-    Ok(())
-}
-
-/// [`Error::QuorumNotMet`] when fewer updates than the quorum were accepted.
-fn check_quorum(stats: &RoundStats) -> Result<()> {
-    if (stats.participants.len() as u64) >= u64::from(stats.quorum) {
-        return Ok(());
-    }
-    let mut parts: Vec<String> = stats
-        .rejects
-        .iter()
-        .map(|r| format!("{} rejected ({}: {})", r.client, r.reason, r.detail))
-        .collect();
-    if !stats.missing.is_empty() {
-        parts.push(format!("missing: {}", stats.missing.join(", ")));
-    }
-    Err(Error::QuorumNotMet {
-        round: stats.round,
-        accepted: stats.participants.len(),
-        required: stats.quorum,
-        summary: parts.join("; "),
-    })
 }
 
 /// The aggregator's new global, checked finite; its statistics go to `stats`.

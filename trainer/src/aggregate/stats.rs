@@ -8,6 +8,7 @@ use heterotune_crds::spec::{AggregationAlgorithm, AlignmentRule, FederatedTuneSp
 use serde::{Deserialize, Serialize};
 
 use super::reject::Reject;
+use super::robust::RobustStats;
 
 /// Everything one round's aggregation measured.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -44,6 +45,9 @@ pub struct RoundStats {
     /// Conflicts resolved over all groups (PCGrad: projections applied;
     /// TIES: family coordinates dropped by the sign election).
     pub conflicts_projected: u64,
+    /// What the defences against hostile updates did.
+    #[serde(default)]
+    pub robust: RobustStats,
     /// Where the time went.
     pub timing: Timing,
 }
@@ -63,6 +67,7 @@ impl RoundStats {
             }),
             round,
             quorum: spec.quorum(),
+            robust: RobustStats::of(&spec.aggregation.robust),
             ..RoundStats::default()
         }
     }
@@ -95,14 +100,21 @@ pub struct Participant {
     pub client: String,
     /// Family key.
     pub family: String,
-    /// Its aggregation weight.
+    /// Its self-reported `numExamples`.
     pub num_examples: u64,
+    /// Its aggregation weight: `numExamples` capped by its partition size
+    /// (when known) and by `robust.maxExamplesShare`.
+    #[serde(default)]
+    pub weight: u64,
     /// Its data file's size.
     pub bytes: u64,
     /// L2 norm of its update as received.
     pub update_norm: f64,
-    /// Whether the update was clipped to `maxUpdateNorm`.
+    /// Whether the update was clipped (to `maxUpdateNorm` or the adaptive bound).
     pub clipped: bool,
+    /// The parts clipped by the adaptive bound (`shared`, `bridge`, `own`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clipped_parts: Vec<String>,
     /// Its self-reported accuracy on the global test split after local
     /// training (manifest metric `test_accuracy`), when finite and in [0, 1].
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -33,6 +33,9 @@
 //! | every value is finite | `non_finite` |
 //! | the update's L2 norm (over all its tensors) is at most `maxUpdateNorm` | `norm_exceeded` (with `normBoundAction: reject`; `clip` scales the update down to the bound instead) |
 //!
+//! The adaptive bound (`robust.normBoundMultiple`), which needs every
+//! update's norms first, is applied afterwards ([`super::intake`]).
+//!
 //! The manifest's self-reported scores `test_accuracy` and `test_macro_f1`
 //! (feeding the global manifest's `accuracy` metrics) and
 //! `received_test_accuracy` / `received_test_macro_f1` (the `previous_global_*`
@@ -70,6 +73,8 @@ pub struct Verified {
     pub update: ClientUpdate,
     /// Size of the data file.
     pub bytes: u64,
+    /// The data file's sha256 (lowercase hex, as verified).
+    pub sha256: String,
     /// L2 norm of the update as received (before any clipping).
     pub update_norm: f64,
     /// Whether the update was scaled down to `maxUpdateNorm`.
@@ -160,6 +165,7 @@ pub fn verify_client(
             tensors,
         },
         bytes: r.bytes,
+        sha256: m.artifact.sha256.to_ascii_lowercase(),
         update_norm,
         clipped,
         test_accuracy: score(&m.metrics, "test_accuracy"),

@@ -1,0 +1,308 @@
+//! Taking in a round's client artifacts, in two passes, so that the
+//! round-level defences ([`super::robust`]) can see every update's norms
+//! and weight before anything is added:
+//!
+//! 1. **verify** every committed artifact in client-name order
+//!    ([`super::verify`], with `maxUpdateNorm`), and keep its per-part
+//!    norms, its reported `numExamples` and its sha256; its decoded values
+//!    are kept too while their total stays within
+//!    [`RoundOptions::retain_bytes`], and dropped otherwise;
+//! 2. compute the adaptive bounds (lower median RMS per part), reject or
+//!    clip the updates above them, cap the weights (partition sizes, then
+//!    `maxExamplesShare`), and add the updates to the aggregator in
+//!    client-name order: kept values directly, dropped ones re-read and
+//!    re-verified (an artifact whose sha256 changed between the passes is
+//!    rejected as `checksum_mismatch`).
+//!
+//! Memory: the norms (a few numbers per client) plus at most
+//! `retain_bytes` of decoded updates, plus the aggregator's own state.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use heterotune_crds::spec::{FederatedTuneSpec, NormBoundAction};
+
+use super::reject::{Reject, RejectReason};
+use super::robust::{apply_scales, capped_weights, part_norms, NormBounds, PartNorm};
+use super::stats::{Participant, RoundStats};
+use super::verify::{self, Verified};
+use super::{Aggregator, RoundContext};
+use crate::{Error, Result};
+
+/// Default of [`RoundOptions::retain_bytes`]: 512 MiB of f32 values.
+pub const DEFAULT_RETAIN_BYTES: u64 = 512 * 1024 * 1024;
+
+/// How a round is taken in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoundOptions {
+    /// Decoded updates (f32 bytes) kept in memory between the two passes;
+    /// beyond it, updates are re-read in the second pass.
+    pub retain_bytes: u64,
+    /// Each client's training-set size; `None`: prepared from the spec's
+    /// data when `robust.examplesFromPartition` is on and the data can be
+    /// read here ([`super::robust::partition_sizes`]).
+    pub partition_sizes: Option<BTreeMap<String, u64>>,
+}
+
+impl Default for RoundOptions {
+    fn default() -> Self {
+        RoundOptions {
+            retain_bytes: DEFAULT_RETAIN_BYTES,
+            partition_sizes: None,
+        }
+    }
+}
+
+/// An update accepted by the first pass.
+struct Candidate {
+    path: PathBuf,
+    verified: Verified,
+    retained: bool,
+    norms: BTreeMap<&'static str, PartNorm>,
+}
+
+/// Records `reject` in `stats`.
+fn record_reject(stats: &mut RoundStats, reject: Reject) {
+    stats.bytes_rejected += reject.bytes;
+    *stats
+        .reject_counts
+        .entry(reject.reason.label().to_string())
+        .or_default() += 1;
+    stats.rejects.push(reject);
+}
+
+/// Fills `options.partition_sizes` from the spec's data when asked and
+/// possible; returns where `numExamples` is capped (`partition`,
+/// `unavailable`, `off`).
+pub(crate) fn examples_cap(spec: &FederatedTuneSpec, options: &mut RoundOptions) -> &'static str {
+    if !spec.aggregation.robust.examples_from_partition {
+        options.partition_sizes = None;
+        return "off";
+    }
+    if options.partition_sizes.is_none() {
+        options.partition_sizes = super::robust::partition_sizes(spec);
+    }
+    if options.partition_sizes.is_some() {
+        "partition"
+    } else {
+        "unavailable"
+    }
+}
+
+/// The client folders under `dir` (name, path), in name order; none when
+/// `dir` does not exist.
+pub(crate) fn client_dirs(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let mut entries: Vec<(String, PathBuf)> = Vec::new();
+    match std::fs::read_dir(dir) {
+        Ok(read) => {
+            for entry in read {
+                let entry = entry.map_err(|e| Error::io(dir, e))?;
+                let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
+                if is_dir {
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    entries.push((name, entry.path()));
+                }
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(dir, e)),
+    }
+    entries.sort();
+    Ok(entries)
+}
+
+/// Pass 1: verifies every committed artifact of `entries`; returns the
+/// accepted ones and the names of all committed ones.
+fn first_pass(
+    ctx: &RoundContext<'_>,
+    schemas: &BTreeMap<String, BTreeMap<String, Vec<usize>>>,
+    entries: &[(String, PathBuf)],
+    retain_bytes: u64,
+    stats: &mut RoundStats,
+) -> (Vec<Candidate>, BTreeSet<String>) {
+    let mut committed = BTreeSet::new();
+    let mut candidates = Vec::new();
+    let mut retained_total = 0u64;
+    for (name, path) in entries {
+        if !verify::is_committed(path) {
+            continue;
+        }
+        committed.insert(name.clone());
+        match verify::verify_client(ctx, schemas, path, name) {
+            Ok(mut verified) => {
+                let norms = part_norms(&verified.update.tensors);
+                let size: u64 = norms.values().map(|n| n.numel as u64 * 4).sum();
+                let retained = retained_total.saturating_add(size) <= retain_bytes;
+                if retained {
+                    retained_total += size;
+                } else {
+                    verified.update.tensors.clear();
+                }
+                candidates.push(Candidate {
+                    path: path.clone(),
+                    verified,
+                    retained,
+                    norms,
+                });
+            }
+            Err(reject) => record_reject(stats, reject),
+        }
+    }
+    (candidates, committed)
+}
+
+/// The candidate's weight before the share cap: `numExamples`, capped by
+/// its partition size when known (at least 1).
+fn partition_capped(c: &Candidate, sizes: Option<&BTreeMap<String, u64>>) -> u64 {
+    let reported = c.verified.update.num_examples;
+    match sizes.and_then(|s| s.get(&c.verified.update.client)) {
+        Some(&size) => reported.min(size.max(1)),
+        None => reported,
+    }
+}
+
+/// Verifies every committed artifact of `entries` and adds the accepted
+/// ones to `aggregator` in client-name order, after the adaptive bound and
+/// the weight caps; records participants, rejects, the robust statistics
+/// and the clients with no committed artifact in `stats`.
+pub(crate) fn take_round(
+    ctx: &RoundContext<'_>,
+    schemas: &BTreeMap<String, BTreeMap<String, Vec<usize>>>,
+    entries: &[(String, PathBuf)],
+    options: &RoundOptions,
+    aggregator: &mut dyn Aggregator,
+    stats: &mut RoundStats,
+) -> Result<()> {
+    let agg = &ctx.spec.aggregation;
+    let (candidates, committed) = first_pass(ctx, schemas, entries, options.retain_bytes, stats);
+    let bounds = NormBounds::new(
+        agg.robust.norm_bound_multiple,
+        candidates.iter().map(|c| &c.norms),
+    );
+    stats.robust.median_rms = bounds
+        .median_rms
+        .iter()
+        .map(|(p, m)| ((*p).to_string(), *m))
+        .collect();
+    let mut kept = Vec::new();
+    for c in candidates {
+        let scales = bounds.scales(&c.norms);
+        if !scales.is_empty() && agg.norm_bound_action == NormBoundAction::Reject {
+            let parts: Vec<&str> = scales.keys().copied().collect();
+            let reject = Reject {
+                client: c.verified.update.client.clone(),
+                reason: RejectReason::NormExceeded,
+                detail: format!(
+                    "{} above {} × the round's median RMS (robust.normBoundMultiple)",
+                    parts.join(", "),
+                    bounds.multiple
+                ),
+                bytes: c.verified.bytes,
+            };
+            record_reject(stats, reject);
+        } else {
+            kept.push((c, scales));
+        }
+    }
+    let sizes = options.partition_sizes.as_ref();
+    let reported: Vec<u64> = kept
+        .iter()
+        .map(|(c, _)| partition_capped(c, sizes))
+        .collect();
+    let weights = capped_weights(&reported, agg.robust.max_examples_share);
+    for ((c, scales), weight) in kept.into_iter().zip(weights) {
+        second_pass(ctx, schemas, c, &scales, weight, aggregator, stats)?;
+    }
+    stats.missing = ctx
+        .clients
+        .keys()
+        .filter(|c| !committed.contains(*c))
+        .cloned()
+        .collect();
+    Ok(())
+}
+
+/// Pass 2 for one candidate: its values (kept, or re-read and checked to be
+/// the same file), scaled by `scales`, weighted `weight`, into `aggregator`.
+fn second_pass(
+    ctx: &RoundContext<'_>,
+    schemas: &BTreeMap<String, BTreeMap<String, Vec<usize>>>,
+    c: Candidate,
+    scales: &BTreeMap<&'static str, f64>,
+    weight: u64,
+    aggregator: &mut dyn Aggregator,
+    stats: &mut RoundStats,
+) -> Result<()> {
+    let Candidate {
+        path,
+        verified: mut v,
+        retained,
+        ..
+    } = c;
+    if !retained {
+        let name = v.update.client.clone();
+        match verify::verify_client(ctx, schemas, &path, &name) {
+            Ok(again) if again.sha256 == v.sha256 => v.update.tensors = again.update.tensors,
+            Ok(again) => {
+                let reject = Reject {
+                    client: name,
+                    reason: RejectReason::ChecksumMismatch,
+                    detail: "the artifact changed between the two passes of the aggregation".into(),
+                    bytes: again.bytes,
+                };
+                record_reject(stats, reject);
+                return Ok(());
+            }
+            Err(reject) => {
+                record_reject(stats, reject);
+                return Ok(());
+            }
+        }
+    }
+    apply_scales(&mut v.update.tensors, scales);
+    if !scales.is_empty() {
+        stats.robust.clipped.push(v.update.client.clone());
+    }
+    if weight < v.update.num_examples {
+        stats.robust.weights_capped.push(v.update.client.clone());
+    }
+    stats.participants.push(Participant {
+        client: v.update.client.clone(),
+        family: v.update.family.clone(),
+        num_examples: v.update.num_examples,
+        weight,
+        bytes: v.bytes,
+        update_norm: v.update_norm,
+        clipped: v.clipped || !scales.is_empty(),
+        clipped_parts: scales.keys().map(|p| (*p).to_string()).collect(),
+        test_accuracy: v.test_accuracy,
+        test_macro_f1: v.test_macro_f1,
+        received_accuracy: v.received_accuracy,
+        received_macro_f1: v.received_macro_f1,
+    });
+    stats.bytes_received += v.bytes;
+    stats.examples += weight;
+    v.update.num_examples = weight;
+    aggregator.add(ctx, v.update)
+}
+
+/// [`Error::QuorumNotMet`] when fewer updates than the quorum were accepted.
+pub(crate) fn check_quorum(stats: &RoundStats) -> Result<()> {
+    if (stats.participants.len() as u64) >= u64::from(stats.quorum) {
+        return Ok(());
+    }
+    let mut parts: Vec<String> = stats
+        .rejects
+        .iter()
+        .map(|r| format!("{} rejected ({}: {})", r.client, r.reason, r.detail))
+        .collect();
+    if !stats.missing.is_empty() {
+        parts.push(format!("missing: {}", stats.missing.join(", ")));
+    }
+    Err(Error::QuorumNotMet {
+        round: stats.round,
+        accepted: stats.participants.len(),
+        required: stats.quorum,
+        summary: parts.join("; "),
+    })
+}
