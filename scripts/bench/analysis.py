@@ -32,8 +32,22 @@ def group(records: dict[RunKey, dict]) -> Groups:
         res = dict(rec["result"], wall_seconds=rec.get("wall_seconds"))
         out.setdefault((key.scenario, key.task), {}).setdefault(key.method, {})[key.seed] = res
     for runs in out.values():
+        serve_auto(runs)
         expand_variants(runs)
     return out
+
+
+def serve_auto(runs: dict[str, dict[int, dict]]) -> None:
+    """Bridge + pool runs made before `serve: auto` existed served the ensemble everywhere:
+    their served accuracy under `auto` (the bridge for a client whose home model is the
+    bridge's backbone, the ensemble elsewhere) is read from the same run's variants — the
+    trainer's own rule (`ServedModel::resolve`), applied to the same evaluations."""
+    bridge_model = METHODS[BRIDGE_POOL]["bridge"]["model"]["uri"].rsplit("/", 1)[-1]
+    for res in runs.get(BRIDGE_POOL, {}).values():
+        for c in res["clients"]:
+            v = c.get("variants") or {}
+            if "bridge" in v and "ensemble" in v:
+                c["accuracy"] = v["bridge"] if c.get("home") == bridge_model else v["ensemble"]
 
 
 def expand_variants(runs: dict[str, dict[int, dict]]) -> None:

@@ -197,10 +197,12 @@ impl PairScores {
         })
     }
 
-    /// The scores of the served model `served`.
+    /// The scores of the served model `served` (`auto` must be resolved
+    /// first: [`ServedModel::resolve`]; unresolved it reads as `ensemble`).
     pub fn get(&self, served: ServedModel) -> &(Scores, f64) {
         match served {
             ServedModel::Own => &self.own,
+            ServedModel::Auto => &self.ensemble,
             ServedModel::Bridge => &self.bridge,
             ServedModel::Ensemble => &self.ensemble,
             ServedModel::Confident => &self.confident,

@@ -88,8 +88,12 @@ pub enum ServedModel {
     Own,
     /// The bridge model (the same for every client).
     Bridge,
-    /// The mean of the two models' class probabilities.
+    /// `ensemble`, except for a client whose own backbone is the bridge's:
+    /// its own model adds no capacity, only less data, and it serves the
+    /// bridge.
     #[default]
+    Auto,
+    /// The mean of the two models' class probabilities.
     Ensemble,
     /// The two models' class probabilities weighted, example by example, by
     /// each model's confidence (its top probability): a model that does not
@@ -102,6 +106,7 @@ impl ServedModel {
     /// The name used in the spec (and as the key of evaluation variants).
     pub fn as_str(self) -> &'static str {
         match self {
+            ServedModel::Auto => "auto",
             ServedModel::Own => "own",
             ServedModel::Bridge => "bridge",
             ServedModel::Ensemble => "ensemble",
@@ -109,11 +114,41 @@ impl ServedModel {
         }
     }
 
-    /// Every variant, in report order.
+    /// What a client whose own model is at `own_uri` serves (`auto` resolved
+    /// against `bridge_uri`; the other choices as they are).
+    pub fn resolve(self, own_uri: &str, bridge_uri: &str) -> ServedModel {
+        let same = |u: &str| u.trim_end_matches('/').to_string();
+        match self {
+            ServedModel::Auto if same(own_uri) == same(bridge_uri) => ServedModel::Bridge,
+            ServedModel::Auto => ServedModel::Ensemble,
+            other => other,
+        }
+    }
+
+    /// Every model a client can serve (`auto` is one of them), in report order.
     pub const ALL: [ServedModel; 4] = [
         ServedModel::Own,
         ServedModel::Bridge,
         ServedModel::Ensemble,
         ServedModel::Confident,
     ];
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ServedModel;
+
+    #[test]
+    fn auto_serves_the_bridge_only_on_the_bridges_own_backbone() {
+        let bridge = "cache://models/paraphrase-MiniLM-L3-v2";
+        let auto = ServedModel::Auto;
+        assert_eq!(auto.resolve(bridge, bridge), ServedModel::Bridge);
+        assert_eq!(auto.resolve(&format!("{bridge}/"), bridge), ServedModel::Bridge);
+        assert_eq!(
+            auto.resolve("cache://models/all-mpnet-base-v2", bridge),
+            ServedModel::Ensemble
+        );
+        assert_eq!(ServedModel::Own.resolve(bridge, bridge), ServedModel::Own);
+        assert!(!ServedModel::ALL.contains(&ServedModel::Auto));
+    }
 }

@@ -40,7 +40,8 @@ pub fn evaluate(
                 batch,
                 classes,
             )?;
-            (*pair.get(spec.serve), pair.accuracies())
+            let served = spec.serve.resolve(&client.model.uri, &spec.model.uri);
+            (*pair.get(served), pair.accuracies())
         }
         _ => (
             loaded.model.evaluate(&test, batch, classes)?,

@@ -248,7 +248,9 @@ fn train_and_score_pair(
     )?;
     let val = score(&c.model, &b.model, &validation)?;
     let tst = score(&c.model, &b.model, &test)?;
-    let served = spec.serve;
+    let served = spec
+        .serve
+        .resolve(&c.spec.clients[c.index].model.uri, &spec.model.uri);
     let (validation, validation_loss) = *val.get(served);
     let scores = RoundScores {
         report,
