@@ -143,7 +143,10 @@ mod tests {
         let bridge = "cache://models/paraphrase-MiniLM-L3-v2";
         let auto = ServedModel::Auto;
         assert_eq!(auto.resolve(bridge, bridge), ServedModel::Bridge);
-        assert_eq!(auto.resolve(&format!("{bridge}/"), bridge), ServedModel::Bridge);
+        assert_eq!(
+            auto.resolve(&format!("{bridge}/"), bridge),
+            ServedModel::Bridge
+        );
         assert_eq!(
             auto.resolve("cache://models/all-mpnet-base-v2", bridge),
             ServedModel::Ensemble
