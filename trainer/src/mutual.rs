@@ -60,7 +60,7 @@ fn batch_logits(model: &ClientModel, data: &Prepared, rows: &[usize]) -> (Tensor
 /// must hold the same examples in the same order). With a `pool`, each step
 /// also distils the bridge into the own model on a batch of pool texts
 /// (`distillation.poolWeight`). Returns each model's report (its losses
-/// include the distillation terms).
+/// include the distillation term on the client's data, not the pool's).
 pub fn train_pair(
     own: Side<'_>,
     bridge: Side<'_>,

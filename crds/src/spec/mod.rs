@@ -210,6 +210,18 @@ impl FederatedTuneSpec {
             .unwrap_or(&self.adapter.layers)
     }
 
+    /// The layer selection of the bridge model (`spec.bridge`): its own,
+    /// else `adapter.layers`; `None` without a bridge. The bridge has one
+    /// slot per adapted layer (it meets only other clients' bridges).
+    pub fn bridge_layer_selection(&self) -> Option<&LayerSelectionSpec> {
+        self.bridge.as_ref().map(|b| {
+            b.model
+                .adapted_layers
+                .as_ref()
+                .unwrap_or(&self.adapter.layers)
+        })
+    }
+
     /// A short, stable key naming client `index`'s model family in
     /// artifacts and reports: the model directory's name plus 6 hex digits of
     /// a hash of the model URI and the adapted-layer selection, so two

@@ -49,10 +49,8 @@ impl BridgeModel {
 /// `adapter.rank`, its own layer selection (else `adapter.layers`) and as
 /// many slots as that selection's window is deep.
 pub fn workload(spec: &FederatedTuneSpec, bridge: &BridgeSpec, num_layers: u64) -> Workload {
-    let selection = bridge
-        .model
-        .adapted_layers
-        .as_ref()
+    let selection = spec
+        .bridge_layer_selection()
         .unwrap_or(&spec.adapter.layers);
     let slots = window_depth(num_layers, selection);
     Workload::of_model(

@@ -68,14 +68,12 @@ impl BridgeModel {
 }
 
 /// DeMA settings of the bridge on a backbone of `num_layers` layers: the
-/// spec's rank and experts, the bridge's own layer selection (else
-/// `adapter.layers`), one slot per adapted layer (the bridge is averaged
-/// only with other clients' bridges: one architecture, nothing to map).
-pub fn dema_config(spec: &FederatedTuneSpec, bridge: &BridgeSpec, num_layers: usize) -> DemaConfig {
-    let sel = bridge
-        .model
-        .adapted_layers
-        .as_ref()
+/// spec's rank and experts, [`FederatedTuneSpec::bridge_layer_selection`],
+/// one slot per adapted layer (the bridge is averaged only with other
+/// clients' bridges: one architecture, nothing to map).
+pub fn dema_config(spec: &FederatedTuneSpec, num_layers: usize) -> DemaConfig {
+    let sel = spec
+        .bridge_layer_selection()
         .unwrap_or(&spec.adapter.layers);
     let layer_selection = LayerSelection::from_spec(sel, num_layers);
     DemaConfig {
@@ -102,7 +100,7 @@ pub fn load_bridge(
     let dtype = job::resolve_dtype(bridge.model.dtype, device);
     let frozen = load_frozen(&bridge.model, URI_FIELD, "the bridge", device, dtype.dtype)?;
     let num_layers = frozen.backbone.info().num_layers;
-    let choice = AdapterChoice::Dema(dema_config(spec, bridge, num_layers));
+    let choice = AdapterChoice::Dema(dema_config(spec, num_layers));
     let model = ClientModel::new(
         frozen.backbone,
         frozen.tokenizer,
@@ -130,7 +128,7 @@ pub fn initial_values(spec: &FederatedTuneSpec) -> Result<Vec<(String, Tensor)>>
     let dir = job::local_path(&bridge.model.uri, URI_FIELD)?;
     let info = ModelConfig::read(&dir)?.info();
     let vs = tch::nn::VarStore::new(Device::Cpu);
-    let cfg = dema_config(spec, bridge, info.num_layers);
+    let cfg = dema_config(spec, info.num_layers);
     let _dema = Dema::new(&vs.root(), &cfg, &info)?;
     let _head = ClassifierHead::new_seeded(
         &vs.root().set_group(1),
