@@ -7,8 +7,7 @@ use std::collections::BTreeMap;
 
 use heterotune_crds::spec::{AdapterKind, AggregationAlgorithm, FederatedTuneSpec};
 
-use crate::aggregate::common::{factor_of, family_name, Factor, SHARED};
-use crate::client::bridge::BRIDGE_PREFIX;
+use crate::aggregate::common::{factor_of, family_name, Factor, BRIDGE_PREFIX, SHARED};
 use crate::train::ClientModel;
 use crate::{Error, Result};
 

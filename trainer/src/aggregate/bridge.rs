@@ -9,9 +9,8 @@ use std::collections::BTreeMap;
 use heterotune_crds::spec::AggregationAlgorithm;
 
 use super::array::Array;
-use super::common::{FamilySums, ServerStep};
+use super::common::{FamilySums, ServerStep, BRIDGE_PREFIX};
 use super::{Aggregated, Aggregator, ClientInfo, ClientUpdate, RoundContext};
-use crate::client::bridge::BRIDGE_PREFIX;
 use crate::{Error, Result};
 
 /// The run's aggregator with the bridge averaged over all clients.

@@ -28,9 +28,9 @@ use std::collections::BTreeMap;
 use heterotune_crds::spec::{AggregationAlgorithm, RobustCombine};
 
 use super::array::Array;
+use super::common::BRIDGE_PREFIX;
 use super::common::SHARED;
 use super::{Aggregated, Aggregator, ClientInfo, ClientUpdate, RoundContext};
-use crate::client::bridge::BRIDGE_PREFIX;
 use crate::{Error, Result};
 
 /// Whose updates of a tensor are combined together.

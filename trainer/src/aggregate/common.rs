@@ -24,6 +24,9 @@ pub(crate) const FAMILY_PARTS: &str = "family.";
 pub(crate) const HEAD: &str = "head.";
 pub(crate) const SHARED: &str = "shared.";
 pub(crate) const LORA: &str = "lora.";
+/// Prefix of the bridge model's tensors (`spec.bridge`), in artifacts, the
+/// global and a client's private state: `bridge.` + its var-store name.
+pub const BRIDGE_PREFIX: &str = "bridge.";
 
 /// The tensors of the previous global under `family/<key>/<local_prefix>`,
 /// keyed by their local name (prefix `family/<key>/` stripped).

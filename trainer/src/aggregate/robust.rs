@@ -29,8 +29,8 @@ use heterotune_crds::spec::{AdapterKind, FederatedTuneSpec, RobustCombine, Robus
 use serde::{Deserialize, Serialize};
 
 use super::array::Array;
+use super::common::BRIDGE_PREFIX;
 use super::common::SHARED;
-use crate::client::bridge::BRIDGE_PREFIX;
 use crate::{Error, Result};
 
 /// Part labels of an update, for the adaptive bound.

@@ -19,8 +19,7 @@ use crate::models::ModelConfig;
 use crate::train::{AdapterChoice, ClientModel};
 use crate::Result;
 
-/// Prefix of the bridge's tensors in artifacts and private state.
-pub const BRIDGE_PREFIX: &str = "bridge.";
+pub use crate::aggregate::common::BRIDGE_PREFIX;
 
 /// The spec field of the bridge's model URI (in error messages).
 const URI_FIELD: &str = "spec.bridge.model.uri";
