@@ -263,8 +263,11 @@ def build_spec(base: dict, key: RunKey, dataset: dict, store: Path,
     t["partition"]["seed"] = key.seed
     if max_test_examples is not None:
         t["maxTestExamples"] = max_test_examples
+    # Only the pool arm holds a public pool out (the base spec's own pool, if any, is dropped:
+    # every other method keeps those examples, labelled, in its clients' training data).
+    t.setdefault("splits", {}).pop("pool", None)
     if method.get("pool"):
-        t.setdefault("splits", {})["pool"] = method["pool"]
+        t["splits"]["pool"] = method["pool"]
     training = copy.deepcopy(b["training"])
     training["seed"] = key.seed
     training["localSteps"] = key.steps

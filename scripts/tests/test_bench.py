@@ -52,7 +52,8 @@ def test_quickstart_settings_seeds_rounds_and_steps(base):
     s = spec(base, seed=7)
     q = base["spec"]
     assert s["task"]["partition"]["seed"] == 7 and s["training"]["seed"] == 7
-    assert s["task"]["splits"] == q["task"]["splits"]  # the split (hence the test set) stays fixed
+    # the split (hence the test set) stays fixed; only the pool arm holds a pool out
+    assert s["task"]["splits"] == {k: v for k, v in q["task"]["splits"].items() if k != "pool"}
     assert s["training"]["localSteps"] == 20 and s["rounds"] == 12
     for k in ("batchSize", "learningRate", "headLearningRate", "maxSeqLength"):
         assert s["training"][k] == q["training"][k]

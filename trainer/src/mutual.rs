@@ -3,10 +3,12 @@
 //! and on the other's softened predictions (deep mutual learning, FedKD).
 //!
 //! Per step, with logits `a` (own) and `b` (bridge), temperature `T` and
-//! weight `w`:
+//! weights `w` (own) and `w_b` (bridge):
 //!
-//!     L_own    = CE(a, y) + w   T² KL(softmax(b/T) ‖ softmax(a/T))
-//!     L_bridge = CE(b, y) + w_b T² KL(softmax(a/T) ‖ softmax(b/T))
+//! ```text
+//! L_own    = CE(a, y) + w   T² KL(softmax(b/T) ‖ softmax(a/T))
+//! L_bridge = CE(b, y) + w_b T² KL(softmax(a/T) ‖ softmax(b/T))
+//! ```
 //!
 //! the teacher side of each KL detached, so each model gets only its own
 //! loss's gradient; each has its own optimiser and gradient clipping.
