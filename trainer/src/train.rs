@@ -17,7 +17,7 @@ use crate::adapters::dema::{export_named, load_named, Dema};
 use crate::adapters::head::{ClassifierHead, Pooling};
 use crate::adapters::lora::Lora;
 use crate::data::source::Example;
-use crate::data::split::{seeded_rng, shuffle};
+pub(crate) use crate::data::split::BatchSampler;
 use crate::metrics::{peak_rss_bytes, scores, Scores};
 use crate::models::Backbone;
 use crate::prefix_cache::PrefixCache;
@@ -54,40 +54,6 @@ fn by_length(tokens: &Tokens) -> Vec<usize> {
     let mut order: Vec<usize> = (0..tokens.ids.len()).collect();
     order.sort_by_key(|&i| (tokens.ids[i].len(), i));
     order
-}
-
-/// The training examples' order: a seeded shuffle, reshuffled each time it
-/// runs out (batches never straddle two shuffles' duplicates within one).
-pub(crate) struct BatchSampler {
-    rng: rand_chacha::ChaCha8Rng,
-    order: Vec<usize>,
-    cursor: usize,
-}
-
-impl BatchSampler {
-    /// A sampler over `n` examples seeded by `seed`.
-    pub(crate) fn new(seed: u64, n: usize) -> Self {
-        let order: Vec<usize> = (0..n).collect();
-        BatchSampler {
-            rng: seeded_rng(seed, 0x74_7261_696e),
-            cursor: order.len(),
-            order,
-        }
-    }
-
-    /// The next batch: `batch_size` rows (at most `n`).
-    pub(crate) fn next(&mut self, batch_size: usize) -> Vec<usize> {
-        let mut rows = Vec::with_capacity(batch_size);
-        while rows.len() < batch_size.min(self.order.len()) {
-            if self.cursor >= self.order.len() {
-                shuffle(&mut self.rng, &mut self.order);
-                self.cursor = 0;
-            }
-            rows.push(self.order[self.cursor]);
-            self.cursor += 1;
-        }
-        rows
-    }
 }
 
 /// Sets the learning rates of step `step` (linear warm-up, then constant):

@@ -234,6 +234,40 @@ pub fn split(examples: &[Example], fractions: &SplitFractions, seed: u64) -> Res
     Ok(splits)
 }
 
+/// The training examples' order: a seeded shuffle, reshuffled each time it
+/// runs out (batches never straddle two shuffles' duplicates within one).
+pub struct BatchSampler {
+    rng: rand_chacha::ChaCha8Rng,
+    order: Vec<usize>,
+    cursor: usize,
+}
+
+impl BatchSampler {
+    /// A sampler over `n` examples seeded by `seed`.
+    pub fn new(seed: u64, n: usize) -> Self {
+        let order: Vec<usize> = (0..n).collect();
+        BatchSampler {
+            rng: seeded_rng(seed, 0x74_7261_696e),
+            cursor: order.len(),
+            order,
+        }
+    }
+
+    /// The next batch: `batch_size` rows (at most `n`).
+    pub fn next(&mut self, batch_size: usize) -> Vec<usize> {
+        let mut rows = Vec::with_capacity(batch_size);
+        while rows.len() < batch_size.min(self.order.len()) {
+            if self.cursor >= self.order.len() {
+                shuffle(&mut self.rng, &mut self.order);
+                self.cursor = 0;
+            }
+            rows.push(self.order[self.cursor]);
+            self.cursor += 1;
+        }
+        rows
+    }
+}
+
 /// RNG stream of the public pool's draw (independent of the split's, so a
 /// pool of 0 leaves every other split as it was).
 pub const STREAM_POOL: u64 = 3;
