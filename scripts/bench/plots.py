@@ -26,6 +26,16 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, ax, out: Path) -> Path:
+    """The figures' common finish: a light y grid, tight layout, written to `out`, closed."""
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
 def accuracy_figure(runs: dict, default: str, title: str, out: Path) -> Path:
     plt = _pyplot()
     methods = analysis.ordered(runs)
@@ -53,12 +63,7 @@ def accuracy_figure(runs: dict, default: str, title: str, out: Path) -> Path:
     ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, ncol=len(series), loc="upper center", frameon=False)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, ax, out)
 
 
 def clients_figure(runs: dict, default: str, title: str, out: Path) -> Path | None:
@@ -83,12 +88,7 @@ def clients_figure(runs: dict, default: str, title: str, out: Path) -> Path | No
     ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="upper left")
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, ax, out)
 
 
 def paired_figure(runs: dict, default: str, title: str, out: Path) -> Path | None:
@@ -114,12 +114,7 @@ def paired_figure(runs: dict, default: str, title: str, out: Path) -> Path | Non
     ax.set_ylabel(f"points vs {best}\n(per seed; bar = mean)", fontsize=8)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="best")
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, ax, out)
 
 
 def draw(groups: analysis.Groups, default: str, img_dir: Path) -> dict[tuple[str, str], list[tuple[Path, str]]]:
