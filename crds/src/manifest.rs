@@ -165,6 +165,10 @@ pub struct EvaluationResult {
     /// can serve (`own`, `bridge`, `ensemble`); `accuracy` is the served one's.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub variants: BTreeMap<String, f64>,
+    /// With a bridge: the model served (`bridge.serve` resolved on the
+    /// client's validation split), whose scores `accuracy` holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served: Option<String>,
     /// Version of the program that wrote it.
     pub writer_version: String,
     /// Creation time (RFC 3339).
@@ -302,6 +306,7 @@ mod tests {
             loss: None,
             seconds: None,
             variants: Default::default(),
+            served: None,
             writer_version: "t".into(),
             created_at: "x".into(),
         }

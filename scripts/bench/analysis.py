@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-from .spec import (BRIDGE, BRIDGE_POOL, BRIDGE_VARIANTS, DEPLOYABLE, FAMILY_FEDAVG, METHODS, MODEL_ORDER, NOT_RUN,
+from .spec import (BRIDGE, BRIDGE_POOL, BRIDGE_VALIDATED, BRIDGE_VARIANTS, DEPLOYABLE, FAMILY_FEDAVG, METHODS, MODEL_ORDER, NOT_RUN,
                    SCENARIOS, SHIPPED_DEFAULT, TASKS, RunKey, model_label)
 
 # Issue 13's targets (points of mean global-test accuracy, paired over seeds).
@@ -32,16 +32,15 @@ def group(records: dict[RunKey, dict]) -> Groups:
         res = dict(rec["result"], wall_seconds=rec.get("wall_seconds"))
         out.setdefault((key.scenario, key.task), {}).setdefault(key.method, {})[key.seed] = res
     for runs in out.values():
-        serve_auto(runs)
+        serve_fixed(runs)
         expand_variants(runs)
     return out
 
 
-def serve_auto(runs: dict[str, dict[int, dict]]) -> None:
-    """Bridge + pool runs made before `serve: auto` existed served the ensemble everywhere:
-    their served accuracy under `auto` (the bridge for a client whose home model is the
-    bridge's backbone, the ensemble elsewhere) is read from the same run's variants — the
-    trainer's own rule (`ServedModel::resolve`), applied to the same evaluations."""
+def serve_fixed(runs: dict[str, dict[int, dict]]) -> None:
+    """The fixed-serving arm serves the ensemble, and the bridge for a client whose home model is
+    the bridge's backbone (the rule `serve: auto` had before it read validation accuracy): read
+    from the same run's variants, the same evaluations."""
     bridge_model = METHODS[BRIDGE_POOL]["bridge"]["model"]["uri"].rsplit("/", 1)[-1]
     for res in runs.get(BRIDGE_POOL, {}).values():
         for c in res["clients"]:
@@ -124,10 +123,11 @@ def best_deployable(runs: dict[str, dict[int, dict]], exclude: str | None = None
 
 
 def resolve_default(groups: Groups, requested: str) -> str:
-    """`auto`: the bridge where it has been measured, else the method the quickstart ships."""
+    """`auto`: the newest bridge arm that has been measured, else the method the quickstart
+    ships."""
     if requested != "auto":
         return requested
-    for method in (BRIDGE_POOL, BRIDGE):
+    for method in (BRIDGE_VALIDATED, BRIDGE_POOL, BRIDGE):
         if any(runs.get(method) for runs in groups.values()):
             return method
     return SHIPPED_DEFAULT

@@ -2,13 +2,14 @@
 
 A result (one run) is:
 
-    {"clients": [{"name", "home", "model", "accuracy", "variants"?, "local_accuracy",
+    {"clients": [{"name", "home", "model", "accuracy", "variants"?, "served"?, "local_accuracy",
                   "bytes_up", "train_seconds", "peak_rss"}], "total_seconds", "round_seconds"}
 
 - `accuracy`: the client's final global-model accuracy (report.json `finalEvaluation[i].accuracy`:
   the last aggregated state evaluated on the fixed global test set, the primary figure);
   `variants`: that record's `variants` map when the run serves more than one model (the bridge:
-  `own`, `bridge`, `ensemble`);
+  `own`, `bridge`, `ensemble`); `served`: which of them the client served (`serve: auto` reads
+  the client's validation split);
 - `home`: the model the client's hardware runs in the scenario; `model`: the model it ran in this
   run (they differ only for smallest-common FedAvg, where every client runs the smallest model);
 - `bytes_up`: mean over rounds of `rounds[].clients[].bytesUploaded`; `train_seconds`: mean over
@@ -59,6 +60,8 @@ def summarise(report: dict, homes: dict[str, str]) -> dict:
         }
         if isinstance(ev.get("variants"), dict):
             row["variants"] = {k: float(v) for k, v in ev["variants"].items()}
+        if isinstance(ev.get("served"), str):
+            row["served"] = ev["served"]
         clients.append(row)
     if not clients:
         raise ValueError("report.json has no finalEvaluation records")

@@ -154,7 +154,8 @@ FAMILY_FEDAVG = "family-FedAvg"
 HETLORA = "HetLoRA"
 FLEXLORA = "FlexLoRA"
 BRIDGE = "Bridge (ensemble)"
-BRIDGE_POOL = "Bridge + pool"
+BRIDGE_POOL = "Bridge + pool (fixed serving)"
+BRIDGE_VALIDATED = "Bridge + pool (validated)"
 # The public pool of the pool arm: this share of the training split, held out unlabeled.
 POOL_SHARE = 0.1
 # The deployable baselines: what a platform team would run without HeteroTune's method.
@@ -186,7 +187,20 @@ METHODS: dict[str, dict] = {
         "bridge": {
             "model": {"family": "bert", "uri": "cache://models/paraphrase-MiniLM-L3-v2"},
             "distillation": {"weight": 1.0, "temperature": 2.0, "poolWeight": 1.0},
-            # the ensemble, except where a client's own model is the bridge's backbone
+            # the ensemble; the analysis serves the bridge where a client's own model is the
+            # bridge's backbone (analysis.serve_fixed: the rule `auto` had before validation)
+            "serve": "ensemble",
+        },
+        "pool": POOL_SHARE,
+    },
+    # The same, with the two choices read from each client's validation split: which model it
+    # serves (`serve: auto`) and which model teaches the other on the pool (`poolTeacher`).
+    BRIDGE_VALIDATED: {
+        "aggregation": {"algorithm": "fedavg"},
+        "bridge": {
+            "model": {"family": "bert", "uri": "cache://models/paraphrase-MiniLM-L3-v2"},
+            "distillation": {"weight": 1.0, "temperature": 2.0, "poolWeight": 1.0,
+                             "poolTeacher": "validated"},
             "serve": "auto",
         },
         "pool": POOL_SHARE,
@@ -198,6 +212,8 @@ BRIDGE_VARIANTS = {
     BRIDGE: {"own": "Bridge: own model", "bridge": "Bridge: bridge model"},
     BRIDGE_POOL: {"own": "Bridge + pool: own model", "bridge": "Bridge + pool: bridge model",
                   "ensemble": "Bridge + pool: ensemble everywhere"},
+    BRIDGE_VALIDATED: {"own": "validated: own model", "bridge": "validated: bridge model",
+                       "ensemble": "validated: ensemble everywhere"},
 }
 # Listed in the docs, not run yet.
 NOT_RUN = {

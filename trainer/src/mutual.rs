@@ -41,11 +41,13 @@ pub struct Side<'a> {
 }
 
 /// The public pool prepared for both models (the same texts in the same
-/// order): the bridge teaches the own model on it.
+/// order): one model teaches the other on it.
 #[derive(Clone, Copy)]
 pub struct Pool<'a> {
     pub own: &'a Prepared,
     pub bridge: &'a Prepared,
+    /// True: the bridge teaches the own model; false: the other way.
+    pub bridge_teaches: bool,
 }
 
 /// Logits (f32) of `rows` of `data` through `model`'s window, the rows'
@@ -60,8 +62,8 @@ fn batch_logits(model: &ClientModel, data: &Prepared, rows: &[usize]) -> (Tensor
 /// Trains `own` and `bridge` together for `settings.steps` steps (the batch
 /// order of `settings.seed`, the same rows for both: the two prepared sets
 /// must hold the same examples in the same order). With a `pool`, each step
-/// also distils the bridge into the own model on a batch of pool texts
-/// (`distillation.poolWeight`). Returns each model's report (its losses
+/// also distils one model into the other (`Pool::bridge_teaches`) on a
+/// batch of pool texts (`distillation.poolWeight`). Returns each model's report (its losses
 /// include the distillation term on the client's data, not the pool's).
 pub fn train_pair(
     own: Side<'_>,
@@ -141,8 +143,10 @@ pub fn train_pair(
         }
         if let Some((p, sampler)) = pool_sampler.as_mut() {
             let rows = sampler.next(settings.batch_size);
-            let (student, _, _) = batch_logits(models[0], p.own, &rows);
-            let teacher = tch::no_grad(|| batch_logits(models[1], p.bridge, &rows).0);
+            let (s, t) = if p.bridge_teaches { (0, 1) } else { (1, 0) };
+            let texts = [p.own, p.bridge];
+            let (student, _, _) = batch_logits(models[s], texts[s], &rows);
+            let teacher = tch::no_grad(|| batch_logits(models[t], texts[t], &rows).0);
             total +=
                 distillation_loss(&student, &teacher, distill.temperature) * distill.pool_weight;
         }

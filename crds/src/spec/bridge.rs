@@ -59,6 +59,24 @@ pub struct DistillationSpec {
     #[serde(default = "default_weight")]
     #[schemars(range(min = 0.0, max = 100.0))]
     pub pool_weight: f64,
+    /// Which model teaches the other on the public pool: `bridge` (always
+    /// the bridge) or `validated` (each round, the one of the two with the
+    /// higher accuracy on the client's validation split at the round's
+    /// start; ties go to the bridge), so a strong own model teaches the
+    /// bridge, and through the bridge's average every other client.
+    #[serde(default)]
+    pub pool_teacher: PoolTeacher,
+}
+
+/// Which model of the pair teaches the other on the public pool.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolTeacher {
+    /// The bridge teaches the own model.
+    #[default]
+    Bridge,
+    /// The model that validates better at the round's start teaches.
+    Validated,
 }
 
 impl Default for DistillationSpec {
@@ -68,6 +86,7 @@ impl Default for DistillationSpec {
             bridge_weight: default_weight(),
             temperature: default_temperature(),
             pool_weight: default_weight(),
+            pool_teacher: PoolTeacher::default(),
         }
     }
 }
@@ -88,9 +107,10 @@ pub enum ServedModel {
     Own,
     /// The bridge model (the same for every client).
     Bridge,
-    /// `ensemble`, except for a client whose own backbone is the bridge's:
-    /// its own model adds no capacity, only less data, and it serves the
-    /// bridge.
+    /// Of `own`, `bridge` and `ensemble`, the one with the highest accuracy
+    /// on the client's own validation split (ties go to the ensemble, then
+    /// the bridge): a client whose own model collapsed or lags serves the
+    /// bridge, one whose own model is strong serves it or the ensemble.
     #[default]
     Auto,
     /// The mean of the two models' class probabilities.
@@ -114,16 +134,26 @@ impl ServedModel {
         }
     }
 
-    /// What a client whose own model is at `own_uri` serves (`auto` resolved
-    /// against `bridge_uri`; the other choices as they are).
-    pub fn resolve(self, own_uri: &str, bridge_uri: &str) -> ServedModel {
-        let same = |u: &str| u.trim_end_matches('/').to_string();
-        match self {
-            ServedModel::Auto if same(own_uri) == same(bridge_uri) => ServedModel::Bridge,
-            ServedModel::Auto => ServedModel::Ensemble,
-            other => other,
+    /// What a client serves: `auto` resolved by `validation_accuracy` of
+    /// each candidate ([`ServedModel::AUTO_CANDIDATES`], the first of equal
+    /// ones wins); the other choices as they are.
+    pub fn choose(self, validation_accuracy: impl Fn(ServedModel) -> f64) -> ServedModel {
+        if self != ServedModel::Auto {
+            return self;
         }
+        let mut best = (ServedModel::AUTO_CANDIDATES[0], f64::NEG_INFINITY);
+        for candidate in ServedModel::AUTO_CANDIDATES {
+            let accuracy = validation_accuracy(candidate);
+            if accuracy > best.1 {
+                best = (candidate, accuracy);
+            }
+        }
+        best.0
     }
+
+    /// What `auto` chooses from, in order of preference among equals.
+    pub const AUTO_CANDIDATES: [ServedModel; 3] =
+        [ServedModel::Ensemble, ServedModel::Bridge, ServedModel::Own];
 
     /// Every model a client can serve (`auto` is one of them), in report order.
     pub const ALL: [ServedModel; 4] = [
@@ -139,19 +169,26 @@ mod tests {
     use super::ServedModel;
 
     #[test]
-    fn auto_serves_the_bridge_only_on_the_bridges_own_backbone() {
-        let bridge = "cache://models/paraphrase-MiniLM-L3-v2";
+    fn auto_serves_the_best_validated_model_and_prefers_the_ensemble_among_equals() {
+        let scores = |own: f64, bridge: f64, ensemble: f64| {
+            move |v: ServedModel| match v {
+                ServedModel::Own => own,
+                ServedModel::Bridge => bridge,
+                ServedModel::Ensemble => ensemble,
+                _ => 1.0, // never a candidate
+            }
+        };
         let auto = ServedModel::Auto;
-        assert_eq!(auto.resolve(bridge, bridge), ServedModel::Bridge);
+        assert_eq!(auto.choose(scores(0.9, 0.8, 0.85)), ServedModel::Own);
+        assert_eq!(auto.choose(scores(0.3, 0.8, 0.6)), ServedModel::Bridge);
+        assert_eq!(auto.choose(scores(0.8, 0.8, 0.8)), ServedModel::Ensemble);
+        assert_eq!(auto.choose(scores(0.8, 0.85, 0.7)), ServedModel::Bridge);
+        assert_eq!(auto.choose(scores(0.9, 0.9, 0.7)), ServedModel::Bridge);
         assert_eq!(
-            auto.resolve(&format!("{bridge}/"), bridge),
-            ServedModel::Bridge
+            ServedModel::Own.choose(scores(0.1, 0.9, 0.9)),
+            ServedModel::Own
         );
-        assert_eq!(
-            auto.resolve("cache://models/all-mpnet-base-v2", bridge),
-            ServedModel::Ensemble
-        );
-        assert_eq!(ServedModel::Own.resolve(bridge, bridge), ServedModel::Own);
         assert!(!ServedModel::ALL.contains(&ServedModel::Auto));
+        assert!(!ServedModel::AUTO_CANDIDATES.contains(&ServedModel::Auto));
     }
 }

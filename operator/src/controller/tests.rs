@@ -843,6 +843,7 @@ fn evaluation(client: &str, accuracy: f64) -> heterotune_crds::manifest::Evaluat
         loss: None,
         seconds: Some(3.0),
         variants: Default::default(),
+        served: None,
         writer_version: "test".into(),
         created_at: "2023-11-14T22:13:00Z".into(),
     }

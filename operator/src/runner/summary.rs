@@ -330,6 +330,7 @@ mod tests {
             loss: None,
             seconds: None,
             variants: Default::default(),
+            served: None,
             writer_version: "test".into(),
             created_at: "2023-11-14T22:13:20Z".into(),
         };

@@ -4,9 +4,11 @@
 use std::path::Path;
 
 use heterotune_crds::manifest::{now_rfc3339, EvaluationResult, MANIFEST_SCHEMA_VERSION};
+use heterotune_crds::spec::ServedModel;
 
 use super::load::{load_client, settings, ClientOptions};
 use crate::artifact::{self, WRITER_VERSION};
+use crate::data::source::Example;
 use crate::mutual::PairScores;
 use crate::Result;
 
@@ -25,28 +27,42 @@ pub fn evaluate(
     let loaded = load_client(opts, global, state_in)?;
     let client = loaded.spec_client();
     let settings = settings(&loaded.spec, loaded.base_round, loaded.index, cache_dir);
-    let test = loaded
-        .model
-        .prepare(&loaded.test, &settings, &loaded.model_id())?;
     let (batch, classes) = (settings.eval_batch_size, loaded.num_classes);
-    let ((scores, loss), variants) = match (&loaded.bridge, &loaded.spec.bridge) {
+    let ((scores, loss), variants, served) = match (&loaded.bridge, &loaded.spec.bridge) {
         (Some(b), Some(spec)) => {
-            let bridge_test = b
-                .model
-                .prepare(&loaded.test, &settings, &b.model_id(spec))?;
-            let pair = PairScores::of(
-                (&loaded.model, &test),
-                (&b.model, &bridge_test),
-                batch,
-                classes,
-            )?;
-            let served = spec.serve.resolve(&client.model.uri, &spec.model.uri);
-            (*pair.get(served), pair.accuracies())
+            let bridge_id = b.model_id(spec);
+            let pair = |examples: &[Example]| -> Result<PairScores> {
+                let own = loaded
+                    .model
+                    .prepare(examples, &settings, &loaded.model_id())?;
+                let bridge = b.model.prepare(examples, &settings, &bridge_id)?;
+                PairScores::of((&loaded.model, &own), (&b.model, &bridge), batch, classes)
+            };
+            let test_scores = pair(&loaded.test)?;
+            // `auto` reads the client's validation split, as in training.
+            let served = match spec.serve {
+                ServedModel::Auto => {
+                    let val = pair(&loaded.validation)?;
+                    spec.serve.choose(|v| val.get(v).0.accuracy)
+                }
+                fixed => fixed,
+            };
+            (
+                *test_scores.get(served),
+                test_scores.accuracies(),
+                Some(served.as_str().to_string()),
+            )
         }
-        _ => (
-            loaded.model.evaluate(&test, batch, classes)?,
-            Default::default(),
-        ),
+        _ => {
+            let test = loaded
+                .model
+                .prepare(&loaded.test, &settings, &loaded.model_id())?;
+            (
+                loaded.model.evaluate(&test, batch, classes)?,
+                Default::default(),
+                None,
+            )
+        }
     };
     let result = EvaluationResult {
         schema_version: MANIFEST_SCHEMA_VERSION,
@@ -60,6 +76,7 @@ pub fn evaluate(
         loss: loss.is_finite().then_some(loss),
         seconds: Some(start.elapsed().as_secs_f64()),
         variants,
+        served,
         writer_version: WRITER_VERSION.to_string(),
         created_at: now_rfc3339(),
     };

@@ -6,7 +6,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use heterotune_crds::manifest::{ArtifactKind, ArtifactManifest};
-use heterotune_crds::spec::Dtype;
+use heterotune_crds::spec::{Dtype, PoolTeacher};
 use tch::Tensor;
 
 use super::load::{load_client, settings, ClientOptions, LoadedClient};
@@ -49,6 +49,8 @@ struct RoundScores {
     /// With a bridge: global-test accuracy of each model the client can
     /// serve, after training and as received.
     variants: BTreeMap<String, f64>,
+    /// The same on the client's validation split (what `serve: auto` reads).
+    validation_variants: BTreeMap<String, f64>,
     received_variants: BTreeMap<String, f64>,
 }
 
@@ -191,6 +193,7 @@ fn train_and_score(c: &mut LoadedClient, settings: &TrainSettings) -> Result<(Ro
         test,
         received,
         variants: BTreeMap::new(),
+        validation_variants: BTreeMap::new(),
         received_variants: BTreeMap::new(),
     };
     Ok((scores, train_data.from_disk))
@@ -230,6 +233,14 @@ fn train_and_score_pair(
     } else {
         None
     };
+    let bridge_teaches = match spec.distillation.pool_teacher {
+        PoolTeacher::Bridge => true,
+        PoolTeacher::Validated if c.pool.is_empty() => true,
+        PoolTeacher::Validated => {
+            let before = score(&c.model, &b.model, &validation)?;
+            before.bridge.0.accuracy >= before.own.0.accuracy
+        }
+    };
     let (report, _) = train_pair(
         Side {
             model: &mut c.model,
@@ -242,15 +253,14 @@ fn train_and_score_pair(
         Some(Pool {
             own: &pool.0,
             bridge: &pool.1,
+            bridge_teaches,
         }),
         settings,
         &spec.distillation,
     )?;
     let val = score(&c.model, &b.model, &validation)?;
     let tst = score(&c.model, &b.model, &test)?;
-    let served = spec
-        .serve
-        .resolve(&c.spec.clients[c.index].model.uri, &spec.model.uri);
+    let served = spec.serve.choose(|v| val.get(v).0.accuracy);
     let (validation, validation_loss) = *val.get(served);
     let scores = RoundScores {
         report,
@@ -259,6 +269,7 @@ fn train_and_score_pair(
         test: tst.get(served).0,
         received: received.as_ref().map(|r| r.get(served).0),
         variants: tst.accuracies(),
+        validation_variants: val.accuracies(),
         received_variants: received.map(|r| r.accuracies()).unwrap_or_default(),
     };
     Ok((scores, train.0.from_disk))
@@ -290,6 +301,9 @@ impl RoundScores {
         }
         for (variant, accuracy) in &self.variants {
             metrics.insert(format!("{variant}_test_accuracy"), *accuracy);
+        }
+        for (variant, accuracy) in &self.validation_variants {
+            metrics.insert(format!("validation_{variant}_accuracy"), *accuracy);
         }
         for (variant, accuracy) in &self.received_variants {
             metrics.insert(format!("received_{variant}_test_accuracy"), *accuracy);
