@@ -102,7 +102,10 @@ def run_one(binary: Path, trainer: Path, spec: dict, key: RunKey, work: Path, th
         raise RuntimeError(f"{name} failed (exit {code}), see {log}:\n{tail}")
     report = json.loads((report_dir / "report.json").read_text())
     homes = dict(SCENARIOS[key.scenario].clients())
-    return results.summarise(report, homes), wall
+    try:
+        return results.summarise(report, homes), wall
+    except ValueError as e:
+        raise RuntimeError(f"{name}: {e}") from e
 
 
 def git_commit() -> str:

@@ -34,7 +34,13 @@ def family_model(key: str) -> str:
 def summarise(report: dict, homes: dict[str, str]) -> dict:
     """Per-client figures of one run; `homes` maps client name -> home model key."""
     per: dict[str, dict] = {}
+    expected = {ev["client"] for ev in report.get("finalEvaluation", [])}
     for rnd in report.get("rounds", []):
+        missing = expected - set(rnd.get("participants") or expected)
+        if missing or rnd.get("excluded"):
+            raise ValueError(f"round {rnd.get('round')} lost clients {sorted(missing)} "
+                             f"(excluded: {rnd.get('excluded')}): every method must train every "
+                             "client every round; rerun it on a less busy machine")
         for c in rnd.get("clients", []):
             p = per.setdefault(c["name"], {"bytes": [], "train": [], "rss": [], "local": None,
                                            "model": family_model(c["family"])})

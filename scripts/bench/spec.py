@@ -294,7 +294,8 @@ def build_spec(base: dict, key: RunKey, dataset: dict, store: Path,
         "rounds": key.rounds,
         # every client every round: the methods are compared on the same updates
         "minClients": len(clients),
-        "roundDeadlineSeconds": b.get("roundDeadlineSeconds", 900),
+        # a busy machine must not cut a client: results.summarise refuses a run that lost one
+        "roundDeadlineSeconds": max(b.get("roundDeadlineSeconds", 900), 3600),
         "maxRetriesPerClient": b.get("maxRetriesPerClient", 1),
         "clients": clients,
         "task": t,

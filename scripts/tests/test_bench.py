@@ -190,6 +190,7 @@ def _report(variants=False):
     if variants:
         final[0]["variants"] = {"own": 0.78, "bridge": 0.75, "ensemble": 0.8}
         final[1]["variants"] = {"own": 0.55, "bridge": 0.7, "ensemble": 0.6}
+        final[1]["served"] = "bridge"
     return {"rounds": rounds, "finalEvaluation": final, "totalSeconds": 30.0}
 
 
@@ -205,6 +206,18 @@ def test_summarise_report():
     assert r["clients"][1]["home"] == MP and r["clients"][1]["model"] == SM
     r = results.summarise(_report(variants=True), {})
     assert r["clients"][1]["variants"] == {"own": 0.55, "bridge": 0.7, "ensemble": 0.6}
+    assert r["clients"][1]["served"] == "bridge" and "served" not in r["clients"][0]
+
+
+def test_a_run_that_lost_a_client_is_refused():
+    rep = _report()
+    rep["rounds"][1]["participants"] = ["edge"]
+    with pytest.raises(ValueError, match="lost clients \\['bank'\\]"):
+        results.summarise(rep, {})
+    rep = _report()
+    rep["rounds"][2]["excluded"] = ["bank"]
+    with pytest.raises(ValueError, match="excluded"):
+        results.summarise(rep, {})
     with pytest.raises(ValueError):
         results.summarise({"rounds": [], "finalEvaluation": []}, {})
 
