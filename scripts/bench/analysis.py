@@ -141,6 +141,7 @@ class ClientRow:
     best_alt: str | None    # the alternative that does best for this client (paired seeds)
     alt: float | None       # its mean over the seeds both ran
     delta: float | None     # points: default − alternative on those seeds
+    served: str = ""        # what the client served under the default, over its seeds
 
     @property
     def flagged(self) -> bool:
@@ -172,8 +173,15 @@ def per_client(runs: dict[str, dict[int, dict]], default: str) -> list[ClientRow
             if best is None or delta < best[2]:
                 best = (m, alt_mean, delta)
         rows.append(ClientRow(name, home, statistics.mean(v for v in mine if v is not None),
-                              *(best if best else (None, None, None))))
+                              *(best if best else (None, None, None)), served_counts(d.values(), name)))
     return rows
+
+
+def served_counts(results, name: str) -> str:
+    """"ensemble 2, own 1": which model a client served over the runs (`serve: auto` chooses on
+    its validation split); empty when the runs do not say."""
+    seen = [c["served"] for r in results for c in r["clients"] if c["name"] == name and c.get("served")]
+    return ", ".join(f"{v} {seen.count(v)}" for v in sorted(set(seen), key=lambda v: (-seen.count(v), v)))
 
 
 @dataclass
@@ -303,9 +311,10 @@ def scenario_block(scenario: str, task: str, runs: dict[str, dict[int, dict]], d
         out += [f"Per client: final accuracy under {default} (mean over seeds) next to the best it gets from "
                 "any alternative (mean over the seeds both ran; Δ in points on those seeds; ⚠ = more than "
                 f"{TARGET_CLIENT_SLACK:g} point worse off):", "",
-                "| client | model | default | best alternative | which | Δ | |", "|---|---|---|---|---|---|---|"]
+                "| client | model | default | served (seeds) | best alternative | which | Δ | |",
+                "|---|---|---|---|---|---|---|---|"]
         for r in rows:
-            out.append(f"| {r.name} | {model_label(r.home)} | {r.default:.3f} | "
+            out.append(f"| {r.name} | {model_label(r.home)} | {r.default:.3f} | {r.served or '–'} | "
                        f"{_num(r.alt, '.3f')} | {r.best_alt or '–'} | "
                        f"{signed(r.delta) if r.delta is not None else '–'} | {'⚠' if r.flagged else ''} |")
         out.append("")

@@ -367,7 +367,7 @@ def test_render_and_docs_block():
     assert "![cap](img/a.png)" in text
     assert "| **Bridge (ensemble)** |" in text and "| Bridge: own model |" in text
     assert "not run: " in text and "smallest-common FedDF" in text
-    assert "| edge | MiniLM-L3 | 0.800 | 0.700 | smallest-common FedAvg | +10.0 |  |" in text
+    assert "| edge | MiniLM-L3 | 0.800 | – | 0.700 | smallest-common FedAvg | +10.0 |  |" in text
     assert "Targets (issue 13)" in text and "| met |" in text
     assert "No results yet" in analysis.render({}, BRIDGE, "S", {})
 
@@ -411,3 +411,9 @@ def test_cli_lists_and_quick_slice():
     assert (q["scenarios"], q["tasks"], q["seeds"], q["rounds"], q["steps"], q["max_test_examples"]) == (
         "S2", "trec", "0", 1, 2, 50)
     assert bench_methods.split_list(q["methods"], METHODS, "methods") == [SMALLEST_COMMON, "DeMA+FedAvg"]
+
+
+def test_served_counts_say_what_each_client_served_over_its_seeds():
+    runs = [{"clients": [{"name": "a", "served": s}, {"name": "b"}]} for s in ("own", "ensemble", "own")]
+    assert analysis.served_counts(runs, "a") == "own 2, ensemble 1"
+    assert analysis.served_counts(runs, "b") == ""
