@@ -150,6 +150,7 @@ def dataset_for(task: str, base_dataset: dict, data_dir: Path, cache: Path) -> d
 # --- methods -----------------------------------------------------------------------------------
 
 SMALLEST_COMMON = "smallest-common FedAvg"
+SMALLEST_HELD_OUT = "smallest-common FedAvg (pool held out)"
 FAMILY_FEDAVG = "family-FedAvg"
 HETLORA = "HetLoRA"
 FLEXLORA = "FlexLoRA"
@@ -159,12 +160,25 @@ BRIDGE_VALIDATED = "Bridge + pool (validated)"
 # The public pool of the pool arm: this share of the training split, held out unlabeled.
 POOL_SHARE = 0.1
 # The deployable baselines: what a platform team would run without HeteroTune's method.
-DEPLOYABLE = [SMALLEST_COMMON, FAMILY_FEDAVG, HETLORA, FLEXLORA]
+DEPLOYABLE = [SMALLEST_COMMON, SMALLEST_HELD_OUT, FAMILY_FEDAVG, HETLORA, FLEXLORA]
 # label: (aggregation, adapter overrides, whether clients get per-capacity LoRA ranks,
 #         whether every client runs the scenario's smallest model, extra spec fields)
 METHODS: dict[str, dict] = {
     "local-only": {"aggregation": {"algorithm": "local-only"}},
     SMALLEST_COMMON: {"aggregation": {"algorithm": "fedavg"}, "smallest": True},
+    # The same on the pool arm's labelled data (the pool held out, unused): run as the bridge
+    # alone — every client on MiniLM-L3, the bridge MiniLM-L3 with every distillation term off,
+    # serving the bridge, i.e. MiniLM-L3 FedAvg'd over all clients (the own models train beside
+    # it and are not used). "More data" cannot then be mistaken for cross-family knowledge.
+    SMALLEST_HELD_OUT: {
+        "aggregation": {"algorithm": "fedavg"}, "smallest": True,
+        "bridge": {
+            "model": {"family": "bert", "uri": "cache://models/paraphrase-MiniLM-L3-v2"},
+            "distillation": {"weight": 0.0, "bridgeWeight": 0.0, "poolWeight": 0.0},
+            "serve": "bridge",
+        },
+        "pool": POOL_SHARE,
+    },
     FAMILY_FEDAVG: {"aggregation": {"algorithm": "family-fedavg"}},
     HETLORA: {"aggregation": {"algorithm": "hetlora"}, "lora": True},
     FLEXLORA: {"aggregation": {"algorithm": "flexlora"}, "lora": True},

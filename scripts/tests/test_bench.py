@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from bench import analysis, results
-from bench.spec import (BRIDGE, DEPLOYABLE, VADER_COUNTS, FAMILY_FEDAVG, FLEXLORA, HETLORA, METHODS, MODELS, SCENARIOS,
+from bench.spec import (BRIDGE, DEPLOYABLE, SMALLEST_HELD_OUT, VADER_COUNTS, FAMILY_FEDAVG, FLEXLORA, HETLORA, METHODS, MODELS, SCENARIOS,
                         SMALLEST_COMMON, TASKS, RunKey, build_spec, dataset_for, derive_vader_movie,
                         smallest_model)
 
@@ -96,6 +96,12 @@ def test_method_settings(base):
                            "distillation": {"weight": 1.0, "temperature": 2.0}, "serve": "ensemble"}
     assert "bridge" not in spec(base, method="DeMA+FedAvg")
     assert set(DEPLOYABLE) <= set(METHODS)
+    # the held-out baseline: MiniLM-L3 everywhere, the bridge alone (no distillation), a pool
+    h = spec(base, method=SMALLEST_HELD_OUT)
+    assert {c["model"]["uri"] for c in h["clients"]} == {f"cache://models/{L3}"}
+    assert h["bridge"]["serve"] == "bridge" and h["task"]["splits"]["pool"] == 0.1
+    assert set(h["bridge"]["distillation"].values()) == {0.0}
+    assert "pool" not in spec(base, method=SMALLEST_COMMON)["task"].get("splits", {})
 
 
 def test_run_names_unique_and_valid():
