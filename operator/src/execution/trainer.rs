@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
+use crate::protocol::store::{ACCESS_KEY_ENV, SECRET_KEY_ENV};
 use heterotune_crds::layout::{latest_state_before, state_file_name};
 use tokio::sync::{mpsc, oneshot};
 
@@ -191,10 +192,18 @@ pub fn die_with_parent(cmd: &mut tokio::process::Command) {
     }
 }
 
+/// The store's credentials: a trainer reads and writes local files only (the
+/// runner or `heterotune job` moves them to and from the store), so it
+/// starts without them and nothing it prints or loads can reveal them.
+const CREDENTIAL_ENV: [&str; 3] = [ACCESS_KEY_ENV, SECRET_KEY_ENV, "AWS_SESSION_TOKEN"];
+
 impl TrainerCommand {
     fn command(&self, sub: &str) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new(&self.binary);
         die_with_parent(&mut cmd);
+        for var in CREDENTIAL_ENV {
+            cmd.env_remove(var);
+        }
         cmd.arg(sub).arg("--spec").arg(&self.spec);
         if let Some(staged) = &self.staged {
             cmd.env(heterotune_crds::uri::STAGED_ENV, staged);
