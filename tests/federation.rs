@@ -295,6 +295,41 @@ fn federation_on_a_real_s3_server() {
     }
 }
 
+/// `aggregation.privacy`: every round's global is aggregated from clipped,
+/// equally weighted, noised updates; the round statistics and the report
+/// carry the accountant's ε after each round.
+#[test]
+fn private_federation_reports_its_epsilon() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let spec =
+        fixtures::write_federation(root, "private", 2, "  storage: { uri: \"file://store\" }")
+            .replace(
+            "aggregation: { algorithm: cmga }",
+            "aggregation: { algorithm: fedavg, privacy: { clipNorm: 0.5, noiseMultiplier: 1.5 } }",
+        );
+    assert!(spec.contains("privacy"), "{spec}");
+    let spec_file = root.join("spec.yaml");
+    std::fs::write(&spec_file, &spec).expect("spec");
+    let out = run_command(root, &spec_file)
+        .output()
+        .expect("heterotune runs");
+    assert!(out.status.success(), "{}", output_text(&out));
+    let r = report(root);
+    let rounds = r["rounds"].as_array().expect("rounds");
+    assert_eq!(rounds.len(), 2, "{r}");
+    for (i, round) in rounds.iter().enumerate() {
+        let p = &round["aggregation"]["privacy"];
+        let expected = heterotune_crds::privacy::epsilon(1.5, i as u32 + 1, 1e-5);
+        assert_eq!(p["epsilon"].as_f64(), Some(expected), "{p}");
+        assert_eq!(p["clipNorm"].as_f64(), Some(0.5), "{p}");
+        // Local training moves these tiny models far more than 0.5.
+        assert_eq!(p["clipped"].as_array().map(Vec::len), Some(3), "{p}");
+    }
+    let md = std::fs::read_to_string(root.join("report/report.md")).expect("report.md");
+    assert!(md.contains("Differential privacy"), "{md}");
+}
+
 #[test]
 fn hetlora_baseline_federation_runs() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -19,6 +19,7 @@ pub mod dtype;
 pub mod layout;
 pub mod manifest;
 pub mod model;
+pub mod privacy;
 pub mod spec;
 pub mod status;
 pub mod uri;

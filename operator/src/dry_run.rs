@@ -79,6 +79,15 @@ pub fn describe(
     if let Some(line) = dtype_line(spec, dtype::resolve_this_cpu(Dtype::Auto)) {
         let _ = writeln!(out, "\n{line}");
     }
+    if let Some(p) = &spec.aggregation.privacy {
+        let epsilon = heterotune_crds::privacy::epsilon(p.noise_multiplier, spec.rounds, p.delta);
+        let _ = writeln!(
+            out,
+            "\ndifferential privacy: ε = {epsilon:.2} at δ = {:e} after all {} rounds \
+             (every client every round; clip norm {}, noise multiplier {})",
+            p.delta, spec.rounds, p.clip_norm, p.noise_multiplier
+        );
+    }
     let _ = writeln!(
         out,
         "\nabout {} uploaded per round in all; store {} (run folder {})",

@@ -52,6 +52,39 @@ pub struct AggregationSpec {
     /// Defences against hostile (well-formed but malicious) updates.
     #[serde(default)]
     pub robust: RobustSpec,
+    /// Client-level differential privacy (off when unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<PrivacySpec>,
+}
+
+/// Client-level differential privacy, DP-FedAvg style (docs/aggregation.md,
+/// "Differential privacy"): the aggregator clips each client's whole update
+/// (every tensor it sends) to `clipNorm` in L2, weighs every client equally,
+/// and adds Gaussian noise of standard deviation `noiseMultiplier ×
+/// clipNorm` to each sum it releases. The aggregator is trusted with the
+/// clipped updates (central DP); what leaves it — every global — is (ε, δ)
+/// differentially private with respect to any one client's whole data, with
+/// ε from a Rényi-DP accountant over the rounds run (`report.json`,
+/// `heterotune plan`). Needs a linear aggregation: `fedavg` or
+/// `family-fedavg`, `robust.combine: mean`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PrivacySpec {
+    /// L2 bound on one client's update per round (all its tensors
+    /// together); larger updates are scaled down to it.
+    #[schemars(range(min = 0.0))]
+    pub clip_norm: f64,
+    /// σ: the noise's standard deviation in units of `clipNorm`.
+    #[schemars(range(min = 0.0, max = 1000.0))]
+    pub noise_multiplier: f64,
+    /// δ of the reported (ε, δ) guarantee (well below 1 / number of clients).
+    #[serde(default = "default_delta")]
+    #[schemars(range(min = 0.0, max = 0.1))]
+    pub delta: f64,
+}
+
+fn default_delta() -> f64 {
+    1e-5
 }
 
 /// Defences against hostile updates (docs/aggregation.md, "Hostile updates").
@@ -160,6 +193,7 @@ impl Default for AggregationSpec {
             max_artifact_bytes: default_max_artifact_bytes(),
             seed: 0,
             robust: RobustSpec::default(),
+            privacy: None,
         }
     }
 }

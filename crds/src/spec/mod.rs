@@ -19,7 +19,7 @@ pub use adapter::{
 };
 pub use aggregation::{
     AggregationAlgorithm, AggregationSpec, AlignmentRule, FamilyWeighting, NormBoundAction,
-    RobustCombine, RobustSpec,
+    PrivacySpec, RobustCombine, RobustSpec,
 };
 pub use bridge::{BridgeSpec, DistillationSpec, PoolTeacher, ServedModel};
 pub use client::{
@@ -106,6 +106,18 @@ use crate::status::FederatedTuneStatus;
         "rule": "!has(self.task.splits) || !has(self.task.splits.pool) || self.task.splits.pool == 0.0 || has(self.bridge)",
         "message": "task.splits.pool holds training examples out for the bridge to teach on: set spec.bridge, or set pool to 0",
         "fieldPath": ".task.splits.pool",
+        "reason": "FieldValueInvalid"
+    },
+    {
+        "rule": "!has(self.aggregation.privacy) || (self.aggregation.algorithm in ['fedavg', 'family-fedavg'] && (!has(self.aggregation.robust) || !has(self.aggregation.robust.combine) || self.aggregation.robust.combine == 'mean'))",
+        "message": "aggregation.privacy adds noise to sums of clipped updates: it needs algorithm fedavg or family-fedavg and robust.combine mean",
+        "fieldPath": ".aggregation.privacy",
+        "reason": "FieldValueInvalid"
+    },
+    {
+        "rule": "!has(self.aggregation.privacy) || (self.aggregation.privacy.clipNorm > 0.0 && self.aggregation.privacy.noiseMultiplier > 0.0 && self.aggregation.privacy.delta > 0.0)",
+        "message": "aggregation.privacy needs clipNorm, noiseMultiplier and delta above 0",
+        "fieldPath": ".aggregation.privacy",
         "reason": "FieldValueInvalid"
     },
     {

@@ -224,6 +224,28 @@ fn invalid_specs_name_their_field() {
             "spec.aggregation.robust.combine",
         ),
         (
+            "privacy with cmga",
+            set(
+                base(),
+                "/spec/aggregation",
+                Some(
+                    json!({"algorithm": "cmga", "privacy": {"clipNorm": 1.0, "noiseMultiplier": 1.0}}),
+                ),
+            ),
+            "spec.aggregation.privacy",
+        ),
+        (
+            "privacy without noise",
+            set(
+                base(),
+                "/spec/aggregation",
+                Some(
+                    json!({"algorithm": "fedavg", "privacy": {"clipNorm": 1.0, "noiseMultiplier": 0.0}}),
+                ),
+            ),
+            "spec.aggregation.privacy",
+        ),
+        (
             "lr negative",
             set(
                 base(),

@@ -175,6 +175,9 @@ impl Report {
                 .collect::<Vec<_>>()
                 .join(", ")
         ));
+        if let Some(line) = self.privacy_line() {
+            md.push_str(&line);
+        }
         self.models_table(&mut md);
         self.rounds_table(&mut md);
         self.final_evaluation_table(&mut md);
@@ -184,6 +187,29 @@ impl Report {
             md.push_str(&format!("\nNote: {note}\n"));
         }
         md
+    }
+
+    /// `aggregation.privacy`: the guarantee after the last aggregated round,
+    /// as the aggregator recorded it.
+    fn privacy_line(&self) -> Option<String> {
+        let (round, p) = self
+            .rounds
+            .iter()
+            .rev()
+            .find_map(|r| Some((r.round, r.aggregation.get("privacy")?)))?;
+        let num = |k: &str| {
+            p.get(k)
+                .and_then(serde_json::Value::as_f64)
+                .unwrap_or(f64::NAN)
+        };
+        Some(format!(
+            "Differential privacy (client level): **ε = {:.2}** at δ = {:e} after {round} \
+             round(s) (clip norm {}, noise multiplier {}).\n\n",
+            num("epsilon"),
+            num("delta"),
+            num("clipNorm"),
+            num("noiseMultiplier"),
+        ))
     }
 
     /// `## Models`: one row per family, with the reference uploads.

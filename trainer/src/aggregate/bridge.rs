@@ -59,6 +59,10 @@ impl Aggregator for Bridged {
         Ok(expected)
     }
 
+    fn plan(&mut self, accepted: &[(&str, &str)]) {
+        self.inner.plan(accepted);
+    }
+
     fn add(&mut self, ctx: &RoundContext<'_>, mut update: ClientUpdate) -> Result<()> {
         let rest = update.tensors.split_off(BRIDGE_PREFIX);
         let (bridge, rest): (BTreeMap<_, _>, BTreeMap<_, _>) = update

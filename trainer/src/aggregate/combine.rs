@@ -143,6 +143,10 @@ impl Aggregator for Robust {
         self.inner.expected_tensors(ctx, client)
     }
 
+    fn plan(&mut self, accepted: &[(&str, &str)]) {
+        self.inner.plan(accepted);
+    }
+
     fn add(&mut self, _ctx: &RoundContext<'_>, update: ClientUpdate) -> Result<()> {
         self.updates.push(update);
         Ok(())

@@ -276,6 +276,7 @@ impl<'a> NextGlobal<'a> {
             families: self.families,
             groups,
             conflicts_projected,
+            ..Aggregated::default()
         }
     }
 }

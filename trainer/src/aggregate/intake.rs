@@ -210,6 +210,16 @@ pub(crate) fn take_round(
         .map(|(c, _)| partition_capped(c, sizes))
         .collect();
     let weights = capped_weights(&reported, agg.robust.max_examples_share);
+    let plan: Vec<(&str, &str)> = kept
+        .iter()
+        .map(|(c, _)| {
+            (
+                c.verified.update.client.as_str(),
+                c.verified.update.family.as_str(),
+            )
+        })
+        .collect();
+    aggregator.plan(&plan);
     for ((c, scales), weight) in kept.into_iter().zip(weights) {
         second_pass(ctx, schemas, c, &scales, weight, aggregator, stats)?;
     }

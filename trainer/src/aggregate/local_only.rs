@@ -46,8 +46,7 @@ impl Aggregator for LocalOnly {
         Ok(Aggregated {
             tensors: ctx.previous.clone(),
             families: family_stats(&self.acc),
-            groups: Vec::new(),
-            conflicts_projected: 0,
+            ..Aggregated::default()
         })
     }
 }

@@ -46,6 +46,7 @@ pub mod flexlora;
 pub mod hetlora;
 pub mod intake;
 pub mod local_only;
+pub mod privacy;
 pub mod reject;
 pub mod robust;
 pub mod stats;
@@ -66,7 +67,9 @@ pub use common::{family_name, MOMENTUM_PREFIX};
 pub use intake::RoundOptions;
 pub use reject::{Reject, RejectReason};
 pub use robust::RobustStats;
-pub use stats::{FamilyStats, GroupStats, PairCosine, Participant, RoundStats, Timing};
+pub use stats::{
+    FamilyStats, GroupStats, PairCosine, Participant, PrivacyStats, RoundStats, Timing,
+};
 
 /// A client of the spec, as aggregation sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -174,6 +177,8 @@ pub struct Aggregated {
     pub groups: Vec<GroupStats>,
     /// Conflicts resolved over all groups.
     pub conflicts_projected: u64,
+    /// `aggregation.privacy`: the clients whose update was clipped.
+    pub privacy_clipped: Vec<String>,
 }
 
 /// One aggregation algorithm.
@@ -193,6 +198,11 @@ pub trait Aggregator {
         ctx: &RoundContext<'_>,
         client: &ClientInfo,
     ) -> Result<BTreeMap<String, Vec<usize>>>;
+
+    /// The updates (client, family) that will be added this round, in
+    /// order, before the first [`Aggregator::add`]: for a wrapper that needs
+    /// the round's composition ([`privacy::Private`]); wrappers pass it on.
+    fn plan(&mut self, _accepted: &[(&str, &str)]) {}
 
     /// Takes one verified update.
     fn add(&mut self, ctx: &RoundContext<'_>, update: ClientUpdate) -> Result<()>;
@@ -239,6 +249,7 @@ pub fn aggregator_for(spec: &FederatedTuneSpec) -> Result<Box<dyn Aggregator>> {
         ));
     }
     robust::check_spec(spec)?;
+    privacy::check_spec(spec)?;
     let inner = algorithm_for(spec)?;
     let bridged: Box<dyn Aggregator> = match (&spec.bridge, alg) {
         (None, _) => inner,
@@ -255,10 +266,14 @@ pub fn aggregator_for(spec: &FederatedTuneSpec) -> Result<Box<dyn Aggregator>> {
         (Some(_), _) => Box::new(bridge::Bridged::new(inner)),
     };
     let robust = &agg.robust;
-    Ok(match robust.combine {
+    let combined: Box<dyn Aggregator> = match robust.combine {
         RobustCombine::Mean => bridged,
         _ if alg == AggregationAlgorithm::LocalOnly => bridged,
         mode => Box::new(combine::Robust::new(bridged, mode, robust.trim_fraction)),
+    };
+    Ok(match &agg.privacy {
+        Some(p) => Box::new(privacy::Private::new(combined, p.clone())),
+        None => combined,
     })
 }
 
@@ -491,6 +506,15 @@ fn finish_checked(
     stats.families = aggregated.families;
     stats.groups = aggregated.groups;
     stats.conflicts_projected = aggregated.conflicts_projected;
+    if let Some(p) = &ctx.spec.aggregation.privacy {
+        stats.privacy = Some(PrivacyStats {
+            clip_norm: p.clip_norm,
+            noise_multiplier: p.noise_multiplier,
+            delta: p.delta,
+            epsilon: heterotune_crds::privacy::epsilon(p.noise_multiplier, ctx.round, p.delta),
+            clipped: aggregated.privacy_clipped,
+        });
+    }
     Ok(aggregated.tensors)
 }
 

@@ -48,8 +48,28 @@ pub struct RoundStats {
     /// What the defences against hostile updates did.
     #[serde(default)]
     pub robust: RobustStats,
+    /// `aggregation.privacy`: its settings, the guarantee after this round
+    /// and the clients whose update was clipped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<PrivacyStats>,
     /// Where the time went.
     pub timing: Timing,
+}
+
+/// Differential privacy of the run after one round (`aggregation.privacy`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PrivacyStats {
+    /// L2 bound on each client's update.
+    pub clip_norm: f64,
+    /// σ.
+    pub noise_multiplier: f64,
+    /// δ of the guarantee.
+    pub delta: f64,
+    /// ε after the rounds run so far (Rényi-DP accountant).
+    pub epsilon: f64,
+    /// Clients whose update was above `clipNorm` this round.
+    pub clipped: Vec<String>,
 }
 
 impl RoundStats {
