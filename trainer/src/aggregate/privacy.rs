@@ -313,8 +313,7 @@ mod tests {
         }
         let err = Box::new(p)
             .finish(&ctx)
-            .err()
-            .expect("3 of 4 planned updates missing");
+            .expect_err("3 of 4 planned updates missing");
         assert!(err.to_string().contains("fall short"), "{err}");
     }
 }
