@@ -164,12 +164,57 @@ fn federation_on_a_local_folder_store() {
         4 + 3 * 3,
         "4 global + 9 client manifests"
     );
-    // A second run of the same command has nothing left to do.
+    let first = report(root);
+    // A second run of the same command has nothing left to do, and its
+    // report keeps every round's time and the time spent in all.
     let out = run_command(root, &spec_file)
         .output()
         .expect("heterotune runs");
     assert!(out.status.success(), "{}", output_text(&out));
     assert_eq!(find(&store, "manifest.json").len(), 13);
+    check_report(root, 3);
+    let again = report(root);
+    assert_eq!(round_times(&again), round_times(&first), "{again}");
+    assert!(round_times(&again).iter().all(|t| *t > 0.0), "{again}");
+    let total = |r: &serde_json::Value| r["totalSeconds"].as_f64().unwrap_or(0.0);
+    assert!(total(&again) >= total(&first), "{again}");
+    let md = std::fs::read_to_string(root.join("report/report.md")).expect("report.md");
+    assert!(!md.contains(" 0 s in all"), "{md}");
+}
+
+/// Each round's measured time (`durationSeconds`), in round order.
+fn round_times(report: &serde_json::Value) -> Vec<f64> {
+    report["rounds"]
+        .as_array()
+        .map(|rs| {
+            rs.iter()
+                .map(|r| r["durationSeconds"].as_f64().unwrap_or(f64::NAN))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits until the report the runner uploaded to the store records
+/// `rounds` rounds.
+fn wait_for_report(store: &Path, rounds: usize, child: &mut Child, limit: Duration) -> bool {
+    let start = Instant::now();
+    let recorded = || {
+        find(store, "report/report.json")
+            .first()
+            .and_then(|p| std::fs::read(p).ok())
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .is_some_and(|r| round_times(&r).len() >= rounds)
+    };
+    while start.elapsed() < limit {
+        if recorded() {
+            return true;
+        }
+        if let Ok(Some(_)) = child.try_wait() {
+            return recorded();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
 }
 
 fn wait_for(path_suffix: &str, dir: &Path, child: &mut Child, limit: Duration) -> bool {
@@ -209,7 +254,15 @@ fn killed_runner_resumes_without_redoing_or_losing_work() {
         &store,
         &mut child,
         Duration::from_secs(300),
-    );
+    ) && wait_for_report(&store, 1, &mut child, Duration::from_secs(60));
+    // The store's copy: what a resumed run reads.
+    let uploaded = find(&store, "report/report.json");
+    let round_one = uploaded
+        .first()
+        .and_then(|p| std::fs::read(p).ok())
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .map(|r| round_times(&r))
+        .unwrap_or_default();
     // SIGKILL: no chance to clean up, the hardest case.
     let _ = child.kill();
     let _ = child.wait();
@@ -250,6 +303,11 @@ fn killed_runner_resumes_without_redoing_or_losing_work() {
     let r = report(root);
     assert_eq!(r["status"], "Succeeded");
     assert_eq!(r["rounds"].as_array().map(Vec::len), Some(3), "{r}");
+    // Round 1's time, measured before the kill, is still there; the others
+    // were measured by the resumed run.
+    let times = round_times(&r);
+    assert_eq!(times.first(), round_one.first(), "{r}");
+    assert!(times.iter().all(|t| *t > 0.0), "{r}");
     assert_eq!(
         r["finalEvaluation"].as_array().map(Vec::len),
         Some(3),

@@ -8,12 +8,53 @@
 # Tools (see docs/operator.md, "Checking the chart"):
 #   helm                 HELM=/path/to/helm, or on PATH
 #   kubernetes-validate  KUBERNETES_VALIDATE=/path, or on PATH (pip install kubernetes-validate)
-#   promtool             optional (Debian package prometheus)
-# Without helm or kubernetes-validate the script prints why and exits 0,
+#   promtool             PROMTOOL=/path, or on PATH (Debian package prometheus):
+#                        `promtool check rules` and the alert rules' unit tests
+#                        (tests/helm/alerts-test.yaml, `promtool test rules`)
+# Without a tool the script prints why and skips its checks (exit 0),
 # unless HETEROTUNE_REQUIRE_TOOLS=1 (CI), where it fails.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 chart="$root/charts/heterotune"
+
+# Alert rules and dashboard: need promtool and python3 only (no helm).
+promtool="${PROMTOOL:-$(command -v promtool || true)}"
+if [ -x "$promtool" ]; then
+  echo "== promtool check rules, promtool test rules"
+  "$promtool" check rules "$chart/dashboards/alerts.yaml"
+  "$promtool" test rules "$root/tests/helm/alerts-test.yaml"
+else
+  echo "SKIP alert rule tests: promtool not installed (PROMTOOL=...)"
+  [ "${HETEROTUNE_REQUIRE_TOOLS:-0}" = 1 ] && exit 1
+fi
+echo "== alerts: tested, runbooks, per-run labels"
+python3 - "$root" <<'PY'
+import json, re, sys, yaml
+root = sys.argv[1]
+rules = yaml.safe_load(open(f"{root}/charts/heterotune/dashboards/alerts.yaml"))["groups"][0]["rules"]
+tests = yaml.safe_load(open(f"{root}/tests/helm/alerts-test.yaml"))["tests"]
+values = yaml.safe_load(open(f"{root}/charts/heterotune/values.yaml"))
+base = values["prometheusRule"]["runbookBaseUrl"]
+runbook = open(f"{root}/docs/runbook.md").read()
+anchors = {re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-") for h in re.findall(r"^#+ (.+)$", runbook, re.M)}
+cases = [c for t in tests for c in t.get("alert_rule_test", [])]
+for r in rules:
+    name = r["alert"]
+    url = r.get("annotations", {}).get("runbook_url", "")
+    assert url == f"{base}#{name.lower()}", f"{name}: runbook_url {url!r} is not {base}#{name.lower()}"
+    assert name.lower() in anchors, f"{name}: docs/runbook.md has no section '## {name}'"
+    mine = [c for c in cases if c["alertname"] == name]
+    assert any(c.get("exp_alerts") for c in mine), f"{name}: no unit test where it fires"
+    assert any(not c.get("exp_alerts") for c in mine), f"{name}: no unit test where it stays silent"
+# Per-run series are selected by ft_namespace/federatedtune: `namespace` and
+# `name` are the scrape target's (the operator pod's) or absent.
+dash = json.load(open(f"{root}/charts/heterotune/dashboards/heterotune.json"))
+exprs = [r["expr"] for r in rules] + [t["expr"] for p in dash["panels"] for t in p["targets"]]
+exprs += [v["query"] for v in dash["templating"]["list"] if v["type"] == "query"]
+for e in exprs:
+    assert not re.search(r"(?<![\w])(namespace|name)\s*(=|!=|=~|!~|[,)])", e), f"selects by the target's namespace/name: {e}"
+print(f"alerts: {len(rules)} rules, each with a firing and a silent unit test and a runbook section")
+PY
 helm="${HELM:-$(command -v helm || true)}"
 kv="${KUBERNETES_VALIDATE:-$(command -v kubernetes-validate || true)}"
 k8s_version="${K8S_VERSION:-1.33.0}"
@@ -49,6 +90,10 @@ render everything --set replicaCount=2 --set serviceMonitor.enabled=true --set p
   --set grafana.dashboard.enabled=true --set storage.credentialsSecret=operator-s3
 render one-namespace --set watchNamespace=team-a --set leaderElection.enabled=false
 render gpus -f "$root/tests/helm/values-gpus.yaml"
+"$helm" template heterotune "$chart" --set prometheusRule.enabled=true \
+  --set prometheusRule.runbookBaseUrl=https://runbooks.example.com/heterotune > "$tmp/runbooks.yaml"
+grep -q "runbook_url: https://runbooks.example.com/heterotune#heterotuneroundstalled" "$tmp/runbooks.yaml" \
+  || fail "prometheusRule.runbookBaseUrl is not applied to the rules' runbook_url"
 
 echo "== rendered objects"
 python3 - "$tmp" <<'PY'
@@ -64,6 +109,10 @@ for k in ["ServiceMonitor", "PrometheusRule"]:
 assert every["ServiceMonitor"]["spec"]["endpoints"][0]["path"] == "/metrics"
 rules = every["PrometheusRule"]["spec"]["groups"][0]["rules"]
 assert all("alert" in r and "expr" in r for r in rules), rules
+assert all(r["annotations"]["runbook_url"].startswith("https://example.invalid/heterotune/blob/main/docs/runbook.md#") for r in rules), rules
+# The metrics' own labels (ft_namespace, federatedtune) need no honorLabels,
+# which would let a target overwrite job/instance.
+assert not every["ServiceMonitor"]["spec"]["endpoints"][0].get("honorLabels"), every["ServiceMonitor"]
 dash = [x for x in docs("everything") if x["kind"] == "ConfigMap" and x["metadata"]["name"].endswith("-dashboard")][0]
 panels = json.loads(dash["data"]["heterotune.json"])["panels"]
 assert len(panels) >= 8 and all(p["targets"] for p in panels)
@@ -98,13 +147,6 @@ if "$helm" template x "$chart" --set unknownValue=1 > /dev/null 2>&1; then
   fail "unknown values must be refused by values.schema.json"
 fi
 echo "refusals: ok"
-
-if command -v promtool > /dev/null; then
-  echo "== promtool check rules"
-  promtool check rules "$chart/dashboards/alerts.yaml"
-else
-  echo "promtool not installed: alert rules checked structurally only"
-fi
 
 echo "== manifests/operator is the chart with defaults"
 "$helm" template heterotune "$chart" --namespace heterotune-system > "$tmp/plain.yaml"

@@ -213,6 +213,7 @@ fn run(
             trainer.display()
         );
     }
+    heterotune_operator::execution::trainer::check_starts(&trainer).map_err(anyhow::Error::msg)?;
     let parallel = parallel.unwrap_or(cores).max(1);
     let threads = threads.unwrap_or((cores / parallel).max(1));
     let opts = runner::RunOptions {

@@ -51,6 +51,8 @@ pub struct Decision {
     pub events: Vec<Announcement>,
     /// Why clients fit no GPU profile (nothing starts while any does not).
     pub unplaceable: Vec<String>,
+    /// When the current round's first Job started (Unix seconds), if it has.
+    pub round_started_at: Option<f64>,
 }
 
 impl Decision {
@@ -94,6 +96,7 @@ pub fn decide(run: &Run, world: &Dereferenced, config: &OperatorConfig) -> Decis
     let acts = actor.act(&plan);
     let stale = stale_jobs(spec, &plan, &world.jobs, world.store.completed_rounds);
     let status = next_status(run, world, &obs, &plan, &placements, &acts);
+    let round_started_at = round_start(&obs, &acts, world.now);
     Decision {
         plan,
         jobs: JobIntents {
@@ -104,7 +107,15 @@ pub fn decide(run: &Run, world: &Dereferenced, config: &OperatorConfig) -> Decis
         status,
         events: acts.events,
         unplaceable: acts.unplaceable,
+        round_started_at,
     }
+}
+
+/// When the current round started: its oldest Job, or now when this
+/// reconcile starts its first ones.
+fn round_start(obs: &Observation, acts: &Acts, now: f64) -> Option<f64> {
+    obs.round_started_at
+        .or_else(|| (!acts.started.is_empty()).then_some(now))
 }
 
 /// Places every client (given the shapes of their models and of the
@@ -333,9 +344,7 @@ fn next_status(
         started: &acts.started,
     });
     let held = !acts.unplaceable.is_empty();
-    let round_started_at = obs
-        .round_started_at
-        .or_else(|| (!acts.started.is_empty()).then_some(world.now));
+    let round_started_at = round_start(obs, acts, world.now);
     let latest_global = (store.completed_rounds > 0).then(|| {
         run.layout
             .global_manifest(store.completed_rounds.min(spec.rounds))

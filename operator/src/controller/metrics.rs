@@ -1,22 +1,35 @@
 //! Prometheus metrics of the operator, all prefixed `heterotune_`.
 //!
+//! Per-run series carry `ft_namespace` and `federatedtune` (the
+//! FederatedTune's namespace and name): not `namespace`, which Prometheus
+//! and the Prometheus Operator set to the scraped pod's namespace (the
+//! operator's), renaming a metric's own `namespace` to `exported_namespace`.
+//!
 //! | metric | type | labels |
 //! |---|---|---|
+//! | `heterotune_build_info` | gauge (1) | `version` |
 //! | `heterotune_reconciles_total` | counter | |
 //! | `heterotune_reconcile_errors_total` | counter | `error` ([`crate::controller::Error::metric_label`]) |
 //! | `heterotune_reconcile_duration_seconds` | histogram | |
-//! | `heterotune_rounds_completed_total` | counter | `namespace`, `name` |
-//! | `heterotune_round_duration_seconds` | histogram | `namespace`, `name` |
-//! | `heterotune_clients` | gauge | `namespace`, `name`, `state` |
-//! | `heterotune_uploaded_bytes_total` | counter | `namespace`, `name` |
-//! | `heterotune_artifacts_rejected_total` | counter | `namespace`, `name`, `reason` |
-//! | `heterotune_accuracy` | gauge | `namespace`, `name`, `family` (`all`: every client): after local training, last completed round |
-//! | `heterotune_global_accuracy` | gauge | `namespace`, `name`, `family` (`all`: every client): the newest evaluated global model |
+//! | `heterotune_phase` | gauge (1 for the run's phase, 0 for the others) | run, `phase` |
+//! | `heterotune_round` | gauge: the round in progress (the last one when finished) | run |
+//! | `heterotune_planned_rounds` | gauge: `spec.rounds` | run |
+//! | `heterotune_completed_rounds` | gauge: rounds with a global model | run |
+//! | `heterotune_round_start_time_seconds` | gauge: Unix time the round in progress started (only while one is) | run |
+//! | `heterotune_round_deadline_seconds` | gauge: `spec.roundDeadlineSeconds` | run |
+//! | `heterotune_rounds_completed_total` | counter | run |
+//! | `heterotune_round_duration_seconds` | histogram | run |
+//! | `heterotune_clients` | gauge | run, `state` |
+//! | `heterotune_uploaded_bytes_total` | counter | run |
+//! | `heterotune_artifacts_rejected_total` | counter | run, `reason` |
+//! | `heterotune_accuracy_ratio` | gauge | run, `family` (`all`: every client): after local training, last completed round |
+//! | `heterotune_global_accuracy_ratio` | gauge | run, `family` (`all`: every client): the newest evaluated global model |
 //! | `heterotune_jobs_created_total` | counter | `role` (`trainer`, `aggregator`, `evaluator`) |
 //! | `heterotune_jobs_deleted_total` | counter | `reason` (`straggler`, `stale`) |
 //! | `heterotune_leader` | gauge | (1 while this replica leads) |
 //!
-//! Per-run series are removed when the FederatedTune is deleted.
+//! "run" is `ft_namespace`, `federatedtune`. Per-run series are removed
+//! when the FederatedTune is deleted.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
@@ -27,6 +40,53 @@ use prometheus::{
     IntGaugeVec, Opts, Registry,
 };
 use prometheus::{Gauge, GaugeVec};
+
+use heterotune_crds::status::Phase;
+
+/// The per-run labels: the FederatedTune's namespace and name.
+pub const RUN_LABELS: [&str; 2] = ["ft_namespace", "federatedtune"];
+
+/// Every phase, in the order the `heterotune_phase` series are written.
+pub const PHASES: [Phase; 7] = [
+    Phase::Pending,
+    Phase::Running,
+    Phase::Aggregating,
+    Phase::Evaluating,
+    Phase::Suspended,
+    Phase::Succeeded,
+    Phase::Failed,
+];
+
+/// The `phase` label of `phase` (its name in the status).
+pub fn phase_label(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Pending => "Pending",
+        Phase::Running => "Running",
+        Phase::Aggregating => "Aggregating",
+        Phase::Evaluating => "Evaluating",
+        Phase::Suspended => "Suspended",
+        Phase::Succeeded => "Succeeded",
+        Phase::Failed => "Failed",
+    }
+}
+
+/// Where a run stands, from the status about to be written.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RunProgress {
+    /// The phase.
+    pub phase: Phase,
+    /// The round in progress (the last one when finished).
+    pub round: u32,
+    /// `spec.rounds`.
+    pub planned_rounds: u32,
+    /// Rounds with a global model.
+    pub completed_rounds: u32,
+    /// `spec.roundDeadlineSeconds`.
+    pub round_deadline_seconds: u32,
+    /// When the round in progress started (Unix seconds); None when no
+    /// round is in progress (its series is then removed).
+    pub round_started_at: Option<f64>,
+}
 
 /// Client states reported by the `heterotune_clients` gauge.
 pub const CLIENT_STATES: &[&str] = &[
@@ -49,6 +109,20 @@ pub struct Metrics {
     pub reconcile_errors: IntCounterVec,
     /// Reconcile wall time.
     pub reconcile_duration: Histogram,
+    /// 1, labelled with the operator's version.
+    pub build_info: IntGaugeVec,
+    /// 1 for the run's phase, 0 for the others.
+    pub phase: IntGaugeVec,
+    /// The round in progress.
+    pub round: IntGaugeVec,
+    /// `spec.rounds`.
+    pub planned_rounds: IntGaugeVec,
+    /// Rounds with a global model.
+    pub completed_rounds: IntGaugeVec,
+    /// Unix time the round in progress started.
+    pub round_start_time: GaugeVec,
+    /// `spec.roundDeadlineSeconds`.
+    pub round_deadline: IntGaugeVec,
     /// Rounds completed.
     pub rounds_completed: IntCounterVec,
     /// Round wall time.
@@ -74,6 +148,9 @@ pub struct Metrics {
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Series {
+    Progress,
+    Phase(&'static str),
+    RoundStart,
     Rounds,
     RoundDuration,
     Clients(String),
@@ -99,7 +176,8 @@ impl Metrics {
     /// Creates and registers every metric.
     pub fn new() -> Metrics {
         let registry = must(Registry::new_custom(Some("heterotune".into()), None));
-        let ft = &["namespace", "name"];
+        let ft = &RUN_LABELS;
+        let run_gauge = |name: &str, help: &str| must(IntGaugeVec::new(Opts::new(name, help), ft));
         let m = Metrics {
             reconciles: must(IntCounter::new(
                 "reconciles_total",
@@ -116,6 +194,28 @@ impl Metrics {
                     ],
                 ),
             )),
+            build_info: must(IntGaugeVec::new(
+                Opts::new("build_info", "1, labelled with the operator's version"),
+                &["version"],
+            )),
+            phase: must(IntGaugeVec::new(
+                Opts::new("phase", "1 for the run's phase, 0 for the others"),
+                &["ft_namespace", "federatedtune", "phase"],
+            )),
+            round: run_gauge("round", "The round in progress (the last one when finished)"),
+            planned_rounds: run_gauge("planned_rounds", "Rounds the spec asks for"),
+            completed_rounds: run_gauge("completed_rounds", "Rounds with a global model"),
+            round_start_time: must(GaugeVec::new(
+                Opts::new(
+                    "round_start_time_seconds",
+                    "Unix time the round in progress started (absent when none is)",
+                ),
+                ft,
+            )),
+            round_deadline: run_gauge(
+                "round_deadline_seconds",
+                "Wall-clock limit of one round (spec.roundDeadlineSeconds)",
+            ),
             rounds_completed: must(IntCounterVec::new(
                 Opts::new("rounds_completed_total", "Rounds completed"),
                 ft,
@@ -128,7 +228,7 @@ impl Metrics {
             )),
             clients: must(IntGaugeVec::new(
                 Opts::new("clients", "Clients of the current round by state"),
-                &["namespace", "name", "state"],
+                &["ft_namespace", "federatedtune", "state"],
             )),
             uploaded_bytes: must(IntCounterVec::new(
                 Opts::new(
@@ -142,21 +242,21 @@ impl Metrics {
                     "artifacts_rejected_total",
                     "Client artifacts rejected by the aggregator, by reason",
                 ),
-                &["namespace", "name", "reason"],
+                &["ft_namespace", "federatedtune", "reason"],
             )),
             accuracy: must(GaugeVec::new(
                 Opts::new(
-                    "accuracy",
+                    "accuracy_ratio",
                     "Global-test accuracy of the clients' models after local training in the last completed round (family=all: every client)",
                 ),
-                &["namespace", "name", "family"],
+                &["ft_namespace", "federatedtune", "family"],
             )),
             global_accuracy: must(GaugeVec::new(
                 Opts::new(
-                    "global_accuracy",
+                    "global_accuracy_ratio",
                     "Global-test accuracy of the newest evaluated global (aggregated) model (family=all: every client)",
                 ),
-                &["namespace", "name", "family"],
+                &["ft_namespace", "federatedtune", "family"],
             )),
             jobs_created: must(IntCounterVec::new(
                 Opts::new("jobs_created_total", "Jobs created"),
@@ -177,6 +277,13 @@ impl Metrics {
             Box::new(m.reconciles.clone()),
             Box::new(m.reconcile_errors.clone()),
             Box::new(m.reconcile_duration.clone()),
+            Box::new(m.build_info.clone()),
+            Box::new(m.phase.clone()),
+            Box::new(m.round.clone()),
+            Box::new(m.planned_rounds.clone()),
+            Box::new(m.completed_rounds.clone()),
+            Box::new(m.round_start_time.clone()),
+            Box::new(m.round_deadline.clone()),
             Box::new(m.rounds_completed.clone()),
             Box::new(m.round_duration.clone()),
             Box::new(m.clients.clone()),
@@ -191,6 +298,9 @@ impl Metrics {
         for c in collectors {
             must(m.registry.register(c));
         }
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
         m
     }
 
@@ -294,6 +404,38 @@ impl Metrics {
         self.remember(ns, name, Series::Accuracy(family.to_string()));
     }
 
+    /// Sets the gauges of where run `ns/name` stands.
+    pub fn set_progress(&self, ns: &str, name: &str, p: &RunProgress) {
+        let run = [ns, name];
+        for phase in PHASES {
+            let label = phase_label(phase);
+            self.phase
+                .with_label_values(&[ns, name, label])
+                .set(i64::from(phase == p.phase));
+            self.remember(ns, name, Series::Phase(label));
+        }
+        self.round.with_label_values(&run).set(i64::from(p.round));
+        self.planned_rounds
+            .with_label_values(&run)
+            .set(i64::from(p.planned_rounds));
+        self.completed_rounds
+            .with_label_values(&run)
+            .set(i64::from(p.completed_rounds));
+        self.round_deadline
+            .with_label_values(&run)
+            .set(i64::from(p.round_deadline_seconds));
+        self.remember(ns, name, Series::Progress);
+        match p.round_started_at {
+            Some(t) => {
+                self.round_start_time.with_label_values(&run).set(t);
+                self.remember(ns, name, Series::RoundStart);
+            }
+            None => {
+                let _ = self.round_start_time.remove_label_values(&run);
+            }
+        }
+    }
+
     /// Sets the clients-by-state gauge of run `ns/name`.
     pub fn set_clients(&self, ns: &str, name: &str, counts: &[(&str, i64)]) {
         for (state, n) in counts {
@@ -312,6 +454,14 @@ impl Metrics {
             .unwrap_or_default();
         for s in series {
             let _ = match s {
+                Series::Progress => {
+                    let _ = self.round.remove_label_values(&[ns, name]);
+                    let _ = self.planned_rounds.remove_label_values(&[ns, name]);
+                    let _ = self.completed_rounds.remove_label_values(&[ns, name]);
+                    self.round_deadline.remove_label_values(&[ns, name])
+                }
+                Series::Phase(p) => self.phase.remove_label_values(&[ns, name, p]),
+                Series::RoundStart => self.round_start_time.remove_label_values(&[ns, name]),
                 Series::Rounds => self.rounds_completed.remove_label_values(&[ns, name]),
                 Series::RoundDuration => self.round_duration.remove_label_values(&[ns, name]),
                 Series::Bytes => self.uploaded_bytes.remove_label_values(&[ns, name]),
@@ -382,18 +532,35 @@ mod tests {
         fam.insert("bert".to_string(), 0.8);
         m.round_completed("ns", "ft", Some(42.0), 1234, &rejected, Some(0.75), &fam);
         m.set_clients("ns", "ft", &[("Training", 3), ("Committed", 1)]);
+        let mut progress = RunProgress {
+            phase: Phase::Running,
+            round: 2,
+            planned_rounds: 6,
+            completed_rounds: 1,
+            round_deadline_seconds: 3600,
+            round_started_at: Some(1_700_000_000.0),
+        };
+        m.set_progress("ns", "ft", &progress);
         let text = m.encode();
         for name in [
             "heterotune_reconciles_total 1",
             "heterotune_reconcile_errors_total{error=\"invalid_spec\"} 1",
             "heterotune_reconcile_duration_seconds_count 1",
-            "heterotune_rounds_completed_total{name=\"ft\",namespace=\"ns\"} 1",
-            "heterotune_round_duration_seconds_sum{name=\"ft\",namespace=\"ns\"} 42",
-            "heterotune_uploaded_bytes_total{name=\"ft\",namespace=\"ns\"} 1234",
-            "heterotune_artifacts_rejected_total{name=\"ft\",namespace=\"ns\",reason=\"norm_bound\"} 2",
-            "heterotune_accuracy{family=\"bert\",name=\"ft\",namespace=\"ns\"} 0.8",
-            "heterotune_accuracy{family=\"all\",name=\"ft\",namespace=\"ns\"} 0.75",
-            "heterotune_clients{name=\"ft\",namespace=\"ns\",state=\"Training\"} 3",
+            "heterotune_rounds_completed_total{federatedtune=\"ft\",ft_namespace=\"ns\"} 1",
+            "heterotune_round_duration_seconds_sum{federatedtune=\"ft\",ft_namespace=\"ns\"} 42",
+            "heterotune_uploaded_bytes_total{federatedtune=\"ft\",ft_namespace=\"ns\"} 1234",
+            "heterotune_artifacts_rejected_total{federatedtune=\"ft\",ft_namespace=\"ns\",reason=\"norm_bound\"} 2",
+            "heterotune_accuracy_ratio{family=\"bert\",federatedtune=\"ft\",ft_namespace=\"ns\"} 0.8",
+            "heterotune_accuracy_ratio{family=\"all\",federatedtune=\"ft\",ft_namespace=\"ns\"} 0.75",
+            "heterotune_clients{federatedtune=\"ft\",ft_namespace=\"ns\",state=\"Training\"} 3",
+            "heterotune_phase{federatedtune=\"ft\",ft_namespace=\"ns\",phase=\"Running\"} 1",
+            "heterotune_phase{federatedtune=\"ft\",ft_namespace=\"ns\",phase=\"Failed\"} 0",
+            "heterotune_round{federatedtune=\"ft\",ft_namespace=\"ns\"} 2",
+            "heterotune_planned_rounds{federatedtune=\"ft\",ft_namespace=\"ns\"} 6",
+            "heterotune_completed_rounds{federatedtune=\"ft\",ft_namespace=\"ns\"} 1",
+            "heterotune_round_start_time_seconds{federatedtune=\"ft\",ft_namespace=\"ns\"} 1700000000",
+            "heterotune_round_deadline_seconds{federatedtune=\"ft\",ft_namespace=\"ns\"} 3600",
+            "heterotune_build_info{version=",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }
@@ -404,8 +571,19 @@ mod tests {
             assert!(line.starts_with("heterotune_"), "{line}");
         }
         promtool_accepts(&text);
+        // No round in progress: no start time.
+        progress.round_started_at = None;
+        progress.phase = Phase::Succeeded;
+        m.set_progress("ns", "ft", &progress);
+        let text = m.encode();
+        assert!(
+            !text.contains("heterotune_round_start_time_seconds{"),
+            "{text}"
+        );
+        assert!(text.contains("phase=\"Succeeded\"} 1"), "{text}");
         m.forget("ns", "ft");
         let text = m.encode();
-        assert!(!text.contains("namespace=\"ns\""), "{text}");
+        assert!(!text.contains("ft_namespace=\"ns\""), "{text}");
+        assert!(text.contains("heterotune_build_info{"), "{text}");
     }
 }

@@ -105,7 +105,7 @@ async fn reconcile_run(ft: &FederatedTune, ctx: &Context) -> Result<Action> {
     let decision = decide(&run, &world, &ctx.config);
     let outcome = decision.outcome(ctx.config.reconcile.store_poll_seconds);
     apply::apply(ctx, &run, decision.jobs).await?;
-    status::record_metrics(ctx, &run, &decision.status);
+    status::record_metrics(ctx, &run, &decision.status, decision.round_started_at);
     status::write(ctx, ft, decision.status, decision.events).await?;
     outcome
 }

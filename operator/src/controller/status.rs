@@ -16,6 +16,7 @@ use super::context::{Context, MANAGER};
 use super::error::{kube, Error, Result};
 use super::events::{announcements, publish, Announcement};
 use super::run::Run;
+use crate::controller::metrics::RunProgress;
 use crate::protocol::observe::{CompletedRound, GlobalAccuracy};
 
 /// Condition types, in the order they are written.
@@ -421,9 +422,30 @@ pub async fn write(
     Ok(changed)
 }
 
-/// Updates the run's metrics from the status about to be written.
-pub fn record_metrics(ctx: &Context, run: &Run, next: &FederatedTuneStatus) {
+/// Updates the run's metrics from the status about to be written and the
+/// start of the round in progress (Unix seconds).
+pub fn record_metrics(
+    ctx: &Context,
+    run: &Run,
+    next: &FederatedTuneStatus,
+    round_started_at: Option<f64>,
+) {
     let m = &ctx.metrics;
+    let spec = &run.ft.spec;
+    let phase = next.phase.unwrap_or(Phase::Pending);
+    let in_round = matches!(phase, Phase::Running | Phase::Aggregating);
+    m.set_progress(
+        &run.namespace,
+        &run.name,
+        &RunProgress {
+            phase,
+            round: next.round,
+            planned_rounds: spec.rounds,
+            completed_rounds: next.history.last().map_or(0, |h| h.round),
+            round_deadline_seconds: spec.round_deadline_seconds,
+            round_started_at: round_started_at.filter(|_| in_round),
+        },
+    );
     let last_known = run.last_recorded_round();
     for h in next.history.iter().filter(|h| h.round > last_known) {
         m.round_completed(

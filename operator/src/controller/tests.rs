@@ -781,11 +781,23 @@ async fn a_completed_round_is_recorded_and_the_next_one_starts() {
         },
         |_, ctx| {
             let text = ctx.metrics.encode();
-            assert!(text.contains("heterotune_rounds_completed_total{name=\"trec\",namespace=\"default\"} 1"), "{text}");
-            assert!(text.contains("heterotune_round_duration_seconds_sum{name=\"trec\",namespace=\"default\"} 990"), "{text}");
-            assert!(text.contains("heterotune_artifacts_rejected_total{name=\"trec\",namespace=\"default\",reason=\"norm_bound\"} 1"));
-            assert!(text.contains("heterotune_accuracy{family=\"bert\",name=\"trec\",namespace=\"default\"} 0.71"));
-            assert!(text.contains("heterotune_clients{name=\"trec\",namespace=\"default\",state=\"Training\"} 3"));
+            assert!(text.contains("heterotune_rounds_completed_total{federatedtune=\"trec\",ft_namespace=\"default\"} 1"), "{text}");
+            assert!(text.contains("heterotune_round_duration_seconds_sum{federatedtune=\"trec\",ft_namespace=\"default\"} 990"), "{text}");
+            assert!(text.contains("heterotune_artifacts_rejected_total{federatedtune=\"trec\",ft_namespace=\"default\",reason=\"norm_bound\"} 1"));
+            assert!(text.contains("heterotune_accuracy_ratio{family=\"bert\",federatedtune=\"trec\",ft_namespace=\"default\"} 0.71"));
+            assert!(text.contains("heterotune_clients{federatedtune=\"trec\",ft_namespace=\"default\",state=\"Training\"} 3"));
+            // Where the run stands: round 2 of 10 started now (its Jobs).
+            for line in [
+                "heterotune_phase{federatedtune=\"trec\",ft_namespace=\"default\",phase=\"Running\"} 1",
+                "heterotune_phase{federatedtune=\"trec\",ft_namespace=\"default\",phase=\"Pending\"} 0",
+                "heterotune_round{federatedtune=\"trec\",ft_namespace=\"default\"} 2",
+                "heterotune_completed_rounds{federatedtune=\"trec\",ft_namespace=\"default\"} 1",
+                "heterotune_planned_rounds{federatedtune=\"trec\",ft_namespace=\"default\"} 10",
+                "heterotune_round_start_time_seconds{federatedtune=\"trec\",ft_namespace=\"default\"} 1700000000",
+                "heterotune_round_deadline_seconds{federatedtune=\"trec\",ft_namespace=\"default\"} ",
+            ] {
+                assert!(text.contains(line), "{line} missing in {text}");
+            }
         },
     )
     .await;
@@ -1038,7 +1050,7 @@ async fn after_the_last_round_every_client_evaluates_the_final_global_model() {
         |_, ctx| {
             let text = ctx.metrics.encode();
             assert!(
-                text.contains("heterotune_global_accuracy{family=\"all\",name=\"trec\",namespace=\"default\"} 0.79"),
+                text.contains("heterotune_global_accuracy_ratio{family=\"all\",federatedtune=\"trec\",ft_namespace=\"default\"} 0.79"),
                 "{text}"
             );
         },

@@ -174,6 +174,39 @@ async fn run_to_end(
     }
 }
 
+/// Checks that the trainer binary starts (`heterotune-trainer --version`)
+/// before a run depends on it. A trainer whose dynamic loader cannot find
+/// libtorch exits 127 before `main`; the error says how to fix that.
+pub fn check_starts(binary: &Path) -> Result<(), String> {
+    let out = std::process::Command::new(binary)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| {
+            format!(
+                "cannot start the trainer {}: {e}; build it (cargo build --release -p heterotune-trainer) or pass --trainer",
+                binary.display()
+            )
+        })?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let hint = if stderr.contains("error while loading shared libraries") {
+        "it cannot load libtorch: rebuild it after `source scripts/env.sh` (the build then records \
+         the venv's torch/lib in the binary), or run `source scripts/env.sh` in this shell \
+         (it sets LD_LIBRARY_PATH)"
+    } else {
+        "check that --trainer names a heterotune-trainer binary of this version"
+    };
+    Err(format!(
+        "the trainer {} does not start ({}: {}); {hint}",
+        binary.display(),
+        out.status,
+        tail(&stderr, 2)
+    ))
+}
+
 /// Makes the process `cmd` starts receive SIGKILL when the thread that
 /// started it ends (Linux `PR_SET_PDEATHSIG`): a runner or pod-side job
 /// killed with SIGKILL leaves no trainer behind, training on and writing
@@ -444,6 +477,32 @@ mod tests {
     fn state_of(pid: u32) -> Option<char> {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
         stat.rsplit(')').next()?.trim_start().chars().next()
+    }
+
+    /// A trainer that cannot load libtorch is refused with the fix; one
+    /// that starts passes.
+    #[test]
+    fn a_trainer_that_cannot_load_libtorch_is_named_with_the_fix() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fake = dir.path().join("heterotune-trainer");
+        std::fs::write(
+            &fake,
+            "#!/bin/sh\necho 'heterotune-trainer: error while loading shared libraries: libtorch_cpu.so: cannot open shared object file' >&2\nexit 127\n",
+        )
+        .expect("write");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let e = check_starts(&fake).expect_err("exit 127 is refused");
+        assert!(
+            e.contains("libtorch_cpu.so") && e.contains("source scripts/env.sh"),
+            "{e}"
+        );
+        let e = check_starts(&dir.path().join("missing")).expect_err("missing");
+        assert!(
+            e.contains("cargo build --release -p heterotune-trainer"),
+            "{e}"
+        );
+        check_starts(Path::new("/bin/true")).expect("a binary that starts");
     }
 
     /// A child started with [`die_with_parent`] is killed when the thread

@@ -80,7 +80,7 @@ impl Runner {
             summary::record_evaluation(&mut self.report, rounds, &self.evaluated);
             self.progress.evaluation_done(&self.report);
         }
-        self.report.total_seconds = self.started.elapsed().as_secs_f64();
+        self.report.total_seconds = self.total_seconds();
         self.report.status = "Succeeded".into();
         self.publish_report().await;
         self.progress.finish(&self.report);
@@ -90,7 +90,7 @@ impl Runner {
     async fn fail(&mut self, reason: FailureReason, message: String) -> RunError {
         self.children.kill_all();
         self.report.status = format!("Failed ({})", reason.as_str());
-        self.report.total_seconds = self.started.elapsed().as_secs_f64();
+        self.report.total_seconds = self.total_seconds();
         self.publish_report().await;
         RunError::Failed {
             round: self.round,

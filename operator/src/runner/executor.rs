@@ -38,6 +38,8 @@ pub struct Runner {
     pub report_dir: PathBuf,
     /// When `heterotune run` started (the report's total time).
     pub started: Instant,
+    /// The time earlier runs of this run spent (their report in the store).
+    pub earlier_seconds: f64,
     /// The planner's clock starts here.
     pub epoch: Instant,
     /// Rounds `1..=completed` are complete (the last look).
@@ -78,9 +80,12 @@ impl Runner {
     }
 
     /// Records every completed round and the final evaluation found in the
-    /// store (a resumed run), with no time measured.
+    /// store (a resumed run), with the times the earlier runs measured.
     pub async fn rebuild_report(&mut self) -> Result<(), RunError> {
         self.look().await?;
+        if let Some(earlier) = self.earlier_report().await {
+            self.earlier_seconds = summary::resume(&mut self.report, earlier, self.completed);
+        }
         for round in 1..=self.completed {
             self.record_round(round, f64::NAN, &[]);
         }
@@ -130,7 +135,7 @@ impl Runner {
             if r < round && r <= rounds {
                 let excluded = self.state.excluded.clone();
                 self.record_round(r, t.elapsed().as_secs_f64(), &excluded);
-                self.report.total_seconds = self.started.elapsed().as_secs_f64();
+                self.report.total_seconds = self.total_seconds();
                 self.report.status = "Running".into();
                 self.publish_report().await;
                 self.progress.round_done(&self.report);
@@ -143,6 +148,27 @@ impl Runner {
         } else {
             self.progress.start_evaluation(rounds);
         }
+    }
+
+    /// The report an earlier run of this run left in the store, if any (one
+    /// that cannot be read is only logged: the run goes on without its times).
+    async fn earlier_report(&self) -> Option<Report> {
+        let key = format!("{}/report.json", self.layout.report_dir());
+        let bytes = match self.store.get(&key).await {
+            Ok(found) => found?,
+            Err(e) => {
+                tracing::warn!(%key, error = %e, "cannot read the earlier report: its round times are lost");
+                return None;
+            }
+        };
+        serde_json::from_slice(&bytes)
+            .map_err(|e| tracing::warn!(%key, error = %e, "the earlier report does not parse: its round times are lost"))
+            .ok()
+    }
+
+    /// Wall time of this run so far, earlier (interrupted) runs included.
+    pub fn total_seconds(&self) -> f64 {
+        self.earlier_seconds + self.started.elapsed().as_secs_f64()
     }
 
     /// Adds completed round `round` to the report.

@@ -10,6 +10,7 @@
 mod act;
 mod executor;
 mod options;
+mod plots;
 mod progress;
 pub mod report;
 mod setup;

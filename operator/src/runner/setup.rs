@@ -104,6 +104,7 @@ impl Runner {
             report,
             report_dir,
             started,
+            earlier_seconds: 0.0,
             epoch: Instant::now(),
             completed: 0,
             facts: Default::default(),

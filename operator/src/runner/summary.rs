@@ -82,7 +82,9 @@ pub fn new_report(ft: &FederatedTune, run: &str) -> Report {
 }
 
 /// Adds a completed round to the report from its facts (the manifests the
-/// store holds): `duration` and `excluded` are what this runner saw of it.
+/// store holds): `duration` and `excluded` are what this runner saw of it;
+/// a NaN `duration` (a round this runner did not see) keeps what an earlier
+/// run measured ([`resume`]).
 pub fn record_round(report: &mut Report, facts: &RoundFacts, duration: f64, excluded: &[String]) {
     let round = facts.round;
     let global = facts.global.as_ref();
@@ -110,6 +112,10 @@ pub fn record_round(report: &mut Report, facts: &RoundFacts, duration: f64, excl
     let bytes_uploaded = clients.iter().map(|c| c.bytes_uploaded).sum();
     let global_bytes = global.map(|g| g.artifact.bytes).unwrap_or(0);
     let kept = report.rounds.iter().find(|r| r.round == round).cloned();
+    let (duration, excluded) = match &kept {
+        Some(k) if duration.is_nan() => (k.duration_seconds, k.excluded.as_slice()),
+        _ => (duration, excluded),
+    };
     let record = RoundRecord {
         round,
         duration_seconds: duration,
@@ -204,6 +210,26 @@ pub fn record_evaluation(report: &mut Report, last_round: u32, results: &[Evalua
         last.global_accuracy_by_family = by_family;
     }
     report.final_evaluation = results.to_vec();
+}
+
+/// Takes over what an earlier run of the same run measured (its report in
+/// the store): each completed round's time, aggregation time and excluded
+/// clients, which no manifest holds. Returns the earlier runs' total time.
+/// Everything else is re-read from the manifests by [`record_round`].
+pub fn resume(report: &mut Report, earlier: Report, completed: u32) -> f64 {
+    if earlier.run != report.run {
+        return 0.0;
+    }
+    report.rounds = earlier
+        .rounds
+        .into_iter()
+        .filter(|r| r.round <= completed)
+        .collect();
+    if earlier.total_seconds.is_finite() {
+        earlier.total_seconds.max(0.0)
+    } else {
+        0.0
+    }
 }
 
 /// Records the aggregation time of `round` (before the round's record exists).
@@ -338,5 +364,33 @@ mod tests {
         let last = &report.rounds[1];
         assert_eq!(last.global_accuracy, Some(0.5));
         assert_eq!(report.final_evaluation.len(), 2);
+
+        // A later run of the same run keeps what this one measured.
+        report.run = "r".into();
+        report.total_seconds = 7.0;
+        let mut again = Report {
+            run: "r".into(),
+            ..Report::default()
+        };
+        let earlier: Report =
+            serde_json::from_slice(&serde_json::to_vec(&report).expect("json")).expect("parse");
+        assert_eq!(resume(&mut again, earlier.clone(), 1), 7.0);
+        assert_eq!(
+            again.rounds.len(),
+            1,
+            "round 2 is not complete in the store"
+        );
+        assert_eq!(resume(&mut again, earlier, 2), 7.0);
+        record_round(&mut again, &facts, f64::NAN, &[]);
+        let second = &again.rounds[1];
+        assert_eq!(second.duration_seconds, 3.0);
+        assert_eq!(second.excluded, ["c"]);
+        assert_eq!(second.aggregation_seconds, 0.5);
+        let other = Report {
+            run: "another".into(),
+            ..Report::default()
+        };
+        assert_eq!(resume(&mut again, other, 2), 0.0);
+        assert_eq!(again.rounds.len(), 2, "another run's report is ignored");
     }
 }
