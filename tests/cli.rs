@@ -1,4 +1,5 @@
-//! The `heterotune` CLI end to end: exit codes and messages of `validate`.
+//! The `heterotune` CLI end to end: exit codes and messages of `validate`;
+//! the trainer binary starting as built.
 
 use std::process::Command;
 
@@ -78,4 +79,21 @@ fn missing_file_and_bad_yaml_are_clear_errors() {
     let (code, _, stderr) = heterotune(&["validate", "-f", &file.to_string_lossy()]);
     assert_eq!(code, 1);
     assert!(stderr.contains("invalid YAML at line"), "{stderr}");
+}
+
+/// The trainer finds libtorch without `source scripts/env.sh` (its RUNPATH,
+/// set at build time): it starts in an environment without LD_LIBRARY_PATH.
+#[test]
+fn the_trainer_starts_without_the_library_path() {
+    let out = Command::new(binary("heterotune-trainer"))
+        .arg("--version")
+        .env_remove("LD_LIBRARY_PATH")
+        .output()
+        .expect("heterotune-trainer starts");
+    assert!(
+        out.status.success(),
+        "exit {:?}: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
