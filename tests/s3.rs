@@ -41,10 +41,43 @@ fn weed_binary() -> PathBuf {
     weed
 }
 
+/// True when the S3 API on `port` answers 200 for a HEAD of `bucket`.
+fn serves(port: u16, bucket: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.write_all(format!("HEAD /{bucket} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes());
+    let mut buf = [0u8; 32];
+    let status = s
+        .read(&mut buf)
+        .map(|n| String::from_utf8_lossy(&buf[..n]).into_owned())
+        .unwrap_or_default();
+    status.starts_with("HTTP/1.") && status.split_whitespace().nth(1) == Some("200")
+}
+
 impl S3Server {
     /// Starts a server keeping its data under `data`, with `bucket` created.
+    ///
+    /// Its ports are picked free just before the start; another process can
+    /// take one in between (tests start servers in parallel), and the server
+    /// then exits: it is started again on fresh ports, up to three times.
     pub fn start(data: &Path, bucket: &str) -> S3Server {
         std::fs::create_dir_all(data).expect("data dir");
+        for attempt in 1..=3 {
+            if let Some(server) = Self::try_start(data, bucket, attempt) {
+                return server;
+            }
+        }
+        panic!(
+            "SeaweedFS did not start in three attempts: see {}",
+            data.join("weed.log").display()
+        );
+    }
+
+    /// One start: the server once it serves `bucket`, `None` when it exited
+    /// first (a port taken), a panic after two minutes.
+    fn try_start(data: &Path, bucket: &str, attempt: u32) -> Option<S3Server> {
         let port = free_port();
         let mut cmd = Command::new(weed_binary());
         cmd.arg("mini")
@@ -71,32 +104,28 @@ impl S3Server {
         ] {
             cmd.arg(format!("{flag}={}", free_port()));
         }
-        let log = std::fs::File::create(data.join("weed.log")).expect("log");
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(data.join("weed.log"))
+            .expect("log");
         let child = cmd
             .stdout(Stdio::from(log.try_clone().expect("log")))
             .stderr(Stdio::from(log))
             .spawn()
             .expect("weed starts");
-        let server = S3Server { child, port };
+        let mut server = S3Server { child, port };
         let start = Instant::now();
         loop {
-            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
-                use std::io::{Read, Write};
-                let _ = s.write_all(
-                    format!("HEAD /{bucket} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes(),
-                );
-                let mut buf = [0u8; 32];
-                let status = s
-                    .read(&mut buf)
-                    .map(|n| String::from_utf8_lossy(&buf[..n]).into_owned())
-                    .unwrap_or_default();
-                if status.starts_with("HTTP/1.") && status.split_whitespace().nth(1) == Some("200")
-                {
-                    return server;
-                }
+            if serves(port, bucket) {
+                return Some(server);
+            }
+            if let Ok(Some(status)) = server.child.try_wait() {
+                eprintln!("SeaweedFS attempt {attempt} exited ({status}): starting it again");
+                return None;
             }
             assert!(
-                start.elapsed() < Duration::from_secs(60),
+                start.elapsed() < Duration::from_secs(120),
                 "SeaweedFS did not serve bucket {bucket} on port {port}: see {}",
                 data.join("weed.log").display()
             );
