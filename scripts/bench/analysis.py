@@ -32,21 +32,22 @@ def group(records: dict[RunKey, dict]) -> Groups:
         res = dict(rec["result"], wall_seconds=rec.get("wall_seconds"))
         out.setdefault((key.scenario, key.task), {}).setdefault(key.method, {})[key.seed] = res
     for runs in out.values():
-        serve_fixed(runs)
+        serve_auto(runs)
         expand_variants(runs)
     return out
 
 
-def serve_fixed(runs: dict[str, dict[int, dict]]) -> None:
-    """The fixed-serving arm serves the ensemble, and the bridge for a client whose home model is
-    the bridge's backbone (the rule `serve: auto` had before it read validation accuracy): read
-    from the same run's variants, the same evaluations."""
+def serve_auto(runs: dict[str, dict[int, dict]]) -> None:
+    """Bridge + pool runs serve `auto`: the ensemble, and the bridge for a client whose home model
+    is the bridge's backbone (`ServedModel::choose`). Runs that served the ensemble everywhere get
+    that rule applied to their variants: the same evaluations."""
     bridge_model = METHODS[BRIDGE_POOL]["bridge"]["model"]["uri"].rsplit("/", 1)[-1]
     for res in runs.get(BRIDGE_POOL, {}).values():
         for c in res["clients"]:
             v = c.get("variants") or {}
             if "bridge" in v and "ensemble" in v:
-                c["accuracy"] = v["bridge"] if c.get("home") == bridge_model else v["ensemble"]
+                c["served"] = "bridge" if c.get("home") == bridge_model else "ensemble"
+                c["accuracy"] = v[c["served"]]
 
 
 def expand_variants(runs: dict[str, dict[int, dict]]) -> None:

@@ -155,7 +155,7 @@ FAMILY_FEDAVG = "family-FedAvg"
 HETLORA = "HetLoRA"
 FLEXLORA = "FlexLoRA"
 BRIDGE = "Bridge (ensemble)"
-BRIDGE_POOL = "Bridge + pool (fixed serving)"
+BRIDGE_POOL = "Bridge + pool"
 BRIDGE_VALIDATED = "Bridge + pool (validated)"
 # The public pool of the pool arm: this share of the training split, held out unlabeled.
 POOL_SHARE = 0.1
@@ -201,21 +201,22 @@ METHODS: dict[str, dict] = {
         "bridge": {
             "model": {"family": "bert", "uri": "cache://models/paraphrase-MiniLM-L3-v2"},
             "distillation": {"weight": 1.0, "temperature": 2.0, "poolWeight": 1.0},
-            # the ensemble; the analysis serves the bridge where a client's own model is the
-            # bridge's backbone (analysis.serve_fixed: the rule `auto` had before validation)
+            # `auto`: the ensemble, the bridge where a client's own model is the bridge's backbone
+            # (the first runs served "ensemble": analysis.serve_auto applies the rule to their
+            # variants, the same evaluations)
             "serve": "ensemble",
         },
         "pool": POOL_SHARE,
     },
     # The same, with the two choices read from each client's validation split: which model it
-    # serves (`serve: auto`) and which model teaches the other on the pool (`poolTeacher`).
+    # serves (`serve: validated`) and which model teaches the other on the pool (`poolTeacher`).
     BRIDGE_VALIDATED: {
         "aggregation": {"algorithm": "fedavg"},
         "bridge": {
             "model": {"family": "bert", "uri": "cache://models/paraphrase-MiniLM-L3-v2"},
             "distillation": {"weight": 1.0, "temperature": 2.0, "poolWeight": 1.0,
                              "poolTeacher": "validated"},
-            "serve": "auto",
+            "serve": "validated",
         },
         "pool": POOL_SHARE,
     },

@@ -203,12 +203,13 @@ impl PairScores {
         })
     }
 
-    /// The scores of the served model `served` (`auto` must be resolved
-    /// first: [`ServedModel::resolve`]; unresolved it reads as `ensemble`).
+    /// The scores of the served model `served` (`auto` and `validated` must
+    /// be resolved first: [`ServedModel::choose`]; unresolved they read as
+    /// `ensemble`).
     pub fn get(&self, served: ServedModel) -> &(Scores, f64) {
         match served {
             ServedModel::Own => &self.own,
-            ServedModel::Auto => &self.ensemble,
+            ServedModel::Auto | ServedModel::Validated => &self.ensemble,
             ServedModel::Bridge => &self.bridge,
             ServedModel::Ensemble => &self.ensemble,
             ServedModel::Confident => &self.confident,

@@ -107,12 +107,17 @@ pub enum ServedModel {
     Own,
     /// The bridge model (the same for every client).
     Bridge,
-    /// Of `own`, `bridge` and `ensemble`, the one with the highest accuracy
-    /// on the client's own validation split (ties go to the ensemble, then
-    /// the bridge): a client whose own model collapsed or lags serves the
-    /// bridge, one whose own model is strong serves it or the ensemble.
+    /// `ensemble`, except for a client whose own backbone is the bridge's:
+    /// its own model adds no capacity, only less data, and it serves the
+    /// bridge.
     #[default]
     Auto,
+    /// Of `own`, `bridge` and `ensemble`, the one with the highest accuracy
+    /// on the client's own validation split (ties go to the ensemble, then
+    /// the bridge). Under label skew that split has the client's skew, so
+    /// this favours a model fitted to the client's own distribution (what
+    /// a site that serves its own traffic may want), not the federation's.
+    Validated,
     /// The mean of the two models' class probabilities.
     Ensemble,
     /// The two models' class probabilities weighted, example by example, by
@@ -127,6 +132,7 @@ impl ServedModel {
     pub fn as_str(self) -> &'static str {
         match self {
             ServedModel::Auto => "auto",
+            ServedModel::Validated => "validated",
             ServedModel::Own => "own",
             ServedModel::Bridge => "bridge",
             ServedModel::Ensemble => "ensemble",
@@ -134,25 +140,36 @@ impl ServedModel {
         }
     }
 
-    /// What a client serves: `auto` resolved by `validation_accuracy` of
-    /// each candidate ([`ServedModel::AUTO_CANDIDATES`], the first of equal
-    /// ones wins); the other choices as they are.
-    pub fn choose(self, validation_accuracy: impl Fn(ServedModel) -> f64) -> ServedModel {
-        if self != ServedModel::Auto {
-            return self;
-        }
-        let mut best = (ServedModel::AUTO_CANDIDATES[0], f64::NEG_INFINITY);
-        for candidate in ServedModel::AUTO_CANDIDATES {
-            let accuracy = validation_accuracy(candidate);
-            if accuracy > best.1 {
-                best = (candidate, accuracy);
+    /// What a client whose own model is at `own_uri` serves: `auto`
+    /// resolved against `bridge_uri`, `validated` by `validation_accuracy`
+    /// of each candidate ([`ServedModel::VALIDATED_CANDIDATES`], the first
+    /// of equal ones wins); the other choices as they are.
+    pub fn choose(
+        self,
+        own_uri: &str,
+        bridge_uri: &str,
+        validation_accuracy: impl Fn(ServedModel) -> f64,
+    ) -> ServedModel {
+        let same = |u: &str| u.trim_end_matches('/').to_string();
+        match self {
+            ServedModel::Auto if same(own_uri) == same(bridge_uri) => ServedModel::Bridge,
+            ServedModel::Auto => ServedModel::Ensemble,
+            ServedModel::Validated => {
+                let mut best = (ServedModel::VALIDATED_CANDIDATES[0], f64::NEG_INFINITY);
+                for candidate in ServedModel::VALIDATED_CANDIDATES {
+                    let accuracy = validation_accuracy(candidate);
+                    if accuracy > best.1 {
+                        best = (candidate, accuracy);
+                    }
+                }
+                best.0
             }
+            fixed => fixed,
         }
-        best.0
     }
 
-    /// What `auto` chooses from, in order of preference among equals.
-    pub const AUTO_CANDIDATES: [ServedModel; 3] =
+    /// What `validated` chooses from, in order of preference among equals.
+    pub const VALIDATED_CANDIDATES: [ServedModel; 3] =
         [ServedModel::Ensemble, ServedModel::Bridge, ServedModel::Own];
 
     /// Every model a client can serve (`auto` is one of them), in report order.
@@ -169,7 +186,28 @@ mod tests {
     use super::ServedModel;
 
     #[test]
-    fn auto_serves_the_best_validated_model_and_prefers_the_ensemble_among_equals() {
+    fn auto_serves_the_bridge_only_on_the_bridges_own_backbone() {
+        let bridge = "cache://models/paraphrase-MiniLM-L3-v2";
+        let auto = ServedModel::Auto;
+        let any = |_: ServedModel| 0.5;
+        assert_eq!(auto.choose(bridge, bridge, any), ServedModel::Bridge);
+        assert_eq!(
+            auto.choose(&format!("{bridge}/"), bridge, any),
+            ServedModel::Bridge
+        );
+        assert_eq!(
+            auto.choose("cache://models/all-mpnet-base-v2", bridge, any),
+            ServedModel::Ensemble
+        );
+        assert_eq!(
+            ServedModel::Own.choose(bridge, bridge, any),
+            ServedModel::Own
+        );
+        assert!(!ServedModel::ALL.contains(&ServedModel::Auto));
+    }
+
+    #[test]
+    fn validated_serves_the_best_validated_model_and_prefers_the_ensemble_among_equals() {
         let scores = |own: f64, bridge: f64, ensemble: f64| {
             move |v: ServedModel| match v {
                 ServedModel::Own => own,
@@ -178,17 +216,15 @@ mod tests {
                 _ => 1.0, // never a candidate
             }
         };
-        let auto = ServedModel::Auto;
-        assert_eq!(auto.choose(scores(0.9, 0.8, 0.85)), ServedModel::Own);
-        assert_eq!(auto.choose(scores(0.3, 0.8, 0.6)), ServedModel::Bridge);
-        assert_eq!(auto.choose(scores(0.8, 0.8, 0.8)), ServedModel::Ensemble);
-        assert_eq!(auto.choose(scores(0.8, 0.85, 0.7)), ServedModel::Bridge);
-        assert_eq!(auto.choose(scores(0.9, 0.9, 0.7)), ServedModel::Bridge);
-        assert_eq!(
-            ServedModel::Own.choose(scores(0.1, 0.9, 0.9)),
-            ServedModel::Own
-        );
-        assert!(!ServedModel::ALL.contains(&ServedModel::Auto));
-        assert!(!ServedModel::AUTO_CANDIDATES.contains(&ServedModel::Auto));
+        let v = |own, bridge, ensemble| {
+            ServedModel::Validated.choose("a", "b", scores(own, bridge, ensemble))
+        };
+        assert_eq!(v(0.9, 0.8, 0.85), ServedModel::Own);
+        assert_eq!(v(0.3, 0.8, 0.6), ServedModel::Bridge);
+        assert_eq!(v(0.8, 0.8, 0.8), ServedModel::Ensemble);
+        assert_eq!(v(0.8, 0.85, 0.7), ServedModel::Bridge);
+        assert_eq!(v(0.9, 0.9, 0.7), ServedModel::Bridge);
+        assert!(!ServedModel::ALL.contains(&ServedModel::Validated));
+        assert!(!ServedModel::VALIDATED_CANDIDATES.contains(&ServedModel::Validated));
     }
 }

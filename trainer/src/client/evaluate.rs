@@ -39,14 +39,14 @@ pub fn evaluate(
                 PairScores::of((&loaded.model, &own), (&b.model, &bridge), batch, classes)
             };
             let test_scores = pair(&loaded.test)?;
-            // `auto` reads the client's validation split, as in training.
-            let served = match spec.serve {
-                ServedModel::Auto => {
-                    let val = pair(&loaded.validation)?;
-                    spec.serve.choose(|v| val.get(v).0.accuracy)
-                }
-                fixed => fixed,
+            // `validated` reads the client's validation split, as in training.
+            let val = match spec.serve {
+                ServedModel::Validated => Some(pair(&loaded.validation)?),
+                _ => None,
             };
+            let served = spec.serve.choose(&client.model.uri, &spec.model.uri, |v| {
+                val.as_ref().map_or(0.0, |s| s.get(v).0.accuracy)
+            });
             (
                 *test_scores.get(served),
                 test_scores.accuracies(),

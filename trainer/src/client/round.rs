@@ -260,7 +260,11 @@ fn train_and_score_pair(
     )?;
     let val = score(&c.model, &b.model, &validation)?;
     let tst = score(&c.model, &b.model, &test)?;
-    let served = spec.serve.choose(|v| val.get(v).0.accuracy);
+    let served = spec
+        .serve
+        .choose(&c.spec.clients[c.index].model.uri, &spec.model.uri, |v| {
+            val.get(v).0.accuracy
+        });
     let (validation, validation_loss) = *val.get(served);
     let scores = RoundScores {
         report,
