@@ -210,10 +210,20 @@ fn killed_runner_resumes_without_redoing_or_losing_work() {
         &mut child,
         Duration::from_secs(300),
     );
+    // A second `heterotune run` of the same run refuses, naming the holder.
+    let second = run_command(root, &spec_file)
+        .output()
+        .expect("heterotune runs");
     // SIGKILL: no chance to clean up, the hardest case.
     let _ = child.kill();
     let _ = child.wait();
     assert!(reached, "round 1 never completed");
+    let text = output_text(&second);
+    assert!(
+        !second.status.success() && text.contains("is being run by"),
+        "{text}"
+    );
+    assert!(text.contains(&format!("/{}/", child.id())), "{text}");
     let before: Vec<(PathBuf, Vec<u8>)> = find(&store, "manifest.json")
         .into_iter()
         .filter(|p| p.to_string_lossy().contains("round-0001"))
@@ -227,6 +237,7 @@ fn killed_runner_resumes_without_redoing_or_losing_work() {
         4,
         "round 1: 3 client manifests + the global one"
     );
+    // The killed runner's lease is taken over at once (its process is gone).
     let out = run_command(root, &spec_file)
         .output()
         .expect("heterotune resumes");
@@ -284,7 +295,7 @@ fn federation_on_a_real_s3_server() {
     let listing = server.list("heterotune", "runs/");
     for key in [
         "round-0002/global/manifest.json",
-        "round-0002/clients/tiny-llama/adapter.safetensors",
+        "round-0002/clients/tiny-llama/data-",
         "spec.json",
         "report/report.json",
     ] {

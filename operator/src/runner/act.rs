@@ -87,8 +87,13 @@ impl Runner {
     }
 
     /// The run cannot go on: trainers stop, the report says why.
-    async fn fail(&mut self, reason: FailureReason, message: String) -> RunError {
+    async fn fail(&mut self, reason: FailureReason, mut message: String) -> RunError {
         self.children.kill_all();
+        if reason == FailureReason::AggregationFailed {
+            if let Some(last) = &self.state.last_aggregation_error {
+                message = format!("{message}; the last attempt: {last}");
+            }
+        }
         self.report.status = format!("Failed ({})", reason.as_str());
         self.report.total_seconds = self.started.elapsed().as_secs_f64();
         self.publish_report().await;
@@ -175,12 +180,20 @@ impl Runner {
             participants,
         )
         .await;
-        if let Err(e) = result {
-            self.state.aggregation_failures = attempt;
-            self.progress.note(&format!(
-                "round {round}: aggregation attempt {attempt} failed: {e}"
-            ));
-            return;
+        match result {
+            Err(e) => {
+                self.state.aggregation_failures = attempt;
+                self.state.last_aggregation_error = Some(e.to_string());
+                self.progress.note(&format!(
+                    "round {round}: aggregation attempt {attempt} failed: {e}"
+                ));
+                return;
+            }
+            Ok(done) => {
+                if let Some(note) = done.second_writer_note(&format!("round {round}'s global")) {
+                    self.progress.note(&note);
+                }
+            }
         }
         summary::note_aggregation(&mut self.report, round, agg_start.elapsed().as_secs_f64());
         // Retention is housekeeping: a failure is reported and retried after
