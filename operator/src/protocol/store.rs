@@ -97,6 +97,17 @@ pub(crate) async fn write_local(path: &Path, bytes: &[u8]) -> Result<(), StoreEr
     tokio::fs::rename(&tmp, path).await.map_err(local)
 }
 
+/// Reads the local file `path` for an upload.
+async fn read_local(path: &Path) -> Result<Bytes, StoreError> {
+    tokio::fs::read(path)
+        .await
+        .map(Bytes::from)
+        .map_err(|e| StoreError::Local {
+            path: path.to_path_buf(),
+            source: e,
+        })
+}
+
 impl Store {
     /// Opens the store `spec` names. A local path is taken relative to `base`.
     pub fn from_spec(spec: &StorageSpec, base: &Path) -> Result<Store, StoreError> {
@@ -335,27 +346,16 @@ impl Store {
 
     /// Uploads the local file `local` to `key`.
     pub async fn upload_file(&self, local: &Path, key: &str) -> Result<u64, StoreError> {
-        let bytes = tokio::fs::read(local)
-            .await
-            .map_err(|e| StoreError::Local {
-                path: local.to_path_buf(),
-                source: e,
-            })?;
+        let bytes = read_local(local).await?;
         let n = bytes.len() as u64;
-        self.put(key, Bytes::from(bytes)).await?;
+        self.put(key, bytes).await?;
         Ok(n)
     }
 
     /// Uploads the local file `local` to `key` create-only ([`Self::put_new`]):
     /// false when another writer's object is there.
     pub async fn create_file(&self, local: &Path, key: &str) -> Result<bool, StoreError> {
-        let bytes = tokio::fs::read(local)
-            .await
-            .map_err(|e| StoreError::Local {
-                path: local.to_path_buf(),
-                source: e,
-            })?;
-        self.put_new(key, Bytes::from(bytes)).await
+        self.put_new(key, read_local(local).await?).await
     }
 
     /// Downloads every object under the folder `key` into `local_dir`

@@ -108,14 +108,20 @@ async fn the_first_commit_wins_and_the_second_writer_is_told_by_whom() {
     let second_data = data_key(key_dir, &sha256_hex(b"second update")).expect("key");
     assert!(!store.exists(&second_data).await.expect("exists"));
 
-    let down = dir.path().join("down");
-    assert!(download_artifact(&store, key_dir, &down)
-        .await
-        .expect("download"));
     assert_eq!(
-        std::fs::read(down.join(ADAPTER_FILE)).expect("data"),
+        downloaded(&store, key_dir, dir.path()).await,
         b"first update"
     );
+}
+
+/// The data of the committed artifact in `key_dir`, downloaded under `dir`.
+async fn downloaded(store: &Store, key_dir: &str, dir: &Path) -> Vec<u8> {
+    let down = dir.join("down");
+    let _ = std::fs::remove_dir_all(&down);
+    assert!(download_artifact(store, key_dir, &down)
+        .await
+        .expect("download"));
+    std::fs::read(down.join(ADAPTER_FILE)).expect("data")
 }
 
 /// A writer that lost the race after uploading its data (both checked the
@@ -142,14 +148,7 @@ async fn a_racing_writer_never_overwrites_the_committed_data() {
         .put_new(&format!("{key_dir}/{MANIFEST_FILE}"), json.into())
         .await
         .expect("create"));
-    let down = dir.path().join("down");
-    assert!(download_artifact(&store, key_dir, &down)
-        .await
-        .expect("download"));
-    assert_eq!(
-        std::fs::read(down.join(ADAPTER_FILE)).expect("data"),
-        b"winner"
-    );
+    assert_eq!(downloaded(&store, key_dir, dir.path()).await, b"winner");
 }
 
 #[tokio::test]
@@ -175,14 +174,9 @@ async fn damaged_output_is_not_committed_and_old_layouts_still_read() {
             .await
             .expect("put");
     }
+    let old = downloaded(&store, "ns/run/round-0000/global", dir.path()).await;
+    assert_eq!(old, b"old");
     let down = dir.path().join("down");
-    assert!(download_artifact(&store, "ns/run/round-0000/global", &down)
-        .await
-        .expect("download"));
-    assert_eq!(
-        std::fs::read(down.join(ADAPTER_FILE)).expect("data"),
-        b"old"
-    );
     assert!(
         !download_artifact(&store, "ns/run/round-0009/global", &down)
             .await
