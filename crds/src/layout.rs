@@ -6,6 +6,7 @@
 //!                                              /clients/<client>/manifest.json
 //!                                   /round-0003/global/data-<sha256>.safetensors
 //!                                              /global/manifest.json
+//!                                              /rejected/<client>/attempt-1.json
 //!                                   /round-0012/evaluation/<client>.json
 //!                                   /private/<client>/state-round-0003.safetensors
 //! ```
@@ -98,6 +99,15 @@ impl RunLayout {
     /// Directory of `client`'s artifact in `round`.
     pub fn client_dir(&self, round: u32, client: &str) -> String {
         format!("{}/clients/{client}", self.round_dir(round))
+    }
+
+    /// Where `client`'s rejected manifests of `round` are set aside (so
+    /// that it can commit again), one per aggregation attempt.
+    pub fn rejected_manifest(&self, round: u32, client: &str, attempt: u32) -> String {
+        format!(
+            "{}/rejected/{client}/attempt-{attempt}.json",
+            self.round_dir(round)
+        )
     }
 
     /// Directory of the global artifact of `round`.

@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 
 use bytes::Bytes;
 use heterotune_crds::digest::sha256_hex;
-use heterotune_crds::layout::{data_key, ADAPTER_FILE, MANIFEST_FILE};
+use heterotune_crds::layout::{data_key, RunLayout, ADAPTER_FILE, MANIFEST_FILE};
 use heterotune_crds::manifest::{now_rfc3339, ArtifactManifest};
 
 use super::store::{write_local, Store, StoreError};
@@ -144,6 +144,42 @@ pub async fn commit_artifact(
             writer: "a writer that has since deleted it".into(),
             at: "an unknown time".into(),
         }))
+}
+
+/// The clients among `participants` that a failed aggregation's `error`
+/// (the trainer's "quorum not met: … (<client> rejected (<reason>: …); …)")
+/// names as rejected.
+pub fn rejected_in<'p>(error: &str, participants: &'p [String]) -> Vec<&'p str> {
+    let Some((_, summary)) = error.split_once("quorum not met") else {
+        return Vec::new();
+    };
+    participants
+        .iter()
+        .filter(|p| {
+            let entry = format!("{p} rejected (");
+            summary.contains(&format!("({entry}")) || summary.contains(&format!("; {entry}"))
+        })
+        .map(String::as_str)
+        .collect()
+}
+
+/// Sets a rejected client's commit of `round` aside: its manifest moves to
+/// [`RunLayout::rejected_manifest`] (attempt `attempt`), so the client is
+/// no longer committed and may train and commit again.
+pub async fn set_aside(
+    store: &Store,
+    layout: &RunLayout,
+    round: u32,
+    client: &str,
+    attempt: u32,
+) -> Result<(), StoreError> {
+    let key = layout.client_manifest(round, client);
+    if let Some(bytes) = store.get(&key).await? {
+        let aside = layout.rejected_manifest(round, client, attempt);
+        store.put(&aside, bytes).await?;
+        store.delete(&key).await?;
+    }
+    Ok(())
 }
 
 /// Downloads the committed artifact in the store folder `key_dir` into

@@ -8,6 +8,7 @@ use super::options::RunError;
 use super::summary;
 use crate::execution::staging;
 use crate::execution::trainer::ClientDirs;
+use crate::protocol::commit;
 use crate::protocol::planner::{Action, FailureReason};
 
 /// What acting on one action did.
@@ -163,6 +164,37 @@ impl Runner {
         Ok(if started { Acted::Started } else { Acted::Idle })
     }
 
+    /// After a quorum failure: the clients whose artifacts were rejected
+    /// are set aside (`round-NNNN/rejected/`) and, within their retry
+    /// budget (a rejection counts as a failed attempt), trained again.
+    async fn retrain_rejected(
+        &mut self,
+        round: u32,
+        participants: &[String],
+        error: &str,
+        attempt: u32,
+    ) {
+        for client in commit::rejected_in(error, participants) {
+            if let Err(e) =
+                commit::set_aside(&self.store, &self.layout, round, client, attempt).await
+            {
+                self.progress.note(&format!(
+                    "round {round}: could not set client {client}'s rejected artifact aside: {e}"
+                ));
+                continue;
+            }
+            if let Some(c) = self.state.clients.get_mut(client) {
+                c.failed_attempts += 1;
+                c.last_error = Some(format!(
+                    "its artifact was rejected (aggregation attempt {attempt})"
+                ));
+            }
+            self.progress.note(&format!(
+                "round {round}: client {client}'s rejected artifact set aside; it trains again within its retries"
+            ));
+        }
+    }
+
     /// Aggregates `round` over `participants`, then prunes old client
     /// rounds (`retention.keepClientRounds`); a failure is counted.
     async fn aggregate(&mut self, round: u32, participants: &[String], attempt: u32) {
@@ -183,10 +215,12 @@ impl Runner {
         match result {
             Err(e) => {
                 self.state.aggregation_failures = attempt;
-                self.state.last_aggregation_error = Some(e.to_string());
                 self.progress.note(&format!(
                     "round {round}: aggregation attempt {attempt} failed: {e}"
                 ));
+                self.retrain_rejected(round, participants, &e.to_string(), attempt)
+                    .await;
+                self.state.last_aggregation_error = Some(e.to_string());
                 return;
             }
             Ok(done) => {

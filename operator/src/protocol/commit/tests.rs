@@ -183,3 +183,36 @@ async fn damaged_output_is_not_committed_and_old_layouts_still_read() {
             .expect("absent")
     );
 }
+
+#[test]
+fn rejected_clients_are_read_from_the_quorum_error() {
+    let participants = ["a".to_string(), "b".to_string(), "ab".to_string()];
+    let error = "aggregating round 2: round 2: quorum not met: 1 client update(s) accepted, 3 required \
+        (b rejected (stale_base: trained from a rejected (x) global); ab rejected (non_finite: NaN); missing: c)";
+    assert_eq!(rejected_in(error, &participants), ["b", "ab"]);
+    assert!(rejected_in("a rejected (x)", &participants).is_empty());
+}
+
+#[tokio::test]
+async fn a_rejected_commit_is_set_aside() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = local_store(dir.path());
+    let layout = heterotune_crds::layout::RunLayout::new("", "ns", "run", "uid");
+    let key = layout.client_manifest(1, "a");
+    store
+        .put(&key, Bytes::from_static(b"{}"))
+        .await
+        .expect("put");
+    set_aside(&store, &layout, 1, "a", 2)
+        .await
+        .expect("set aside");
+    assert!(!store.exists(&key).await.expect("exists"));
+    assert_eq!(
+        store
+            .get(&layout.rejected_manifest(1, "a", 2))
+            .await
+            .expect("get")
+            .as_deref(),
+        Some(&b"{}"[..])
+    );
+}
