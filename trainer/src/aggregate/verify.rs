@@ -238,6 +238,12 @@ fn check_manifest<'c>(
     }
     if let (Some(want), Some(got)) = (&ctx.previous_sha256, &m.base_sha256) {
         if !got.eq_ignore_ascii_case(want) {
+            // Untrusted text: echoed only when it is a digest.
+            let got = if got.len() == 64 && got.bytes().all(|b| b.is_ascii_hexdigit()) {
+                got.as_str()
+            } else {
+                "(not a sha256)"
+            };
             return Err(r.reject(
                 RejectReason::StaleBase,
                 format!(
