@@ -169,6 +169,22 @@ fn the_controllers_jobs_run_a_federation_through_s3() {
                 &run, i, round, 1, &placement, 600, &config, "1",
             ));
         }
+        if round == 1 {
+            // A duplicate pod of a committed client is told who won and
+            // changes nothing (the first commit wins).
+            let key = run.layout.client_manifest(1, &clients[0]);
+            let before = server.get(BUCKET, &key);
+            let out = pod(&jobs::trainer_job(
+                &run, 0, 1, 2, &placement, 600, &config, "1",
+            ));
+            let writer = manifest(&server, &key).writer.expect("the writer is named");
+            assert!(
+                text(&out).contains(&format!("already committed by {writer}")),
+                "{}",
+                text(&out)
+            );
+            assert_eq!(server.get(BUCKET, &key), before);
+        }
         pod(&jobs::aggregation_job(
             &run, round, 1, &clients, 600, &config,
         ));

@@ -263,10 +263,20 @@ fn killed_runner_resumes_without_redoing_or_losing_work() {
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
         .map(|r| round_times(&r))
         .unwrap_or_default();
+    // A second `heterotune run` of the same run refuses, naming the holder.
+    let second = run_command(root, &spec_file)
+        .output()
+        .expect("heterotune runs");
     // SIGKILL: no chance to clean up, the hardest case.
     let _ = child.kill();
     let _ = child.wait();
     assert!(reached, "round 1 never completed");
+    let text = output_text(&second);
+    assert!(
+        !second.status.success() && text.contains("is being run by"),
+        "{text}"
+    );
+    assert!(text.contains(&format!("/{}/", child.id())), "{text}");
     let before: Vec<(PathBuf, Vec<u8>)> = find(&store, "manifest.json")
         .into_iter()
         .filter(|p| p.to_string_lossy().contains("round-0001"))
@@ -280,6 +290,7 @@ fn killed_runner_resumes_without_redoing_or_losing_work() {
         4,
         "round 1: 3 client manifests + the global one"
     );
+    // The killed runner's lease is taken over at once (its process is gone).
     let out = run_command(root, &spec_file)
         .output()
         .expect("heterotune resumes");
@@ -342,7 +353,7 @@ fn federation_on_a_real_s3_server() {
     let listing = server.list("heterotune", "runs/");
     for key in [
         "round-0002/global/manifest.json",
-        "round-0002/clients/tiny-llama/adapter.safetensors",
+        "round-0002/clients/tiny-llama/data-",
         "spec.json",
         "report/report.json",
     ] {
@@ -543,4 +554,50 @@ fn bridge_federation_shares_one_bridge_and_serves_by_the_auto_rule() {
             "one global bridge: {e}"
         );
     }
+}
+
+/// A committed artifact that the aggregation rejects (here a manifest that
+/// does not parse, planted before the run) is set aside and its client
+/// trained again within its retries: the round completes with every
+/// client, and the rejected manifest is kept under `rejected/`.
+#[test]
+fn a_rejected_client_is_set_aside_and_trained_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let store = root.join("store");
+    let spec = fixtures::write_federation(
+        root,
+        "reject-fed",
+        1,
+        &format!(
+            "  storage: {{ uri: \"file://{}\" }}\n  maxRetriesPerClient: 1",
+            store.display()
+        ),
+    );
+    // Every client is needed: the planted reject makes the quorum fail.
+    let spec = spec.replace("minClients: 2", "minClients: 3");
+    let spec_file = root.join("spec.yaml");
+    std::fs::write(&spec_file, spec).expect("spec");
+    let uid = heterotune_operator::runner::local_uid("default", "reject-fed");
+    let layout = heterotune_crds::layout::RunLayout::new("", "default", "reject-fed", &uid);
+    let planted = store.join(layout.client_manifest(1, "tiny-llama"));
+    std::fs::create_dir_all(planted.parent().expect("parent")).expect("mkdir");
+    std::fs::write(&planted, b"not a manifest").expect("plant");
+    let out = run_command(root, &spec_file)
+        .output()
+        .expect("heterotune runs");
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("tiny-llama's rejected artifact set aside"),
+        "{text}"
+    );
+    let aside = store.join(layout.rejected_manifest(1, "tiny-llama", 1));
+    assert_eq!(std::fs::read(aside).expect("set aside"), b"not a manifest");
+    let global: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(store.join(layout.global_manifest(1))).expect("round 1 complete"),
+    )
+    .expect("json");
+    let participants = global["stats"]["participants"].as_array().map(Vec::len);
+    assert_eq!(participants, Some(3), "{global}");
 }

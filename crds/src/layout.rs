@@ -1,10 +1,12 @@
 //! The object-store layout of the round protocol.
 //!
 //! ```text
-//! <prefix>/<namespace>/<name>-<uid8>/round-0003/clients/<client>/adapter.safetensors
+//! <prefix>/<namespace>/<name>-<uid8>/lease/00000001.json
+//!                                   /round-0003/clients/<client>/data-<sha256>.safetensors
 //!                                              /clients/<client>/manifest.json
-//!                                   /round-0003/global/adapter.safetensors
+//!                                   /round-0003/global/data-<sha256>.safetensors
 //!                                              /global/manifest.json
+//!                                              /rejected/<client>/attempt-1.json
 //!                                   /round-0012/evaluation/<client>.json
 //!                                   /private/<client>/state-round-0003.safetensors
 //! ```
@@ -14,7 +16,12 @@
 //! its existence is its commit).
 //!
 //! A writer uploads its data first and its manifest last: the manifest is the
-//! commit marker. A round is complete exactly when its global manifest exists.
+//! commit marker, written create-only (the first writer wins; a second one
+//! is told who committed). The data file is named by its sha256
+//! ([`data_key`]), so a second writer racing the first never overwrites the
+//! data a committed manifest describes. A round is complete exactly when its
+//! global manifest exists. The newest `lease/<generation>.json` names the
+//! `heterotune run` process driving the run (see `operator::runner::lease`).
 //! The run directory includes the first 8 characters of the resource's UID,
 //! so a re-created resource with the same name never reads an old run.
 
@@ -22,6 +29,14 @@
 pub const ADAPTER_FILE: &str = "adapter.safetensors";
 /// File name of a manifest (the commit marker).
 pub const MANIFEST_FILE: &str = "manifest.json";
+
+/// The store key of the data file with digest `sha256` in the artifact
+/// folder `key_dir` (locally the file is [`ADAPTER_FILE`]). `None` unless
+/// `sha256` is 64 hex digits (it comes from an untrusted manifest).
+pub fn data_key(key_dir: &str, sha256: &str) -> Option<String> {
+    (sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| format!("{key_dir}/data-{}.safetensors", sha256.to_ascii_lowercase()))
+}
 
 /// File name of a client's private state after `round`.
 pub fn state_file_name(round: u32) -> String {
@@ -86,24 +101,23 @@ impl RunLayout {
         format!("{}/clients/{client}", self.round_dir(round))
     }
 
+    /// Where `client`'s rejected manifests of `round` are set aside (so
+    /// that it can commit again), one per aggregation attempt.
+    pub fn rejected_manifest(&self, round: u32, client: &str, attempt: u32) -> String {
+        format!(
+            "{}/rejected/{client}/attempt-{attempt}.json",
+            self.round_dir(round)
+        )
+    }
+
     /// Directory of the global artifact of `round`.
     pub fn global_dir(&self, round: u32) -> String {
         format!("{}/global", self.round_dir(round))
     }
 
-    /// `client`'s adapter in `round`.
-    pub fn client_adapter(&self, round: u32, client: &str) -> String {
-        format!("{}/{ADAPTER_FILE}", self.client_dir(round, client))
-    }
-
     /// `client`'s manifest in `round`.
     pub fn client_manifest(&self, round: u32, client: &str) -> String {
         format!("{}/{MANIFEST_FILE}", self.client_dir(round, client))
-    }
-
-    /// The global adapter after `round`.
-    pub fn global_adapter(&self, round: u32) -> String {
-        format!("{}/{ADAPTER_FILE}", self.global_dir(round))
     }
 
     /// The global manifest after `round` (its existence completes the round).
@@ -140,6 +154,16 @@ impl RunLayout {
         format!("{}/{}", self.private_dir(client), state_file_name(round))
     }
 
+    /// The leases of the process driving the run (`heterotune run`).
+    pub fn lease_dir(&self) -> String {
+        format!("{}/lease", self.run_dir)
+    }
+
+    /// The lease of generation `generation` (the newest one holds the run).
+    pub fn lease_key(&self, generation: u64) -> String {
+        format!("{}/{generation:08}.json", self.lease_dir())
+    }
+
     /// The spec the run was started with (checked on resume).
     pub fn spec_file(&self) -> String {
         format!("{}/spec.json", self.run_dir)
@@ -164,9 +188,21 @@ mod tests {
             "0f1e2d3c-4b5a-6978-8091-a2b3c4d5e6f7",
         );
         assert_eq!(l.run_dir(), "runs/team-a/trec-0f1e2d3c");
+        let sha = "ab".repeat(32);
         assert_eq!(
-            l.client_adapter(3, "site-1"),
-            "runs/team-a/trec-0f1e2d3c/round-0003/clients/site-1/adapter.safetensors"
+            data_key(&l.client_dir(3, "site-1"), &sha).as_deref(),
+            Some(
+                format!(
+                    "runs/team-a/trec-0f1e2d3c/round-0003/clients/site-1/data-{sha}.safetensors"
+                )
+                .as_str()
+            )
+        );
+        assert_eq!(data_key("k", "../x"), None);
+        assert_eq!(data_key("k", &"g".repeat(64)), None);
+        assert_eq!(
+            l.lease_key(2),
+            "runs/team-a/trec-0f1e2d3c/lease/00000002.json"
         );
         assert_eq!(
             l.global_manifest(12),

@@ -55,6 +55,15 @@ pub struct ArtifactManifest {
     pub round: u32,
     /// The global round the client started from (0: the initial state).
     pub base_round: u32,
+    /// Client artifacts: the sha256 of the global data file the client
+    /// trained from (stamped by the committer; verification rejects a
+    /// client whose base is not the previous global).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_sha256: Option<String>,
+    /// Who committed the artifact (`host/pid/start`, stamped at commit): a
+    /// second writer of the same key is told this one won.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writer: Option<String>,
     /// Client name (client artifacts).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client: Option<String>,
@@ -101,6 +110,8 @@ impl ArtifactManifest {
             run: run.into(),
             round,
             base_round,
+            base_sha256: None,
+            writer: None,
             client: None,
             family: None,
             artifact: FileDigest {

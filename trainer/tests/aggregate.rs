@@ -1657,3 +1657,40 @@ fn weights_are_capped_by_the_partition_when_the_data_is_readable() {
         .iter()
         .all(|p| p.weight == p.num_examples));
 }
+
+/// A client manifest's `baseSha256` must be the previous global's data
+/// digest: an update trained from another global (a second writer's, no
+/// longer in the store) is rejected as `stale_base`, naming both digests.
+#[test]
+fn an_update_from_another_global_is_rejected() {
+    let s = spec(json!({
+        "clients": clients(&[("a", "/m/x"), ("b", "/m/x")]),
+        "minClients": 1,
+        "aggregation": {"algorithm": "fedavg"},
+        "adapter": {"rank": 1, "experts": 1, "slots": 1, "share": {"familyParts": false, "head": false}},
+    }));
+    let run = Run::new(&shared(THETA0));
+    let (m0, _) = read_global(&run.global(0)).expect("global 0");
+    let base = m0.artifact.sha256.clone();
+    let k = key(&s, "a");
+    let u = shared([1.0, 0.0, 0.0, 0.0]);
+    run.client(1, "a", &k, 1, &u, StoreDtype::Bf16, |m| {
+        m.base_sha256 = Some(base.to_ascii_uppercase())
+    });
+    let other = "0".repeat(64);
+    run.client(1, "b", &k, 1, &u, StoreDtype::Bf16, |m| {
+        m.base_sha256 = Some(other.clone())
+    });
+    let out = run.aggregate(&s, 1);
+    assert_eq!(out.stats.rejects.len(), 1, "{:?}", out.stats.rejects);
+    let r = &out.stats.rejects[0];
+    assert_eq!(
+        (r.client.as_str(), r.reason),
+        ("b", RejectReason::StaleBase)
+    );
+    assert!(
+        r.detail.contains(&other) && r.detail.contains(&base),
+        "{}",
+        r.detail
+    );
+}

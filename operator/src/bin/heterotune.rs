@@ -225,6 +225,7 @@ fn run(
         report_dir,
         json,
         fresh,
+        lease_heartbeat: runner::lease::heartbeat_from_env(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -377,7 +378,9 @@ fn job(command: JobCommand) -> anyhow::Result<ExitCode> {
                 JobOutcome::Evaluated { accuracy } => {
                     format!("evaluation committed (global test accuracy {accuracy:.4})")
                 }
-                JobOutcome::AlreadyCommitted => "already committed: nothing to do".into(),
+                JobOutcome::AlreadyCommitted { by } => {
+                    format!("already committed by {by}: nothing to do")
+                }
                 JobOutcome::RoundComplete => {
                     "the round is already aggregated: nothing to do".into()
                 }

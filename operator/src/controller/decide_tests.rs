@@ -150,6 +150,36 @@ fn a_failed_attempt_is_retried_within_what_is_left_of_the_round() {
     assert_eq!(d.status.clients[0].attempts, 2);
 }
 
+/// A failed attempt whose pod is still terminating is not retried yet
+/// (Jobs carry `podReplacementPolicy: Failed`): never two pods at once.
+#[test]
+fn a_retry_waits_for_the_failed_pod_to_end() {
+    let t0 = NOW - 100.0;
+    let mut failing = job(1, Some("c0"), 1, JobEnd::Failed, t0);
+    if let Some(status) = failing.status.as_mut() {
+        status.terminating = Some(1);
+    }
+    let jobs = [
+        failing,
+        job(1, Some("c1"), 1, JobEnd::Running, t0),
+        job(1, Some("c2"), 1, JobEnd::Running, t0),
+    ];
+    let f = ft(
+        &three_clients(),
+        "  maxRetriesPerClient: 1
+",
+    );
+    let d = decided(&f, store(0, &[]), &jobs);
+    assert!(d.jobs.create.is_empty(), "{:?}", names(&d.jobs.create));
+    // Once it has ended, the retry starts.
+    let mut ended = jobs.clone();
+    if let Some(status) = ended[0].status.as_mut() {
+        status.terminating = Some(0);
+    }
+    let d = decided(&f, store(0, &[]), &ended);
+    assert_eq!(names(&d.jobs.create), ["trec-r1a2-c0"]);
+}
+
 #[test]
 fn quorum_starts_the_aggregation_and_cancels_the_stragglers() {
     let f = ft(

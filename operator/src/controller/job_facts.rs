@@ -126,6 +126,9 @@ pub fn job_facts(job: &Job) -> Option<JobFacts> {
     let succeeded = has("Complete") || status.and_then(|s| s.succeeded).unwrap_or(0) > 0;
     let failed = has("Failed") || status.and_then(|s| s.failed).unwrap_or(0) > 0;
     let deleting = job.metadata.deletion_timestamp.is_some();
+    // A failed Job whose pod is still terminating is not over: its retry
+    // waits, so that two pods never write the same artifact at once.
+    let terminating = status.and_then(|s| s.terminating).unwrap_or(0) > 0;
     Some(JobFacts {
         name: job.name_any(),
         role: labels.get(LABEL_ROLE)?.clone(),
@@ -135,7 +138,7 @@ pub fn job_facts(job: &Job) -> Option<JobFacts> {
             .get(LABEL_ATTEMPT)
             .and_then(|a| a.parse().ok())
             .unwrap_or(1),
-        active: !succeeded && !failed && !deleting,
+        active: !succeeded && (!failed || terminating) && !deleting,
         succeeded,
         created: job
             .metadata

@@ -391,6 +391,10 @@ fn job(run: &Run, config: &JobConfig, parts: PodParts) -> Job {
         },
         spec: Some(JobSpec {
             backoff_limit: Some(0),
+            // One pod at a time: a replacement (and the operator's retry,
+            // which waits for the Job to end) only after the old pod has
+            // fully terminated, so two pods never write the same artifact.
+            pod_replacement_policy: Some("Failed".into()),
             completions: Some(1),
             parallelism: Some(1),
             active_deadline_seconds: Some(parts.active_deadline.max(1)),

@@ -187,6 +187,7 @@ async fn a_new_run_creates_trainer_jobs_sized_to_each_model() {
 fn assert_trainer_basics(job: &Job) {
     let spec = job.spec.as_ref().expect("job spec");
     assert_eq!(spec.backoff_limit, Some(0));
+    assert_eq!(spec.pod_replacement_policy.as_deref(), Some("Failed"));
     assert_eq!(spec.active_deadline_seconds, Some(3600));
     let owner = &job.metadata.owner_references.as_ref().expect("owner")[0];
     assert_eq!(

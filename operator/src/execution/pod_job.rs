@@ -8,7 +8,8 @@
 //!   others' `config.json`), the previous global artifact (round 0 is
 //!   initialised when missing), and the client's newest private state
 //!   (`<run>/private/<client>/`), then training; then the new private state,
-//!   then the adapter, then its manifest (the commit);
+//!   then the adapter, then its manifest (the commit, create-only: a
+//!   duplicate pod that loses the race exits 0 naming the winner);
 //! * `aggregate`: the participants' artifacts and the previous global, then
 //!   the aggregation, then the global artifact (data, then the manifest that
 //!   completes the round), then `spec.retention.keepClientRounds`;
@@ -29,6 +30,7 @@ use heterotune_crds::FederatedTune;
 use super::trainer::{ClientDirs, TrainerCommand};
 use crate::execution::staging::{self, ModelFiles, StagingError};
 use crate::input::spec_file::{self, SpecFileError};
+use crate::protocol::commit::{self, Commit};
 use crate::protocol::store::{Store, StoreError};
 
 /// Where and how a job runs.
@@ -54,8 +56,9 @@ pub enum JobOutcome {
     Aggregated { pruned: usize },
     /// Evaluated the global model and committed the result.
     Evaluated { accuracy: f64 },
-    /// The client's artifact for the round was already committed.
-    AlreadyCommitted,
+    /// The result was already committed, by `by` (another writer: this
+    /// job's copy, if any, was discarded).
+    AlreadyCommitted { by: String },
     /// The round was already aggregated (nothing left to do).
     RoundComplete,
 }
@@ -218,8 +221,8 @@ pub async fn train(
     if store.exists(&layout.global_manifest(round)).await? {
         return Ok(JobOutcome::RoundComplete);
     }
-    if store.exists(&layout.client_manifest(round, client)).await? {
-        return Ok(JobOutcome::AlreadyCommitted);
+    if let Some(done) = commit::committed_by(store, &layout.client_manifest(round, client)).await? {
+        return Ok(JobOutcome::AlreadyCommitted { by: done.writer() });
     }
     let trainer = staged_trainer(opts, &run, own_model(index)).await?;
     let global = staging::ensure_global(store, layout, &trainer, &opts.work, round - 1).await?;
@@ -246,9 +249,11 @@ pub async fn train(
             .upload_file(&dirs.state_out, &layout.client_state(client, round))
             .await?;
     }
-    let bytes = store
-        .upload_artifact(&dirs.out, &layout.client_dir(round, client))
-        .await?;
+    let key_dir = layout.client_dir(round, client);
+    let bytes = match commit::commit_artifact(store, &dirs.out, &key_dir, Some(&global)).await? {
+        Commit::Created { bytes } => bytes,
+        done => return Ok(JobOutcome::AlreadyCommitted { by: done.writer() }),
+    };
     // Older states are never read again.
     let private = layout.private_dir(client);
     for name in names {
@@ -311,7 +316,9 @@ pub async fn evaluate(
     let (store, layout) = (&run.store, &run.layout);
     let key = layout.evaluation_result(round, client);
     if store.exists(&key).await? {
-        return Ok(JobOutcome::AlreadyCommitted);
+        return Ok(JobOutcome::AlreadyCommitted {
+            by: "an earlier evaluation".into(),
+        });
     }
     if !store.exists(&layout.global_manifest(round)).await? {
         return Err(JobError::Argument {
@@ -350,7 +357,11 @@ pub async fn evaluate(
                 out.display()
             ))
         })?;
-    store.upload_file(&out, &key).await?;
+    if !store.create_file(&out, &key).await? {
+        return Ok(JobOutcome::AlreadyCommitted {
+            by: "a concurrent evaluation".into(),
+        });
+    }
     Ok(JobOutcome::Evaluated {
         accuracy: result.accuracy,
     })
@@ -378,7 +389,10 @@ pub async fn aggregate(
         return Ok(JobOutcome::RoundComplete);
     }
     let trainer = staged_trainer(opts, &run, |_| ModelFiles::Config).await?;
-    staging::aggregate(store, layout, &opts.work, &trainer, round, participants).await?;
+    let done = staging::aggregate(store, layout, &opts.work, &trainer, round, participants).await?;
+    if let Commit::AlreadyCommitted { .. } = done {
+        return Ok(JobOutcome::AlreadyCommitted { by: done.writer() });
+    }
     // The round is committed: retention is housekeeping, never a failure of
     // the Job (the next round's aggregation prunes what this one could not).
     let pruned = match spec.retention.keep_client_rounds {

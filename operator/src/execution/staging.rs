@@ -21,6 +21,7 @@ use heterotune_crds::spec::{FederatedTuneSpec, StorageSpec};
 use heterotune_crds::uri::{self, Location};
 
 use super::trainer::TrainerCommand;
+use crate::protocol::commit::{self, Commit};
 use crate::protocol::store::{Store, StoreError};
 
 /// File that marks a staged folder as complete.
@@ -251,9 +252,16 @@ async fn stage_datasets(
     Ok(())
 }
 
+/// The local folder of the global artifact of `round` under `work` (what
+/// [`ensure_global`] fills).
+pub fn global_dir(work: &Path, round: u32) -> PathBuf {
+    work.join(format!("round-{round:04}/global"))
+}
+
 /// The local folder holding the global artifact of `round` under `work`,
 /// downloaded when it is not there yet. Round 0 is initialised (and
-/// uploaded) when the store does not have it.
+/// committed) when the store does not have it; a writer that lost the
+/// race to commit it uses the winner's.
 pub async fn ensure_global(
     store: &Store,
     layout: &RunLayout,
@@ -261,13 +269,13 @@ pub async fn ensure_global(
     work: &Path,
     round: u32,
 ) -> Result<PathBuf, StagingError> {
-    let local = work.join(format!("round-{round:04}/global"));
+    let local = global_dir(work, round);
     if local.join(MANIFEST_FILE).is_file() {
         return Ok(local);
     }
     let _ = std::fs::remove_dir_all(&local);
     let key = layout.global_dir(round);
-    if store.download_artifact(&key, &local).await? {
+    if commit::download_artifact(store, &key, &local).await? {
         return Ok(local);
     }
     if round > 0 {
@@ -279,13 +287,28 @@ pub async fn ensure_global(
         });
     }
     trainer.init(&local).await.map_err(StagingError::Trainer)?;
-    store.upload_artifact(&local, &key).await?;
+    if let Some(note) = commit::commit_artifact(store, &local, &key, None)
+        .await?
+        .second_writer_note("the initial global state")
+    {
+        tracing::info!("{note}");
+        let _ = std::fs::remove_dir_all(&local);
+        if !commit::download_artifact(store, &key, &local).await? {
+            return Err(StagingError::MissingGlobal {
+                round,
+                next: round + 1,
+                store: store.uri().to_string(),
+                key,
+            });
+        }
+    }
     Ok(local)
 }
 
 /// Stages the participants' artifacts of `round`, runs the aggregation and
-/// uploads the global artifact (data, then the manifest that completes the
-/// round).
+/// commits the global artifact (data, then the manifest that completes the
+/// round, create-only). A writer that lost the race to commit it drops its
+/// own global (the next round downloads the winner's).
 pub async fn aggregate(
     store: &Store,
     layout: &RunLayout,
@@ -293,27 +316,26 @@ pub async fn aggregate(
     trainer: &TrainerCommand,
     round: u32,
     participants: &[String],
-) -> Result<(), StagingError> {
+) -> Result<Commit, StagingError> {
     let stage = work.join("aggregate");
     let _ = std::fs::remove_dir_all(&stage);
     for client in participants {
         let dir = stage.join(format!("round-{round:04}/clients/{client}"));
-        store
-            .download_artifact(&layout.client_dir(round, client), &dir)
-            .await?;
+        commit::download_artifact(store, &layout.client_dir(round, client), &dir).await?;
     }
     let previous = ensure_global(store, layout, trainer, work, round - 1).await?;
-    let out = work.join(format!("round-{round:04}/global"));
+    let out = global_dir(work, round);
     let _ = std::fs::remove_dir_all(&out);
     trainer
         .aggregate(&stage, round, &previous, &out)
         .await
         .map_err(StagingError::Trainer)?;
-    store
-        .upload_artifact(&out, &layout.global_dir(round))
-        .await?;
+    let done = commit::commit_artifact(store, &out, &layout.global_dir(round), None).await?;
+    if matches!(done, Commit::AlreadyCommitted { .. }) {
+        let _ = std::fs::remove_dir_all(&out);
+    }
     let _ = std::fs::remove_dir_all(&stage);
-    Ok(())
+    Ok(done)
 }
 
 #[cfg(test)]

@@ -12,10 +12,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::TryStreamExt;
-use heterotune_crds::layout::{RunLayout, ADAPTER_FILE, MANIFEST_FILE};
+use heterotune_crds::layout::RunLayout;
 use heterotune_crds::spec::StorageSpec;
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutPayload};
 
 /// Environment variables read for S3 credentials (a Secret mounted as env in
 /// a cluster; the user's environment locally).
@@ -53,6 +53,11 @@ impl StoreError {
         matches!(self, StoreError::Operation { source, .. } if matches!(**source, object_store::Error::NotFound { .. }))
     }
 
+    /// True when a create-only write found the object already there.
+    pub fn is_already_exists(&self) -> bool {
+        matches!(self, StoreError::Operation { source, .. } if matches!(**source, object_store::Error::AlreadyExists { .. }))
+    }
+
     /// Label for metrics.
     pub fn metric_label(&self) -> &'static str {
         match self {
@@ -79,7 +84,7 @@ impl std::fmt::Debug for Store {
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same folder.
-async fn write_local(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+pub(crate) async fn write_local(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     let local = |e| StoreError::Local {
         path: path.to_path_buf(),
         source: e,
@@ -90,6 +95,17 @@ async fn write_local(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     let tmp = path.with_extension(format!("partial-{}", std::process::id()));
     tokio::fs::write(&tmp, bytes).await.map_err(local)?;
     tokio::fs::rename(&tmp, path).await.map_err(local)
+}
+
+/// Reads the local file `path` for an upload.
+async fn read_local(path: &Path) -> Result<Bytes, StoreError> {
+    tokio::fs::read(path)
+        .await
+        .map(Bytes::from)
+        .map_err(|e| StoreError::Local {
+            path: path.to_path_buf(),
+            source: e,
+        })
 }
 
 impl Store {
@@ -191,7 +207,10 @@ impl Store {
             match f().await {
                 Ok(v) => return Ok(v),
                 Err(e @ object_store::Error::NotFound { .. })
-                | Err(e @ object_store::Error::NotSupported { .. }) => {
+                | Err(e @ object_store::Error::NotSupported { .. })
+                | Err(e @ object_store::Error::NotImplemented { .. })
+                | Err(e @ object_store::Error::AlreadyExists { .. })
+                | Err(e @ object_store::Error::Precondition { .. }) => {
                     return Err(self.op_error(op, key, e))
                 }
                 Err(e) if attempt >= self.attempts => return Err(self.op_error(op, key, e)),
@@ -237,6 +256,30 @@ impl Store {
         })
         .await
         .map(|_| ())
+    }
+
+    /// Writes `key` only when it does not exist (create-only: the commit of
+    /// the round protocol, `If-None-Match: *` on S3, a hard link on a
+    /// folder). True when this call created it; false when it was there
+    /// already, unless it holds exactly `bytes` (this writer's own create,
+    /// retried after its answer was lost).
+    pub async fn put_new(&self, key: &str, bytes: Bytes) -> Result<bool, StoreError> {
+        let path = Self::path(key);
+        let result = self
+            .retry("create", key, || async {
+                let payload = PutPayload::from(bytes.clone());
+                self.inner
+                    .put_opts(&path, payload, PutMode::Create.into())
+                    .await
+            })
+            .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(e) if e.is_already_exists() => {
+                Ok(self.get(key).await?.as_deref() == Some(&bytes[..]))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// True when `key` exists.
@@ -291,60 +334,6 @@ impl Store {
         Ok(keys.len())
     }
 
-    /// Uploads an artifact directory (`adapter.safetensors` then
-    /// `manifest.json`, the commit marker) to `key_dir`.
-    pub async fn upload_artifact(
-        &self,
-        local_dir: &Path,
-        key_dir: &str,
-    ) -> Result<u64, StoreError> {
-        let mut total = 0;
-        for name in [ADAPTER_FILE, MANIFEST_FILE] {
-            let file = local_dir.join(name);
-            let bytes = tokio::fs::read(&file)
-                .await
-                .map_err(|e| StoreError::Local {
-                    path: file.clone(),
-                    source: e,
-                })?;
-            total += bytes.len() as u64;
-            self.put(&format!("{key_dir}/{name}"), Bytes::from(bytes))
-                .await?;
-        }
-        Ok(total)
-    }
-
-    /// Downloads a committed artifact (manifest first: without it there is
-    /// nothing) from `key_dir` into `local_dir`. Returns false when absent.
-    pub async fn download_artifact(
-        &self,
-        key_dir: &str,
-        local_dir: &Path,
-    ) -> Result<bool, StoreError> {
-        let Some(manifest) = self.get(&format!("{key_dir}/{MANIFEST_FILE}")).await? else {
-            return Ok(false);
-        };
-        let Some(data) = self.get(&format!("{key_dir}/{ADAPTER_FILE}")).await? else {
-            return Ok(false);
-        };
-        tokio::fs::create_dir_all(local_dir)
-            .await
-            .map_err(|e| StoreError::Local {
-                path: local_dir.to_path_buf(),
-                source: e,
-            })?;
-        for (name, bytes) in [(ADAPTER_FILE, data), (MANIFEST_FILE, manifest)] {
-            let file = local_dir.join(name);
-            tokio::fs::write(&file, &bytes)
-                .await
-                .map_err(|e| StoreError::Local {
-                    path: file.clone(),
-                    source: e,
-                })?;
-        }
-        Ok(true)
-    }
-
     /// Downloads `key` into the file `local` (parent folders created,
     /// written under a temporary name and renamed). False when absent.
     pub async fn download_file(&self, key: &str, local: &Path) -> Result<bool, StoreError> {
@@ -357,15 +346,16 @@ impl Store {
 
     /// Uploads the local file `local` to `key`.
     pub async fn upload_file(&self, local: &Path, key: &str) -> Result<u64, StoreError> {
-        let bytes = tokio::fs::read(local)
-            .await
-            .map_err(|e| StoreError::Local {
-                path: local.to_path_buf(),
-                source: e,
-            })?;
+        let bytes = read_local(local).await?;
         let n = bytes.len() as u64;
-        self.put(key, Bytes::from(bytes)).await?;
+        self.put(key, bytes).await?;
         Ok(n)
+    }
+
+    /// Uploads the local file `local` to `key` create-only ([`Self::put_new`]):
+    /// false when another writer's object is there.
+    pub async fn create_file(&self, local: &Path, key: &str) -> Result<bool, StoreError> {
+        self.put_new(key, read_local(local).await?).await
     }
 
     /// Downloads every object under the folder `key` into `local_dir`

@@ -8,6 +8,7 @@ use super::options::RunError;
 use super::summary;
 use crate::execution::staging;
 use crate::execution::trainer::ClientDirs;
+use crate::protocol::commit;
 use crate::protocol::planner::{Action, FailureReason};
 
 /// What acting on one action did.
@@ -87,8 +88,13 @@ impl Runner {
     }
 
     /// The run cannot go on: trainers stop, the report says why.
-    async fn fail(&mut self, reason: FailureReason, message: String) -> RunError {
+    async fn fail(&mut self, reason: FailureReason, mut message: String) -> RunError {
         self.children.kill_all();
+        if reason == FailureReason::AggregationFailed {
+            if let Some(last) = &self.state.last_aggregation_error {
+                message = format!("{message}; the last attempt: {last}");
+            }
+        }
         self.report.status = format!("Failed ({})", reason.as_str());
         self.report.total_seconds = self.total_seconds();
         self.publish_report().await;
@@ -158,6 +164,37 @@ impl Runner {
         Ok(if started { Acted::Started } else { Acted::Idle })
     }
 
+    /// After a quorum failure: the clients whose artifacts were rejected
+    /// are set aside (`round-NNNN/rejected/`) and, within their retry
+    /// budget (a rejection counts as a failed attempt), trained again.
+    async fn retrain_rejected(
+        &mut self,
+        round: u32,
+        participants: &[String],
+        error: &str,
+        attempt: u32,
+    ) {
+        for client in commit::rejected_in(error, participants) {
+            if let Err(e) =
+                commit::set_aside(&self.store, &self.layout, round, client, attempt).await
+            {
+                self.progress.note(&format!(
+                    "round {round}: could not set client {client}'s rejected artifact aside: {e}"
+                ));
+                continue;
+            }
+            if let Some(c) = self.state.clients.get_mut(client) {
+                c.failed_attempts += 1;
+                c.last_error = Some(format!(
+                    "its artifact was rejected (aggregation attempt {attempt})"
+                ));
+            }
+            self.progress.note(&format!(
+                "round {round}: client {client}'s rejected artifact set aside; it trains again within its retries"
+            ));
+        }
+    }
+
     /// Aggregates `round` over `participants`, then prunes old client
     /// rounds (`retention.keepClientRounds`); a failure is counted.
     async fn aggregate(&mut self, round: u32, participants: &[String], attempt: u32) {
@@ -175,12 +212,22 @@ impl Runner {
             participants,
         )
         .await;
-        if let Err(e) = result {
-            self.state.aggregation_failures = attempt;
-            self.progress.note(&format!(
-                "round {round}: aggregation attempt {attempt} failed: {e}"
-            ));
-            return;
+        match result {
+            Err(e) => {
+                self.state.aggregation_failures = attempt;
+                self.progress.note(&format!(
+                    "round {round}: aggregation attempt {attempt} failed: {e}"
+                ));
+                self.retrain_rejected(round, participants, &e.to_string(), attempt)
+                    .await;
+                self.state.last_aggregation_error = Some(e.to_string());
+                return;
+            }
+            Ok(done) => {
+                if let Some(note) = done.second_writer_note(&format!("round {round}'s global")) {
+                    self.progress.note(&note);
+                }
+            }
         }
         summary::note_aggregation(&mut self.report, round, agg_start.elapsed().as_secs_f64());
         // Retention is housekeeping: a failure is reported and retried after

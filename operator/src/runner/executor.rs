@@ -11,6 +11,7 @@ use heterotune_crds::manifest::EvaluationResult;
 use heterotune_crds::spec::FederatedTuneSpec;
 use tokio::sync::mpsc;
 
+use super::lease::Lease;
 use super::options::{RunError, RunOptions, RunSummary};
 use super::progress::Progress;
 use super::state::RoundState;
@@ -54,6 +55,8 @@ pub struct Runner {
     pub children: Children,
     pub exits: mpsc::UnboundedSender<ClientExit>,
     pub exited: mpsc::UnboundedReceiver<ClientExit>,
+    /// The run lease (taken at start, released when the run ends).
+    pub lease: Option<Lease>,
 }
 
 impl Runner {
@@ -96,6 +99,12 @@ impl Runner {
     /// The observe step: the store, then the round's own bookkeeping (a new
     /// round records the previous one in the report), then the planner's view.
     pub async fn observe(&mut self) -> Result<Observation, RunError> {
+        if let Some(lease) = &self.lease {
+            if let Err(e) = lease.check().await {
+                self.children.kill_all();
+                return Err(e.into());
+            }
+        }
         let seen = self.look().await?;
         // Rounds 1..=rounds, then (rounds + 1) the final evaluation.
         self.round = seen.completed_rounds + 1;

@@ -9,6 +9,7 @@
 
 mod act;
 mod executor;
+pub mod lease;
 mod options;
 mod plots;
 mod progress;
@@ -28,15 +29,26 @@ pub use setup::local_uid;
 /// Runs (or resumes) the federation the spec file describes: observe the
 /// store, plan, act, and wait for a trainer or a deadline when nothing
 /// started; the report follows each completed round.
+/// The run holds its [`lease::Lease`] throughout and releases it at the end,
+/// however it ends.
 pub async fn run(opts: RunOptions) -> Result<RunSummary, RunError> {
     let mut runner = Runner::start(opts).await?;
+    let result = drive(&mut runner).await;
+    if let Some(lease) = runner.lease.take() {
+        lease.release().await;
+    }
+    result.map(|()| runner.into_summary())
+}
+
+/// The loop of [`run`], until the run is finished or fails.
+async fn drive(runner: &mut Runner) -> Result<(), RunError> {
     loop {
         let observation = runner.observe().await?;
         let plan = planner::plan(&runner.spec, &observation);
         let mut started_any = false;
         for action in plan.actions {
             match runner.act(action).await? {
-                Acted::Finished => return Ok(runner.into_summary()),
+                Acted::Finished => return Ok(()),
                 Acted::Started => started_any = true,
                 Acted::Idle => {}
             }

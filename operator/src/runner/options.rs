@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use heterotune_crds::validate::Problems;
 
+use super::lease::LeaseError;
 use crate::execution::staging::StagingError;
 use crate::input::spec_file::SpecFileError;
 use crate::protocol::store::StoreError;
@@ -29,6 +30,8 @@ pub struct RunOptions {
     pub json: bool,
     /// Delete this run's artifacts and start over.
     pub fresh: bool,
+    /// How often the run lease is renewed ([`super::lease`]).
+    pub lease_heartbeat: std::time::Duration,
 }
 
 /// Runner errors: each says what to do.
@@ -40,6 +43,8 @@ pub enum RunError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Staging(#[from] StagingError),
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
     #[error("the run {run} in {store} was started with a different spec:\n{problems}\nuse --fresh to start it over, or give the FederatedTune another metadata.name")]
     SpecChanged {
         run: String,

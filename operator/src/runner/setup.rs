@@ -12,6 +12,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::executor::Runner;
+use super::lease::Lease;
 use super::options::{RunError, RunOptions};
 use super::progress::Progress;
 use super::state::RoundState;
@@ -45,8 +46,10 @@ impl Runner {
             &name,
             &local_uid(&namespace, &name),
         );
+        // One process drives a run: a second one refuses, naming the holder.
+        let lease = Lease::acquire(&store, &layout, opts.lease_heartbeat).await?;
         if opts.fresh {
-            let n = store.delete_prefix(layout.run_dir()).await?;
+            let n = delete_run_but_lease(&store, &layout).await?;
             let _ = std::fs::remove_dir_all(opts.work_dir.join(layout.run_dir()));
             tracing::info!(
                 run = layout.run_dir(),
@@ -114,12 +117,26 @@ impl Runner {
             children: Children::default(),
             exits,
             exited,
+            lease: Some(lease),
         };
         // A resumed run: its completed rounds are in the store.
         runner.rebuild_report().await?;
         runner.epoch = Instant::now();
         Ok(runner)
     }
+}
+
+/// `--fresh`: deletes every object of the run but its lease; returns how many.
+async fn delete_run_but_lease(store: &Store, layout: &RunLayout) -> Result<usize, RunError> {
+    let lease_dir = format!("{}/", layout.lease_dir());
+    let mut n = 0;
+    for key in store.list(layout.run_dir()).await? {
+        if !key.starts_with(&lease_dir) {
+            store.delete(&key).await?;
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 /// Creates the run's working folder and writes the spec the trainers read.

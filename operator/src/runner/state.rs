@@ -41,6 +41,8 @@ pub struct RoundState {
     pub excluded: Vec<String>,
     /// Failed aggregation attempts in the round.
     pub aggregation_failures: u32,
+    /// Why the last aggregation attempt failed (a run that ends on it says so).
+    pub last_aggregation_error: Option<String>,
 }
 
 impl RoundState {

@@ -4,7 +4,9 @@
 
 use super::executor::Runner;
 use super::options::RunError;
+use crate::execution::staging;
 use crate::execution::trainer::ClientExit;
+use crate::protocol::commit;
 
 /// What ended the wait.
 enum Event {
@@ -42,8 +44,12 @@ impl Runner {
         if exit.evaluation {
             if exit.ok {
                 let key = self.layout.evaluation_result(exit.round, &exit.client);
-                match self.store.upload_file(&exit.out_dir, &key).await {
-                    Ok(_) => self.progress.client_evaluated(&exit.client, &exit.summary),
+                match self.store.create_file(&exit.out_dir, &key).await {
+                    Ok(true) => self.progress.client_evaluated(&exit.client, &exit.summary),
+                    Ok(false) => self.progress.note(&format!(
+                        "client {}'s evaluation was already committed by another writer: this one is discarded",
+                        exit.client
+                    )),
                     Err(e) => failed = Some(e.to_string()),
                 }
             } else {
@@ -51,9 +57,14 @@ impl Runner {
             }
         } else if exit.ok && exit.round == self.round {
             let key_dir = self.layout.client_dir(exit.round, &exit.client);
-            match self.store.upload_artifact(&exit.out_dir, &key_dir).await {
-                Ok(_) => {
-                    self.progress.client_done(&exit.client, &exit.summary);
+            let base = staging::global_dir(&self.work, exit.round - 1);
+            match commit::commit_artifact(&self.store, &exit.out_dir, &key_dir, Some(&base)).await {
+                Ok(done) => {
+                    let what = format!("round {}: client {}", exit.round, exit.client);
+                    match done.second_writer_note(&what) {
+                        Some(note) => self.progress.note(&note),
+                        None => self.progress.client_done(&exit.client, &exit.summary),
+                    }
                     let _ = std::fs::remove_dir_all(&exit.out_dir);
                 }
                 Err(e) => failed = Some(e.to_string()),

@@ -102,6 +102,9 @@ pub struct RoundContext<'a> {
     pub round: u32,
     /// The previous global state (F32 values).
     pub previous: &'a BTreeMap<String, Array>,
+    /// The sha256 of the previous global's data file, when known: a client
+    /// manifest's `baseSha256` must equal it.
+    pub previous_sha256: Option<String>,
     /// The spec's clients by name.
     pub clients: BTreeMap<String, ClientInfo>,
     /// The spec's families by key.
@@ -144,6 +147,7 @@ impl<'a> RoundContext<'a> {
             run,
             round,
             previous,
+            previous_sha256: None,
             clients,
             families,
         }
@@ -388,7 +392,8 @@ pub fn aggregate_round_with(
 ) -> Result<AggregateOutcome> {
     let started = Instant::now();
     let (prev_manifest, previous) = read_previous(previous_global, run_name, round)?;
-    let ctx = RoundContext::new(spec, run_name, round, &previous);
+    let mut ctx = RoundContext::new(spec, run_name, round, &previous);
+    ctx.previous_sha256 = Some(prev_manifest.artifact.sha256.to_ascii_lowercase());
     let mut aggregator = aggregator_for(spec)?;
     let mut schemas = BTreeMap::new();
     for (name, info) in &ctx.clients {

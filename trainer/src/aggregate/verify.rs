@@ -15,6 +15,7 @@
 //! | `run` is this run | `wrong_run` |
 //! | `round` is this round | `wrong_round` |
 //! | `baseRound` is `round - 1` (the delta is relative to the previous global) | `stale_base` |
+//! | `baseSha256`, when present, is the previous global's data sha256 | `stale_base` |
 //! | `client` equals the directory name | `client_mismatch` |
 //! | the client is in the spec | `unknown_client` |
 //! | `family` is the family key of the client's model in the spec | `family_mismatch` |
@@ -234,6 +235,23 @@ fn check_manifest<'c>(
                 ctx.round.saturating_sub(1)
             ),
         ));
+    }
+    if let (Some(want), Some(got)) = (&ctx.previous_sha256, &m.base_sha256) {
+        if !got.eq_ignore_ascii_case(want) {
+            // Untrusted text: echoed only when it is a digest.
+            let got = if got.len() == 64 && got.bytes().all(|b| b.is_ascii_hexdigit()) {
+                got.as_str()
+            } else {
+                "(not a sha256)"
+            };
+            return Err(r.reject(
+                RejectReason::StaleBase,
+                format!(
+                    "trained from the global with sha256 {got}, but the global of round {} is {want} (a global no longer in the store)",
+                    ctx.round.saturating_sub(1)
+                ),
+            ));
+        }
     }
     let claimed = m.client.as_deref().unwrap_or("");
     if claimed != dir_name {

@@ -219,7 +219,11 @@ mod tests {
         .await;
         // Data without a manifest is not a commit; strangers are ignored.
         store
-            .put(&layout.client_adapter(2, "a"), Bytes::from_static(b"x"))
+            .put(
+                &heterotune_crds::layout::data_key(&layout.client_dir(2, "a"), &"0".repeat(64))
+                    .expect("key"),
+                Bytes::from_static(b"x"),
+            )
             .await
             .expect("put");
         put(

@@ -1,0 +1,219 @@
+//! Exactly-once commits of the round protocol: an artifact's data is stored
+//! under its digest ([`data_key`]), then its manifest is created only when
+//! absent ([`Store::put_new`]), stamped with who wrote it ([`writer_id`])
+//! and, for a client update, the digest of the global it was trained from.
+//! The first writer wins; a second one gets [`Commit::AlreadyCommitted`]
+//! naming the winner, never an error, and never overwrites the winner's data.
+
+use std::path::Path;
+use std::sync::OnceLock;
+
+use bytes::Bytes;
+use heterotune_crds::digest::sha256_hex;
+use heterotune_crds::layout::{data_key, RunLayout, ADAPTER_FILE, MANIFEST_FILE};
+use heterotune_crds::manifest::{now_rfc3339, ArtifactManifest};
+
+use super::store::{write_local, Store, StoreError};
+
+/// What a commit did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Commit {
+    /// This writer committed; bytes uploaded (data and manifest).
+    Created { bytes: u64 },
+    /// Another writer had committed first (`writer`, at `at`): nothing of
+    /// this writer's was kept.
+    AlreadyCommitted { writer: String, at: String },
+}
+
+impl Commit {
+    /// Who committed: this writer, or the first one.
+    pub fn writer(&self) -> String {
+        match self {
+            Commit::Created { .. } => writer_id().to_string(),
+            Commit::AlreadyCommitted { writer, at } => format!("{writer} at {at}"),
+        }
+    }
+
+    /// The non-fatal note for a second writer of `what`; `None` when this
+    /// writer committed.
+    pub fn second_writer_note(&self, what: &str) -> Option<String> {
+        match self {
+            Commit::Created { .. } => None,
+            Commit::AlreadyCommitted { writer, at } => Some(format!(
+                "{what} was already committed by {writer} at {at}: this writer's copy is discarded"
+            )),
+        }
+    }
+}
+
+/// This process as a writer: `host/pid/start time` (the host is the pod's
+/// name in a cluster).
+pub fn writer_id() -> &'static str {
+    static ID: OnceLock<String> = OnceLock::new();
+    ID.get_or_init(|| format!("{}/{}/{}", host_name(), std::process::id(), now_rfc3339()))
+}
+
+/// The host's name (`HOSTNAME`, else the kernel's), for writer and lease ids.
+pub fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown-host".into())
+}
+
+fn read_local(path: &Path) -> Result<Vec<u8>, StoreError> {
+    std::fs::read(path).map_err(|e| StoreError::Local {
+        path: path.to_path_buf(),
+        source: e,
+    })
+}
+
+/// Reads the manifest in the local artifact folder `dir`.
+fn local_manifest(dir: &Path) -> Result<ArtifactManifest, StoreError> {
+    let path = dir.join(MANIFEST_FILE);
+    ArtifactManifest::from_slice(&read_local(&path)?).map_err(|e| StoreError::Local {
+        path,
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+    })
+}
+
+/// Who committed the manifest `key`, when it exists.
+pub async fn committed_by(store: &Store, key: &str) -> Result<Option<Commit>, StoreError> {
+    let Some(bytes) = store.get(key).await? else {
+        return Ok(None);
+    };
+    let (writer, at) = match ArtifactManifest::from_slice(&bytes) {
+        Ok(m) => (
+            m.writer.unwrap_or_else(|| "an earlier writer".into()),
+            m.created_at,
+        ),
+        Err(_) => ("an earlier writer".into(), "an unknown time".into()),
+    };
+    Ok(Some(Commit::AlreadyCommitted { writer, at }))
+}
+
+/// Commits the local artifact folder `local_dir` (`adapter.safetensors`,
+/// `manifest.json`) to the store folder `key_dir`: the data under its
+/// digest, then the manifest, create-only, stamped with [`writer_id`] and,
+/// given the local folder of the global the client trained from (`base`),
+/// that global's data digest (`baseSha256`).
+pub async fn commit_artifact(
+    store: &Store,
+    local_dir: &Path,
+    key_dir: &str,
+    base: Option<&Path>,
+) -> Result<Commit, StoreError> {
+    let manifest_key = format!("{key_dir}/{MANIFEST_FILE}");
+    if let Some(done) = committed_by(store, &manifest_key).await? {
+        return Ok(done);
+    }
+    let data_path = local_dir.join(ADAPTER_FILE);
+    let data = read_local(&data_path)?;
+    let mut manifest = local_manifest(local_dir)?;
+    let sha = sha256_hex(&data);
+    let invalid = |message: String| StoreError::Local {
+        path: data_path.clone(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, message),
+    };
+    if !manifest.artifact.sha256.eq_ignore_ascii_case(&sha) {
+        return Err(invalid(format!(
+            "sha256 {sha}, but its manifest declares {}: the trainer's output is damaged",
+            manifest.artifact.sha256
+        )));
+    }
+    manifest.writer = Some(writer_id().to_string());
+    if let Some(base) = base {
+        manifest.base_sha256 = Some(local_manifest(base)?.artifact.sha256.to_ascii_lowercase());
+    }
+    let key = data_key(key_dir, &sha).ok_or_else(|| invalid(format!("bad digest {sha}")))?;
+    let data_bytes = data.len() as u64;
+    store.put(&key, Bytes::from(data)).await?;
+    let json = serde_json::to_vec_pretty(&manifest).map_err(|e| invalid(e.to_string()))?;
+    let manifest_bytes = json.len() as u64;
+    if store.put_new(&manifest_key, Bytes::from(json)).await? {
+        return Ok(Commit::Created {
+            bytes: data_bytes + manifest_bytes,
+        });
+    }
+    Ok(committed_by(store, &manifest_key)
+        .await?
+        .unwrap_or(Commit::AlreadyCommitted {
+            writer: "a writer that has since deleted it".into(),
+            at: "an unknown time".into(),
+        }))
+}
+
+/// The clients among `participants` that a failed aggregation's `error`
+/// (the trainer's "quorum not met: … (<client> rejected (<reason>: …); …)")
+/// names as rejected.
+pub fn rejected_in<'p>(error: &str, participants: &'p [String]) -> Vec<&'p str> {
+    let Some((_, summary)) = error.split_once("quorum not met") else {
+        return Vec::new();
+    };
+    participants
+        .iter()
+        .filter(|p| {
+            let entry = format!("{p} rejected (");
+            summary.contains(&format!("({entry}")) || summary.contains(&format!("; {entry}"))
+        })
+        .map(String::as_str)
+        .collect()
+}
+
+/// Sets a rejected client's commit of `round` aside: its manifest moves to
+/// [`RunLayout::rejected_manifest`] (attempt `attempt`), so the client is
+/// no longer committed and may train and commit again.
+pub async fn set_aside(
+    store: &Store,
+    layout: &RunLayout,
+    round: u32,
+    client: &str,
+    attempt: u32,
+) -> Result<(), StoreError> {
+    let key = layout.client_manifest(round, client);
+    if let Some(bytes) = store.get(&key).await? {
+        let aside = layout.rejected_manifest(round, client, attempt);
+        store.put(&aside, bytes).await?;
+        store.delete(&key).await?;
+    }
+    Ok(())
+}
+
+/// Downloads the committed artifact in the store folder `key_dir` into
+/// `local_dir` (the manifest first: without it there is nothing; the data
+/// as `adapter.safetensors`). False when absent. A manifest that does not
+/// parse is downloaded alone, for verification to reject; runs written
+/// before data keys had digests are read from `adapter.safetensors`.
+pub async fn download_artifact(
+    store: &Store,
+    key_dir: &str,
+    local_dir: &Path,
+) -> Result<bool, StoreError> {
+    let Some(manifest) = store.get(&format!("{key_dir}/{MANIFEST_FILE}")).await? else {
+        return Ok(false);
+    };
+    let parsed = ArtifactManifest::from_slice(&manifest).ok();
+    let mut data = None;
+    if let Some(key) = parsed
+        .as_ref()
+        .and_then(|m| data_key(key_dir, &m.artifact.sha256))
+    {
+        data = store.get(&key).await?;
+    }
+    if data.is_none() {
+        data = store.get(&format!("{key_dir}/{ADAPTER_FILE}")).await?;
+    }
+    match data {
+        Some(bytes) => write_local(&local_dir.join(ADAPTER_FILE), &bytes).await?,
+        None if parsed.is_some() => return Ok(false),
+        None => {}
+    }
+    write_local(&local_dir.join(MANIFEST_FILE), &manifest).await?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests;
