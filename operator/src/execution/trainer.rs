@@ -178,7 +178,11 @@ async fn run_to_end(
 /// before a run depends on it. A trainer whose dynamic loader cannot find
 /// libtorch exits 127 before `main`; the error says how to fix that.
 pub fn check_starts(binary: &Path) -> Result<(), String> {
-    let out = std::process::Command::new(binary)
+    let mut cmd = std::process::Command::new(binary);
+    for var in CREDENTIAL_ENV {
+        cmd.env_remove(var);
+    }
+    let out = cmd
         .arg("--version")
         .stdin(Stdio::null())
         .output()
