@@ -1,5 +1,5 @@
-//! The `heterotune` CLI end to end: exit codes and messages of `validate`;
-//! the trainer binary starting as built.
+//! The `heterotune` CLI end to end: exit codes, sources and messages of
+//! `validate`, help and completions; the trainer binary starting as built.
 
 use std::process::Command;
 
@@ -71,7 +71,7 @@ spec:
 #[test]
 fn missing_file_and_bad_yaml_are_clear_errors() {
     let (code, _, stderr) = heterotune(&["validate", "-f", "no/such/file.yaml"]);
-    assert_eq!(code, 2);
+    assert_eq!(code, 1, "invalid input: {stderr}");
     assert!(stderr.contains("cannot read no/such/file.yaml"), "{stderr}");
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("broken.yaml");
@@ -79,6 +79,76 @@ fn missing_file_and_bad_yaml_are_clear_errors() {
     let (code, _, stderr) = heterotune(&["validate", "-f", &file.to_string_lossy()]);
     assert_eq!(code, 1);
     assert!(stderr.contains("invalid YAML at line"), "{stderr}");
+}
+
+/// kubectl habits: `-f` repeated, a folder, `-` for stdin, multi-document
+/// YAML with each document named in errors, `-o json`; exit codes 0 / 1 /
+/// 2 (usage); `job` hidden; completions.
+#[test]
+fn validate_reads_files_folders_stdin_and_documents_like_kubectl() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good =
+        std::fs::read_to_string(repo_root().join("examples/quickstart.yaml")).expect("quickstart");
+    let bad = good.replace("rounds: 6", "rounds: 0");
+    assert_ne!(good, bad);
+    std::fs::write(dir.path().join("two.yaml"), format!("{good}\n---\n{bad}")).expect("write");
+    let folder = dir.path().join("specs");
+    std::fs::create_dir(&folder).expect("folder");
+    std::fs::write(folder.join("a.yaml"), &good).expect("write");
+    std::fs::write(folder.join("b.yml"), &good).expect("write");
+    let two = dir.path().join("two.yaml").to_string_lossy().into_owned();
+    let (code, stdout, stderr) = heterotune(&["validate", "-f", &two]);
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert!(stdout.contains("(document 1, line 1): valid"), "{stdout}");
+    assert!(
+        stderr.contains("(document 2, line") && stderr.contains("spec.rounds"),
+        "{stderr}"
+    );
+    let folder_arg = folder.to_string_lossy().into_owned();
+    let (code, stdout, _) = heterotune(&[
+        "validate",
+        "-f",
+        &folder_arg,
+        "-f",
+        "examples/quickstart.yaml",
+    ]);
+    assert_eq!(code, 0, "{stdout}");
+    assert_eq!(
+        stdout.matches(": valid FederatedTune").count(),
+        3,
+        "{stdout}"
+    );
+    // stdin, JSON output
+    let out = Command::new(binary("heterotune"))
+        .args(["validate", "-o", "json", "-f", "-"])
+        .current_dir(repo_root())
+        .stdin(std::fs::File::open(dir.path().join("two.yaml")).expect("open"))
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    let verdicts: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    assert_eq!(verdicts[0]["valid"], true, "{verdicts}");
+    assert_eq!(verdicts[0]["name"], "quickstart", "{verdicts}");
+    assert_eq!(verdicts[1]["valid"], false, "{verdicts}");
+    assert!(verdicts[1]["problems"][0]
+        .as_str()
+        .unwrap_or_default()
+        .contains("spec.rounds"));
+    // usage errors are 2; `job` is not in the help; completions print
+    let (code, _, _) = heterotune(&["validate", "--no-such-flag"]);
+    assert_eq!(code, 2);
+    let (_, help, _) = heterotune(&["--help"]);
+    assert!(
+        help.contains("validate") && !help.contains("\n  job "),
+        "{help}"
+    );
+    assert!(help.contains("Exit codes"), "{help}");
+    let (code, script, _) = heterotune(&["completions", "bash"]);
+    assert_eq!(code, 0);
+    assert!(
+        script.contains("heterotune") && script.contains("complete"),
+        "{script}"
+    );
 }
 
 /// The trainer finds libtorch without `source scripts/env.sh` (its RUNPATH,

@@ -30,13 +30,22 @@ pub fn read_text(path: &Path, max: u64) -> std::io::Result<String> {
             meta.len()
         )));
     }
-    let mut bytes = Vec::with_capacity(meta.len() as usize);
     // The file may grow after the check: read at most one byte past the limit.
-    std::fs::File::open(path)?
-        .take(max + 1)
-        .read_to_end(&mut bytes)?;
+    read_stream(std::fs::File::open(path)?, max)
+}
+
+/// The UTF-8 text of `reader` (standard input), at most `max` bytes.
+///
+/// # Errors
+/// As [`read_text`] for the size and the encoding.
+pub fn read_stream(reader: impl Read, max: u64) -> std::io::Result<String> {
+    let mut bytes = Vec::new();
+    reader.take(max + 1).read_to_end(&mut bytes)?;
     if bytes.len() as u64 > max {
-        return Err(invalid(format!("over the {max}-byte limit for a spec")));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("over the {max}-byte limit for a spec"),
+        ));
     }
     String::from_utf8(bytes)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))

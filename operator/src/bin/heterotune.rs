@@ -8,12 +8,20 @@ use clap::{Parser, Subcommand};
 use heterotune_crds::validate::{parse_federated_tune, Problems};
 use heterotune_crds::FederatedTune;
 use heterotune_operator::input::checks;
+use heterotune_operator::input::documents::documents;
 use heterotune_operator::input::spec_file::SpecFileError;
 use heterotune_operator::{runner, telemetry};
+
+/// Exit codes: 0 success; 1 invalid input (a spec, a file it names, a
+/// source that cannot be read); 2 usage (clap's: unknown flag, missing
+/// argument); 3 a runtime failure (store, trainer, a run that failed).
+const EXIT_INVALID: u8 = 1;
+const EXIT_RUNTIME: u8 = 3;
 
 #[derive(Parser)]
 #[command(
     name = "heterotune",
+    after_help = "Exit codes: 0 success, 1 invalid input, 2 usage, 3 runtime failure.",
     version,
     about = "Federated fine-tuning of heterogeneous pretrained models"
 )]
@@ -27,15 +35,21 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Check a FederatedTune file against the CRD schema and its CEL rules
-    /// (the same checks the API server runs); exits 1 listing every problem.
+    /// Check FederatedTune documents against the CRD schema and its CEL
+    /// rules (the same checks the API server runs); exits 1 listing every
+    /// problem of every document.
     Validate {
-        /// The FederatedTune YAML file.
-        #[arg(short = 'f', long = "filename")]
-        file: PathBuf,
+        /// A YAML or JSON file (several documents split by `---`), a folder
+        /// (its .yaml, .yml and .json files) or `-` for standard input;
+        /// repeatable.
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
         /// Also check that local models and datasets exist and fit the spec.
         #[arg(long)]
         check_files: bool,
+        /// Output: `text`, or `json` (one object per document on stdout).
+        #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
+        output: Output,
     },
     /// Run a FederatedTune on this machine: local trainer processes and a
     /// local-folder or S3 object store.
@@ -73,12 +87,25 @@ enum Command {
     },
     /// Print the FederatedTune CustomResourceDefinition.
     Crd,
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
     /// What the operator's pods run: stage from the object store, run the
     /// trainer, commit to the store (idempotent).
+    #[command(hide = true)]
     Job {
         #[command(subcommand)]
         job: JobCommand,
     },
+}
+
+/// `validate -o`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    Text,
+    Json,
 }
 
 #[derive(clap::Args)]
@@ -153,9 +180,17 @@ fn report(file: &Path, problems: &Problems) {
     }
 }
 
-/// The FederatedTune in `file`, validated; `None` after printing its problems.
+/// The FederatedTune in `file`, validated; `None` after printing why not
+/// (unreadable, or its problems).
 fn load(file: &Path) -> anyhow::Result<Option<FederatedTune>> {
-    match parse_federated_tune(&read(file)?) {
+    let text = match read(file) {
+        Ok(text) => text,
+        Err(e) => {
+            eprintln!("heterotune: {e:#}");
+            return Ok(None);
+        }
+    };
+    match parse_federated_tune(&text) {
         Ok(ft) => Ok(Some(ft)),
         Err(problems) => {
             report(file, &problems);
@@ -164,26 +199,63 @@ fn load(file: &Path) -> anyhow::Result<Option<FederatedTune>> {
     }
 }
 
-fn validate(file: &Path, check_files: bool) -> anyhow::Result<ExitCode> {
-    let Some(ft) = load(file)? else {
-        return Ok(ExitCode::from(1));
-    };
+/// One document's verdict: its FederatedTune, or its problems.
+fn check_document(text: &str, check_files: bool) -> Result<FederatedTune, Problems> {
+    let ft = parse_federated_tune(text)?;
     if check_files {
         let problems = checks::check_local_references(&ft.spec);
         if !problems.is_empty() {
-            report(file, &Problems(problems));
-            return Ok(ExitCode::from(1));
+            return Err(Problems(problems));
         }
     }
-    println!(
-        "{}: valid FederatedTune {:?} ({} clients, {} rounds, algorithm {})",
-        file.display(),
-        ft.metadata.name.as_deref().unwrap_or_default(),
-        ft.spec.clients.len(),
-        ft.spec.rounds,
-        ft.spec.aggregation.algorithm.as_str()
-    );
-    Ok(ExitCode::SUCCESS)
+    Ok(ft)
+}
+
+/// `validate`: every document of every source; 0 when all are valid, 1
+/// when one is not or a source cannot be read.
+fn validate(files: &[PathBuf], check_files: bool, output: Output) -> ExitCode {
+    let docs = match documents(files, std::io::stdin().lock()) {
+        Ok(docs) => docs,
+        Err(e) => {
+            eprintln!("heterotune: {e}");
+            return ExitCode::from(EXIT_INVALID);
+        }
+    };
+    let mut all_valid = true;
+    let mut verdicts = Vec::new();
+    for doc in &docs {
+        let verdict = check_document(&doc.text, check_files);
+        all_valid &= verdict.is_ok();
+        match (output, verdict) {
+            (Output::Text, Ok(ft)) => println!(
+                "{}: valid FederatedTune {:?} ({} clients, {} rounds, algorithm {})",
+                doc.source,
+                ft.metadata.name.as_deref().unwrap_or_default(),
+                ft.spec.clients.len(),
+                ft.spec.rounds,
+                ft.spec.aggregation.algorithm.as_str()
+            ),
+            (Output::Text, Err(problems)) => report(Path::new(&doc.source), &problems),
+            (Output::Json, verdict) => verdicts.push(serde_json::json!({
+                "source": doc.source,
+                "valid": verdict.is_ok(),
+                "name": verdict.as_ref().ok().and_then(|ft| ft.metadata.name.clone()),
+                "problems": verdict
+                    .as_ref()
+                    .err()
+                    .map(|p| p.0.iter().map(ToString::to_string).collect::<Vec<_>>())
+                    .unwrap_or_default(),
+            })),
+        }
+    }
+    if output == Output::Json {
+        println!("{}", serde_json::Value::Array(verdicts));
+    }
+    if all_valid {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_INVALID)
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -252,7 +324,11 @@ fn run(
         }
         Err(runner::RunError::Spec(SpecFileError::Invalid { file, problems })) => {
             report(&file, &problems);
-            Ok(ExitCode::from(1))
+            Ok(ExitCode::from(EXIT_INVALID))
+        }
+        Err(runner::RunError::Spec(e)) => {
+            eprintln!("heterotune: {e}");
+            Ok(ExitCode::from(EXIT_INVALID))
         }
         Err(e) => Err(e.into()),
     }
@@ -260,7 +336,7 @@ fn run(
 
 fn plan(file: &Path) -> anyhow::Result<ExitCode> {
     let Some(ft) = load(file)? else {
-        return Ok(ExitCode::from(1));
+        return Ok(ExitCode::from(EXIT_INVALID));
     };
     let namespace = ft
         .metadata
@@ -305,7 +381,7 @@ fn plan(file: &Path) -> anyhow::Result<ExitCode> {
     let problems = checks::check_local_references(&ft.spec);
     if !problems.is_empty() {
         report(file, &Problems(problems));
-        return Ok(ExitCode::from(1));
+        return Ok(ExitCode::from(EXIT_INVALID));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -390,7 +466,11 @@ fn job(command: JobCommand) -> anyhow::Result<ExitCode> {
         }
         Err(JobError::Spec(SpecFileError::Invalid { file, problems })) => {
             report(&file, &problems);
-            Ok(ExitCode::from(1))
+            Ok(ExitCode::from(EXIT_INVALID))
+        }
+        Err(JobError::Spec(e)) => {
+            eprintln!("heterotune: {e}");
+            Ok(ExitCode::from(EXIT_INVALID))
         }
         Err(e) => Err(e.into()),
     }
@@ -400,7 +480,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init(cli.log_format, "info");
     let result = match cli.command {
-        Command::Validate { file, check_files } => validate(&file, check_files),
+        Command::Validate {
+            files,
+            check_files,
+            output,
+        } => Ok(validate(&files, check_files, output)),
         Command::Run {
             file,
             parallel,
@@ -427,13 +511,18 @@ fn main() -> ExitCode {
             }
             Err(e) => Err(anyhow::anyhow!("cannot serialise the CRD: {e}")),
         },
+        Command::Completions { shell } => {
+            let mut cli = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cli, "heterotune", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Job { job: command } => job(command),
     };
     match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("heterotune: {e:#}");
-            ExitCode::from(2)
+            ExitCode::from(EXIT_RUNTIME)
         }
     }
 }

@@ -3,4 +3,5 @@
 //! express, on the models and datasets it names ([`checks`]).
 
 pub mod checks;
+pub mod documents;
 pub mod spec_file;
