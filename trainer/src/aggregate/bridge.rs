@@ -6,8 +6,6 @@
 
 use std::collections::BTreeMap;
 
-use heterotune_crds::spec::AggregationAlgorithm;
-
 use super::array::Array;
 use super::common::{FamilySums, ServerStep, BRIDGE_PREFIX};
 use super::{Aggregated, Aggregator, ClientInfo, ClientUpdate, RoundContext};
@@ -37,9 +35,7 @@ fn bridge_tensors(previous: &BTreeMap<String, Array>) -> impl Iterator<Item = (&
 }
 
 impl Aggregator for Bridged {
-    fn algorithm(&self) -> AggregationAlgorithm {
-        self.inner.algorithm()
-    }
+    pass_to_inner!(algorithm, plan);
 
     fn expected_tensors(
         &self,
@@ -57,10 +53,6 @@ impl Aggregator for Bridged {
             ));
         }
         Ok(expected)
-    }
-
-    fn plan(&mut self, accepted: &[(&str, &str)]) {
-        self.inner.plan(accepted);
     }
 
     fn add(&mut self, ctx: &RoundContext<'_>, mut update: ClientUpdate) -> Result<()> {

@@ -131,21 +131,7 @@ fn coordinatewise(arrays: &[&Array], mode: RobustCombine, trim_fraction: f64) ->
 }
 
 impl Aggregator for Robust {
-    fn algorithm(&self) -> AggregationAlgorithm {
-        self.inner.algorithm()
-    }
-
-    fn expected_tensors(
-        &self,
-        ctx: &RoundContext<'_>,
-        client: &ClientInfo,
-    ) -> Result<BTreeMap<String, Vec<usize>>> {
-        self.inner.expected_tensors(ctx, client)
-    }
-
-    fn plan(&mut self, accepted: &[(&str, &str)]) {
-        self.inner.plan(accepted);
-    }
+    pass_to_inner!(algorithm, plan, expected_tensors);
 
     fn add(&mut self, _ctx: &RoundContext<'_>, update: ClientUpdate) -> Result<()> {
         self.updates.push(update);

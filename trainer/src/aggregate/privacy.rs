@@ -121,17 +121,7 @@ impl Private {
 }
 
 impl Aggregator for Private {
-    fn algorithm(&self) -> AggregationAlgorithm {
-        self.inner.algorithm()
-    }
-
-    fn expected_tensors(
-        &self,
-        ctx: &RoundContext<'_>,
-        client: &ClientInfo,
-    ) -> Result<BTreeMap<String, Vec<usize>>> {
-        self.inner.expected_tensors(ctx, client)
-    }
+    pass_to_inner!(algorithm, expected_tensors);
 
     fn plan(&mut self, accepted: &[(&str, &str)]) {
         self.planned.clear();
