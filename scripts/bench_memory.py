@@ -18,13 +18,18 @@ and the rest (training: activations, adapter state, prefix cache, tokenizer, dat
 
 Full fine-tuning has no mode in the trainer: it is measured in PyTorch (transformers, same
 backbone, batch, sequence length, dtype and texts; AdamW over every parameter, 5 steps), next to
-PyTorch's LoRA (r=8 on q,v of every layer, frozen backbone) and PyTorch's own baseline (python,
-torch and transformers imported, no model). DeMA / full FT is stated both as raw peaks and
-above each process's baseline.
+PyTorch's own baseline (python, torch, transformers and the model's modules imported, the model
+built on the meta device) and, with --torch-lora, PyTorch's LoRA (r=8 on q,v of every layer,
+frozen backbone). DeMA / full FT is stated both as raw peaks and above each process's baseline.
+Each row also records what the trainer prepared (its example counts and the bytes of the
+frozen-prefix cache files it wrote) and the spec it ran, which the sizing test re-estimates.
+`smol-full` (SmolLM2 at full depth, adapters at layers 9, 19, 29) is measured only when named.
 
     scripts/bench_memory.py                      # every model, prints the markdown table
     scripts/bench_memory.py --models L3 smol     # a subset
     scripts/bench_memory.py --write-docs         # also replace the block in docs/benchmarks.md
+    scripts/bench_memory.py --models smol --append   # re-measure one model, keep the other rows
+    scripts/bench_memory.py --report-only --write-docs   # the table of docs/data/memory.json
 
 Writes docs/data/memory.json (rows read by operator/src/sizing/calibration.rs's test).
 Needs the asset cache, the venv (transformers) and release binaries (--bin).
@@ -46,17 +51,15 @@ from pathlib import Path
 
 import yaml
 
+import bench_central as central  # noqa: E402 (scripts/ is on sys.path when this runs)
+
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("HETEROTUNE_CACHE", Path.home() / ".cache/heterotune"))
 MIB = 1024 * 1024
-MODELS = {
-    "L3": {"family": "bert", "uri": "cache://models/paraphrase-MiniLM-L3-v2"},
-    "L6": {"family": "bert", "uri": "cache://models/all-MiniLM-L6-v2"},
-    "mpnet": {"family": "mpnet", "uri": "cache://models/all-mpnet-base-v2"},
-    "smol": {"family": "llama", "uri": "cache://models/SmolLM2-135M-Instruct",
-             "adaptedLayers": {"mode": "topWindow", "window": 6}},
-    "smol-full": {"family": "llama", "uri": "cache://models/SmolLM2-135M-Instruct"},
-}
+# The packaged models as scripts/bench_central.py names them (SmolLM2 with its top-6 window),
+# and SmolLM2 at full depth.
+MODELS = {**central.MODELS,
+          "smol-full": {"family": "llama", "uri": "cache://models/SmolLM2-135M-Instruct"}}
 # The quickstart's settings (TREC questions, batch 16, 32 tokens) and a larger one on longer
 # texts (SMS messages, batch 32, 64 tokens: most batches hold a message that fills the
 # window). `examples`: lines of the dataset subset (about a quickstart client's share of TREC).
@@ -112,6 +115,8 @@ def spec(model: str, dtype: str, adapter: str, setting: dict, data: Path, labels
         "spec": {
             "rounds": 1,
             "minClients": 1,
+            # A busy machine must not cut a slow model's round.
+            "roundDeadlineSeconds": 7200,
             "clients": [{"name": "c", "model": m}],
             "task": {
                 "dataset": {"uri": f"file://{data}", "format": "jsonl", "textField": "text", "labelField": "label"},
@@ -281,31 +286,44 @@ def mib(b) -> str:
 
 
 def table(doc: dict) -> str:
-    cpu = doc["cpu"]
+    cpu, base_t = doc["cpu"], doc["baseline"]["trainer"]
+    torch_lora = any("pytorchLora" in r for r in doc["rows"])
+    settings = "; ".join(f"`{k}`: {v['data'].upper()} (first {v['examples']} records), batch {v['batch']}, "
+                         f"≤ {v['seq']} tokens" for k, v in doc["settings"].items()
+                         if any(r["setting"] == k for r in doc["rows"]))
     lines = [
-        f"CPU: {cpu['model']}, {cpu['cores']} cores, bf16 flags: {', '.join(cpu['bf16Flags']) or 'none'}; "
-        f"{STEPS} local steps, {doc['threads']} threads. Peak RSS of the `train` process (wait4 `ru_maxrss`, "
-        "evaluation passes included), MiB. Baselines: trainer with libtorch loaded and no model "
-        f"{mib(doc['baseline']['trainer'])} MiB; PyTorch's (python, torch, transformers and the model's "
-        "modules imported, the model built on the meta device, the tokenizer loaded) is in its column. Weights = parameters × dtype bytes. The trainer has no "
-        "full fine-tuning mode: full FT and the PyTorch LoRA column (r=8 on q,v of every layer) are "
-        "PyTorch (transformers, AdamW, the same texts, batch, length and dtype). DeMA/FT: raw peaks "
-        "(above each process's baseline in brackets).",
+        f"CPU: {cpu['model']}, {cpu['cores']} cores, bf16 flags: {', '.join(cpu['bf16Flags']) or 'none'}. "
+        f"One client, one round of {doc['steps']} local steps, {doc['threads']} thread; {settings}; eval batch 64; "
+        "DeMA r 8, K 4, S 3; LoRA r 8 on q, v of the same adapted layers. SmolLM2: top-6 window.",
         "",
-        "| model | setting | dtype | weights | DeMA | LoRA | trainer VmHWM DeMA / LoRA | PyTorch baseline | full FT (PyTorch) | LoRA (PyTorch) | DeMA / full FT |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "Peak RSS of the trainer's `train` process in MiB, **measured from outside** (wait4 `ru_maxrss`: the "
+        "whole process, validation and test passes included); in brackets the trainer's own `VmHWM` at the end "
+        f"of its training loop (report.json `peakRssBytes`). **Baseline**: the trainer with libtorch loaded and "
+        f"no model, {mib(base_t)} MiB. **Weights**: parameters × dtype bytes (float32 borrows the "
+        "memory-mapped checkpoint; bfloat16 converts it and releases the mapped pages). **Training**: DeMA's "
+        "peak − baseline − weights (activations, the frozen-prefix cache, adapter and optimizer state, "
+        "tokenizer, data). **Full FT**: the trainer has no full fine-tuning mode, so it is PyTorch (transformers, "
+        "AdamW over every parameter, the same texts, batch, length and dtype), next to PyTorch's own baseline "
+        "(python, torch, transformers and the model's modules imported, the model built on the meta device, the "
+        "tokenizer loaded). **DeMA / full FT**: raw peaks, and in brackets above each process's baseline."
+        + (" PyTorch LoRA: r 8 on q, v of every layer, frozen backbone." if torch_lora else ""),
+        "",
+        "| model | setting | dtype | weights | DeMA | = baseline + weights + training | LoRA | "
+        "full FT (PyTorch) | PyTorch baseline |" + (" LoRA (PyTorch) |" if torch_lora else "") + " DeMA / full FT |",
+        "|---|---|---|---:|---:|---|---:|---:|---:|" + ("---:|" if torch_lora else "") + "---:|",
     ]
-    base_t = doc["baseline"]["trainer"]
-    for r in doc["rows"]:
-        ft = r.get("pytorchFull")
+    for r in (r for r in doc["rows"] if "dema" in r and "lora" in r):
+        dema, lora, ft, base_p = r["dema"], r["lora"], r.get("pytorchFull"), r.get("pytorchBaseline")
         ratio = "–"
-        if ft:
-            base_p = r["pytorchBaseline"]
-            ratio = f"{r['dema']['peakRss'] / ft:.0%} ({(r['dema']['peakRss'] - base_t) / (ft - base_p):.0%})"
+        if ft and base_p:
+            ratio = f"{dema['peakRss'] / ft:.0%} ({(dema['peakRss'] - base_t) / (ft - base_p):.0%})"
+        rest = dema["peakRss"] - base_t - r["weightBytes"]
         lines.append(
-            f"| {r['model']} | {r['setting']} | {r['dtype']} | {mib(r['weightBytes'])} | {mib(r['dema']['peakRss'])} | "
-            f"{mib(r['lora']['peakRss'])} | {mib(r['dema']['trainerVmHwm'])} / {mib(r['lora']['trainerVmHwm'])} | "
-            f"{mib(r.get('pytorchBaseline'))} | {mib(ft)} | {mib(r.get('pytorchLora'))} | {ratio} |"
+            f"| {r['model']} | {r['setting']} | {r['dtype']} | {mib(r['weightBytes'])} | "
+            f"{mib(dema['peakRss'])} ({mib(dema['trainerVmHwm'])}) | "
+            f"{mib(base_t)} + {mib(r['weightBytes'])} + {mib(rest)} | "
+            f"{mib(lora['peakRss'])} ({mib(lora['trainerVmHwm'])}) | {mib(ft)} | {mib(base_p)} |"
+            + (f" {mib(r.get('pytorchLora'))} |" if torch_lora else "") + f" {ratio} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -327,7 +345,7 @@ def write_docs(text: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--models", nargs="*", default=[m for m in MODELS if m != "smol-full"], choices=list(MODELS))
     p.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"])
     p.add_argument("--bin", type=Path, default=ROOT / "target/release")
@@ -340,8 +358,15 @@ def main() -> None:
     p.add_argument("--append", action="store_true", help="keep --out's rows of other models/settings/dtypes")
     p.add_argument("--no-trainer", action="store_true",
                    help="only add the PyTorch references to --out's rows (implies --append)")
+    p.add_argument("--report-only", action="store_true", help="print (and --write-docs) the table of --out; measure nothing")
     args = p.parse_args()
     args.work = args.work.resolve()
+    if args.report_only:
+        text = table(json.loads(args.out.read_text()))
+        print(text)
+        if args.write_docs:
+            write_docs(text)
+        return
     doc = {"cpu": cpu_name(), "threads": args.threads, "steps": STEPS, "settings": SETTINGS,
            "baseline": {"trainer": baseline_trainer(args)},
            "rows": []}
@@ -360,9 +385,7 @@ def main() -> None:
                        "weightBytes": n * (4 if dtype == "float32" else 2),
                        "batchSize": setting["batch"], "maxSeqLength": setting["seq"]}
                 old = [r for r in doc["rows"] if (r["model"], r["setting"], r["dtype"]) == (model, key, dtype)]
-                if args.no_trainer:
-                    if not old:
-                        sys.exit(f"--no-trainer: {args.out} has no row for {model} {key} {dtype}")
+                if args.no_trainer and old:
                     row = old[0]
                 for adapter in () if args.no_trainer else ("dema", "lora"):
                     row[adapter] = trainer_run(args, model, dtype, adapter, key, setting, args.work)

@@ -244,7 +244,14 @@ pub fn model_parts(
         .first()
         .copied()
         .unwrap_or(shape.num_layers.saturating_sub(1));
-    let backprop_layers = shape.num_layers.saturating_sub(first + 1);
+    // DeMA acts on a layer's output: the backward pass stops above the first
+    // adapted layer. LoRA acts inside it: that layer is in the backward pass
+    // (the trainer's frozen prefix, `trainer/src/train.rs`).
+    let frozen = match w.adapter {
+        AdapterKind::Dema => first + 1,
+        AdapterKind::Lora => first,
+    };
+    let backprop_layers = shape.num_layers.saturating_sub(frozen);
     let widest = w.batch_size.max(w.eval_batch_size);
     let (s, d, h) = (w.seq_len, shape.hidden_size, shape.num_heads);
     let cpu = CpuActivations::of(w.dtype);

@@ -165,18 +165,18 @@ fn minilm_l6_estimate_by_hand() {
     assert_eq!(e.own.trainable_parameters, 972 + 18_432 + 2_310);
     assert_eq!(e.own.weights, 22_565_376 * 4);
     assert_eq!(e.own.adapter_state, 16 * 21_714);
-    // On a CPU in f32 (sizing::CPU_F32) a layer keeps 64·s·b·d = 64·32·16·384 = 12,582,912
+    // On a CPU in f32 (sizing::CPU_F32) a layer keeps 60·s·b·d = 60·32·16·384 = 11,796,480
     // (fused attention: no s² term); adapted 1, 3, 5: layers 2..=5 keep activations; DeMA
-    // adds 32 · 16·32·384 = 6,291,456 per adapted layer.
-    assert_eq!(e.own.activations, 4 * 12_582_912 + 3 * 6_291_456);
-    // workspace 12·32·64·384 = 9,437,184
-    assert_eq!(e.own.workspace, 9_437_184);
+    // adds 48 · 16·32·384 = 9,437,184 per adapted layer.
+    assert_eq!(e.own.activations, 4 * 11_796_480 + 3 * 9_437_184);
+    // workspace 2·32·64·384 = 1,572,864
+    assert_eq!(e.own.workspace, 1_572_864);
     assert_eq!(e.own.prefix_cache, 2048 * MIB);
-    let sum = 90_261_504 + 347_424 + 69_206_016 + 9_437_184 + 2_147_483_648u64;
-    assert_eq!(sum, 2_316_735_776);
-    // margin: ceil(10 %) = 231,673,578; CPU runtime 200 MiB.
-    assert_eq!(e.total, 2_316_735_776 + 231_673_578 + 200 * MIB);
-    assert_eq!(e.total, 2_758_124_554);
+    let sum = 90_261_504 + 347_424 + 75_497_472 + 1_572_864 + 2_147_483_648u64;
+    assert_eq!(sum, 2_315_162_912);
+    // margin: ceil(10 %) = 231,516,292; CPU runtime 185 MiB.
+    assert_eq!(e.total, 2_315_162_912 + 231_516_292 + 185 * MIB);
+    assert_eq!(e.total, 2_740_665_764);
 }
 
 #[test]
@@ -197,11 +197,11 @@ fn minilm_l3_estimate_by_hand() {
         &SizingConfig::default(),
         Target::Cpu,
     );
-    // Adapted 0, 1, 2: layers 1 and 2 keep activations (2 · 12,582,912), DeMA 3 · 6,291,456.
-    assert_eq!(e.own.activations, 44_040_192);
-    // 68,967,936 + 347,424 + 44,040,192 + 9,437,184 + 2,147,483,648 = 2,270,276,384;
-    // margin 227,027,639; runtime 200 MiB.
-    assert_eq!(e.total, 2_270_276_384 + 227_027_639 + 200 * MIB);
+    // Adapted 0, 1, 2: layers 1 and 2 keep activations (2 · 11,796,480), DeMA 3 · 9,437,184.
+    assert_eq!(e.own.activations, 51_904_512);
+    // 68,967,936 + 347,424 + 51,904,512 + 1,572,864 + 2,147,483,648 = 2,270,276,384;
+    // margin 227,027,639; runtime 185 MiB.
+    assert_eq!(e.total, 2_270_276_384 + 227_027_639 + 185 * MIB);
 }
 
 #[test]
@@ -220,17 +220,17 @@ fn smollm2_estimate_by_hand_and_cpu_placement() {
     let e = estimate(&shape, &w, &SizingConfig::default(), Target::Cpu);
     // trainable: 972 + 2·8·576·3 (27,648) + 576·6 + 6 (3,462) = 32,082.
     assert_eq!(e.own.trainable_parameters, 32_082);
-    // A layer: 64·32·16·576 = 18,874,368; adapted 9, 19, 29: 20 layers keep
-    // activations; DeMA 3 · 32·16·32·576 = 3 · 9,437,184.
-    assert_eq!(e.own.activations, 20 * 18_874_368 + 3 * 9_437_184);
-    // workspace 12·32·64·576 = 14,155,776
-    assert_eq!(e.own.workspace, 14_155_776);
-    // 538,060,032 + 513,312 + 405,798,912 + 14,155,776 + 2,147,483,648 = 3,106,011,680
-    assert_eq!(e.total, 3_106_011_680 + 310_601_168 + 200 * MIB);
+    // A layer: 60·32·16·576 = 17,694,720; adapted 9, 19, 29: 20 layers keep
+    // activations; DeMA 3 · 48·16·32·576 = 3 · 14,155,776.
+    assert_eq!(e.own.activations, 20 * 17_694_720 + 3 * 14_155_776);
+    // workspace 2·32·64·576 = 2,359,296
+    assert_eq!(e.own.workspace, 2_359_296);
+    // 538,060,032 + 513,312 + 396,361,728 + 2,359,296 + 2,147,483,648 = 3,084,778,016
+    assert_eq!(e.total, 3_084_778_016 + 308_477_802 + 185 * MIB);
     // 134.5 M parameters ≤ 200 M: CPU by default, even with GPU profiles.
     let p = place_alone(&s.clients[0], Some(&shape), &w, true, &profiles(), 0).expect("placed");
     assert_eq!(p.profile_name(), "cpu");
-    assert_eq!(p.estimated_bytes(), Some(3_626_328_048));
+    assert_eq!(p.estimated_bytes(), Some(3_587_242_378));
 }
 
 fn llama_workload(checkpointing: bool) -> (FederatedTuneSpec, Workload) {
@@ -467,7 +467,7 @@ fn a_bridge_adds_exactly_its_parts_to_every_client() {
     let config = SizingConfig::default();
     let parts = bridge.parts(&config, Target::Cpu);
     // The same numbers as the paraphrase-MiniLM-L3-v2 client above, less
-    // the runtime: 68,967,936 + 347,424 + 44,040,192 + 9,437,184 +
+    // the runtime: 68,967,936 + 347,424 + 51,904,512 + 1,572,864 +
     // 2,147,483,648 (its own prefix cache) + margin 227,027,639.
     assert_eq!(parts.trainable_parameters, 21_714);
     assert_eq!(parts.weights, 17_241_984 * 4);
