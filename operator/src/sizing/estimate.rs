@@ -236,7 +236,12 @@ pub fn model_parts(
 ) -> ModelParts {
     let w = &w.on(target, config);
     let e = w.dtype.bytes();
-    let weights = shape.parameters * e;
+    let cpu = CpuActivations::of(w.dtype);
+    let weights = shape.parameters * e
+        + match target {
+            Target::Gpu => 0,
+            Target::Cpu => cpu.embedding * shape.vocab_size * shape.hidden_size,
+        };
     let trainable = trainable_parameters(shape, w);
     let adapter_state = 16 * trainable;
     let adapted = adapted_layers(shape.num_layers, w.slots, &w.layers);
@@ -254,7 +259,6 @@ pub fn model_parts(
     let backprop_layers = shape.num_layers.saturating_sub(frozen);
     let widest = w.batch_size.max(w.eval_batch_size);
     let (s, d, h) = (w.seq_len, shape.hidden_size, shape.num_heads);
-    let cpu = CpuActivations::of(w.dtype);
     let (per_layer, workspace) = match target {
         Target::Gpu => (
             layer_activation_bytes(shape, w, w.batch_size),

@@ -27,7 +27,8 @@
 //! measured`): [`CpuActivations`] gives the bytes per `s·b·d` and `h·s²·b`
 //! element a stored layer, the layer in flight and DeMA's f32 copies hold
 //! ([`CPU_F32`]: libtorch's fused attention, no `s²` term; [`CPU_16BIT`]:
-//! the eager attention with an f32 softmax). Weights are `P · e` on both
+//! the eager attention with an f32 softmax, and an f32-sized copy of the
+//! token embeddings measured beside the weights). Weights are `P · e` on both
 //! targets: a float32 checkpoint is memory-mapped and borrowed as it is, a
 //! converted one releases the mapped pages of each tensor it copied
 //! (`trainer/src/models/weights.rs`). `s` is `maxSeqLength`, an upper

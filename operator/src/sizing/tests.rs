@@ -165,18 +165,18 @@ fn minilm_l6_estimate_by_hand() {
     assert_eq!(e.own.trainable_parameters, 972 + 18_432 + 2_310);
     assert_eq!(e.own.weights, 22_565_376 * 4);
     assert_eq!(e.own.adapter_state, 16 * 21_714);
-    // On a CPU in f32 (sizing::CPU_F32) a layer keeps 60·s·b·d = 60·32·16·384 = 11,796,480
+    // On a CPU in f32 (sizing::CPU_F32) a layer keeps 58·s·b·d = 58·32·16·384 = 11,403,264
     // (fused attention: no s² term); adapted 1, 3, 5: layers 2..=5 keep activations; DeMA
-    // adds 48 · 16·32·384 = 9,437,184 per adapted layer.
-    assert_eq!(e.own.activations, 4 * 11_796_480 + 3 * 9_437_184);
-    // workspace 2·32·64·384 = 1,572,864
-    assert_eq!(e.own.workspace, 1_572_864);
+    // adds 50 · 16·32·384 = 9,830,400 per adapted layer.
+    assert_eq!(e.own.activations, 4 * 11_403_264 + 3 * 9_830_400);
+    // A pass without gradients frees as it goes (no workspace in f32).
+    assert_eq!(e.own.workspace, 0);
     assert_eq!(e.own.prefix_cache, 2048 * MIB);
-    let sum = 90_261_504 + 347_424 + 75_497_472 + 1_572_864 + 2_147_483_648u64;
-    assert_eq!(sum, 2_315_162_912);
-    // margin: ceil(10 %) = 231,516,292; CPU runtime 185 MiB.
-    assert_eq!(e.total, 2_315_162_912 + 231_516_292 + 185 * MIB);
-    assert_eq!(e.total, 2_740_665_764);
+    let sum = 90_261_504 + 347_424 + 75_104_256 + 2_147_483_648u64;
+    assert_eq!(sum, 2_313_196_832);
+    // margin: ceil(10 %) = 231,319,684; CPU runtime 185 MiB.
+    assert_eq!(e.total, 2_313_196_832 + 231_319_684 + 185 * MIB);
+    assert_eq!(e.total, 2_738_503_076);
 }
 
 #[test]
@@ -197,11 +197,11 @@ fn minilm_l3_estimate_by_hand() {
         &SizingConfig::default(),
         Target::Cpu,
     );
-    // Adapted 0, 1, 2: layers 1 and 2 keep activations (2 · 11,796,480), DeMA 3 · 9,437,184.
-    assert_eq!(e.own.activations, 51_904_512);
-    // 68,967,936 + 347,424 + 51,904,512 + 1,572,864 + 2,147,483,648 = 2,270,276,384;
-    // margin 227,027,639; runtime 185 MiB.
-    assert_eq!(e.total, 2_270_276_384 + 227_027_639 + 185 * MIB);
+    // Adapted 0, 1, 2: layers 1 and 2 keep activations (2 · 11,403,264), DeMA 3 · 9,830,400.
+    assert_eq!(e.own.activations, 52_297_728);
+    // 68,967,936 + 347,424 + 52,297,728 + 2,147,483,648 = 2,269,096,736;
+    // margin 226,909,674; runtime 185 MiB.
+    assert_eq!(e.total, 2_269_096_736 + 226_909_674 + 185 * MIB);
 }
 
 #[test]
@@ -220,17 +220,16 @@ fn smollm2_estimate_by_hand_and_cpu_placement() {
     let e = estimate(&shape, &w, &SizingConfig::default(), Target::Cpu);
     // trainable: 972 + 2·8·576·3 (27,648) + 576·6 + 6 (3,462) = 32,082.
     assert_eq!(e.own.trainable_parameters, 32_082);
-    // A layer: 60·32·16·576 = 17,694,720; adapted 9, 19, 29: 20 layers keep
-    // activations; DeMA 3 · 48·16·32·576 = 3 · 14,155,776.
-    assert_eq!(e.own.activations, 20 * 17_694_720 + 3 * 14_155_776);
-    // workspace 2·32·64·576 = 2,359,296
-    assert_eq!(e.own.workspace, 2_359_296);
-    // 538,060,032 + 513,312 + 396,361,728 + 2,359,296 + 2,147,483,648 = 3,084,778,016
-    assert_eq!(e.total, 3_084_778_016 + 308_477_802 + 185 * MIB);
+    // A layer: 58·32·16·576 = 17,104,896; adapted 9, 19, 29: 20 layers keep
+    // activations; DeMA 3 · 50·16·32·576 = 3 · 14,745,600.
+    assert_eq!(e.own.activations, 20 * 17_104_896 + 3 * 14_745_600);
+    assert_eq!(e.own.workspace, 0);
+    // 538,060,032 + 513,312 + 386,334,720 + 2,147,483,648 = 3,072,391,712
+    assert_eq!(e.total, 3_072_391_712 + 307_239_172 + 185 * MIB);
     // 134.5 M parameters ≤ 200 M: CPU by default, even with GPU profiles.
     let p = place_alone(&s.clients[0], Some(&shape), &w, true, &profiles(), 0).expect("placed");
     assert_eq!(p.profile_name(), "cpu");
-    assert_eq!(p.estimated_bytes(), Some(3_587_242_378));
+    assert_eq!(p.estimated_bytes(), Some(3_573_617_444));
 }
 
 fn llama_workload(checkpointing: bool) -> (FederatedTuneSpec, Workload) {
@@ -289,11 +288,12 @@ fn auto_is_sized_as_bfloat16_on_a_gpu_and_float32_on_a_cpu() {
     let cpu = estimate(&llama, &auto, &config, Target::Cpu);
     assert_eq!(cpu.own.weights, 2 * 13_476_831_232);
     // CPU nodes with bf16 units (`sizing.cpu.autoDtype`, what `heterotune plan` sets
-    // from the CPU it runs on): half the weights.
+    // from the CPU it runs on): half the weights, plus an f32-sized copy of the token
+    // embeddings (sizing::CPU_16BIT: 4 · 32000 · 4096).
     let mut bf16_nodes = config.clone();
     bf16_nodes.cpu.auto_dtype = Dtype::Bfloat16;
     let cpu_bf16 = estimate(&llama, &auto, &bf16_nodes, Target::Cpu);
-    assert_eq!(cpu_bf16.own.weights, 13_476_831_232);
+    assert_eq!(cpu_bf16.own.weights, 13_476_831_232 + 524_288_000);
     let minilm = "cache://models/all-MiniLM-L6-v2";
     let f32_spec = spec(&[("a", "bert", minilm, "float32")], "");
     let auto_spec = spec(&[("a", "bert", minilm, "auto")], "");
@@ -467,12 +467,12 @@ fn a_bridge_adds_exactly_its_parts_to_every_client() {
     let config = SizingConfig::default();
     let parts = bridge.parts(&config, Target::Cpu);
     // The same numbers as the paraphrase-MiniLM-L3-v2 client above, less
-    // the runtime: 68,967,936 + 347,424 + 51,904,512 + 1,572,864 +
-    // 2,147,483,648 (its own prefix cache) + margin 227,027,639.
+    // the runtime: 68,967,936 + 347,424 + 52,297,728 +
+    // 2,147,483,648 (its own prefix cache) + margin 226,909,674.
     assert_eq!(parts.trainable_parameters, 21_714);
     assert_eq!(parts.weights, 17_241_984 * 4);
     assert_eq!(parts.prefix_cache, 2048 * MIB);
-    assert_eq!(parts.total(), 2_270_276_384 + 227_027_639);
+    assert_eq!(parts.total(), 2_269_096_736 + 226_909_674);
     let w = Workload::of(&with, 0, 2);
     assert_eq!(w, Workload::of(&without, 0, 2));
     let known = Some(Ok(bridge.clone()));
@@ -497,7 +497,7 @@ fn a_bridge_adds_exactly_its_parts_to_every_client() {
     assert_eq!(on_cpu.profile_name(), "cpu");
     assert_eq!(
         on_cpu.estimated_bytes(),
-        alone.estimated_bytes().map(|b| b + 2_497_304_023)
+        alone.estimated_bytes().map(|b| b + 2_496_006_410)
     );
     // … and on a GPU, where the host stages both backbones' weights.
     let gpu = place(
