@@ -1,7 +1,9 @@
 //! The memory estimate of one client's trainer (the table in the module
 //! docs of `sizing`).
 
-use heterotune_crds::spec::{AdapterKind, Dtype, FederatedTuneSpec, LayerSelectionSpec, ModelSpec};
+use heterotune_crds::spec::{
+    AdapterKind, Dtype, FederatedTuneSpec, LayerSelectionSpec, ModelFamily, ModelSpec,
+};
 
 use serde::Serialize;
 
@@ -259,14 +261,15 @@ pub fn model_parts(
     let backprop_layers = shape.num_layers.saturating_sub(frozen);
     let widest = w.batch_size.max(w.eval_batch_size);
     let (s, d, h) = (w.seq_len, shape.hidden_size, shape.num_heads);
+    let causal = shape.family == ModelFamily::Llama;
     let (per_layer, workspace) = match target {
         Target::Gpu => (
             layer_activation_bytes(shape, w, w.batch_size),
             layer_activation_bytes(shape, w, widest),
         ),
         Target::Cpu => (
-            cpu.stored_layer(w.batch_size, s, d, h),
-            cpu.workspace_layer(widest, s, d, h),
+            cpu.stored_layer(w.batch_size, s, d, h, causal),
+            cpu.workspace_layer(widest, s, d, h, causal),
         ),
     };
     let tokens = w.batch_size * s * d;

@@ -51,7 +51,7 @@ fn default_gpu_host_overhead() -> u64 {
 /// The default CPU runtime overhead in MiB: the trainer process with
 /// libtorch loaded and no model measures 114 MiB; the rest is its
 /// tokenizer, data and allocator (fitted to docs/data/memory.json).
-pub const CPU_RUNTIME_MIB: u64 = 185;
+pub const CPU_RUNTIME_MIB: u64 = 180;
 
 impl Default for SizingConfig {
     fn default() -> Self {
