@@ -16,7 +16,8 @@ use heterotune_crds::{FederatedTune, FederatedTuneSpec};
 
 use crate::runner::report::human_bytes as bytes_si;
 use crate::sizing::{
-    self, BridgeModel, ModelShape, Placement, SizingConfig, SizingError, Target, Workload,
+    self, BridgeModel, DataProfile, ModelShape, Placement, SizingConfig, SizingError, Target,
+    Workload,
 };
 
 /// The shape of a backbone: from its local config.json, else the spec's
@@ -33,6 +34,29 @@ pub fn model_shape(model: &ModelSpec) -> Option<ModelShape> {
     sizing::packaged_model(&model.uri)
 }
 
+/// The examples a client's trainer may prepare, from the run's dataset
+/// when it is a local file: every record of it (what one client holds at
+/// most) at `maxSeqLength` tokens each (an upper bound of their length),
+/// so the estimate's frozen-prefix cache is an upper bound. `None` when the
+/// dataset is not local or cannot be read (the cache is then counted at
+/// `training.prefixCache.maxMemoryMiB`).
+pub fn local_data_profile(spec: &FederatedTuneSpec) -> Option<DataProfile> {
+    let Ok(Location::Local(path)) = uri::resolve(&spec.task.dataset.uri) else {
+        return None;
+    };
+    let text = std::fs::read_to_string(path).ok()?;
+    let lines = text.lines().filter(|l| !l.trim().is_empty()).count() as u64;
+    // A header row, when the file is a table; quoted fields that span lines
+    // only add to the count.
+    let json = spec.task.dataset.uri.ends_with(".jsonl")
+        || spec.task.dataset.format == Some(heterotune_crds::spec::DatasetFormat::Jsonl);
+    let examples = if json { lines } else { lines.saturating_sub(1) };
+    Some(DataProfile {
+        examples,
+        mean_tokens: f64::from(spec.training.max_seq_length),
+    })
+}
+
 /// The plan as text.
 pub fn describe(
     ft: &FederatedTune,
@@ -44,7 +68,13 @@ pub fn describe(
     let shapes: Vec<Option<ModelShape>> =
         spec.clients.iter().map(|c| model_shape(&c.model)).collect();
     let bridge_shape = spec.bridge.as_ref().and_then(|b| model_shape(&b.model));
-    let bridge = BridgeModel::of(spec, bridge_shape);
+    let data = local_data_profile(spec);
+    let bridge = BridgeModel::of(spec, bridge_shape).map(|b| {
+        b.map(|mut b| {
+            b.workload.data = data;
+            b
+        })
+    });
     let slots = sizing::resolve_slots(spec, &shapes);
     let mut out = headline(ft, slots);
     let _ = writeln!(
@@ -54,7 +84,13 @@ pub fn describe(
     );
     let mut upload_total = 0u64;
     for (i, c) in spec.clients.iter().enumerate() {
-        let row = ClientRow::of(spec, i, shapes[i].as_ref(), slots, bridge.as_ref(), config);
+        let sized = Sized {
+            slots,
+            data,
+            bridge: bridge.as_ref(),
+            config,
+        };
+        let row = ClientRow::of(spec, i, shapes[i].as_ref(), &sized);
         // Uploads are bf16 deltas of the shared parts (2 bytes a parameter),
         // the bridge's with them.
         let upload = (row.trainable + bridge_trainable(bridge.as_ref())) * 2;
@@ -79,6 +115,7 @@ pub fn describe(
     if let Some(line) = dtype_line(spec, dtype::resolve_this_cpu(Dtype::Auto)) {
         let _ = writeln!(out, "\n{line}");
     }
+    let _ = writeln!(out, "\n{}", data_line(spec, data));
     if let Some(p) = &spec.aggregation.privacy {
         let epsilon = heterotune_crds::privacy::epsilon(p.noise_multiplier, spec.rounds, p.delta);
         let _ = writeln!(
@@ -172,11 +209,33 @@ fn dtype_line(spec: &FederatedTuneSpec, on_cpu: dtype::Resolved) -> Option<Strin
     (!auto.is_empty()).then(|| {
         format!(
             "dtype of {}: {on_cpu} on this machine's CPU; on a CUDA GPU bfloat16 at compute \
-             capability 8.0 or more, float32 below (memory is sized as bfloat16 on a GPU, \
-             float32 on a CPU)",
+             capability 8.0 or more, float32 below (memory is sized as bfloat16 on a GPU \
+             and, on a CPU, as this machine's CPU runs it)",
             auto.join(", ")
         )
     })
+}
+
+/// How the frozen-prefix cache is counted in the memory column.
+fn data_line(spec: &FederatedTuneSpec, data: Option<DataProfile>) -> String {
+    match data {
+        Some(d) => format!(
+            "memory counts a frozen-prefix cache of at most {} examples (the dataset's records) × {} tokens",
+            d.examples, spec.training.max_seq_length
+        ),
+        None => format!(
+            "memory counts the frozen-prefix cache at its bound ({} MiB, training.prefixCache.maxMemoryMiB): the dataset is not a local file",
+            if spec.training.prefix_cache.enabled { spec.training.prefix_cache.max_memory_mib } else { 0 }
+        ),
+    }
+}
+
+/// What every client's estimate shares.
+struct Sized<'a> {
+    slots: u64,
+    data: Option<DataProfile>,
+    bridge: Option<&'a Result<BridgeModel, SizingError>>,
+    config: &'a SizingConfig,
 }
 
 /// One client's line of the table, as text cells.
@@ -194,10 +253,9 @@ impl ClientRow {
         spec: &FederatedTuneSpec,
         i: usize,
         shape: Option<&ModelShape>,
-        slots: u64,
-        bridge: Option<&Result<BridgeModel, SizingError>>,
-        config: &SizingConfig,
+        sized: &Sized<'_>,
     ) -> ClientRow {
+        let (slots, config) = (sized.slots, sized.config);
         let Some(shape) = shape else {
             return ClientRow {
                 params: "?".into(),
@@ -208,13 +266,13 @@ impl ClientRow {
                 placement: "unknown model shape".into(),
             };
         };
-        let workload = Workload::of(spec, i, slots);
+        let workload = Workload::of(spec, i, slots).with_data(sized.data);
         let adapted = sizing::adapted_layers(shape.num_layers, slots, spec.layer_selection(i));
         let placement = sizing::place(
             &spec.clients[i],
             Some(shape),
             &workload,
-            bridge,
+            sized.bridge,
             spec.trainer.allow_cpu,
             config,
             i,
@@ -388,5 +446,30 @@ spec:
             text.contains("NO FIT: the size of the bridge model"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_local_dataset_bounds_the_prefix_cache_by_its_records() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data = dir.path().join("d.jsonl");
+        std::fs::write(
+            &data,
+            "{\"text\": \"a\", \"label\": \"a\"}\n\n{\"text\": \"b\", \"label\": \"b\"}\n",
+        )
+        .expect("write");
+        let mut ft = ft();
+        ft.spec.task.dataset.uri = format!("file://{}", data.display());
+        let profile = local_data_profile(&ft.spec).expect("a local file");
+        // Two records (the blank line is none) at maxSeqLength tokens.
+        assert_eq!(profile.examples, 2);
+        assert_eq!(
+            profile.mean_tokens,
+            f64::from(ft.spec.training.max_seq_length)
+        );
+        let layout = RunLayout::new("", "default", "t", "uid");
+        let text = describe(&ft, &SizingConfig::default(), None, &layout);
+        assert!(text.contains("at most 2 examples"), "{text}");
+        // Not local: the bound.
+        assert_eq!(local_data_profile(&self::ft().spec), None);
     }
 }

@@ -373,7 +373,10 @@ fn plan(file: &Path) -> anyhow::Result<ExitCode> {
                 None,
             ),
         };
-    let config = heterotune_operator::sizing::SizingConfig::default();
+    // `auto` on a CPU is sized as this machine's CPU runs it.
+    let mut config = heterotune_operator::sizing::SizingConfig::default();
+    config.cpu.auto_dtype =
+        heterotune_crds::dtype::resolve_this_cpu(heterotune_crds::spec::Dtype::Auto).dtype;
     print!(
         "{}",
         heterotune_operator::dry_run::describe(&ft, &config, completed, &layout)

@@ -578,20 +578,20 @@ async fn the_bridge_config_is_read_from_the_store_and_sizes_every_trainer() {
     )
     .await;
     // By hand (sizing's tests, S = 3, float32 on a CPU): MiniLM-L6
-    // 3,133,724,477 and MiniLM-L3 3,076,563,620 alone, each plus the
-    // bridge's parts, 2,539,692,708.
+    // 2,738,450,647 and MiniLM-L3 2,690,373,079 alone, each plus the
+    // bridge's parts, 2,501,629,399.
     let estimates: Vec<Option<u64>> = status
         .clients
         .iter()
         .map(|c| c.estimated_memory_bytes)
         .collect();
-    let bridge = 2_539_692_708;
+    let bridge = 2_501_629_399;
     assert_eq!(
         estimates,
         [
-            Some(3_133_724_477 + bridge),
-            Some(3_133_724_477 + bridge),
-            Some(3_076_563_620 + bridge)
+            Some(2_738_450_647 + bridge),
+            Some(2_738_450_647 + bridge),
+            Some(2_690_373_079 + bridge)
         ]
     );
 }

@@ -1,10 +1,14 @@
 //! The memory estimate of one client's trainer (the table in the module
 //! docs of `sizing`).
 
-use heterotune_crds::spec::{AdapterKind, Dtype, FederatedTuneSpec, LayerSelectionSpec, ModelSpec};
+use heterotune_crds::spec::{
+    AdapterKind, Dtype, FederatedTuneSpec, LayerSelectionSpec, ModelFamily, ModelSpec,
+};
 
 use serde::Serialize;
 
+use super::cpu::CpuActivations;
+use super::data::DataProfile;
 use super::settings::SizingConfig;
 use super::shape::{adapted_layers, ModelShape};
 use super::MIB;
@@ -37,6 +41,9 @@ pub struct Workload {
     pub gradient_checkpointing: bool,
     /// Frozen-prefix cache bound in bytes (0 when disabled).
     pub prefix_cache_bytes: u64,
+    /// The examples the trainer prepares, when known (else the cache is
+    /// counted at its bound).
+    pub data: Option<DataProfile>,
 }
 
 impl Workload {
@@ -79,18 +86,25 @@ impl Workload {
             } else {
                 0
             },
+            data: None,
         }
     }
 }
 
 impl Workload {
+    /// This workload with the examples its trainer prepares.
+    pub fn with_data(self, data: Option<DataProfile>) -> Workload {
+        Workload { data, ..self }
+    }
+
     /// This workload as sized on `target`: `auto` is bfloat16 on a GPU (what
-    /// the trainer picks at compute capability 8.0 and above) and float32 on
-    /// a CPU (an upper bound: the operator cannot see the node's CPU).
-    pub fn on(&self, target: Target) -> Workload {
+    /// the trainer picks at compute capability 8.0 and above) and
+    /// `sizing.cpu.autoDtype` on a CPU (float32 by default, an upper bound:
+    /// the operator cannot see the node's CPU).
+    pub fn on(&self, target: Target, config: &SizingConfig) -> Workload {
         let dtype = match (self.dtype, target) {
             (Dtype::Auto, Target::Gpu) => Dtype::Bfloat16,
-            (Dtype::Auto, Target::Cpu) => Dtype::Float32,
+            (Dtype::Auto, Target::Cpu) => config.cpu.auto_dtype,
             (dtype, _) => dtype,
         };
         Workload {
@@ -222,9 +236,14 @@ pub fn model_parts(
     config: &SizingConfig,
     target: Target,
 ) -> ModelParts {
-    let w = &w.on(target);
+    let w = &w.on(target, config);
     let e = w.dtype.bytes();
-    let weights = shape.parameters * e;
+    let cpu = CpuActivations::of(w.dtype);
+    let weights = shape.parameters * e
+        + match target {
+            Target::Gpu => 0,
+            Target::Cpu => cpu.embedding * shape.vocab_size * shape.hidden_size,
+        };
     let trainable = trainable_parameters(shape, w);
     let adapter_state = 16 * trainable;
     let adapted = adapted_layers(shape.num_layers, w.slots, &w.layers);
@@ -232,22 +251,52 @@ pub fn model_parts(
         .first()
         .copied()
         .unwrap_or(shape.num_layers.saturating_sub(1));
-    let backprop_layers = shape.num_layers.saturating_sub(first + 1);
-    let per_layer = layer_activation_bytes(shape, w, w.batch_size);
+    // DeMA acts on a layer's output: the backward pass stops above the first
+    // adapted layer. LoRA acts inside it: that layer is in the backward pass
+    // (the trainer's frozen prefix, `trainer/src/train.rs`).
+    let frozen = match w.adapter {
+        AdapterKind::Dema => first + 1,
+        AdapterKind::Lora => first,
+    };
+    let backprop_layers = shape.num_layers.saturating_sub(frozen);
+    let widest = w.batch_size.max(w.eval_batch_size);
+    let (s, d, h) = (w.seq_len, shape.hidden_size, shape.num_heads);
+    let causal = shape.family == ModelFamily::Llama;
+    let (per_layer, workspace) = match target {
+        Target::Gpu => (
+            layer_activation_bytes(shape, w, w.batch_size),
+            layer_activation_bytes(shape, w, widest),
+        ),
+        Target::Cpu => (
+            cpu.stored_layer(w.batch_size, s, d, h, causal),
+            cpu.workspace_layer(widest, s, d, h, causal),
+        ),
+    };
+    let tokens = w.batch_size * s * d;
     let activations = if w.gradient_checkpointing {
-        backprop_layers * w.batch_size * w.seq_len * shape.hidden_size * e + per_layer
+        backprop_layers * tokens * e + per_layer
     } else {
         backprop_layers * per_layer
     };
-    let workspace = layer_activation_bytes(shape, w, w.batch_size.max(w.eval_batch_size));
-    let sum = weights + adapter_state + activations + workspace + w.prefix_cache_bytes;
+    let dema = match (target, w.adapter) {
+        (Target::Cpu, AdapterKind::Dema) => cpu.dema * tokens * adapted.len() as u64,
+        _ => 0,
+    };
+    let activations = activations + dema;
+    let prefix_cache = match &w.data {
+        Some(data) => {
+            data.prefix_cache_bytes(shape.hidden_size, e, w.seq_len, w.prefix_cache_bytes)
+        }
+        None => w.prefix_cache_bytes,
+    };
+    let sum = weights + adapter_state + activations + workspace + prefix_cache;
     ModelParts {
         trainable_parameters: trainable,
         weights,
         adapter_state,
         activations,
         workspace,
-        prefix_cache: w.prefix_cache_bytes,
+        prefix_cache,
         margin: (sum * config.margin_percent).div_ceil(100),
     }
 }

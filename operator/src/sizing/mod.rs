@@ -7,25 +7,41 @@
 //! |---|---|
 //! | frozen weights | `P · e` (`e`: bytes per element of `model.dtype`; `auto` below) |
 //! | adapter state | `16 · A`: f32 weights, gradients and AdamW's two moments of the `A` trainable parameters |
-//! | stored activations | `W · act(b)`: the `W` layers above the first adapted layer keep their activations for the backward pass |
+//! | stored activations |  `W · act(b)`: the `W` layers above the first adapted layer keep their activations for the backward pass (+ DeMA's f32 copies on a CPU, below) |
 //! | forward workspace | `act(max(b, b_eval))`: one layer in flight (training or evaluation batch) |
-//! | frozen-prefix cache | `prefixCache.maxMemoryMib` when enabled (the trainer keeps it on the device and fills it up to that bound) |
+//! | frozen-prefix cache | the prefix output of every example the trainer prepares ([`DataProfile`]: examples × tokens × `d · e`), at most `prefixCache.maxMemoryMib`; that bound when the data is unknown |
 //! | margin | `marginPercent` of the sum above (allocator fragmentation, small tensors) |
-//! | runtime | a fixed overhead: CUDA context, cuBLAS workspace and kernels on a GPU; process, tokenizer and data on a CPU |
+//! | runtime | a fixed overhead: CUDA context, cuBLAS workspace and kernels on a GPU; on a CPU the process with libtorch loaded, tokenizer and data ([`CPU_RUNTIME_MIB`]) |
 //!
-//! `act(b)` is the activation memory of one transformer layer from Korthikanti
-//! et al., "Reducing Activation Recomputation in Large Transformer Models"
-//! (2022), eq. 1: `s·b·d·(34 + 5·h·s/d)` bytes in a 16-bit dtype, scaled by
-//! `e/2` (twice that in f32). With `training.gradientCheckpointing` a layer
-//! keeps only its input (`b·s·d·e`) and one layer is recomputed at a time.
+//! On a GPU, `act(b)` is the activation memory of one transformer layer
+//! from Korthikanti et al., "Reducing Activation Recomputation in Large
+//! Transformer Models" (2022), eq. 1: `s·b·d·(34 + 5·h·s/d)` bytes in a
+//! 16-bit dtype, scaled by `e/2` (twice that in f32), what the CUDA caching
+//! allocator holds (no GPU measurement yet: this follows the allocator's
+//! rules). With `training.gradientCheckpointing` a layer keeps only its
+//! input (`b·s·d·e`) and one layer is recomputed at a time.
+//!
+//! On a CPU the model is calibrated against the trainer's measured peak RSS
+//! (`scripts/bench_memory.py`, docs/data/memory.json; the test in
+//! `calibration.rs` holds every measured row to `measured ≤ estimate ≤ 1.25 ×
+//! measured`): [`CpuActivations`] gives the bytes per `s·b·d` and `h·s²·b`
+//! element a stored layer, the layer in flight and DeMA's f32 copies hold
+//! ([`CPU_F32`]: libtorch's fused attention, no `s²` term; [`CPU_16BIT`]:
+//! the eager attention with an f32 softmax, and an f32-sized copy of the
+//! token embeddings measured beside the weights). Weights are `P · e` on both
+//! targets: a float32 checkpoint is memory-mapped and borrowed as it is, a
+//! converted one releases the mapped pages of each tensor it copied
+//! (`trainer/src/models/weights.rs`). `s` is `maxSeqLength`, an upper
+//! bound: the trainer pads each batch to its longest example.
 //!
 //! `dtype: auto` (the default) is resolved by the trainer on the device it
 //! runs on (`heterotune_crds::dtype`). The estimate takes it as bfloat16 on
 //! a GPU profile (`e = 2`): GPUs older than compute capability 8.0 run it in
 //! float32 and need twice the weight and activation memory, so give their
 //! clients `dtype: float32` or a profile sized for it. On a CPU placement it
-//! is float32 (`e = 4`), an upper bound: the operator cannot see the node's
-//! CPU, and a CPU with bf16 units runs it in half that.
+//! is `sizing.cpu.autoDtype`: float32 by default, an upper bound of the
+//! weights (the operator cannot see the node's CPU); `heterotune plan` sets
+//! it to what the CPU it runs on picks.
 //!
 //! `A` (DeMA): shared `S·(K·(r²+r) + K·r + K)` + family-specific `2·r·d` per
 //! adapted layer + the head `d·C + C`. LoRA: `4·r·d` per adapted layer (query
@@ -54,6 +70,10 @@
 //! when allowed; else [`SizingError::NoGpuProfileFits`].
 
 mod bridge;
+#[cfg(test)]
+mod calibration;
+mod cpu;
+mod data;
 mod estimate;
 mod placement;
 mod settings;
@@ -62,12 +82,16 @@ mod shape;
 mod tests;
 
 pub use bridge::BridgeModel;
+pub use cpu::{CpuActivations, CPU_16BIT, CPU_F32};
+pub use data::DataProfile;
 pub use estimate::{
     estimate, layer_activation_bytes, model_parts, trainable_parameters, MemoryEstimate,
     ModelParts, Target, Workload,
 };
 pub use placement::{place, Placement};
-pub use settings::{parse_quantity, quantity_mib, CpuPolicy, GpuProfile, SizingConfig};
+pub use settings::{
+    parse_quantity, quantity_mib, CpuPolicy, GpuProfile, SizingConfig, CPU_RUNTIME_MIB,
+};
 pub use shape::{
     adapted_layers, packaged_model, resolve_slots, window_depth, ModelShape, ShapeSource,
 };

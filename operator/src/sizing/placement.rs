@@ -109,7 +109,7 @@ pub fn place(
         return Ok(Placement::Gpu {
             profile: (*profile).clone(),
             estimate: gpu,
-            host_memory: gpu.weights() + config.cpu_runtime_overhead,
+            host_memory: gpu.weights() + config.gpu_host_overhead,
         });
     }
     if small {

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use heterotune_crds::spec::Toleration;
+use heterotune_crds::spec::{Dtype, Toleration};
 use serde::{Deserialize, Serialize};
 
 use super::{GIB, MIB};
@@ -24,9 +24,15 @@ pub struct SizingConfig {
     /// Fixed GPU runtime overhead (CUDA context, cuBLAS workspace, kernels).
     #[serde(default = "default_gpu_overhead", with = "quantity")]
     pub gpu_runtime_overhead: u64,
-    /// Fixed CPU runtime overhead (process, tokenizer, data).
+    /// Fixed runtime overhead of a CPU trainer: the process with libtorch
+    /// loaded, tokenizer, data, allocator (calibrated against
+    /// `scripts/bench_memory.py`, docs/data/memory.json).
     #[serde(default = "default_cpu_overhead", with = "quantity")]
     pub cpu_runtime_overhead: u64,
+    /// Host memory of a GPU trainer besides the staged weights (the CUDA
+    /// libraries and the host side of the runtime).
+    #[serde(default = "default_gpu_host_overhead", with = "quantity")]
+    pub gpu_host_overhead: u64,
 }
 
 fn default_margin() -> u64 {
@@ -36,8 +42,16 @@ fn default_gpu_overhead() -> u64 {
     GIB
 }
 fn default_cpu_overhead() -> u64 {
+    CPU_RUNTIME_MIB * MIB
+}
+fn default_gpu_host_overhead() -> u64 {
     512 * MIB
 }
+
+/// The default CPU runtime overhead in MiB: the trainer process with
+/// libtorch loaded and no model measures 114 MiB; the rest is its
+/// tokenizer, data and allocator (fitted to docs/data/memory.json).
+pub const CPU_RUNTIME_MIB: u64 = 180;
 
 impl Default for SizingConfig {
     fn default() -> Self {
@@ -47,6 +61,7 @@ impl Default for SizingConfig {
             margin_percent: default_margin(),
             gpu_runtime_overhead: default_gpu_overhead(),
             cpu_runtime_overhead: default_cpu_overhead(),
+            gpu_host_overhead: default_gpu_host_overhead(),
         }
     }
 }
@@ -101,6 +116,12 @@ pub struct CpuPolicy {
     /// CPU request of a CPU trainer pod.
     #[serde(default = "default_cpu_request")]
     pub request: String,
+    /// What `dtype: auto` is sized as on a CPU: `float32` (the default, an
+    /// upper bound: the operator cannot see a node's CPU) or `bfloat16`
+    /// when every CPU node has bf16 units (`heterotune plan` sets it from
+    /// the CPU it runs on).
+    #[serde(default = "default_cpu_auto_dtype")]
+    pub auto_dtype: Dtype,
 }
 
 fn default_cpu_max_parameters() -> u64 {
@@ -112,6 +133,9 @@ fn yes() -> bool {
 fn default_cpu_request() -> String {
     "2".to_string()
 }
+fn default_cpu_auto_dtype() -> Dtype {
+    Dtype::Float32
+}
 
 impl Default for CpuPolicy {
     fn default() -> Self {
@@ -119,6 +143,7 @@ impl Default for CpuPolicy {
             max_parameters: default_cpu_max_parameters(),
             prefer_for_small_models: true,
             request: default_cpu_request(),
+            auto_dtype: default_cpu_auto_dtype(),
         }
     }
 }

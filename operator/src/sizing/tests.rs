@@ -165,17 +165,18 @@ fn minilm_l6_estimate_by_hand() {
     assert_eq!(e.own.trainable_parameters, 972 + 18_432 + 2_310);
     assert_eq!(e.own.weights, 22_565_376 * 4);
     assert_eq!(e.own.adapter_state, 16 * 21_714);
-    // act(16) = (34·32·16·384 + 5·12·32²·16)·4/2 = (6,684,672 + 983,040)·2 = 15,335,424;
-    // adapted 1, 3, 5: layers 2..=5 keep activations.
-    assert_eq!(e.own.activations, 4 * 15_335_424);
-    // workspace act(64) = (34·32·64·384 + 5·12·32²·64)·2 = 61,341,696
-    assert_eq!(e.own.workspace, 61_341_696);
+    // On a CPU in f32 (sizing::CPU_F32) a layer keeps 57·s·b·d = 57·32·16·384 = 11,206,656
+    // (fused attention: no s² term); adapted 1, 3, 5: layers 2..=5 keep activations; DeMA
+    // adds 50 · 16·32·384 = 9,830,400 per adapted layer.
+    assert_eq!(e.own.activations, 4 * 11_206_656 + 3 * 9_830_400);
+    // workspace 7·32·64·384 = 5,505,024
+    assert_eq!(e.own.workspace, 5_505_024);
     assert_eq!(e.own.prefix_cache, 2048 * MIB);
-    let sum = 90_261_504 + 347_424 + 61_341_696 + 61_341_696 + 2_147_483_648u64;
-    assert_eq!(sum, 2_360_775_968);
-    // margin: ceil(10 %) = 236,077,597; CPU runtime 512 MiB.
-    assert_eq!(e.total, 2_360_775_968 + 236_077_597 + 536_870_912);
-    assert_eq!(e.total, 3_133_724_477);
+    let sum = 90_261_504 + 347_424 + 74_317_824 + 5_505_024 + 2_147_483_648u64;
+    assert_eq!(sum, 2_317_915_424);
+    // margin: ceil(10 %) = 231,791,543; CPU runtime 180 MiB.
+    assert_eq!(e.total, 2_317_915_424 + 231_791_543 + 180 * MIB);
+    assert_eq!(e.total, 2_738_450_647);
 }
 
 #[test]
@@ -196,11 +197,11 @@ fn minilm_l3_estimate_by_hand() {
         &SizingConfig::default(),
         Target::Cpu,
     );
-    // Adapted 0, 1, 2: layers 1 and 2 keep activations (2 · 15,335,424).
-    assert_eq!(e.own.activations, 30_670_848);
-    // 68,967,936 + 347,424 + 30,670,848 + 61,341,696 + 2,147,483,648 = 2,308,811,552;
-    // margin 230,881,156; runtime 536,870,912.
-    assert_eq!(e.total, 2_308_811_552 + 230_881_156 + 536_870_912);
+    // Adapted 0, 1, 2: layers 1 and 2 keep activations (2 · 11,206,656), DeMA 3 · 9,830,400.
+    assert_eq!(e.own.activations, 51_904_512);
+    // 68,967,936 + 347,424 + 51,904,512 + 5,505,024 + 2,147,483,648 = 2,274,208,544;
+    // margin 227,420,855; runtime 180 MiB.
+    assert_eq!(e.total, 2_274_208_544 + 227_420_855 + 180 * MIB);
 }
 
 #[test]
@@ -219,17 +220,17 @@ fn smollm2_estimate_by_hand_and_cpu_placement() {
     let e = estimate(&shape, &w, &SizingConfig::default(), Target::Cpu);
     // trainable: 972 + 2·8·576·3 (27,648) + 576·6 + 6 (3,462) = 32,082.
     assert_eq!(e.own.trainable_parameters, 32_082);
-    // act(16) = (34·32·16·576 + 5·9·32²·16)·2 = (10,027,008 + 737,280)·2 = 21,528,576;
-    // adapted 9, 19, 29: 20 layers keep activations.
-    assert_eq!(e.own.activations, 20 * 21_528_576);
-    // act(64) = (40,108,032 + 2,949,120)·2 = 86,114,304
-    assert_eq!(e.own.workspace, 86_114_304);
-    // 538,060,032 + 513,312 + 430,571,520 + 86,114,304 + 2,147,483,648 = 3,202,742,816
-    assert_eq!(e.total, 3_202_742_816 + 320_274_282 + 536_870_912);
+    // A layer: 57·32·16·576 = 16,809,984 (f32: no causal-mask term); adapted 9, 19, 29:
+    // 20 layers keep activations; DeMA 3 · 50·16·32·576 = 3 · 14,745,600.
+    assert_eq!(e.own.activations, 20 * 16_809_984 + 3 * 14_745_600);
+    // workspace 7·32·64·576 = 8,257,536
+    assert_eq!(e.own.workspace, 8_257_536);
+    // 538,060,032 + 513,312 + 380,436,480 + 8,257,536 + 2,147,483,648 = 3,074,751,008
+    assert_eq!(e.total, 3_074_751_008 + 307_475_101 + 180 * MIB);
     // 134.5 M parameters ≤ 200 M: CPU by default, even with GPU profiles.
     let p = place_alone(&s.clients[0], Some(&shape), &w, true, &profiles(), 0).expect("placed");
     assert_eq!(p.profile_name(), "cpu");
-    assert_eq!(p.estimated_bytes(), Some(4_059_888_010));
+    assert_eq!(p.estimated_bytes(), Some(3_570_969_789));
 }
 
 fn llama_workload(checkpointing: bool) -> (FederatedTuneSpec, Workload) {
@@ -287,6 +288,13 @@ fn auto_is_sized_as_bfloat16_on_a_gpu_and_float32_on_a_cpu() {
     assert_eq!(p.profile_name(), "a100-40gb");
     let cpu = estimate(&llama, &auto, &config, Target::Cpu);
     assert_eq!(cpu.own.weights, 2 * 13_476_831_232);
+    // CPU nodes with bf16 units (`sizing.cpu.autoDtype`, what `heterotune plan` sets
+    // from the CPU it runs on): half the weights, plus an f32-sized copy of the token
+    // embeddings (sizing::CPU_16BIT: 3 · 32000 · 4096).
+    let mut bf16_nodes = config.clone();
+    bf16_nodes.cpu.auto_dtype = Dtype::Bfloat16;
+    let cpu_bf16 = estimate(&llama, &auto, &bf16_nodes, Target::Cpu);
+    assert_eq!(cpu_bf16.own.weights, 13_476_831_232 + 393_216_000);
     let minilm = "cache://models/all-MiniLM-L6-v2";
     let f32_spec = spec(&[("a", "bert", minilm, "float32")], "");
     let auto_spec = spec(&[("a", "bert", minilm, "auto")], "");
@@ -460,12 +468,12 @@ fn a_bridge_adds_exactly_its_parts_to_every_client() {
     let config = SizingConfig::default();
     let parts = bridge.parts(&config, Target::Cpu);
     // The same numbers as the paraphrase-MiniLM-L3-v2 client above, less
-    // the runtime: 68,967,936 + 347,424 + 30,670,848 + 61,341,696 +
-    // 2,147,483,648 (its own prefix cache) + margin 230,881,156.
+    // the runtime: 68,967,936 + 347,424 + 51,904,512 + 5,505,024 +
+    // 2,147,483,648 (its own prefix cache) + margin 227,420,855.
     assert_eq!(parts.trainable_parameters, 21_714);
     assert_eq!(parts.weights, 17_241_984 * 4);
     assert_eq!(parts.prefix_cache, 2048 * MIB);
-    assert_eq!(parts.total(), 2_308_811_552 + 230_881_156);
+    assert_eq!(parts.total(), 2_274_208_544 + 227_420_855);
     let w = Workload::of(&with, 0, 2);
     assert_eq!(w, Workload::of(&without, 0, 2));
     let known = Some(Ok(bridge.clone()));
@@ -490,7 +498,7 @@ fn a_bridge_adds_exactly_its_parts_to_every_client() {
     assert_eq!(on_cpu.profile_name(), "cpu");
     assert_eq!(
         on_cpu.estimated_bytes(),
-        alone.estimated_bytes().map(|b| b + 2_539_692_708)
+        alone.estimated_bytes().map(|b| b + 2_501_629_399)
     );
     // … and on a GPU, where the host stages both backbones' weights.
     let gpu = place(
