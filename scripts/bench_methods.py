@@ -139,8 +139,8 @@ def setting_text(base: dict, args, seeds: list[int], records: dict) -> str:
         "The best deployable baseline is the best by mean of smallest-common FedAvg (the pool's examples "
         "labelled in its clients' data, or held out as in the pool arms), family-FedAvg, "
         "HetLoRA and FlexLoRA (LoRA ranks 4 / 8 / 16 / 16 for MiniLM-L3 / MiniLM-L6 / MPNet / SmolLM2). "
-        + ("The default method (judged by the per-client table and the targets) is the newest bridge arm "
-           "measured, else DeMA+CMGA (PCGrad)." if args.default_method == "auto"
+        + ("The default method (judged by the per-client table and the targets) is Bridge + pool, the "
+           "quickstart's, where it has been measured." if args.default_method == "auto"
            else f"The default method (judged by the per-client table and the targets): {args.default_method}."),
         "",
         f"Second task: {VADER_RULE}; written to the benchmark's work folder as JSONL.",

@@ -124,11 +124,11 @@ def best_deployable(runs: dict[str, dict[int, dict]], exclude: str | None = None
 
 
 def resolve_default(groups: Groups, requested: str) -> str:
-    """`auto`: the newest bridge arm that has been measured, else the method the quickstart
-    ships."""
+    """`auto`: the bridge arm the quickstart ships (Bridge + pool) where it has been measured,
+    else another bridge arm, else the method the quickstart shipped before."""
     if requested != "auto":
         return requested
-    for method in (BRIDGE_VALIDATED, BRIDGE_POOL, BRIDGE):
+    for method in (BRIDGE_POOL, BRIDGE_VALIDATED, BRIDGE):
         if any(runs.get(method) for runs in groups.values()):
             return method
     return SHIPPED_DEFAULT
