@@ -233,8 +233,8 @@ BRIDGE_VARIANTS = {
 # Listed in the docs, not run yet.
 NOT_RUN = {
     "smallest-common FedDF (public pool)": "the server-side FedDF distillation step is not built "
-    "(issue 13, part 3b); instead every baseline keeps the pool arm's pool, labelled, in its "
-    "clients' training data",
+    "(issue 13, part 3b); the row with the pool held out has the pool arm's labelled data exactly, "
+    "the plain row keeps the pool's examples labelled (more than FedDF's unlabelled pool)",
 }
 # The method the quickstart ships today (examples/quickstart.yaml); the bridge replaces it as the
 # default once it is measured.
