@@ -35,30 +35,8 @@
 //! for that client's family and the spec's share policy, so the initial
 //! global must hold every family's shared parts.
 
-/// In an `impl Aggregator` of a wrapper around `self.inner`: the named
-/// methods (`algorithm`, `plan`, `expected_tensors`) passed on unchanged.
-macro_rules! pass_to_inner {
-    ($($method:ident),+) => { $(pass_to_inner!(@ $method);)+ };
-    (@ algorithm) => {
-        fn algorithm(&self) -> heterotune_crds::spec::AggregationAlgorithm {
-            self.inner.algorithm()
-        }
-    };
-    (@ plan) => {
-        fn plan(&mut self, accepted: &[(&str, &str)]) {
-            self.inner.plan(accepted);
-        }
-    };
-    (@ expected_tensors) => {
-        fn expected_tensors(
-            &self,
-            ctx: &RoundContext<'_>,
-            client: &ClientInfo,
-        ) -> Result<std::collections::BTreeMap<String, Vec<usize>>> {
-            self.inner.expected_tensors(ctx, client)
-        }
-    };
-}
+#[macro_use]
+mod wrap;
 
 pub mod array;
 pub mod bridge;
