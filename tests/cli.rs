@@ -167,3 +167,39 @@ fn the_trainer_starts_without_the_library_path() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `plan` is a dry run: in a fresh folder it creates nothing and says why
+/// the store was not read; an S3 store without credentials is not probed.
+#[test]
+fn plan_creates_nothing_and_says_why_the_store_was_not_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = std::fs::read_to_string(repo_root().join("examples/quickstart.yaml")).expect("spec");
+    let s3 = spec.replace("file://heterotune-runs", "s3://bucket/runs");
+    assert_ne!(spec, s3);
+    std::fs::write(dir.path().join("local.yaml"), &spec).expect("write");
+    std::fs::write(dir.path().join("s3.yaml"), &s3).expect("write");
+    for (file, why) in [
+        ("local.yaml", "does not exist yet"),
+        ("s3.yaml", "no AWS_ACCESS_KEY_ID"),
+    ] {
+        let out = Command::new(binary("heterotune"))
+            .args(["plan", "-f", file])
+            .current_dir(dir.path())
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .env("HETEROTUNE_CACHE", repo_root().join("no-such-cache"))
+            .output()
+            .expect("plan runs");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains("store not checked") && stdout.contains(why),
+            "{file}: {stdout}"
+        );
+    }
+    let mut left: Vec<String> = std::fs::read_dir(dir.path())
+        .expect("dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["local.yaml", "s3.yaml"], "plan wrote something");
+}

@@ -61,7 +61,7 @@ pub fn local_data_profile(spec: &FederatedTuneSpec) -> Option<DataProfile> {
 pub fn describe(
     ft: &FederatedTune,
     config: &SizingConfig,
-    completed_rounds: Option<u32>,
+    completed_rounds: Result<u32, &str>,
     layout: &RunLayout,
 ) -> String {
     let spec = &ft.spec;
@@ -302,17 +302,17 @@ impl ClientRow {
 }
 
 /// Where a previous run in the store stands.
-fn progress_line(completed_rounds: Option<u32>, rounds: u32) -> String {
+fn progress_line(completed_rounds: Result<u32, &str>, rounds: u32) -> String {
     match completed_rounds {
-        Some(0) => "no round completed yet: `heterotune run` starts at round 1".into(),
-        Some(n) if n >= rounds => {
+        Ok(0) => "no round completed yet: `heterotune run` starts at round 1".into(),
+        Ok(n) if n >= rounds => {
             format!("all {n} rounds are complete: `heterotune run` only rewrites the report")
         }
-        Some(n) => format!(
+        Ok(n) => format!(
             "{n} of {rounds} rounds complete: `heterotune run` resumes at round {}",
             n + 1
         ),
-        None => "store not checked".into(),
+        Err(why) => format!("store not checked: {why}"),
     }
 }
 
@@ -367,7 +367,12 @@ spec:
     fn describe_prints_this_machines_choice() {
         let ft = ft();
         let layout = RunLayout::new("", "default", "t", "uid");
-        let text = describe(&ft, &SizingConfig::default(), None, &layout);
+        let text = describe(
+            &ft,
+            &SizingConfig::default(),
+            Err("not checked here"),
+            &layout,
+        );
         let here = dtype::resolve_this_cpu(Dtype::Auto).to_string();
         assert!(
             text.contains(&format!("dtype of auto-a, auto-b: {here}")),
@@ -392,7 +397,7 @@ spec:
         let layout = RunLayout::new("", "default", "t", "uid");
         let config = SizingConfig::default();
         let with = bridged("cache://models/paraphrase-MiniLM-L3-v2");
-        let text = describe(&with, &config, None, &layout);
+        let text = describe(&with, &config, Err("not checked here"), &layout);
         // Trainable: 3·(4·(64 + 8) + 4·8 + 4) = 972 shared, 2·8·384·3 = 18,432
         // per layer, the head 384·2 + 2 = 770 (two labels).
         assert!(
@@ -424,7 +429,7 @@ spec:
         let own = sizing::estimate(&shape, &w, &config, Target::Cpu);
         let sum = own.with_bridge(bridge.parts(&config, Target::Cpu)).total;
         assert!(text.contains(&sizing::human_bytes(sum)), "{text}");
-        let plain = describe(&without, &config, None, &layout);
+        let plain = describe(&without, &config, Err("not checked here"), &layout);
         assert!(!plain.contains("bridge"), "{plain}");
         assert!(plain.contains(&sizing::human_bytes(own.total)), "{plain}");
     }
@@ -435,7 +440,7 @@ spec:
         let text = describe(
             &bridged("s3://m/private-bridge"),
             &SizingConfig::default(),
-            None,
+            Err("not checked here"),
             &layout,
         );
         assert!(
@@ -467,7 +472,12 @@ spec:
             f64::from(ft.spec.training.max_seq_length)
         );
         let layout = RunLayout::new("", "default", "t", "uid");
-        let text = describe(&ft, &SizingConfig::default(), None, &layout);
+        let text = describe(
+            &ft,
+            &SizingConfig::default(),
+            Err("not checked here"),
+            &layout,
+        );
         assert!(text.contains("at most 2 examples"), "{text}");
         // Not local: the bound.
         assert_eq!(local_data_profile(&self::ft().spec), None);

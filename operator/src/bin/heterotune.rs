@@ -334,6 +334,34 @@ fn run(
     }
 }
 
+/// The store `plan` may read, without changing anything: a local folder
+/// only when it exists (a missing one is a run that has not started), S3
+/// only with credentials in the environment (without them object_store
+/// would probe the cloud metadata address).
+fn plan_store(
+    storage: &heterotune_crds::spec::StorageSpec,
+    cwd: &Path,
+) -> Result<heterotune_operator::protocol::store::Store, String> {
+    use heterotune_operator::protocol::store::{Store, ACCESS_KEY_ENV, SECRET_KEY_ENV};
+    if storage.uri.starts_with("s3://") {
+        if std::env::var_os(ACCESS_KEY_ENV).is_none() || std::env::var_os(SECRET_KEY_ENV).is_none()
+        {
+            return Err(format!(
+                "no {ACCESS_KEY_ENV} / {SECRET_KEY_ENV} in the environment to read {}",
+                storage.uri
+            ));
+        }
+    } else {
+        let local = storage.uri.strip_prefix("file://").unwrap_or(&storage.uri);
+        if !cwd.join(local).exists() {
+            return Err(format!(
+                "the store folder {local} does not exist yet (no round has run; plan creates nothing)"
+            ));
+        }
+    }
+    Store::from_spec(storage, cwd).map_err(|e| e.to_string())
+}
+
 fn plan(file: &Path) -> anyhow::Result<ExitCode> {
     let Some(ft) = load(file)? else {
         return Ok(ExitCode::from(EXIT_INVALID));
@@ -345,34 +373,29 @@ fn plan(file: &Path) -> anyhow::Result<ExitCode> {
         .unwrap_or_else(|| "default".into());
     let name = ft.metadata.name.clone().unwrap_or_default();
     let cwd = std::env::current_dir().context("current directory")?;
-    let (layout, completed) =
-        match heterotune_operator::protocol::store::Store::from_spec(&ft.spec.storage, &cwd) {
-            Ok(store) => {
-                let layout = heterotune_crds::layout::RunLayout::new(
-                    store.prefix(),
-                    &namespace,
-                    &name,
-                    &runner::local_uid(&namespace, &name),
-                );
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .context("starting the async runtime")?;
-                let done = runtime
-                    .block_on(store.completed_rounds(&layout, ft.spec.rounds))
-                    .ok();
-                (layout, done)
-            }
-            Err(_) => (
-                heterotune_crds::layout::RunLayout::new(
-                    "",
-                    &namespace,
-                    &name,
-                    &runner::local_uid(&namespace, &name),
-                ),
-                None,
-            ),
-        };
+    let uid = runner::local_uid(&namespace, &name);
+    let (layout, completed) = match plan_store(&ft.spec.storage, &cwd) {
+        Ok(store) => {
+            let layout =
+                heterotune_crds::layout::RunLayout::new(store.prefix(), &namespace, &name, &uid);
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            let done = runtime
+                .block_on(store.completed_rounds(&layout, ft.spec.rounds))
+                .map_err(|e| format!("{e}"));
+            (layout, done)
+        }
+        Err(why) => (
+            heterotune_crds::layout::RunLayout::new("", &namespace, &name, &uid),
+            Err(why),
+        ),
+    };
+    let completed = match &completed {
+        Ok(n) => Ok(*n),
+        Err(why) => Err(why.as_str()),
+    };
     // `auto` on a CPU is sized as this machine's CPU runs it.
     let mut config = heterotune_operator::sizing::SizingConfig::default();
     config.cpu.auto_dtype =
