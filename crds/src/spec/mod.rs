@@ -56,6 +56,7 @@ use crate::status::FederatedTuneStatus;
         shortname = "ft",
         shortname = "fedtune",
         category = "heterotune",
+        doc = "A federated fine-tuning run: clients on heterogeneous pretrained models train adapters on their own data; each round the operator starts one trainer Job per client and an aggregation Job, with artifacts in an S3-compatible store (docs/operator.md).",
         printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
         printcolumn = r#"{"name":"Round","type":"string","jsonPath":".status.progress","description":"completed rounds / rounds"}"#,
         printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.readyClients","description":"clients whose artifact for the current round is committed"}"#,
