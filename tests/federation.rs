@@ -380,10 +380,23 @@ fn private_federation_reports_its_epsilon() {
     assert!(spec.contains("privacy"), "{spec}");
     let spec_file = root.join("spec.yaml");
     std::fs::write(&spec_file, &spec).expect("spec");
+    // With JSON logs, stdout holds JSON only (the summary as one object).
     let out = run_command(root, &spec_file)
+        .args(["--log-format", "json"])
         .output()
         .expect("heterotune runs");
     assert!(out.status.success(), "{}", output_text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    for line in stdout.lines() {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(line).is_ok(),
+            "not JSON on stdout: {line}"
+        );
+    }
+    let done: serde_json::Value = serde_json::from_str(last).expect("a summary line");
+    assert_eq!(done["done"], true, "{done}");
+    assert_eq!(done["rounds"], 2, "{done}");
     let r = report(root);
     let rounds = r["rounds"].as_array().expect("rounds");
     assert_eq!(rounds.len(), 2, "{r}");

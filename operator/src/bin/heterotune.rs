@@ -312,14 +312,31 @@ fn run(
                     .map(|a| format!("{a:.3}"))
                     .unwrap_or_else(|| "n/a".into())
             };
-            println!(
-                "done: {} rounds in {:.0} s; global model accuracy {} (after local training {}); report in {}",
-                summary.rounds,
-                summary.report.total_seconds,
-                score(last.and_then(|r| r.global_accuracy)),
-                score(last.map(|r| r.accuracy)),
-                summary.report_dir.join("report.md").display()
-            );
+            let report_md = summary.report_dir.join("report.md");
+            if json {
+                // stdout stays machine-readable: one JSON object.
+                let finite = |v: Option<f64>| v.filter(|a| a.is_finite());
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "done": true,
+                        "rounds": summary.rounds,
+                        "totalSeconds": summary.report.total_seconds,
+                        "globalAccuracy": finite(last.and_then(|r| r.global_accuracy)),
+                        "localAccuracy": finite(last.map(|r| r.accuracy)),
+                        "report": report_md.display().to_string(),
+                    })
+                );
+            } else {
+                println!(
+                    "done: {} rounds in {:.0} s; global model accuracy {} (after local training {}); report in {}",
+                    summary.rounds,
+                    summary.report.total_seconds,
+                    score(last.and_then(|r| r.global_accuracy)),
+                    score(last.map(|r| r.accuracy)),
+                    report_md.display()
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Err(runner::RunError::Spec(SpecFileError::Invalid { file, problems })) => {
