@@ -99,7 +99,7 @@ pub fn describe(
             out,
             "{:<14} {:<34} {:>9} {:>7} {:>14} {:>11} {:>10} {:>10}  {}",
             c.name,
-            spec.family_key(i),
+            spec.family_label(i),
             row.params,
             row.layers,
             row.adapted,

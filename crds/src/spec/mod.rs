@@ -257,6 +257,24 @@ impl FederatedTuneSpec {
         }
         format!("{base}.{:06x}", hash & 0xff_ffff)
     }
+
+    /// Client `index`'s family as people read it: the model's name
+    /// (`all-MiniLM-L6-v2`), with [`Self::family_key`]'s hash only where
+    /// another family of this spec has the same name (other weights, or
+    /// other adapted layers).
+    pub fn family_label(&self, index: usize) -> String {
+        let name = |key: &str| key.rsplit_once('.').map_or(key, |(n, _)| n).to_string();
+        let key = self.family_key(index);
+        let clash = (0..self.clients.len()).any(|j| {
+            let other = self.family_key(j);
+            other != key && name(&other) == name(&key)
+        });
+        if clash {
+            key
+        } else {
+            name(&key)
+        }
+    }
 }
 
 /// Default values, shared by serde and the generated schema.
@@ -272,5 +290,43 @@ pub(crate) mod defaults {
     }
     pub fn yes() -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FederatedTuneSpec;
+
+    fn spec(uris: &[&str]) -> FederatedTuneSpec {
+        let clients: Vec<String> = uris
+            .iter()
+            .enumerate()
+            .map(|(i, u)| {
+                format!(r#"{{"name": "c{i}", "model": {{"family": "bert", "uri": "{u}"}}}}"#)
+            })
+            .collect();
+        let text = format!(
+            r#"{{"clients": [{}], "task": {{"dataset": {{"uri": "/d.jsonl"}}, "labels": ["x", "z"]}}}}"#,
+            clients.join(",")
+        );
+        serde_json::from_str(&text).expect("spec")
+    }
+
+    #[test]
+    fn family_labels_are_model_names_with_the_hash_only_where_names_clash() {
+        let s = spec(&[
+            "cache://models/all-MiniLM-L6-v2",
+            "cache://models/SmolLM2-135M-Instruct/",
+        ]);
+        assert_eq!(s.family_label(0), "all-MiniLM-L6-v2");
+        assert_eq!(s.family_label(1), "SmolLM2-135M-Instruct");
+        let s = spec(&[
+            "/a/all-MiniLM-L6-v2",
+            "/b/all-MiniLM-L6-v2",
+            "/a/all-MiniLM-L6-v2",
+        ]);
+        assert_eq!(s.family_label(0), s.family_key(0));
+        assert_ne!(s.family_label(0), s.family_label(1));
+        assert_eq!(s.family_label(0), s.family_label(2));
     }
 }

@@ -96,6 +96,9 @@ pub struct RoundRecord {
 #[serde(rename_all = "camelCase")]
 pub struct FamilyInfo {
     pub key: String,
+    /// The family as people read it (`FederatedTuneSpec::family_label`).
+    #[serde(default)]
+    pub label: String,
     pub architecture: String,
     pub model_uri: String,
     pub clients: Vec<String>,
@@ -112,6 +115,17 @@ pub struct FamilyInfo {
     /// The dtypes its trainers ran in (`auto` resolved), from their manifests.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dtypes_run: Vec<String>,
+}
+
+impl FamilyInfo {
+    /// Its name in tables: the label, else (older reports) the key.
+    fn name(&self) -> &str {
+        if self.label.is_empty() {
+            &self.key
+        } else {
+            &self.label
+        }
+    }
 }
 
 /// A family's dtype cell: `float32`, or `auto → bfloat16` once trainers ran.
@@ -250,7 +264,7 @@ impl Report {
         for f in &self.families {
             md.push_str(&format!(
                 "| {} | {} | `{}` | {} | {} | {} | {:.1} M | {} | {} | {} |\n",
-                f.key,
+                f.name(),
                 f.architecture,
                 f.model_uri,
                 dtype_cell(f),
@@ -274,7 +288,7 @@ impl Report {
              | round | global model | local | local macro-F1 |",
         );
         for f in &self.families {
-            md.push_str(&format!(" {} |", f.key));
+            md.push_str(&format!(" {} |", f.name()));
         }
         md.push_str(" participants | uploaded | round time | aggregation |\n|---|---|---|---|");
         for _ in &self.families {
@@ -418,6 +432,7 @@ mod tests {
             rounds_planned: 3,
             families: vec![FamilyInfo {
                 key: "bert-l6".into(),
+                label: String::new(),
                 architecture: "bert".into(),
                 model_uri: "cache://models/x".into(),
                 clients: vec!["a".into(), "b".into()],

@@ -37,6 +37,7 @@ pub fn new_report(ft: &FederatedTune, run: &str) -> Report {
             let rank = u64::from(spec.adapter.rank);
             FamilyInfo {
                 key: key.clone(),
+                label: spec.family_label(i),
                 architecture: c.model.family.as_str().to_string(),
                 model_uri: c.model.uri.clone(),
                 clients: Vec::new(),
@@ -314,6 +315,7 @@ mod tests {
         );
         report.families.push(FamilyInfo {
             key: "bert".into(),
+            label: String::new(),
             architecture: "bert".into(),
             model_uri: "s3://m".into(),
             clients: vec!["a".into()],
