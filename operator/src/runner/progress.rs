@@ -127,6 +127,22 @@ impl Progress {
                 r.duration_seconds
             ));
         }
+        for x in super::report::rejects(&r.aggregation) {
+            if self.json {
+                tracing::warn!(
+                    round = r.round,
+                    client = x.client,
+                    reason = x.reason,
+                    detail = x.detail,
+                    "update rejected"
+                );
+            } else {
+                self.line(&format!(
+                    "round {}: rejected {}'s update ({}): {}",
+                    r.round, x.client, x.reason, x.detail
+                ));
+            }
+        }
     }
 
     /// The evaluation of the final global model begins.

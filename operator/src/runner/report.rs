@@ -128,6 +128,34 @@ impl FamilyInfo {
     }
 }
 
+/// One update the aggregator refused (from a round's statistics).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    pub client: String,
+    pub reason: String,
+    pub detail: String,
+}
+
+/// The rejects in a round's aggregation statistics (`stats.rejects`).
+pub fn rejects(aggregation: &serde_json::Value) -> Vec<Rejected> {
+    let text = |v: &serde_json::Value, k: &str| {
+        v.get(k).and_then(|x| x.as_str()).unwrap_or("?").to_string()
+    };
+    aggregation
+        .get("rejects")
+        .and_then(|r| r.as_array())
+        .map(|list| {
+            list.iter()
+                .map(|x| Rejected {
+                    client: text(x, "client"),
+                    reason: text(x, "reason"),
+                    detail: text(x, "detail"),
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// A family's dtype cell: `float32`, or `auto → bfloat16` once trainers ran.
 fn dtype_cell(f: &FamilyInfo) -> String {
     match f.dtypes_run.join("/") {
@@ -227,6 +255,7 @@ impl Report {
         self.models_table(&mut md);
         self.rounds_table(&mut md);
         self.final_evaluation_table(&mut md);
+        self.rejects_table(&mut md);
         self.last_round(&mut md);
         md.push_str("\n![accuracy](accuracy.png)\n\n![bytes](bytes.png)\n");
         for note in plot_notes {
@@ -325,6 +354,33 @@ impl Report {
     }
 
     /// `## The final global model`: each client's evaluation of it.
+    /// `## Rejected updates`: every update the aggregator refused, by round.
+    fn rejects_table(&self, md: &mut String) {
+        let rows: Vec<(u32, Rejected)> = self
+            .rounds
+            .iter()
+            .flat_map(|r| {
+                rejects(&r.aggregation)
+                    .into_iter()
+                    .map(move |x| (r.round, x))
+            })
+            .collect();
+        if rows.is_empty() {
+            return;
+        }
+        md.push_str(
+            "\n## Rejected updates\n\n| round | client | reason | detail |\n|---|---|---|---|\n",
+        );
+        for (round, x) in rows {
+            md.push_str(&format!(
+                "| {round} | {} | {} | {} |\n",
+                x.client,
+                x.reason,
+                x.detail.replace('|', "\\|")
+            ));
+        }
+    }
+
     fn final_evaluation_table(&self, md: &mut String) {
         if !self.final_evaluation.is_empty() {
             md.push_str("\n## The final global model\n\n| client | family | global round | test acc | test macro-F1 | test examples |\n|---|---|---|---|---|---|\n");
@@ -476,5 +532,23 @@ mod tests {
         } else {
             assert!(md.contains("could not be drawn"));
         }
+    }
+
+    #[test]
+    fn rejected_updates_are_listed_and_privacy_stated() {
+        let mut report = sample();
+        assert!(!report.markdown(&[]).contains("Rejected updates"));
+        report.rounds[0].aggregation = serde_json::json!({
+            "rejects": [{"client": "b", "reason": "norm_exceeded", "detail": "shared above 5 | x", "bytes": 3}],
+            "privacy": {"epsilon": 4.2, "delta": 1e-5, "clipNorm": 0.5, "noiseMultiplier": 2.0}
+        });
+        let md = report.markdown(&[]);
+        assert!(
+            md.contains("| 1 | b | norm_exceeded | shared above 5 \\| x |"),
+            "{md}"
+        );
+        assert!(md.contains("**ε = 4.20**"), "{md}");
+        assert_eq!(rejects(&report.rounds[0].aggregation)[0].client, "b");
+        assert!(rejects(&serde_json::Value::Null).is_empty());
     }
 }
