@@ -424,6 +424,22 @@ pub async fn write(
 
 /// Updates the run's metrics from the status about to be written and the
 /// start of the round in progress (Unix seconds).
+/// Per-family figures keyed by the family's readable name
+/// (`FederatedTuneSpec::family_label`) for metric labels; a key the spec
+/// does not know stays as it is.
+fn by_label(
+    spec: &heterotune_crds::spec::FederatedTuneSpec,
+    by_key: &std::collections::BTreeMap<String, f64>,
+) -> std::collections::BTreeMap<String, f64> {
+    let labels: std::collections::BTreeMap<String, String> = (0..spec.clients.len())
+        .map(|i| (spec.family_key(i), spec.family_label(i)))
+        .collect();
+    by_key
+        .iter()
+        .map(|(k, v)| (labels.get(k).cloned().unwrap_or_else(|| k.clone()), *v))
+        .collect()
+}
+
 pub fn record_metrics(
     ctx: &Context,
     run: &Run,
@@ -455,7 +471,7 @@ pub fn record_metrics(
             h.bytes_uploaded,
             &h.rejected,
             h.accuracy,
-            &h.accuracy_by_family,
+            &by_label(spec, &h.accuracy_by_family),
         );
     }
     if let Some(g) = next.last_global_accuracy {
@@ -464,7 +480,7 @@ pub fn record_metrics(
             .iter()
             .rev()
             .find(|h| h.global_accuracy.is_some())
-            .map(|h| h.global_accuracy_by_family.clone())
+            .map(|h| by_label(spec, &h.global_accuracy_by_family))
             .unwrap_or_default();
         m.set_global_accuracy(&run.namespace, &run.name, g, &by_family);
     }
@@ -540,5 +556,20 @@ mod tests {
     #[test]
     fn rfc3339_is_seconds_precision() {
         assert_eq!(rfc3339(1_700_000_000.7), "2023-11-14T22:13:20Z");
+    }
+
+    #[test]
+    fn metric_family_labels_are_model_names() {
+        let spec: heterotune_crds::spec::FederatedTuneSpec = serde_json::from_str(
+            r#"{"clients": [{"name": "a", "model": {"family": "bert", "uri": "cache://models/all-MiniLM-L6-v2"}}],
+                "task": {"dataset": {"uri": "/d.jsonl"}, "labels": ["x", "z"]}}"#,
+        )
+        .expect("spec");
+        let mut by_key = std::collections::BTreeMap::new();
+        by_key.insert(spec.family_key(0), 0.5);
+        by_key.insert("unknown.abcdef".to_string(), 0.25);
+        let labelled = by_label(&spec, &by_key);
+        assert_eq!(labelled.get("all-MiniLM-L6-v2"), Some(&0.5));
+        assert_eq!(labelled.get("unknown.abcdef"), Some(&0.25));
     }
 }
