@@ -331,10 +331,7 @@ fn federation_on_a_real_s3_server() {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path();
     let server = S3Server::start(&root.join("s3"), "heterotune");
-    let storage = format!(
-        "  storage:\n    uri: \"s3://heterotune/runs\"\n    endpoint: \"http://127.0.0.1:{}\"\n    region: us-east-1\n    forcePathStyle: true",
-        server.port
-    );
+    let storage = server.storage_yaml("heterotune");
     let spec = fixtures::write_federation(root, "s3-fed", 2, &storage);
     let spec_file = root.join("spec.yaml");
     std::fs::write(&spec_file, spec).expect("spec");

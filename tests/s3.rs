@@ -133,6 +133,15 @@ impl S3Server {
         }
     }
 
+    /// The spec's `storage:` block (two-space indented) for `s3://{bucket}/runs`
+    /// on this server.
+    pub fn storage_yaml(&self, bucket: &str) -> String {
+        format!(
+            "  storage:\n    uri: \"s3://{bucket}/runs\"\n    endpoint: \"http://127.0.0.1:{}\"\n    region: us-east-1\n    forcePathStyle: true",
+            self.port
+        )
+    }
+
     /// Keys under `prefix`, via ListObjectsV2 (the server runs without auth).
     pub fn list(&self, bucket: &str, prefix: &str) -> String {
         use std::io::{Read, Write};
