@@ -409,10 +409,7 @@ fn plan(file: &Path) -> anyhow::Result<ExitCode> {
             Err(why),
         ),
     };
-    let completed = match &completed {
-        Ok(n) => Ok(*n),
-        Err(why) => Err(why.as_str()),
-    };
+    let completed = completed.as_ref().copied().map_err(String::as_str);
     // `auto` on a CPU is sized as this machine's CPU runs it.
     let mut config = heterotune_operator::sizing::SizingConfig::default();
     config.cpu.auto_dtype =
