@@ -566,6 +566,85 @@ fn bridge_federation_shares_one_bridge_and_serves_by_the_auto_rule() {
     }
 }
 
+/// `poolTeacher: ensemble` (FedDF-style): every client sends its served
+/// probabilities on the public pool and its class counts; each global from
+/// round 1 on holds the federation's ensemble on the pool, a probability
+/// row per pool text, which round 2's clients distil from.
+#[test]
+fn the_pool_ensemble_is_averaged_into_the_global_and_taught_from() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let store = root.join("store");
+    let spec = fixtures::write_federation(
+        root,
+        "ensemble",
+        2,
+        &format!("  storage: {{ uri: \"file://{}\" }}", store.display()),
+    )
+    .replace("algorithm: cmga", "algorithm: fedavg")
+    .replace(
+        "    maxTestExamples: 48",
+        "    splits: { pool: 0.1 }\n    maxTestExamples: 48",
+    );
+    let spec = format!(
+        "{spec}  bridge: {{ model: {{ family: bert, uri: \"{}\" }}, \
+         distillation: {{ poolTeacher: ensemble }} }}\n",
+        root.join("models/tiny-bert-a").display()
+    );
+    let spec_file = root.join("spec.yaml");
+    std::fs::write(&spec_file, &spec).expect("spec");
+    let out = run_command(root, &spec_file)
+        .output()
+        .expect("heterotune runs");
+    assert!(out.status.success(), "{}\n{spec}", output_text(&out));
+    check_report(root, 2);
+    let uid = heterotune_operator::runner::local_uid("default", "ensemble");
+    let layout = heterotune_crds::layout::RunLayout::new("", "default", "ensemble", &uid);
+    let ensemble = |round: u32| -> (Vec<usize>, Vec<f32>) {
+        let files = find(&store.join(layout.global_dir(round)), ".safetensors");
+        assert_eq!(files.len(), 1, "{files:?}");
+        let bytes = std::fs::read(&files[0]).expect("global data");
+        let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+        let t = st
+            .tensor("pool.ensemble")
+            .expect("pool.ensemble in the global");
+        assert_eq!(t.dtype(), safetensors::Dtype::F32);
+        let values = t
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        (t.shape().to_vec(), values)
+    };
+    let (shape0, uniform) = ensemble(0);
+    let classes = shape0[1];
+    assert!(shape0[0] > 0 && classes > 1, "{shape0:?}");
+    assert!(uniform
+        .iter()
+        .all(|&v| (v - 1.0 / classes as f32).abs() < 1e-6));
+    for round in [1, 2] {
+        let (shape, values) = ensemble(round);
+        assert_eq!(shape, shape0, "round {round}");
+        for row in values.chunks(classes) {
+            assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-4, "{row:?}");
+        }
+        assert_ne!(values, uniform, "round {round}: the ensemble moved");
+    }
+    // Every client of round 2 sent its probabilities and counts.
+    let manifest = std::fs::read(store.join(layout.client_manifest(2, "tiny-llama"))).expect("m");
+    let manifest: serde_json::Value = serde_json::from_slice(&manifest).expect("json");
+    let names: Vec<&str> = manifest["tensors"]
+        .as_array()
+        .expect("tensors")
+        .iter()
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    assert!(
+        names.contains(&"pool.probs") && names.contains(&"pool.counts"),
+        "{names:?}"
+    );
+}
+
 /// A committed artifact that the aggregation rejects (here a manifest that
 /// does not parse, planted before the run) is set aside and its client
 /// trained again within its retries: the round completes with every

@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 
 use heterotune_crds::spec::{AdapterKind, AggregationAlgorithm, FederatedTuneSpec};
 
-use crate::aggregate::common::{factor_of, family_name, Factor, BRIDGE_PREFIX, SHARED};
+use crate::aggregate::common::{
+    factor_of, family_name, Factor, BRIDGE_PREFIX, POOL_PREFIX, SHARED,
+};
 use crate::train::ClientModel;
 use crate::{Error, Result};
 
@@ -36,7 +38,8 @@ pub fn shared_names(model: &ClientModel, spec: &FederatedTuneSpec) -> Vec<String
 /// What a client loads from a global artifact, under its own var-store
 /// names (a drop-in for the trainer's loading of `--global`):
 ///
-/// * top-level `shared.*` and `bridge.*` (the bridge model, `spec.bridge`) as they are;
+/// * top-level `shared.*`, `bridge.*` (the bridge model, `spec.bridge`) and
+///   `pool.*` (the ensemble on the public pool) as they are;
 /// * `family/<family_key>/<name>` as `<name>`, taking precedence over a
 ///   top-level tensor of the same name (`family-fedavg` stores each
 ///   family's copy of the shared part there);
@@ -58,7 +61,10 @@ pub fn client_view(
     for (name, t) in global {
         if let Some(local) = name.strip_prefix(&prefix) {
             own.insert(local.to_string(), t);
-        } else if name.starts_with(SHARED) || name.starts_with(BRIDGE_PREFIX) {
+        } else if name.starts_with(SHARED)
+            || name.starts_with(BRIDGE_PREFIX)
+            || name.starts_with(POOL_PREFIX)
+        {
             shared.insert(name, t);
         }
     }

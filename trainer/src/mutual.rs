@@ -41,13 +41,24 @@ pub struct Side<'a> {
 }
 
 /// The public pool prepared for both models (the same texts in the same
-/// order): one model teaches the other on it.
+/// order), and who teaches on it.
 #[derive(Clone, Copy)]
 pub struct Pool<'a> {
     pub own: &'a Prepared,
     pub bridge: &'a Prepared,
-    /// True: the bridge teaches the own model; false: the other way.
-    pub bridge_teaches: bool,
+    pub teacher: PoolTeacher<'a>,
+}
+
+/// Who teaches on the pool.
+#[derive(Clone, Copy)]
+pub enum PoolTeacher<'a> {
+    /// The bridge teaches the own model.
+    Bridge,
+    /// The own model teaches the bridge.
+    Own,
+    /// The federation's ensemble (`[pool texts, classes]` probabilities)
+    /// teaches both models.
+    Ensemble(&'a Tensor),
 }
 
 /// Logits (f32) of `rows` of `data` through `model`'s window, the rows'
@@ -62,8 +73,9 @@ fn batch_logits(model: &ClientModel, data: &Prepared, rows: &[usize]) -> (Tensor
 /// Trains `own` and `bridge` together for `settings.steps` steps (the batch
 /// order of `settings.seed`, the same rows for both: the two prepared sets
 /// must hold the same examples in the same order). With a `pool`, each step
-/// also distils one model into the other (`Pool::bridge_teaches`) on a
-/// batch of pool texts (`distillation.poolWeight`). Returns each model's report (its losses
+/// also distils on a batch of pool texts (`distillation.poolWeight`): one
+/// model into the other, or the federation's ensemble into both
+/// ([`PoolTeacher`]). Returns each model's report (its losses
 /// include the distillation term on the client's data, not the pool's).
 pub fn train_pair(
     own: Side<'_>,
@@ -143,12 +155,7 @@ pub fn train_pair(
         }
         if let Some((p, sampler)) = pool_sampler.as_mut() {
             let rows = sampler.next(settings.batch_size);
-            let (s, t) = if p.bridge_teaches { (0, 1) } else { (1, 0) };
-            let texts = [p.own, p.bridge];
-            let (student, _, _) = batch_logits(models[s], texts[s], &rows);
-            let teacher = tch::no_grad(|| batch_logits(models[t], texts[t], &rows).0);
-            total +=
-                distillation_loss(&student, &teacher, distill.temperature) * distill.pool_weight;
+            total += pool_loss(models, p, &rows, distill);
         }
         for opt in opts.iter_mut() {
             set_step_lr(opt, settings, step);
@@ -165,6 +172,56 @@ pub fn train_pair(
     let report =
         |i: usize| TrainReport::new(&losses[i], start, train_start, tokens_seen[i], data[i]);
     Ok((report(0), report(1)))
+}
+
+/// The distillation loss on pool rows `rows`, times `poolWeight`: the
+/// student(s) against the pool's teacher.
+fn pool_loss(
+    models: [&ClientModel; 2],
+    pool: &Pool<'_>,
+    rows: &[usize],
+    distill: &DistillationSpec,
+) -> Tensor {
+    let texts = [pool.own, pool.bridge];
+    let student = |i: usize| batch_logits(models[i], texts[i], rows).0;
+    let t = distill.temperature;
+    let loss = match pool.teacher {
+        PoolTeacher::Bridge | PoolTeacher::Own => {
+            let (s, te) = match pool.teacher {
+                PoolTeacher::Bridge => (0, 1),
+                _ => (1, 0),
+            };
+            let teacher = tch::no_grad(|| student(te));
+            distillation_loss(&student(s), &teacher, t)
+        }
+        PoolTeacher::Ensemble(probs) => {
+            let index = Tensor::from_slice(&rows.iter().map(|&r| r as i64).collect::<Vec<_>>())
+                .to_device(probs.device());
+            let own = student(0);
+            // log-probabilities are logits of the same softmax
+            let teacher = probs
+                .index_select(0, &index)
+                .clamp_min(1e-8)
+                .log()
+                .to_device(own.device());
+            distillation_loss(&own, &teacher, t) + distillation_loss(&student(1), &teacher, t)
+        }
+    };
+    loss * distill.pool_weight
+}
+
+/// The class probabilities (`[examples, classes]`) of the model a client
+/// serves, from the two models' logits (`auto` and `validated` resolved
+/// first, as in [`PairScores::get`]).
+pub fn served_probabilities(own: &Tensor, bridge: &Tensor, served: ServedModel) -> Tensor {
+    match served {
+        ServedModel::Own => own.softmax(-1, Kind::Float),
+        ServedModel::Bridge => bridge.softmax(-1, Kind::Float),
+        ServedModel::Confident => confident_logits(own, bridge).exp(),
+        ServedModel::Auto | ServedModel::Validated | ServedModel::Ensemble => {
+            ensemble_logits(own, bridge).exp()
+        }
+    }
 }
 
 /// Class probabilities of the ensemble: the mean of the two models'

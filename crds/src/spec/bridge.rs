@@ -59,11 +59,11 @@ pub struct DistillationSpec {
     #[serde(default = "default_weight")]
     #[schemars(range(min = 0.0, max = 100.0))]
     pub pool_weight: f64,
-    /// Which model teaches the other on the public pool: `bridge` (always
-    /// the bridge) or `validated` (each round, the one of the two with the
+    /// Which model teaches on the public pool: `bridge` (the bridge teaches
+    /// the own model), `validated` (each round, the one of the two with the
     /// higher accuracy on the client's validation split at the round's
-    /// start; ties go to the bridge), so a strong own model teaches the
-    /// bridge, and through the bridge's average every other client.
+    /// start; ties go to the bridge) or `ensemble` (the federation's
+    /// ensemble on the pool teaches both models: FedDF-style).
     #[serde(default)]
     pub pool_teacher: PoolTeacher,
 }
@@ -77,6 +77,16 @@ pub enum PoolTeacher {
     Bridge,
     /// The model that validates better at the round's start teaches.
     Validated,
+    /// The federation's ensemble teaches both models (FedDF/FedMD-style):
+    /// every client sends the class probabilities its served model gives
+    /// each pool text, and its label counts; the aggregator averages them
+    /// per class, weighting each client by its examples of that class (a
+    /// client that never saw a class has no say on it), and the next round
+    /// both models of every client distil from that ensemble on the pool.
+    /// Round 1, before any ensemble exists, falls back to `bridge`. Needs
+    /// `task.splits.pool`; the probabilities are sent in the clear (no
+    /// `aggregation.privacy`).
+    Ensemble,
 }
 
 impl Default for DistillationSpec {

@@ -110,6 +110,12 @@ use crate::status::FederatedTuneStatus;
         "reason": "FieldValueInvalid"
     },
     {
+        "rule": "!has(self.bridge) || !has(self.bridge.distillation) || !has(self.bridge.distillation.poolTeacher) || self.bridge.distillation.poolTeacher != 'ensemble' || (has(self.task.splits) && has(self.task.splits.pool) && self.task.splits.pool > 0.0 && !has(self.aggregation.privacy))",
+        "message": "poolTeacher ensemble averages every client's class probabilities on the public pool: set task.splits.pool above 0, and drop aggregation.privacy (the probabilities are not noised)",
+        "fieldPath": ".bridge.distillation.poolTeacher",
+        "reason": "FieldValueInvalid"
+    },
+    {
         "rule": "!has(self.aggregation.privacy) || (self.aggregation.algorithm in ['fedavg', 'family-fedavg'] && (!has(self.aggregation.robust) || !has(self.aggregation.robust.combine) || self.aggregation.robust.combine == 'mean'))",
         "message": "aggregation.privacy adds noise to sums of clipped updates: it needs algorithm fedavg or family-fedavg and robust.combine mean",
         "fieldPath": ".aggregation.privacy",

@@ -103,6 +103,18 @@ fn invalid_specs_name_their_field() {
             "spec.task.splits.pool",
         ),
         (
+            "an ensemble pool teacher without a pool",
+            set(
+                base(),
+                "/spec/bridge",
+                Some(
+                    json!({"model": {"family": "bert", "uri": "cache://models/m"},
+                            "distillation": {"poolTeacher": "ensemble"}}),
+                ),
+            ),
+            "spec.bridge.distillation.poolTeacher",
+        ),
+        (
             "an unknown served model",
             set(
                 base(),

@@ -3,11 +3,18 @@
 //! (sample-weighted deltas, then the server step), whatever the run's
 //! algorithm does with the rest of the update. With the bridge alone this is
 //! FedAvg of one common model: the smallest-common-model baseline.
+//!
+//! With `poolTeacher: ensemble` the clients also send their probabilities
+//! on the public pool (`pool.*`), which become the global's ensemble
+//! ([`super::pool`]).
 
 use std::collections::BTreeMap;
 
 use super::array::Array;
-use super::common::{FamilySums, ServerStep, BRIDGE_PREFIX};
+use super::common::{
+    FamilySums, ServerStep, BRIDGE_PREFIX, POOL_COUNTS, POOL_ENSEMBLE, POOL_PREFIX, POOL_PROBS,
+};
+use super::pool::PoolSums;
 use super::{Aggregated, Aggregator, ClientInfo, ClientUpdate, RoundContext};
 use crate::{Error, Result};
 
@@ -15,6 +22,7 @@ use crate::{Error, Result};
 pub struct Bridged {
     inner: Box<dyn Aggregator>,
     sums: FamilySums,
+    pool: PoolSums,
 }
 
 impl Bridged {
@@ -23,6 +31,7 @@ impl Bridged {
         Bridged {
             inner,
             sums: FamilySums::default(),
+            pool: PoolSums::default(),
         }
     }
 }
@@ -45,6 +54,10 @@ impl Aggregator for Bridged {
         let mut expected = self.inner.expected_tensors(ctx, client)?;
         let before = expected.len();
         expected.extend(bridge_tensors(ctx.previous).map(|(n, a)| (n.clone(), a.shape.clone())));
+        if let Some(e) = ctx.previous.get(POOL_ENSEMBLE) {
+            expected.insert(POOL_PROBS.to_string(), e.shape.clone());
+            expected.insert(POOL_COUNTS.to_string(), e.shape[1..].to_vec());
+        }
         if expected.len() == before {
             return Err(Error::config(
                 "spec.bridge",
@@ -56,6 +69,15 @@ impl Aggregator for Bridged {
     }
 
     fn add(&mut self, ctx: &RoundContext<'_>, mut update: ClientUpdate) -> Result<()> {
+        let pool = update.tensors.split_off(POOL_PREFIX);
+        let (pool, after): (BTreeMap<_, _>, BTreeMap<_, _>) = pool
+            .into_iter()
+            .partition(|(name, _)| name.starts_with(POOL_PREFIX));
+        update.tensors.extend(after);
+        if let (Some(probs), Some(counts)) = (pool.get(POOL_PROBS), pool.get(POOL_COUNTS)) {
+            self.pool
+                .add(&update.client, update.num_examples, probs, counts)?;
+        }
         let rest = update.tensors.split_off(BRIDGE_PREFIX);
         let (bridge, rest): (BTreeMap<_, _>, BTreeMap<_, _>) = update
             .tensors
@@ -69,7 +91,7 @@ impl Aggregator for Bridged {
     }
 
     fn finish(self: Box<Self>, ctx: &RoundContext<'_>) -> Result<Aggregated> {
-        let Bridged { inner, sums } = *self;
+        let Bridged { inner, sums, pool } = *self;
         let mut aggregated = inner.finish(ctx)?;
         let step = ServerStep::new(ctx);
         for (name, previous) in bridge_tensors(ctx.previous) {
@@ -78,6 +100,13 @@ impl Aggregator for Bridged {
                 None => step.carry(&mut aggregated.tensors, name, previous),
             }
         }
+        match (pool.ensemble(), ctx.previous.get(POOL_ENSEMBLE)) {
+            (Some(e), _) => aggregated.tensors.insert(POOL_ENSEMBLE.to_string(), e),
+            (None, Some(previous)) => aggregated
+                .tensors
+                .insert(POOL_ENSEMBLE.to_string(), previous.clone()),
+            (None, None) => None,
+        };
         Ok(aggregated)
     }
 }

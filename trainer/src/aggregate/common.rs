@@ -27,6 +27,15 @@ pub(crate) const LORA: &str = "lora.";
 /// Prefix of the bridge model's tensors (`spec.bridge`), in artifacts, the
 /// global and a client's private state: `bridge.` + its var-store name.
 pub const BRIDGE_PREFIX: &str = "bridge.";
+/// Prefix of the public pool's class probabilities (`poolTeacher:
+/// ensemble`, [`super::pool`]): not parameters, values sent as they are.
+pub const POOL_PREFIX: &str = "pool.";
+/// The global's ensemble on the pool: `[pool texts, classes]` probabilities.
+pub const POOL_ENSEMBLE: &str = "pool.ensemble";
+/// A client's served probabilities on the pool, `[pool texts, classes]`.
+pub const POOL_PROBS: &str = "pool.probs";
+/// A client's training examples per class, `[classes]`.
+pub const POOL_COUNTS: &str = "pool.counts";
 
 /// The tensors of the previous global under `family/<key>/<local_prefix>`,
 /// keyed by their local name (prefix `family/<key>/` stripped).

@@ -49,6 +49,7 @@ pub mod flexlora;
 pub mod hetlora;
 pub mod intake;
 pub mod local_only;
+pub mod pool;
 pub mod privacy;
 pub mod reject;
 pub mod robust;

@@ -4,7 +4,8 @@
 //!
 //! * **Adaptive norm bound** (`normBoundMultiple`, default 5; 0 disables):
 //!   every update is split into parts, `shared` (`shared.*`), `bridge`
-//!   (`bridge.*`) and `own` (everything else: family parts, head, LoRA
+//!   (`bridge.*`), `pool` (`pool.*`: probabilities, not deltas) and `own`
+//!   (everything else: family parts, head, LoRA
 //!   factors). A part's statistic is its RMS value `‖Δ_p‖ / √numel_p`,
 //!   which does not depend on the family's width or the client's rank, so
 //!   every client of the round is compared with every other. The bound of
@@ -29,17 +30,19 @@ use heterotune_crds::spec::{AdapterKind, FederatedTuneSpec, RobustCombine, Robus
 use serde::{Deserialize, Serialize};
 
 use super::array::Array;
-use super::common::BRIDGE_PREFIX;
 use super::common::SHARED;
+use super::common::{BRIDGE_PREFIX, POOL_PREFIX};
 use crate::{Error, Result};
 
 /// Part labels of an update, for the adaptive bound.
-pub const PARTS: [&str; 3] = ["bridge", "own", "shared"];
+pub const PARTS: [&str; 4] = ["bridge", "own", "pool", "shared"];
 
 /// The part of an update tensor `name` belongs to.
 pub fn part_of(name: &str) -> &'static str {
     if name.starts_with(BRIDGE_PREFIX) {
         "bridge"
+    } else if name.starts_with(POOL_PREFIX) {
+        "pool"
     } else if name.starts_with(SHARED) {
         "shared"
     } else {

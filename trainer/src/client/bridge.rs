@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use heterotune_crds::dtype::Resolved;
 use heterotune_crds::model::LayerSelection;
-use heterotune_crds::spec::{BridgeSpec, FederatedTuneSpec, OutputScale};
+use heterotune_crds::spec::{BridgeSpec, FederatedTuneSpec, OutputScale, PoolTeacher};
 use tch::{Device, Tensor};
 
 use super::load::{load_frozen, pooling};
@@ -19,7 +19,9 @@ use crate::models::ModelConfig;
 use crate::train::{AdapterChoice, ClientModel};
 use crate::Result;
 
-pub use crate::aggregate::common::BRIDGE_PREFIX;
+pub use crate::aggregate::common::{BRIDGE_PREFIX, POOL_COUNTS, POOL_ENSEMBLE, POOL_PROBS};
+use crate::data::partition::federate;
+use crate::error::Context as _;
 
 /// The spec field of the bridge's model URI (in error messages).
 const URI_FIELD: &str = "spec.bridge.model.uri";
@@ -117,13 +119,44 @@ pub fn load_bridge(
     }))
 }
 
+/// Whether `spec` exchanges an ensemble on the public pool
+/// (`poolTeacher: ensemble`).
+pub fn uses_pool_ensemble(spec: &FederatedTuneSpec) -> bool {
+    spec.bridge
+        .as_ref()
+        .is_some_and(|b| b.distillation.pool_teacher == PoolTeacher::Ensemble)
+}
+
 /// The bridge's initial values (artifact names), for the round-0 global:
 /// built from config.json alone, the same values every client's bridge
-/// starts from.
+/// starts from; with `poolTeacher: ensemble`, a uniform [`POOL_ENSEMBLE`]
+/// of the pool's shape (the data is read to count the pool's texts).
 pub fn initial_values(spec: &FederatedTuneSpec) -> Result<Vec<(String, Tensor)>> {
     let Some(bridge) = &spec.bridge else {
         return Ok(Vec::new());
     };
+    let mut values = initial_bridge(spec, bridge)?;
+    if uses_pool_ensemble(spec) {
+        let data = federate(&job::data_config(spec)?)
+            .context_with(|| "preparing the data to size the pool's ensemble".into())?;
+        let classes = data.labels.len() as i64;
+        if data.pool.is_empty() {
+            return Err(crate::Error::config(
+                "spec.task.splits.pool",
+                "poolTeacher ensemble needs a public pool: set task.splits.pool above 0",
+            ));
+        }
+        let uniform = Tensor::full(
+            [data.pool.len() as i64, classes],
+            1.0 / classes as f64,
+            (tch::Kind::Float, Device::Cpu),
+        );
+        values.push((POOL_ENSEMBLE.to_string(), uniform));
+    }
+    Ok(values)
+}
+
+fn initial_bridge(spec: &FederatedTuneSpec, bridge: &BridgeSpec) -> Result<Vec<(String, Tensor)>> {
     let dir = job::local_path(&bridge.model.uri, URI_FIELD)?;
     let info = ModelConfig::read(&dir)?.info();
     let vs = tch::nn::VarStore::new(Device::Cpu);

@@ -13,7 +13,7 @@ use heterotune_crds::spec::{
 };
 use tch::Device;
 
-use super::bridge::{load_bridge, BridgeModel};
+use super::bridge::{load_bridge, BridgeModel, POOL_ENSEMBLE};
 use crate::adapters::head::Pooling;
 use crate::adapters::lora::{LoraConfig, ProjectionDims};
 use crate::artifact;
@@ -71,6 +71,9 @@ pub struct LoadedClient {
     pub all_names: Vec<String>,
     /// The bridge model (`spec.bridge`), trained next to `model`.
     pub bridge: Option<BridgeModel>,
+    /// The federation's ensemble on the pool (`poolTeacher: ensemble`):
+    /// `[pool texts, classes]` probabilities from a global of round ≥ 1.
+    pub pool_ensemble: Option<tch::Tensor>,
 }
 
 impl LoadedClient {
@@ -232,6 +235,7 @@ pub fn load_client(
     }
     let family_key = job::family_key(&spec, index);
     let mut base_round = 0;
+    let mut pool_ensemble = None;
     if let Some(global) = global {
         // With a private state, the global only replaces what the client
         // exchanges: the rest of the global (the initial values a
@@ -248,6 +252,7 @@ pub fn load_client(
         if let Some(b) = &bridge {
             import_bridge(b, &mapped, global)?;
         }
+        pool_ensemble = pool_ensemble_of(&mapped, round, pool.len(), num_classes, global)?;
     }
     Ok(LoadedClient {
         index,
@@ -263,8 +268,35 @@ pub fn load_client(
         all_names,
         model,
         bridge,
+        pool_ensemble,
         spec,
     })
+}
+
+/// The global's ensemble on the pool when it is one of round ≥ 1 (round 0
+/// holds a uniform placeholder), checked against the pool's shape.
+fn pool_ensemble_of(
+    mapped: &BTreeMap<String, tch::Tensor>,
+    round: u32,
+    texts: usize,
+    classes: usize,
+    global: &Path,
+) -> Result<Option<tch::Tensor>> {
+    let Some(e) = mapped.get(POOL_ENSEMBLE).filter(|_| round >= 1) else {
+        return Ok(None);
+    };
+    if e.size() != [texts as i64, classes as i64] {
+        return Err(crate::Error::config(
+            "spec.task.splits.pool",
+            format!(
+                "the global artifact in {} holds an ensemble of shape {:?} for a pool of {texts} \
+                 texts and {classes} classes: the pool changed under the run (start a new run)",
+                global.display(),
+                e.size()
+            ),
+        ));
+    }
+    Ok(Some(e.to_kind(tch::Kind::Float)))
 }
 
 /// Loads the bridge's tensors of a global into `bridge`: all of them, or

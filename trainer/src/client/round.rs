@@ -9,11 +9,14 @@ use heterotune_crds::manifest::{ArtifactKind, ArtifactManifest};
 use heterotune_crds::spec::{Dtype, PoolTeacher};
 use tch::Tensor;
 
+use super::bridge::{uses_pool_ensemble, POOL_COUNTS, POOL_PROBS};
 use super::load::{load_client, settings, ClientOptions, LoadedClient};
 use crate::artifact::{self, StoreDtype, WRITER_VERSION};
 use crate::exchange::shared_names;
 use crate::metrics::Scores;
-use crate::mutual::{train_pair, PairScores, Pool, Side};
+use crate::mutual::{
+    served_probabilities, train_pair, PairScores, Pool, PoolTeacher as Teacher, Side,
+};
 use crate::train::{ClientModel, Prepared, TrainReport, TrainSettings};
 use crate::Result;
 
@@ -87,7 +90,7 @@ pub fn train_round(opts: &ClientOptions, args: &TrainRound<'_>) -> Result<TrainS
     let send = shared_names(&c.model, &c.spec);
     let before = exported(&c, &send)?;
     let settings = settings(&c.spec, args.round, c.index, args.cache_dir);
-    let (scores, prefix_from_disk) = train_and_score(&mut c, &settings)?;
+    let (scores, prefix_from_disk, pool_values) = train_and_score(&mut c, &settings)?;
     if let Some(file) = args.state_out {
         let mut values = c.model.export(&c.all_names)?;
         if let Some(b) = &c.bridge {
@@ -97,10 +100,12 @@ pub fn train_round(opts: &ClientOptions, args: &TrainRound<'_>) -> Result<TrainS
         artifact::write_atomic(file, &bytes)?;
     }
     let after = exported(&c, &send)?;
-    let delta: BTreeMap<String, Tensor> = after
+    let mut delta: BTreeMap<String, Tensor> = after
         .iter()
         .map(|(name, t)| (name.clone(), t - &before[name]))
         .collect();
+    // Probabilities on the pool are values, not deltas.
+    delta.extend(pool_values);
     let trainable = c.model.adapter.parameter_count()
         + c.model.head.parameter_count()
         + c.bridge.as_ref().map_or(0, |b| {
@@ -162,11 +167,18 @@ fn exported(c: &LoadedClient, send: &[String]) -> Result<BTreeMap<String, Tensor
     Ok(values)
 }
 
+/// Values a client sends as they are (not as deltas): its probabilities on
+/// the public pool with `poolTeacher: ensemble` (`pool.*`).
+type PoolValues = BTreeMap<String, Tensor>;
+
 /// Scores the received model on the test set (when the spec evaluates each
 /// round and there is a previous round), trains, then scores the trained
 /// model on validation and test. Also says whether the training prefixes
 /// came from the disk cache.
-fn train_and_score(c: &mut LoadedClient, settings: &TrainSettings) -> Result<(RoundScores, bool)> {
+fn train_and_score(
+    c: &mut LoadedClient,
+    settings: &TrainSettings,
+) -> Result<(RoundScores, bool, PoolValues)> {
     if c.bridge.is_some() {
         return train_and_score_pair(c, settings);
     }
@@ -196,7 +208,7 @@ fn train_and_score(c: &mut LoadedClient, settings: &TrainSettings) -> Result<(Ro
         validation_variants: BTreeMap::new(),
         received_variants: BTreeMap::new(),
     };
-    Ok((scores, train_data.from_disk))
+    Ok((scores, train_data.from_disk, PoolValues::new()))
 }
 
 /// [`train_and_score`] for a client with a bridge: the two models trained
@@ -205,7 +217,7 @@ fn train_and_score(c: &mut LoadedClient, settings: &TrainSettings) -> Result<(Ro
 fn train_and_score_pair(
     c: &mut LoadedClient,
     settings: &TrainSettings,
-) -> Result<(RoundScores, bool)> {
+) -> Result<(RoundScores, bool, PoolValues)> {
     let own_id = c.model_id();
     let (Some(spec), Some(b)) = (c.spec.bridge.clone(), c.bridge.as_mut()) else {
         return Err(crate::Error::config(
@@ -233,13 +245,17 @@ fn train_and_score_pair(
     } else {
         None
     };
-    let bridge_teaches = match spec.distillation.pool_teacher {
-        PoolTeacher::Bridge => true,
-        PoolTeacher::Validated if c.pool.is_empty() => true,
-        PoolTeacher::Validated => {
+    let teacher = match (spec.distillation.pool_teacher, &c.pool_ensemble) {
+        (PoolTeacher::Validated, _) if !c.pool.is_empty() => {
             let before = score(&c.model, &b.model, &validation)?;
-            before.bridge.0.accuracy >= before.own.0.accuracy
+            if before.bridge.0.accuracy >= before.own.0.accuracy {
+                Teacher::Bridge
+            } else {
+                Teacher::Own
+            }
         }
+        (PoolTeacher::Ensemble, Some(e)) => Teacher::Ensemble(e),
+        _ => Teacher::Bridge,
     };
     let (report, _) = train_pair(
         Side {
@@ -253,7 +269,7 @@ fn train_and_score_pair(
         Some(Pool {
             own: &pool.0,
             bridge: &pool.1,
-            bridge_teaches,
+            teacher,
         }),
         settings,
         &spec.distillation,
@@ -265,6 +281,23 @@ fn train_and_score_pair(
         .choose(&c.spec.clients[c.index].model.uri, &spec.model.uri, |v| {
             val.get(v).0.accuracy
         });
+    let pool_values = if uses_pool_ensemble(&c.spec) {
+        let own = c.model.logits(&pool.0, batch)?;
+        let bridge = b.model.logits(&pool.1, batch)?;
+        let mut counts = vec![0f32; classes];
+        for e in &c.train {
+            counts[e.label] += 1.0;
+        }
+        PoolValues::from([
+            (
+                POOL_PROBS.to_string(),
+                served_probabilities(&own, &bridge, served),
+            ),
+            (POOL_COUNTS.to_string(), Tensor::from_slice(&counts)),
+        ])
+    } else {
+        PoolValues::new()
+    };
     let (validation, validation_loss) = *val.get(served);
     let scores = RoundScores {
         report,
@@ -276,7 +309,7 @@ fn train_and_score_pair(
         validation_variants: val.accuracies(),
         received_variants: received.map(|r| r.accuracies()).unwrap_or_default(),
     };
-    Ok((scores, train.0.from_disk))
+    Ok((scores, train.0.from_disk, pool_values))
 }
 
 impl RoundScores {
