@@ -218,6 +218,16 @@ fn heterotune_in(dir: &std::path::Path, args: &[&str]) -> (i32, String) {
     (out.status.code().unwrap_or(-1), format!("{stdout}{stderr}"))
 }
 
+/// `plan -f examples/cluster-s3-gpu.yaml ARGS -o json` from the repository,
+/// which must succeed: its one JSON document.
+fn plan_json(args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["plan", "-f", "examples/cluster-s3-gpu.yaml", "-o", "json"];
+    all.extend_from_slice(args);
+    let (code, out) = heterotune_in(&repo_root(), &all);
+    assert_eq!(code, 0, "{out}");
+    serde_json::from_str(&out).expect("one JSON document")
+}
+
 /// `plan -o json|yaml` against a cluster's sizing: the S3 example's LLaMA
 /// client plans on the L4 profile with host and GPU memory apart; without
 /// the cluster's profiles it plans on CPU; the text has layer ranges, the
@@ -227,20 +237,7 @@ fn plan_prints_json_yaml_and_plans_against_a_clusters_gpu_profiles() {
     let root = repo_root();
     let spec = "examples/cluster-s3-gpu.yaml";
     let config = "examples/sizing/l4-cluster.yaml";
-    let (code, out) = heterotune_in(
-        &root,
-        &[
-            "plan",
-            "-f",
-            spec,
-            "--operator-config",
-            config,
-            "-o",
-            "json",
-        ],
-    );
-    assert_eq!(code, 0, "{out}");
-    let plan: serde_json::Value = serde_json::from_str(&out).expect("one JSON document");
+    let plan = plan_json(&["--operator-config", config]);
     let a = &plan["clients"][0];
     assert_eq!(a["name"], "hospital-a", "{plan}");
     assert_eq!(a["placement"], "gpu", "{plan}");
@@ -265,22 +262,7 @@ fn plan_prints_json_yaml_and_plans_against_a_clusters_gpu_profiles() {
     let profiles = dir.path().join("profiles.yaml");
     std::fs::write(&profiles, "- { name: a100-80gb, memory: 80Gi }\n").expect("write");
     let profiles = profiles.to_string_lossy().into_owned();
-    let (code, out) = heterotune_in(
-        &root,
-        &[
-            "plan",
-            "-f",
-            spec,
-            "--operator-config",
-            config,
-            "--gpu-profiles",
-            &profiles,
-            "-o",
-            "json",
-        ],
-    );
-    assert_eq!(code, 0, "{out}");
-    let plan: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    let plan = plan_json(&["--operator-config", config, "--gpu-profiles", &profiles]);
     assert_eq!(plan["clients"][0]["gpuProfile"], "a100-80gb", "{plan}");
     // A profile list with a typo: exit 1, the field named.
     std::fs::write(dir.path().join("bad.yaml"), "- { name: x, memroy: 8Gi }\n").expect("write");
