@@ -203,3 +203,161 @@ fn plan_creates_nothing_and_says_why_the_store_was_not_read() {
     left.sort();
     assert_eq!(left, ["local.yaml", "s3.yaml"], "plan wrote something");
 }
+
+/// `heterotune` with `args` in `dir`, no S3 credentials; (exit code, stdout).
+fn heterotune_in(dir: &std::path::Path, args: &[&str]) -> (i32, String) {
+    let out = Command::new(binary("heterotune"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .output()
+        .expect("heterotune runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    (out.status.code().unwrap_or(-1), format!("{stdout}{stderr}"))
+}
+
+/// `plan -f examples/cluster-s3-gpu.yaml ARGS -o json` from the repository,
+/// which must succeed: its one JSON document.
+fn plan_json(args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["plan", "-f", "examples/cluster-s3-gpu.yaml", "-o", "json"];
+    all.extend_from_slice(args);
+    let (code, out) = heterotune_in(&repo_root(), &all);
+    assert_eq!(code, 0, "{out}");
+    serde_json::from_str(&out).expect("one JSON document")
+}
+
+/// `plan -o json|yaml` against a cluster's sizing: the S3 example's LLaMA
+/// client plans on the L4 profile with host and GPU memory apart; without
+/// the cluster's profiles it plans on CPU; the text has layer ranges, the
+/// two memory columns and the units legend.
+#[test]
+fn plan_prints_json_yaml_and_plans_against_a_clusters_gpu_profiles() {
+    let root = repo_root();
+    let spec = "examples/cluster-s3-gpu.yaml";
+    let config = "examples/sizing/l4-cluster.yaml";
+    let plan = plan_json(&["--operator-config", config]);
+    let a = &plan["clients"][0];
+    assert_eq!(a["name"], "hospital-a", "{plan}");
+    assert_eq!(a["placement"], "gpu", "{plan}");
+    assert_eq!(a["gpuProfile"], "l4-24gb", "{plan}");
+    let gpu = a["gpuMemoryBytes"].as_u64().expect("GPU memory");
+    let host = a["hostMemoryBytes"].as_u64().expect("host memory");
+    assert!(gpu > host && host > 0, "{a}");
+    assert_eq!(a["adaptedLayers"], serde_json::json!([9, 19, 29]), "{a}");
+    assert_eq!(plan["clients"][1]["placement"], "cpu", "{plan}");
+    assert!(plan["clients"][1]["gpuMemoryBytes"].is_null(), "{plan}");
+    assert_eq!(plan["rounds"], 20);
+    assert!(plan["storeNotChecked"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("AWS_ACCESS_KEY_ID"));
+    // The default sizing has no GPU profile; --gpu-profiles replaces the
+    // configuration's list.
+    let (_, out) = heterotune_in(&root, &["plan", "-f", spec, "-o", "yaml"]);
+    let plan: serde_json::Value = serde_saphyr::from_str(&out).expect("one YAML document");
+    assert_eq!(plan["clients"][0]["placement"], "cpu", "{out}");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let profiles = dir.path().join("profiles.yaml");
+    std::fs::write(&profiles, "- { name: a100-80gb, memory: 80Gi }\n").expect("write");
+    let profiles = profiles.to_string_lossy().into_owned();
+    let plan = plan_json(&["--operator-config", config, "--gpu-profiles", &profiles]);
+    assert_eq!(plan["clients"][0]["gpuProfile"], "a100-80gb", "{plan}");
+    // A profile list with a typo: exit 1, the field named.
+    std::fs::write(dir.path().join("bad.yaml"), "- { name: x, memroy: 8Gi }\n").expect("write");
+    let bad = dir.path().join("bad.yaml").to_string_lossy().into_owned();
+    let (code, out) = heterotune_in(&root, &["plan", "-f", spec, "--gpu-profiles", &bad]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("memroy"), "{out}");
+    // The table.
+    let (_, text) = heterotune_in(&root, &["plan", "-f", spec, "--operator-config", config]);
+    for want in [
+        "host mem",
+        "GPU mem",
+        "GPU profile l4-24gb",
+        " 0-2 ",
+        "units: ",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in\n{text}");
+    }
+    assert!(!text.contains("[0, 1, 2]"), "{text}");
+}
+
+/// A report an earlier `heterotune run` left in the store, one round done.
+fn write_report(dir: &std::path::Path, run_folder: &str) {
+    use heterotune_operator::runner::report::{Report, RoundRecord};
+    let report = Report {
+        name: "quickstart".into(),
+        status: "Running".into(),
+        total_seconds: 42.0,
+        rounds: vec![RoundRecord {
+            round: 1,
+            duration_seconds: 40.5,
+            aggregation_seconds: 1.0,
+            participants: vec!["edge-a".into(), "edge-b".into()],
+            excluded: Vec::new(),
+            clients: Vec::new(),
+            accuracy: 0.75,
+            macro_f1: 0.5,
+            accuracy_by_family: Default::default(),
+            global_accuracy: None,
+            global_macro_f1: None,
+            global_accuracy_by_family: Default::default(),
+            bytes_uploaded: 1000,
+            bytes_downloaded: 0,
+            aggregation: serde_json::Value::Null,
+        }],
+        ..Default::default()
+    };
+    let folder = dir.join("heterotune-runs").join(run_folder).join("report");
+    std::fs::create_dir_all(&folder).expect("report folder");
+    std::fs::write(
+        folder.join("report.json"),
+        serde_json::to_vec(&report).expect("json"),
+    )
+    .expect("write");
+}
+
+/// `status -o json|yaml|table`: the store's progress and the report's rounds.
+#[test]
+fn status_reads_the_store_and_the_report() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::copy(
+        repo_root().join("examples/quickstart.yaml"),
+        dir.path().join("q.yaml"),
+    )
+    .expect("copy");
+    let (code, out) = heterotune_in(dir.path(), &["status", "-f", "q.yaml", "-o", "json"]);
+    assert_eq!(code, 0, "{out}");
+    let status: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert!(status["storeNotChecked"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("does not exist yet"));
+    assert_eq!(status["history"], serde_json::json!([]));
+    let run_folder = status["runFolder"]
+        .as_str()
+        .expect("run folder")
+        .to_string();
+    write_report(dir.path(), &run_folder);
+    let (code, out) = heterotune_in(dir.path(), &["status", "-f", "q.yaml", "-o", "yaml"]);
+    assert_eq!(code, 0, "{out}");
+    let status: serde_json::Value = serde_saphyr::from_str(&out).expect("YAML");
+    assert_eq!(status["completedRounds"], 0, "{out}");
+    assert_eq!(status["state"], "Running", "{out}");
+    assert_eq!(status["history"][0]["round"], 1, "{out}");
+    assert_eq!(status["history"][0]["accuracy"], 0.75, "{out}");
+    assert_eq!(status["history"][0]["durationSeconds"], 40.5, "{out}");
+    let (_, text) = heterotune_in(dir.path(), &["status", "-f", "q.yaml"]);
+    assert!(
+        text.contains("0 of 6 rounds complete; Running, 42 s in all"),
+        "{text}"
+    );
+    assert!(text.contains("    1       40.5     0.750"), "{text}");
+    let (code, out) = heterotune_in(dir.path(), &["validate", "-f", "q.yaml", "-o", "yaml"]);
+    assert_eq!(code, 0, "{out}");
+    let verdicts: serde_json::Value = serde_saphyr::from_str(&out).expect("YAML");
+    assert_eq!(verdicts[0]["valid"], true, "{out}");
+    assert_eq!(verdicts[0]["name"], "quickstart", "{out}");
+}

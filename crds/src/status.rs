@@ -45,8 +45,13 @@ pub struct FederatedTuneStatus {
     /// The spec generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Ready, Progressing, Degraded, Suspended, Complete, Failed.
+    /// Ready, Progressing, Degraded, Suspended, Complete, Failed (the
+    /// Kubernetes condition convention: one per type).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend(
+        "x-kubernetes-list-type" = "map",
+        "x-kubernetes-list-map-keys" = ["type"]
+    ))]
     pub conditions: Vec<Condition>,
     /// Per-client state in the current round.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -84,27 +89,70 @@ pub enum Phase {
     Failed,
 }
 
-/// A status condition (the Kubernetes convention).
+/// A status condition, in the shape of Kubernetes'
+/// `meta/v1.Condition` (status enum, RFC 3339 `lastTransitionTime`).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
     /// Ready, Progressing, Degraded, Suspended, Complete or Failed.
     #[serde(rename = "type")]
+    #[schemars(length(max = 316))]
     pub type_: String,
-    /// "True", "False" or "Unknown".
-    pub status: String,
-    /// Machine-readable cause, e.g. QuorumNotMet, DeadlineExceeded,
-    /// NoGpuProfileFits, InvalidSpec, StorageUnavailable.
+    /// True, False or Unknown.
+    pub status: ConditionStatus,
+    /// Machine-readable cause in CamelCase, e.g. QuorumNotMet,
+    /// DeadlineExceeded, NoGpuProfileFits, InvalidSpec, StorageUnavailable.
+    #[schemars(length(max = 1024))]
     pub reason: String,
     /// Human-readable detail.
     #[serde(default)]
+    #[schemars(length(max = 32768))]
     pub message: String,
     /// When the status last changed (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("format" = "date-time"))]
     pub last_transition_time: Option<String>,
     /// The generation the condition was computed from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
     pub observed_generation: Option<i64>,
+}
+
+/// The status of a condition.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum ConditionStatus {
+    /// The condition holds.
+    True,
+    /// It does not.
+    False,
+    /// The operator cannot tell.
+    Unknown,
+}
+
+impl ConditionStatus {
+    /// `True` when `on`, else `False`.
+    pub fn of(on: bool) -> ConditionStatus {
+        if on {
+            ConditionStatus::True
+        } else {
+            ConditionStatus::False
+        }
+    }
+
+    /// "True", "False" or "Unknown".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConditionStatus::True => "True",
+            ConditionStatus::False => "False",
+            ConditionStatus::Unknown => "Unknown",
+        }
+    }
+}
+
+impl PartialEq<&str> for ConditionStatus {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
 }
 
 /// One client's state in the current round.
@@ -113,8 +161,10 @@ pub struct Condition {
 pub struct ClientStatus {
     /// Client name.
     pub name: String,
-    /// Pending, Training, Committed, Failed, Excluded or Rejected.
-    pub state: String,
+    /// Pending, Training, Committed, Failed (an attempt failed; retried),
+    /// Excluded (out of retries this round), Evaluating, Evaluated or
+    /// EvaluationFailed (the evaluation after the last round).
+    pub state: ClientState,
     /// Attempts in the current round.
     #[serde(default)]
     pub attempts: u32,
@@ -130,6 +180,68 @@ pub struct ClientStatus {
     /// Last error or note.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+}
+
+/// A client's state in the current round, or in the evaluation after the
+/// last one (set by the operator's `controller::client_status`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum ClientState {
+    /// No trainer started yet this round.
+    Pending,
+    /// Its trainer runs.
+    Training,
+    /// Its artifact for the round is committed.
+    Committed,
+    /// An attempt failed; it will be retried.
+    Failed,
+    /// Out of retries: left out of this round's aggregation.
+    Excluded,
+    /// It evaluates the final global model.
+    Evaluating,
+    /// Its evaluation of the final global model is committed.
+    Evaluated,
+    /// Its evaluation failed and is out of retries.
+    EvaluationFailed,
+}
+
+impl ClientState {
+    /// Every state, in the order of a client's round.
+    pub const ALL: [ClientState; 8] = [
+        ClientState::Pending,
+        ClientState::Training,
+        ClientState::Committed,
+        ClientState::Failed,
+        ClientState::Excluded,
+        ClientState::Evaluating,
+        ClientState::Evaluated,
+        ClientState::EvaluationFailed,
+    ];
+
+    /// The state's name, as serialised.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientState::Pending => "Pending",
+            ClientState::Training => "Training",
+            ClientState::Committed => "Committed",
+            ClientState::Failed => "Failed",
+            ClientState::Excluded => "Excluded",
+            ClientState::Evaluating => "Evaluating",
+            ClientState::Evaluated => "Evaluated",
+            ClientState::EvaluationFailed => "EvaluationFailed",
+        }
+    }
+}
+
+impl std::fmt::Display for ClientState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for ClientState {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
 }
 
 /// Summary of a completed round.
@@ -176,4 +288,30 @@ pub struct ArtifactLocations {
     /// The latest global manifest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latest_global: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conditions_and_states_read_back_as_strings() {
+        let c: Condition = serde_json::from_str(
+            r#"{"type":"Ready","status":"Unknown","reason":"Starting","message":"","lastTransitionTime":"2026-01-02T03:04:05Z"}"#,
+        )
+        .expect("a condition");
+        assert_eq!(c.status, ConditionStatus::Unknown);
+        assert!(c.status == "Unknown");
+        let bad =
+            serde_json::from_str::<Condition>(r#"{"type":"Ready","status":"maybe","reason":"X"}"#);
+        assert!(bad.is_err());
+        let s: ClientStatus =
+            serde_json::from_str(r#"{"name":"a","state":"EvaluationFailed"}"#).expect("a client");
+        assert_eq!(s.state, ClientState::EvaluationFailed);
+        assert_eq!(
+            serde_json::to_value(s.state).expect("json"),
+            "EvaluationFailed"
+        );
+        assert_eq!(s.state.to_string(), "EvaluationFailed");
+    }
 }

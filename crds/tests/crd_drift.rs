@@ -45,9 +45,40 @@ fn generated_crd_has_the_promised_shape() {
         .unwrap_or_default();
     assert_eq!(
         columns,
-        ["Phase", "Round", "Ready", "Global", "Local", "Age"]
+        ["Phase", "Round", "Ready", "Global", "Local", "Age", "Reason", "Message"]
     );
+    // Reason and Message only with `kubectl get -o wide`.
+    let wide: Vec<(&str, Option<i32>)> = v
+        .additional_printer_columns
+        .iter()
+        .flatten()
+        .map(|c| (c.name.as_str(), c.priority))
+        .filter(|(_, p)| p.is_some())
+        .collect();
+    assert_eq!(wide, [("Reason", Some(1)), ("Message", Some(1))]);
     let schema = heterotune_crds::crd::schema_json();
+    // Conditions in the Kubernetes Condition shape, a list-map keyed by type.
+    let conditions = schema
+        .pointer("/properties/status/properties/conditions")
+        .expect("status.conditions");
+    assert_eq!(conditions["x-kubernetes-list-type"], "map");
+    assert_eq!(
+        conditions["x-kubernetes-list-map-keys"],
+        serde_json::json!(["type"])
+    );
+    let condition = &conditions["items"]["properties"];
+    assert_eq!(
+        condition["status"]["enum"],
+        serde_json::json!(["True", "False", "Unknown"])
+    );
+    assert_eq!(condition["lastTransitionTime"]["format"], "date-time");
+    let states = schema
+        .pointer("/properties/status/properties/clients/items/properties/state/enum")
+        .expect("the client state enum");
+    assert_eq!(
+        states,
+        &serde_json::to_value(heterotune_crds::status::ClientState::ALL).expect("json")
+    );
     let rules = schema
         .pointer("/properties/spec/x-kubernetes-validations")
         .and_then(|r| r.as_array());

@@ -5,7 +5,9 @@
 //! adds to every client, the store and how far a previous run there has
 //! come.
 
-use std::fmt::Write as _;
+mod plan;
+
+pub use plan::{ClientPlan, PlacementKind, Plan, UNITS};
 
 use heterotune_crds::dtype;
 use heterotune_crds::layout::RunLayout;
@@ -16,8 +18,7 @@ use heterotune_crds::{FederatedTune, FederatedTuneSpec};
 
 use crate::runner::report::human_bytes as bytes_si;
 use crate::sizing::{
-    self, BridgeModel, DataProfile, ModelShape, Placement, SizingConfig, SizingError, Target,
-    Workload,
+    self, BridgeModel, DataProfile, ModelShape, SizingConfig, SizingError, Target,
 };
 
 /// The shape of a backbone: from its local config.json, else the spec's
@@ -64,76 +65,31 @@ pub fn describe(
     completed_rounds: Result<u32, &str>,
     layout: &RunLayout,
 ) -> String {
-    let spec = &ft.spec;
-    let shapes: Vec<Option<ModelShape>> =
-        spec.clients.iter().map(|c| model_shape(&c.model)).collect();
-    let bridge_shape = spec.bridge.as_ref().and_then(|b| model_shape(&b.model));
-    let data = local_data_profile(spec);
-    let bridge = BridgeModel::of(spec, bridge_shape).map(|b| {
-        b.map(|mut b| {
-            b.workload.data = data;
-            b
+    Plan::of(ft, config, completed_rounds, layout).text()
+}
+
+/// Layers as ranges, 0-based and inclusive: `0-5`, `0-2, 4, 6-7`; `none`.
+pub fn layer_ranges(layers: &[u64]) -> String {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for &l in layers {
+        match runs.last_mut() {
+            Some((_, end)) if *end + 1 == l => *end = l,
+            _ => runs.push((l, l)),
+        }
+    }
+    if runs.is_empty() {
+        return "none".into();
+    }
+    runs.iter()
+        .map(|&(a, b)| {
+            if a == b {
+                a.to_string()
+            } else {
+                format!("{a}-{b}")
+            }
         })
-    });
-    let slots = sizing::resolve_slots(spec, &shapes);
-    let mut out = headline(ft, slots);
-    let _ = writeln!(
-        out,
-        "\n{:<14} {:<34} {:>9} {:>7} {:>14} {:>11} {:>10} {:>10}  placement",
-        "client", "family", "params", "layers", "adapted", "trainable", "upload", "memory"
-    );
-    let mut upload_total = 0u64;
-    for (i, c) in spec.clients.iter().enumerate() {
-        let sized = Sized {
-            slots,
-            data,
-            bridge: bridge.as_ref(),
-            config,
-        };
-        let row = ClientRow::of(spec, i, shapes[i].as_ref(), &sized);
-        // Uploads are bf16 deltas of the shared parts (2 bytes a parameter),
-        // the bridge's with them.
-        let upload = (row.trainable + bridge_trainable(bridge.as_ref())) * 2;
-        upload_total += upload;
-        let _ = writeln!(
-            out,
-            "{:<14} {:<34} {:>9} {:>7} {:>14} {:>11} {:>10} {:>10}  {}",
-            c.name,
-            spec.family_label(i),
-            row.params,
-            row.layers,
-            row.adapted,
-            row.trainable,
-            bytes_si(upload),
-            row.memory,
-            row.placement
-        );
-    }
-    if let Some(text) = bridge_lines(spec, bridge.as_ref(), config) {
-        let _ = write!(out, "\n{text}");
-    }
-    if let Some(line) = dtype_line(spec, dtype::resolve_this_cpu(Dtype::Auto)) {
-        let _ = writeln!(out, "\n{line}");
-    }
-    let _ = writeln!(out, "\n{}", data_line(spec, data));
-    if let Some(p) = &spec.aggregation.privacy {
-        let epsilon = heterotune_crds::privacy::epsilon(p.noise_multiplier, spec.rounds, p.delta);
-        let _ = writeln!(
-            out,
-            "\ndifferential privacy: ε = {epsilon:.2} at δ = {:e} after all {} rounds \
-             (every client every round; clip norm {}, noise multiplier {})",
-            p.delta, spec.rounds, p.clip_norm, p.noise_multiplier
-        );
-    }
-    let _ = writeln!(
-        out,
-        "\nabout {} uploaded per round in all; store {} (run folder {})",
-        bytes_si(upload_total),
-        spec.storage.uri,
-        layout.run_dir()
-    );
-    let _ = writeln!(out, "{}", progress_line(completed_rounds, spec.rounds));
-    out
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The first line: the run's settings.
@@ -182,14 +138,15 @@ fn bridge_lines(
     let trainable = bridge_trainable(bridge);
     let adds = |target| sizing::human_bytes(b.parts(config, target).total());
     Some(format!(
-        "bridge {} ({}): {:.1} M params, {} layers, adapted {adapted:?} (S={}), {trainable} trainable; \
+        "bridge {} ({}): {:.1} M params, {} layers, adapted {} (S={}), {trainable} trainable; \
          every client trains it next to its own model\n  \
-         adds per client: {} of memory on a CPU, {} on a GPU (in the memory column), \
+         adds per client: {} of host memory on a CPU, {} of GPU memory on a GPU (in the memory columns), \
          {} uploaded per round\n",
         model.uri,
         model.family.as_str(),
         b.shape.parameters as f64 / 1e6,
         b.shape.num_layers,
+        layer_ranges(&adapted),
         b.workload.slots,
         adds(Target::Cpu),
         adds(Target::Gpu),
@@ -230,77 +187,6 @@ fn data_line(spec: &FederatedTuneSpec, data: Option<DataProfile>) -> String {
     }
 }
 
-/// What every client's estimate shares.
-struct Sized<'a> {
-    slots: u64,
-    data: Option<DataProfile>,
-    bridge: Option<&'a Result<BridgeModel, SizingError>>,
-    config: &'a SizingConfig,
-}
-
-/// One client's line of the table, as text cells.
-struct ClientRow {
-    params: String,
-    layers: String,
-    adapted: String,
-    trainable: u64,
-    memory: String,
-    placement: String,
-}
-
-impl ClientRow {
-    fn of(
-        spec: &FederatedTuneSpec,
-        i: usize,
-        shape: Option<&ModelShape>,
-        sized: &Sized<'_>,
-    ) -> ClientRow {
-        let (slots, config) = (sized.slots, sized.config);
-        let Some(shape) = shape else {
-            return ClientRow {
-                params: "?".into(),
-                layers: "?".into(),
-                adapted: "?".into(),
-                trainable: 0,
-                memory: "-".into(),
-                placement: "unknown model shape".into(),
-            };
-        };
-        let workload = Workload::of(spec, i, slots).with_data(sized.data);
-        let adapted = sizing::adapted_layers(shape.num_layers, slots, spec.layer_selection(i));
-        let placement = sizing::place(
-            &spec.clients[i],
-            Some(shape),
-            &workload,
-            sized.bridge,
-            spec.trainer.allow_cpu,
-            config,
-            i,
-        );
-        let (memory, placement) = match placement {
-            Ok(p) => (
-                p.estimated_bytes()
-                    .map(sizing::human_bytes)
-                    .unwrap_or_else(|| "-".into()),
-                match &p {
-                    Placement::Gpu { profile, .. } => format!("GPU profile {}", profile.name),
-                    Placement::Cpu { .. } => "CPU".to_string(),
-                    Placement::Explicit { .. } => "explicit resources".to_string(),
-                },
-            ),
-            Err(e) => ("-".to_string(), format!("NO FIT: {e}")),
-        };
-        ClientRow {
-            params: format!("{:.1} M", shape.parameters as f64 / 1e6),
-            layers: shape.num_layers.to_string(),
-            adapted: format!("{adapted:?}"),
-            trainable: sizing::trainable_parameters(shape, &workload),
-            memory,
-            placement,
-        }
-    }
-}
-
 /// Where a previous run in the store stands.
 fn progress_line(completed_rounds: Result<u32, &str>, rounds: u32) -> String {
     match completed_rounds {
@@ -319,6 +205,7 @@ fn progress_line(completed_rounds: Result<u32, &str>, rounds: u32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sizing::Workload;
     use heterotune_crds::dtype::{resolve_cpu, CpuBf16Units};
 
     const SPEC: &str = r#"apiVersion: heterotune.dev/v1alpha1
@@ -339,6 +226,14 @@ spec:
 
     fn ft() -> FederatedTune {
         heterotune_crds::validate::parse_federated_tune(SPEC).expect("valid spec")
+    }
+
+    #[test]
+    fn layers_print_as_ranges() {
+        assert_eq!(layer_ranges(&[0, 1, 2, 3, 4, 5]), "0-5");
+        assert_eq!(layer_ranges(&[0, 1, 2, 4, 6, 7]), "0-2, 4, 6-7");
+        assert_eq!(layer_ranges(&[9, 19, 29]), "9, 19, 29");
+        assert_eq!(layer_ranges(&[]), "none");
     }
 
     #[test]
@@ -403,7 +298,7 @@ spec:
         assert!(
             text.contains(
                 "bridge cache://models/paraphrase-MiniLM-L3-v2 (bert): 17.2 M params, 3 layers, \
-                 adapted [0, 1, 2] (S=3), 20174 trainable"
+                 adapted 0-2 (S=3), 20174 trainable"
             ),
             "{text}"
         );
@@ -415,7 +310,7 @@ spec:
         .expect("known");
         let adds = |t| sizing::human_bytes(bridge.parts(&config, t).total());
         let line = format!(
-            "adds per client: {} of memory on a CPU, {} on a GPU",
+            "adds per client: {} of host memory on a CPU, {} of GPU memory on a GPU",
             adds(Target::Cpu),
             adds(Target::Gpu)
         );

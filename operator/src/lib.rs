@@ -10,10 +10,12 @@
 //! * [`sizing`]: memory estimates and placement of each client's trainer;
 //! * [`input`]: reading a spec file, and the checks a CRD cannot express;
 //! * [`dry_run`]: what `heterotune plan` prints;
+//! * [`cli`]: output formats, cluster sizing and store look-ups of the CLI;
 //! * [`telemetry`]: logging set-up (human or JSON).
 //!
 //! docs/architecture.md has the rules of the house (which may import which).
 
+pub mod cli;
 pub mod controller;
 pub mod dry_run;
 pub mod execution;

@@ -62,7 +62,9 @@ use crate::status::FederatedTuneStatus;
         printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.readyClients","description":"clients whose artifact for the current round is committed"}"#,
         printcolumn = r#"{"name":"Global","type":"number","jsonPath":".status.lastGlobalAccuracy","description":"global-test accuracy of the newest evaluated global (aggregated) model"}"#,
         printcolumn = r#"{"name":"Local","type":"number","jsonPath":".status.lastAccuracy","description":"global-test accuracy of the clients' models after local training in the last completed round"}"#,
-        printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+        printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+        printcolumn = r#"{"name":"Reason","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Progressing\")].reason","description":"why the run is or is not progressing (kubectl get -o wide)"}"#,
+        printcolumn = r#"{"name":"Message","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Progressing\")].message","description":"the Progressing condition's message (kubectl get -o wide)"}"#
     )
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

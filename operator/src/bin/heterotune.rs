@@ -7,6 +7,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use heterotune_crds::validate::{parse_federated_tune, Problems};
 use heterotune_crds::FederatedTune;
+use heterotune_operator::cli::output::{self, Output};
 use heterotune_operator::input::checks;
 use heterotune_operator::input::documents::documents;
 use heterotune_operator::input::spec_file::SpecFileError;
@@ -47,8 +48,9 @@ enum Command {
         /// Also check that local models and datasets exist and fit the spec.
         #[arg(long)]
         check_files: bool,
-        /// Output: `text`, or `json` (one object per document on stdout).
-        #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
+        /// Output: `table` (text; `text` is an alias), or `json` / `yaml`
+        /// (one list, an entry per document, on stdout).
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
         output: Output,
     },
     /// Run a FederatedTune on this machine: local trainer processes and a
@@ -84,6 +86,29 @@ enum Command {
         /// The FederatedTune YAML file.
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
+        /// Plan against a cluster: the operator's configuration (the JSON
+        /// the chart renders from its `config` values, that YAML, or a Helm
+        /// values file); its sizing (GPU profiles, CPU policy, margins) is used.
+        #[arg(long, value_name = "FILE")]
+        operator_config: Option<PathBuf>,
+        /// GPU profiles to plan against (a YAML or JSON list, as under the
+        /// chart's config.sizing.gpuProfiles); replaces the operator
+        /// configuration's.
+        #[arg(long, value_name = "FILE")]
+        gpu_profiles: Option<PathBuf>,
+        /// Output: `table` (text), `json` or `yaml`.
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Show how far the local run of a FederatedTune has come: rounds
+    /// complete in its store and the report's rounds (read-only).
+    Status {
+        /// The FederatedTune YAML file.
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+        /// Output: `table` (text), `json` or `yaml`.
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        output: Output,
     },
     /// Print the FederatedTune CustomResourceDefinition.
     Crd,
@@ -99,13 +124,6 @@ enum Command {
         #[command(subcommand)]
         job: JobCommand,
     },
-}
-
-/// `validate -o`.
-#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum Output {
-    Text,
-    Json,
 }
 
 #[derive(clap::Args)]
@@ -227,7 +245,7 @@ fn validate(files: &[PathBuf], check_files: bool, output: Output) -> ExitCode {
         let verdict = check_document(&doc.text, check_files);
         all_valid &= verdict.is_ok();
         match (output, verdict) {
-            (Output::Text, Ok(ft)) => println!(
+            (Output::Table, Ok(ft)) => println!(
                 "{}: valid FederatedTune {:?} ({} clients, {} rounds, algorithm {})",
                 doc.source,
                 ft.metadata.name.as_deref().unwrap_or_default(),
@@ -235,8 +253,8 @@ fn validate(files: &[PathBuf], check_files: bool, output: Output) -> ExitCode {
                 ft.spec.rounds,
                 ft.spec.aggregation.algorithm.as_str()
             ),
-            (Output::Text, Err(problems)) => report(Path::new(&doc.source), &problems),
-            (Output::Json, verdict) => verdicts.push(serde_json::json!({
+            (Output::Table, Err(problems)) => report(Path::new(&doc.source), &problems),
+            (_, verdict) => verdicts.push(serde_json::json!({
                 "source": doc.source,
                 "valid": verdict.is_ok(),
                 "name": verdict.as_ref().ok().and_then(|ft| ft.metadata.name.clone()),
@@ -248,8 +266,14 @@ fn validate(files: &[PathBuf], check_files: bool, output: Output) -> ExitCode {
             })),
         }
     }
-    if output == Output::Json {
-        println!("{}", serde_json::Value::Array(verdicts));
+    if output != Output::Table {
+        match output::render(output, &verdicts, |_| String::new()) {
+            Ok(text) => print!("{text}"),
+            Err(e) => {
+                eprintln!("heterotune: {e}");
+                return ExitCode::from(EXIT_RUNTIME);
+            }
+        }
     }
     if all_valid {
         ExitCode::SUCCESS
@@ -351,78 +375,58 @@ fn run(
     }
 }
 
-/// The store `plan` may read, without changing anything: a local folder
-/// only when it exists (a missing one is a run that has not started), S3
-/// only with credentials in the environment (without them object_store
-/// would probe the cloud metadata address).
-fn plan_store(
-    storage: &heterotune_crds::spec::StorageSpec,
-    cwd: &Path,
-) -> Result<heterotune_operator::protocol::store::Store, String> {
-    use heterotune_operator::protocol::store::{Store, ACCESS_KEY_ENV, SECRET_KEY_ENV};
-    if storage.uri.starts_with("s3://") {
-        if std::env::var_os(ACCESS_KEY_ENV).is_none() || std::env::var_os(SECRET_KEY_ENV).is_none()
-        {
-            return Err(format!(
-                "no {ACCESS_KEY_ENV} / {SECRET_KEY_ENV} in the environment to read {}",
-                storage.uri
-            ));
-        }
-    } else {
-        let local = storage.uri.strip_prefix("file://").unwrap_or(&storage.uri);
-        if !cwd.join(local).exists() {
-            return Err(format!(
-                "the store folder {local} does not exist yet (no round has run; plan creates nothing)"
-            ));
-        }
-    }
-    Store::from_spec(storage, cwd).map_err(|e| e.to_string())
+/// A runtime for one read-only look at a store.
+fn look(ft: &FederatedTune) -> anyhow::Result<heterotune_operator::cli::look::Look> {
+    let cwd = std::env::current_dir().context("current directory")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    Ok(runtime.block_on(heterotune_operator::cli::look::look(ft, &cwd)))
 }
 
-fn plan(file: &Path) -> anyhow::Result<ExitCode> {
+/// `plan`: 0 when every client fits and local references exist, 1 when not
+/// (or the spec or a sizing file is invalid).
+fn plan(
+    file: &Path,
+    operator_config: Option<&Path>,
+    gpu_profiles: Option<&Path>,
+    output: Output,
+) -> anyhow::Result<ExitCode> {
+    let mut config =
+        match heterotune_operator::cli::cluster_sizing::resolve(operator_config, gpu_profiles) {
+            Ok(config) => config,
+            Err(e) => {
+                eprintln!("heterotune: {e}");
+                return Ok(ExitCode::from(EXIT_INVALID));
+            }
+        };
     let Some(ft) = load(file)? else {
         return Ok(ExitCode::from(EXIT_INVALID));
     };
-    let namespace = ft
-        .metadata
-        .namespace
-        .clone()
-        .unwrap_or_else(|| "default".into());
-    let name = ft.metadata.name.clone().unwrap_or_default();
-    let cwd = std::env::current_dir().context("current directory")?;
-    let uid = runner::local_uid(&namespace, &name);
-    let (layout, completed) = match plan_store(&ft.spec.storage, &cwd) {
-        Ok(store) => {
-            let layout =
-                heterotune_crds::layout::RunLayout::new(store.prefix(), &namespace, &name, &uid);
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .context("starting the async runtime")?;
-            let done = runtime
-                .block_on(store.completed_rounds(&layout, ft.spec.rounds))
-                .map_err(|e| format!("{e}"));
-            (layout, done)
-        }
-        Err(why) => (
-            heterotune_crds::layout::RunLayout::new("", &namespace, &name, &uid),
-            Err(why),
-        ),
-    };
-    let completed = completed.as_ref().copied().map_err(String::as_str);
+    let look = look(&ft)?;
     // `auto` on a CPU is sized as this machine's CPU runs it.
-    let mut config = heterotune_operator::sizing::SizingConfig::default();
     config.cpu.auto_dtype =
         heterotune_crds::dtype::resolve_this_cpu(heterotune_crds::spec::Dtype::Auto).dtype;
-    print!(
-        "{}",
-        heterotune_operator::dry_run::describe(&ft, &config, completed, &layout)
-    );
+    let completed = look.completed.as_ref().copied().map_err(String::as_str);
+    let plan = heterotune_operator::dry_run::Plan::of(&ft, &config, completed, &look.layout);
+    print!("{}", output::render(output, &plan, |p| p.text())?);
     let problems = checks::check_local_references(&ft.spec);
     if !problems.is_empty() {
         report(file, &Problems(problems));
         return Ok(ExitCode::from(EXIT_INVALID));
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `status`: where the local run of the spec in `file` stands.
+fn status(file: &Path, output: Output) -> anyhow::Result<ExitCode> {
+    let Some(ft) = load(file)? else {
+        return Ok(ExitCode::from(EXIT_INVALID));
+    };
+    let look = look(&ft)?;
+    let status = heterotune_operator::cli::look::RunStatus::of(&ft, look);
+    print!("{}", output::render(output, &status, |s| s.text())?);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -543,7 +547,18 @@ fn main() -> ExitCode {
             fresh,
             cli.log_format == telemetry::LogFormat::Json,
         ),
-        Command::Plan { file } => plan(&file),
+        Command::Plan {
+            file,
+            operator_config,
+            gpu_profiles,
+            output,
+        } => plan(
+            &file,
+            operator_config.as_deref(),
+            gpu_profiles.as_deref(),
+            output,
+        ),
+        Command::Status { file, output } => status(&file, output),
         Command::Crd => match heterotune_crds::crd::crd_yaml() {
             Ok(yaml) => {
                 print!("{yaml}");

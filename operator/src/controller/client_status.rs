@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet};
 
 use heterotune_crds::spec::FederatedTuneSpec;
-use heterotune_crds::status::{ClientStatus, FederatedTuneStatus};
+use heterotune_crds::status::{ClientState, ClientStatus, FederatedTuneStatus};
 
 use super::job_facts::{jobs_by_client, JobFacts};
 use super::names::ROLE_EVALUATOR;
@@ -65,16 +65,19 @@ pub fn client_statuses(input: &ClientInputs) -> Vec<ClientStatus> {
                 Some(Ok(p)) => (
                     Some(p.profile_name()),
                     p.estimated_bytes(),
-                    matches!(state, "Failed" | "Excluded" | "EvaluationFailed")
-                        .then(|| last_failure(mine.unwrap_or(&[])))
-                        .flatten(),
+                    matches!(
+                        state,
+                        ClientState::Failed | ClientState::Excluded | ClientState::EvaluationFailed
+                    )
+                    .then(|| last_failure(mine.unwrap_or(&[])))
+                    .flatten(),
                 ),
                 Some(Err(e)) => (None, None, Some(e.to_string())),
                 None => (None, None, None),
             };
             ClientStatus {
                 name: c.name.clone(),
-                state: state.to_string(),
+                state,
                 attempts,
                 last_round,
                 gpu_profile: profile,
@@ -92,29 +95,29 @@ fn client_state(
     evaluating: bool,
     just_started: bool,
     retries: u32,
-) -> &'static str {
+) -> ClientState {
     if c.committed {
         if evaluating {
-            "Evaluated"
+            ClientState::Evaluated
         } else {
-            "Committed"
+            ClientState::Committed
         }
     } else if c.running || just_started {
         if evaluating {
-            "Evaluating"
+            ClientState::Evaluating
         } else {
-            "Training"
+            ClientState::Training
         }
     } else if c.failed_attempts > retries {
         if evaluating {
-            "EvaluationFailed"
+            ClientState::EvaluationFailed
         } else {
-            "Excluded"
+            ClientState::Excluded
         }
     } else if c.failed_attempts > 0 {
-        "Failed"
+        ClientState::Failed
     } else {
-        "Pending"
+        ClientState::Pending
     }
 }
 

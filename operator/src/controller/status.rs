@@ -4,8 +4,8 @@
 
 use heterotune_crds::spec::FederatedTuneSpec;
 use heterotune_crds::status::{
-    ArtifactLocations, ClientStatus, Condition, FederatedTuneStatus, Phase, RoundSummary,
-    MAX_HISTORY,
+    ArtifactLocations, ClientStatus, Condition, ConditionStatus, FederatedTuneStatus, Phase,
+    RoundSummary, MAX_HISTORY,
 };
 
 use heterotune_crds::FederatedTune;
@@ -86,7 +86,7 @@ fn parse(text: &str) -> Option<f64> {
 fn condition(type_: &str, on: bool, reason: &str, message: String) -> Condition {
     Condition {
         type_: type_.to_string(),
-        status: if on { "True" } else { "False" }.to_string(),
+        status: ConditionStatus::of(on),
         reason: reason.to_string(),
         message,
         last_transition_time: None,
@@ -489,7 +489,7 @@ pub fn record_metrics(
         .map(|s| (*s, 0))
         .collect();
     for c in &next.clients {
-        if let Some(entry) = counts.iter_mut().find(|(s, _)| *s == c.state) {
+        if let Some(entry) = counts.iter_mut().find(|(s, _)| c.state == *s) {
             entry.1 += 1;
         }
     }
@@ -499,6 +499,15 @@ pub fn record_metrics(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_clients_gauge_counts_every_client_state() {
+        let states: Vec<&str> = heterotune_crds::status::ClientState::ALL
+            .iter()
+            .map(|s| s.as_str())
+            .collect();
+        assert_eq!(crate::controller::metrics::CLIENT_STATES, states.as_slice());
+    }
 
     #[test]
     fn history_is_bounded_and_durations_are_filled() {

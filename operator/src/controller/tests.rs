@@ -756,7 +756,7 @@ async fn a_completed_round_is_recorded_and_the_next_one_starts() {
         .iter()
         .map(|c| heterotune_crds::status::ClientStatus {
             name: c.to_string(),
-            state: "Committed".into(),
+            state: heterotune_crds::status::ClientState::Committed,
             attempts: 1,
             last_round: None,
             gpu_profile: Some("cpu".into()),
