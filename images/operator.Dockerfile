@@ -15,6 +15,13 @@
 # short names by default); override with --build-arg for a mirror.
 ARG RUST_IMAGE=docker.io/library/rust:1.95.0-slim-bookworm
 ARG RUNTIME_IMAGE=docker.io/library/debian:bookworm-slim
+# Where the binary comes from: `source` (the build stage below, the default)
+# or `prebuilt`, a binary built on the host, given as the build context
+# `prebuilt` holding bin/heterotune-operator:
+#   buildah build --build-arg PARTS=prebuilt --build-context prebuilt=DIR ...
+# (scripts/build-images.sh --prebuilt DIR; the image tests use it). Buildah
+# 1.28 resolves the stage only when PARTS is passed explicitly.
+ARG PARTS=source
 
 # ---------------------------------------------------------------- build
 FROM ${RUST_IMAGE} AS build
@@ -35,6 +42,19 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     cargo build --release --locked -p heterotune-operator --bin heterotune-operator \
  && install -D -m 0755 /cargo-target/release/heterotune-operator /out/bin/heterotune-operator
 
+# ---------------------------------------------------------------- parts
+FROM scratch AS parts-source
+COPY --from=build /out/bin/ /out/bin/
+
+FROM scratch AS parts-prebuilt
+# `prebuilt` is a build context, not a stage (DL3022).
+# hadolint ignore=DL3022
+COPY --from=prebuilt bin/heterotune-operator /out/bin/
+
+# A stage picked by a build argument (hadolint cannot follow it).
+# hadolint ignore=DL3006
+FROM parts-${PARTS} AS parts
+
 # ---------------------------------------------------------------- runtime
 FROM ${RUNTIME_IMAGE}
 ARG RUNTIME_IMAGE
@@ -48,7 +68,7 @@ RUN apt-get update \
  && groupadd --gid 65532 heterotune \
  && useradd --uid 65532 --gid 65532 --no-create-home --home-dir /nonexistent \
       --shell /usr/sbin/nologin heterotune
-COPY --from=build /out/bin/ /usr/local/bin/
+COPY --from=parts /out/bin/ /usr/local/bin/
 # Smoke test at build time: the binary starts in this runtime.
 RUN heterotune-operator --version
 # Labels last: VERSION, REVISION and CREATED change with every build and

@@ -38,6 +38,17 @@ ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 # Where the model converters' torch comes from (CPU is enough for them).
 ARG ASSETS_TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# Where binaries, libtorch and the packaged models come from: `source` (the
+# build and assets stages below, the default) or `prebuilt`, what a host
+# already built, given as the build context `prebuilt`:
+#   bin/heterotune, bin/heterotune-trainer   linked against the libtorch below
+#   site-packages/torch/lib/                 that libtorch (the venv's torch/lib)
+#   cache/models/, cache/data/               scripts/assets.py's output (HETEROTUNE_CACHE)
+#   buildah build --build-arg PARTS=prebuilt --build-context prebuilt=DIR ...
+# (scripts/build-images.sh --prebuilt DIR; the image tests use it: no Rust
+# and no pip in that build). Buildah 1.28 resolves the stage only when PARTS
+# is passed explicitly.
+ARG PARTS=source
 
 # ---------------------------------------------------------------- build
 # Rust binaries, linked against the torch wheel's libtorch (LIBTORCH_USE_PYTORCH=1,
@@ -120,6 +131,27 @@ RUN python scripts/assets.py \
  && python scripts/assets.py --check \
  && chmod -R a+rX,go-w "$HETEROTUNE_CACHE"
 
+# ---------------------------------------------------------------- parts
+FROM scratch AS parts-source
+COPY --from=build /out/ /out/
+COPY --from=assets /opt/heterotune/cache/models/ /out/cache/models/
+COPY --from=assets /opt/heterotune/cache/data/ /out/cache/data/
+
+FROM scratch AS parts-prebuilt
+# `prebuilt` is a build context, not a stage (DL3022).
+# hadolint ignore=DL3022
+COPY --from=prebuilt bin/heterotune bin/heterotune-trainer /out/bin/
+# hadolint ignore=DL3022
+COPY --from=prebuilt site-packages/ /out/site-packages/
+# hadolint ignore=DL3022
+COPY --from=prebuilt cache/models/ /out/cache/models/
+# hadolint ignore=DL3022
+COPY --from=prebuilt cache/data/ /out/cache/data/
+
+# A stage picked by a build argument (hadolint cannot follow it).
+# hadolint ignore=DL3006
+FROM parts-${PARTS} AS parts
+
 # ---------------------------------------------------------------- runtime
 FROM ${RUNTIME_IMAGE}
 ARG RUNTIME_IMAGE
@@ -135,10 +167,10 @@ RUN apt-get update \
       --shell /usr/sbin/nologin heterotune \
  && install -d -o 65532 -g 65532 -m 0755 /work
 # Largest and least often changed first.
-COPY --from=build /out/site-packages/ /opt/heterotune/site-packages/
-COPY --from=assets /opt/heterotune/cache/models/ /opt/heterotune/cache/models/
-COPY --from=assets /opt/heterotune/cache/data/ /opt/heterotune/cache/data/
-COPY --from=build /out/bin/ /usr/local/bin/
+COPY --from=parts /out/site-packages/ /opt/heterotune/site-packages/
+COPY --from=parts /out/cache/models/ /opt/heterotune/cache/models/
+COPY --from=parts /out/cache/data/ /opt/heterotune/cache/data/
+COPY --from=parts /out/bin/ /usr/local/bin/
 ENV HETEROTUNE_CACHE=/opt/heterotune/cache \
     LD_LIBRARY_PATH=/opt/heterotune/site-packages/torch/lib \
     HOME=/work \

@@ -6,13 +6,24 @@
 #                                    CPU libtorch, the packaged models and data
 #   <registry>/trainer:<tag>-cuda    the same with CUDA libtorch (--cuda)
 #
-#   scripts/build-images.sh [--only operator|trainer] [--cuda] [--kind CLUSTER] [--push] [--dry-run]
+#   scripts/build-images.sh [--only operator|trainer] [--cuda] [--prebuilt DIR] [--local-base]
+#                           [--kind CLUSTER] [--push] [--dry-run]
 #
 #   --only NAME     build one image (default: both)
 #   --cuda          trainer with PyPI's CUDA torch wheel (TORCH_INDEX_URL=https://pypi.org/simple,
 #                   the CUDA 13.0 build scripts/requirements.txt pins), tagged <tag>-cuda
 #   --kind CLUSTER  load the images into that kind cluster (kind load docker-image, or
 #                   image-archive for podman and buildah)
+#   --prebuilt DIR  take the binaries (and for the trainer libtorch and the packaged models)
+#                   from DIR instead of building them in the image (PARTS=prebuilt, the
+#                   build context `prebuilt`): DIR/bin/{heterotune-operator,heterotune,
+#                   heterotune-trainer}, DIR/site-packages/torch/lib/, DIR/cache/{models,data}/
+#                   (tests/images/smoke.sh stages it from the host's build, venv and cache)
+#   --local-base    buildah only: make the runtime base image (RUNTIME_IMAGE's default,
+#                   debian:bookworm-slim) locally from `debootstrap --variant=minbase bookworm`
+#                   and the Debian mirror of the host's apt sources, where no registry is
+#                   reachable; the tree is kept in $HETEROTUNE_CACHE/images/. With --prebuilt
+#                   no other base image is needed
 #   --push          push the images (log in to the registry first)
 #   --dry-run       print the commands, run nothing (no engine needed)
 #
@@ -24,6 +35,9 @@
 #                              or pass the images explicitly (as tests/e2e/run.sh does)
 #   HETEROTUNE_IMAGE_ENGINE    docker, podman or buildah (default: the first one that answers)
 #   TORCH_INDEX_URL            the trainer's torch wheel index (overrides the CPU default and --cuda)
+#   STORAGE_DRIVER, BUILDAH_ISOLATION  buildah's own (vfs and chroot where overlay and user
+#                              namespaces are missing); on vfs every cached layer is a full copy
+#                              of the file system, so buildah builds without --layers there
 #   HETEROTUNE_BUILD_ARGS      more arguments for the build command, split on spaces, e.g.
 #                              "--build-arg RUNTIME_IMAGE=mirror.example/debian:bookworm-slim"
 #
@@ -37,7 +51,7 @@ cd "$root"
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; }
 die() { echo "build-images: $*" >&2; exit 2; }
 
-only="" cuda=0 kind_cluster="" push=0 dry_run=0
+only="" cuda=0 kind_cluster="" push=0 dry_run=0 prebuilt="" local_base=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --only) [ $# -ge 2 ] || die "--only needs operator or trainer"; only="$2"; shift 2 ;;
@@ -45,6 +59,9 @@ while [ $# -gt 0 ]; do
     --cuda) cuda=1; shift ;;
     --kind) [ $# -ge 2 ] || die "--kind needs a cluster name"; kind_cluster="$2"; shift 2 ;;
     --kind=*) kind_cluster="${1#*=}"; shift ;;
+    --prebuilt) [ $# -ge 2 ] || die "--prebuilt needs a folder"; prebuilt="$2"; shift 2 ;;
+    --prebuilt=*) prebuilt="${1#*=}"; shift ;;
+    --local-base) local_base=1; shift ;;
     --push) push=1; shift ;;
     --dry-run) dry_run=1; shift ;;
     -h|--help) usage; exit 0 ;;
@@ -58,6 +75,11 @@ case "$only" in
 esac
 if [ -n "$kind_cluster" ] && [ "$dry_run" = 0 ] && ! command -v kind > /dev/null; then
   die "--kind: kind is not installed (https://kind.sigs.k8s.io)"
+fi
+
+if [ -n "$prebuilt" ]; then
+  [ -d "$prebuilt" ] || [ "$dry_run" = 1 ] || die "--prebuilt $prebuilt: no such folder"
+  prebuilt="$(cd "$prebuilt" 2>/dev/null && pwd || echo "$prebuilt")"
 fi
 
 registry="${HETEROTUNE_IMAGE_REGISTRY:-ghcr.io/heterotune}"
@@ -95,6 +117,7 @@ engine_works() {
   fi
 }
 engine="${HETEROTUNE_IMAGE_ENGINE:-}"
+if [ "$local_base" = 1 ] && [ -z "$engine" ]; then engine=buildah; fi
 if [ -n "$engine" ]; then
   case "$engine" in docker|podman|buildah) ;; *) die "HETEROTUNE_IMAGE_ENGINE must be docker, podman or buildah, not '$engine'" ;; esac
   if [ "$dry_run" = 0 ] && ! engine_works "$engine"; then
@@ -131,8 +154,18 @@ build() { # dockerfile image [build args...]
   case "$engine" in
     docker) cmd=(env DOCKER_BUILDKIT=1 docker build) ;;
     podman) cmd=(podman build --layers) ;;
-    buildah) cmd=(buildah build --layers) ;;
+    buildah)
+      cmd=(buildah build)
+      [ "${STORAGE_DRIVER:-}" = vfs ] || cmd+=(--layers)
+      ;;
   esac
+  # Buildah 1.28 resolves `FROM parts-${PARTS}` only for a PARTS given explicitly.
+  if [ -n "$prebuilt" ]; then
+    cmd+=(--build-arg PARTS=prebuilt --build-context "prebuilt=$prebuilt")
+  else
+    cmd+=(--build-arg PARTS=source)
+  fi
+  if [ "$local_base" = 1 ]; then cmd+=(--pull=never); fi
   local extra=()
   if [ -n "${HETEROTUNE_BUILD_ARGS:-}" ]; then
     # shellcheck disable=SC2206 # split on spaces, as documented
@@ -160,6 +193,43 @@ load_into_kind() { # image
   run kind load image-archive "$archive" --name "$kind_cluster"
   rm -rf "$dir"
 }
+
+# ---------------------------------------------------------------- local base image
+# debootstrap's tree of bookworm, cached, committed as the runtime base image.
+apt_mirror() { # the host's Debian mirror for bookworm (deb822 .sources or one-line .list)
+  cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources 2> /dev/null | awk '
+    /^deb[ \t]/ { for (i = 2; i <= NF; i++) if ($i !~ /^\[/ && $i !~ /\]$/) { if ($(i + 1) == "bookworm") { print $i; exit } break } }
+    /^URIs:/ { uri = $2 } /^Suites:/ { for (i = 2; i <= NF; i++) if ($i == "bookworm" && uri != "") { print uri; exit } }
+    /^[ \t]*$/ { uri = "" }'
+}
+make_local_base() {
+  local base="docker.io/library/debian:bookworm-slim"
+  local dir="${HETEROTUNE_CACHE:-$HOME/.cache/heterotune}/images"
+  local tree="$dir/bookworm-minbase.tar" mirror c
+  if [ ! -s "$tree" ] || [ -n "$(find "$tree" -mtime +30 2> /dev/null)" ]; then
+    command -v debootstrap > /dev/null || die "--local-base: debootstrap is not installed (apt-get install debootstrap)"
+    mirror="$(apt_mirror)"
+    [ -n "$mirror" ] || die "--local-base: no Debian mirror for bookworm in /etc/apt/sources.list*"
+    echo "build-images: debootstrap --variant=minbase bookworm from $mirror (about a minute)"
+    mkdir -p "$dir"
+    rm -rf "$dir/bookworm-minbase.tmp"
+    run debootstrap --variant=minbase bookworm "$dir/bookworm-minbase.tmp" "$mirror" > "$dir/debootstrap.log" 2>&1 \
+      || die "--local-base: debootstrap failed: see $dir/debootstrap.log"
+    rm -f "$dir/bookworm-minbase.tmp"/var/cache/apt/archives/*.deb
+    run tar -C "$dir/bookworm-minbase.tmp" -cf "$tree.tmp" . && mv "$tree.tmp" "$tree"
+    rm -rf "$dir/bookworm-minbase.tmp"
+  fi
+  if buildah inspect --type image "$base" > /dev/null 2>&1; then return; fi
+  c="$(buildah from scratch)"
+  run buildah add --quiet "$c" "$tree" / > /dev/null
+  run buildah config --cmd /bin/bash "$c"
+  run buildah commit --quiet --rm "$c" "$base" > /dev/null
+  echo "build-images: made $base from $tree"
+}
+if [ "$local_base" = 1 ] && [ "$dry_run" = 0 ]; then
+  [ "$engine" = buildah ] || die "--local-base needs buildah (HETEROTUNE_IMAGE_ENGINE=buildah)"
+  make_local_base
+fi
 
 # ---------------------------------------------------------------- build
 echo "build-images: engine $engine, registry $registry, tag $tag${torch_index:+, torch from $torch_index}"

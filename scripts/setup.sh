@@ -11,7 +11,9 @@
 #   PYTHON            interpreter used to create the venv (default python3; Python 3.11 expected)
 #
 # Steps, each skipped when its result is already there:
-#   1. Debian packages listed in APT_PACKAGES (the plot font, promtool).
+#   1. Debian packages listed in APT_PACKAGES (the plot font, promtool), then those in
+#      IMAGE_APT_PACKAGES (buildah, debootstrap: the image smoke test), skipped with a reason
+#      where apt cannot install them.
 #   2. .venv created with `python -m venv`; scripts/requirements.txt installed with pip. A stamp
 #      (.venv/.heterotune-requirements.sha256) holds the sha256 of requirements.txt, so pip only runs
 #      when that file changes (or the venv is new).
@@ -46,17 +48,20 @@ say() { echo "setup: $*"; }
 #   fonts-dejavu-core: the font the run report's plots are labelled with.
 #   prometheus: promtool, for the metrics and alert-rule checks.
 APT_PACKAGES=(fonts-dejavu-core prometheus)
+# Optional: the image smoke test (tests/images/smoke.sh) builds the images with buildah from a
+# debootstrap base; it skips, saying why, where they cannot be had.
+IMAGE_APT_PACKAGES=(buildah debootstrap)
 
 missing_apt_packages() {
   local p
-  for p in "${APT_PACKAGES[@]+"${APT_PACKAGES[@]}"}"; do
+  for p in "$@"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || echo "$p"
   done
 }
 
 apt_packages() {
   local missing
-  missing="$(missing_apt_packages)"
+  missing="$(missing_apt_packages "${APT_PACKAGES[@]}")"
   [ -z "$missing" ] && return 0
   # shellcheck disable=SC2086
   say "installing Debian packages: $(echo $missing)"
@@ -65,6 +70,20 @@ apt_packages() {
   $sudo apt-get update -qq
   # shellcheck disable=SC2086
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends $missing
+}
+
+image_apt_packages() {
+  local missing sudo=""
+  missing="$(missing_apt_packages "${IMAGE_APT_PACKAGES[@]}")"
+  [ -z "$missing" ] && return 0
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  # shellcheck disable=SC2086
+  if command -v apt-get > /dev/null && $sudo apt-get update -qq \
+    && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends $missing; then
+    return 0
+  fi
+  # shellcheck disable=SC2086
+  say "skipping $(echo $missing): apt-get cannot install them here (the image smoke test will skip)"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -110,7 +129,7 @@ EOF
 # ---------------------------------------------------------------------------------------------
 if [ "$CHECK" = 1 ]; then
   status=0
-  missing="$(missing_apt_packages)"
+  missing="$(missing_apt_packages "${APT_PACKAGES[@]}")"
   if [ -n "$missing" ]; then
     # shellcheck disable=SC2086
     echo "missing: Debian packages: $(echo $missing)"; status=1
@@ -131,6 +150,7 @@ if [ "$CHECK" = 1 ]; then
 fi
 
 apt_packages
+image_apt_packages
 python_env
 if [ "$ASSETS" = 1 ]; then
   "$VENV/bin/python" "$ROOT/scripts/assets.py"

@@ -21,8 +21,8 @@ use heterotune_operator::protocol::observe::{
     previous_global_from_manifest, summary_from_manifest,
 };
 use heterotune_operator::sizing::Placement;
+use heterotune_tests::binary;
 use heterotune_tests::s3::S3Server;
-use heterotune_tests::{binary, fixtures};
 
 const BUCKET: &str = "heterotune";
 const ACCESS_KEY: &str = "heterotune-test";
@@ -122,20 +122,7 @@ fn the_controllers_jobs_run_a_federation_through_s3() {
     );
     // The fixtures are written locally, uploaded, and named by s3:// URIs:
     // no pod sees the local copies.
-    let local = root.join("fixtures");
-    let yaml = fixtures::write_federation(&local, "e2e", 2, &storage)
-        .replace(
-            &local.join("models").display().to_string(),
-            &format!("s3://{BUCKET}/models"),
-        )
-        .replace(
-            &local.join("data").display().to_string(),
-            &format!("s3://{BUCKET}/data"),
-        );
-    assert!(!yaml.contains(&local.display().to_string()), "{yaml}");
-    server.put_dir(BUCKET, "models", &local.join("models"));
-    server.put_dir(BUCKET, "data", &local.join("data"));
-    std::fs::remove_dir_all(&local).expect("remove local fixtures");
+    let yaml = server.put_federation(BUCKET, &root.join("fixtures"), "e2e", 2, &storage);
 
     let mut ft = heterotune_crds::validate::parse_federated_tune(&yaml).expect("valid spec");
     ft.metadata.namespace = Some("team-a".into());

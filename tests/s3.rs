@@ -191,6 +191,33 @@ impl S3Server {
         );
     }
 
+    /// Writes the fixture federation (`fixtures::write_federation`) under
+    /// `scratch`, uploads its models and data to `bucket`, removes the local
+    /// copies and returns the spec, which names them by `s3://` URIs.
+    pub fn put_federation(
+        &self,
+        bucket: &str,
+        scratch: &Path,
+        name: &str,
+        rounds: u32,
+        storage_yaml: &str,
+    ) -> String {
+        let yaml = crate::fixtures::write_federation(scratch, name, rounds, storage_yaml)
+            .replace(
+                &scratch.join("models").display().to_string(),
+                &format!("s3://{bucket}/models"),
+            )
+            .replace(
+                &scratch.join("data").display().to_string(),
+                &format!("s3://{bucket}/data"),
+            );
+        assert!(!yaml.contains(&scratch.display().to_string()), "{yaml}");
+        self.put_dir(bucket, "models", &scratch.join("models"));
+        self.put_dir(bucket, "data", &scratch.join("data"));
+        std::fs::remove_dir_all(scratch).expect("remove local fixtures");
+        yaml
+    }
+
     /// Uploads every file under the local folder `dir` to `bucket/prefix/...`.
     pub fn put_dir(&self, bucket: &str, prefix: &str, dir: &Path) {
         for entry in std::fs::read_dir(dir).expect("read dir") {

@@ -24,3 +24,4 @@ pub mod protocol;
 pub mod runner;
 pub mod sizing;
 pub mod telemetry;
+pub mod tls;

@@ -55,6 +55,8 @@ for e in exprs:
     assert not re.search(r"(?<![\w])(namespace|name)\s*(=|!=|=~|!~|[,)])", e), f"selects by the target's namespace/name: {e}"
 print(f"alerts: {len(rules)} rules, each with a firing and a silent unit test and a runbook section")
 PY
+echo "== values table (charts/heterotune/README.md)"
+python3 "$root/tests/helm/values_table.py" --check
 helm="${HELM:-$(command -v helm || true)}"
 kv="${KUBERNETES_VALIDATE:-$(command -v kubernetes-validate || true)}"
 k8s_version="${K8S_VERSION:-1.33.0}"
@@ -90,6 +92,11 @@ render everything --set replicaCount=2 --set serviceMonitor.enabled=true --set p
   --set grafana.dashboard.enabled=true --set storage.credentialsSecret=operator-s3
 render one-namespace --set watchNamespace=team-a --set leaderElection.enabled=false
 render gpus -f "$root/tests/helm/values-gpus.yaml"
+# The values contract of an umbrella chart / Argo CD install.
+render contract --set global.imageRegistry=mirror.example.com/hub --set 'global.imagePullSecrets[0].name=global-pull' \
+  --set 'imagePullSecrets[0].name=own-pull' --set fullnameOverride=ht --set image.tag=9.9.9 \
+  --set image.digest=sha256:0000000000000000000000000000000000000000000000000000000000000000 \
+  --set networkPolicy.enabled=true --set rbac.aggregateToDefaultRoles=false
 "$helm" template heterotune "$chart" --set prometheusRule.enabled=true \
   --set prometheusRule.runbookBaseUrl=https://runbooks.example.com/heterotune > "$tmp/runbooks.yaml"
 grep -q "runbook_url: https://runbooks.example.com/heterotune#heterotuneroundstalled" "$tmp/runbooks.yaml" \
@@ -102,8 +109,8 @@ d = sys.argv[1]
 def docs(name):
     return [x for x in yaml.safe_load_all(open(f"{d}/{name}.yaml")) if x]
 kinds = lambda name: sorted(x["kind"] for x in docs(name))
-assert kinds("defaults") == ["ClusterRole", "ClusterRoleBinding", "ConfigMap", "CustomResourceDefinition", "Deployment", "Role", "RoleBinding", "Service", "ServiceAccount"], kinds("defaults")
-every = {x["kind"]: x for x in docs("everything")}
+assert kinds("defaults") == ["ClusterRole", "ClusterRole", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "CustomResourceDefinition", "Deployment", "Role", "RoleBinding", "Service", "ServiceAccount"], kinds("defaults")
+every = {x["kind"]: x for x in docs("everything") if not x["metadata"]["name"].endswith(("-view", "-edit"))}
 for k in ["ServiceMonitor", "PrometheusRule"]:
     assert k in every, k
 assert every["ServiceMonitor"]["spec"]["endpoints"][0]["path"] == "/metrics"
@@ -128,11 +135,39 @@ for rule in role["rules"]:
     assert "*" not in rule["verbs"] and "*" not in rule["resources"], rule
     assert "secrets" not in rule["resources"], rule
 ns = {x["kind"]: x for x in docs("one-namespace")}
-assert "ClusterRole" not in ns and ns["Role"]["metadata"]["namespace"] == "team-a"
+# One namespace: no cluster-wide grant to the operator (the aggregated user roles stay).
+assert not [x for x in docs("one-namespace") if x["kind"] in ("ClusterRole", "ClusterRoleBinding")
+            and not x["metadata"]["name"].endswith(("-view", "-edit"))]
+assert ns["Role"]["metadata"]["namespace"] == "team-a"
 assert "--watch-namespace=team-a" in ns["Deployment"]["spec"]["template"]["spec"]["containers"][0]["args"]
 gpus = {x["kind"]: x for x in docs("gpus") if x["kind"] == "ConfigMap" and x["metadata"]["name"].endswith("-config")}
 cfg = json.loads(gpus["ConfigMap"]["data"]["config.json"])
 assert [p["name"] for p in cfg["sizing"]["gpuProfiles"]] == ["l4-24gb", "a100-80gb"], cfg
+# One tag for both images, appVersion by default; no hard-coded UID (OpenShift assigns one).
+defaults = {(x["kind"], x["metadata"]["name"]): x for x in docs("defaults")}
+dep = defaults[("Deployment", "heterotune")]["spec"]["template"]["spec"]
+cfg = json.loads(defaults[("ConfigMap", "heterotune-config")]["data"]["config.json"])
+op_tag = dep["containers"][0]["image"].rsplit(":", 1)[1]
+assert cfg["jobs"]["trainerImage"] == f"ghcr.io/heterotune/trainer:{op_tag}", (cfg["jobs"], op_tag)
+assert "runAsUser" not in dep["securityContext"] and "runAsUser" not in dep["containers"][0]["securityContext"], dep
+assert "imagePullSecrets" not in dep and "NetworkPolicy" not in kinds("defaults")
+# Aggregated roles: view reads FederatedTunes, edit changes them, neither touches status writes.
+view, edit = defaults[("ClusterRole", "heterotune-view")], defaults[("ClusterRole", "heterotune-edit")]
+assert view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
+assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+assert set(view["rules"][0]["verbs"]) == {"get", "list", "watch"}
+assert "federatedtunes/status" not in edit["rules"][0]["resources"]
+con = {(x["kind"], x["metadata"]["name"]): x for x in docs("contract")}
+dep = con[("Deployment", "ht")]["spec"]["template"]["spec"]
+digest = "sha256:" + "0" * 64
+assert dep["containers"][0]["image"] == f"mirror.example.com/hub/heterotune/operator@{digest}", dep["containers"][0]["image"]
+assert dep["imagePullSecrets"] == [{"name": "global-pull"}, {"name": "own-pull"}], dep["imagePullSecrets"]
+cfg = json.loads(con[("ConfigMap", "ht-config")]["data"]["config.json"])
+assert cfg["jobs"]["trainerImage"] == "mirror.example.com/hub/heterotune/trainer:9.9.9", cfg["jobs"]
+assert cfg["jobs"]["imagePullSecrets"] == ["global-pull", "own-pull"], cfg["jobs"]
+np = con[("NetworkPolicy", "ht")]["spec"]
+assert np["ingress"][0]["ports"][0]["port"] == "http" and np["policyTypes"] == ["Ingress", "Egress"], np
+assert not any(k == "ClusterRole" and n.endswith(("-view", "-edit")) for k, n in con), "rbac.aggregateToDefaultRoles=false"
 print("rendered objects: ok")
 PY
 
@@ -146,7 +181,20 @@ fi
 if "$helm" template x "$chart" --set unknownValue=1 > /dev/null 2>&1; then
   fail "unknown values must be refused by values.schema.json"
 fi
+if "$helm" template x "$chart" --set 'imagePullSecrets[0]=plain-string' > /dev/null 2>&1; then
+  fail "imagePullSecrets must be [{name: ...}] objects (values.schema.json)"
+fi
+if "$helm" template x "$chart" --set image.digest=latest > /dev/null 2>&1; then
+  fail "image.digest must be sha256:<64 hex> (values.schema.json)"
+fi
 echo "refusals: ok"
+
+echo "== NOTES.txt"
+"$helm" install heterotune "$chart" --dry-run=client --namespace heterotune-system > "$tmp/install.txt"
+for want in "kubectl get ft -w" "kubectl apply --server-side -f charts/heterotune/crds/" "trainer image:  ghcr.io/heterotune/trainer:"; do
+  grep -qF -- "$want" "$tmp/install.txt" || fail "NOTES.txt does not say: $want"
+done
+echo "NOTES.txt: ok"
 
 echo "== manifests/operator is the chart with defaults"
 "$helm" template heterotune "$chart" --namespace heterotune-system > "$tmp/plain.yaml"

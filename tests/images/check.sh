@@ -146,6 +146,9 @@ def first_command_word(src_rel, fn_names):
             return m.group(1)
     return None
 
+# Named build contexts (--build-context NAME=DIR) a Dockerfile may COPY --from.
+BUILD_CONTEXTS = {"prebuilt"}
+
 def check_dockerfile(path, required_bins, expect_user):
     ins = instructions(path)
     global_args, stages = {}, []
@@ -189,6 +192,11 @@ def check_dockerfile(path, required_bins, expect_user):
                     continue
                 if src_stage in names:
                     err(f"{path}: COPY --from={src_stage}: that stage comes later")
+                elif src_stage in BUILD_CONTEXTS:
+                    # A named build context (scripts/build-images.sh --prebuilt passes it),
+                    # used only by the stage PARTS=prebuilt picks.
+                    if st["name"] != "parts-prebuilt":
+                        err(f"{path}: COPY --from={src_stage}: only the parts-prebuilt stage reads the build context {src_stage}")
                 elif not image_ref_ok(src_stage):
                     err(f"{path}: COPY --from={src_stage}: no such stage")
                 continue
@@ -359,8 +367,14 @@ def top_level_block(text, key):
     return ""
 m = re.search(r"(?m)^\s+repository:\s*(\S+)", top_level_block(values, "image"))
 chart_operator_repo = m.group(1) if m else None
-m = re.search(r"(?m)^\s+trainerImage:\s*(\S+)", values)
-chart_trainer = m.group(1) if m else None
+# The chart's trainer image: trainerImage.repository with the chart's one tag
+# (image.tag, default appVersion), unless config.jobs.trainerImage replaces it.
+m = re.search(r"(?m)^\s+repository:\s*(\S+)", top_level_block(values, "trainerImage"))
+chart_trainer = f"{m.group(1)}:{version}" if m else None
+if not chart_trainer:
+    err("charts/heterotune/values.yaml: no trainerImage.repository")
+if re.search(r"(?m)^\s+trainerImage:[ \t]*\"?[^\"\s]", values):
+    err("charts/heterotune/values.yaml: config.jobs.trainerImage must default to empty (the chart derives it from trainerImage and image.tag)")
 m = re.search(r'fn default_image\(\)\s*->\s*String\s*\{\s*format!\("([^"{]+):\{\}"', context_rs)
 code_trainer_repo = m.group(1) if m else None
 if not code_trainer_repo:
@@ -381,11 +395,11 @@ else:
     if repo(op_img) != chart_operator_repo:
         err(f"scripts/build-images.sh builds {op_img}, the chart's image.repository is {chart_operator_repo}")
     if chart_trainer and repo(tr_img) != repo(chart_trainer):
-        err(f"scripts/build-images.sh builds {tr_img}, values.yaml config.jobs.trainerImage is {chart_trainer}")
+        err(f"scripts/build-images.sh builds {tr_img}, values.yaml trainerImage.repository gives {chart_trainer}")
     if code_trainer_repo and repo(tr_img) != code_trainer_repo:
         err(f"scripts/build-images.sh builds {tr_img}, operator default_image() is {code_trainer_repo}:<version>")
     if chart_trainer and chart_trainer.rsplit(":", 1)[-1] != version:
-        err(f"values.yaml config.jobs.trainerImage {chart_trainer}: tag should be the workspace version {version}")
+        err(f"values.yaml trainerImage {chart_trainer}: tag should be the workspace version {version}")
     e2e = read("tests/e2e/run.sh")
     for var, img in (("OPERATOR_IMAGE", op_img), ("TRAINER_IMAGE", tr_img)):
         m = re.search(r"\$\{" + var + r":-([^}]+)\}", e2e)

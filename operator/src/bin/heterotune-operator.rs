@@ -253,6 +253,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
 async fn main() -> ExitCode {
     let args = Args::parse();
     telemetry::init(args.log_format, &args.log_level);
+    heterotune_operator::tls::install_crypto_provider();
     match run(args).await {
         Ok(code) => code,
         Err(e) => {

@@ -523,6 +523,7 @@ fn job(command: JobCommand) -> anyhow::Result<ExitCode> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init(cli.log_format, "info");
+    heterotune_operator::tls::install_crypto_provider();
     let result = match cli.command {
         Command::Validate {
             files,
