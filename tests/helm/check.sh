@@ -3,7 +3,9 @@
 # rendered object against the Kubernetes OpenAPI schemas (strict), check the
 # schema rejects bad values and the chart refuses unsafe combinations, parse
 # the Grafana dashboard, check the alert rules (promtool, when installed),
-# and that manifests/operator/ is the chart rendered with defaults.
+# and that manifests/operator/ is the chart rendered with defaults; that
+# docs/install.md's commands are tests/e2e/run.sh's (tests/e2e/install_doc.py)
+# and run.sh is a correct script (bash -n; shellcheck when installed).
 #
 # Tools (see docs/operator.md, "Checking the chart"):
 #   helm                 HELM=/path/to/helm, or on PATH
@@ -57,6 +59,14 @@ print(f"alerts: {len(rules)} rules, each with a firing and a silent unit test an
 PY
 echo "== values table (charts/heterotune/README.md)"
 python3 "$root/tests/helm/values_table.py" --check
+echo "== the install path: docs/install.md's commands are tests/e2e/run.sh's"
+bash -n "$root/tests/e2e/run.sh"
+if command -v shellcheck > /dev/null; then
+  shellcheck "$root/tests/e2e/run.sh"
+else
+  echo "SKIP shellcheck tests/e2e/run.sh: shellcheck not installed (apt-get install shellcheck)"
+fi
+python3 "$root/tests/e2e/install_doc.py" --self-test
 helm="${HELM:-$(command -v helm || true)}"
 kv="${KUBERNETES_VALIDATE:-$(command -v kubernetes-validate || true)}"
 k8s_version="${K8S_VERSION:-1.33.0}"
