@@ -4,6 +4,7 @@
     python3 tests/e2e/install_doc.py            # check (tests/helm/check.sh runs it)
     python3 tests/e2e/install_doc.py --list     # print the doc's commands, as compared
     python3 tests/e2e/install_doc.py --self-test  # show the check fails on drift
+    python3 tests/e2e/install_doc.py --fake-run   # also run run.sh --kind against fake_cluster.py
 
 The convention:
 - the doc's commands are the lines of its ```sh blocks (a line ending in a
@@ -22,14 +23,21 @@ The convention:
   assignments (NAME=value), and it ends the line or is followed by an
   operator or a redirection;
 - the doc keeps the steps of the install path (REQUIRED, in this order where
-  ORDER says so), and so does run.sh.
+  ORDER says so), and so does run.sh;
+- with --fake-run, `run.sh --kind --no-build` runs against fake_cluster.py
+  (kubectl, helm, kind and curl that answer as a cluster where the trial
+  succeeded) and must pass; the doc's kubectl, helm, kind and curl calls
+  (pipelines split) must be among its calls, in the doc's order.
 """
 from __future__ import annotations
 
+import json
+import os
 import re
 import shlex
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,6 +62,10 @@ REQUIRED = [
     "helm uninstall heterotune",
     "kubectl delete crd federatedtunes.heterotune.dev",
 ]
+# The tools fake_cluster.py stands in for, and the doc's commands run.sh runs
+# only when a check fails.
+FAKED = ("kubectl", "helm", "kind", "curl")
+ON_FAILURE_ONLY = {"kubectl -n heterotune-system logs deploy/heterotune --tail=200"}
 # (earlier, later): the first command starting with `earlier` comes before the
 # last one starting with `later` (the CRD before the upgrade; the
 # FederatedTunes while the operator runs, then the release, then the CRD).
@@ -253,6 +265,46 @@ def swap_lines(text: str, a: str, b: str) -> str:
     return "\n".join(lines)
 
 
+def fake_calls() -> list[list[str]] | str:
+    """The calls of `run.sh --kind --no-build` against fake_cluster.py, or why it failed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        bin_dir, log = Path(tmp, "bin"), Path(tmp, "calls.jsonl")
+        bin_dir.mkdir()
+        for tool in FAKED:
+            (bin_dir / tool).symlink_to(Path(__file__).with_name("fake_cluster.py"))
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("E2E_", "KUBECONFIG"))
+               and k not in ("OPERATOR_IMAGE", "TRAINER_IMAGE")}
+        env.update(PATH=f"{bin_dir}:{env['PATH']}", FAKE_CLUSTER_LOG=str(log))
+        r = subprocess.run(["bash", str(RUN), "--kind", "--no-build"], env=env, capture_output=True,
+                           text=True, timeout=300)
+        if r.returncode != 0 or "OK tests/e2e" not in r.stdout:
+            tail = "\n    ".join((r.stdout + r.stderr).splitlines()[-15:])
+            return f"tests/e2e/run.sh --kind --no-build against fake_cluster.py exits {r.returncode}:\n    {tail}"
+        return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def called_in_order(doc: str, calls: list[list[str]]) -> list[str]:
+    """The doc's commands of the faked tools that `calls` lacks, in the doc's order."""
+    problems, pos = [], 0
+    for n, c in doc_commands(doc):
+        ws = words(c)
+        if " ".join(ws) in ON_FAILURE_ONLY:
+            continue
+        simple = [[]]
+        for w in ws:
+            simple.append([]) if w == "|" else simple[-1].append(w)
+        # The commands of a pipeline start together: any order among them.
+        start = pos
+        for cmd in (x for x in simple if x and x[0] in FAKED):
+            found = next((i for i in range(start, len(calls)) if calls[i] == cmd), None)
+            if found is None:
+                problems.append(f"docs/install.md:{n}: `{' '.join(cmd)}` was not called (after the doc's "
+                                "previous commands) by run.sh --kind against fake_cluster.py")
+            else:
+                pos = max(pos, found + 1)
+    return problems
+
+
 def main() -> None:
     doc, script, readme = DOC.read_text(), RUN.read_text(), README.read_text()
     if "--list" in sys.argv:
@@ -265,6 +317,17 @@ def main() -> None:
         problems = check(doc, script, readme)
     except Drift as e:
         problems = [str(e)]
+    if not problems and "--fake-run" in sys.argv:
+        calls = fake_calls()
+        problems = [calls] if isinstance(calls, str) else called_in_order(doc, calls)
+        if not problems and "--self-test" in sys.argv:
+            swapped = swap_lines(doc, "kubectl -n heterotune-trial get ft e2e -o wide",
+                                 "kubectl -n heterotune-trial describe ft e2e")
+            if not called_in_order(swapped, calls):
+                sys.exit("install_doc.py --self-test: the fake run's order check passes with two commands swapped")
+            print("self-test: the doc's commands in another order than run.sh's: caught")
+        if not problems:
+            print("install_doc.py: run.sh --kind passes against fake_cluster.py, calling the doc's commands in order")
     if problems:
         sys.exit("install_doc.py: docs/install.md and tests/e2e/run.sh drifted:\n  " + "\n  ".join(problems))
     print(f"install_doc.py: the {len(doc_commands(doc))} commands of docs/install.md are run by tests/e2e/run.sh")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end test on a real cluster, and the install path of docs/install.md:
 # every command in that doc's ```sh blocks is one this script runs
-# (tests/e2e/install_doc.py checks it; tests/helm/check.sh runs that check).
+# (tests/e2e/install_doc.py checks it, and runs this script against a fake
+# cluster, tests/e2e/fake_cluster.py; tests/helm/check.sh runs both).
 #
 #   tests/e2e/run.sh                  the cluster in KUBECONFIG (skips, exit 0, saying why,
 #                                     when KUBECONFIG is unset, the cluster does not answer or

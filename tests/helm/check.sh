@@ -5,7 +5,8 @@
 # the Grafana dashboard, check the alert rules (promtool, when installed),
 # and that manifests/operator/ is the chart rendered with defaults; that
 # docs/install.md's commands are tests/e2e/run.sh's (tests/e2e/install_doc.py)
-# and run.sh is a correct script (bash -n; shellcheck when installed).
+# and run.sh is a correct script (bash -n; shellcheck when installed) that
+# passes against a fake cluster (tests/e2e/fake_cluster.py).
 #
 # Tools (see docs/operator.md, "Checking the chart"):
 #   helm                 HELM=/path/to/helm, or on PATH
@@ -66,7 +67,7 @@ if command -v shellcheck > /dev/null; then
 else
   echo "SKIP shellcheck tests/e2e/run.sh: shellcheck not installed (apt-get install shellcheck)"
 fi
-python3 "$root/tests/e2e/install_doc.py" --self-test
+python3 "$root/tests/e2e/install_doc.py" --self-test --fake-run
 helm="${HELM:-$(command -v helm || true)}"
 kv="${KUBERNETES_VALIDATE:-$(command -v kubernetes-validate || true)}"
 k8s_version="${K8S_VERSION:-1.33.0}"
