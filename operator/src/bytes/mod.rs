@@ -128,13 +128,22 @@ pub struct BackboneBytes {
     /// LoRA-FedAvg at rank r on query and value, with the head.
     pub lora: u64,
     /// LoRA at each of [`HETLORA_RANKS`] (HetLoRA / FlexLoRA clients).
-    pub hetlora: Vec<(u32, u64)>,
+    pub hetlora: Vec<RankBytes>,
     /// DeMA, shared part only (`share: {familyParts: false, head: false}`).
     pub dema_shared: u64,
     /// DeMA, shared part, family parts and head (the default).
     pub dema: u64,
     /// The safetensors file of [`BackboneBytes::dema`] as the trainer writes it.
     pub dema_file: u64,
+}
+
+/// What a LoRA client of one rank sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct RankBytes {
+    /// The client's LoRA rank.
+    pub rank: u32,
+    /// Its bytes per round.
+    pub bytes: u64,
 }
 
 impl BackboneBytes {
@@ -270,7 +279,12 @@ fn row(b: &Backbone, slots: usize) -> Result<BackboneBytes, BytesError> {
         lora: lora_at(b.spec.adapter.rank)?,
         hetlora: HETLORA_RANKS
             .iter()
-            .map(|&r| Ok((r, lora_at(r)?)))
+            .map(|&rank| {
+                Ok(RankBytes {
+                    rank,
+                    bytes: lora_at(rank)?,
+                })
+            })
             .collect::<Result<_, BytesError>>()?,
         dema_shared: wire::payload_bytes(&shared),
         dema: wire::payload_bytes(&dema),

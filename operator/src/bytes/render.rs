@@ -121,7 +121,7 @@ impl BytesTable {
             self.rank
         );
         for r in &self.rows {
-            let het: Vec<String> = r.hetlora.iter().map(|&(_, b)| grouped(b)).collect();
+            let het: Vec<String> = r.hetlora.iter().map(|h| grouped(h.bytes)).collect();
             let _ = writeln!(
                 out,
                 "| {} | {} | {} | {} | {} | {} | {} | {} |",

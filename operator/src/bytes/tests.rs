@@ -63,13 +63,11 @@ fn one_row_per_backbone_with_every_method() {
         2 * (6 * 4 * 8 * 384 + 6 * 384 + 6),
         "LoRA on all 6 layers"
     );
-    assert_eq!(
-        l6.hetlora,
-        vec![
-            (4, 2 * (6 * 4 * 4 * 384 + 6 * 384 + 6)),
-            (16, 2 * (6 * 4 * 16 * 384 + 6 * 384 + 6))
-        ]
-    );
+    let lora_at = |rank: u32| RankBytes {
+        rank,
+        bytes: 2 * (6 * 4 * u64::from(rank) * 384 + 6 * 384 + 6),
+    };
+    assert_eq!(l6.hetlora, vec![lora_at(4), lora_at(16)]);
     let llama = &t.rows[2];
     assert_eq!(llama.parameters, 6_738_415_616);
     assert_eq!(llama.full_model, 2 * (6_738_415_616 + 6 * 4096 + 6));
