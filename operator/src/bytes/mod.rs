@@ -45,8 +45,8 @@ pub struct BytesArgs {
     /// config.json, a cache:// URI, or `llama-2-7b` / `llama-2-13b`; repeatable.
     #[arg(long = "model", value_name = "MODEL")]
     pub models: Vec<String>,
-    /// Texts in the public pool (`poolTeacher: ensemble` sends `2·C` bytes
-    /// per text); without it the pool column is left out.
+    /// Texts in the public pool: `poolTeacher: ensemble` (with the spec's
+    /// bridge) sends `2·C` bytes per text; without it the pool is left out.
     #[arg(long, value_name = "N")]
     pub pool_texts: Option<u64>,
     /// Also write the table between the bytes-table markers of this
@@ -215,7 +215,8 @@ pub fn table(
         }
         None => 0,
     };
-    let pool = pool_texts.map(|n| {
+    // The pool ensemble needs the bridge; counted as if `poolTeacher: ensemble`.
+    let pool = pool_texts.filter(|_| spec.bridge.is_some()).map(|n| {
         let mut ensemble = spec.clone();
         if let Some(b) = ensemble.bridge.as_mut() {
             b.distillation.pool_teacher = heterotune_crds::spec::PoolTeacher::Ensemble;

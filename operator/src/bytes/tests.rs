@@ -98,6 +98,19 @@ fn the_markdown_names_every_backbone_and_the_extras() {
 }
 
 #[test]
+fn the_pool_needs_the_bridge() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s = spec(dir.path());
+    s.bridge = None;
+    let t = table(&s, &[], Some(431)).expect("table");
+    assert_eq!(
+        (t.bridge, t.bridge_model.as_deref(), t.pool),
+        (0, None, None)
+    );
+    assert!(!t.markdown("").contains("pool"), "{}", t.markdown(""));
+}
+
+#[test]
 fn an_unknown_model_is_named_with_the_fix() {
     let dir = tempfile::tempdir().expect("tempdir");
     let err = table(&spec(dir.path()), &["cache://models/nope".into()], None)
