@@ -131,6 +131,8 @@ pub struct BackboneBytes {
     pub hetlora: Vec<RankBytes>,
     /// DeMA, shared part only (`share: {familyParts: false, head: false}`).
     pub dema_shared: u64,
+    /// DeMA, shared part and head (`share.familyParts: false`).
+    pub dema_shared_head: u64,
     /// DeMA, shared part, family parts and head (the default).
     pub dema: u64,
     /// The safetensors file of [`BackboneBytes::dema`] as the trainer writes it.
@@ -264,6 +266,10 @@ fn row(b: &Backbone, slots: usize) -> Result<BackboneBytes, BytesError> {
         s.adapter.share.family_parts = false;
         s.adapter.share.head = false;
     })?;
+    let shared_head = upload(&|s: &mut FederatedTuneSpec| {
+        dema_edit(s);
+        s.adapter.share.family_parts = false;
+    })?;
     let n = b.facts.num_layers as usize;
     let selection = b.spec.layer_selection(0);
     Ok(BackboneBytes {
@@ -288,6 +294,7 @@ fn row(b: &Backbone, slots: usize) -> Result<BackboneBytes, BytesError> {
             })
             .collect::<Result<_, BytesError>>()?,
         dema_shared: wire::payload_bytes(&shared),
+        dema_shared_head: wire::payload_bytes(&shared_head),
         dema: wire::payload_bytes(&dema),
         dema_file: wire::safetensors_file_bytes(&dema),
     })

@@ -116,21 +116,22 @@ impl BytesTable {
     fn bytes_table(&self) -> String {
         let [lo, hi] = super::HETLORA_RANKS;
         let mut out = format!(
-            "| backbone | parameters | full-model FedAvg | LoRA-FedAvg r={} | HetLoRA/FlexLoRA r={lo} | r={hi} | DeMA shared only | DeMA shared + family + head | DeMA file |\n\
-             |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+            "| backbone | parameters | full-model FedAvg | LoRA-FedAvg r={} | HetLoRA/FlexLoRA r={lo} | r={hi} | DeMA shared only | DeMA shared + head | DeMA shared + family + head | DeMA file |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
             self.rank
         );
         for r in &self.rows {
             let het: Vec<String> = r.hetlora.iter().map(|h| grouped(h.bytes)).collect();
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 r.backbone,
                 count(r.parameters),
                 human_bytes(r.full_model),
                 grouped(r.lora),
                 het.join(" | "),
                 grouped(r.dema_shared),
+                grouped(r.dema_shared_head),
                 grouped(r.dema),
                 grouped(r.dema_file),
             );
@@ -146,17 +147,18 @@ impl BytesTable {
             _ => "DeMA (no bridge)",
         };
         let mut out = format!(
-            "| backbone | DeMA / full model | LoRA-FedAvg ÷ DeMA | LoRA-FedAvg ÷ DeMA shared only | family parts + head, of DeMA | {extras_name} / full model | LoRA-FedAvg ÷ ({extras_name}) |\n\
-             |---|---:|---:|---:|---:|---:|---:|\n"
+            "| backbone | DeMA / full model | LoRA-FedAvg ÷ DeMA | LoRA-FedAvg ÷ DeMA shared + head | LoRA-FedAvg ÷ DeMA shared only | family parts, of DeMA | {extras_name} / full model | LoRA-FedAvg ÷ ({extras_name}) |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|\n"
         );
         for r in &self.rows {
-            let family = r.dema.saturating_sub(r.dema_shared);
+            let family = r.dema.saturating_sub(r.dema_shared_head);
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
                 r.backbone,
                 percent(r.dema, r.full_model),
                 times(r.lora, r.dema),
+                times(r.lora, r.dema_shared_head),
                 times(r.lora, r.dema_shared),
                 percent(family, r.dema),
                 percent(with_extras(r), r.full_model),

@@ -57,6 +57,7 @@ fn one_row_per_backbone_with_every_method() {
     let shared = 3 * (4 * (8 * 8 + 8) + 4 * 8 + 4);
     let l6 = &t.rows[0];
     assert_eq!(l6.dema_shared, 2 * shared);
+    assert_eq!(l6.dema_shared_head, 2 * (shared + 6 * 384 + 6));
     assert_eq!(l6.dema, 2 * (shared + 3 * 2 * 8 * 384 + 6 * 384 + 6));
     assert_eq!(
         l6.lora,
