@@ -10,11 +10,14 @@
 //! * [`sizing`]: memory estimates and placement of each client's trainer;
 //! * [`input`]: reading a spec file, and the checks a CRD cannot express;
 //! * [`dry_run`]: what `heterotune plan` prints;
+//! * [`bytes`]: `heterotune bytes`, what a client uploads per round, per
+//!   method and backbone;
 //! * [`cli`]: output formats, cluster sizing and store look-ups of the CLI;
 //! * [`telemetry`]: logging set-up (human or JSON).
 //!
 //! docs/architecture.md has the rules of the house (which may import which).
 
+pub mod bytes;
 pub mod cli;
 pub mod controller;
 pub mod dry_run;

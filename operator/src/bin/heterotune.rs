@@ -110,6 +110,8 @@ enum Command {
         #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
         output: Output,
     },
+    /// Bytes a client uploads per round, per method and backbone (exact, from config.json).
+    Bytes(heterotune_operator::bytes::BytesArgs),
     /// Print the FederatedTune CustomResourceDefinition.
     Crd,
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -385,6 +387,20 @@ fn look(ft: &FederatedTune) -> anyhow::Result<heterotune_operator::cli::look::Lo
     Ok(runtime.block_on(heterotune_operator::cli::look::look(ft, &cwd)))
 }
 
+/// `bytes`: the upload table; 1 when the spec or a model cannot be read.
+fn bytes(args: &heterotune_operator::bytes::BytesArgs) -> anyhow::Result<ExitCode> {
+    let Some(ft) = load(&args.file)? else {
+        return Ok(ExitCode::from(EXIT_INVALID));
+    };
+    let result = heterotune_operator::bytes::command(&ft.spec, args);
+    let code = result.as_ref().map_or(EXIT_INVALID, |_| 0);
+    match result {
+        Ok(text) => print!("{text}"),
+        Err(e) => eprintln!("heterotune: {e}"),
+    }
+    Ok(ExitCode::from(code))
+}
+
 /// `plan`: 0 when every client fits and local references exist, 1 when not
 /// (or the spec or a sizing file is invalid).
 fn plan(
@@ -560,6 +576,7 @@ fn main() -> ExitCode {
             output,
         ),
         Command::Status { file, output } => status(&file, output),
+        Command::Bytes(args) => bytes(&args),
         Command::Crd => match heterotune_crds::crd::crd_yaml() {
             Ok(yaml) => {
                 print!("{yaml}");
