@@ -113,7 +113,8 @@ pub struct Condition {
 pub struct ClientStatus {
     /// Client name.
     pub name: String,
-    /// Pending, Training, Committed, Failed, Excluded or Rejected.
+    /// Pending, Training, Committed, Failed, Excluded, Rejected, or
+    /// WaitingForSite (a `site` client whose agent has not committed yet).
     pub state: String,
     /// Attempts in the current round.
     #[serde(default)]

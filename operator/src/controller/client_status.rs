@@ -85,8 +85,12 @@ pub fn client_statuses(input: &ClientInputs) -> Vec<ClientStatus> {
         .collect()
 }
 
+/// The state of a remote client (`spec.clients[].site`) whose site has not
+/// committed yet: its own agent trains it, the operator starts nothing.
+pub const WAITING_FOR_SITE: &str = "WaitingForSite";
+
 /// A client's state: committed (or evaluated), training (or evaluating),
-/// failed, out of retries, or pending.
+/// waiting for its site, failed, out of retries, or pending.
 fn client_state(
     c: &ClientObservation,
     evaluating: bool,
@@ -105,6 +109,8 @@ fn client_state(
         } else {
             "Training"
         }
+    } else if c.remote && c.failed_attempts <= retries {
+        WAITING_FOR_SITE
     } else if c.failed_attempts > retries {
         if evaluating {
             "EvaluationFailed"
@@ -129,4 +135,37 @@ fn last_failure(jobs: &[&JobFacts]) -> Option<String> {
                 .as_ref()
                 .map(|f| format!("attempt {}: {f}", j.attempt))
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A site's client is waiting for its site until it commits or runs
+    /// out of retries (rejected artifacts); a local one is pending.
+    #[test]
+    fn a_site_client_waits_for_its_site() {
+        let site = ClientObservation {
+            name: "h".into(),
+            remote: true,
+            ..ClientObservation::default()
+        };
+        assert_eq!(client_state(&site, false, false, 1), WAITING_FOR_SITE);
+        assert_eq!(client_state(&site, true, false, 1), WAITING_FOR_SITE);
+        let committed = ClientObservation {
+            committed: true,
+            ..site.clone()
+        };
+        assert_eq!(client_state(&committed, false, false, 1), "Committed");
+        let rejected = ClientObservation {
+            failed_attempts: 2,
+            ..site.clone()
+        };
+        assert_eq!(client_state(&rejected, false, false, 1), "Excluded");
+        let local = ClientObservation {
+            remote: false,
+            ..site
+        };
+        assert_eq!(client_state(&local, false, false, 1), "Pending");
+    }
 }
