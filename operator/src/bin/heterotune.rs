@@ -85,6 +85,7 @@ enum Command {
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
     },
+    Site(heterotune_operator::site::SiteArgs),
     /// Print the FederatedTune CustomResourceDefinition.
     Crd,
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -544,6 +545,7 @@ fn main() -> ExitCode {
             cli.log_format == telemetry::LogFormat::Json,
         ),
         Command::Plan { file } => plan(&file),
+        Command::Site(args) => heterotune_operator::site::main(args),
         Command::Crd => match heterotune_crds::crd::crd_yaml() {
             Ok(yaml) => {
                 print!("{yaml}");

@@ -162,10 +162,15 @@ impl Runner {
         } else {
             self.progress.start_evaluation(rounds);
         }
+        let step = if round <= rounds {
+            format!("round {round}")
+        } else {
+            "the final evaluation".to_string()
+        };
         for c in &self.spec.clients {
             if let Some(site) = &c.site {
                 self.progress.note(&format!(
-                    "round {round}: client {} is waiting for its site {} (heterotune site)",
+                    "{step}: client {} is waiting for its site {} (heterotune site)",
                     c.name, site.name
                 ));
             }
