@@ -304,3 +304,86 @@ fn differing_fields(a: &FederatedTune, b: &FederatedTune) -> String {
         fields.join(", ")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SPEC: &str = r#"
+apiVersion: heterotune.dev/v1alpha1
+kind: FederatedTune
+metadata: { name: t }
+spec:
+  clients:
+    - { name: here, model: { family: bert, uri: "/m" } }
+    - { name: there, model: { family: bert, uri: "/m" }, site: { name: clinic } }
+  task: { dataset: { uri: "/d.jsonl" }, labels: [neg, pos] }
+"#;
+
+    fn parsed() -> (FederatedTune, Value) {
+        let mut value = heterotune_crds::validate::parse_document(SPEC).expect("parses");
+        let ft = validate_value(&mut value, None).expect("valid");
+        (ft, value)
+    }
+
+    fn opts() -> SiteOptions {
+        SiteOptions {
+            spec_file: "spec.yaml".into(),
+            client: "there".into(),
+            work: "work".into(),
+            trainer: "trainer".into(),
+            threads: 1,
+            device: "cpu".into(),
+            data_uri: None,
+            model_dir: None,
+            poll: (Duration::from_secs(1), Duration::from_secs(2)),
+        }
+    }
+
+    #[test]
+    fn only_a_site_client_is_run_by_a_site() {
+        let (ft, _) = parsed();
+        assert_eq!(site_client(&ft, "there").expect("a site client"), 1);
+        let e = site_client(&ft, "here")
+            .expect_err("a local client")
+            .to_string();
+        assert!(e.contains("has no site") && e.contains("site: {"), "{e}");
+        let e = site_client(&ft, "nobody").expect_err("unknown").to_string();
+        assert!(e.contains("here, there"), "{e}");
+    }
+
+    /// `--data` replaces the client's data only where the spec reads it
+    /// (partition shards); the site's copy runs its client here.
+    #[test]
+    fn the_sites_copy_runs_its_client_here_on_its_own_data() {
+        let (_, value) = parsed();
+        let mut o = opts();
+        o.data_uri = Some("/site/own.jsonl".into());
+        let e = local_copy(&o, &value, 1)
+            .expect_err("dirichlet")
+            .to_string();
+        assert!(e.starts_with("--data:") && e.contains("shards"), "{e}");
+        let mut shards = value.clone();
+        shards["spec"]["task"]["partition"] = json!({"strategy": "shards"});
+        for c in shards["spec"]["clients"].as_array_mut().expect("clients") {
+            c["data"] = json!({"uri": "/elsewhere.jsonl"});
+        }
+        // The files do not exist here: the copy is built, then its checks
+        // name the site's own file.
+        let e = local_copy(&o, &shards, 1)
+            .expect_err("no such file")
+            .to_string();
+        assert!(e.contains("spec.clients[1].data.uri"), "{e}");
+        assert!(!e.contains("spec.clients[1].site"), "{e}");
+    }
+
+    #[test]
+    fn a_changed_spec_names_what_differs() {
+        let (ft, mut value) = parsed();
+        value["spec"]["rounds"] = json!(7);
+        value["spec"]["training"] = json!({"localSteps": 3});
+        let other = validate_value(&mut value, None).expect("valid");
+        assert_eq!(differing_fields(&ft, &other), "spec.rounds, spec.training");
+        assert_eq!(differing_fields(&ft, &ft), "spec");
+    }
+}
