@@ -297,9 +297,10 @@ fn local_clients_and_site_agents_federate_through_the_store_alone() {
 }
 
 /// A site that never appears: below quorum the round fails at its
-/// deadline; with a quorum of local clients the round goes on without it.
-/// An agent that starts after the failure stops at once, and one whose
-/// spec differs from the run's refuses to train.
+/// deadline; with a quorum of local clients the round goes on without it,
+/// and a site that joins late takes part from the open round on. An agent
+/// that starts after a failure stops at once, and one whose spec differs
+/// from the run's refuses to train.
 #[test]
 fn a_site_that_never_appears_ends_the_round_at_its_deadline() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -353,29 +354,66 @@ fn a_site_that_never_appears_ends_the_round_at_its_deadline() {
         "{text}"
     );
 
-    // minClients 2: the two local clients are a quorum; the round waits for
-    // the site until its deadline and is aggregated without it.
+    // minClients 2: the two local clients are a quorum; round 1 waits for
+    // the site until its deadline and is aggregated without it. The site
+    // joins late, after round 1: it takes part in round 2 only.
     let spec_file = root.join("enough.yaml");
-    std::fs::write(&spec_file, base.replace("name: absent", "name: enough")).expect("spec");
+    let spec = base
+        .replace("name: absent", "name: enough")
+        .replace("rounds: 1", "rounds: 2")
+        .replace("roundDeadlineSeconds: 10", "roundDeadlineSeconds: 20");
+    std::fs::write(&spec_file, spec).expect("spec");
     let started = Instant::now();
     let mut run = spawn(runner(root, &spec_file), &logs, "enough");
+    let round_one = || {
+        std::fs::read_dir(store.join("default"))
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok())
+            .any(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.starts_with("enough-")
+                    && e.path().join("round-0001/global/manifest.json").is_file()
+            })
+    };
+    while !round_one() {
+        assert!(
+            run.try_wait().expect("wait").is_none() && started.elapsed() < Duration::from_secs(300),
+            "round 1 did not complete:\n{}",
+            log(&logs, "enough")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert!(
-        wait(&mut run, Duration::from_secs(300), || log(&logs, "enough")),
+        started.elapsed() >= Duration::from_secs(20),
+        "round 1 did not wait for the site until its deadline"
+    );
+    let mut joiner = spawn(site(root, &spec_file, "tiny-llama"), &logs, "joiner");
+    let console = || format!("{}\n{}", log(&logs, "enough"), log(&logs, "joiner"));
+    assert!(
+        wait(&mut run, Duration::from_secs(300), console),
         "{}",
-        log(&logs, "enough")
+        console()
     );
     assert!(
-        started.elapsed() >= Duration::from_secs(10),
-        "the round did not wait for the site until its deadline"
+        wait(&mut joiner, Duration::from_secs(120), console),
+        "{}",
+        console()
     );
+    assert_eq!(trained_rounds(&log(&logs, "joiner")), [2], "{}", console());
     let report: serde_json::Value = serde_json::from_slice(
         &std::fs::read(root.join("coordinator/report/report.json")).expect("report.json"),
     )
     .expect("report parses");
-    let participants = &report["rounds"][0]["participants"];
+    let participants = |r: usize| report["rounds"][r]["participants"].clone();
     assert_eq!(
-        participants,
-        &serde_json::json!(["small-bert", "wide-bert"]),
+        participants(0),
+        serde_json::json!(["small-bert", "wide-bert"]),
+        "{report}"
+    );
+    assert_eq!(
+        participants(1),
+        serde_json::json!(["small-bert", "wide-bert", "tiny-llama"]),
         "{report}"
     );
 }
