@@ -99,16 +99,6 @@ fn wait(child: &mut Child, limit: Duration, console: impl Fn() -> String) -> boo
     }
 }
 
-/// The keys of a ListObjectsV2 answer.
-fn keys(listing: &str) -> Vec<String> {
-    listing
-        .split("<Key>")
-        .skip(1)
-        .filter_map(|rest| rest.split("</Key>").next())
-        .map(str::to_string)
-        .collect()
-}
-
 /// The rounds an agent's log says it started training (JSON lines).
 fn training_started(console: &str) -> Vec<u32> {
     console
@@ -191,7 +181,8 @@ fn local_clients_and_site_agents_federate_through_the_store_alone() {
     let _ = clinic.wait();
     let before: Vec<u32> = (1..=3)
         .filter(|r| {
-            keys(&server.list("heterotune", run))
+            server
+                .keys("heterotune", run)
                 .iter()
                 .any(|k| k.ends_with(&format!("round-{r:04}/clients/wide-bert/manifest.json")))
         })
@@ -264,7 +255,7 @@ fn local_clients_and_site_agents_federate_through_the_store_alone() {
 
     // What the sites share: artifacts, manifests, evaluations; never their
     // data or their private state.
-    let objects = keys(&server.list("heterotune", "runs/"));
+    let objects = server.keys("heterotune", "runs/");
     assert!(objects.len() > 20, "{objects:?}");
     for key in &objects {
         assert!(
