@@ -3,8 +3,6 @@
 //! wait with backoff when nothing is. What the store shows is the truth, so
 //! a restarted agent neither trains a committed round again nor skips one.
 
-use heterotune_crds::layout::RunLayout;
-
 use super::backoff::Backoff;
 use super::join::{Site, SiteError, SiteOptions};
 use super::SiteOutcome;
@@ -117,14 +115,10 @@ impl Failures {
 }
 
 impl Site {
-    fn layout(&self) -> &RunLayout {
-        &self.layout
-    }
-
     async fn has_global(&self, round: u32) -> Result<bool, SiteError> {
         Ok(self
             .store
-            .exists(&self.layout().global_manifest(round))
+            .exists(&self.layout.global_manifest(round))
             .await?)
     }
 
@@ -139,7 +133,7 @@ impl Site {
 
     /// The coordinator's report, when it says the run failed.
     async fn run_failed(&self) -> Result<Option<String>, SiteError> {
-        let key = format!("{}/report.json", self.layout().report_dir());
+        let key = format!("{}/report.json", self.layout.report_dir());
         let Some(bytes) = self.store.get(&key).await? else {
             return Ok(None);
         };
@@ -152,14 +146,14 @@ impl Site {
     async fn next_step(&self, completed: u32) -> Result<Step, SiteError> {
         let (rounds, client) = (self.ft.spec.rounds, &self.opts.client);
         if completed >= rounds {
-            let key = self.layout().evaluation_result(rounds, client);
+            let key = self.layout.evaluation_result(rounds, client);
             if !self.ft.spec.evaluation.after_last_round || self.store.exists(&key).await? {
                 return Ok(Step::Finished);
             }
             return Ok(Step::Evaluate(rounds));
         }
         let round = completed + 1;
-        let manifest = self.layout().client_manifest(round, client);
+        let manifest = self.layout.client_manifest(round, client);
         if self.store.exists(&manifest).await? || !self.has_global(round - 1).await? {
             return Ok(Step::Wait);
         }
@@ -186,7 +180,7 @@ impl Site {
             let _ = std::fs::remove_dir_all(&dirs.out);
             return Ok(None);
         }
-        let key_dir = self.layout().client_dir(round, client);
+        let key_dir = self.layout.client_dir(round, client);
         let done = commit::commit_artifact(&self.store, &dirs.out, &key_dir, Some(&global)).await?;
         let _ = std::fs::remove_dir_all(&dirs.out);
         Ok(match done {
@@ -227,7 +221,7 @@ impl Site {
             .await
             .map_err(SiteError::Trainer)?;
         tracing::info!(round, %client, "evaluated: {}", summary.trim());
-        let key = self.layout().evaluation_result(round, client);
+        let key = self.layout.evaluation_result(round, client);
         if !self.store.create_file(&out, &key).await? {
             tracing::warn!(round, %client, "the evaluation was already committed");
         }
