@@ -153,6 +153,16 @@ impl S3Server {
         let _ = s.read_to_string(&mut body);
         body
     }
+
+    /// The keys under `prefix` (the `<Key>`s of [`Self::list`]).
+    pub fn keys(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        self.list(bucket, prefix)
+            .split("<Key>")
+            .skip(1)
+            .filter_map(|rest| rest.split("</Key>").next())
+            .map(str::to_string)
+            .collect()
+    }
 }
 
 impl S3Server {

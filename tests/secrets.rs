@@ -77,16 +77,6 @@ fn assert_tree_clean(dir: &Path) -> usize {
     files
 }
 
-/// The keys of a ListObjectsV2 answer.
-fn keys(listing: &str) -> Vec<String> {
-    listing
-        .split("<Key>")
-        .skip(1)
-        .filter_map(|rest| rest.split("</Key>").next())
-        .map(str::to_string)
-        .collect()
-}
-
 #[test]
 fn no_credential_reaches_the_console_the_files_or_the_store() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -104,7 +94,7 @@ fn no_credential_reaches_the_console_the_files_or_the_store() {
         files > 10,
         "only {files} files written: the run did not run"
     );
-    let objects = keys(&server.list("heterotune", "runs/"));
+    let objects = server.keys("heterotune", "runs/");
     assert!(
         objects.iter().any(|k| k.ends_with("report/report.json")),
         "{objects:?}"

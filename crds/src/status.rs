@@ -163,7 +163,8 @@ pub struct ClientStatus {
     pub name: String,
     /// Pending, Training, Committed, Failed (an attempt failed; retried),
     /// Excluded (out of retries this round), Evaluating, Evaluated or
-    /// EvaluationFailed (the evaluation after the last round).
+    /// EvaluationFailed (the evaluation after the last round), or
+    /// WaitingForSite (a `site` client whose agent has not committed yet).
     pub state: ClientState,
     /// Attempts in the current round.
     #[serde(default)]
@@ -202,11 +203,14 @@ pub enum ClientState {
     Evaluated,
     /// Its evaluation failed and is out of retries.
     EvaluationFailed,
+    /// A `site` client (`spec.clients[].site`) whose agent has not
+    /// committed yet: its own agent trains it, the operator starts nothing.
+    WaitingForSite,
 }
 
 impl ClientState {
     /// Every state, in the order of a client's round.
-    pub const ALL: [ClientState; 8] = [
+    pub const ALL: [ClientState; 9] = [
         ClientState::Pending,
         ClientState::Training,
         ClientState::Committed,
@@ -215,6 +219,7 @@ impl ClientState {
         ClientState::Evaluating,
         ClientState::Evaluated,
         ClientState::EvaluationFailed,
+        ClientState::WaitingForSite,
     ];
 
     /// The state's name, as serialised.
@@ -228,6 +233,7 @@ impl ClientState {
             ClientState::Evaluating => "Evaluating",
             ClientState::Evaluated => "Evaluated",
             ClientState::EvaluationFailed => "EvaluationFailed",
+            ClientState::WaitingForSite => "WaitingForSite",
         }
     }
 }

@@ -7,6 +7,8 @@
 //! * [`runner`]: `heterotune run`, the local executor, and its report;
 //! * [`controller`]: the Kubernetes executor (reconcile, Jobs, status,
 //!   metrics, HTTP, leader election);
+//! * [`site`]: `heterotune site`, the agent a remote site runs (it pulls
+//!   its rounds from the store);
 //! * [`sizing`]: memory estimates and placement of each client's trainer;
 //! * [`input`]: reading a spec file, and the checks a CRD cannot express;
 //! * [`dry_run`]: what `heterotune plan` prints;
@@ -25,6 +27,7 @@ pub mod execution;
 pub mod input;
 pub mod protocol;
 pub mod runner;
+pub mod site;
 pub mod sizing;
 pub mod telemetry;
 pub mod tls;

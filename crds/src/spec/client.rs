@@ -10,6 +10,14 @@ use super::adapter::LayerSelectionSpec;
 /// A federation participant.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.site) || (!has(self.resources) && !has(self.nodeSelector) && !has(self.tolerations))",
+        "message": "a client with site runs at its own site (heterotune site): resources, nodeSelector and tolerations size the operator's pods and do not apply",
+        "fieldPath": ".site",
+        "reason": "FieldValueForbidden"
+    }
+]))]
 pub struct ClientSpec {
     /// Unique name: a DNS-1123 label of at most 40 characters, so that job
     /// and pod names derived from it stay within Kubernetes limits.
@@ -47,6 +55,33 @@ pub struct ClientSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1024))]
     pub lora_rank: Option<u32>,
+
+    /// Set when the client runs at a site of its own (another cluster or
+    /// organisation): the site's `heterotune site` agent pulls each round's
+    /// global from the store and commits its artifact there; the operator
+    /// and `heterotune run` start no trainer for it (docs/sites.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<SiteSpec>,
+}
+
+impl ClientSpec {
+    /// True when a `heterotune site` agent runs this client, not the executor.
+    pub fn is_remote(&self) -> bool {
+        self.site.is_some()
+    }
+}
+
+/// The site that runs a remote client.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SiteSpec {
+    /// The site (organisation or cluster) that runs the client, for status
+    /// and reports: a DNS-1123 label of at most 63 characters.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub name: String,
 }
 
 /// Architecture family of a backbone. Clients of one family share a hidden

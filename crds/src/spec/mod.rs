@@ -23,7 +23,8 @@ pub use aggregation::{
 };
 pub use bridge::{BridgeSpec, DistillationSpec, PoolTeacher, ServedModel};
 pub use client::{
-    ClientDataSpec, ClientResources, ClientSpec, Dtype, ModelFamily, ModelSpec, Toleration,
+    ClientDataSpec, ClientResources, ClientSpec, Dtype, ModelFamily, ModelSpec, SiteSpec,
+    Toleration,
 };
 pub use evaluation::EvaluationSpec;
 pub use storage::{RetentionPolicy, RetentionSpec, SecretKeyRef, StorageSpec, TrainerSpec};

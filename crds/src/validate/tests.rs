@@ -332,6 +332,37 @@ fn invalid_specs_name_their_field() {
             set(base(), "/spec/clients/0/loraRank", Some(json!(4))),
             "spec.clients",
         ),
+        (
+            "a site client with pod resources",
+            set(
+                set(
+                    base(),
+                    "/spec/clients/0/site",
+                    Some(json!({"name": "hospital-a"})),
+                ),
+                "/spec/clients/0/resources",
+                Some(json!({"limits": {"cpu": "2"}})),
+            ),
+            "spec.clients[0].site",
+        ),
+        (
+            "a site that is not a DNS label",
+            set(
+                base(),
+                "/spec/clients/0/site",
+                Some(json!({"name": "Hospital A"})),
+            ),
+            "spec.clients[0].site.name",
+        ),
+        (
+            "a site field that does not exist",
+            set(
+                base(),
+                "/spec/clients/0/site",
+                Some(json!({"name": "a", "endpoint": "x"})),
+            ),
+            "spec.clients[0].site.endpoint",
+        ),
         // Envelope.
         (
             "wrong kind",
@@ -472,4 +503,17 @@ fn typed_round_trip_is_lossless() {
     // The typed form is itself valid (defaults are stable).
     let mut back = back;
     assert!(validate_value(&mut back, None).is_ok());
+}
+
+/// A client run by its own site's agent is a valid client like any other.
+#[test]
+fn a_site_client_is_valid() {
+    let mut doc = set(
+        base(),
+        "/spec/clients/1/site",
+        Some(json!({"name": "hospital-a"})),
+    );
+    let ft = validate_value(&mut doc, None).expect("a site client is valid");
+    assert!(ft.spec.clients[1].is_remote());
+    assert!(!ft.spec.clients[0].is_remote());
 }

@@ -112,6 +112,9 @@ enum Command {
     },
     /// Bytes a client uploads per round, per method and backbone (exact, from config.json).
     Bytes(heterotune_operator::bytes::BytesArgs),
+    /// Run a remote site's agent: train this site's client of a federation
+    /// from the object store alone (docs/sites.md).
+    Site(heterotune_operator::site::SiteArgs),
     /// Print the FederatedTune CustomResourceDefinition.
     Crd,
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -447,9 +450,7 @@ fn status(file: &Path, output: Output) -> anyhow::Result<ExitCode> {
 }
 
 fn job(command: JobCommand) -> anyhow::Result<ExitCode> {
-    use heterotune_operator::execution::pod_job::{
-        self as pod_job, JobError, JobOptions, JobOutcome,
-    };
+    use heterotune_operator::execution::pod_job::{self as pod_job, JobError, JobOptions};
     let args = match &command {
         JobCommand::Train { args, .. }
         | JobCommand::Aggregate { args, .. }
@@ -506,22 +507,7 @@ fn job(command: JobCommand) -> anyhow::Result<ExitCode> {
     });
     match result {
         Ok(outcome) => {
-            let what = match outcome {
-                JobOutcome::Trained { bytes } => format!("committed ({bytes} bytes uploaded)"),
-                JobOutcome::Aggregated { pruned } => {
-                    format!("global artifact committed ({pruned} old client objects pruned)")
-                }
-                JobOutcome::Evaluated { accuracy } => {
-                    format!("evaluation committed (global test accuracy {accuracy:.4})")
-                }
-                JobOutcome::AlreadyCommitted { by } => {
-                    format!("already committed by {by}: nothing to do")
-                }
-                JobOutcome::RoundComplete => {
-                    "the round is already aggregated: nothing to do".into()
-                }
-            };
-            tracing::info!("{what}");
+            tracing::info!("{outcome}");
             Ok(ExitCode::SUCCESS)
         }
         Err(JobError::Spec(SpecFileError::Invalid { file, problems })) => {
@@ -577,6 +563,7 @@ fn main() -> ExitCode {
         ),
         Command::Status { file, output } => status(&file, output),
         Command::Bytes(args) => bytes(&args),
+        Command::Site(args) => heterotune_operator::site::main(args),
         Command::Crd => match heterotune_crds::crd::crd_yaml() {
             Ok(yaml) => {
                 print!("{yaml}");

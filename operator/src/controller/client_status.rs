@@ -89,7 +89,7 @@ pub fn client_statuses(input: &ClientInputs) -> Vec<ClientStatus> {
 }
 
 /// A client's state: committed (or evaluated), training (or evaluating),
-/// failed, out of retries, or pending.
+/// waiting for its site, failed, out of retries, or pending.
 fn client_state(
     c: &ClientObservation,
     evaluating: bool,
@@ -108,6 +108,8 @@ fn client_state(
         } else {
             ClientState::Training
         }
+    } else if c.remote && c.failed_attempts <= retries {
+        ClientState::WaitingForSite
     } else if c.failed_attempts > retries {
         if evaluating {
             ClientState::EvaluationFailed
@@ -132,4 +134,43 @@ fn last_failure(jobs: &[&JobFacts]) -> Option<String> {
                 .as_ref()
                 .map(|f| format!("attempt {}: {f}", j.attempt))
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A site's client is waiting for its site until it commits or runs
+    /// out of retries (rejected artifacts); a local one is pending.
+    #[test]
+    fn a_site_client_waits_for_its_site() {
+        let site = ClientObservation {
+            name: "h".into(),
+            remote: true,
+            ..ClientObservation::default()
+        };
+        assert_eq!(
+            client_state(&site, false, false, 1),
+            ClientState::WaitingForSite
+        );
+        assert_eq!(
+            client_state(&site, true, false, 1),
+            ClientState::WaitingForSite
+        );
+        let committed = ClientObservation {
+            committed: true,
+            ..site.clone()
+        };
+        assert_eq!(client_state(&committed, false, false, 1), "Committed");
+        let rejected = ClientObservation {
+            failed_attempts: 2,
+            ..site.clone()
+        };
+        assert_eq!(client_state(&rejected, false, false, 1), "Excluded");
+        let local = ClientObservation {
+            remote: false,
+            ..site
+        };
+        assert_eq!(client_state(&local, false, false, 1), "Pending");
+    }
 }

@@ -351,3 +351,32 @@ fn the_outcome_waits_for_a_change_of_finished_runs_and_polls_the_others() {
         assert_eq!(d.outcome(30).expect("ok"), Action::await_change());
     }
 }
+
+/// A client with `site` gets no Job: its site's agent runs it. Status shows
+/// it waiting for its site until it commits, and the round goes on with it.
+#[test]
+fn a_site_client_gets_no_job_and_waits_for_its_site() {
+    let clients = three_clients().replace(
+        "    - name: c2\n",
+        "    - name: c2\n      site: { name: bank }\n",
+    );
+    let f = ft(&clients, "");
+    let d = decided(&f, store(0, &[]), &[]);
+    assert_eq!(names(&d.jobs.create), ["trec-r1-c0", "trec-r1-c1"]);
+    let states: Vec<&str> = d.status.clients.iter().map(|c| c.state.as_str()).collect();
+    assert_eq!(states, ["Training", "Training", "WaitingForSite"]);
+    // Its commit counts like any other: with all three in, the round aggregates.
+    let jobs = [
+        job(1, Some("c0"), 1, JobEnd::Succeeded, NOW - 50.0),
+        job(1, Some("c1"), 1, JobEnd::Succeeded, NOW - 50.0),
+    ];
+    let commits = [("c0", NOW - 20.0), ("c1", NOW - 20.0), ("c2", NOW - 5.0)];
+    let d = decided(&f, store(0, &commits), &jobs);
+    assert_eq!(d.status.phase, Some(Phase::Aggregating));
+    assert!(d
+        .jobs
+        .create
+        .iter()
+        .all(|j| role(j) == Some(ROLE_AGGREGATOR)));
+    assert_eq!(d.status.clients[2].state, "Committed");
+}

@@ -98,6 +98,7 @@ pub const CLIENT_STATES: &[&str] = &[
     "Evaluating",
     "Evaluated",
     "EvaluationFailed",
+    "WaitingForSite",
 ];
 
 /// The operator's metrics and their registry.

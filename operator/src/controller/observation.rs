@@ -52,6 +52,7 @@ pub fn observation(
                 .count() as u32;
             ClientObservation {
                 name: c.name.clone(),
+                remote: c.is_remote(),
                 committed,
                 running,
                 failed_attempts: failed,

@@ -63,6 +63,28 @@ pub enum JobOutcome {
     RoundComplete,
 }
 
+impl std::fmt::Display for JobOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JobOutcome::Trained { bytes } => write!(f, "committed ({bytes} bytes uploaded)"),
+            JobOutcome::Aggregated { pruned } => write!(
+                f,
+                "global artifact committed ({pruned} old client objects pruned)"
+            ),
+            JobOutcome::Evaluated { accuracy } => write!(
+                f,
+                "evaluation committed (global test accuracy {accuracy:.4})"
+            ),
+            JobOutcome::AlreadyCommitted { by } => {
+                write!(f, "already committed by {by}: nothing to do")
+            }
+            JobOutcome::RoundComplete => {
+                f.write_str("the round is already aggregated: nothing to do")
+            }
+        }
+    }
+}
+
 /// Job errors: each names the input and the fix.
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {

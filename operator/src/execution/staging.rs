@@ -227,8 +227,9 @@ async fn stage_datasets(
         spec.task.dataset.uri.clone(),
         "spec.task.dataset.uri".to_string(),
     )];
+    // A site's data lives at the site: never staged by the coordinator.
     for (i, c) in spec.clients.iter().enumerate() {
-        if let Some(data) = &c.data {
+        if let Some(data) = c.data.as_ref().filter(|_| !c.is_remote()) {
             files.push((data.uri.clone(), format!("spec.clients[{i}].data.uri")));
         }
     }

@@ -58,8 +58,9 @@ pub fn check_local_references(spec: &FederatedTuneSpec) -> Vec<Problem> {
         &mut problems,
     );
     if spec.task.partition.strategy == PartitionStrategy::Shards {
+        // A site's data lives at the site (its agent checks it there).
         for (i, client) in spec.clients.iter().enumerate() {
-            if let Some(data) = &client.data {
+            if let Some(data) = client.data.as_ref().filter(|_| !client.is_remote()) {
                 check_dataset(
                     &data.uri,
                     &format!("spec.clients[{i}].data.uri"),

@@ -14,9 +14,19 @@
 //! result is in the store), with the same retries and deadline as a round;
 //! a client whose evaluation keeps failing is left out, never a failure of
 //! the run.
+//!
+//! A remote client (`spec.clients[].site`) is run by its site's agent, not
+//! by the executor: the planner never starts or cancels it, and waits for
+//! its commit like a running trainer's, under the same quorum, deadline,
+//! straggler cut-off and retry count (its rejected artifacts, as the store
+//! shows them); the executor looks again every [`REMOTE_POLL_SECONDS`].
 
 use heterotune_crds::spec::FederatedTuneSpec;
 use heterotune_crds::status::Phase;
+
+/// How often an executor looks at the store while a remote client's
+/// commit is awaited (no process of its own ends to wake it).
+pub const REMOTE_POLL_SECONDS: f64 = 2.0;
 
 /// What an executor knows about one client in the current round (in the
 /// evaluation phase: about its evaluation of the final global model).
@@ -24,6 +34,8 @@ use heterotune_crds::status::Phase;
 pub struct ClientObservation {
     /// Client name (as in the spec).
     pub name: String,
+    /// Its site's agent runs it (`spec.clients[].site`): never started here.
+    pub remote: bool,
     /// Its artifact for the current round is committed (manifest present).
     pub committed: bool,
     /// A trainer for it is running now.
@@ -194,6 +206,7 @@ pub fn plan(spec: &FederatedTuneSpec, obs: &Observation) -> Plan {
         });
     }
     let requeue_after = timing.next_wake(spec, obs, groups.committed.len());
+    let requeue_after = poll_remote(requeue_after, !groups.waiting.is_empty());
     let idle = obs.completed_rounds == 0
         && obs.round_started_at.is_none()
         && obs
@@ -217,6 +230,8 @@ struct Groups<'a> {
     committed: Vec<&'a ClientObservation>,
     excluded: Vec<&'a ClientObservation>,
     running: Vec<&'a ClientObservation>,
+    /// Remote clients whose site may still commit.
+    waiting: Vec<&'a ClientObservation>,
     pending: Vec<&'a ClientObservation>,
 }
 
@@ -229,13 +244,31 @@ impl<'a> Groups<'a> {
             committed: pick(&|c| c.committed),
             excluded: pick(&|c| !c.committed && !c.running && c.failed_attempts > retries),
             running: pick(&|c| !c.committed && c.running),
-            pending: pick(&|c| !c.committed && !c.running && c.failed_attempts <= retries),
+            waiting: pick(&|c| waits_for_site(c, retries)),
+            pending: pick(&|c| {
+                !c.committed && !c.running && !c.remote && c.failed_attempts <= retries
+            }),
         }
     }
 
     fn nothing_left(&self) -> bool {
-        self.running.is_empty() && self.pending.is_empty()
+        self.running.is_empty() && self.pending.is_empty() && self.waiting.is_empty()
     }
+}
+
+/// A remote client whose site may still commit (not committed, within its
+/// retries).
+fn waits_for_site(c: &ClientObservation, retries: u32) -> bool {
+    c.remote && !c.committed && !c.running && c.failed_attempts <= retries
+}
+
+/// `requeue_after`, no later than the next look for a site's commit when
+/// `waiting`.
+fn poll_remote(requeue_after: Option<f64>, waiting: bool) -> Option<f64> {
+    if !waiting {
+        return requeue_after;
+    }
+    Some(requeue_after.map_or(REMOTE_POLL_SECONDS, |s| s.min(REMOTE_POLL_SECONDS)))
 }
 
 /// The open round's deadline, and whether it has passed.
@@ -387,9 +420,10 @@ fn plan_evaluation(spec: &FederatedTuneSpec, obs: &Observation) -> Plan {
     let pending: Vec<&ClientObservation> = obs
         .clients
         .iter()
-        .filter(|c| !c.committed && !c.running && c.failed_attempts <= retries)
+        .filter(|c| !c.committed && !c.running && !c.remote && c.failed_attempts <= retries)
         .collect();
-    if running.is_empty() && pending.is_empty() {
+    let waiting = obs.clients.iter().any(|c| waits_for_site(c, retries));
+    if running.is_empty() && pending.is_empty() && !waiting {
         return complete(round);
     }
     if spec.suspend {
@@ -406,7 +440,7 @@ fn plan_evaluation(spec: &FederatedTuneSpec, obs: &Observation) -> Plan {
                 attempt: c.failed_attempts + 1,
             })
             .collect(),
-        requeue_after: deadline.map(|d| (d - obs.now).max(0.0)),
+        requeue_after: poll_remote(deadline.map(|d| (d - obs.now).max(0.0)), waiting),
     }
 }
 

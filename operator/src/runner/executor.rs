@@ -123,6 +123,11 @@ impl Runner {
                 }
             })
             .collect();
+        // A site's client starts no process here: its round (and deadline)
+        // starts when this runner first sees the round open.
+        if self.spec.clients.iter().any(|c| c.is_remote()) {
+            self.state.start(self.round);
+        }
         let obs = self
             .state
             .observation(&self.spec, seen.completed_rounds, &committed, self.epoch);
@@ -156,6 +161,19 @@ impl Runner {
             self.progress.start_round(round);
         } else {
             self.progress.start_evaluation(rounds);
+        }
+        let step = if round <= rounds {
+            format!("round {round}")
+        } else {
+            "the final evaluation".to_string()
+        };
+        for c in &self.spec.clients {
+            if let Some(site) = &c.site {
+                self.progress.note(&format!(
+                    "{step}: client {} is waiting for its site {} (heterotune site)",
+                    c.name, site.name
+                ));
+            }
         }
     }
 

@@ -177,6 +177,9 @@ pub struct Report {
     pub partition: String,
     pub seeds: BTreeMap<String, u64>,
     pub families: Vec<FamilyInfo>,
+    /// Clients their own sites run (`spec.clients[].site`): client → site.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sites: BTreeMap<String, String>,
     pub rounds: Vec<RoundRecord>,
     /// Each client's evaluation of the final global model.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -251,6 +254,17 @@ impl Report {
         ));
         if let Some(line) = self.privacy_line() {
             md.push_str(&line);
+        }
+        if !self.sites.is_empty() {
+            let sites: Vec<String> = self
+                .sites
+                .iter()
+                .map(|(client, site)| format!("{client} (site {site})"))
+                .collect();
+            md.push_str(&format!(
+                "Run by their own sites (`heterotune site`; the run waits for their commits): {}.\n\n",
+                sites.join(", ")
+            ));
         }
         self.models_table(&mut md);
         self.rounds_table(&mut md);

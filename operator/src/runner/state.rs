@@ -100,6 +100,7 @@ impl RoundState {
                     let state = self.clients.get(&c.name).cloned().unwrap_or_default();
                     ClientObservation {
                         name: c.name.clone(),
+                        remote: c.is_remote(),
                         committed: *done,
                         running: state.running,
                         failed_attempts: state.failed_attempts,

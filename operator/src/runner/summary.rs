@@ -75,6 +75,11 @@ pub fn new_report(ft: &FederatedTune, run: &str) -> Report {
         },
         seeds,
         families: families.into_values().collect(),
+        sites: spec
+            .clients
+            .iter()
+            .filter_map(|c| Some((c.name.clone(), c.site.as_ref()?.name.clone())))
+            .collect(),
         rounds: Vec::new(),
         final_evaluation: Vec::new(),
         total_seconds: 0.0,

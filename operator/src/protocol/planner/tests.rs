@@ -22,9 +22,18 @@ fn spec(clients: usize, min_clients: u32, wait: u32) -> FederatedTuneSpec {
 fn client(name: &str, committed: bool, running: bool, failed: u32) -> ClientObservation {
     ClientObservation {
         name: name.into(),
+        remote: false,
         committed,
         running,
         failed_attempts: failed,
+    }
+}
+
+/// A client its site's agent runs (never running here).
+fn remote(name: &str, committed: bool, failed: u32) -> ClientObservation {
+    ClientObservation {
+        remote: true,
+        ..client(name, committed, false, failed)
     }
 }
 
@@ -325,14 +334,84 @@ fn a_suspended_evaluation_starts_nothing_and_a_disabled_one_is_skipped() {
 /// Every combination of per-client states (committed / running / failed
 /// 0..=3 times) for 1-3 clients, quorum 1..=n, suspend on/off, before and
 /// after the deadline: the decision must respect the protocol's invariants.
+/// A site's client is never started: the round waits for its commit (the
+/// executor looks again soon), aggregates when it arrives, and at the
+/// deadline goes on without it once a quorum is met.
+#[test]
+fn a_remote_client_is_awaited_never_started() {
+    let s = spec(3, 2, 0);
+    let o = obs(vec![
+        client("c0", true, false, 0),
+        remote("c1", false, 0),
+        remote("c2", false, 0),
+    ]);
+    let p = plan(&s, &o);
+    assert_eq!(p.phase, Phase::Running);
+    assert!(p.actions.is_empty(), "{p:?}");
+    assert_eq!(p.requeue_after, Some(REMOTE_POLL_SECONDS));
+    let o = obs(vec![
+        client("c0", true, false, 0),
+        remote("c1", true, 0),
+        remote("c2", false, 0),
+    ]);
+    assert_eq!(plan(&s, &o).phase, Phase::Running, "waits for c2");
+    let mut late = o.clone();
+    late.now = 100.0;
+    let p = plan(&s, &late);
+    assert_eq!(
+        p.actions,
+        vec![Action::StartAggregation {
+            round: 1,
+            participants: vec!["c0".into(), "c1".into()],
+            attempt: 1
+        }],
+        "no cancel for a site's client"
+    );
+    // A site that never appears: below quorum at the deadline.
+    let mut absent = obs(vec![
+        client("c0", true, false, 0),
+        remote("c1", false, 0),
+        remote("c2", false, 0),
+    ]);
+    absent.now = 100.0;
+    let p = plan(&s, &absent);
+    assert!(
+        matches!(
+            p.actions.as_slice(),
+            [Action::Fail {
+                reason: FailureReason::DeadlineExceeded,
+                ..
+            }]
+        ),
+        "{p:?}"
+    );
+    // Rejected too often: excluded, and no longer awaited.
+    let o = obs(vec![
+        client("c0", true, false, 0),
+        client("c1", true, false, 0),
+        remote("c2", false, 2),
+    ]);
+    let p = plan(&s, &o);
+    assert_eq!(p.phase, Phase::Aggregating, "{p:?}");
+    // The evaluation of the final global waits for the site's too.
+    let mut eval = obs(vec![client("c0", true, false, 0), remote("c1", false, 0)]);
+    eval.completed_rounds = s.rounds;
+    let p = plan(&spec(2, 1, 0), &eval);
+    assert_eq!(p.phase, Phase::Evaluating);
+    assert!(p.actions.is_empty(), "{p:?}");
+}
+
 #[test]
 fn invariants_hold_over_all_small_states() {
-    let states: Vec<(bool, bool, u32)> = {
+    // (committed, running, failed attempts, remote)
+    let states: Vec<(bool, bool, u32, bool)> = {
         let mut v = Vec::new();
         for failed in 0..=3 {
-            v.push((true, false, failed));
-            v.push((false, true, failed));
-            v.push((false, false, failed));
+            v.push((true, false, failed, false));
+            v.push((false, true, failed, false));
+            v.push((false, false, failed, false));
+            v.push((true, false, failed, true));
+            v.push((false, false, failed, true));
         }
         v
     };
@@ -346,9 +425,12 @@ fn invariants_hold_over_all_small_states() {
                 for mut code in 0..combos {
                     let mut clients = Vec::new();
                     for i in 0..n {
-                        let (c, r, f) = states[code % states.len()];
+                        let (c, r, f, remote) = states[code % states.len()];
                         code /= states.len();
-                        clients.push(client(&format!("c{i}"), c, r, f));
+                        clients.push(ClientObservation {
+                            remote,
+                            ..client(&format!("c{i}"), c, r, f)
+                        });
                     }
                     for now in [10.0, 500.0] {
                         // A round in progress, and the evaluation phase.
@@ -369,7 +451,7 @@ fn invariants_hold_over_all_small_states() {
             }
         }
     }
-    assert!(checked > 20_000, "only {checked} states checked");
+    assert!(checked > 100_000, "only {checked} states checked");
 }
 
 fn check_evaluation_invariants(s: &FederatedTuneSpec, o: &Observation, p: &Plan) {
@@ -381,12 +463,13 @@ fn check_evaluation_invariants(s: &FederatedTuneSpec, o: &Observation, p: &Plan)
                 assert_eq!(*round, s.rounds);
                 let c = o.clients.iter().find(|c| &c.name == client).expect("known");
                 assert!(!c.committed && !c.running, "evaluated twice: {o:?}");
+                assert!(!c.remote, "started a site's evaluation here: {o:?}");
                 assert!(c.failed_attempts <= s.max_retries_per_client, "{o:?}");
                 assert!(!s.suspend, "suspended but starting: {p:?}");
             }
             Action::CancelEvaluation { client, .. } => {
                 let c = o.clients.iter().find(|c| &c.name == client).expect("known");
-                assert!(c.running && !c.committed, "{o:?}");
+                assert!(c.running && !c.committed && !c.remote, "{o:?}");
             }
             Action::Complete => {}
             other => panic!("a round action after the last round: {other:?}"),
@@ -406,8 +489,16 @@ fn check_evaluation_invariants(s: &FederatedTuneSpec, o: &Observation, p: &Plan)
     }
     if !complete && !s.suspend {
         let running = o.clients.iter().any(|c| c.running && !c.committed);
-        assert!(running || started > 0, "stuck: {o:?} -> {p:?}");
+        let polling = waiting_for_a_site(s, o) && p.requeue_after.is_some();
+        assert!(running || started > 0 || polling, "stuck: {o:?} -> {p:?}");
     }
+}
+
+/// A remote client may still commit, so the plan must look again.
+fn waiting_for_a_site(s: &FederatedTuneSpec, o: &Observation) -> bool {
+    o.clients
+        .iter()
+        .any(|c| c.remote && !c.committed && c.failed_attempts <= s.max_retries_per_client)
 }
 
 fn check_invariants(s: &FederatedTuneSpec, o: &Observation, p: &Plan) {
@@ -435,6 +526,7 @@ fn check_invariants(s: &FederatedTuneSpec, o: &Observation, p: &Plan) {
             .find(|c| &&c.name == name)
             .expect("known client");
         assert!(!c.committed, "restarted committed client {name}: {o:?}");
+        assert!(!c.remote, "started a site's client {name} here: {o:?}");
         assert!(!c.running, "started a running client twice {name}: {o:?}");
         assert!(
             c.failed_attempts <= s.max_retries_per_client,
@@ -476,10 +568,17 @@ fn check_invariants(s: &FederatedTuneSpec, o: &Observation, p: &Plan) {
     }
     // Progress: unless failed or suspended, something is running, started,
     // or being aggregated.
+    for a in &p.actions {
+        if let Action::CancelClient { client, .. } = a {
+            let c = o.clients.iter().find(|c| &c.name == client).expect("known");
+            assert!(!c.remote, "cancelled a site's client {client}: {o:?}");
+        }
+    }
     if !failed && !s.suspend {
         let running = o.clients.iter().any(|c| c.running && !c.committed);
+        let polling = waiting_for_a_site(s, o) && p.requeue_after.is_some();
         assert!(
-            running || !starts.is_empty() || !aggregations.is_empty(),
+            running || !starts.is_empty() || !aggregations.is_empty() || polling,
             "stuck: {o:?} -> {p:?}"
         );
     }
