@@ -137,10 +137,11 @@ def setting_text(base: dict, args, seeds: list[int], records: dict) -> str:
         "of one model (their home model: under smallest-common FedAvg every client runs MiniLM-L3 on the "
         "same hardware); mean ± population std over seeds. Differences are paired by seed, in points. "
         "The best deployable baseline is the best by mean of smallest-common FedAvg (the pool's examples "
-        "labelled in its clients' data, or held out as in the pool arms), family-FedAvg, "
+        "labelled in its clients' data, or held out as in the pool arms), smallest-common FedDF (the same "
+        "public pool, the ensemble of the clients' MiniLM-L3 models teaching on it), family-FedAvg, "
         "HetLoRA and FlexLoRA (LoRA ranks 4 / 8 / 16 / 16 for MiniLM-L3 / MiniLM-L6 / MPNet / SmolLM2). "
-        + ("The default method (judged by the per-client table and the targets) is Bridge + pool, the "
-           "quickstart's, where it has been measured." if args.default_method == "auto"
+        + ("The default method (judged by the per-client table and the targets) is the quickstart's, "
+           "Bridge + pool (FedDF ensemble), where it has been measured." if args.default_method == "auto"
            else f"The default method (judged by the per-client table and the targets): {args.default_method}."),
         "",
         f"Second task: {VADER_RULE}; written to the benchmark's work folder as JSONL.",

@@ -507,6 +507,30 @@ fn local_only_clients_keep_their_training_across_rounds() {
     }
 }
 
+/// Runs the fixture federation `name` (2 rounds, fedavg) with a public
+/// pool and the tiny BERT as the bridge, `poolTeacher: teacher`; checks it
+/// succeeded and its report.
+fn run_bridge_federation(root: &Path, name: &str, storage: &str, teacher: &str) {
+    let spec = fixtures::write_federation(root, name, 2, storage)
+        .replace("algorithm: cmga", "algorithm: fedavg")
+        .replace(
+            "    maxTestExamples: 48",
+            "    splits: { pool: 0.1 }\n    maxTestExamples: 48",
+        );
+    let spec = format!(
+        "{spec}  bridge: {{ model: {{ family: bert, uri: \"{}\" }}, \
+         distillation: {{ poolTeacher: {teacher} }} }}\n",
+        root.join("models/tiny-bert-a").display()
+    );
+    let spec_file = root.join("spec.yaml");
+    std::fs::write(&spec_file, &spec).expect("spec");
+    let out = run_command(root, &spec_file)
+        .output()
+        .expect("heterotune runs");
+    assert!(out.status.success(), "{}\n{spec}", output_text(&out));
+    check_report(root, 2);
+}
+
 /// A bridge (`spec.bridge`): every client co-trains a small common model
 /// next to its own. The final evaluation reports each model a client can
 /// serve; the bridge is one global model (the same accuracy for every
@@ -519,26 +543,12 @@ fn bridge_federation_shares_one_bridge_and_serves_by_the_auto_rule() {
     let root = dir.path();
     // With a public pool held out of the training split: the bridge also
     // teaches every own model there.
-    let spec =
-        fixtures::write_federation(root, "bridge", 2, "  storage: { uri: \"file://store\" }")
-            .replace("algorithm: cmga", "algorithm: fedavg")
-            .replace(
-                "    maxTestExamples: 48",
-                "    splits: { pool: 0.1 }\n    maxTestExamples: 48",
-            );
-    let bridge = root.join("models/tiny-bert-a");
-    let spec = format!(
-        "{spec}  bridge: {{ model: {{ family: bert, uri: \"{}\" }}, \
-         distillation: {{ poolTeacher: validated }} }}\n",
-        bridge.display()
+    run_bridge_federation(
+        root,
+        "bridge",
+        "  storage: { uri: \"file://store\" }",
+        "validated",
     );
-    let spec_file = root.join("spec.yaml");
-    std::fs::write(&spec_file, &spec).expect("spec");
-    let out = run_command(root, &spec_file)
-        .output()
-        .expect("heterotune runs");
-    assert!(out.status.success(), "{}\n{spec}", output_text(&out));
-    check_report(root, 2);
     let r = report(root);
     let evaluations = r["finalEvaluation"].as_array().expect("final evaluation");
     assert_eq!(evaluations.len(), 3, "{r}");
@@ -575,29 +585,8 @@ fn the_pool_ensemble_is_averaged_into_the_global_and_taught_from() {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path();
     let store = root.join("store");
-    let spec = fixtures::write_federation(
-        root,
-        "ensemble",
-        2,
-        &format!("  storage: {{ uri: \"file://{}\" }}", store.display()),
-    )
-    .replace("algorithm: cmga", "algorithm: fedavg")
-    .replace(
-        "    maxTestExamples: 48",
-        "    splits: { pool: 0.1 }\n    maxTestExamples: 48",
-    );
-    let spec = format!(
-        "{spec}  bridge: {{ model: {{ family: bert, uri: \"{}\" }}, \
-         distillation: {{ poolTeacher: ensemble }} }}\n",
-        root.join("models/tiny-bert-a").display()
-    );
-    let spec_file = root.join("spec.yaml");
-    std::fs::write(&spec_file, &spec).expect("spec");
-    let out = run_command(root, &spec_file)
-        .output()
-        .expect("heterotune runs");
-    assert!(out.status.success(), "{}\n{spec}", output_text(&out));
-    check_report(root, 2);
+    let storage = format!("  storage: {{ uri: \"file://{}\" }}", store.display());
+    run_bridge_federation(root, "ensemble", &storage, "ensemble");
     let uid = heterotune_operator::runner::local_uid("default", "ensemble");
     let layout = heterotune_crds::layout::RunLayout::new("", "default", "ensemble", &uid);
     let ensemble = |round: u32| -> (Vec<usize>, Vec<f32>) {

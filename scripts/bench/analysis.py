@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-from .spec import (BRIDGE, BRIDGE_POOL, BRIDGE_VALIDATED, BRIDGE_VARIANTS, DEPLOYABLE, FAMILY_FEDAVG, METHODS, MODEL_ORDER, NOT_RUN,
+from .spec import (BRIDGE, BRIDGE_ENSEMBLE, BRIDGE_POOL, BRIDGE_VALIDATED, BRIDGE_VARIANTS, DEPLOYABLE, FAMILY_FEDAVG, METHODS, MODEL_ORDER, NOT_RUN,
                    SCENARIOS, SHIPPED_DEFAULT, TASKS, RunKey, model_label)
 
 # Issue 13's targets (points of mean global-test accuracy, paired over seeds).
@@ -124,11 +124,12 @@ def best_deployable(runs: dict[str, dict[int, dict]], exclude: str | None = None
 
 
 def resolve_default(groups: Groups, requested: str) -> str:
-    """`auto`: the bridge arm the quickstart ships (Bridge + pool) where it has been measured,
-    else another bridge arm, else the method the quickstart shipped before."""
+    """`auto`: the bridge arm the quickstart ships (Bridge + pool with the FedDF ensemble teaching)
+    where it has been measured, else another bridge arm, else the method the quickstart shipped
+    before."""
     if requested != "auto":
         return requested
-    for method in (BRIDGE_POOL, BRIDGE_VALIDATED, BRIDGE):
+    for method in (BRIDGE_ENSEMBLE, BRIDGE_POOL, BRIDGE_VALIDATED, BRIDGE):
         if any(runs.get(method) for runs in groups.values()):
             return method
     return SHIPPED_DEFAULT

@@ -161,6 +161,21 @@ BRIDGE_ENSEMBLE = "Bridge + pool (FedDF ensemble)"
 SMALLEST_FEDDF = "smallest-common FedDF (public pool)"
 # The public pool of the pool arm: this share of the training split, held out unlabeled.
 POOL_SHARE = 0.1
+# Every bridge arm's common model.
+BRIDGE_MODEL = {"family": "bert", "uri": "cache://models/paraphrase-MiniLM-L3-v2"}
+
+
+def bridge_arm(distillation: dict, serve: str, pool: bool = True, smallest: bool = False) -> dict:
+    """A fedavg arm with the MiniLM-L3 bridge (`spec.bridge`), optionally every client on the
+    smallest model and the public pool held out."""
+    arm: dict = {"aggregation": {"algorithm": "fedavg"}}
+    if smallest:
+        arm["smallest"] = True
+    arm["bridge"] = {"model": dict(BRIDGE_MODEL), "distillation": distillation, "serve": serve}
+    if pool:
+        arm["pool"] = POOL_SHARE
+    return arm
+
 # The deployable baselines: what a platform team would run without HeteroTune's method.
 DEPLOYABLE = [SMALLEST_COMMON, SMALLEST_HELD_OUT, SMALLEST_FEDDF, FAMILY_FEDAVG, HETLORA, FLEXLORA]
 # label: (aggregation, adapter overrides, whether clients get per-capacity LoRA ranks,
@@ -172,83 +187,38 @@ METHODS: dict[str, dict] = {
     # alone — every client on MiniLM-L3, the bridge MiniLM-L3 with every distillation term off,
     # serving the bridge, i.e. MiniLM-L3 FedAvg'd over all clients (the own models train beside
     # it and are not used). "More data" cannot then be mistaken for cross-family knowledge.
-    SMALLEST_HELD_OUT: {
-        "aggregation": {"algorithm": "fedavg"}, "smallest": True,
-        "bridge": {
-            "model": {"family": "bert", "uri": "cache://models/paraphrase-MiniLM-L3-v2"},
-            "distillation": {"weight": 0.0, "bridgeWeight": 0.0, "poolWeight": 0.0},
-            "serve": "bridge",
-        },
-        "pool": POOL_SHARE,
-    },
+    SMALLEST_HELD_OUT: bridge_arm({"weight": 0.0, "bridgeWeight": 0.0, "poolWeight": 0.0,
+                                   "poolTeacher": "bridge"}, "bridge", smallest=True),
     # The homogeneous FedDF the issue asks for (the same public pool as the pool arms): every
     # client on MiniLM-L3, FedAvg'd, and from round 2 on distilled on the pool from the ensemble
     # of every client's MiniLM-L3 predictions there (`poolTeacher: ensemble`, class-count weighted;
     # run as the bridge alone, serving the bridge, the own models unused).
-    SMALLEST_FEDDF: {
-        "aggregation": {"algorithm": "fedavg"}, "smallest": True,
-        "bridge": {
-            "model": {"family": "bert", "uri": "cache://models/paraphrase-MiniLM-L3-v2"},
-            "distillation": {"weight": 0.0, "bridgeWeight": 0.0, "poolWeight": 1.0,
-                             "poolTeacher": "ensemble"},
-            "serve": "bridge",
-        },
-        "pool": POOL_SHARE,
-    },
+    SMALLEST_FEDDF: bridge_arm({"weight": 0.0, "bridgeWeight": 0.0, "poolWeight": 1.0,
+                                "poolTeacher": "ensemble"}, "bridge", smallest=True),
     FAMILY_FEDAVG: {"aggregation": {"algorithm": "family-fedavg"}},
     HETLORA: {"aggregation": {"algorithm": "hetlora"}, "lora": True},
     FLEXLORA: {"aggregation": {"algorithm": "flexlora"}, "lora": True},
     "DeMA+FedAvg": {"aggregation": {"algorithm": "fedavg"}},
     "DeMA+CMGA (PCGrad)": {"aggregation": {"algorithm": "cmga", "alignment": "pcgrad",
                                            "conflictThreshold": 0.0}},
-    BRIDGE: {
-        "aggregation": {"algorithm": "fedavg"},
-        "bridge": {
-            "model": {"family": "bert", "uri": "cache://models/paraphrase-MiniLM-L3-v2"},
-            "distillation": {"weight": 1.0, "temperature": 2.0},
-            "serve": "ensemble",
-        },
-    },
+    BRIDGE: bridge_arm({"weight": 1.0, "temperature": 2.0}, "ensemble", pool=False),
     # The bridge also teaching every own model on a public, unlabeled pool held out of the
     # training split (task.splits.pool). The other methods keep the pool's examples, labelled,
     # in their clients' training data: they get strictly more data than this arm.
-    BRIDGE_POOL: {
-        "aggregation": {"algorithm": "fedavg"},
-        "bridge": {
-            "model": {"family": "bert", "uri": "cache://models/paraphrase-MiniLM-L3-v2"},
-            "distillation": {"weight": 1.0, "temperature": 2.0, "poolWeight": 1.0},
-            # `auto`: the ensemble, the bridge where a client's own model is the bridge's backbone
-            # (the first runs served "ensemble": analysis.serve_auto applies the rule to their
-            # variants, the same evaluations)
-            "serve": "ensemble",
-        },
-        "pool": POOL_SHARE,
-    },
+    # Served: `auto` (the ensemble, the bridge where a client's own model is the bridge's
+    # backbone); the first runs served "ensemble": analysis.serve_auto applies the rule to their
+    # variants, the same evaluations.
+    BRIDGE_POOL: bridge_arm({"weight": 1.0, "temperature": 2.0, "poolWeight": 1.0,
+                             "poolTeacher": "bridge"}, "ensemble"),
     # The same, with the two choices read from each client's validation split: which model it
     # serves (`serve: validated`) and which model teaches the other on the pool (`poolTeacher`).
-    BRIDGE_VALIDATED: {
-        "aggregation": {"algorithm": "fedavg"},
-        "bridge": {
-            "model": {"family": "bert", "uri": "cache://models/paraphrase-MiniLM-L3-v2"},
-            "distillation": {"weight": 1.0, "temperature": 2.0, "poolWeight": 1.0,
-                             "poolTeacher": "validated"},
-            "serve": "validated",
-        },
-        "pool": POOL_SHARE,
-    },
+    BRIDGE_VALIDATED: bridge_arm({"weight": 1.0, "temperature": 2.0, "poolWeight": 1.0,
+                                  "poolTeacher": "validated"}, "validated"),
     # The pool taught by the federation's ensemble (FedDF-style, `poolTeacher: ensemble`): every
     # client sends what it serves on the pool, the aggregator averages it per class (weighted by
     # each client's examples of the class), both models of every client distil from it.
-    BRIDGE_ENSEMBLE: {
-        "aggregation": {"algorithm": "fedavg"},
-        "bridge": {
-            "model": {"family": "bert", "uri": "cache://models/paraphrase-MiniLM-L3-v2"},
-            "distillation": {"weight": 1.0, "temperature": 2.0, "poolWeight": 1.0,
-                             "poolTeacher": "ensemble"},
-            "serve": "auto",
-        },
-        "pool": POOL_SHARE,
-    },
+    BRIDGE_ENSEMBLE: bridge_arm({"weight": 1.0, "temperature": 2.0, "poolWeight": 1.0,
+                                 "poolTeacher": "ensemble"}, "auto"),
 }
 # Rows derived from the bridge runs' finalEvaluation[].variants (no run of their own):
 # bridge method → {variant: row label}.

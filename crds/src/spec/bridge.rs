@@ -62,8 +62,8 @@ pub struct DistillationSpec {
     /// Which model teaches on the public pool: `bridge` (the bridge teaches
     /// the own model), `validated` (each round, the one of the two with the
     /// higher accuracy on the client's validation split at the round's
-    /// start; ties go to the bridge) or `ensemble` (the federation's
-    /// ensemble on the pool teaches both models: FedDF-style).
+    /// start; ties go to the bridge) or `ensemble` (the default: the
+    /// federation's ensemble on the pool teaches both models, FedDF-style).
     #[serde(default)]
     pub pool_teacher: PoolTeacher,
 }
@@ -73,7 +73,6 @@ pub struct DistillationSpec {
 #[serde(rename_all = "lowercase")]
 pub enum PoolTeacher {
     /// The bridge teaches the own model.
-    #[default]
     Bridge,
     /// The model that validates better at the round's start teaches.
     Validated,
@@ -83,9 +82,11 @@ pub enum PoolTeacher {
     /// per class, weighting each client by its examples of that class (a
     /// client that never saw a class has no say on it), and the next round
     /// both models of every client distil from that ensemble on the pool.
-    /// Round 1, before any ensemble exists, falls back to `bridge`. Needs
-    /// `task.splits.pool`; the probabilities are sent in the clear (no
-    /// `aggregation.privacy`).
+    /// Round 1, before any ensemble exists, falls back to `bridge`. The
+    /// default (measured best: docs/benchmarks.md); without a pool nothing
+    /// is taught or sent. The probabilities are sent in the clear, so a
+    /// pool with `aggregation.privacy` needs another teacher.
+    #[default]
     Ensemble,
 }
 

@@ -113,8 +113,8 @@ use crate::status::FederatedTuneStatus;
         "reason": "FieldValueInvalid"
     },
     {
-        "rule": "!has(self.bridge) || !has(self.bridge.distillation) || !has(self.bridge.distillation.poolTeacher) || self.bridge.distillation.poolTeacher != 'ensemble' || (has(self.task.splits) && has(self.task.splits.pool) && self.task.splits.pool > 0.0 && !has(self.aggregation.privacy))",
-        "message": "poolTeacher ensemble averages every client's class probabilities on the public pool: set task.splits.pool above 0, and drop aggregation.privacy (the probabilities are not noised)",
+        "rule": "!has(self.bridge) || !has(self.aggregation.privacy) || !has(self.task.splits) || !has(self.task.splits.pool) || self.task.splits.pool == 0.0 || (has(self.bridge.distillation) && has(self.bridge.distillation.poolTeacher) && self.bridge.distillation.poolTeacher != 'ensemble')",
+        "message": "poolTeacher ensemble (the default) sends every client's class probabilities on the public pool without noise: with aggregation.privacy set bridge.distillation.poolTeacher to bridge or validated, or set task.splits.pool to 0",
         "fieldPath": ".bridge.distillation.poolTeacher",
         "reason": "FieldValueInvalid"
     },
@@ -230,6 +230,17 @@ impl FederatedTuneSpec {
             .adapted_layers
             .as_ref()
             .unwrap_or(&self.adapter.layers)
+    }
+
+    /// Whether the clients exchange probabilities on the public pool for the
+    /// federation's ensemble: a bridge with `poolTeacher: ensemble` (the
+    /// default) and a pool (`task.splits.pool` above 0).
+    pub fn uses_pool_ensemble(&self) -> bool {
+        self.task.splits.pool > 0.0
+            && self
+                .bridge
+                .as_ref()
+                .is_some_and(|b| b.distillation.pool_teacher == PoolTeacher::Ensemble)
     }
 
     /// The layer selection of the bridge model (`spec.bridge`): its own,

@@ -103,14 +103,20 @@ fn invalid_specs_name_their_field() {
             "spec.task.splits.pool",
         ),
         (
-            "an ensemble pool teacher without a pool",
+            "the ensemble pool teacher (the default) with privacy",
             set(
-                base(),
-                "/spec/bridge",
-                Some(
-                    json!({"model": {"family": "bert", "uri": "cache://models/m"},
-                            "distillation": {"poolTeacher": "ensemble"}}),
+                set(
+                    set(
+                        base(),
+                        "/spec/bridge",
+                        Some(json!({"model": {"family": "bert", "uri": "cache://models/m"}})),
+                    ),
+                    "/spec/task/splits",
+                    Some(json!({"pool": 0.1})),
                 ),
+                "/spec/aggregation",
+                Some(json!({"algorithm": "fedavg",
+                            "privacy": {"clipNorm": 1.0, "noiseMultiplier": 1.0, "delta": 1e-5}})),
             ),
             "spec.bridge.distillation.poolTeacher",
         ),

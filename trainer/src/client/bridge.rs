@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use heterotune_crds::dtype::Resolved;
 use heterotune_crds::model::LayerSelection;
-use heterotune_crds::spec::{BridgeSpec, FederatedTuneSpec, OutputScale, PoolTeacher};
+use heterotune_crds::spec::{BridgeSpec, FederatedTuneSpec, OutputScale};
 use tch::{Device, Tensor};
 
 use super::load::{load_frozen, pooling};
@@ -119,14 +119,6 @@ pub fn load_bridge(
     }))
 }
 
-/// Whether `spec` exchanges an ensemble on the public pool
-/// (`poolTeacher: ensemble`).
-pub fn uses_pool_ensemble(spec: &FederatedTuneSpec) -> bool {
-    spec.bridge
-        .as_ref()
-        .is_some_and(|b| b.distillation.pool_teacher == PoolTeacher::Ensemble)
-}
-
 /// The bridge's initial values (artifact names), for the round-0 global:
 /// built from config.json alone, the same values every client's bridge
 /// starts from; with `poolTeacher: ensemble`, a uniform [`POOL_ENSEMBLE`]
@@ -136,7 +128,7 @@ pub fn initial_values(spec: &FederatedTuneSpec) -> Result<Vec<(String, Tensor)>>
         return Ok(Vec::new());
     };
     let mut values = initial_bridge(spec, bridge)?;
-    if uses_pool_ensemble(spec) {
+    if spec.uses_pool_ensemble() {
         let data = federate(&job::data_config(spec)?)
             .context_with(|| "preparing the data to size the pool's ensemble".into())?;
         let classes = data.labels.len() as i64;

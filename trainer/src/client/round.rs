@@ -9,7 +9,7 @@ use heterotune_crds::manifest::{ArtifactKind, ArtifactManifest};
 use heterotune_crds::spec::{Dtype, PoolTeacher};
 use tch::Tensor;
 
-use super::bridge::{uses_pool_ensemble, POOL_COUNTS, POOL_PROBS};
+use super::bridge::{POOL_COUNTS, POOL_PROBS};
 use super::load::{load_client, settings, ClientOptions, LoadedClient};
 use crate::artifact::{self, StoreDtype, WRITER_VERSION};
 use crate::exchange::shared_names;
@@ -281,7 +281,7 @@ fn train_and_score_pair(
         .choose(&c.spec.clients[c.index].model.uri, &spec.model.uri, |v| {
             val.get(v).0.accuracy
         });
-    let pool_values = if uses_pool_ensemble(&c.spec) {
+    let pool_values = if c.spec.uses_pool_ensemble() {
         let own = c.model.logits(&pool.0, batch)?;
         let bridge = b.model.logits(&pool.1, batch)?;
         let mut counts = vec![0f32; classes];

@@ -26,7 +26,6 @@ use super::facts::ModelFacts;
 use super::slots::{LayerSelection, SlotMap};
 use crate::spec::{
     AdapterKind, AggregationAlgorithm, FederatedTuneSpec, LayerSelectionSpec, ModelFamily,
-    PoolTeacher,
 };
 
 #[cfg(test)]
@@ -252,15 +251,11 @@ pub fn bridge_upload(
         .collect())
 }
 
-/// The pool ensemble's values (`poolTeacher: ensemble` with a bridge): the
-/// served probabilities on `pool_texts` texts and the class counts. Empty
-/// otherwise.
+/// The pool ensemble's values ([`FederatedTuneSpec::uses_pool_ensemble`]):
+/// the served probabilities on `pool_texts` texts and the class counts.
+/// Empty otherwise.
 pub fn pool_upload(spec: &FederatedTuneSpec, pool_texts: u64) -> Vec<WireTensor> {
-    let ensemble = spec
-        .bridge
-        .as_ref()
-        .is_some_and(|b| b.distillation.pool_teacher == PoolTeacher::Ensemble);
-    if !ensemble {
+    if !spec.uses_pool_ensemble() {
         return Vec::new();
     }
     let classes = spec.task.labels.len() as u64;

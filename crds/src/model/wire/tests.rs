@@ -9,6 +9,7 @@ use std::path::Path;
 use super::*;
 use crate::manifest::ArtifactManifest;
 use crate::model::slots::resolve_slots;
+use crate::spec::PoolTeacher;
 use crate::FederatedTune;
 
 const SPEC: &str = include_str!("fixtures/spec.json");
@@ -157,6 +158,15 @@ fn without_a_bridge_or_ensemble_nothing_extra_is_sent() {
         .expect("bridge")
         .distillation
         .pool_teacher = PoolTeacher::Validated;
+    assert!(pool_upload(&spec, POOL_TEXTS).is_empty());
+    // The ensemble teacher (the default) sends nothing without a pool.
+    spec.bridge
+        .as_mut()
+        .expect("bridge")
+        .distillation
+        .pool_teacher = PoolTeacher::Ensemble;
+    assert!(!pool_upload(&spec, POOL_TEXTS).is_empty());
+    spec.task.splits.pool = 0.0;
     assert!(pool_upload(&spec, POOL_TEXTS).is_empty());
     spec.bridge = None;
     assert!(bridge_upload(&spec, &facts).expect("no bridge").is_empty());
