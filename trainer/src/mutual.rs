@@ -185,15 +185,13 @@ fn pool_loss(
     let texts = [pool.own, pool.bridge];
     let student = |i: usize| batch_logits(models[i], texts[i], rows).0;
     let t = distill.temperature;
+    let one_way = |s: usize, te: usize| {
+        let teacher = tch::no_grad(|| student(te));
+        distillation_loss(&student(s), &teacher, t)
+    };
     let loss = match pool.teacher {
-        PoolTeacher::Bridge | PoolTeacher::Own => {
-            let (s, te) = match pool.teacher {
-                PoolTeacher::Bridge => (0, 1),
-                _ => (1, 0),
-            };
-            let teacher = tch::no_grad(|| student(te));
-            distillation_loss(&student(s), &teacher, t)
-        }
+        PoolTeacher::Bridge => one_way(0, 1),
+        PoolTeacher::Own => one_way(1, 0),
         PoolTeacher::Ensemble(probs) => {
             let index = Tensor::from_slice(&rows.iter().map(|&r| r as i64).collect::<Vec<_>>())
                 .to_device(probs.device());

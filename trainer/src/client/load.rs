@@ -71,9 +71,24 @@ pub struct LoadedClient {
     pub all_names: Vec<String>,
     /// The bridge model (`spec.bridge`), trained next to `model`.
     pub bridge: Option<BridgeModel>,
-    /// The federation's ensemble on the pool (`poolTeacher: ensemble`):
-    /// `[pool texts, classes]` probabilities from a global of round ≥ 1.
-    pub pool_ensemble: Option<tch::Tensor>,
+    /// The federation's ensemble on the pool (`poolTeacher: ensemble`) when
+    /// the global holds one: the run exchanges it.
+    pub pool_ensemble: Option<PoolEnsemble>,
+}
+
+/// The global's ensemble on the public pool.
+pub struct PoolEnsemble {
+    /// The round of the global (0: the initial, uniform placeholder).
+    pub round: u32,
+    /// `[pool texts, classes]` probabilities.
+    pub probs: tch::Tensor,
+}
+
+impl PoolEnsemble {
+    /// The probabilities to teach from: none before round 1's ensemble.
+    pub fn teacher(&self) -> Option<&tch::Tensor> {
+        (self.round >= 1).then_some(&self.probs)
+    }
 }
 
 impl LoadedClient {
@@ -253,6 +268,14 @@ pub fn load_client(
             import_bridge(b, &mapped, global)?;
         }
         pool_ensemble = pool_ensemble_of(&mapped, round, pool.len(), num_classes, global)?;
+        if pool_ensemble.is_none() && spec.uses_pool_ensemble() {
+            tracing::warn!(
+                "the global artifact in {} holds no pool ensemble: the run was started without \
+                 poolTeacher ensemble, so the bridge teaches on the pool (start a new run for \
+                 the ensemble)",
+                global.display()
+            );
+        }
     }
     Ok(LoadedClient {
         index,
@@ -273,16 +296,15 @@ pub fn load_client(
     })
 }
 
-/// The global's ensemble on the pool when it is one of round ≥ 1 (round 0
-/// holds a uniform placeholder), checked against the pool's shape.
+/// The global's ensemble on the pool, checked against the pool's shape.
 fn pool_ensemble_of(
     mapped: &BTreeMap<String, tch::Tensor>,
     round: u32,
     texts: usize,
     classes: usize,
     global: &Path,
-) -> Result<Option<tch::Tensor>> {
-    let Some(e) = mapped.get(POOL_ENSEMBLE).filter(|_| round >= 1) else {
+) -> Result<Option<PoolEnsemble>> {
+    let Some(e) = mapped.get(POOL_ENSEMBLE) else {
         return Ok(None);
     };
     if e.size() != [texts as i64, classes as i64] {
@@ -296,7 +318,10 @@ fn pool_ensemble_of(
             ),
         ));
     }
-    Ok(Some(e.to_kind(tch::Kind::Float)))
+    Ok(Some(PoolEnsemble {
+        round,
+        probs: e.to_kind(tch::Kind::Float),
+    }))
 }
 
 /// Loads the bridge's tensors of a global into `bridge`: all of them, or

@@ -254,7 +254,7 @@ fn train_and_score_pair(
                 Teacher::Own
             }
         }
-        (PoolTeacher::Ensemble, Some(e)) => Teacher::Ensemble(e),
+        (PoolTeacher::Ensemble, Some(e)) if e.teacher().is_some() => Teacher::Ensemble(&e.probs),
         _ => Teacher::Bridge,
     };
     let (report, _) = train_pair(
@@ -281,7 +281,8 @@ fn train_and_score_pair(
         .choose(&c.spec.clients[c.index].model.uri, &spec.model.uri, |v| {
             val.get(v).0.accuracy
         });
-    let pool_values = if c.spec.uses_pool_ensemble() {
+    // The run exchanges the ensemble when its global holds one.
+    let pool_values = if c.pool_ensemble.is_some() {
         let own = c.model.logits(&pool.0, batch)?;
         let bridge = b.model.logits(&pool.1, batch)?;
         let mut counts = vec![0f32; classes];
