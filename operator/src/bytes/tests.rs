@@ -28,7 +28,8 @@ fn spec(root: &Path) -> FederatedTuneSpec {
             {"name": "b", "model": {"family": "bert", "uri": l6}},
             {"name": "c", "model": {"family": "llama", "uri": smol,
                 "adaptedLayers": {"mode": "topWindow", "window": 6}}}],
-        "task": {"dataset": {"uri": "/d.jsonl"}, "labels": ["a", "b", "c", "d", "e", "f"]},
+        "task": {"dataset": {"uri": "/d.jsonl"}, "labels": ["a", "b", "c", "d", "e", "f"],
+                 "splits": {"pool": 0.1}},
         "adapter": {"type": "dema", "rank": 8, "experts": 4, "slots": 3},
         "bridge": {"model": {"family": "bert", "uri": l6},
                    "distillation": {"poolTeacher": "ensemble"}}
