@@ -287,7 +287,8 @@ def scenario_block(scenario: str, task: str, runs: dict[str, dict[int, dict]], d
                      else "(same run)" if walls else "–")
         name = f"**{m}**" if m == default else m
         out.append("| " + " | ".join([name] + cells) + " |")
-    for m, why in NOT_RUN.items():
+    for m in [m for m in METHODS if not runs.get(m)]:
+        why = NOT_RUN.get(m, "not run on this scenario and task yet")
         out.append("| " + " | ".join([m, f"not run: {why}"] + [""] * (len(head) - 2)) + " |")
     out.append("")
     # paired differences per seed

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from bench import analysis, results
-from bench.spec import (BRIDGE, DEPLOYABLE, SMALLEST_HELD_OUT, VADER_COUNTS, FAMILY_FEDAVG, FLEXLORA, HETLORA, METHODS, MODELS, SCENARIOS,
+from bench.spec import (BRIDGE, DEPLOYABLE, SMALLEST_FEDDF, SMALLEST_HELD_OUT, VADER_COUNTS, FAMILY_FEDAVG, FLEXLORA, HETLORA, METHODS, MODELS, SCENARIOS,
                         SMALLEST_COMMON, TASKS, RunKey, build_spec, dataset_for, derive_vader_movie,
                         smallest_model)
 
@@ -100,7 +100,15 @@ def test_method_settings(base):
     h = spec(base, method=SMALLEST_HELD_OUT)
     assert {c["model"]["uri"] for c in h["clients"]} == {f"cache://models/{L3}"}
     assert h["bridge"]["serve"] == "bridge" and h["task"]["splits"]["pool"] == 0.1
-    assert set(h["bridge"]["distillation"].values()) == {0.0}
+    assert h["bridge"]["distillation"] == {"weight": 0.0, "bridgeWeight": 0.0, "poolWeight": 0.0,
+                                           "poolTeacher": "bridge"}
+    # the homogeneous FedDF: the same, the pool taught by the MiniLM-L3 ensemble
+    f = spec(base, method=SMALLEST_FEDDF)
+    assert {c["model"]["uri"] for c in f["clients"]} == {f"cache://models/{L3}"}
+    assert f["bridge"]["serve"] == "bridge" and f["task"]["splits"]["pool"] == 0.1
+    assert f["bridge"]["distillation"]["poolTeacher"] == "ensemble"
+    assert f["bridge"]["distillation"]["poolWeight"] > 0
+    assert SMALLEST_FEDDF in DEPLOYABLE
     assert "pool" not in spec(base, method=SMALLEST_COMMON)["task"].get("splits", {})
 
 
