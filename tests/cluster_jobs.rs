@@ -21,22 +21,13 @@ use heterotune_operator::protocol::observe::{
     previous_global_from_manifest, summary_from_manifest,
 };
 use heterotune_operator::sizing::Placement;
-use heterotune_tests::binary;
 use heterotune_tests::s3::S3Server;
+use heterotune_tests::{binary, output_text};
 
 const BUCKET: &str = "heterotune";
 const ACCESS_KEY: &str = "heterotune-test";
 const SECRET_KEY: &str = "heterotune-test-secret";
 const UID: &str = "0f1e2d3c-4b5a-6978-8091-a2b3c4d5e6f7";
-
-fn text(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 /// Runs a Job's single container as its pod would: the image's `heterotune`
 /// (with `heterotune-trainer` beside it), the ConfigMap mounted at
@@ -143,9 +134,9 @@ fn the_controllers_jobs_run_a_federation_through_s3() {
     let mut pod = |job: &k8s_openapi::api::batch::v1::Job| {
         pods += 1;
         let out = run_pod(job, &spec_file, &root.join(format!("pod-{pods}")));
-        assert!(out.status.success(), "{}", text(&out));
+        assert!(out.status.success(), "{}", output_text(&out));
         assert!(
-            !text(&out).contains(SECRET_KEY),
+            !output_text(&out).contains(SECRET_KEY),
             "credentials leaked into the pod's log"
         );
         out
@@ -166,9 +157,9 @@ fn the_controllers_jobs_run_a_federation_through_s3() {
             ));
             let writer = manifest(&server, &key).writer.expect("the writer is named");
             assert!(
-                text(&out).contains(&format!("already committed by {writer}")),
+                output_text(&out).contains(&format!("already committed by {writer}")),
                 "{}",
-                text(&out)
+                output_text(&out)
             );
             assert_eq!(server.get(BUCKET, &key), before);
         }
@@ -186,7 +177,11 @@ fn the_controllers_jobs_run_a_federation_through_s3() {
     let out = pod(&jobs::trainer_job(
         &run, 0, 2, 2, &placement, 600, &config, "1",
     ));
-    assert!(text(&out).contains("already aggregated"), "{}", text(&out));
+    assert!(
+        output_text(&out).contains("already aggregated"),
+        "{}",
+        output_text(&out)
+    );
     assert_eq!(
         server.get(BUCKET, &run.layout.client_manifest(2, &clients[0])),
         before
@@ -257,9 +252,9 @@ fn the_controllers_jobs_run_a_federation_through_s3() {
             "1",
         ));
         assert!(
-            text(&out).contains("evaluation committed"),
+            output_text(&out).contains("evaluation committed"),
             "{}",
-            text(&out)
+            output_text(&out)
         );
     }
     for c in &clients {
@@ -288,7 +283,11 @@ fn the_controllers_jobs_run_a_federation_through_s3() {
         &config,
         "1",
     ));
-    assert!(text(&out).contains("already committed"), "{}", text(&out));
+    assert!(
+        output_text(&out).contains("already committed"),
+        "{}",
+        output_text(&out)
+    );
     assert_eq!(
         server.get(BUCKET, &run.layout.evaluation_result(2, &clients[0])),
         before

@@ -3,11 +3,11 @@
 //! (SeaweedFS on loopback), plus kill-and-resume.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use heterotune_tests::s3::S3Server;
-use heterotune_tests::{binary, fixtures};
+use heterotune_tests::{binary, fixtures, output_text};
 
 fn heterotune() -> PathBuf {
     let bin = binary("heterotune");
@@ -48,13 +48,16 @@ fn run_command(root: &Path, spec: &Path) -> Command {
     cmd
 }
 
-fn output_text(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+/// Writes `spec` to `root/spec.yaml`, runs it to the end and checks that it
+/// succeeded with a report of 2 rounds.
+fn run_to_success(root: &Path, spec: &str) {
+    let spec_file = root.join("spec.yaml");
+    std::fs::write(&spec_file, spec).expect("spec");
+    let out = run_command(root, &spec_file)
+        .output()
+        .expect("heterotune runs");
+    assert!(out.status.success(), "{}\n{spec}", output_text(&out));
+    check_report(root, 2);
 }
 
 fn report(root: &Path) -> serde_json::Value {
@@ -429,13 +432,7 @@ fn hetlora_baseline_federation_runs() {
     // wide-bert trains at rank 2 (HetLoRA truncates the global factors for it).
     let at = spec.find("    - name: tiny-llama").expect("client list");
     let spec = format!("{}      loraRank: 2\n{}", &spec[..at], &spec[at..]);
-    let spec_file = root.join("spec.yaml");
-    std::fs::write(&spec_file, &spec).expect("spec");
-    let out = run_command(root, &spec_file)
-        .output()
-        .expect("heterotune runs");
-    assert!(out.status.success(), "{}\n{spec}", output_text(&out));
-    check_report(root, 2);
+    run_to_success(root, &spec);
     let r = report(root);
     assert_eq!(r["algorithm"], "hetlora");
 }
@@ -522,13 +519,7 @@ fn run_bridge_federation(root: &Path, name: &str, storage: &str, teacher: &str) 
          distillation: {{ poolTeacher: {teacher} }} }}\n",
         root.join("models/tiny-bert-a").display()
     );
-    let spec_file = root.join("spec.yaml");
-    std::fs::write(&spec_file, &spec).expect("spec");
-    let out = run_command(root, &spec_file)
-        .output()
-        .expect("heterotune runs");
-    assert!(out.status.success(), "{}\n{spec}", output_text(&out));
-    check_report(root, 2);
+    run_to_success(root, &spec);
 }
 
 /// A bridge (`spec.bridge`): every client co-trains a small common model

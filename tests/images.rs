@@ -19,7 +19,7 @@ use heterotune_operator::controller::jobs::{self, Run, SPEC_DIR, SPEC_FILE, WORK
 use heterotune_operator::controller::JobConfig;
 use heterotune_operator::sizing::Placement;
 use heterotune_tests::s3::S3Server;
-use heterotune_tests::{binary, repo_root};
+use heterotune_tests::{binary, output_text, repo_root};
 use k8s_openapi::api::batch::v1::Job;
 
 const BUCKET: &str = "heterotune";
@@ -31,15 +31,6 @@ enum Place<'a> {
     Host { work: &'a Path },
     /// The trainer image (a buildah container), as a pod.
     Image { container: &'a str },
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// Runs the Job's single container at `place`; the spec file stands for the
@@ -105,7 +96,7 @@ fn run_job(job: &Job, spec_file: &Path, place: &Place) -> Output {
         }
     };
     let out = out.expect("the Job's command starts");
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     out
 }
 

@@ -6,6 +6,7 @@ pub mod mutate;
 pub mod s3;
 
 use std::path::PathBuf;
+use std::process::Output;
 
 /// The workspace root.
 pub fn repo_root() -> PathBuf {
@@ -24,4 +25,15 @@ pub fn binary(name: &str) -> PathBuf {
         .and_then(|deps| deps.parent())
         .map(|profile| profile.join(name))
         .unwrap_or_else(|| PathBuf::from(name))
+}
+
+/// A finished command's exit status, stdout and stderr, for assertion
+/// messages.
+pub fn output_text(out: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
