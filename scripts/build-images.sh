@@ -197,10 +197,17 @@ load_into_kind() { # image
 # ---------------------------------------------------------------- local base image
 # debootstrap's tree of bookworm, cached, committed as the runtime base image.
 apt_mirror() { # the host's Debian mirror for bookworm (deb822 .sources or one-line .list)
-  cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources 2> /dev/null | awk '
+  # awk reads the files that exist itself: no pipe, so neither a missing
+  # glob nor awk's early exit can fail the caller under pipefail.
+  local f files=()
+  for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
+    if [ -f "$f" ]; then files+=("$f"); fi
+  done
+  [ "${#files[@]}" -gt 0 ] || return 0
+  awk '
     /^deb[ \t]/ { for (i = 2; i <= NF; i++) if ($i !~ /^\[/ && $i !~ /\]$/) { if ($(i + 1) == "bookworm") { print $i; exit } break } }
     /^URIs:/ { uri = $2 } /^Suites:/ { for (i = 2; i <= NF; i++) if ($i == "bookworm" && uri != "") { print uri; exit } }
-    /^[ \t]*$/ { uri = "" }'
+    /^[ \t]*$/ { uri = "" }' "${files[@]}"
 }
 make_local_base() {
   local base="docker.io/library/debian:bookworm-slim"
