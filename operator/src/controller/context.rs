@@ -42,9 +42,11 @@ pub struct JobConfig {
     /// Trainer image when `spec.trainer.image` is unset.
     #[serde(default = "default_image")]
     pub trainer_image: String,
-    /// UID the trainer runs as (the pods are non-root).
+    /// UID (and group) the trainer and aggregation pods run as; `null`
+    /// leaves it to the platform (OpenShift assigns one per namespace). The
+    /// pods are non-root either way.
     #[serde(default = "default_uid")]
-    pub run_as_user: i64,
+    pub run_as_user: Option<i64>,
     /// Finished Jobs are deleted this long after they end, but never before
     /// their round can have ended (the deadline plus the straggler wait plus
     /// an hour): a round's failure counts live in its Jobs.
@@ -67,8 +69,8 @@ pub struct JobConfig {
 fn default_image() -> String {
     format!("ghcr.io/heterotune/trainer:{}", env!("CARGO_PKG_VERSION"))
 }
-fn default_uid() -> i64 {
-    65532
+fn default_uid() -> Option<i64> {
+    Some(65532)
 }
 fn default_ttl() -> i32 {
     86400

@@ -301,13 +301,14 @@ fn volumes(run: &Run, config: &JobConfig) -> Vec<Volume> {
     ]
 }
 
-/// The restricted security context of every pod, as user and group `uid`.
-fn pod_security(uid: i64) -> PodSecurityContext {
+/// The restricted security context of every pod, as user and group `uid`
+/// (`None`: the platform's choice, e.g. OpenShift's per-namespace UID).
+fn pod_security(uid: Option<i64>) -> PodSecurityContext {
     PodSecurityContext {
         run_as_non_root: Some(true),
-        run_as_user: Some(uid),
-        run_as_group: Some(uid),
-        fs_group: Some(uid),
+        run_as_user: uid,
+        run_as_group: uid,
+        fs_group: uid,
         seccomp_profile: Some(SeccompProfile {
             type_: "RuntimeDefault".into(),
             localhost_profile: None,
@@ -564,5 +565,35 @@ pub fn spec_config_map(run: &Run) -> ConfigMap {
         },
         data: Some(data),
         ..ConfigMap::default()
+    }
+}
+
+#[cfg(test)]
+mod security_tests {
+    use super::*;
+
+    #[test]
+    fn the_pods_uid_is_the_configs_or_the_platforms() {
+        let fixed = pod_security(Some(65532));
+        assert_eq!(
+            (fixed.run_as_user, fixed.run_as_group, fixed.fs_group),
+            (Some(65532), Some(65532), Some(65532))
+        );
+        // `runAsUser: null` (OpenShift): no UID, still non-root.
+        let config: super::super::JobConfig =
+            serde_json::from_value(serde_json::json!({ "runAsUser": null })).expect("config");
+        let platform = pod_security(config.run_as_user);
+        assert_eq!(
+            (
+                platform.run_as_user,
+                platform.run_as_group,
+                platform.fs_group
+            ),
+            (None, None, None)
+        );
+        assert_eq!(platform.run_as_non_root, Some(true));
+        let default: super::super::JobConfig =
+            serde_json::from_value(serde_json::json!({})).expect("config");
+        assert_eq!(default.run_as_user, Some(65532));
     }
 }
