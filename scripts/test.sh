@@ -9,6 +9,9 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
+# A fresh run needs about 20 GB of disk (libtorch venv 5 GB, models 2 GB,
+# target 8 GB, image build trees); a full disk shows up as a linker crash.
+df -h . | awk 'NR==2 {print "== disk: " $4 " free of " $2 " on " $6}'
 ./scripts/setup.sh
 # shellcheck source=scripts/env.sh
 source scripts/env.sh
@@ -20,6 +23,7 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "== cargo build (binaries used by end-to-end tests)"
 cargo build --workspace --bins --quiet
 echo "== cargo test"
+df -h . | awk 'NR==2 {print "   disk: " $4 " free"}'
 cargo test --workspace
 echo "== pytest (converters)"
 HETEROTUNE_REQUIRE_CACHE=1 python -m pytest -q scripts/tests
