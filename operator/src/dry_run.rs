@@ -11,7 +11,7 @@ pub use plan::{ClientPlan, PlacementKind, Plan, UNITS};
 
 use heterotune_crds::dtype;
 use heterotune_crds::layout::RunLayout;
-use heterotune_crds::model::ModelFacts;
+use heterotune_crds::model::{wire, ModelFacts};
 use heterotune_crds::spec::{Dtype, ModelSpec};
 use heterotune_crds::uri::{self, Location};
 use heterotune_crds::{FederatedTune, FederatedTuneSpec};
@@ -114,12 +114,61 @@ fn headline(ft: &FederatedTune, slots: u64) -> String {
     )
 }
 
-/// Trainable parameters of the bridge (0 without one or when unknown).
-fn bridge_trainable(bridge: Option<&Result<BridgeModel, SizingError>>) -> u64 {
+/// Bytes of the bridge's tensors a client uploads each round
+/// ([`wire::bridge_upload`]; 0 without a bridge or when its shape is unknown).
+fn bridge_upload_bytes(
+    spec: &FederatedTuneSpec,
+    bridge: Option<&Result<BridgeModel, SizingError>>,
+) -> u64 {
     match bridge {
-        Some(Ok(b)) => sizing::trainable_parameters(&b.shape, &b.workload),
+        Some(Ok(b)) => wire::bridge_upload(spec, b.shape.wire())
+            .map(|t| wire::payload_bytes(&t))
+            .unwrap_or_else(|_| sizing::trainable_parameters(&b.shape, &b.workload) * 2),
         _ => 0,
     }
+}
+
+/// The public pool's texts at most: `splits.pool` of the records left for
+/// training once validation and test are split off. An upper bound: the
+/// trainer drops duplicate texts first and rounds per class. `None` when
+/// the run holds out no pool or the dataset is not a local file.
+fn pool_texts_bound(spec: &FederatedTuneSpec, data: Option<DataProfile>) -> Option<u64> {
+    let splits = &spec.task.splits;
+    let data = data.filter(|_| splits.pool > 0.0)?;
+    let train = data.examples as f64 * (1.0 - splits.validation - splits.test).max(0.0);
+    Some((train * splits.pool).round() as u64)
+}
+
+/// Bytes of the pool ensemble's values a client uploads each round
+/// ([`wire::pool_upload`]) at [`pool_texts_bound`] texts; 0 when the run
+/// does not use the ensemble or the pool's size is unknown.
+fn pool_upload_bytes(spec: &FederatedTuneSpec, data: Option<DataProfile>) -> u64 {
+    pool_texts_bound(spec, data).map_or(0, |texts| {
+        wire::payload_bytes(&wire::pool_upload(spec, texts))
+    })
+}
+
+/// The pool ensemble's line: how many texts at most and what its values
+/// add to every client's upload (`None` when the run does not use it).
+fn pool_line(spec: &FederatedTuneSpec, data: Option<DataProfile>) -> Option<String> {
+    if !spec.uses_pool_ensemble() {
+        return None;
+    }
+    Some(match pool_texts_bound(spec, data) {
+        Some(texts) => format!(
+            "pool ensemble: at most {texts} texts ({} of the records left for training; \
+             duplicates are dropped first) × {} classes: at most {} of probabilities per \
+             client per round, in the upload column",
+            spec.task.splits.pool,
+            spec.task.labels.len(),
+            bytes_si(pool_upload_bytes(spec, data)),
+        ),
+        None => format!(
+            "pool ensemble: the dataset is not a local file, so the pool's size is unknown: \
+             each client also sends {} B per pool text, not in the upload column",
+            spec.task.labels.len() as u64 * wire::WIRE_ELEMENT_BYTES
+        ),
+    })
 }
 
 /// The bridge (`spec.bridge`): its model, size and what it adds to every
@@ -135,7 +184,7 @@ fn bridge_lines(
         Err(e) => return Some(format!("bridge {}: {e}\n", model.uri)),
     };
     let adapted = sizing::adapted_layers(b.shape.num_layers, b.workload.slots, &b.workload.layers);
-    let trainable = bridge_trainable(bridge);
+    let trainable = sizing::trainable_parameters(&b.shape, &b.workload);
     let adds = |target| sizing::human_bytes(b.parts(config, target).total());
     Some(format!(
         "bridge {} ({}): {:.1} M params, {} layers, adapted {} (S={}), {trainable} trainable; \
@@ -150,7 +199,7 @@ fn bridge_lines(
         b.workload.slots,
         adds(Target::Cpu),
         adds(Target::Gpu),
-        bytes_si(trainable * 2),
+        bytes_si(bridge_upload_bytes(spec, bridge)),
     ))
 }
 
@@ -327,6 +376,42 @@ spec:
         let plain = describe(&without, &config, Err("not checked here"), &layout);
         assert!(!plain.contains("bridge"), "{plain}");
         assert!(plain.contains(&sizing::human_bytes(own.total)), "{plain}");
+    }
+
+    #[test]
+    fn the_upload_column_is_what_the_trainer_sends() {
+        let layout = RunLayout::new("", "default", "t", "uid");
+        let config = SizingConfig::default();
+        let upload = |ft: &FederatedTune| {
+            Plan::of(ft, &config, Err("not checked here"), &layout).clients[0].upload_bytes
+        };
+        let mut ft = bridged("cache://models/paraphrase-MiniLM-L3-v2");
+        // In bf16 (2 bytes): MiniLM-L6 (d = 384, 6 layers, S = 6, r = 8,
+        // K = 4): shared 6·(4·64 + 4·8 + 4·8 + 4) = 1944, family parts
+        // 2·8·384·6 = 36,864, head 770; the bridge all of its 20,174.
+        let bridge = 20_174 * 2;
+        assert_eq!(upload(&ft), (1944 + 36_864 + 770) * 2 + bridge);
+        ft.spec.adapter.share.head = false;
+        assert_eq!(upload(&ft), (1944 + 36_864) * 2 + bridge);
+        ft.spec.adapter.share.family_parts = false;
+        assert_eq!(upload(&ft), 1944 * 2 + bridge);
+        ft.spec.aggregation.algorithm = heterotune_crds::spec::AggregationAlgorithm::LocalOnly;
+        assert_eq!(upload(&ft), bridge, "local-only: the bridge alone");
+        // The pool ensemble's values: a local dataset of 100 records, 80 %
+        // of them for training, 10 % of those in the pool: 8 texts × 2
+        // classes of probabilities and 2 class counts.
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data = dir.path().join("d.jsonl");
+        std::fs::write(&data, "{\"text\": \"a\", \"label\": \"a\"}\n".repeat(100)).expect("write");
+        ft.spec.task.dataset.uri = data.display().to_string();
+        ft.spec.task.splits.pool = 0.1;
+        assert!(ft.spec.uses_pool_ensemble());
+        assert_eq!(upload(&ft), bridge + (8 * 2 + 2) * 2);
+        let text = describe(&ft, &config, Err("not checked here"), &layout);
+        assert!(
+            text.contains("pool ensemble: at most 8 texts (0.1 of the records left for training"),
+            "{text}"
+        );
     }
 
     #[test]

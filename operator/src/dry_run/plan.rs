@@ -5,13 +5,14 @@ use std::fmt::Write as _;
 
 use heterotune_crds::dtype;
 use heterotune_crds::layout::RunLayout;
+use heterotune_crds::model::wire;
 use heterotune_crds::spec::Dtype;
 use heterotune_crds::{FederatedTune, FederatedTuneSpec};
 use serde::Serialize;
 
 use super::{
-    bridge_lines, bridge_trainable, bytes_si, data_line, dtype_line, headline, layer_ranges,
-    local_data_profile, model_shape, progress_line,
+    bridge_lines, bridge_upload_bytes, bytes_si, data_line, dtype_line, headline, layer_ranges,
+    local_data_profile, model_shape, pool_line, pool_upload_bytes, progress_line,
 };
 use crate::sizing::{
     self, BridgeModel, DataProfile, ModelShape, Placement, SizingConfig, SizingError, Workload,
@@ -19,7 +20,7 @@ use crate::sizing::{
 
 /// What the units in the plan are.
 pub const UNITS: &str = "units: params in millions (M) of parameters; trainable in parameters; \
-     upload per client per round (bf16 deltas) in SI bytes (KB, MB, GB = 10^3, 10^6, 10^9 B); \
+     upload per client per round (bf16, all it sends: shared adapter deltas, the second model's, pool values) in SI bytes (KB, MB, GB = 10^3, 10^6, 10^9 B); \
      host mem (the trainer's RAM) and GPU mem (one GPU's memory) are estimates in binary bytes \
      (MiB, GiB = 2^20, 2^30 B); layers are 0-based, a-b inclusive";
 
@@ -108,6 +109,9 @@ pub struct ClientPlan {
 /// What every client's estimate shares.
 struct Shared<'a> {
     slots: u64,
+    /// Bytes of the bridge's and the pool's tensors every client uploads.
+    bridge_upload: u64,
+    pool_upload: u64,
     data: Option<DataProfile>,
     bridge: Option<&'a Result<BridgeModel, SizingError>>,
     config: &'a SizingConfig,
@@ -136,6 +140,8 @@ impl Plan {
         let slots = sizing::resolve_slots(spec, &shapes);
         let shared = Shared {
             slots,
+            bridge_upload: bridge_upload_bytes(spec, bridge.as_ref()),
+            pool_upload: pool_upload_bytes(spec, data),
             data,
             bridge: bridge.as_ref(),
             config,
@@ -147,6 +153,7 @@ impl Plan {
         notes.extend(bridge_lines(spec, bridge.as_ref(), config));
         notes.extend(dtype_line(spec, dtype::resolve_this_cpu(Dtype::Auto)));
         notes.push(data_line(spec, data));
+        notes.extend(pool_line(spec, data));
         if let Some(p) = &spec.aggregation.privacy {
             let epsilon =
                 heterotune_crds::privacy::epsilon(p.noise_multiplier, spec.rounds, p.delta);
@@ -267,9 +274,14 @@ impl ClientPlan {
         plan.adapted_layers =
             sizing::adapted_layers(shape.num_layers, shared.slots, spec.layer_selection(i));
         plan.trainable_parameters = sizing::trainable_parameters(shape, &workload);
-        // Uploads are bf16 deltas of the shared parts (2 bytes a parameter),
-        // the bridge's with them.
-        plan.upload_bytes = (plan.trainable_parameters + bridge_trainable(shared.bridge)) * 2;
+        // What the trainer writes (`wire`): the shared parts of the own
+        // model as the spec shares them, the bridge's, the pool values.
+        let own = wire::own_upload(spec, i, shape.wire(), shared.slots as usize)
+            .map(|t| wire::payload_bytes(&t))
+            // a window the slots do not fit: the checks refuse the spec; sized
+            // as if every trainable parameter were sent
+            .unwrap_or(plan.trainable_parameters * 2);
+        plan.upload_bytes = own + shared.bridge_upload + shared.pool_upload;
         let placed = sizing::place(
             &spec.clients[i],
             Some(shape),

@@ -4,6 +4,7 @@
 use heterotune_crds::model::facts::{
     bert_parameters, llama_parameters, mpnet_parameters, DEFAULT_RELATIVE_BUCKETS,
 };
+use heterotune_crds::model::wire::WireShape;
 use heterotune_crds::model::{slots, LayerSelection, ModelFacts, SlotMap};
 use heterotune_crds::spec::{FederatedTuneSpec, LayerSelectionSpec, ModelFamily};
 use serde::Serialize;
@@ -39,6 +40,11 @@ pub struct ModelShape {
     pub vocab_size: u64,
     /// MLP width.
     pub intermediate_size: u64,
+    /// Output width of the attention query projection (`h · head_dim`).
+    pub query_width: u64,
+    /// Output width of the attention value projection (`kv_heads ·
+    /// head_dim`: narrower than `d` under grouped-query attention).
+    pub value_width: u64,
     /// Where the numbers came from.
     pub source: ShapeSource,
 }
@@ -46,6 +52,7 @@ pub struct ModelShape {
 impl ModelShape {
     /// The shape of a model whose facts were read.
     pub fn from_facts(facts: &ModelFacts) -> ModelShape {
+        let wire = WireShape::from(facts);
         ModelShape {
             family: facts.family,
             parameters: facts.parameters(),
@@ -54,7 +61,19 @@ impl ModelShape {
             num_heads: facts.num_heads,
             vocab_size: facts.vocab_size,
             intermediate_size: facts.intermediate_size,
+            query_width: wire.query_width,
+            value_width: wire.value_width,
             source: ShapeSource::Config,
+        }
+    }
+
+    /// What the upload rules ([`heterotune_crds::model::wire`]) need of it.
+    pub fn wire(&self) -> WireShape {
+        WireShape {
+            hidden_size: self.hidden_size,
+            num_layers: self.num_layers,
+            query_width: self.query_width,
+            value_width: self.value_width,
         }
     }
 
@@ -72,6 +91,8 @@ impl ModelShape {
             num_heads: (d / 64).max(1),
             vocab_size: 32000,
             intermediate_size: 8 * d / 3,
+            query_width: d,
+            value_width: d,
             source: ShapeSource::Parameters,
         }
     }
@@ -92,9 +113,17 @@ pub fn packaged_model(uri: &str) -> Option<ModelShape> {
         "SmolLM2-135M" | "SmolLM2-135M-Instruct" => (ModelFamily::Llama, 576, 30, 9, 1536, 49152),
         _ => return None,
     };
+    // SmolLM2: 3 key/value heads of width 64 (grouped-query attention).
+    let (kv_heads, head_dim) = (3, 64);
+    let value_width = match family {
+        ModelFamily::Llama => kv_heads * head_dim,
+        ModelFamily::Bert | ModelFamily::Mpnet => d,
+    };
     let parameters = match family {
         ModelFamily::Bert => bert_parameters(d, layers, i, vocab, 512, 2),
-        ModelFamily::Llama => llama_parameters(d, layers, heads, 3, 64, i, vocab, true),
+        ModelFamily::Llama => {
+            llama_parameters(d, layers, heads, kv_heads, head_dim, i, vocab, true)
+        }
         ModelFamily::Mpnet => {
             mpnet_parameters(d, layers, i, vocab, 514, heads, DEFAULT_RELATIVE_BUCKETS)
         }
@@ -107,6 +136,8 @@ pub fn packaged_model(uri: &str) -> Option<ModelShape> {
         num_heads: heads,
         vocab_size: vocab,
         intermediate_size: i,
+        query_width: d,
+        value_width,
         source: ShapeSource::Packaged,
     })
 }

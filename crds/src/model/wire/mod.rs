@@ -133,13 +133,42 @@ pub fn head(d: u64, classes: u64) -> Vec<WireTensor> {
     ]
 }
 
+/// What the upload rules need of a backbone: its facts when its
+/// `config.json` was read ([`From<&ModelFacts>`]), else a sizing estimate
+/// of its shape (`heterotune plan` on a model it cannot read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WireShape {
+    /// Width of the residual stream `d`.
+    pub hidden_size: u64,
+    /// Number of layers `L`.
+    pub num_layers: u64,
+    /// Output width of the attention query projection.
+    pub query_width: u64,
+    /// Output width of the attention value projection.
+    pub value_width: u64,
+}
+
+impl From<&ModelFacts> for WireShape {
+    fn from(facts: &ModelFacts) -> WireShape {
+        let d = facts.hidden_size;
+        let (query_width, value_width) = match facts.family {
+            ModelFamily::Llama => (facts.num_heads * facts.head_dim, facts.value_width()),
+            ModelFamily::Bert | ModelFamily::Mpnet => (d, d),
+        };
+        WireShape {
+            hidden_size: d,
+            num_layers: facts.num_layers,
+            query_width,
+            value_width,
+        }
+    }
+}
+
 /// LoRA's factors on the query and value projections of `layers` at rank `r`.
-pub fn lora(facts: &ModelFacts, layers: &[usize], r: u64) -> Vec<WireTensor> {
-    let d = facts.hidden_size;
-    let (query_out, value_out) = match facts.family {
-        ModelFamily::Llama => (facts.num_heads * facts.head_dim, facts.value_width()),
-        ModelFamily::Bert | ModelFamily::Mpnet => (d, d),
-    };
+pub fn lora(shape: impl Into<WireShape>, layers: &[usize], r: u64) -> Vec<WireTensor> {
+    let shape: WireShape = shape.into();
+    let d = shape.hidden_size;
+    let (query_out, value_out) = (shape.query_width, shape.value_width);
     layers
         .iter()
         .flat_map(|l| {
@@ -187,13 +216,14 @@ pub fn dema_layers(
 pub fn own_upload(
     spec: &FederatedTuneSpec,
     index: usize,
-    facts: &ModelFacts,
+    shape: impl Into<WireShape>,
     slots: usize,
 ) -> Result<Vec<WireTensor>, super::SlotError> {
     if spec.aggregation.algorithm == AggregationAlgorithm::LocalOnly {
         return Ok(Vec::new());
     }
-    let (num_layers, d) = (facts.num_layers as usize, facts.hidden_size);
+    let shape: WireShape = shape.into();
+    let (num_layers, d) = (shape.num_layers as usize, shape.hidden_size);
     let selection = spec.layer_selection(index);
     let share = &spec.adapter.share;
     let mut out = match spec.adapter.kind {
@@ -211,7 +241,7 @@ pub fn own_upload(
         }
         AdapterKind::Lora => {
             let r = spec.clients[index].lora_rank.unwrap_or(spec.adapter.rank);
-            lora(facts, &lora_layers(num_layers, selection), u64::from(r))
+            lora(shape, &lora_layers(num_layers, selection), u64::from(r))
         }
     };
     if share.head {
@@ -220,7 +250,7 @@ pub fn own_upload(
     Ok(out)
 }
 
-/// Every tensor of the bridge (`spec.bridge`) on backbone `facts`, as a
+/// Every tensor of the bridge (`spec.bridge`) on backbone `shape`, as a
 /// client sends it each round: its DeMA (one slot per layer of its
 /// window), its head, all under `bridge.`. Empty without a bridge.
 ///
@@ -228,21 +258,22 @@ pub fn own_upload(
 /// [`super::SlotError`] when the bridge's window does not fit its backbone.
 pub fn bridge_upload(
     spec: &FederatedTuneSpec,
-    facts: &ModelFacts,
+    shape: impl Into<WireShape>,
 ) -> Result<Vec<WireTensor>, super::SlotError> {
     let Some(selection) = spec.bridge_layer_selection() else {
         return Ok(Vec::new());
     };
-    let num_layers = facts.num_layers as usize;
+    let shape: WireShape = shape.into();
+    let num_layers = shape.num_layers as usize;
     let slots = LayerSelection::from_spec(selection, num_layers).window_depth(num_layers);
     let r = u64::from(spec.adapter.rank);
     let mut t = dema_shared(slots as u64, u64::from(spec.adapter.experts), r);
     t.extend(dema_family(
         &dema_layers(num_layers, slots, selection)?,
         r,
-        facts.hidden_size,
+        shape.hidden_size,
     ));
-    t.extend(head(facts.hidden_size, spec.task.labels.len() as u64));
+    t.extend(head(shape.hidden_size, spec.task.labels.len() as u64));
     Ok(t.into_iter()
         .map(|w| WireTensor {
             name: format!("{BRIDGE_PREFIX}{}", w.name),
