@@ -1546,6 +1546,14 @@ fn median_and_trimmed_mean_on_a_hand_computed_case() {
             json!({"combine": "trimmedMean", "trimFraction": 0.2}),
             [2.0, 0.5, -1.0 / 6.0, 0.5],
         ),
+        // Krum scores with f = 1 (sum of the 2 nearest squared distances):
+        // a 13.56, b 13.88, c 21.31, d ≈ 2.2e77, e 38.81: d is left out, the
+        // mean of a, b, c, e.
+        (
+            "multiKrum",
+            json!({"combine": "multiKrum"}),
+            [1.5, 0.1875, 0.125, 0.75],
+        ),
     ];
     for (what, robust, want) in cases {
         for algorithm in ["fedavg", "cmga"] {
@@ -1571,6 +1579,40 @@ fn median_and_trimmed_mean_on_a_hand_computed_case() {
             "{what}"
         );
     }
+}
+
+#[test]
+fn multi_krum_names_whom_it_left_out() {
+    // The five clients above; with f = 2 each score is the nearest squared
+    // distance: a 3.06, b 3.06, c 10.5, d ≈ 1.1e77, e 15.56: a, b, c kept.
+    let s = five_clients(json!({}));
+    let k = key(&s, "a");
+    let run = Run::new(&shared(THETA0));
+    let rows: [(&str, u64, [f32; 4]); 5] = [
+        ("a", 1, [1.0, 0.5, -1.0, 0.0]),
+        ("b", 2, [2.0, 0.25, 0.0, 1.0]),
+        ("c", 3, [3.0, 1.0, 0.5, -2.0]),
+        ("d", 4, [1000.0, 0.75, -3.3e38, 0.5]),
+        ("e", 5, [0.0, -1.0, 1.0, 4.0]),
+    ];
+    for (c, n, u) in rows {
+        run.good(1, c, &k, n, &shared(u));
+    }
+    let robust = json!({"combine": "multiKrum", "byzantineClients": 2,
+                        "normBoundMultiple": 0.0, "maxExamplesShare": 1.0});
+    let s = five_clients(json!({"robust": robust}));
+    let out_dir = run.dir.join("krum-f2");
+    let out = run.aggregate_into(&s, 1, &out_dir).expect("multiKrum");
+    assert_eq!(
+        out.stats.robust.krum_excluded,
+        vec!["d (shared)", "e (shared)"]
+    );
+    let got = shared_delta(&values(&out_dir));
+    assert_close(
+        &got.iter().map(|&x| x as f32).collect::<Vec<_>>(),
+        &[2.0, 7.0 / 12.0, -1.0 / 6.0, -1.0 / 3.0],
+        "multiKrum f = 2",
+    );
 }
 
 #[test]

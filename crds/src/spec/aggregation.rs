@@ -107,8 +107,10 @@ pub struct RobustSpec {
     /// when the aggregator can read the dataset (the local runner can).
     #[serde(default = "default_true")]
     pub examples_from_partition: bool,
-    /// How the updates that are averaged together are combined, coordinate
-    /// by coordinate (within each family before CMGA's alignment).
+    /// How the updates that are averaged together are combined (over all
+    /// clients for the bridge and FedAvg's shared part, else within each
+    /// family, before CMGA's alignment): the weighted mean, coordinate by
+    /// coordinate (median, trimmed mean), or by whole update (multi-Krum).
     #[serde(default)]
     pub combine: RobustCombine,
     /// `trimmedMean`: fraction of the updates dropped at each end of every
@@ -116,6 +118,13 @@ pub struct RobustSpec {
     #[serde(default = "default_trim_fraction")]
     #[schemars(range(min = 0.0, max = 0.49))]
     pub trim_fraction: f64,
+    /// `multiKrum`: `f`, the hostile clients assumed in each group of
+    /// updates averaged together; the `n − f` updates with the lowest Krum
+    /// scores (each one's summed squared distance to its `n − f − 2`
+    /// nearest others) are averaged. A group of `f + 2` or fewer keeps all.
+    #[serde(default = "default_byzantine_clients")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub byzantine_clients: u32,
 }
 
 fn default_norm_bound_multiple() -> f64 {
@@ -130,6 +139,10 @@ fn default_true() -> bool {
     true
 }
 
+fn default_byzantine_clients() -> u32 {
+    1
+}
+
 fn default_trim_fraction() -> f64 {
     0.2
 }
@@ -142,6 +155,7 @@ impl Default for RobustSpec {
             examples_from_partition: true,
             combine: RobustCombine::default(),
             trim_fraction: default_trim_fraction(),
+            byzantine_clients: default_byzantine_clients(),
         }
     }
 }
@@ -157,6 +171,10 @@ pub enum RobustCombine {
     Median,
     /// Unweighted coordinate-wise trimmed mean (`trimFraction`).
     TrimmedMean,
+    /// Multi-Krum (Blanchard et al. 2017; El Mhamdi et al. 2018): the
+    /// unweighted mean of the `n − byzantineClients` updates closest to
+    /// their neighbours, per part (shared, own, bridge, pool) of each group.
+    MultiKrum,
 }
 
 impl RobustCombine {
@@ -166,6 +184,7 @@ impl RobustCombine {
             RobustCombine::Mean => "mean",
             RobustCombine::Median => "median",
             RobustCombine::TrimmedMean => "trimmedMean",
+            RobustCombine::MultiKrum => "multiKrum",
         }
     }
 }

@@ -1,8 +1,13 @@
-//! Coordinate-wise robust combiners (`spec.aggregation.robust.combine:
-//! median | trimmedMean`), wrapped around the run's aggregator.
+//! Robust combiners (`spec.aggregation.robust.combine: median |
+//! trimmedMean | multiKrum`), wrapped around the run's aggregator.
 //!
-//! Where they apply: to the updates the algorithm averages together, tensor
-//! by tensor and coordinate by coordinate, unweighted:
+//! Where they apply: to the updates the algorithm averages together,
+//! unweighted; `median` and `trimmedMean` tensor by tensor and coordinate
+//! by coordinate, `multiKrum` by whole part of an update (the tensors of
+//! one of [`super::robust::PARTS`] in one group, as one vector: it keeps
+//! the `n − f` updates whose summed squared distance to their `n − f − 2`
+//! nearest others is lowest, and averages them; [`krum_select`]). The
+//! groups:
 //!
 //! * `bridge.*`: over all clients (the bridge is averaged over all clients);
 //! * `shared.*` under `fedavg`: over all clients;
@@ -16,8 +21,9 @@
 //! unchanged, so the aggregator's sample-weighted mean of the group is the
 //! robust value (up to f64 rounding) and its statistics (clients, examples,
 //! weights) stay as they are. A group of one or two clients gets no
-//! protection from the combiner (the median of two is their mean): the norm
-//! bound is the defence there.
+//! protection from the combiner (the median of two is their mean; Krum
+//! needs more than `f + 2`): the norm bound is the defence there. The
+//! clients multi-Krum left out are named in `stats.robust.krumExcluded`.
 //!
 //! Memory: unlike the mean, this holds every accepted update (f32) until
 //! the round ends. LoRA families are refused (their clients send factors of
@@ -25,11 +31,12 @@
 
 use std::collections::BTreeMap;
 
-use heterotune_crds::spec::{AggregationAlgorithm, RobustCombine};
+use heterotune_crds::spec::{AggregationAlgorithm, RobustCombine, RobustSpec};
 
 use super::array::Array;
 use super::common::BRIDGE_PREFIX;
 use super::common::SHARED;
+use super::robust::part_of;
 use super::{Aggregated, Aggregator, ClientInfo, ClientUpdate, RoundContext};
 use crate::{Error, Result};
 
@@ -47,23 +54,27 @@ pub struct Robust {
     inner: Box<dyn Aggregator>,
     mode: RobustCombine,
     trim_fraction: f64,
+    byzantine: usize,
     updates: Vec<ClientUpdate>,
 }
 
+/// The combined value of every (scope, tensor) of a round.
+type Combined = BTreeMap<(Scope, String), Array>;
+
 impl Robust {
-    /// `inner`, fed robust values per `mode` (`trim_fraction` for the
-    /// trimmed mean).
-    pub fn new(inner: Box<dyn Aggregator>, mode: RobustCombine, trim_fraction: f64) -> Self {
+    /// `inner`, fed robust values per `robust.combine`.
+    pub fn new(inner: Box<dyn Aggregator>, robust: &RobustSpec) -> Self {
         Robust {
             inner,
-            mode,
-            trim_fraction,
+            mode: robust.combine,
+            trim_fraction: robust.trim_fraction,
+            byzantine: robust.byzantine_clients as usize,
             updates: Vec::new(),
         }
     }
 
     /// The combined value of every (scope, tensor) of the buffered updates.
-    fn combined(&self) -> Result<BTreeMap<(Scope, String), Array>> {
+    fn combined(&self) -> Result<Combined> {
         let fedavg = self.inner.algorithm() == AggregationAlgorithm::Fedavg;
         let mut members: BTreeMap<(Scope, String), Vec<&Array>> = BTreeMap::new();
         for u in &self.updates {
@@ -88,6 +99,124 @@ impl Robust {
         }
         Ok(out)
     }
+}
+
+impl Robust {
+    /// Multi-Krum's value of every (scope, tensor) of the buffered
+    /// updates, and who it left out (`client (part)`).
+    fn krum_combined(&self) -> Result<(Combined, Vec<String>)> {
+        let fedavg = self.inner.algorithm() == AggregationAlgorithm::Fedavg;
+        // (scope, part) → its members: (update index, its tensors of the part).
+        type Members<'a> = Vec<(usize, Vec<(&'a String, &'a Array)>)>;
+        let mut groups: BTreeMap<(Scope, &'static str), Members<'_>> = BTreeMap::new();
+        for (i, u) in self.updates.iter().enumerate() {
+            for (name, t) in &u.tensors {
+                let members = groups
+                    .entry((scope_of(fedavg, name, &u.family), part_of(name)))
+                    .or_default();
+                match members.last_mut() {
+                    Some((j, tensors)) if *j == i => tensors.push((name, t)),
+                    _ => members.push((i, vec![(name, t)])),
+                }
+            }
+        }
+        let mut out = BTreeMap::new();
+        let mut excluded = Vec::new();
+        for ((scope, part), members) in groups {
+            let first = &members[0].1;
+            for (i, tensors) in &members {
+                let same = tensors.len() == first.len()
+                    && tensors
+                        .iter()
+                        .zip(first)
+                        .all(|((a, x), (b, y))| a == b && x.shape == y.shape);
+                if !same {
+                    return Err(Error::config(
+                        "spec.aggregation.robust.combine",
+                        format!(
+                            "multiKrum: {} sent other {part} tensors than {}",
+                            self.updates[*i].client, self.updates[members[0].0].client
+                        ),
+                    ));
+                }
+            }
+            let n = members.len();
+            let mut distances = vec![vec![0.0f64; n]; n];
+            for a in 0..n {
+                for b in a + 1..n {
+                    let d: f64 = members[a]
+                        .1
+                        .iter()
+                        .zip(&members[b].1)
+                        .map(|((_, x), (_, y))| squared_distance(x, y))
+                        .sum();
+                    distances[a][b] = d;
+                    distances[b][a] = d;
+                }
+            }
+            let kept = krum_select(&distances, self.byzantine);
+            for (m, (i, _)) in members.iter().enumerate() {
+                if !kept.contains(&m) {
+                    excluded.push(format!("{} ({part})", self.updates[*i].client));
+                }
+            }
+            for (t, (name, shape)) in first.iter().map(|(n, a)| (n, &a.shape)).enumerate() {
+                let mut mean = vec![0.0f64; shape.iter().product()];
+                for &m in &kept {
+                    for (acc, &v) in mean.iter_mut().zip(&members[m].1[t].1.data) {
+                        *acc += f64::from(v);
+                    }
+                }
+                mean.iter_mut().for_each(|v| *v /= kept.len() as f64);
+                out.insert(
+                    (scope.clone(), (*name).clone()),
+                    Array::from_f64(shape, &mean),
+                );
+            }
+        }
+        excluded.sort();
+        Ok((out, excluded))
+    }
+}
+
+/// `Σ (x − y)²` over two arrays of one shape, in f64.
+fn squared_distance(x: &Array, y: &Array) -> f64 {
+    x.data
+        .iter()
+        .zip(&y.data)
+        .map(|(&a, &b)| {
+            let d = f64::from(a) - f64::from(b);
+            d * d
+        })
+        .sum()
+}
+
+/// Multi-Krum's choice among `n` updates with pairwise squared distances
+/// `distances` (`n × n`, symmetric), assuming `f` of them hostile: each
+/// update's score is the sum of its `n − f − 2` smallest distances to the
+/// others; the `n − f` lowest scores are kept (ties: the earlier update).
+/// With `n ≤ f + 2` there are no neighbours to score by: all are kept.
+/// Returns the kept indices, ascending.
+pub fn krum_select(distances: &[Vec<f64>], f: usize) -> Vec<usize> {
+    let n = distances.len();
+    if n <= f + 2 {
+        return (0..n).collect();
+    }
+    let neighbours = n - f - 2;
+    let mut scores: Vec<(f64, usize)> = (0..n)
+        .map(|i| {
+            let mut d: Vec<f64> = (0..n)
+                .filter(|&j| j != i)
+                .map(|j| distances[i][j])
+                .collect();
+            d.sort_by(f64::total_cmp);
+            (d[..neighbours].iter().sum(), i)
+        })
+        .collect();
+    scores.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    let mut kept: Vec<usize> = scores[..n - f].iter().map(|&(_, i)| i).collect();
+    kept.sort_unstable();
+    kept
 }
 
 /// The scope of tensor `name` of a client of `family` (`fedavg`: the run's
@@ -139,7 +268,10 @@ impl Aggregator for Robust {
     }
 
     fn finish(mut self: Box<Self>, ctx: &RoundContext<'_>) -> Result<Aggregated> {
-        let combined = self.combined()?;
+        let (combined, krum_excluded) = match self.mode {
+            RobustCombine::MultiKrum => self.krum_combined()?,
+            _ => (self.combined()?, Vec::new()),
+        };
         let updates = std::mem::take(&mut self.updates);
         let Robust { mut inner, .. } = *self;
         let fedavg = inner.algorithm() == AggregationAlgorithm::Fedavg;
@@ -153,13 +285,37 @@ impl Aggregator for Robust {
             }
             inner.add(ctx, u)?;
         }
-        inner.finish(ctx)
+        Ok(Aggregated {
+            krum_excluded,
+            ..inner.finish(ctx)?
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn krum_keeps_the_updates_closest_to_their_neighbours() {
+        // Points on a line: 0, 1, 2, 3 and an outlier at 100; f = 1, so each
+        // score sums the 5 − 1 − 2 = 2 nearest squared distances:
+        // 0: 1 + 4 = 5; 1: 1 + 1 = 2; 2: 1 + 1 = 2; 3: 1 + 4 = 5;
+        // 100: 97² + 98². The four lowest are kept.
+        let x = [0.0f64, 1.0, 2.0, 3.0, 100.0];
+        let d: Vec<Vec<f64>> = x
+            .iter()
+            .map(|a| x.iter().map(|b| (a - b) * (a - b)).collect())
+            .collect();
+        assert_eq!(krum_select(&d, 1), vec![0, 1, 2, 3]);
+        // f = 2: 1 neighbour each (1, 1, 1, 1, 97²): three kept, ties to
+        // the earlier update.
+        assert_eq!(krum_select(&d, 2), vec![0, 1, 2]);
+        // Too few to score (n ≤ f + 2): all kept.
+        assert_eq!(krum_select(&d[..3], 1), vec![0, 1, 2]);
+        let small: Vec<Vec<f64>> = d[..3].iter().map(|r| r[..3].to_vec()).collect();
+        assert_eq!(krum_select(&small, 1), vec![0, 1, 2]);
+    }
 
     #[test]
     fn median_and_trimmed_mean_by_hand() {

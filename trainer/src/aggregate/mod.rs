@@ -187,6 +187,8 @@ pub struct Aggregated {
     pub conflicts_projected: u64,
     /// `aggregation.privacy`: the clients whose update was clipped.
     pub privacy_clipped: Vec<String>,
+    /// `robust.combine: multiKrum`: the parts it left out, `client (part)`.
+    pub krum_excluded: Vec<String>,
 }
 
 /// One aggregation algorithm.
@@ -277,7 +279,7 @@ pub fn aggregator_for(spec: &FederatedTuneSpec) -> Result<Box<dyn Aggregator>> {
     let combined: Box<dyn Aggregator> = match robust.combine {
         RobustCombine::Mean => bridged,
         _ if alg == AggregationAlgorithm::LocalOnly => bridged,
-        mode => Box::new(combine::Robust::new(bridged, mode, robust.trim_fraction)),
+        _ => Box::new(combine::Robust::new(bridged, robust)),
     };
     Ok(match &agg.privacy {
         Some(p) => Box::new(privacy::Private::new(combined, p.clone())),
@@ -515,6 +517,7 @@ fn finish_checked(
     stats.families = aggregated.families;
     stats.groups = aggregated.groups;
     stats.conflicts_projected = aggregated.conflicts_projected;
+    stats.robust.krum_excluded = aggregated.krum_excluded;
     if let Some(p) = &ctx.spec.aggregation.privacy {
         stats.privacy = Some(PrivacyStats {
             clip_norm: p.clip_norm,

@@ -21,7 +21,7 @@
 //!   water-filled ([`capped_weights`]) so that no weight exceeds
 //!   `maxExamplesShare` of the round's total.
 //!
-//! The coordinate-wise combiners (`combine: median | trimmedMean`) are in
+//! The combiners (`combine: median | trimmedMean | multiKrum`) are in
 //! [`super::combine`].
 
 use std::collections::BTreeMap;
@@ -257,7 +257,7 @@ pub fn check_spec(spec: &FederatedTuneSpec) -> Result<()> {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RobustStats {
-    /// `combine` in force (`mean`, `median`, `trimmedMean`).
+    /// `combine` in force (`mean`, `median`, `trimmedMean`, `multiKrum`).
     pub combine: String,
     /// `normBoundMultiple` in force (0: no adaptive bound).
     pub norm_bound_multiple: f64,
@@ -273,6 +273,9 @@ pub struct RobustStats {
     pub weights_capped: Vec<String>,
     /// Clients with a part clipped by the adaptive bound.
     pub clipped: Vec<String>,
+    /// `combine: multiKrum`: the parts it left out, as `client (part)`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub krum_excluded: Vec<String>,
 }
 
 impl RobustStats {
