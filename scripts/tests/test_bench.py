@@ -431,3 +431,86 @@ def test_served_counts_say_what_each_client_served_over_its_seeds():
     runs = [{"clients": [{"name": "a", "served": s}, {"name": "b"}]} for s in ("own", "ensemble", "own")]
     assert analysis.served_counts(runs, "a") == "own 2, ensemble 1"
     assert analysis.served_counts(runs, "b") == ""
+
+
+# --- the Byzantine benchmark's hostile client and table ------------------------------------------
+
+def _artifact(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    out = tmp_path / "out"
+    out.mkdir()
+    tensors = {"shared.slot0.gate.bias": torch.tensor([1.0, -2.0, 0.5], dtype=torch.bfloat16),
+               "pool.probs": torch.tensor([[0.25, 0.75]], dtype=torch.bfloat16)}
+    save_file(tensors, str(out / "adapter.safetensors"))
+    (out / "manifest.json").write_text(json.dumps({"artifact": {"path": "adapter.safetensors",
+                                                                "sha256": "00", "bytes": 1}}))
+    return out
+
+
+def _fake_trainer(tmp_path):
+    real = tmp_path / "real-trainer"
+    real.write_text("#!/bin/sh\nexit 0\n")
+    real.chmod(0o755)
+    return real
+
+
+@pytest.mark.parametrize("mode, want", [("scale:1000", [1000.0, -2000.0, 500.0]), ("flip", [-1.0, 2.0, -0.5]),
+                                        ("none", [1.0, -2.0, 0.5])])
+def test_the_hostile_client_rewrites_only_its_own_update(tmp_path, mode, want):
+    import hashlib
+    import sys
+
+    from safetensors.torch import load_file
+
+    out = _artifact(tmp_path)
+    env = {**os.environ, "HETEROTUNE_ATTACK_TRAINER": str(_fake_trainer(tmp_path)),
+           "HETEROTUNE_ATTACK_CLIENT": "edge-a", "HETEROTUNE_ATTACK": mode}
+    wrapper = ROOT / "scripts/bench/attack_trainer.py"
+    # Another client's training is left alone.
+    subprocess.run([sys.executable, str(wrapper), "train", "--client", "edge-b", "--round", "1", "--out", str(out)],
+                   env=env, check=True)
+    assert load_file(str(out / "adapter.safetensors"))["shared.slot0.gate.bias"].float().tolist() == [1.0, -2.0, 0.5]
+    subprocess.run([sys.executable, str(wrapper), "train", "--client", "edge-a", "--round", "1", "--out", str(out)],
+                   env=env, check=True)
+    t = load_file(str(out / "adapter.safetensors"))
+    assert t["shared.slot0.gate.bias"].float().tolist() == want
+    assert t["pool.probs"].float().tolist() == [[0.25, 0.75]], "pool values are not attacked"
+    manifest = json.loads((out / "manifest.json").read_text())
+    raw = (out / "adapter.safetensors").read_bytes()
+    if mode != "none":
+        assert manifest["artifact"] == {"path": "adapter.safetensors", "bytes": len(raw),
+                                        "sha256": hashlib.sha256(raw).hexdigest()}
+
+
+def test_the_hostile_client_fails_with_the_real_trainer(tmp_path):
+    import sys
+
+    failing = tmp_path / "failing"
+    failing.write_text("#!/bin/sh\nexit 3\n")
+    failing.chmod(0o755)
+    env = {**os.environ, "HETEROTUNE_ATTACK_TRAINER": str(failing), "HETEROTUNE_ATTACK_CLIENT": "edge-a",
+           "HETEROTUNE_ATTACK": "flip"}
+    wrapper = ROOT / "scripts/bench/attack_trainer.py"
+    r = subprocess.run([sys.executable, str(wrapper), "train", "--client", "edge-a", "--round", "1",
+                        "--out", str(tmp_path)], env=env)
+    assert r.returncode == 3
+
+
+def test_the_byzantine_table_pairs_each_attack_with_its_clean_run():
+    import bench_byzantine as bz
+
+    def rec(attack, defence, honest_acc, attacker_acc=0.1):
+        clients = [{"name": f"c{i}", "accuracy": honest_acc} for i in range(7)]
+        return {"tag": bz.tag(attack, defence), "measured_on": "2026-12-07",
+                "result": {"clients": clients + [{"name": bz.ATTACKER, "accuracy": attacker_acc}]}}
+
+    records = {r["tag"]: r for r in [rec("none", "none", 0.84), rec("x1000", "none", 0.20),
+                                     rec("none", "multi-krum", 0.83), rec("x1000", "multi-krum", 0.82)]}
+    table = bz.render(records)
+    row = next(line for line in table.splitlines() if line.startswith("| ×1000 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "0.200 (-64.0)", "the attacker's own accuracy is not counted"
+    assert cells[5] == "0.820 (-1.0)"
+    assert cells[2] == "not run"

@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""A hostile client for the Byzantine benchmark (scripts/bench_byzantine.py): used as
+`heterotune run --trainer`, it runs the real trainer with the same arguments, then, when the
+command trains the attacking client, rewrites that client's update before the runner uploads
+it, as a compromised site would: well-formed, of the right shapes, with a correct sha256.
+
+Environment:
+  HETEROTUNE_ATTACK_TRAINER  the real trainer binary (required)
+  HETEROTUNE_ATTACK_CLIENT   the attacking client's name (unset: no attack)
+  HETEROTUNE_ATTACK          scale:<k> (every delta ×k), flip (×−1), random (Gaussian values of
+                             the same RMS as each tensor, seeded by round), none
+
+Every tensor but the pool ensemble's values (`pool.*`: probabilities, clamped by the aggregator)
+is attacked: the shared part, the client's own parts and head, and its bridge.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def arg(args: list[str], flag: str) -> str | None:
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def attacked(t, mode: str, seed: int):
+    import torch
+
+    x = t.to(torch.float32)
+    if mode == "flip":
+        y = -x
+    elif mode == "random":
+        g = torch.Generator().manual_seed(seed)
+        rms = x.pow(2).mean().sqrt()
+        y = torch.randn(x.shape, generator=g) * rms
+    elif mode.startswith("scale:"):
+        y = x * float(mode.split(":", 1)[1])
+    else:
+        raise SystemExit(f"attack_trainer: HETEROTUNE_ATTACK={mode!r}: use scale:<k>, flip, random or none")
+    return y.to(t.dtype)
+
+
+def rewrite(out: Path, mode: str, round_: int) -> None:
+    from safetensors.torch import load_file, save_file
+
+    manifest_path = out / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    data = out / manifest["artifact"]["path"]
+    tensors = load_file(str(data))
+    for i, name in enumerate(sorted(tensors)):
+        if not name.startswith("pool."):
+            tensors[name] = attacked(tensors[name], mode, round_ * 1000 + i).contiguous()
+    save_file(tensors, str(data))
+    raw = data.read_bytes()
+    manifest["artifact"]["sha256"] = hashlib.sha256(raw).hexdigest()
+    manifest["artifact"]["bytes"] = len(raw)
+    manifest_path.write_text(json.dumps(manifest, indent=2))
+
+
+def main() -> int:
+    real = os.environ.get("HETEROTUNE_ATTACK_TRAINER")
+    if not real:
+        print("attack_trainer: set HETEROTUNE_ATTACK_TRAINER to the real trainer", file=sys.stderr)
+        return 2
+    args = sys.argv[1:]
+    rc = subprocess.call([real, *args])
+    mode = os.environ.get("HETEROTUNE_ATTACK", "none")
+    target = os.environ.get("HETEROTUNE_ATTACK_CLIENT")
+    if rc != 0 or not args or args[0] != "train" or mode == "none" or arg(args, "--client") != target:
+        return rc
+    out, round_ = arg(args, "--out"), arg(args, "--round")
+    if out is None or round_ is None:
+        print("attack_trainer: train without --out/--round", file=sys.stderr)
+        return 2
+    rewrite(Path(out), mode, int(round_))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
