@@ -415,6 +415,32 @@ spec:
     }
 
     #[test]
+    fn a_site_client_is_placed_by_its_site() {
+        let layout = RunLayout::new("", "default", "t", "uid");
+        let config = SizingConfig::default();
+        let mut ft = bridged("cache://models/paraphrase-MiniLM-L3-v2");
+        ft.spec.clients[0].site = Some(heterotune_crds::spec::SiteSpec {
+            name: "hospital-x".into(),
+        });
+        let plan = Plan::of(&ft, &config, Err("not checked here"), &layout);
+        assert_eq!(plan.clients[0].placement, PlacementKind::Site);
+        assert_eq!(plan.clients[0].site.as_deref(), Some("hospital-x"));
+        assert!(
+            plan.clients[0].host_memory_bytes.is_some(),
+            "what it needs is shown"
+        );
+        let text = plan.text();
+        assert!(
+            text.contains("site hospital-x: its agent runs it (`heterotune site`)"),
+            "{text}"
+        );
+        // Unknown shape: still the site's.
+        ft.spec.clients[0].model.uri = "s3://m/private".into();
+        let plan = Plan::of(&ft, &config, Err("not checked here"), &layout);
+        assert_eq!(plan.clients[0].placement, PlacementKind::Site);
+    }
+
+    #[test]
     fn the_plan_names_an_unknown_bridge_by_its_field() {
         let layout = RunLayout::new("", "default", "t", "uid");
         let text = describe(

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use heterotune_crds::dtype;
 use heterotune_crds::layout::RunLayout;
 use heterotune_crds::model::wire;
-use heterotune_crds::spec::Dtype;
+use heterotune_crds::spec::{ClientSpec, Dtype};
 use heterotune_crds::{FederatedTune, FederatedTuneSpec};
 use serde::Serialize;
 
@@ -72,6 +72,9 @@ pub enum PlacementKind {
     NoFit,
     /// The model's size is unknown.
     UnknownShape,
+    /// At its own site (`clients[].site`): the site's agent runs it; the
+    /// memory columns are what it needs there, sized as for this cluster.
+    Site,
 }
 
 /// One client in the plan.
@@ -104,6 +107,9 @@ pub struct ClientPlan {
     /// Why it does not fit, or why its size is unknown.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// `clients[].site.name`, for a client its site runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
 }
 
 /// What every client's estimate shares.
@@ -259,6 +265,7 @@ impl ClientPlan {
             host_memory_bytes: None,
             gpu_memory_bytes: None,
             reason: None,
+            site: None,
         };
         let Some(shape) = shape else {
             let unknown = SizingError::UnknownModel {
@@ -266,7 +273,7 @@ impl ClientPlan {
                 uri: spec.clients[i].model.uri.clone(),
             };
             plan.reason = Some(unknown.to_string());
-            return plan;
+            return plan.at_site(&spec.clients[i]);
         };
         let workload = Workload::of(spec, i, shared.slots).with_data(shared.data);
         plan.parameters = Some(shape.parameters);
@@ -315,7 +322,18 @@ impl ClientPlan {
                 plan.reason = Some(e.to_string());
             }
         }
-        plan
+        plan.at_site(&spec.clients[i])
+    }
+
+    /// A client its site runs (`clients[].site`): the operator starts no
+    /// trainer for it, so where it fits is the site's matter; what it needs
+    /// is still worth showing.
+    fn at_site(mut self, client: &ClientSpec) -> ClientPlan {
+        if let Some(site) = &client.site {
+            self.placement = PlacementKind::Site;
+            self.site = Some(site.name.clone());
+        }
+        self
     }
 
     fn adapted_cell(&self) -> String {
@@ -331,6 +349,10 @@ impl ClientPlan {
             (PlacementKind::Cpu, ..) => "CPU".into(),
             (PlacementKind::Explicit, ..) => "explicit resources".into(),
             (PlacementKind::NoFit, _, Some(why)) => format!("NO FIT: {why}"),
+            (PlacementKind::Site, ..) => format!(
+                "site {}: its agent runs it (`heterotune site`)",
+                self.site.as_deref().unwrap_or("?")
+            ),
             (_, _, why) => format!("unknown model shape: {}", why.as_deref().unwrap_or("?")),
         }
     }
