@@ -197,6 +197,17 @@ fn the_controllers_jobs_run_a_federation_through_s3() {
     );
     assert!(listing.contains("round-0001/global/manifest.json"));
     assert!(listing.contains("round-0000/global/manifest.json"));
+    // The jobs record the run's spec, as `heterotune run` does, for sites
+    // to check the spec they joined against.
+    let recorded = server
+        .get(BUCKET, &run.layout.spec_file())
+        .expect("the jobs recorded spec.json");
+    let recorded: serde_json::Value = serde_json::from_slice(&recorded).expect("spec.json is JSON");
+    let ours: serde_json::Value = serde_json::from_str(&data[SPEC_FILE]).expect("ConfigMap JSON");
+    assert_eq!(
+        recorded["spec"], ours["spec"],
+        "spec.json is the ConfigMap's spec"
+    );
     for c in &clients {
         assert!(listing.contains(&format!("round-0002/clients/{c}/manifest.json")));
         assert!(listing.contains(&format!("private/{c}/state-round-0002.safetensors")));

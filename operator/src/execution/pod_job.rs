@@ -109,6 +109,8 @@ pub enum JobError {
 /// The run a job belongs to.
 struct Loaded {
     ft: FederatedTune,
+    /// The spec document as read (what `<run>/spec.json` records).
+    value: serde_json::Value,
     layout: RunLayout,
     store: Store,
     /// The validated spec (defaults applied) handed to the trainer.
@@ -151,6 +153,7 @@ fn load(opts: &JobOptions) -> Result<Loaded, JobError> {
     })?;
     Ok(Loaded {
         ft,
+        value,
         layout,
         store,
         spec_json,
@@ -237,6 +240,7 @@ pub async fn train(
     device: &str,
 ) -> Result<JobOutcome, JobError> {
     let run = load(opts)?;
+    record_spec(&run).await?;
     check_round(&run.ft, round)?;
     let index = client_index(&run.ft, client, "--client")?;
     let (store, layout) = (&run.store, &run.layout);
@@ -288,6 +292,20 @@ pub async fn train(
     Ok(JobOutcome::Trained { bytes })
 }
 
+/// Records the run's spec in the store (`<run>/spec.json`, as `heterotune
+/// run` does) when it is missing or differs, so that a site's agent checks
+/// the spec it joined against the operator's run (docs/sites.md). Every job
+/// writes the same document of its generation; the operator's admission
+/// rules have already checked how it may change.
+async fn record_spec(run: &Loaded) -> Result<(), JobError> {
+    let key = run.layout.spec_file();
+    let bytes = serde_json::to_vec_pretty(&run.value).unwrap_or_default();
+    if run.store.get(&key).await?.as_deref() != Some(bytes.as_slice()) {
+        run.store.put(&key, bytes.into()).await?;
+    }
+    Ok(())
+}
+
 /// Downloads `client`'s newest private state saved before `round` into
 /// `work/state/`; returns its local path (none before the client's first
 /// round) and the names of every state in the store.
@@ -325,6 +343,7 @@ pub async fn evaluate(
     device: &str,
 ) -> Result<JobOutcome, JobError> {
     let run = load(opts)?;
+    record_spec(&run).await?;
     if round != run.ft.spec.rounds {
         return Err(JobError::Argument {
             flag: "--round",
@@ -396,6 +415,7 @@ pub async fn aggregate(
     participants: &[String],
 ) -> Result<JobOutcome, JobError> {
     let run = load(opts)?;
+    record_spec(&run).await?;
     check_round(&run.ft, round)?;
     if participants.is_empty() {
         return Err(JobError::Argument {
