@@ -10,7 +10,7 @@ capacity ladder and the decoder").
     scripts/bench_central.py smol training.learningRate=0.01     # a setting, as PATH=VALUE under spec
     scripts/bench_central.py smol adapter.outputScale=residual
 
-Models: L3, L6, mpnet, smol (SmolLM2, top-6 window). Needs the release binaries and the asset cache.
+Models: L3, L6, mpnet, smol (SmolLM2, top-6 window), smol14 (its first 14 layers, top-6 window). Needs the release binaries and the asset cache.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ MODELS = {
     "mpnet": {"family": "mpnet", "uri": "cache://models/all-mpnet-base-v2"},
     "smol": {"family": "llama", "uri": "cache://models/SmolLM2-135M-Instruct",
              "adaptedLayers": {"mode": "topWindow", "window": 6}},
+    "smol14": {"family": "llama", "uri": "cache://models/SmolLM2-135M-Instruct-L14",
+               "adaptedLayers": {"mode": "topWindow", "window": 6}},
 }
 
 
@@ -45,6 +47,7 @@ def central_spec(base: dict, model: str, name: str, store: Path, overrides: list
     s["task"]["partition"]["minExamplesPerClient"] = 1
     s["aggregation"] = {"algorithm": "local-only"}
     s.pop("bridge", None)
+    s["task"].setdefault("splits", {})["pool"] = 0.0  # the public pool exists for the bridge only
     s["storage"] = {"uri": f"file://{store}"}
     for item in overrides:
         path, _, value = item.partition("=")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -331,10 +332,18 @@ def build_spec(base: dict, key: RunKey, dataset: dict, store: Path,
 
 
 def set_path(node, keys: list[str], value) -> None:
-    """Sets `value` at `keys` under `node`; a key `name[*]` walks every item of the list `name`."""
+    """Sets `value` at `keys` under `node`; a key `name[*]` walks every item of the list `name`,
+    `name[i]` its item i (0-based)."""
     key, rest = keys[0], keys[1:]
-    if key.endswith("[*]"):
-        for item in node.get(key[:-3], []):
+    indexed = re.fullmatch(r"(.+)\[(\*|\d+)\]", key)
+    if indexed:
+        items = node.get(indexed.group(1), [])
+        if indexed.group(2) != "*":
+            i = int(indexed.group(2))
+            if i >= len(items):
+                raise ValueError(f"{key}: the list has {len(items)} items")
+            items = [items[i]]
+        for item in items:
             set_path(item, rest, value)
     elif not rest:
         node[key] = value

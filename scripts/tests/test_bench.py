@@ -514,3 +514,15 @@ def test_the_byzantine_table_pairs_each_attack_with_its_clean_run():
     assert cells[1] == "0.200 (-64.0)", "the attacker's own accuracy is not counted"
     assert cells[5] == "0.820 (-1.0)"
     assert cells[2] == "not run"
+
+
+def test_overrides_reach_one_client_or_all():
+    from bench.spec import set_path
+
+    doc = {"clients": [{"model": {"uri": "a"}}, {"model": {"uri": "b"}}]}
+    set_path(doc, ["clients[1]", "model", "uri"], "c")
+    assert [c["model"]["uri"] for c in doc["clients"]] == ["a", "c"]
+    set_path(doc, ["clients[*]", "model", "dtype"], "auto")
+    assert all(c["model"]["dtype"] == "auto" for c in doc["clients"])
+    with pytest.raises(ValueError, match="2 items"):
+        set_path(doc, ["clients[2]", "model", "uri"], "d")
