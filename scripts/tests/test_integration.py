@@ -165,6 +165,30 @@ def test_smollm2_says_paris(smol):
     assert cont.startswith(" Paris"), cont
 
 
+def test_the_mid_depth_smollm2_is_the_full_models_first_layers(cache, smol):
+    """models/SmolLM2-135M-Instruct-L14: its last hidden state is the full model's state after
+    layer 14 through the final norm, and it holds nothing else."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    mid_dir = os.path.join(cache, f"models/SmolLM2-135M-Instruct-L{assets.SMOLLM2_MID_LAYERS}")
+    cfg = _cfg(cache, f"models/SmolLM2-135M-Instruct-L{assets.SMOLLM2_MID_LAYERS}")
+    assert cfg["num_hidden_layers"] == assets.SMOLLM2_MID_LAYERS
+    inventory = _header(os.path.join(mid_dir, "model.safetensors"))
+    full = _header(os.path.join(cache, SMOL, "model.safetensors"))
+    assert set(inventory) < set(full)
+    assert not any(k.startswith(f"model.layers.{assets.SMOLLM2_MID_LAYERS}.") for k in inventory)
+    tok = AutoTokenizer.from_pretrained(mid_dir)
+    mid = AutoModelForCausalLM.from_pretrained(mid_dir, dtype=torch.float32)
+    batch = tok(["What is the capital of France ?", "How far is the moon ?"], return_tensors="pt", padding=True)
+    full_model = smol[1]
+    with torch.no_grad():
+        want = full_model.model(**batch, output_hidden_states=True).hidden_states[assets.SMOLLM2_MID_LAYERS]
+        want = full_model.model.norm(want)
+        got = mid.model(**batch).last_hidden_state
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+
+
 def test_smollm2_nll_and_rope_unpermutation(smol):
     """The paragraph NLL is low, and re-applying the GGUF q/k permutation makes it much worse
     (the greedy 'Paris' check alone would not notice)."""

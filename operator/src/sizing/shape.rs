@@ -111,6 +111,8 @@ pub fn packaged_model(uri: &str) -> Option<ModelShape> {
         "paraphrase-MiniLM-L3-v2" => (ModelFamily::Bert, 384, 3, 12, 1536, 30522),
         "all-mpnet-base-v2" => (ModelFamily::Mpnet, 768, 12, 12, 3072, 30527),
         "SmolLM2-135M" | "SmolLM2-135M-Instruct" => (ModelFamily::Llama, 576, 30, 9, 1536, 49152),
+        // its first 14 layers (scripts/assets.py, `_build_smollm2_mid`)
+        "SmolLM2-135M-Instruct-L14" => (ModelFamily::Llama, 576, 14, 9, 1536, 49152),
         _ => return None,
     };
     // SmolLM2: 3 key/value heads of width 64 (grouped-query attention).

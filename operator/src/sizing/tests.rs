@@ -97,6 +97,10 @@ fn parameter_counts_match_the_model_cards() {
     let smol = packaged_model("s3://models/SmolLM2-135M-Instruct").expect("packaged");
     assert_eq!(smol.parameters, 28_311_552 + 30 * 3_540_096 + 576);
     assert_eq!(smol.parameters, 134_515_008);
+    // Its first 14 layers: 28,311,552 + 14 · 3,540,096 + 576 = 77,873,472
+    // (the 312 MB f32 file setup writes).
+    let mid = packaged_model("cache://models/SmolLM2-135M-Instruct-L14").expect("packaged");
+    assert_eq!((mid.parameters, mid.num_layers), (77_873_472, 14));
     // LLaMA-7B: 32000·4096 (embeddings) + 32·(4·4096² + 3·4096·11008 + 2·4096)
     // + 4096 (norm) + 32000·4096 (untied head) = 6,738,415,616.
     assert_eq!(shape(LLAMA_7B).parameters, 6_738_415_616);
