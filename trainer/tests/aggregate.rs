@@ -1518,6 +1518,16 @@ fn an_inflated_weight_is_capped() {
     );
 }
 
+/// Five clients' shared updates (name, numExamples, values), one of them
+/// hostile (`d`), for the combiners' hand-computed cases.
+const FIVE_UPDATES: [(&str, u64, [f32; 4]); 5] = [
+    ("a", 1, [1.0, 0.5, -1.0, 0.0]),
+    ("b", 2, [2.0, 0.25, 0.0, 1.0]),
+    ("c", 3, [3.0, 1.0, 0.5, -2.0]),
+    ("d", 4, [1000.0, 0.75, -3.3e38, 0.5]),
+    ("e", 5, [0.0, -1.0, 1.0, 4.0]),
+];
+
 #[test]
 fn median_and_trimmed_mean_on_a_hand_computed_case() {
     // Per coordinate, unweighted, over the five clients (weights differ
@@ -1526,17 +1536,10 @@ fn median_and_trimmed_mean_on_a_hand_computed_case() {
     //   d (1000, 0.75, -3.3e38, 0.5)   e (0, -1, 1, 4)
     // median (2, 0.5, 0, 0.5); trimmed (20 %: drop the min and the max)
     // (2, 0.5, -1/6, 0.5).
-    let rows: [(&str, u64, [f32; 4]); 5] = [
-        ("a", 1, [1.0, 0.5, -1.0, 0.0]),
-        ("b", 2, [2.0, 0.25, 0.0, 1.0]),
-        ("c", 3, [3.0, 1.0, 0.5, -2.0]),
-        ("d", 4, [1000.0, 0.75, -3.3e38, 0.5]),
-        ("e", 5, [0.0, -1.0, 1.0, 4.0]),
-    ];
     let s = five_clients(json!({}));
     let k = key(&s, "a");
     let run = Run::new(&shared(THETA0));
-    for (c, n, u) in rows {
+    for (c, n, u) in FIVE_UPDATES {
         run.good(1, c, &k, n, &shared(u));
     }
     let cases = [
@@ -1588,14 +1591,7 @@ fn multi_krum_names_whom_it_left_out() {
     let s = five_clients(json!({}));
     let k = key(&s, "a");
     let run = Run::new(&shared(THETA0));
-    let rows: [(&str, u64, [f32; 4]); 5] = [
-        ("a", 1, [1.0, 0.5, -1.0, 0.0]),
-        ("b", 2, [2.0, 0.25, 0.0, 1.0]),
-        ("c", 3, [3.0, 1.0, 0.5, -2.0]),
-        ("d", 4, [1000.0, 0.75, -3.3e38, 0.5]),
-        ("e", 5, [0.0, -1.0, 1.0, 4.0]),
-    ];
-    for (c, n, u) in rows {
+    for (c, n, u) in FIVE_UPDATES {
         run.good(1, c, &k, n, &shared(u));
     }
     let robust = json!({"combine": "multiKrum", "byzantineClients": 2,
