@@ -109,7 +109,7 @@ def render(records: dict[str, dict]) -> str:
                 continue
             cell = f"{honest(r):.3f}"
             if attack != "none" and clean is not None:
-                cell += f" ({(honest(r) - honest(clean)) * 100:+.1f})"
+                cell += f" ({(honest(r) - honest(clean)) * 100:+.1f})".replace("-", "−")
             cells.append(cell)
         lines.append(f"| {LABELS[attack]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -511,8 +511,8 @@ def test_the_byzantine_table_pairs_each_attack_with_its_clean_run():
     table = bz.render(records)
     row = next(line for line in table.splitlines() if line.startswith("| ×1000 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[1] == "0.200 (-64.0)", "the attacker's own accuracy is not counted"
-    assert cells[5] == "0.820 (-1.0)"
+    assert cells[1] == "0.200 (−64.0)", "the attacker's own accuracy is not counted"
+    assert cells[5] == "0.820 (−1.0)"
     assert cells[2] == "not run"
 
 
