@@ -49,15 +49,15 @@ fn run_command(root: &Path, spec: &Path) -> Command {
 }
 
 /// Writes `spec` to `root/spec.yaml`, runs it to the end and checks that it
-/// succeeded with a report of 2 rounds.
-fn run_to_success(root: &Path, spec: &str) {
+/// succeeded with a report of `rounds` rounds.
+fn run_to_success(root: &Path, spec: &str, rounds: usize) {
     let spec_file = root.join("spec.yaml");
     std::fs::write(&spec_file, spec).expect("spec");
     let out = run_command(root, &spec_file)
         .output()
         .expect("heterotune runs");
     assert!(out.status.success(), "{}\n{spec}", output_text(&out));
-    check_report(root, 2);
+    check_report(root, rounds);
 }
 
 fn report(root: &Path) -> serde_json::Value {
@@ -151,13 +151,7 @@ fn federation_on_a_local_folder_store() {
         3,
         &format!("  storage: {{ uri: \"file://{}\" }}", store.display()),
     );
-    let spec_file = root.join("spec.yaml");
-    std::fs::write(&spec_file, spec).expect("spec");
-    let out = run_command(root, &spec_file)
-        .output()
-        .expect("heterotune runs");
-    assert!(out.status.success(), "{}", output_text(&out));
-    check_report(root, 3);
+    run_to_success(root, &spec, 3);
     for r in 0..=3 {
         let manifests = find(&store, &format!("round-{r:04}/global/manifest.json"));
         assert_eq!(manifests.len(), 1, "round {r} global manifest");
@@ -170,7 +164,7 @@ fn federation_on_a_local_folder_store() {
     let first = report(root);
     // A second run of the same command has nothing left to do, and its
     // report keeps every round's time and the time spent in all.
-    let out = run_command(root, &spec_file)
+    let out = run_command(root, &root.join("spec.yaml"))
         .output()
         .expect("heterotune runs");
     assert!(out.status.success(), "{}", output_text(&out));
@@ -432,7 +426,7 @@ fn hetlora_baseline_federation_runs() {
     // wide-bert trains at rank 2 (HetLoRA truncates the global factors for it).
     let at = spec.find("    - name: tiny-llama").expect("client list");
     let spec = format!("{}      loraRank: 2\n{}", &spec[..at], &spec[at..]);
-    run_to_success(root, &spec);
+    run_to_success(root, &spec, 2);
     let r = report(root);
     assert_eq!(r["algorithm"], "hetlora");
 }
@@ -519,7 +513,7 @@ fn run_bridge_federation(root: &Path, name: &str, storage: &str, teacher: &str) 
          distillation: {{ poolTeacher: {teacher} }} }}\n",
         root.join("models/tiny-bert-a").display()
     );
-    run_to_success(root, &spec);
+    run_to_success(root, &spec, 2);
 }
 
 /// A bridge (`spec.bridge`): every client co-trains a small common model

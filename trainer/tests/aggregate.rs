@@ -1528,6 +1528,17 @@ const FIVE_UPDATES: [(&str, u64, [f32; 4]); 5] = [
     ("e", 5, [0.0, -1.0, 1.0, 4.0]),
 ];
 
+/// A run whose round 1 holds [`FIVE_UPDATES`] as the five clients' commits.
+fn five_updates_run() -> Run {
+    let s = five_clients(json!({}));
+    let k = key(&s, "a");
+    let run = Run::new(&shared(THETA0));
+    for (c, n, u) in FIVE_UPDATES {
+        run.good(1, c, &k, n, &shared(u));
+    }
+    run
+}
+
 #[test]
 fn median_and_trimmed_mean_on_a_hand_computed_case() {
     // Per coordinate, unweighted, over the five clients (weights differ
@@ -1536,12 +1547,7 @@ fn median_and_trimmed_mean_on_a_hand_computed_case() {
     //   d (1000, 0.75, -3.3e38, 0.5)   e (0, -1, 1, 4)
     // median (2, 0.5, 0, 0.5); trimmed (20 %: drop the min and the max)
     // (2, 0.5, -1/6, 0.5).
-    let s = five_clients(json!({}));
-    let k = key(&s, "a");
-    let run = Run::new(&shared(THETA0));
-    for (c, n, u) in FIVE_UPDATES {
-        run.good(1, c, &k, n, &shared(u));
-    }
+    let run = five_updates_run();
     let cases = [
         ("median", json!({"combine": "median"}), [2.0, 0.5, 0.0, 0.5]),
         (
@@ -1588,12 +1594,7 @@ fn median_and_trimmed_mean_on_a_hand_computed_case() {
 fn multi_krum_names_whom_it_left_out() {
     // The five clients above; with f = 2 each score is the nearest squared
     // distance: a 3.06, b 3.06, c 10.5, d ≈ 1.1e77, e 15.56: a, b, c kept.
-    let s = five_clients(json!({}));
-    let k = key(&s, "a");
-    let run = Run::new(&shared(THETA0));
-    for (c, n, u) in FIVE_UPDATES {
-        run.good(1, c, &k, n, &shared(u));
-    }
+    let run = five_updates_run();
     let robust = json!({"combine": "multiKrum", "byzantineClients": 2,
                         "normBoundMultiple": 0.0, "maxExamplesShare": 1.0});
     let s = five_clients(json!({"robust": robust}));
