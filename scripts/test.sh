@@ -34,4 +34,5 @@ env $tool_env HETEROTUNE_REQUIRE_TOOLS=1 tests/helm/check.sh
 echo "== container images (static: Dockerfiles, build context, names, hadolint)"
 env $tool_env HETEROTUNE_REQUIRE_TOOLS=1 tests/images/check.sh
 echo "== container images (built with buildah from this build, run as the pods run; 3–6 min)"
+df -h . | awk 'NR==2 {print "   disk: " $4 " free"}'
 tests/images/smoke.sh

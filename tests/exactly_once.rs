@@ -1,7 +1,9 @@
 //! Exactly once on a real S3 server (SeaweedFS on loopback): create-only
 //! writes (`If-None-Match: *`) keep the first object under racing writers,
 //! a second committer of an artifact is told who won, and the run lease
-//! refuses a second holder.
+//! refuses a second holder. Bounded reads, on S3 and on a folder store: an
+//! object larger than a reader's limit is refused before its body is read,
+//! or downloaded only one byte past the limit.
 
 use std::path::Path;
 use std::time::Duration;
@@ -10,7 +12,7 @@ use heterotune_crds::layout::{RunLayout, ADAPTER_FILE, MANIFEST_FILE};
 use heterotune_crds::manifest::{ArtifactKind, ArtifactManifest, FileDigest};
 use heterotune_crds::spec::StorageSpec;
 use heterotune_operator::protocol::commit::{self, Commit};
-use heterotune_operator::protocol::store::Store;
+use heterotune_operator::protocol::store::{Fetched, Store, StoreError};
 use heterotune_operator::runner::lease::{Lease, LeaseError};
 use heterotune_tests::s3::S3Server;
 
@@ -68,7 +70,7 @@ async fn checks(store: Store, root: &Path) {
     let note = again.second_writer_note("round 1's global").expect("note");
     assert!(note.contains(commit::writer_id()), "{note}");
     let down = root.join("down");
-    assert!(commit::download_artifact(&store, key_dir, &down)
+    assert!(commit::download_artifact(&store, key_dir, &down, u64::MAX)
         .await
         .expect("download"));
     assert_eq!(
@@ -93,6 +95,105 @@ async fn checks(store: Store, root: &Path) {
     next.release().await;
 }
 
+/// Reads of objects larger than the reader takes.
+async fn bounded_reads(store: &Store, root: &Path) {
+    let big = vec![7u8; 100_000];
+    store
+        .put("big/object", big.clone().into())
+        .await
+        .expect("put");
+    match store.get_limited("big/object", 1000).await {
+        Err(StoreError::TooLarge { size, limit, .. }) => assert_eq!((size, limit), (100_000, 1000)),
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    let err = store
+        .get_limited("big/object", 1000)
+        .await
+        .expect_err("too large");
+    assert!(err.to_string().contains("holds 100000 bytes"), "{err}");
+    assert_eq!(
+        store
+            .get_limited("big/object", 100_000)
+            .await
+            .expect("fits")
+            .as_deref(),
+        Some(&big[..])
+    );
+    assert_eq!(
+        store.get_limited("big/none", 10).await.expect("absent"),
+        None
+    );
+
+    // A download stops one byte past the limit, for verification to reject.
+    let local = root.join("bounded/object");
+    let cut = store
+        .download_limited("big/object", &local, 1000)
+        .await
+        .expect("download");
+    assert_eq!(
+        cut,
+        Some(Fetched {
+            written: 1001,
+            truncated: true
+        })
+    );
+    assert_eq!(std::fs::read(&local).expect("file"), &big[..1001]);
+    let whole = store
+        .download_limited("big/object", &local, 100_000)
+        .await
+        .expect("download");
+    assert_eq!(
+        whole,
+        Some(Fetched {
+            written: 100_000,
+            truncated: false
+        })
+    );
+    assert_eq!(std::fs::read(&local).expect("file"), big);
+    assert!(store
+        .download_limited("big/none", &local, 10)
+        .await
+        .expect("absent")
+        .is_none());
+
+    // A committed artifact whose data runs past the aggregation's limit:
+    // its manifest arrives whole, its data cut one byte past the limit.
+    let key_dir = "runs/ns/run/round-0002/clients/a";
+    let art = artifact(&root.join("bounded-art"), &big);
+    commit::commit_artifact(store, &art, key_dir, None)
+        .await
+        .expect("commit");
+    let down = root.join("bounded-down");
+    assert!(commit::download_artifact(store, key_dir, &down, 4096)
+        .await
+        .expect("download"));
+    assert_eq!(
+        std::fs::metadata(down.join(ADAPTER_FILE))
+            .expect("data")
+            .len(),
+        4097
+    );
+    let manifest = std::fs::read(down.join(MANIFEST_FILE)).expect("manifest");
+    let m = ArtifactManifest::from_slice(&manifest).expect("whole manifest");
+    assert_eq!(m.artifact.bytes, 100_000);
+    assert!(!down.join(format!("{MANIFEST_FILE}.fetching")).exists());
+}
+
+#[test]
+fn bounded_reads_on_a_folder_store() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = StorageSpec {
+        uri: "file://store".into(),
+        ..StorageSpec::default()
+    };
+    let store = Store::from_spec(&spec, dir.path()).expect("folder store");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(bounded_reads(&store, dir.path()));
+}
+
 #[test]
 fn create_only_commits_and_the_lease_hold_on_s3() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -114,5 +215,8 @@ fn create_only_commits_and_the_lease_hold_on_s3() {
         .enable_all()
         .build()
         .expect("runtime");
-    runtime.block_on(checks(store, root));
+    runtime.block_on(async {
+        bounded_reads(&store, root).await;
+        checks(store, root).await;
+    });
 }

@@ -29,6 +29,13 @@
 pub const ADAPTER_FILE: &str = "adapter.safetensors";
 /// File name of a manifest (the commit marker).
 pub const MANIFEST_FILE: &str = "manifest.json";
+/// The most bytes a reader takes of one JSON record of the store
+/// (manifests, evaluations, leases, reports, specs): a larger one is
+/// refused before its body is read (a hostile client's 1.5 GB manifest
+/// must not become 1.5 GB of a reader's memory), and verification rejects
+/// a larger client manifest (`manifest_unreadable`). Adapter data has its
+/// own limit, `spec.aggregation.maxArtifactBytes`.
+pub const MAX_RECORD_BYTES: u64 = 16 * 1024 * 1024;
 
 /// The store key of the data file with digest `sha256` in the artifact
 /// folder `key_dir` (locally the file is [`ADAPTER_FILE`]). `None` unless

@@ -59,7 +59,18 @@ cleanup() {
 trap cleanup EXIT
 rm -rf "$stage"
 mkdir -p "$stage/bin" "$stage/cache"
-cp "$bins/heterotune" "$bins/heterotune-trainer" "$bins/heterotune-operator" "$stage/bin/"
+# Buildah's vfs storage keeps a full copy of a layer for every stage, container
+# and commit (about six of each image): with the debug binaries and every
+# packaged model the build's disk peak was 13.5 GB, which a CI machine did not
+# have. The smoke image therefore gets the binaries without their debug info
+# (99 -> 25 MB for the trainer) and only the models its tests use: MiniLM-L3,
+# which tests/images.rs trains, and MiniLM-L6, which the Dockerfile's own check
+# looks for. The layout is the release image's; the source build (PARTS=source)
+# bakes every model of scripts/assets.py.
+smoke_models=(paraphrase-MiniLM-L3-v2 all-MiniLM-L6-v2)
+for b in heterotune heterotune-trainer heterotune-operator; do
+  strip --strip-debug -o "$stage/bin/$b" "$bins/$b" 2> /dev/null || cp "$bins/$b" "$stage/bin/$b"
+done
 site="$("$venv/bin/python" -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))')"
 # The libraries of the venv that the trainer loads, where they lie in site-packages.
 while read -r lib; do
@@ -69,10 +80,17 @@ while read -r lib; do
 done < <(LD_LIBRARY_PATH="$site/torch/lib" ldd "$bins/heterotune-trainer" | awk -v s="$site/" 'index($3, s) == 1 { print $3 }')
 [ -f "$stage/site-packages/torch/lib/libtorch_cpu.so" ] || fail "no libtorch_cpu.so from $site/torch/lib in ldd $bins/heterotune-trainer"
 "$venv/bin/python" scripts/assets.py --check > /dev/null || fail "the model cache $HETEROTUNE_CACHE is incomplete (scripts/setup.sh makes it)"
-for d in models data; do
+mkdir -p "$stage/cache/models"
+for d in "${smoke_models[@]/#/models/}" data; do
   cp -al "$HETEROTUNE_CACHE/$d" "$stage/cache/$d" 2> /dev/null || cp -a "$HETEROTUNE_CACHE/$d" "$stage/cache/$d"
 done
-echo "prebuilt parts: $(du -sh "$stage" | cut -f1) in $stage"
+staged_mb="$(du -sm "$stage" | cut -f1)"
+free_mb="$(df -Pm "$(buildah info --format '{{.store.GraphRoot}}' 2> /dev/null || echo /var/lib/containers)" 2> /dev/null | awk 'NR==2 {print $4}')"
+echo "prebuilt parts: ${staged_mb} MB in $stage (models: ${smoke_models[*]}); ${free_mb:-?} MB free for the build"
+# About six copies of the trainer image's content at the build's peak.
+if [ -n "$free_mb" ] && [ "$free_mb" -lt $((staged_mb * 7 + 512)) ]; then
+  fail "${free_mb} MB free, the image build needs about $((staged_mb * 7 + 512)) MB (vfs storage copies every layer): free some disk (target/, ~/.cache) and rerun"
+fi
 
 # ---------------------------------------------------------------- 2. build
 t0=$SECONDS

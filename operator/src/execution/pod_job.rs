@@ -431,7 +431,16 @@ pub async fn aggregate(
         return Ok(JobOutcome::RoundComplete);
     }
     let trainer = staged_trainer(opts, &run, |_| ModelFiles::Config).await?;
-    let done = staging::aggregate(store, layout, &opts.work, &trainer, round, participants).await?;
+    let done = staging::aggregate(
+        store,
+        layout,
+        &opts.work,
+        &trainer,
+        round,
+        participants,
+        spec.aggregation.max_artifact_bytes,
+    )
+    .await?;
     if let Commit::AlreadyCommitted { .. } = done {
         return Ok(JobOutcome::AlreadyCommitted { by: done.writer() });
     }

@@ -276,7 +276,7 @@ pub async fn ensure_global(
     }
     let _ = std::fs::remove_dir_all(&local);
     let key = layout.global_dir(round);
-    if commit::download_artifact(store, &key, &local).await? {
+    if commit::download_artifact(store, &key, &local, u64::MAX).await? {
         return Ok(local);
     }
     if round > 0 {
@@ -294,7 +294,7 @@ pub async fn ensure_global(
     {
         tracing::info!("{note}");
         let _ = std::fs::remove_dir_all(&local);
-        if !commit::download_artifact(store, &key, &local).await? {
+        if !commit::download_artifact(store, &key, &local, u64::MAX).await? {
             return Err(StagingError::MissingGlobal {
                 round,
                 next: round + 1,
@@ -306,10 +306,12 @@ pub async fn ensure_global(
     Ok(local)
 }
 
-/// Stages the participants' artifacts of `round`, runs the aggregation and
-/// commits the global artifact (data, then the manifest that completes the
-/// round, create-only). A writer that lost the race to commit it drops its
-/// own global (the next round downloads the winner's).
+/// Stages the participants' artifacts of `round` (each client's data at
+/// most `max_artifact_bytes`, `spec.aggregation.maxArtifactBytes`, plus the
+/// one byte that shows verification it is too large), runs the aggregation
+/// and commits the global artifact (data, then the manifest that completes
+/// the round, create-only). A writer that lost the race to commit it drops
+/// its own global (the next round downloads the winner's).
 pub async fn aggregate(
     store: &Store,
     layout: &RunLayout,
@@ -317,12 +319,19 @@ pub async fn aggregate(
     trainer: &TrainerCommand,
     round: u32,
     participants: &[String],
+    max_artifact_bytes: u64,
 ) -> Result<Commit, StagingError> {
     let stage = work.join("aggregate");
     let _ = std::fs::remove_dir_all(&stage);
     for client in participants {
         let dir = stage.join(format!("round-{round:04}/clients/{client}"));
-        commit::download_artifact(store, &layout.client_dir(round, client), &dir).await?;
+        commit::download_artifact(
+            store,
+            &layout.client_dir(round, client),
+            &dir,
+            max_artifact_bytes,
+        )
+        .await?;
     }
     let previous = ensure_global(store, layout, trainer, work, round - 1).await?;
     let out = global_dir(work, round);

@@ -10,10 +10,10 @@ use std::sync::OnceLock;
 
 use bytes::Bytes;
 use heterotune_crds::digest::sha256_hex;
-use heterotune_crds::layout::{data_key, RunLayout, ADAPTER_FILE, MANIFEST_FILE};
+use heterotune_crds::layout::{data_key, RunLayout, ADAPTER_FILE, MANIFEST_FILE, MAX_RECORD_BYTES};
 use heterotune_crds::manifest::{now_rfc3339, ArtifactManifest};
 
-use super::store::{write_local, Store, StoreError};
+use super::store::{Store, StoreError};
 
 /// What a commit did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -187,31 +187,64 @@ pub async fn set_aside(
 /// as `adapter.safetensors`). False when absent. A manifest that does not
 /// parse is downloaded alone, for verification to reject; runs written
 /// before data keys had digests are read from `adapter.safetensors`.
+///
+/// Nothing is read whole into memory and nothing past the limits: the
+/// manifest stops one byte past [`MAX_RECORD_BYTES`], the data one byte
+/// past `max_data_bytes` (a client's: `spec.aggregation.maxArtifactBytes`;
+/// `u64::MAX` for a global). Verification then rejects what was cut short
+/// (the manifest does not parse; the data is too large).
 pub async fn download_artifact(
     store: &Store,
     key_dir: &str,
     local_dir: &Path,
+    max_data_bytes: u64,
 ) -> Result<bool, StoreError> {
-    let Some(manifest) = store.get(&format!("{key_dir}/{MANIFEST_FILE}")).await? else {
+    // The manifest takes its name last: a local folder with a manifest is a
+    // complete download (`staging::ensure_global` trusts it).
+    let manifest_path = local_dir.join(MANIFEST_FILE);
+    let fetching = local_dir.join(format!("{MANIFEST_FILE}.fetching"));
+    let manifest_key = format!("{key_dir}/{MANIFEST_FILE}");
+    let Some(fetched) = store
+        .download_limited(&manifest_key, &fetching, MAX_RECORD_BYTES)
+        .await?
+    else {
         return Ok(false);
     };
-    let parsed = ArtifactManifest::from_slice(&manifest).ok();
-    let mut data = None;
+    let parsed = if fetched.truncated {
+        None
+    } else {
+        ArtifactManifest::from_slice(&read_local(&fetching)?).ok()
+    };
+    let data_path = local_dir.join(ADAPTER_FILE);
+    let mut found = false;
     if let Some(key) = parsed
         .as_ref()
         .and_then(|m| data_key(key_dir, &m.artifact.sha256))
     {
-        data = store.get(&key).await?;
+        found = store
+            .download_limited(&key, &data_path, max_data_bytes)
+            .await?
+            .is_some();
     }
-    if data.is_none() {
-        data = store.get(&format!("{key_dir}/{ADAPTER_FILE}")).await?;
+    if !found {
+        found = store
+            .download_limited(
+                &format!("{key_dir}/{ADAPTER_FILE}"),
+                &data_path,
+                max_data_bytes,
+            )
+            .await?
+            .is_some();
     }
-    match data {
-        Some(bytes) => write_local(&local_dir.join(ADAPTER_FILE), &bytes).await?,
-        None if parsed.is_some() => return Ok(false),
-        None => {}
+    if !found && parsed.is_some() {
+        // A manifest without its data is no commit.
+        let _ = std::fs::remove_file(&fetching);
+        return Ok(false);
     }
-    write_local(&local_dir.join(MANIFEST_FILE), &manifest).await?;
+    std::fs::rename(&fetching, &manifest_path).map_err(|e| StoreError::Local {
+        path: manifest_path,
+        source: e,
+    })?;
     Ok(true)
 }
 

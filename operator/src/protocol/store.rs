@@ -5,6 +5,13 @@
 //! readers treat an artifact as present only when its manifest is. Transient
 //! errors are retried with exponential backoff. Error messages name the
 //! store by its URI and never include credentials.
+//!
+//! Reads are bounded: [`Store::get`] refuses a record larger than
+//! [`MAX_RECORD_BYTES`] from the object's size before reading its body (and
+//! stops a body that runs past what the server announced), and downloads
+//! stream to disk, never whole into memory, stopping one byte past a
+//! caller's limit ([`Store::download_limited`]) so that verification
+//! rejects the object as too large.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,10 +19,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::TryStreamExt;
-use heterotune_crds::layout::RunLayout;
+use heterotune_crds::layout::{RunLayout, MAX_RECORD_BYTES};
 use heterotune_crds::spec::StorageSpec;
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutPayload};
+use object_store::{GetResult, ObjectStore, ObjectStoreExt, PutMode, PutPayload};
+use tokio::io::AsyncWriteExt;
 
 /// Environment variables read for S3 credentials (a Secret mounted as env in
 /// a cluster; the user's environment locally).
@@ -37,6 +45,14 @@ pub enum StoreError {
         key: String,
         #[source]
         source: Box<object_store::Error>,
+    },
+    /// An object is larger than a reader takes.
+    #[error("storage {uri}: {key} holds {size} bytes, more than the {limit} a reader takes: it was not written by HeteroTune (remove or replace it)")]
+    TooLarge {
+        uri: String,
+        key: String,
+        size: u64,
+        limit: u64,
     },
     /// A local file could not be read or written while staging.
     #[error("{path}: {source}")]
@@ -63,9 +79,19 @@ impl StoreError {
         match self {
             StoreError::Config { .. } => "store_config",
             StoreError::Operation { .. } => "store_operation",
+            StoreError::TooLarge { .. } => "store_too_large",
             StoreError::Local { .. } => "store_local_io",
         }
     }
+}
+
+/// How a bounded read ended.
+enum Read {
+    /// The whole body: this many bytes.
+    Whole(u64),
+    /// The object holds more than the limit: its size (announced, or at
+    /// least the bytes that came).
+    TooLarge(u64),
 }
 
 /// An object store plus the key prefix of the storage URI.
@@ -83,18 +109,41 @@ impl std::fmt::Debug for Store {
     }
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same folder.
-pub(crate) async fn write_local(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    let local = |e| StoreError::Local {
-        path: path.to_path_buf(),
-        source: e,
-    };
-    if let Some(parent) = path.parent() {
-        tokio::fs::create_dir_all(parent).await.map_err(local)?;
+/// What [`Store::download_limited`] wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fetched {
+    /// Bytes written to the local file.
+    pub written: u64,
+    /// True when the object runs past the limit: the file holds its first
+    /// `limit + 1` bytes.
+    pub truncated: bool,
+}
+
+/// Where a read's body goes: memory (a record) or a local file (a download).
+enum Sink<'a> {
+    Memory(&'a mut Vec<u8>),
+    File(tokio::fs::File),
+}
+
+/// A local file error inside a store read, as `object_store` reports
+/// errors (the read's retry loop handles both alike).
+fn local_io(e: std::io::Error) -> object_store::Error {
+    object_store::Error::Generic {
+        store: "local file",
+        source: Box::new(e),
     }
-    let tmp = path.with_extension(format!("partial-{}", std::process::id()));
-    tokio::fs::write(&tmp, bytes).await.map_err(local)?;
-    tokio::fs::rename(&tmp, path).await.map_err(local)
+}
+
+impl Sink<'_> {
+    async fn write(&mut self, chunk: &[u8]) -> object_store::Result<()> {
+        match self {
+            Sink::Memory(v) => {
+                v.extend_from_slice(chunk);
+                Ok(())
+            }
+            Sink::File(f) => f.write_all(chunk).await.map_err(local_io),
+        }
+    }
 }
 
 /// Reads the local file `path` for an upload.
@@ -233,19 +282,70 @@ impl Store {
         }
     }
 
-    /// Reads `key`; `None` when it does not exist.
+    /// Reads the record `key` (at most [`MAX_RECORD_BYTES`]); `None` when
+    /// it does not exist, [`StoreError::TooLarge`] when it is larger.
     pub async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
+        self.get_limited(key, MAX_RECORD_BYTES).await
+    }
+
+    /// Reads `key` when it holds at most `limit` bytes: the object's size
+    /// is checked before its body is read, and a body that runs past it
+    /// stops there. `None` when it does not exist.
+    pub async fn get_limited(&self, key: &str, limit: u64) -> Result<Option<Bytes>, StoreError> {
         let path = Self::path(key);
         let result = self
             .retry("get", key, || async {
-                self.inner.get(&path).await?.bytes().await
+                let mut body = Vec::new();
+                let read = self
+                    .read_into(&path, limit, &mut Sink::Memory(&mut body))
+                    .await?;
+                Ok((read, body))
             })
             .await;
         match result {
-            Ok(b) => Ok(Some(b)),
+            Ok((Read::Whole(_), body)) => Ok(Some(Bytes::from(body))),
+            Ok((Read::TooLarge(size), _)) => Err(StoreError::TooLarge {
+                uri: self.uri.clone(),
+                key: key.to_string(),
+                size,
+                limit,
+            }),
             Err(e) if e.is_not_found() => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// Streams the body of `path` into `sink`, at most `limit + 1` bytes:
+    /// [`Read::TooLarge`] (with the announced size, or at least `limit + 1`
+    /// for a body that ran past it) when the object is larger than `limit`.
+    /// A memory sink gets nothing of a too large object; a file sink gets
+    /// its first `limit + 1` bytes.
+    async fn read_into(
+        &self,
+        path: &ObjectPath,
+        limit: u64,
+        sink: &mut Sink<'_>,
+    ) -> object_store::Result<Read> {
+        let result: GetResult = self.inner.get(path).await?;
+        let announced = result.meta.size;
+        if announced > limit && matches!(sink, Sink::Memory(_)) {
+            return Ok(Read::TooLarge(announced));
+        }
+        let mut stream = result.into_stream();
+        let mut written = 0u64;
+        let keep = limit.saturating_add(1);
+        while let Some(chunk) = stream.try_next().await? {
+            let take = usize::try_from((keep - written).min(chunk.len() as u64)).unwrap_or(0);
+            sink.write(&chunk[..take]).await?;
+            written += take as u64;
+            if written > limit {
+                return Ok(Read::TooLarge(announced.max(written)));
+            }
+        }
+        if let Sink::File(f) = sink {
+            f.flush().await.map_err(local_io)?;
+        }
+        Ok(Read::Whole(written))
     }
 
     /// Writes `key`.
@@ -276,7 +376,11 @@ impl Store {
         match result {
             Ok(_) => Ok(true),
             Err(e) if e.is_already_exists() => {
-                Ok(self.get(key).await?.as_deref() == Some(&bytes[..]))
+                match self.get_limited(key, bytes.len() as u64).await {
+                    Ok(there) => Ok(there.as_deref() == Some(&bytes[..])),
+                    Err(StoreError::TooLarge { .. }) => Ok(false),
+                    Err(e) => Err(e),
+                }
             }
             Err(e) => Err(e),
         }
@@ -334,14 +438,57 @@ impl Store {
         Ok(keys.len())
     }
 
-    /// Downloads `key` into the file `local` (parent folders created,
-    /// written under a temporary name and renamed). False when absent.
+    /// Downloads `key` into the file `local` (streamed; parent folders
+    /// created, written under a temporary name and renamed). False when
+    /// absent. For the spec's own inputs (models, datasets, private state):
+    /// what a client sends goes through [`Self::download_limited`].
     pub async fn download_file(&self, key: &str, local: &Path) -> Result<bool, StoreError> {
-        let Some(bytes) = self.get(key).await? else {
-            return Ok(false);
+        Ok(self.download_limited(key, local, u64::MAX).await?.is_some())
+    }
+
+    /// Downloads `key` into the file `local` like [`Self::download_file`],
+    /// but at most `limit + 1` bytes: a larger object leaves its first
+    /// `limit + 1` bytes (`truncated`), for verification to reject as too
+    /// large without the rest ever being read. `None` when absent.
+    pub async fn download_limited(
+        &self,
+        key: &str,
+        local: &Path,
+        limit: u64,
+    ) -> Result<Option<Fetched>, StoreError> {
+        let local_err = |e| StoreError::Local {
+            path: local.to_path_buf(),
+            source: e,
         };
-        write_local(local, &bytes).await?;
-        Ok(true)
+        if let Some(parent) = local.parent() {
+            tokio::fs::create_dir_all(parent).await.map_err(local_err)?;
+        }
+        let tmp = local.with_extension(format!("partial-{}", std::process::id()));
+        let path = Self::path(key);
+        let result = self
+            .retry("get", key, || async {
+                let file = tokio::fs::File::create(&tmp).await.map_err(local_io)?;
+                self.read_into(&path, limit, &mut Sink::File(file)).await
+            })
+            .await;
+        let read = match result {
+            Ok(read) => read,
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                return if e.is_not_found() { Ok(None) } else { Err(e) };
+            }
+        };
+        tokio::fs::rename(&tmp, local).await.map_err(local_err)?;
+        Ok(Some(match read {
+            Read::Whole(written) => Fetched {
+                written,
+                truncated: false,
+            },
+            Read::TooLarge(_) => Fetched {
+                written: limit.saturating_add(1),
+                truncated: true,
+            },
+        }))
     }
 
     /// Uploads the local file `local` to `key`.
@@ -372,9 +519,7 @@ impl Store {
                     message: format!("refusing to download {k}: not a plain path under {key}"),
                 });
             }
-            if let Some(bytes) = self.get(k).await? {
-                write_local(&local_dir.join(rel), &bytes).await?;
-            }
+            self.download_file(k, &local_dir.join(rel)).await?;
         }
         Ok(keys.len())
     }

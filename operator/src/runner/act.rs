@@ -210,6 +210,7 @@ impl Runner {
             &self.trainer,
             round,
             participants,
+            self.spec.aggregation.max_artifact_bytes,
         )
         .await;
         match result {

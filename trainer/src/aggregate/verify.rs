@@ -51,7 +51,7 @@ use std::collections::BTreeMap;
 use std::io::Read as _;
 use std::path::Path;
 
-use heterotune_crds::layout::MANIFEST_FILE;
+use heterotune_crds::layout::{MANIFEST_FILE, MAX_RECORD_BYTES};
 use heterotune_crds::manifest::{ArtifactKind, ArtifactManifest, MANIFEST_SCHEMA_VERSION};
 use heterotune_crds::spec::{AggregationSpec, NormBoundAction};
 use safetensors::tensor::TensorView;
@@ -60,9 +60,6 @@ use super::array::{decode, Array};
 use super::reject::{Reject, RejectReason, Rejecter};
 use super::{ClientInfo, ClientUpdate, RoundContext};
 use crate::artifact::{sha256_hex, tensor_views};
-
-/// Largest accepted client manifest.
-pub const MAX_MANIFEST_BYTES: u64 = 16 * 1024 * 1024;
 
 /// Largest accepted `numExamples` (keeps sums of weights exact in u64 and f64).
 pub const MAX_EXAMPLES: u64 = 1 << 40;
@@ -179,12 +176,12 @@ pub fn verify_client(
 /// Reads and parses the manifest in `dir` (bounded in size).
 fn read_manifest(r: &Rejecter<'_>, dir: &Path) -> std::result::Result<ArtifactManifest, Reject> {
     let manifest_path = dir.join(MANIFEST_FILE);
-    let text = read_bounded(&manifest_path, MAX_MANIFEST_BYTES)
+    let text = read_bounded(&manifest_path, MAX_RECORD_BYTES)
         .map_err(|e| r.reject(RejectReason::ManifestUnreadable, e))?;
-    if text.len() as u64 > MAX_MANIFEST_BYTES {
+    if text.len() as u64 > MAX_RECORD_BYTES {
         return Err(r.reject(
             RejectReason::ManifestUnreadable,
-            format!("manifest larger than {MAX_MANIFEST_BYTES} bytes"),
+            format!("manifest larger than {MAX_RECORD_BYTES} bytes"),
         ));
     }
     let m = parse_manifest(&text)

@@ -118,7 +118,7 @@ async fn the_first_commit_wins_and_the_second_writer_is_told_by_whom() {
 async fn downloaded(store: &Store, key_dir: &str, dir: &Path) -> Vec<u8> {
     let down = dir.join("down");
     let _ = std::fs::remove_dir_all(&down);
-    assert!(download_artifact(store, key_dir, &down)
+    assert!(download_artifact(store, key_dir, &down, u64::MAX)
         .await
         .expect("download"));
     std::fs::read(down.join(ADAPTER_FILE)).expect("data")
@@ -178,7 +178,7 @@ async fn damaged_output_is_not_committed_and_old_layouts_still_read() {
     assert_eq!(old, b"old");
     let down = dir.path().join("down");
     assert!(
-        !download_artifact(&store, "ns/run/round-0009/global", &down)
+        !download_artifact(&store, "ns/run/round-0009/global", &down, u64::MAX)
             .await
             .expect("absent")
     );

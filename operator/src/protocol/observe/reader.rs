@@ -29,15 +29,28 @@ pub struct RunReader {
     evaluations: Cache<EvaluationResult>,
 }
 
-/// Reads and parses a manifest; `None` when absent or unreadable.
+/// Reads and parses a manifest; `None` when absent or unreadable (one
+/// larger than a record may be is not read: aggregation rejects it).
 pub async fn read_manifest(
     store: &Store,
     key: &str,
 ) -> Result<Option<ArtifactManifest>, StoreError> {
-    let Some(bytes) = store.get(key).await? else {
+    let Some(bytes) = record(store, key).await? else {
         return Ok(None);
     };
     Ok(ArtifactManifest::from_slice(&bytes).ok())
+}
+
+/// [`Store::get`], with a record that is too large logged and taken as
+/// unreadable: a client's oversized upload must not stop the observer.
+async fn record(store: &Store, key: &str) -> Result<Option<bytes::Bytes>, StoreError> {
+    match store.get(key).await {
+        Err(e @ StoreError::TooLarge { .. }) => {
+            tracing::warn!(key, error = %e, "ignoring an oversized record");
+            Ok(None)
+        }
+        other => other,
+    }
 }
 
 impl RunReader {
@@ -147,7 +160,7 @@ impl RunReader {
             if known.contains_key(client) || !run.clients.iter().any(|c| c == client) {
                 continue;
             }
-            let Some(bytes) = store.get(&key).await? else {
+            let Some(bytes) = record(store, &key).await? else {
                 continue;
             };
             match serde_json::from_slice::<EvaluationResult>(&bytes) {
