@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Source this file to build and run against the project's libtorch:
 #   source scripts/env.sh
 # It points tch at the PyTorch wheel in the project venv (.venv, made by

@@ -63,8 +63,7 @@ apt_packages() {
   local missing
   missing="$(missing_apt_packages "${APT_PACKAGES[@]}")"
   [ -z "$missing" ] && return 0
-  # shellcheck disable=SC2086
-  say "installing Debian packages: $(echo $missing)"
+  say "installing Debian packages: ${missing//$'\n'/ }"
   local sudo=""
   [ "$(id -u)" -ne 0 ] && sudo="sudo"
   $sudo apt-get update -qq
@@ -82,8 +81,7 @@ image_apt_packages() {
     && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends $missing; then
     return 0
   fi
-  # shellcheck disable=SC2086
-  say "skipping $(echo $missing): apt-get cannot install them here (the image smoke test will skip)"
+  say "skipping ${missing//$'\n'/ }: apt-get cannot install them here (the image smoke test will skip)"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -131,8 +129,7 @@ if [ "$CHECK" = 1 ]; then
   status=0
   missing="$(missing_apt_packages "${APT_PACKAGES[@]}")"
   if [ -n "$missing" ]; then
-    # shellcheck disable=SC2086
-    echo "missing: Debian packages: $(echo $missing)"; status=1
+    echo "missing: Debian packages: ${missing//$'\n'/ }"; status=1
   fi
   if [ ! -x "$VENV/bin/python" ]; then
     echo "missing: virtual environment $VENV"; status=1

