@@ -162,6 +162,22 @@ fn the_controllers_jobs_run_a_federation_through_s3() {
                 output_text(&out)
             );
             assert_eq!(server.get(BUCKET, &key), before);
+            // A duplicate pod that trained beside the winner and lost the
+            // commit left its own private state (here: bytes no trainer can
+            // load, under a name that sorts after the winner's): round 2
+            // resumes from the state the committed manifest names.
+            let committed = manifest(&server, &key);
+            let sha = committed
+                .private_state_sha256
+                .expect("the commit names its private state");
+            assert!(server
+                .get(BUCKET, &run.layout.client_state(&clients[0], 1, &sha))
+                .is_some());
+            server.put(
+                BUCKET,
+                &run.layout.client_state(&clients[0], 1, &"f".repeat(64)),
+                b"a losing duplicate's state",
+            );
         }
         pod(&jobs::aggregation_job(
             &run, round, 1, &clients, 600, &config,
@@ -210,10 +226,13 @@ fn the_controllers_jobs_run_a_federation_through_s3() {
     );
     for c in &clients {
         assert!(listing.contains(&format!("round-0002/clients/{c}/manifest.json")));
-        assert!(listing.contains(&format!("private/{c}/state-round-0002.safetensors")));
+        let sha = manifest(&server, &run.layout.client_manifest(2, c))
+            .private_state_sha256
+            .expect("the commit names its private state");
+        assert!(listing.contains(&run.layout.client_state(c, 2, &sha)));
         assert!(
-            !listing.contains(&format!("private/{c}/state-round-0001.safetensors")),
-            "{c}'s old private state was not removed:\n{listing}"
+            !listing.contains(&format!("private/{c}/state-round-0001")),
+            "{c}'s old private states were not removed:\n{listing}"
         );
     }
     // Round 2 trained from round 1's global and each client's own state.

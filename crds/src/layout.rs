@@ -50,12 +50,32 @@ pub fn state_file_name(round: u32) -> String {
     format!("state-round-{round:04}.safetensors")
 }
 
-/// The round of a private-state file name written by [`state_file_name`].
+/// The store object name of a private state of `round` with digest
+/// `sha256`: every writer's state has its own key, and the committed client
+/// manifest names the one that counts (`privateStateSha256`).
+pub fn state_object_name(round: u32, sha256: &str) -> String {
+    format!("state-round-{round:04}-{}.safetensors", sha256.to_ascii_lowercase())
+}
+
+/// The round and digest of a private-state name written by
+/// [`state_file_name`] (no digest) or [`state_object_name`].
+pub fn parse_state_name(name: &str) -> Option<(u32, Option<&str>)> {
+    let rest = name.strip_prefix("state-round-")?.strip_suffix(".safetensors")?;
+    let (round, sha) = match rest.split_once('-') {
+        Some((round, sha))
+            if sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit()) =>
+        {
+            (round, Some(sha))
+        }
+        Some(_) => return None,
+        None => (rest, None),
+    };
+    round.parse().ok().map(|r| (r, sha))
+}
+
+/// The round of a private-state name ([`parse_state_name`]).
 pub fn state_file_round(name: &str) -> Option<u32> {
-    name.strip_prefix("state-round-")?
-        .strip_suffix(".safetensors")?
-        .parse()
-        .ok()
+    parse_state_name(name).map(|(round, _)| round)
 }
 
 /// The newest of `names` (private-state file names) saved before `round`:
@@ -156,9 +176,10 @@ impl RunLayout {
         format!("{}/private/{client}", self.run_dir)
     }
 
-    /// `client`'s private state after `round`.
-    pub fn client_state(&self, client: &str, round: u32) -> String {
-        format!("{}/{}", self.private_dir(client), state_file_name(round))
+    /// `client`'s private state after `round` with digest `sha256`
+    /// ([`state_object_name`]).
+    pub fn client_state(&self, client: &str, round: u32, sha256: &str) -> String {
+        format!("{}/{}", self.private_dir(client), state_object_name(round, sha256))
     }
 
     /// The leases of the process driving the run (`heterotune run`).
@@ -216,8 +237,11 @@ mod tests {
             "runs/team-a/trec-0f1e2d3c/round-0012/global/manifest.json"
         );
         assert_eq!(
-            l.client_state("site-1", 2),
-            "runs/team-a/trec-0f1e2d3c/private/site-1/state-round-0002.safetensors"
+            l.client_state("site-1", 2, &"AB".repeat(32)),
+            format!(
+                "runs/team-a/trec-0f1e2d3c/private/site-1/state-round-0002-{}.safetensors",
+                "ab".repeat(32)
+            )
         );
         assert_eq!(
             l.evaluation_result(12, "site-1"),
@@ -256,5 +280,18 @@ mod tests {
         );
         assert_eq!(latest_state_before(names, 1), None);
         assert_eq!(state_file_round(&state_file_name(12)), Some(12));
+        let sha = "c".repeat(64);
+        let named = state_object_name(7, &sha);
+        assert_eq!(parse_state_name(&named), Some((7, Some(sha.as_str()))));
+        assert_eq!(parse_state_name(&state_file_name(7)), Some((7, None)));
+        assert_eq!(latest_state_before([named.as_str()], 8), Some((7, named.as_str())));
+        for bad in [
+            "state-round-0007-cc.safetensors",
+            "state-round-0007-.safetensors",
+            "state-round--1.safetensors",
+            &format!("state-round-x-{sha}.safetensors"),
+        ] {
+            assert_eq!(parse_state_name(bad), None, "{bad}");
+        }
     }
 }

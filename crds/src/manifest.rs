@@ -64,6 +64,12 @@ pub struct ArtifactManifest {
     /// second writer of the same key is told this one won.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub writer: Option<String>,
+    /// Client artifacts of cluster runs: the sha256 of the private state
+    /// the client saved with this update (stamped by `heterotune job
+    /// train`), so the next round resumes from the committed writer's state,
+    /// not from a duplicate pod's that lost the commit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_state_sha256: Option<String>,
     /// Client name (client artifacts).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client: Option<String>,
@@ -112,6 +118,7 @@ impl ArtifactManifest {
             base_round,
             base_sha256: None,
             writer: None,
+            private_state_sha256: None,
             client: None,
             family: None,
             artifact: FileDigest {

@@ -24,13 +24,15 @@
 
 use std::path::{Path, PathBuf};
 
-use heterotune_crds::layout::{latest_state_before, state_file_name, RunLayout};
+use heterotune_crds::digest::sha256_hex;
+use heterotune_crds::layout::{latest_state_before, parse_state_name, state_file_name, RunLayout};
 use heterotune_crds::FederatedTune;
 
 use super::trainer::{ClientDirs, TrainerCommand};
 use crate::execution::staging::{self, ModelFiles, StagingError};
 use crate::input::spec_file::{self, SpecFileError};
 use crate::protocol::commit::{self, Commit};
+use crate::protocol::observe::reader::read_manifest;
 use crate::protocol::store::{Store, StoreError};
 
 /// Where and how a job runs.
@@ -268,12 +270,20 @@ pub async fn train(
         .await
         .map_err(StagingError::Trainer)?;
     print!("{summary}");
-    // The private state before the commit: a committed artifact always has
-    // the state it was trained into.
+    // The private state before the commit, under its digest, which the
+    // committed manifest names: a committed artifact always has the state it
+    // was trained into, and a duplicate pod that loses the commit cannot
+    // replace it (its state lands under another key and is never read).
     if dirs.state_out.is_file() {
+        let state = std::fs::read(&dirs.state_out).map_err(|source| StoreError::Local {
+            path: dirs.state_out.clone(),
+            source,
+        })?;
+        let sha = sha256_hex(&state);
         store
-            .upload_file(&dirs.state_out, &layout.client_state(client, round))
+            .put(&layout.client_state(client, round, &sha), state.into())
             .await?;
+        commit::stamp_private_state(&dirs.out, &sha)?;
     }
     let key_dir = layout.client_dir(round, client);
     let bytes = match commit::commit_artifact(store, &dirs.out, &key_dir, Some(&global)).await? {
@@ -309,6 +319,13 @@ async fn record_spec(run: &Loaded) -> Result<(), JobError> {
 /// Downloads `client`'s newest private state saved before `round` into
 /// `work/state/`; returns its local path (none before the client's first
 /// round) and the names of every state in the store.
+///
+/// Of a round's states, the one its committed client manifest names
+/// (`privateStateSha256`) counts; a round whose manifest names none (an
+/// older run) takes its undigested state. Where the manifest is gone
+/// (retention pruned it, or the round was never committed: the client was
+/// cut off) a round's only state is taken as before, and of several (a
+/// duplicate pod's among them) none: the client resumes from an older one.
 async fn stage_private_state(
     run: &Loaded,
     client: &str,
@@ -318,20 +335,65 @@ async fn stage_private_state(
     let (store, layout) = (&run.store, &run.layout);
     let private = layout.private_dir(client);
     let names = store.file_names(&private).await?;
-    let Some((from, name)) = latest_state_before(names.iter().map(String::as_str), round) else {
-        return Ok((None, names));
-    };
-    let local = work.join("state").join(name);
-    let key = format!("{private}/{name}");
-    if !store.download_file(&key, &local).await? {
-        return Err(StoreError::Config {
-            uri: store.uri().to_string(),
-            message: format!("{key} disappeared while staging it"),
+    let mut by_round: std::collections::BTreeMap<u32, Vec<(Option<&str>, &str)>> =
+        std::collections::BTreeMap::new();
+    for name in &names {
+        if let Some((r, sha)) = parse_state_name(name).filter(|(r, _)| *r < round) {
+            by_round.entry(r).or_default().push((sha, name));
         }
-        .into());
     }
-    tracing::info!(client, round, from, "resuming from the private state");
-    Ok((Some(local), names))
+    for (&from, states) in by_round.iter().rev() {
+        let manifest = read_manifest(store, &layout.client_manifest(from, client)).await?;
+        let chosen = match manifest.as_ref().map(|m| m.private_state_sha256.as_deref()) {
+            Some(Some(sha)) => states
+                .iter()
+                .find(|(s, _)| s.is_some_and(|s| s.eq_ignore_ascii_case(sha))),
+            Some(None) => states.iter().find(|(s, _)| s.is_none()),
+            None => match states.as_slice() {
+                [only] => Some(only),
+                _ => None,
+            },
+        };
+        let Some(&(sha, name)) = chosen else {
+            tracing::warn!(
+                client,
+                from,
+                states = states.len(),
+                "no private state of this round is the committed one: resuming from an older one"
+            );
+            continue;
+        };
+        let local = work.join("state").join(name);
+        let key = format!("{private}/{name}");
+        if !store.download_file(&key, &local).await? {
+            return Err(StoreError::Config {
+                uri: store.uri().to_string(),
+                message: format!("{key} disappeared while staging it"),
+            }
+            .into());
+        }
+        if let Some(sha) = sha {
+            let got = std::fs::read(&local)
+                .map(|b| sha256_hex(&b))
+                .map_err(|source| StoreError::Local {
+                    path: local.clone(),
+                    source,
+                })?;
+            if !got.eq_ignore_ascii_case(sha) {
+                return Err(StoreError::Config {
+                    uri: store.uri().to_string(),
+                    message: format!(
+                        "{key} is damaged (its sha256 is {got}): delete it, and the client \
+                         resumes from its previous state"
+                    ),
+                }
+                .into());
+            }
+        }
+        tracing::info!(client, round, from, "resuming from the private state");
+        return Ok((Some(local), names));
+    }
+    Ok((None, names))
 }
 
 /// Evaluates `client` on the global model of `round` (the last) on

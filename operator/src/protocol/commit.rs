@@ -146,6 +146,20 @@ pub async fn commit_artifact(
         }))
 }
 
+/// Records in the manifest of the local artifact folder `local_dir` the
+/// sha256 of the private state saved with it (`privateStateSha256`), before
+/// [`commit_artifact`] commits it.
+pub fn stamp_private_state(local_dir: &Path, sha256: &str) -> Result<(), StoreError> {
+    let path = local_dir.join(MANIFEST_FILE);
+    let mut manifest = local_manifest(local_dir)?;
+    manifest.private_state_sha256 = Some(sha256.to_ascii_lowercase());
+    let json = serde_json::to_vec_pretty(&manifest).map_err(|e| StoreError::Local {
+        path: path.clone(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+    })?;
+    std::fs::write(&path, json).map_err(|source| StoreError::Local { path, source })
+}
+
 /// The clients among `participants` that a failed aggregation's `error`
 /// (the trainer's "quorum not met: … (<client> rejected (<reason>: …); …)")
 /// names as rejected.
