@@ -6,46 +6,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use heterotune_tests::local_run::{self, built, find, report};
 use heterotune_tests::s3::S3Server;
-use heterotune_tests::{binary, fixtures, output_text};
-
-fn heterotune() -> PathBuf {
-    let bin = binary("heterotune");
-    assert!(
-        bin.exists(),
-        "{} not built: run `cargo build --workspace --bins` first (scripts/test.sh does)",
-        bin.display()
-    );
-    bin
-}
+use heterotune_tests::{fixtures, output_text};
 
 fn trainer() -> PathBuf {
-    let bin = binary("heterotune-trainer");
-    assert!(
-        bin.exists(),
-        "{} not built: run `cargo build --workspace --bins` first (scripts/test.sh does)",
-        bin.display()
-    );
-    bin
+    built("heterotune-trainer")
 }
 
 fn run_command(root: &Path, spec: &Path) -> Command {
-    let mut cmd = Command::new(heterotune());
-    cmd.arg("run")
-        .arg("-f")
-        .arg(spec)
-        .arg("--trainer")
-        .arg(trainer())
-        .arg("--work-dir")
-        .arg(root.join("work"))
-        .arg("--report-dir")
-        .arg(root.join("report"))
-        .arg("--parallel")
-        .arg("2")
-        .arg("--threads")
-        .arg("1")
-        .current_dir(root);
-    cmd
+    local_run::run_command(root, spec, &trainer())
 }
 
 /// Writes `spec` to `root/spec.yaml`, runs it to the end and checks that it
@@ -58,29 +28,6 @@ fn run_to_success(root: &Path, spec: &str, rounds: usize) {
         .expect("heterotune runs");
     assert!(out.status.success(), "{}\n{spec}", output_text(&out));
     check_report(root, rounds);
-}
-
-fn report(root: &Path) -> serde_json::Value {
-    let bytes = std::fs::read(root.join("report/report.json")).expect("report.json written");
-    serde_json::from_slice(&bytes).expect("report.json parses")
-}
-
-/// Files under `dir` whose path ends with `suffix`.
-fn find(dir: &Path, suffix: &str) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return out;
-    };
-    for e in entries.flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(find(&p, suffix));
-        } else if p.to_string_lossy().ends_with(suffix) {
-            out.push(p);
-        }
-    }
-    out.sort();
-    out
 }
 
 fn check_report(root: &Path, rounds: usize) {

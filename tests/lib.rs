@@ -2,6 +2,7 @@
 //! test targets (`cli.rs`, ...); this library only locates the built binaries.
 
 pub mod fixtures;
+pub mod local_run;
 pub mod mutate;
 pub mod s3;
 

@@ -54,17 +54,20 @@ pub fn state_file_name(round: u32) -> String {
 /// `sha256`: every writer's state has its own key, and the committed client
 /// manifest names the one that counts (`privateStateSha256`).
 pub fn state_object_name(round: u32, sha256: &str) -> String {
-    format!("state-round-{round:04}-{}.safetensors", sha256.to_ascii_lowercase())
+    format!(
+        "state-round-{round:04}-{}.safetensors",
+        sha256.to_ascii_lowercase()
+    )
 }
 
 /// The round and digest of a private-state name written by
 /// [`state_file_name`] (no digest) or [`state_object_name`].
 pub fn parse_state_name(name: &str) -> Option<(u32, Option<&str>)> {
-    let rest = name.strip_prefix("state-round-")?.strip_suffix(".safetensors")?;
+    let rest = name
+        .strip_prefix("state-round-")?
+        .strip_suffix(".safetensors")?;
     let (round, sha) = match rest.split_once('-') {
-        Some((round, sha))
-            if sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit()) =>
-        {
+        Some((round, sha)) if sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit()) => {
             (round, Some(sha))
         }
         Some(_) => return None,
@@ -179,7 +182,11 @@ impl RunLayout {
     /// `client`'s private state after `round` with digest `sha256`
     /// ([`state_object_name`]).
     pub fn client_state(&self, client: &str, round: u32, sha256: &str) -> String {
-        format!("{}/{}", self.private_dir(client), state_object_name(round, sha256))
+        format!(
+            "{}/{}",
+            self.private_dir(client),
+            state_object_name(round, sha256)
+        )
     }
 
     /// The leases of the process driving the run (`heterotune run`).
@@ -284,7 +291,10 @@ mod tests {
         let named = state_object_name(7, &sha);
         assert_eq!(parse_state_name(&named), Some((7, Some(sha.as_str()))));
         assert_eq!(parse_state_name(&state_file_name(7)), Some((7, None)));
-        assert_eq!(latest_state_before([named.as_str()], 8), Some((7, named.as_str())));
+        assert_eq!(
+            latest_state_before([named.as_str()], 8),
+            Some((7, named.as_str()))
+        );
         for bad in [
             "state-round-0007-cc.safetensors",
             "state-round-0007-.safetensors",

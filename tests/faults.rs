@@ -1,0 +1,349 @@
+//! The fault-injection matrix of the local runner: `heterotune run` on the
+//! tiny fixtures (3 clients, 3 rounds, a local folder store) is killed, or
+//! its trainer is, at each step of the round protocol, then run again; every
+//! case must end with the final global model bitwise equal to an
+//! uninterrupted run's, no committed work redone, no client counted twice,
+//! and a report that tells the truth.
+//!
+//! The faults come from a stand-in trainer (a shell script given as
+//! `--trainer`) that logs every call and, on the one named by `FAULT`,
+//! SIGKILLs the runner (its parent) before the real trainer runs, after it
+//! has written its output (the runner never uploads it), or SIGKILLs itself
+//! (a trainer that dies: the runner retries it). A SIGKILLed runner's
+//! trainers die with it (`PR_SET_PDEATHSIG`), as a pod's do.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use heterotune_tests::local_run::{built, find, report, run_command};
+use heterotune_tests::{fixtures, output_text};
+
+const ROUNDS: u32 = 3;
+const CLIENTS: [&str; 3] = ["small-bert", "wide-bert", "tiny-llama"];
+
+/// The stand-in trainer. `FAULT` is `<subcommand> <client or -> <round or
+/// ->`, `WHEN` one of `before`, `after`, `self`; `FIRED` is created when
+/// the fault fires, so it fires once.
+const WRAPPER: &str = r#"#!/usr/bin/env bash
+sub="${1:-}" client="-" round="-" prev=""
+for a in "$@"; do
+  case "$prev" in --client) client="$a" ;; --round) round="$a" ;; esac
+  prev="$a"
+done
+echo "$sub $client $round" >> "$LOG"
+if [ "$sub $client $round" = "${FAULT:-}" ] && [ ! -e "$FIRED" ]; then
+  touch "$FIRED"
+  case "$WHEN" in
+    before) kill -9 "$PPID"; exit 1 ;;
+    after) "$REAL" "$@"; kill -9 "$PPID"; exit 0 ;;
+    self) kill -9 $$ ;;
+  esac
+fi
+exec "$REAL" "$@"
+"#;
+
+/// One case of the matrix: where the fault strikes and whether the runner
+/// dies with it (and must be run again).
+struct Case {
+    name: &'static str,
+    fault: &'static str,
+    when: &'static str,
+    runner_dies: bool,
+}
+
+const CASES: [Case; 6] = [
+    Case {
+        name: "runner killed as a client starts training",
+        fault: "train wide-bert 2",
+        when: "before",
+        runner_dies: true,
+    },
+    Case {
+        name: "runner killed after a client trained, before its upload",
+        fault: "train tiny-llama 2",
+        when: "after",
+        runner_dies: true,
+    },
+    Case {
+        name: "runner killed as the aggregation starts",
+        fault: "aggregate - 2",
+        when: "before",
+        runner_dies: true,
+    },
+    Case {
+        name: "runner killed after the aggregation, before the global's commit",
+        fault: "aggregate - 2",
+        when: "after",
+        runner_dies: true,
+    },
+    Case {
+        name: "runner killed during the evaluation after the last global",
+        fault: "eval wide-bert -",
+        when: "after",
+        runner_dies: true,
+    },
+    Case {
+        name: "a trainer killed mid-round (the runner retries it)",
+        fault: "train small-bert 2",
+        when: "self",
+        runner_dies: false,
+    },
+];
+
+/// What a run left: its folder, store and trainer-call log.
+struct Run {
+    root: PathBuf,
+}
+
+impl Run {
+    /// A fresh run folder under `base` with the shared fixtures' spec.
+    fn new(base: &Path, name: &str, spec: &str) -> Run {
+        let root = base.join(name);
+        std::fs::create_dir_all(&root).expect("run folder");
+        let store = root.join("store");
+        let spec = spec.replace("STORE", &store.display().to_string());
+        std::fs::write(root.join("spec.yaml"), spec).expect("spec");
+        let wrapper = root.join("trainer.sh");
+        std::fs::write(&wrapper, WRAPPER).expect("wrapper");
+        make_executable(&wrapper);
+        Run { root }
+    }
+
+    fn store(&self) -> PathBuf {
+        self.root.join("store")
+    }
+
+    /// `heterotune run` through the stand-in trainer, with `fault` armed.
+    fn command(&self, fault: &str, when: &str) -> Command {
+        let mut cmd = run_command(
+            &self.root,
+            &self.root.join("spec.yaml"),
+            &self.root.join("trainer.sh"),
+        );
+        cmd.env("REAL", built("heterotune-trainer"))
+            .env("LOG", self.root.join("calls.log"))
+            .env("FIRED", self.root.join("fired"))
+            .env("FAULT", fault)
+            .env("WHEN", when);
+        cmd
+    }
+
+    /// Every committed manifest and its bytes.
+    fn manifests(&self) -> BTreeMap<PathBuf, Vec<u8>> {
+        find(&self.store(), "manifest.json")
+            .into_iter()
+            .map(|p| {
+                let b = std::fs::read(&p).expect("manifest");
+                (p, b)
+            })
+            .collect()
+    }
+
+    /// The trainer calls logged, as `(subcommand, client, round)` counts.
+    fn calls(&self) -> BTreeMap<String, usize> {
+        let log = std::fs::read_to_string(self.root.join("calls.log")).unwrap_or_default();
+        let mut n = BTreeMap::new();
+        for line in log.lines() {
+            *n.entry(line.to_string()).or_default() += 1;
+        }
+        n
+    }
+
+    /// The sha256 of the last round's global data, from its manifest.
+    fn final_global(&self) -> String {
+        let manifest = self.global_manifest(ROUNDS);
+        manifest["artifact"]["sha256"]
+            .as_str()
+            .expect("artifact.sha256")
+            .to_string()
+    }
+
+    fn global_manifest(&self, round: u32) -> serde_json::Value {
+        let path = find(
+            &self.store(),
+            &format!("round-{round:04}/global/manifest.json"),
+        );
+        let path = path.first().expect("the round's global manifest");
+        serde_json::from_slice(&std::fs::read(path).expect("read")).expect("JSON")
+    }
+}
+
+fn make_executable(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mut perms = std::fs::metadata(path).expect("stat").permissions();
+    perms.set_mode(0o755);
+    std::fs::set_permissions(path, perms).expect("chmod");
+}
+
+/// The client artifacts of `round` as `client -> manifest path`.
+fn client_commits(manifests: &BTreeMap<PathBuf, Vec<u8>>, round: u32) -> BTreeMap<String, PathBuf> {
+    let dir = format!("round-{round:04}/clients/");
+    manifests
+        .keys()
+        .filter_map(|p| {
+            let s = p.to_string_lossy();
+            let rest = &s[s.find(&dir)? + dir.len()..];
+            let client = rest.strip_suffix("/manifest.json")?;
+            Some((client.to_string(), p.clone()))
+        })
+        .collect()
+}
+
+/// The truth a finished run must tell, whatever happened on the way.
+fn check_finished(run: &Run, case: &str) {
+    let r = report(&run.root);
+    assert_eq!(r["status"], "Succeeded", "{case}: {r}");
+    let rounds = r["rounds"].as_array().expect("rounds");
+    assert_eq!(rounds.len(), ROUNDS as usize, "{case}: {r}");
+    for (i, round) in rounds.iter().enumerate() {
+        let t = round["durationSeconds"].as_f64().unwrap_or(0.0);
+        assert!(t > 0.0, "{case}: round {} has no time: {r}", i + 1);
+    }
+    assert_eq!(
+        r["finalEvaluation"].as_array().map(Vec::len),
+        Some(CLIENTS.len()),
+        "{case}: {r}"
+    );
+    // No client counted twice: every round aggregated each client once.
+    for round in 1..=ROUNDS {
+        let m = run.global_manifest(round);
+        let counted = &m["stats"]["participants"];
+        let names: Vec<&str> = counted
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v["client"].as_str()).collect())
+            .unwrap_or_default();
+        let mut unique = names.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(
+            (names.len(), unique.len()),
+            (CLIENTS.len(), CLIENTS.len()),
+            "{case}: round {round} participants {counted}"
+        );
+    }
+}
+
+#[test]
+fn every_fault_ends_in_the_uninterrupted_runs_global_model() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = dir.path();
+    // One set of fixtures for every case: the runs differ only in their
+    // store, work and report folders.
+    let spec = fixtures::write_federation(
+        &base.join("fixtures"),
+        "faults",
+        ROUNDS,
+        "  storage: { uri: \"file://STORE\" }",
+    );
+
+    let clean = Run::new(base, "uninterrupted", &spec);
+    let out = clean.command("", "").output().expect("heterotune runs");
+    assert!(out.status.success(), "{}", output_text(&out));
+    check_finished(&clean, "uninterrupted");
+    let want = clean.final_global();
+    for (call, n) in clean.calls() {
+        assert!(
+            n == 1 || call.starts_with("--version"),
+            "uninterrupted: {call} called {n} times"
+        );
+    }
+
+    for (i, case) in CASES.iter().enumerate() {
+        let run = Run::new(base, &format!("case-{i}"), &spec);
+        let first = run
+            .command(case.fault, case.when)
+            .output()
+            .expect("heterotune runs");
+        assert!(
+            run.root.join("fired").exists(),
+            "{}: the fault never fired; calls {:?}\n{}",
+            case.name,
+            run.calls(),
+            output_text(&first)
+        );
+        // With the runner dead, what the store holds now is what was
+        // committed when the fault struck.
+        let committed_at_fault = if case.runner_dies {
+            run.manifests()
+        } else {
+            BTreeMap::new()
+        };
+        if case.runner_dies {
+            assert!(
+                !first.status.success(),
+                "{}: the runner survived its SIGKILL\n{}",
+                case.name,
+                output_text(&first)
+            );
+            let again = run.command("", "").output().expect("heterotune resumes");
+            assert!(
+                again.status.success(),
+                "{}: the resumed run failed\n{}",
+                case.name,
+                output_text(&again)
+            );
+        } else {
+            assert!(
+                first.status.success(),
+                "{}: {}",
+                case.name,
+                output_text(&first)
+            );
+        }
+        check_finished(&run, case.name);
+        assert_eq!(
+            run.final_global(),
+            want,
+            "{}: the final global differs from the uninterrupted run's",
+            case.name
+        );
+        // Committed work is never redone: what was committed at the fault
+        // is byte-identical at the end, and its client trained only once.
+        let after = run.manifests();
+        let calls = run.calls();
+        for (path, bytes) in &committed_at_fault {
+            assert_eq!(
+                after.get(path),
+                Some(bytes),
+                "{}: {} changed after the fault",
+                case.name,
+                path.display()
+            );
+        }
+        for round in 1..=ROUNDS {
+            for client in client_commits(&committed_at_fault, round).keys() {
+                let call = format!("train {client} {round}");
+                assert_eq!(
+                    calls.get(&call),
+                    Some(&1),
+                    "{}: {call} was committed at the fault but trained again",
+                    case.name
+                );
+            }
+            assert_eq!(
+                client_commits(&after, round).len(),
+                CLIENTS.len(),
+                "{}: round {round}",
+                case.name
+            );
+        }
+        // The interrupted call ran again (twice in all); with the runner
+        // alive, no other client trained twice.
+        assert_eq!(
+            calls.get(case.fault),
+            Some(&2),
+            "{}: calls {calls:?}",
+            case.name
+        );
+        if !case.runner_dies {
+            for (call, n) in &calls {
+                assert!(
+                    *n == 1 || call == case.fault || !call.starts_with("train "),
+                    "{}: {call} ran {n} times",
+                    case.name
+                );
+            }
+        }
+    }
+}
