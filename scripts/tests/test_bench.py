@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from bench import analysis, results
-from bench.spec import (BRIDGE, DEPLOYABLE, SMALLEST_FEDDF, SMALLEST_HELD_OUT, VADER_COUNTS, FAMILY_FEDAVG, FLEXLORA, HETLORA, METHODS, MODELS, SCENARIOS,
+from bench.spec import (BRIDGE, DEPLOYABLE, SMALLEST_FEDDF, SMALLEST_HELD_OUT, VADER_COUNTS, FAMILY_FEDAVG, FLEXLORA, HETLORA, LORA_LR, METHODS, MODELS, SCENARIOS,
                         SMALLEST_COMMON, TASKS, RunKey, build_spec, dataset_for, derive_vader_movie,
                         smallest_model)
 
@@ -71,7 +71,13 @@ def test_every_method_same_data_and_training(base):
             # the pool arm holds a share of the training split out, unlabelled
             assert task["splits"].pop("pool") == METHODS[m]["pool"], m
         assert task == specs["local-only"]["task"], m
-        assert s["training"] == specs["local-only"]["training"], m
+        # the same training but for a method's own learning rate (the LoRA baselines at a LoRA one)
+        training = dict(s["training"])
+        if "learningRate" in METHODS[m].get("training", {}):
+            assert training.pop("learningRate") == LORA_LR, m
+            training["learningRate"] = specs["local-only"]["training"]["learningRate"]
+        assert training == specs["local-only"]["training"], m
+        assert set(METHODS[m].get("training", {})) <= {"learningRate"}, m
         assert s["rounds"] == 12 and s["minClients"] == 8
 
 
