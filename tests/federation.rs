@@ -2,6 +2,7 @@
 //! real trainer processes, on a local-folder store and on a real S3 server
 //! (SeaweedFS on loopback), plus kill-and-resume.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -506,6 +507,67 @@ fn bridge_federation_shares_one_bridge_and_serves_by_the_auto_rule() {
             "one global bridge: {e}"
         );
     }
+}
+
+/// The global data tensors of `round` of the local run `name` in `store`,
+/// as f32 values by name.
+fn global_tensors(store: &Path, name: &str, round: u32) -> BTreeMap<String, Vec<f32>> {
+    let uid = heterotune_operator::runner::local_uid("default", name);
+    let layout = heterotune_crds::layout::RunLayout::new("", "default", name, &uid);
+    let files = find(&store.join(layout.global_dir(round)), ".safetensors");
+    assert_eq!(files.len(), 1, "{files:?}");
+    let bytes = std::fs::read(&files[0]).expect("global data");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+    st.tensors()
+        .into_iter()
+        .filter(|(_, t)| t.dtype() == safetensors::Dtype::F32)
+        .map(|(n, t)| {
+            let values = t
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            (n, values)
+        })
+        .collect()
+}
+
+/// A bridge next to LoRA own models (`adapter.type: lora`, `hetlora`), the
+/// bridge at its own learning rate (`bridge.learningRate`): at 0 the
+/// bridge's adapter tensors stay where round 0 put them (its head trains at
+/// `training.headLearningRate`) while the own models' LoRA factors train.
+#[test]
+fn a_bridge_pairs_with_lora_own_models_at_its_own_learning_rate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let store = root.join("store");
+    let storage = format!("  storage: {{ uri: \"file://{}\" }}", store.display());
+    let spec = fixtures::write_federation(root, "lora-bridge", 2, &storage)
+        .replace("algorithm: cmga", "algorithm: hetlora")
+        .replace("adapter: { rank: 4,", "adapter: { type: lora, rank: 4,");
+    let spec = format!(
+        "{spec}  bridge: {{ model: {{ family: bert, uri: \"{}\" }}, learningRate: 0.0 }}\n",
+        root.join("models/tiny-bert-a").display()
+    );
+    run_to_success(root, &spec, 2);
+    let (start, end) = (
+        global_tensors(&store, "lora-bridge", 0),
+        global_tensors(&store, "lora-bridge", 2),
+    );
+    let (mut bridge, mut lora_moved) = (0, 0);
+    for (name, before) in &start {
+        let after = &end[name];
+        if name.starts_with("bridge.") && !name.starts_with("bridge.head.") {
+            bridge += 1;
+            for (a, b) in before.iter().zip(after) {
+                assert!((a - b).abs() <= 1e-6 * (1.0 + a.abs()), "{name} moved: {a} -> {b}");
+            }
+        } else if name.contains("lora") && before != after {
+            lora_moved += 1;
+        }
+    }
+    assert!(bridge > 0, "no bridge tensors in the global: {:?}", start.keys());
+    assert!(lora_moved > 0, "no LoRA factor trained: {:?}", start.keys());
 }
 
 /// `poolTeacher: ensemble` (FedDF-style): every client sends its served

@@ -75,13 +75,16 @@ fn batch_logits(model: &ClientModel, data: &Prepared, rows: &[usize]) -> (Tensor
 /// must hold the same examples in the same order). With a `pool`, each step
 /// also distils on a batch of pool texts (`distillation.poolWeight`): one
 /// model into the other, or the federation's ensemble into both
-/// ([`PoolTeacher`]). Returns each model's report (its losses
-/// include the distillation term on the client's data, not the pool's).
+/// ([`PoolTeacher`]). `settings` drive the own model and the steps;
+/// the bridge's optimiser takes `bridge_settings` (its learning rates).
+/// Returns each model's report (its losses include the distillation term
+/// on the client's data, not the pool's).
 pub fn train_pair(
     own: Side<'_>,
     bridge: Side<'_>,
     pool: Option<Pool<'_>>,
     settings: &TrainSettings,
+    bridge_settings: &TrainSettings,
     distill: &DistillationSpec,
 ) -> Result<(TrainReport, TrainReport)> {
     let n = own.data.len();
@@ -107,9 +110,10 @@ pub fn train_pair(
         ));
     }
     let start = Instant::now();
+    let each = [settings, bridge_settings];
     let mut opts = [
         own.model.optimizer(settings)?,
-        bridge.model.optimizer(settings)?,
+        bridge.model.optimizer(bridge_settings)?,
     ];
     let mut sampler = BatchSampler::new(settings.seed, n);
     let mut pool_sampler = pool.filter(|p| !p.own.is_empty()).map(|p| {
@@ -157,8 +161,8 @@ pub fn train_pair(
             let rows = sampler.next(settings.batch_size);
             total += pool_loss(models, p, &rows, distill);
         }
-        for opt in opts.iter_mut() {
-            set_step_lr(opt, settings, step);
+        for (opt, s) in opts.iter_mut().zip(each) {
+            set_step_lr(opt, s, step);
             opt.zero_grad();
         }
         total.backward();

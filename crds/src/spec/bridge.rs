@@ -32,6 +32,14 @@ pub struct BridgeSpec {
     /// Which model a client serves and is evaluated with.
     #[serde(default)]
     pub serve: ServedModel,
+
+    /// The learning rate of the bridge's adapters; `training.learningRate`
+    /// when unset. Set it where the own models' adapters want another rate
+    /// than the bridge's DeMA: LoRA own models (`adapter.type: lora`) at a
+    /// LoRA rate, the bridge at the rate its DeMA adapters were tuned at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub learning_rate: Option<f64>,
 }
 
 /// Mutual distillation between a client's own model and the bridge.

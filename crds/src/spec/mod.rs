@@ -101,8 +101,8 @@ use crate::status::FederatedTuneStatus;
         "reason": "FieldValueForbidden"
     },
     {
-        "rule": "!has(self.bridge) || (self.adapter.type == 'dema' && self.aggregation.algorithm != 'local-only')",
-        "message": "a bridge is trained with DeMA adapters and averaged over all clients: set adapter.type to dema and an aggregation algorithm other than local-only",
+        "rule": "!has(self.bridge) || self.aggregation.algorithm != 'local-only'",
+        "message": "a bridge is averaged over all clients: use an aggregation algorithm other than local-only (DeMA own models: fedavg, cmga or family-fedavg; LoRA own models, adapter.type lora: hetlora or flexlora)",
         "fieldPath": ".bridge",
         "reason": "FieldValueInvalid"
     },

@@ -267,12 +267,6 @@ pub fn aggregator_for(spec: &FederatedTuneSpec) -> Result<Box<dyn Aggregator>> {
             "spec.bridge",
             "a bridge is averaged over all clients: it needs an aggregation algorithm other than local-only",
         )),
-        (Some(_), _) if spec.adapter.kind != AdapterKind::Dema => {
-            return Err(Error::config(
-                "spec.bridge",
-                "a bridge is trained with DeMA adapters: set adapter.type to dema",
-            ))
-        }
         (Some(_), _) => Box::new(bridge::Bridged::new(inner)),
     };
     let robust = &agg.robust;

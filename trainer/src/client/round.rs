@@ -272,6 +272,10 @@ fn train_and_score_pair(
             teacher,
         }),
         settings,
+        &TrainSettings {
+            learning_rate: spec.learning_rate.unwrap_or(settings.learning_rate),
+            ..settings.clone()
+        },
         &spec.distillation,
     )?;
     let val = score(&c.model, &b.model, &validation)?;
