@@ -560,13 +560,20 @@ fn a_bridge_pairs_with_lora_own_models_at_its_own_learning_rate() {
         if name.starts_with("bridge.") && !name.starts_with("bridge.head.") {
             bridge += 1;
             for (a, b) in before.iter().zip(after) {
-                assert!((a - b).abs() <= 1e-6 * (1.0 + a.abs()), "{name} moved: {a} -> {b}");
+                assert!(
+                    (a - b).abs() <= 1e-6 * (1.0 + a.abs()),
+                    "{name} moved: {a} -> {b}"
+                );
             }
         } else if name.contains("lora") && before != after {
             lora_moved += 1;
         }
     }
-    assert!(bridge > 0, "no bridge tensors in the global: {:?}", start.keys());
+    assert!(
+        bridge > 0,
+        "no bridge tensors in the global: {:?}",
+        start.keys()
+    );
     assert!(lora_moved > 0, "no LoRA factor trained: {:?}", start.keys());
 }
 

@@ -188,7 +188,15 @@ pub async fn set_aside(
     attempt: u32,
 ) -> Result<(), StoreError> {
     let key = layout.client_manifest(round, client);
-    if let Some(bytes) = store.get(&key).await? {
+    let bytes = match store.get(&key).await {
+        // A manifest too large to read (rejected as unreadable) is not kept:
+        // a note of its size takes its place.
+        Err(StoreError::TooLarge { size, limit, .. }) => Some(Bytes::from(format!(
+            "{{\"setAside\":\"the rejected manifest held {size} bytes, more than the {limit} a record may hold: not kept\"}}"
+        ))),
+        other => other?,
+    };
+    if let Some(bytes) = bytes {
         let aside = layout.rejected_manifest(round, client, attempt);
         store.put(&aside, bytes).await?;
         store.delete(&key).await?;

@@ -216,3 +216,27 @@ async fn a_rejected_commit_is_set_aside() {
         Some(&b"{}"[..])
     );
 }
+
+#[tokio::test]
+async fn an_oversized_rejected_manifest_is_set_aside_as_a_note() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = local_store(dir.path());
+    let layout = heterotune_crds::layout::RunLayout::new("", "ns", "run", "uid");
+    let key = layout.client_manifest(1, "a");
+    let huge = vec![b' '; MAX_RECORD_BYTES as usize + 1];
+    store.put(&key, Bytes::from(huge)).await.expect("put");
+    set_aside(&store, &layout, 1, "a", 1)
+        .await
+        .expect("set aside without reading it");
+    assert!(!store.exists(&key).await.expect("exists"));
+    let note = store
+        .get(&layout.rejected_manifest(1, "a", 1))
+        .await
+        .expect("get")
+        .expect("a note");
+    let note = String::from_utf8_lossy(&note);
+    assert!(
+        note.contains(&format!("held {} bytes", MAX_RECORD_BYTES + 1)),
+        "{note}"
+    );
+}
