@@ -509,9 +509,13 @@ fn bridge_federation_shares_one_bridge_and_serves_by_the_auto_rule() {
     }
 }
 
-/// The global data tensors of `round` of the local run `name` in `store`,
-/// as f32 values by name.
-fn global_tensors(store: &Path, name: &str, round: u32) -> BTreeMap<String, Vec<f32>> {
+/// The f32 tensors of the global data of `round` of the local run `name`
+/// in `store`: shape and values by name.
+fn global_tensors(
+    store: &Path,
+    name: &str,
+    round: u32,
+) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
     let uid = heterotune_operator::runner::local_uid("default", name);
     let layout = heterotune_crds::layout::RunLayout::new("", "default", name, &uid);
     let files = find(&store.join(layout.global_dir(round)), ".safetensors");
@@ -527,7 +531,7 @@ fn global_tensors(store: &Path, name: &str, round: u32) -> BTreeMap<String, Vec<
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                 .collect();
-            (n, values)
+            (n, (t.shape().to_vec(), values))
         })
         .collect()
 }
@@ -555,8 +559,8 @@ fn a_bridge_pairs_with_lora_own_models_at_its_own_learning_rate() {
         global_tensors(&store, "lora-bridge", 2),
     );
     let (mut bridge, mut lora_moved) = (0, 0);
-    for (name, before) in &start {
-        let after = &end[name];
+    for (name, (_, before)) in &start {
+        let (_, after) = &end[name];
         if name.starts_with("bridge.") && !name.starts_with("bridge.head.") {
             bridge += 1;
             for (a, b) in before.iter().zip(after) {
@@ -591,20 +595,9 @@ fn the_pool_ensemble_is_averaged_into_the_global_and_taught_from() {
     let uid = heterotune_operator::runner::local_uid("default", "ensemble");
     let layout = heterotune_crds::layout::RunLayout::new("", "default", "ensemble", &uid);
     let ensemble = |round: u32| -> (Vec<usize>, Vec<f32>) {
-        let files = find(&store.join(layout.global_dir(round)), ".safetensors");
-        assert_eq!(files.len(), 1, "{files:?}");
-        let bytes = std::fs::read(&files[0]).expect("global data");
-        let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
-        let t = st
-            .tensor("pool.ensemble")
-            .expect("pool.ensemble in the global");
-        assert_eq!(t.dtype(), safetensors::Dtype::F32);
-        let values = t
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        (t.shape().to_vec(), values)
+        global_tensors(&store, "ensemble", round)
+            .remove("pool.ensemble")
+            .expect("pool.ensemble, f32, in the global")
     };
     let (shape0, uniform) = ensemble(0);
     let classes = shape0[1];

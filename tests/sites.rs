@@ -8,22 +8,13 @@
 //! in its own environment (what a site would configure), and the policies
 //! that confine a key to its prefix are documented in docs/sites.md.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use heterotune_tests::fixtures;
+use heterotune_tests::local_run::built;
 use heterotune_tests::s3::S3Server;
-use heterotune_tests::{binary, fixtures};
-
-fn built(name: &str) -> PathBuf {
-    let bin = binary(name);
-    assert!(
-        bin.exists(),
-        "{} not built: run `cargo build --workspace --bins` first (scripts/test.sh does)",
-        bin.display()
-    );
-    bin
-}
 
 /// A process whose console goes to `<dir>/<name>.log`.
 fn spawn(mut cmd: Command, dir: &Path, name: &str) -> Child {
