@@ -166,7 +166,7 @@ BRIDGE = "Bridge (ensemble)"
 BRIDGE_POOL = "Bridge + pool"
 BRIDGE_VALIDATED = "Bridge + pool (validated)"
 BRIDGE_ENSEMBLE = "Bridge + pool (FedDF ensemble)"
-BRIDGE_LORA = "Bridge + pool (FedDF ensemble), LoRA own models"
+BRIDGE_LORA = "Bridge + pool (FedDF ensemble) with LoRA own models"
 SMALLEST_FEDDF = "smallest-common FedDF (public pool)"
 # The public pool of the pool arm: this share of the training split, held out unlabeled.
 POOL_SHARE = 0.1
