@@ -275,10 +275,7 @@ pub async fn train(
     // was trained into, and a duplicate pod that loses the commit cannot
     // replace it (its state lands under another key and is never read).
     if dirs.state_out.is_file() {
-        let state = std::fs::read(&dirs.state_out).map_err(|source| StoreError::Local {
-            path: dirs.state_out.clone(),
-            source,
-        })?;
+        let state = commit::read_local(&dirs.state_out)?;
         let sha = sha256_hex(&state);
         store
             .put(&layout.client_state(client, round, &sha), state.into())
@@ -373,12 +370,7 @@ async fn stage_private_state(
             .into());
         }
         if let Some(sha) = sha {
-            let got = std::fs::read(&local)
-                .map(|b| sha256_hex(&b))
-                .map_err(|source| StoreError::Local {
-                    path: local.clone(),
-                    source,
-                })?;
+            let got = sha256_hex(&commit::read_local(&local)?);
             if !got.eq_ignore_ascii_case(sha) {
                 return Err(StoreError::Config {
                     uri: store.uri().to_string(),

@@ -64,7 +64,8 @@ pub fn host_name() -> String {
         .unwrap_or_else(|| "unknown-host".into())
 }
 
-fn read_local(path: &Path) -> Result<Vec<u8>, StoreError> {
+/// Reads the local file `path` (its error names the path).
+pub(crate) fn read_local(path: &Path) -> Result<Vec<u8>, StoreError> {
     std::fs::read(path).map_err(|e| StoreError::Local {
         path: path.to_path_buf(),
         source: e,

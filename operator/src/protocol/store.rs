@@ -334,13 +334,11 @@ impl Store {
         let mut stream = result.into_stream();
         let mut written = 0u64;
         let keep = limit.saturating_add(1);
-        let mut read = Read::Whole(0);
         while let Some(chunk) = stream.try_next().await? {
             let take = usize::try_from((keep - written).min(chunk.len() as u64)).unwrap_or(0);
             sink.write(&chunk[..take]).await?;
             written += take as u64;
             if written > limit {
-                read = Read::TooLarge(announced.max(written));
                 break;
             }
         }
@@ -348,9 +346,10 @@ impl Store {
         if let Sink::File(f) = sink {
             f.flush().await.map_err(local_io)?;
         }
-        Ok(match read {
-            Read::Whole(_) => Read::Whole(written),
-            too_large => too_large,
+        Ok(if written > limit {
+            Read::TooLarge(announced.max(written))
+        } else {
+            Read::Whole(written)
         })
     }
 
