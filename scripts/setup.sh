@@ -100,7 +100,9 @@ python_env() {
   venv_ok && return 0
   say "installing pinned Python packages from scripts/requirements.txt (pip; the torch wheel is large)"
   rm -f "$REQ_STAMP"
-  "$VENV/bin/python" -m pip install --disable-pip-version-check -q -r "$REQ"
+  # --no-cache-dir: the torch wheel and its CUDA libraries are ~3.5 GB, and
+  # pip's cache would keep a second copy of them that nothing reads again.
+  "$VENV/bin/python" -m pip install --disable-pip-version-check --no-cache-dir -q -r "$REQ"
   # every pin must now be what is installed (catches a pip that silently kept another version)
   "$VENV/bin/python" - "$REQ" <<'EOF'
 import re, sys

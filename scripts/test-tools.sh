@@ -30,7 +30,7 @@ pip_tool() {
   if [ ! -x "$dir/bin/$binary" ] || ! grep -qx "Version: $version" <<<"$installed"; then
     echo "test-tools: installing $package $version" >&2
     python3 -m venv "$dir"
-    "$dir/bin/pip" install -q --disable-pip-version-check "$package==$version"
+    "$dir/bin/pip" install -q --disable-pip-version-check --no-cache-dir "$package==$version"
   fi
 }
 pip_tool kv kubernetes-validate 1.37.0 kubernetes-validate
