@@ -86,6 +86,8 @@ pub struct ClientExit {
     pub out_dir: PathBuf,
     /// A one-line summary (metrics on success, the error's last lines on failure).
     pub summary: String,
+    /// Wall seconds from the process's start to its end.
+    pub seconds: f64,
 }
 
 impl ClientExit {
@@ -98,6 +100,7 @@ impl ClientExit {
             ok: false,
             out_dir: out.to_path_buf(),
             summary: String::new(),
+            seconds: f64::NAN,
         }
     }
 }
@@ -446,6 +449,7 @@ impl TrainerCommand {
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", self.binary.display()))?;
         let (cancel_tx, cancel_rx) = oneshot::channel::<()>();
+        let started = std::time::Instant::now();
         tokio::spawn(async move {
             tokio::select! {
                 output = child.wait_with_output() => {
@@ -462,6 +466,7 @@ impl TrainerCommand {
                         }
                         Err(e) => (false, format!("trainer process error: {e}")),
                     };
+                    exit.seconds = started.elapsed().as_secs_f64();
                     let _ = tx.send(exit);
                 }
                 _ = cancel_rx => {

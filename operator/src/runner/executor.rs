@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use super::lease::Lease;
 use super::options::{RunError, RunOptions, RunSummary};
 use super::progress::Progress;
+use super::schedule::Schedule;
 use super::state::RoundState;
 use super::summary;
 use crate::execution::trainer::{Children, ClientExit, TrainerCommand};
@@ -52,6 +53,8 @@ pub struct Runner {
     /// The round in progress (`rounds + 1`: the final evaluation).
     pub round: u32,
     pub state: RoundState,
+    /// How long each client's trainer took: who starts first.
+    pub schedule: Schedule,
     pub children: Children,
     pub exits: mpsc::UnboundedSender<ClientExit>,
     pub exited: mpsc::UnboundedReceiver<ClientExit>,

@@ -14,6 +14,7 @@ mod options;
 mod plots;
 mod progress;
 pub mod report;
+mod schedule;
 mod setup;
 mod state;
 mod summary;
@@ -44,7 +45,8 @@ pub async fn run(opts: RunOptions) -> Result<RunSummary, RunError> {
 async fn drive(runner: &mut Runner) -> Result<(), RunError> {
     loop {
         let observation = runner.observe().await?;
-        let plan = planner::plan(&runner.spec, &observation);
+        let mut plan = planner::plan(&runner.spec, &observation);
+        runner.schedule.order(&mut plan.actions);
         let mut started_any = false;
         for action in plan.actions {
             match runner.act(action).await? {

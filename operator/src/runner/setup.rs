@@ -15,6 +15,7 @@ use super::executor::Runner;
 use super::lease::Lease;
 use super::options::{RunError, RunOptions};
 use super::progress::Progress;
+use super::schedule::Schedule;
 use super::state::RoundState;
 use super::summary;
 use crate::execution::staging::{self, ModelFiles};
@@ -114,6 +115,7 @@ impl Runner {
             evaluated: Vec::new(),
             round: 1,
             state: RoundState::default(),
+            schedule: Schedule::new(&ft.spec),
             children: Children::default(),
             exits,
             exited,

@@ -60,6 +60,7 @@ impl Runner {
             let base = staging::global_dir(&self.work, exit.round - 1);
             match commit::commit_artifact(&self.store, &exit.out_dir, &key_dir, Some(&base)).await {
                 Ok(done) => {
+                    self.schedule.record(&exit.client, exit.seconds);
                     let what = format!("round {}: client {}", exit.round, exit.client);
                     match done.second_writer_note(&what) {
                         Some(note) => self.progress.note(&note),
