@@ -323,3 +323,89 @@ fn the_controllers_jobs_run_a_federation_through_s3() {
         before
     );
 }
+
+/// A committed artifact that the aggregation rejects (a manifest that does
+/// not parse, planted over one client's commit) makes the aggregation Job's
+/// quorum fail. Its pod sets the artifact aside, as `heterotune run` does:
+/// the client is no longer committed though its trainer succeeded, which
+/// the controller counts as a failed attempt and retrains
+/// (`decide_tests::a_client_set_aside_by_the_aggregation_trains_again`).
+/// The retrained client commits again and the aggregation's second attempt
+/// completes the round with every client.
+#[test]
+fn the_aggregation_job_sets_a_rejected_artifact_aside_for_retraining() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let server = S3Server::start(&root.join("s3"), BUCKET);
+    let storage = format!(
+        "  storage:\n    uri: \"s3://{BUCKET}/runs\"\n    endpoint: \"http://127.0.0.1:{}\"\n    region: us-east-1\n    forcePathStyle: true\n    credentialsSecret: {{ name: s3-credentials }}\n  maxRetriesPerClient: 1",
+        server.port
+    );
+    let yaml = server.put_federation(BUCKET, &root.join("fixtures"), "reject", 1, &storage);
+    // Every client is needed: the planted reject makes the quorum fail.
+    let yaml = yaml.replace("minClients: 2", "minClients: 3");
+    let mut ft = heterotune_crds::validate::parse_federated_tune(&yaml).expect("valid spec");
+    ft.metadata.namespace = Some("team-a".into());
+    ft.metadata.uid = Some(UID.into());
+    let run = Run::new(&ft).expect("run");
+    let spec_file = root.join("spec.json");
+    let data = jobs::spec_config_map(&run).data.expect("data");
+    std::fs::write(&spec_file, &data[SPEC_FILE]).expect("spec file");
+    let config = JobConfig::default();
+    let placement = Placement::Explicit { estimate: None };
+    let clients: Vec<String> = ft.spec.clients.iter().map(|c| c.name.clone()).collect();
+    let mut pods = 0;
+    let mut pod = |job: &k8s_openapi::api::batch::v1::Job| {
+        pods += 1;
+        run_pod(job, &spec_file, &root.join(format!("pod-{pods}")))
+    };
+    for i in 0..clients.len() {
+        let out = pod(&jobs::trainer_job(
+            &run, i, 1, 1, &placement, 600, &config, "1",
+        ));
+        assert!(out.status.success(), "{}", output_text(&out));
+    }
+    let rejected = &clients[2];
+    let key = run.layout.client_manifest(1, rejected);
+    server.put(BUCKET, &key, b"not a manifest");
+
+    let out = pod(&jobs::aggregation_job(&run, 1, 1, &clients, 600, &config));
+    let text = output_text(&out);
+    assert!(!out.status.success(), "the quorum cannot be met: {text}");
+    assert!(
+        text.contains(&format!("rejected the artifacts of {rejected}: set aside")),
+        "{text}"
+    );
+    assert!(server.get(BUCKET, &key).is_none(), "still committed");
+    assert_eq!(
+        server
+            .get(BUCKET, &run.layout.rejected_manifest(1, rejected, 1))
+            .as_deref(),
+        Some(&b"not a manifest"[..]),
+        "the rejected manifest is kept under rejected/, named by the attempt"
+    );
+    for c in &clients[..2] {
+        assert!(
+            server
+                .get(BUCKET, &run.layout.client_manifest(1, c))
+                .is_some(),
+            "{c}'s commit was accepted and stays"
+        );
+    }
+    assert!(server.get(BUCKET, &run.layout.global_manifest(1)).is_none());
+
+    // The controller's next Jobs: the client's second attempt, then the
+    // aggregation's.
+    let out = pod(&jobs::trainer_job(
+        &run, 2, 1, 2, &placement, 600, &config, "1",
+    ));
+    assert!(out.status.success(), "{}", output_text(&out));
+    let out = pod(&jobs::aggregation_job(&run, 1, 2, &clients, 600, &config));
+    assert!(out.status.success(), "{}", output_text(&out));
+    let global = manifest(&server, &run.layout.global_manifest(1));
+    assert_eq!(
+        summary_from_manifest(1, &global).participants,
+        3,
+        "{global:?}"
+    );
+}

@@ -170,6 +170,10 @@ enum JobCommand {
         /// The round (1-based).
         #[arg(long)]
         round: u32,
+        /// The aggregation attempt (1-based): names where the artifacts it
+        /// rejects are set aside.
+        #[arg(long, default_value_t = 1)]
+        attempt: u32,
         /// The clients whose artifacts to aggregate (comma-separated).
         #[arg(long, value_delimiter = ',', required = true)]
         participants: Vec<String>,
@@ -494,9 +498,10 @@ fn job(command: JobCommand) -> anyhow::Result<ExitCode> {
             } => pod_job::train(&opts, client, *round, device).await,
             JobCommand::Aggregate {
                 round,
+                attempt,
                 participants,
                 ..
-            } => pod_job::aggregate(&opts, *round, participants).await,
+            } => pod_job::aggregate(&opts, *round, *attempt, participants).await,
             JobCommand::Evaluate {
                 client,
                 round,

@@ -180,6 +180,43 @@ fn a_retry_waits_for_the_failed_pod_to_end() {
     assert_eq!(names(&d.jobs.create), ["trec-r1a2-c0"]);
 }
 
+/// An aggregation failed on a rejected artifact: its pod set the artifact
+/// aside (`pod_job::aggregate`), so the store no longer shows c2 committed
+/// although its trainer succeeded. That counts as c2's failed attempt: a
+/// new trainer Job retrains it, and no aggregation starts before it
+/// commits; then the aggregation's second attempt runs over all three.
+#[test]
+fn a_client_set_aside_by_the_aggregation_trains_again() {
+    let f = ft(
+        &three_clients(),
+        "  minClients: 3\n  maxRetriesPerClient: 1\n",
+    );
+    let mut jobs = vec![
+        job(1, Some("c0"), 1, JobEnd::Succeeded, NOW - 300.0),
+        job(1, Some("c1"), 1, JobEnd::Succeeded, NOW - 300.0),
+        job(1, Some("c2"), 1, JobEnd::Succeeded, NOW - 300.0),
+        job(1, None, 1, JobEnd::Failed, NOW - 100.0),
+    ];
+    let commits = [("c0", NOW - 200.0), ("c1", NOW - 200.0)];
+    let d = decided(&f, store(0, &commits), &jobs);
+    assert_eq!(names(&d.jobs.create), ["trec-r1a2-c2"]);
+    assert_eq!(d.status.phase, Some(Phase::Running));
+    // Out of retries, the same state excludes c2 and the round fails its quorum.
+    let strict = ft(
+        &three_clients(),
+        "  minClients: 3\n  maxRetriesPerClient: 0\n",
+    );
+    let d = decided(&strict, store(0, &commits), &jobs);
+    assert!(d.jobs.create.is_empty(), "{:?}", names(&d.jobs.create));
+    assert_eq!(d.status.phase, Some(Phase::Failed));
+
+    jobs.push(job(1, Some("c2"), 2, JobEnd::Succeeded, NOW - 50.0));
+    let commits = [("c0", NOW - 200.0), ("c1", NOW - 200.0), ("c2", NOW - 40.0)];
+    let d = decided(&f, store(0, &commits), &jobs);
+    assert_eq!(names(&d.jobs.create), ["trec-agg-r1a2"]);
+    assert_eq!(role(&d.jobs.create[0]), Some(ROLE_AGGREGATOR));
+}
+
 #[test]
 fn quorum_starts_the_aggregation_and_cancels_the_stragglers() {
     let f = ft(

@@ -85,11 +85,13 @@ pub fn evaluator_command(client: &str, round: u32, device: &str) -> Vec<String> 
 /// heterotune --log-format json job aggregate --spec /etc/heterotune/spec/spec.json \
 ///     --work /work --round <round> --participants <a,b,c>
 /// ```
-pub fn aggregator_command(round: u32, participants: &[String]) -> Vec<String> {
+pub fn aggregator_command(round: u32, attempt: u32, participants: &[String]) -> Vec<String> {
     let mut v = job_command("aggregate");
     v.extend([
         "--round".into(),
         round.to_string(),
+        "--attempt".into(),
+        attempt.to_string(),
         "--participants".into(),
         participants.join(","),
     ]);
@@ -527,7 +529,7 @@ pub fn aggregation_job(
             name: aggregation_job_name(&run.name, round, attempt),
             labels: labels(run, Some(ROLE_AGGREGATOR), Some(round), None, Some(attempt)),
             annotations,
-            command: aggregator_command(round, participants),
+            command: aggregator_command(round, attempt, participants),
             resources: ResourceRequirements {
                 requests: quantities(requests),
                 limits: quantities(limits),

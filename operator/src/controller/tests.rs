@@ -461,7 +461,7 @@ async fn quorum_in_the_store_starts_the_aggregation_and_cancels_stragglers() {
     assert_eq!(
         cmd.join(" "),
         "heterotune --log-format json job aggregate --spec /etc/heterotune/spec/spec.json \
-         --work /work --round 1 --participants c0,c1"
+         --work /work --round 1 --attempt 1 --participants c0,c1"
     );
     let labels = agg.metadata.labels.clone().unwrap_or_default();
     assert_eq!(

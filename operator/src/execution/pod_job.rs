@@ -106,6 +106,12 @@ pub enum JobError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Staging(#[from] StagingError),
+    #[error("round {round}: the aggregation rejected the artifacts of {clients}: set aside, they train again within maxRetriesPerClient; {error}")]
+    SetAside {
+        round: u32,
+        clients: String,
+        error: StagingError,
+    },
 }
 
 /// The run a job belongs to.
@@ -463,9 +469,14 @@ pub async fn evaluate(
 }
 
 /// Aggregates `round` over `participants` and commits the global artifact.
+/// When the quorum fails because artifacts were rejected, those are set
+/// aside (as the local runner does) before the Job fails, so that their
+/// clients train again within their retries and the next attempt
+/// aggregates what they commit.
 pub async fn aggregate(
     opts: &JobOptions,
     round: u32,
+    attempt: u32,
     participants: &[String],
 ) -> Result<JobOutcome, JobError> {
     let run = load(opts)?;
@@ -485,7 +496,7 @@ pub async fn aggregate(
         return Ok(JobOutcome::RoundComplete);
     }
     let trainer = staged_trainer(opts, &run, |_| ModelFiles::Config).await?;
-    let done = staging::aggregate(
+    let done = match staging::aggregate(
         store,
         layout,
         &opts.work,
@@ -494,7 +505,36 @@ pub async fn aggregate(
         participants,
         spec.aggregation.max_artifact_bytes,
     )
-    .await?;
+    .await
+    {
+        Ok(done) => done,
+        Err(error) => {
+            let text = error.to_string();
+            let outcome =
+                commit::set_aside_rejected(store, layout, round, participants, &text, attempt)
+                    .await;
+            let mut aside = Vec::new();
+            for (client, result) in outcome {
+                match result {
+                    Ok(()) => aside.push(client),
+                    Err(e) => tracing::warn!(
+                        round,
+                        client,
+                        error = %e,
+                        "could not set a rejected artifact aside"
+                    ),
+                }
+            }
+            if aside.is_empty() {
+                return Err(error.into());
+            }
+            return Err(JobError::SetAside {
+                round,
+                clients: aside.join(", "),
+                error,
+            });
+        }
+    };
     if let Commit::AlreadyCommitted { .. } = done {
         return Ok(JobOutcome::AlreadyCommitted { by: done.writer() });
     }

@@ -22,8 +22,8 @@ pub struct TrainerCommand {
     pub run: String,
     /// The `HETEROTUNE_STAGED` file listing staged `s3://` inputs, if any.
     pub staged: Option<PathBuf>,
-    /// Pass the trainer's log (stderr) through live instead of keeping its
-    /// tail for the error message (pods: `kubectl logs` shows it).
+    /// Also pass the trainer's log (stderr) through live, line by line
+    /// (pods: `kubectl logs` shows it); its tail is in errors either way.
     pub live_logs: bool,
 }
 
@@ -144,36 +144,62 @@ fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join(" | ")
 }
 
+/// Lines of a trainer's log kept for its error message.
+const KEPT_LOG_LINES: usize = 20;
+
+/// Runs `cmd` to its end; its stdout on success. A failure says what
+/// failed, with the last lines of the trainer's log (stderr). With `live`
+/// the log also streams through to this process's stderr line by line (a
+/// pod's `kubectl logs`), and the error still carries its tail: the
+/// aggregation's "quorum not met: … rejected …" line is what the caller
+/// reads to set rejected artifacts aside.
 async fn run_to_end(
     mut cmd: tokio::process::Command,
     what: &str,
     live: bool,
 ) -> Result<String, String> {
-    let out = cmd
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+    let mut child = cmd
         .stdout(Stdio::piped())
-        .stderr(if live {
-            Stdio::inherit()
-        } else {
-            Stdio::piped()
-        })
+        .stderr(Stdio::piped())
         .kill_on_drop(true)
-        .output()
-        .await
+        .spawn()
         .map_err(|e| format!("{what}: cannot start the trainer: {e}"))?;
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    if out.status.success() {
+    let mut stdout = child.stdout.take();
+    let stderr = child.stderr.take();
+    let read_stdout = async {
+        let mut text = String::new();
+        if let Some(out) = stdout.as_mut() {
+            let _ = out.read_to_string(&mut text).await;
+        }
+        text
+    };
+    // The last lines only: a long log is not held in memory.
+    let read_stderr = async {
+        let mut kept = std::collections::VecDeque::with_capacity(KEPT_LOG_LINES);
+        if let Some(err) = stderr {
+            let mut lines = BufReader::new(err).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if live {
+                    eprintln!("{line}");
+                }
+                if kept.len() == KEPT_LOG_LINES {
+                    kept.pop_front();
+                }
+                kept.push_back(line);
+            }
+        }
+        Vec::from(kept).join("\n")
+    };
+    let (stdout, stderr) = tokio::join!(read_stdout, read_stderr);
+    let status = child
+        .wait()
+        .await
+        .map_err(|e| format!("{what}: the trainer process: {e}"))?;
+    if status.success() {
         Ok(stdout)
-    } else if live {
-        Err(format!(
-            "{what} failed ({}); the trainer's log is above",
-            out.status
-        ))
     } else {
-        Err(format!(
-            "{what} failed ({}): {}",
-            out.status,
-            tail(&String::from_utf8_lossy(&out.stderr), 3)
-        ))
+        Err(format!("{what} failed ({status}): {}", tail(&stderr, 3)))
     }
 }
 

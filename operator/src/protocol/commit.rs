@@ -205,6 +205,31 @@ pub async fn set_aside(
     Ok(())
 }
 
+/// After aggregation attempt `attempt` of `round` failed with `error`: sets
+/// aside the commits of the `participants` that the error names as rejected
+/// ([`rejected_in`]), so that each may train and commit again (within its
+/// retries: the planner counts a client whose trainer succeeded but that is
+/// not committed as a failed attempt). Both executors do this, the local
+/// runner after its aggregation and the aggregation Job's pod under the
+/// operator. Returns each named client with the outcome of its set-aside.
+pub async fn set_aside_rejected<'p>(
+    store: &Store,
+    layout: &RunLayout,
+    round: u32,
+    participants: &'p [String],
+    error: &str,
+    attempt: u32,
+) -> Vec<(&'p str, Result<(), StoreError>)> {
+    let mut done = Vec::new();
+    for client in rejected_in(error, participants) {
+        done.push((
+            client,
+            set_aside(store, layout, round, client, attempt).await,
+        ));
+    }
+    done
+}
+
 /// Downloads the committed artifact in the store folder `key_dir` into
 /// `local_dir` (the manifest first: without it there is nothing; the data
 /// as `adapter.safetensors`). False when absent. A manifest that does not

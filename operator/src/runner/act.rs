@@ -174,10 +174,17 @@ impl Runner {
         error: &str,
         attempt: u32,
     ) {
-        for client in commit::rejected_in(error, participants) {
-            if let Err(e) =
-                commit::set_aside(&self.store, &self.layout, round, client, attempt).await
-            {
+        let set_aside = commit::set_aside_rejected(
+            &self.store,
+            &self.layout,
+            round,
+            participants,
+            error,
+            attempt,
+        )
+        .await;
+        for (client, outcome) in set_aside {
+            if let Err(e) = outcome {
                 self.progress.note(&format!(
                     "round {round}: could not set client {client}'s rejected artifact aside: {e}"
                 ));
