@@ -65,6 +65,12 @@ pub struct FederatedTuneStatus {
     /// When the first round started (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<String>,
+    /// When the step in progress (`round`, or the final evaluation) opened
+    /// (RFC 3339): its first Job's creation, or, for a step whose clients
+    /// are all run by sites, when the operator first saw it open. The
+    /// round deadline (`spec.roundDeadlineSeconds`) counts from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub round_start_time: Option<String>,
     /// When the run finished (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion_time: Option<String>,

@@ -84,7 +84,13 @@ impl Decision {
 pub fn decide(run: &Run, world: &Dereferenced, config: &OperatorConfig) -> Decision {
     let spec = &run.ft.spec;
     let placements = placements(spec, &world.shapes, world.bridge.clone(), &config.sizing);
-    let obs = observation(spec, &world.store, &world.jobs, world.now);
+    let obs = observation(
+        spec,
+        &world.store,
+        &world.jobs,
+        world.now,
+        opened_at(run, world),
+    );
     let plan = planner::plan(spec, &obs);
     let actor = Actor {
         run,
@@ -96,7 +102,7 @@ pub fn decide(run: &Run, world: &Dereferenced, config: &OperatorConfig) -> Decis
     let acts = actor.act(&plan);
     let stale = stale_jobs(spec, &plan, &world.jobs, world.store.completed_rounds);
     let status = next_status(run, world, &obs, &plan, &placements, &acts);
-    let round_started_at = round_start(&obs, &acts, world.now);
+    let round_started_at = round_start(spec, &obs, &acts, world.now);
     Decision {
         plan,
         jobs: JobIntents {
@@ -111,11 +117,33 @@ pub fn decide(run: &Run, world: &Dereferenced, config: &OperatorConfig) -> Decis
     }
 }
 
-/// When the current round started: its oldest Job, or now when this
-/// reconcile starts its first ones.
-fn round_start(obs: &Observation, acts: &Acts, now: f64) -> Option<f64> {
+/// When the current step started: its oldest Job or what the previous
+/// status recorded, else now when this reconcile starts its first Jobs or
+/// when sites run some of its clients (their step opens when the operator
+/// first sees it, as under `heterotune run`: without it, a step whose
+/// clients are all sites' would never reach its deadline).
+fn round_start(
+    spec: &heterotune_crds::spec::FederatedTuneSpec,
+    obs: &Observation,
+    acts: &Acts,
+    now: f64,
+) -> Option<f64> {
+    let sites = spec.clients.iter().any(|c| c.is_remote());
     obs.round_started_at
-        .or_else(|| (!acts.started.is_empty()).then_some(now))
+        .or_else(|| (!acts.started.is_empty() || sites).then_some(now))
+}
+
+/// When the step in progress opened, as the previous status recorded it
+/// (`status.roundStartTime`); none once a round completed since (a new step).
+fn opened_at(run: &Run, world: &Dereferenced) -> Option<f64> {
+    if !world.store.new_rounds.is_empty() {
+        return None;
+    }
+    run.ft
+        .status
+        .as_ref()
+        .and_then(|s| s.round_start_time.as_deref())
+        .and_then(crate::protocol::observe::unix_seconds)
 }
 
 /// Places every client (given the shapes of their models and of the
@@ -344,7 +372,7 @@ fn next_status(
         started: &acts.started,
     });
     let held = !acts.unplaceable.is_empty();
-    let round_started_at = round_start(obs, acts, world.now);
+    let round_started_at = round_start(spec, obs, acts, world.now);
     let latest_global = (store.completed_rounds > 0).then(|| {
         run.layout
             .global_manifest(store.completed_rounds.min(spec.rounds))

@@ -217,6 +217,62 @@ fn a_client_set_aside_by_the_aggregation_trains_again() {
     assert_eq!(role(&d.jobs.create[0]), Some(ROLE_AGGREGATOR));
 }
 
+/// A round whose clients are all run by sites has no Job to start its
+/// clock: it opens when the operator first sees it (recorded in
+/// `status.roundStartTime`), and its deadline ends it like any other.
+#[test]
+fn a_round_of_sites_only_opens_when_seen_and_reaches_its_deadline() {
+    let clients = "    - name: bank\n      site: { name: bank }\n      model: { family: bert, uri: \"cache://models/all-MiniLM-L6-v2\" }\n    \
+                   - name: clinic\n      site: { name: clinic }\n      model: { family: bert, uri: \"cache://models/all-MiniLM-L6-v2\" }\n";
+    let f = ft(clients, "  minClients: 2\n  roundDeadlineSeconds: 600\n");
+    let d = decided(&f, store(0, &[]), &[]);
+    assert!(d.jobs.create.is_empty());
+    assert_eq!(d.status.round_start_time, Some(status_time(NOW)));
+    assert_eq!(d.round_started_at, Some(NOW));
+
+    // Later, with the opening recorded and no site heard from: still open
+    // before the deadline, failed after it.
+    let seen = |at: f64| {
+        let mut f = f.clone();
+        f.status = Some(heterotune_crds::status::FederatedTuneStatus {
+            round: 1,
+            round_start_time: Some(status_time(at)),
+            ..d.status.clone()
+        });
+        f
+    };
+    let d = decided(&seen(NOW - 300.0), store(0, &[("bank", NOW - 10.0)]), &[]);
+    assert_eq!(d.status.phase, Some(Phase::Running));
+    assert_eq!(d.status.round_start_time, Some(status_time(NOW - 300.0)));
+    let d = decided(&seen(NOW - 700.0), store(0, &[("bank", NOW - 10.0)]), &[]);
+    assert_eq!(d.status.phase, Some(Phase::Failed));
+    assert_eq!(d.status.round_start_time, None, "no step in progress");
+    // A round completed since the recorded opening: the new round opens now.
+    let mut done = store(1, &[]);
+    done.new_rounds = vec![crate::protocol::observe::CompletedRound {
+        summary: heterotune_crds::status::RoundSummary {
+            round: 1,
+            accuracy: None,
+            accuracy_by_family: Default::default(),
+            global_accuracy: None,
+            global_accuracy_by_family: Default::default(),
+            bytes_uploaded: 0,
+            duration_seconds: 0.0,
+            participants: 1,
+            rejected: Default::default(),
+        },
+        completed_at: Some(NOW - 5.0),
+        previous_global: None,
+    }];
+    let d = decided(&seen(NOW - 700.0), done, &[]);
+    assert_eq!(d.status.round, 2);
+    assert_eq!(d.status.round_start_time, Some(status_time(NOW)));
+}
+
+fn status_time(at: f64) -> String {
+    super::status::rfc3339(at)
+}
+
 #[test]
 fn quorum_starts_the_aggregation_and_cancels_the_stragglers() {
     let f = ft(
@@ -362,9 +418,9 @@ fn a_late_job_gets_what_is_left_of_the_round_and_at_least_a_second() {
     let f = ft(&three_clients(), "  roundDeadlineSeconds: 600\n");
     let started = |at: f64| {
         let jobs = facts(&[job(1, Some("c0"), 1, JobEnd::Running, at)]);
-        observation(&f.spec, &store(0, &[]), &jobs, NOW)
+        observation(&f.spec, &store(0, &[]), &jobs, NOW, None)
     };
-    let fresh = observation(&f.spec, &store(0, &[]), &[], NOW);
+    let fresh = observation(&f.spec, &store(0, &[]), &[], NOW, None);
     assert_eq!(remaining_deadline(&f.spec, &fresh, NOW), 600);
     assert_eq!(remaining_deadline(&f.spec, &started(NOW - 100.0), NOW), 500);
     assert_eq!(remaining_deadline(&f.spec, &started(NOW - 5000.0), NOW), 1);

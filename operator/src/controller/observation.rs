@@ -20,12 +20,15 @@ pub(crate) fn client_step(spec: &FederatedTuneSpec, completed_rounds: u32) -> (&
 }
 
 /// Builds the planner's observation of the current round (or of the
-/// evaluation after the last one).
+/// evaluation after the last one). The step started with its oldest Job,
+/// else at `opened_at` (what the previous status recorded: a step whose
+/// clients are all run by sites has no Job).
 pub fn observation(
     spec: &FederatedTuneSpec,
     store: &StoreObservation,
     jobs: &[JobFacts],
     now: f64,
+    opened_at: Option<f64>,
 ) -> Observation {
     let round = store.completed_rounds + 1;
     let (role, step_round) = client_step(spec, store.completed_rounds);
@@ -63,7 +66,8 @@ pub fn observation(
         .values()
         .flatten()
         .filter_map(|j| j.created)
-        .reduce(f64::min);
+        .reduce(f64::min)
+        .or(opened_at);
     let quorum = spec.quorum() as usize;
     let mut times: Vec<f64> = store.committed.values().map(|c| c.committed_at).collect();
     times.sort_by(f64::total_cmp);

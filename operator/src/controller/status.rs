@@ -336,6 +336,15 @@ pub fn build(input: &StatusInput) -> FederatedTuneStatus {
         history,
         artifacts: input.artifacts.clone(),
         start_time: start,
+        round_start_time: input
+            .round_started_at
+            .filter(|_| {
+                !matches!(
+                    input.phase,
+                    Phase::Succeeded | Phase::Failed | Phase::Suspended
+                )
+            })
+            .map(rfc3339),
         completion_time,
     }
 }
