@@ -11,6 +11,9 @@
 //! has written its output (the runner never uploads it), or SIGKILLs itself
 //! (a trainer that dies: the runner retries it). A SIGKILLed runner's
 //! trainers die with it (`PR_SET_PDEATHSIG`), as a pod's do.
+//!
+//! A second test lets a deadline pass while a client's trainer hangs: the
+//! round goes on without it, and its process does not outlive the cut-off.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -23,8 +26,8 @@ const ROUNDS: u32 = 3;
 const CLIENTS: [&str; 3] = ["small-bert", "wide-bert", "tiny-llama"];
 
 /// The stand-in trainer. `FAULT` is `<subcommand> <client or -> <round or
-/// ->`, `WHEN` one of `before`, `after`, `self`; `FIRED` is created when
-/// the fault fires, so it fires once.
+/// ->`, `WHEN` one of `before`, `after`, `self`, `hang` (the call becomes
+/// `sleep $HANG`); `FIRED` is created when the fault fires, so it fires once.
 const WRAPPER: &str = r#"#!/usr/bin/env bash
 sub="${1:-}" client="-" round="-" prev=""
 for a in "$@"; do
@@ -38,6 +41,7 @@ if [ "$sub $client $round" = "${FAULT:-}" ] && [ ! -e "$FIRED" ]; then
     before) kill -9 "$PPID"; exit 1 ;;
     after) "$REAL" "$@"; kill -9 "$PPID"; exit 0 ;;
     self) kill -9 $$ ;;
+    hang) exec sleep "$HANG" ;;
   esac
 fi
 exec "$REAL" "$@"
@@ -346,4 +350,78 @@ fn every_fault_ends_in_the_uninterrupted_runs_global_model() {
             }
         }
     }
+}
+
+/// A client whose trainer hangs in round 2 is cut off at the round's
+/// deadline: the round is aggregated with the two that committed (the
+/// quorum), the hung process is stopped (it does not outlive the cut-off or
+/// the run), and the client trains again in round 3 from round 2's global.
+#[test]
+fn a_deadline_passing_while_a_client_runs_cuts_it_off() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = dir.path();
+    let deadline = 40;
+    let spec = fixtures::write_federation(
+        &base.join("fixtures"),
+        "deadline",
+        ROUNDS,
+        "  storage: { uri: \"file://STORE\" }",
+    )
+    .replace(
+        "roundDeadlineSeconds: 600",
+        &format!("roundDeadlineSeconds: {deadline}"),
+    );
+    let run = Run::new(base, "deadline", &spec);
+    // A sleep no other process on the machine runs: found by its arguments.
+    let pid = std::process::id();
+    let hang = format!("{}.{}", 600 + pid % 97, pid % 1000);
+    let started = std::time::Instant::now();
+    let out = run
+        .command("train wide-bert 2", "hang")
+        .env("HANG", &hang)
+        .output()
+        .expect("heterotune runs");
+    let text = output_text(&out);
+    assert!(
+        run.root.join("fired").exists(),
+        "the fault never fired\n{text}"
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(
+        started.elapsed().as_secs() >= deadline,
+        "the round did not wait for its deadline"
+    );
+    assert!(
+        text.contains("client wide-bert cut off at the deadline"),
+        "{text}"
+    );
+    let sleeping = Command::new("pgrep")
+        .args(["-f", &format!("sleep {hang}")])
+        .output()
+        .expect("pgrep");
+    assert!(
+        String::from_utf8_lossy(&sleeping.stdout).trim().is_empty(),
+        "the hung trainer outlived its cut-off"
+    );
+    let participants = |round: u32| -> Vec<String> {
+        let mut names: Vec<String> = run.global_manifest(round)["stats"]["participants"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v["client"].as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    };
+    let mut all: Vec<String> = CLIENTS.iter().map(|c| c.to_string()).collect();
+    all.sort();
+    assert_eq!(participants(1), all);
+    assert_eq!(participants(2), ["small-bert", "tiny-llama"]);
+    assert_eq!(participants(3), all, "the cut-off client trains again");
+    // Its round-2 work was never committed.
+    assert!(!client_commits(&run.manifests(), 2).contains_key("wide-bert"));
+    let r = report(&run.root);
+    assert_eq!(r["status"], "Succeeded", "{r}");
 }
