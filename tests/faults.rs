@@ -14,12 +14,16 @@
 //!
 //! A second test lets a deadline pass while a client's trainer hangs: the
 //! round goes on without it, and its process does not outlive the cut-off.
+//! A third stops the S3 server just as round 1 completes and starts it
+//! again on the same endpoint seconds later: the run rides it out.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use heterotune_crds::layout::RunLayout;
 use heterotune_tests::local_run::{built, find, report, run_command};
+use heterotune_tests::s3::S3Server;
 use heterotune_tests::{fixtures, output_text};
 
 const ROUNDS: u32 = 3;
@@ -424,4 +428,97 @@ fn a_deadline_passing_while_a_client_runs_cuts_it_off() {
     assert!(!client_commits(&run.manifests(), 2).contains_key("wide-bert"));
     let r = report(&run.root);
     assert_eq!(r["status"], "Succeeded", "{r}");
+}
+
+/// The global manifest of `round` of the run `name` under `prefix` in the
+/// S3 `bucket`, as JSON.
+fn s3_global(
+    server: &S3Server,
+    bucket: &str,
+    prefix: &str,
+    name: &str,
+    round: u32,
+) -> Option<serde_json::Value> {
+    let uid = heterotune_operator::runner::local_uid("default", name);
+    let key = RunLayout::new(prefix, "default", name, &uid).global_manifest(round);
+    let bytes = server.get(bucket, &key)?;
+    Some(serde_json::from_slice(&bytes).expect("a global manifest"))
+}
+
+/// The S3 store goes away as round 1 completes (SIGKILLed, as a crashed
+/// server) and comes back on the same endpoint six seconds later, while
+/// round 2's trainers start, run and commit: the runner's store calls retry
+/// through the outage, and the run ends with the uninterrupted run's final
+/// global model, each client counted once per round.
+#[test]
+fn an_s3_server_stopped_mid_round_and_restarted_changes_nothing() {
+    const BUCKET: &str = "heterotune";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = dir.path();
+    let mut server = S3Server::start(&base.join("s3"), BUCKET);
+    let spec = fixtures::write_federation(
+        &base.join("fixtures"),
+        "outage",
+        ROUNDS,
+        &server.storage_yaml(BUCKET),
+    );
+    let on = |prefix: &str| {
+        spec.replace(
+            &format!("s3://{BUCKET}/runs"),
+            &format!("s3://{BUCKET}/{prefix}"),
+        )
+    };
+    let command = |run: &Run| {
+        let mut cmd = run.command("", "");
+        cmd.env("AWS_ACCESS_KEY_ID", "heterotune-test")
+            .env("AWS_SECRET_ACCESS_KEY", "heterotune-test-secret");
+        cmd
+    };
+    let sha = |g: &serde_json::Value| g["artifact"]["sha256"].as_str().map(String::from);
+
+    let clean = Run::new(base, "s3-clean", &on("clean"));
+    let out = command(&clean).output().expect("heterotune runs");
+    assert!(out.status.success(), "{}", output_text(&out));
+    let want =
+        s3_global(&server, BUCKET, "clean", "outage", ROUNDS).expect("the clean run's global");
+
+    let run = Run::new(base, "s3-outage", &on("outage"));
+    let child = command(&run)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("heterotune starts");
+    let start = std::time::Instant::now();
+    while s3_global(&server, BUCKET, "outage", "outage", 1).is_none() {
+        assert!(start.elapsed().as_secs() < 300, "round 1 never completed");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    server.stop();
+    std::thread::sleep(std::time::Duration::from_secs(6));
+    server.restart();
+    let out = child.wait_with_output().expect("heterotune ends");
+    let text = output_text(&out);
+    assert!(
+        out.status.success(),
+        "the run did not ride out the outage:\n{text}"
+    );
+    let got = s3_global(&server, BUCKET, "outage", "outage", ROUNDS).expect("the final global");
+    assert_eq!(
+        sha(&got),
+        sha(&want),
+        "the final global differs from the uninterrupted run's"
+    );
+    for round in 1..=ROUNDS {
+        let g =
+            s3_global(&server, BUCKET, "outage", "outage", round).expect("every round's global");
+        let mut names: Vec<&str> = g["stats"]["participants"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v["client"].as_str()).collect())
+            .unwrap_or_default();
+        names.sort_unstable();
+        let mut all = CLIENTS.to_vec();
+        all.sort_unstable();
+        assert_eq!(names, all, "round {round}: each client exactly once");
+    }
+    assert_eq!(report(&run.root)["status"], "Succeeded");
 }

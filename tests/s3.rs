@@ -9,17 +9,38 @@ use crate::repo_root;
 
 /// A SeaweedFS server on loopback ports chosen free at start.
 pub struct S3Server {
-    child: Child,
+    child: Option<Child>,
     /// The S3 port on 127.0.0.1.
     pub port: u16,
+    /// What it was started with, to start it again the same way.
+    data: PathBuf,
+    bucket: String,
+    /// Its other ports, by flag.
+    ports: Vec<(&'static str, u16)>,
 }
 
 impl Drop for S3Server {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }
+
+/// The flags of SeaweedFS's ports other than the S3 one.
+const PORT_FLAGS: [&str; 13] = [
+    "-master.port",
+    "-master.port.grpc",
+    "-volume.port",
+    "-volume.port.grpc",
+    "-filer.port",
+    "-filer.port.grpc",
+    "-admin.port",
+    "-admin.port.grpc",
+    "-webdav.port",
+    "-s3.port.grpc",
+    "-s3.port.iceberg",
+    "-s3.port.lance",
+    "-debug.port",
+];
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -78,59 +99,90 @@ impl S3Server {
     /// One start: the server once it serves `bucket`, `None` when it exited
     /// first (a port taken), a panic after two minutes.
     fn try_start(data: &Path, bucket: &str, attempt: u32) -> Option<S3Server> {
-        let port = free_port();
+        let mut server = S3Server {
+            child: None,
+            port: free_port(),
+            data: data.to_path_buf(),
+            bucket: bucket.to_string(),
+            ports: PORT_FLAGS.iter().map(|f| (*f, free_port())).collect(),
+        };
+        server.launch(attempt).then_some(server)
+    }
+
+    /// Starts the process on this server's ports and waits until it serves
+    /// the bucket; false when it exited first (a port taken).
+    fn launch(&mut self, attempt: u32) -> bool {
         let mut cmd = Command::new(weed_binary());
         cmd.arg("mini")
-            .arg(format!("-dir={}", data.display()))
+            .arg(format!("-dir={}", self.data.display()))
             .arg("-ip=127.0.0.1")
             .arg("-ip.bind=127.0.0.1")
-            .arg(format!("-bucket={bucket}"))
+            .arg(format!("-bucket={}", self.bucket))
             .arg("-admin.ui=false")
-            .arg(format!("-s3.port={port}"));
-        for flag in [
-            "-master.port",
-            "-master.port.grpc",
-            "-volume.port",
-            "-volume.port.grpc",
-            "-filer.port",
-            "-filer.port.grpc",
-            "-admin.port",
-            "-admin.port.grpc",
-            "-webdav.port",
-            "-s3.port.grpc",
-            "-s3.port.iceberg",
-            "-s3.port.lance",
-            "-debug.port",
-        ] {
-            cmd.arg(format!("{flag}={}", free_port()));
+            .arg(format!("-s3.port={}", self.port));
+        for (flag, port) in &self.ports {
+            cmd.arg(format!("{flag}={port}"));
         }
         let log = std::fs::File::options()
             .create(true)
             .append(true)
-            .open(data.join("weed.log"))
+            .open(self.data.join("weed.log"))
             .expect("log");
         let child = cmd
             .stdout(Stdio::from(log.try_clone().expect("log")))
             .stderr(Stdio::from(log))
             .spawn()
             .expect("weed starts");
-        let mut server = S3Server { child, port };
+        self.child = Some(child);
         let start = Instant::now();
         loop {
-            if serves(port, bucket) {
-                return Some(server);
+            if serves(self.port, &self.bucket) {
+                return true;
             }
-            if let Ok(Some(status)) = server.child.try_wait() {
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if let Some(status) = exited {
                 eprintln!("SeaweedFS attempt {attempt} exited ({status}): starting it again");
-                return None;
+                self.child = None;
+                return false;
             }
             assert!(
                 start.elapsed() < Duration::from_secs(120),
-                "SeaweedFS did not serve bucket {bucket} on port {port}: see {}",
-                data.join("weed.log").display()
+                "SeaweedFS did not serve bucket {} on port {}: see {}",
+                self.bucket,
+                self.port,
+                self.data.join("weed.log").display()
             );
             std::thread::sleep(Duration::from_millis(250));
         }
+    }
+
+    /// Stops the server (SIGKILL: as a crashed or unplugged server). Its
+    /// data stays for [`S3Server::restart`].
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts a stopped server again on the same ports with the same data:
+    /// to its clients, the same endpoint came back.
+    pub fn restart(&mut self) {
+        self.stop();
+        // A port of the stopped process may linger a moment.
+        for attempt in 1..=20 {
+            if self.launch(attempt) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        panic!(
+            "SeaweedFS did not start again on its ports: see {}",
+            self.data.join("weed.log").display()
+        );
     }
 
     /// The spec's `storage:` block (two-space indented) for `s3://{bucket}/runs`

@@ -33,8 +33,16 @@ pub fn read_only_store(storage: &StorageSpec, cwd: &Path) -> Result<Store, Strin
             ));
         }
     }
-    Store::from_spec(storage, cwd).map_err(|e| e.to_string())
+    // A look answers at once: a store that does not answer is reported, not
+    // waited for (a run's budget is for riding out outages).
+    Store::from_spec(storage, cwd)
+        .map(|s| s.with_retry_budget(LOOK_RETRY_BUDGET))
+        .map_err(|e| e.to_string())
 }
+
+/// How long `plan` and `status` retry a store that does not answer,
+/// unless `HETEROTUNE_STORE_RETRY_SECONDS` says otherwise.
+const LOOK_RETRY_BUDGET: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// What a look at the store found.
 pub struct Look {

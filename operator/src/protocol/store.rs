@@ -3,8 +3,11 @@
 //!
 //! Writers upload data first and the manifest last (the commit marker);
 //! readers treat an artifact as present only when its manifest is. Transient
-//! errors are retried with exponential backoff. Error messages name the
-//! store by its URI and never include credentials.
+//! errors are retried with exponential backoff (with jitter, at most 10 s
+//! apart) for up to [`RETRY_BUDGET`] (`HETEROTUNE_STORE_RETRY_SECONDS`), so
+//! a store that restarts or drops off the network for a while stalls a run
+//! instead of failing it. Error messages name the store by its URI and never
+//! include credentials.
 //!
 //! Reads are bounded: [`Store::get`] refuses a record larger than
 //! [`MAX_RECORD_BYTES`] from the object's size before reading its body (and
@@ -37,14 +40,15 @@ pub enum StoreError {
     /// The storage URI or settings are unusable.
     #[error("storage {uri}: {message}")]
     Config { uri: String, message: String },
-    /// An operation failed after its retries.
-    #[error("storage {uri}: {op} {key}: {source}")]
+    /// An operation failed after its retries. The message carries the
+    /// store's error whole (its own causes included), so the error is not
+    /// also its `source`: a printed chain would say it all twice.
+    #[error("storage {uri}: {op} {key}: {error}")]
     Operation {
         uri: String,
         op: &'static str,
         key: String,
-        #[source]
-        source: Box<object_store::Error>,
+        error: Box<object_store::Error>,
     },
     /// An object is larger than a reader takes.
     #[error("storage {uri}: {key} holds {size} bytes, more than the {limit} a reader takes: it was not written by HeteroTune (remove or replace it)")]
@@ -66,12 +70,12 @@ pub enum StoreError {
 impl StoreError {
     /// True when the object does not exist.
     pub fn is_not_found(&self) -> bool {
-        matches!(self, StoreError::Operation { source, .. } if matches!(**source, object_store::Error::NotFound { .. }))
+        matches!(self, StoreError::Operation { error, .. } if matches!(**error, object_store::Error::NotFound { .. }))
     }
 
     /// True when a create-only write found the object already there.
     pub fn is_already_exists(&self) -> bool {
-        matches!(self, StoreError::Operation { source, .. } if matches!(**source, object_store::Error::AlreadyExists { .. }))
+        matches!(self, StoreError::Operation { error, .. } if matches!(**error, object_store::Error::AlreadyExists { .. }))
     }
 
     /// Label for metrics.
@@ -100,7 +104,46 @@ pub struct Store {
     inner: Arc<dyn ObjectStore>,
     prefix: String,
     uri: String,
-    attempts: u32,
+    /// How long transient errors of one operation are retried.
+    retry_budget: Duration,
+}
+
+/// How long [`Store`] retries the transient errors of one operation
+/// (`object_store`'s own retries of a request come first). A default a
+/// restarting S3 server or a short network outage fits in; the environment
+/// variable `HETEROTUNE_STORE_RETRY_SECONDS` sets another (0: none).
+pub const RETRY_BUDGET: Duration = Duration::from_secs(120);
+
+/// The retry budget of a local folder store.
+const LOCAL_RETRY_BUDGET: Duration = Duration::from_secs(1);
+
+/// The variable that overrides [`RETRY_BUDGET`] (whole seconds).
+pub const RETRY_ENV: &str = "HETEROTUNE_STORE_RETRY_SECONDS";
+
+fn retry_budget() -> Duration {
+    match std::env::var(RETRY_ENV) {
+        Ok(v) => match v.trim().parse::<u64>() {
+            Ok(s) => Duration::from_secs(s),
+            Err(_) => {
+                tracing::warn!(value = %v, "{RETRY_ENV} is not a whole number of seconds: using {} s", RETRY_BUDGET.as_secs());
+                RETRY_BUDGET
+            }
+        },
+        Err(_) => RETRY_BUDGET,
+    }
+}
+
+/// Whether an error may go away by itself: not an answer about the object
+/// (absent, already there, a failed precondition) or an unsupported call.
+fn transient(e: &object_store::Error) -> bool {
+    !matches!(
+        e,
+        object_store::Error::NotFound { .. }
+            | object_store::Error::NotSupported { .. }
+            | object_store::Error::NotImplemented { .. }
+            | object_store::Error::AlreadyExists { .. }
+            | object_store::Error::Precondition { .. }
+    )
 }
 
 impl std::fmt::Debug for Store {
@@ -195,7 +238,7 @@ impl Store {
                 inner: Arc::new(store),
                 prefix: prefix.trim_matches('/').to_string(),
                 uri,
-                attempts: 4,
+                retry_budget: retry_budget(),
             });
         }
         let local = if let Some(rest) = uri.strip_prefix("file://") {
@@ -227,8 +270,18 @@ impl Store {
             inner: Arc::new(fs),
             prefix: String::new(),
             uri,
-            attempts: 4,
+            // A folder: its errors (a full disk, a permission) do not pass.
+            retry_budget: LOCAL_RETRY_BUDGET,
         })
+    }
+
+    /// The same store with transient errors retried for `budget` instead,
+    /// unless `HETEROTUNE_STORE_RETRY_SECONDS` is set (it always wins).
+    pub fn with_retry_budget(mut self, budget: Duration) -> Store {
+        if std::env::var_os(RETRY_ENV).is_none() {
+            self.retry_budget = budget;
+        }
+        self
     }
 
     /// The storage URI (no credentials).
@@ -245,32 +298,27 @@ impl Store {
         ObjectPath::from(key)
     }
 
-    async fn retry<T, F, Fut>(&self, op: &'static str, key: &str, mut f: F) -> Result<T, StoreError>
+    async fn retry<T, F, Fut>(&self, op: &'static str, key: &str, f: F) -> Result<T, StoreError>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, object_store::Error>>,
     {
-        let mut delay = Duration::from_millis(100);
-        let mut attempt = 1;
-        loop {
-            match f().await {
-                Ok(v) => return Ok(v),
-                Err(e @ object_store::Error::NotFound { .. })
-                | Err(e @ object_store::Error::NotSupported { .. })
-                | Err(e @ object_store::Error::NotImplemented { .. })
-                | Err(e @ object_store::Error::AlreadyExists { .. })
-                | Err(e @ object_store::Error::Precondition { .. }) => {
-                    return Err(self.op_error(op, key, e))
-                }
-                Err(e) if attempt >= self.attempts => return Err(self.op_error(op, key, e)),
-                Err(e) => {
-                    tracing::warn!(store = %self.uri, op, key, attempt, error = %e, "transient store error; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay *= 2;
-                    attempt += 1;
-                }
-            }
-        }
+        use backon::{ExponentialBuilder, Retryable};
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(10))
+            .with_jitter()
+            .without_max_times()
+            .with_total_delay(Some(self.retry_budget));
+        let mut attempt = 0u32;
+        f.retry(backoff)
+            .when(transient)
+            .notify(|e, delay| {
+                attempt += 1;
+                tracing::warn!(store = %self.uri, op, key, attempt, retry_in = ?delay, error = %e, "transient store error; retrying");
+            })
+            .await
+            .map_err(|e| self.op_error(op, key, e))
     }
 
     fn op_error(&self, op: &'static str, key: &str, source: object_store::Error) -> StoreError {
@@ -278,7 +326,7 @@ impl Store {
             uri: self.uri.clone(),
             op,
             key: key.to_string(),
-            source: Box::new(source),
+            error: Box::new(source),
         }
     }
 

@@ -49,6 +49,9 @@ fn store_observation(look: RunObservation) -> StoreObservation {
     }
 }
 
+/// How long one reconcile retries a store that does not answer.
+const CONTROLLER_RETRY_BUDGET: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl ObjectRunStore {
     fn store(&self, storage: &StorageSpec) -> Result<Store, StoreError> {
         let key = format!(
@@ -59,7 +62,11 @@ impl ObjectRunStore {
         if let Some(s) = stores.get(&key) {
             return Ok(s.clone());
         }
-        let store = Store::from_spec(storage, std::path::Path::new("/nonexistent"))?;
+        // The controller does not wait long inside a reconcile: a store that
+        // does not answer marks the run degraded and the reconcile is retried
+        // with its own backoff.
+        let store = Store::from_spec(storage, std::path::Path::new("/nonexistent"))?
+            .with_retry_budget(CONTROLLER_RETRY_BUDGET);
         stores.insert(key, store.clone());
         Ok(store)
     }
