@@ -39,6 +39,18 @@ pub struct Dereferenced {
     pub now: f64,
 }
 
+/// Records the run's spec document in the store for its sites to check
+/// (`heterotune site` refuses to train a spec other than the one the run
+/// records). The Jobs record it too, but a round whose clients are all
+/// sites has no Job before its aggregation, and the sites would train it
+/// unchecked. Not fatal: the next reconcile tries again.
+async fn record_spec(ctx: &Context, run: &Run<'_>) {
+    let document = serde_json::to_vec_pretty(&super::jobs::spec_document(run)).unwrap_or_default();
+    if let Err(e) = ctx.store.record_spec(&run.store_ref(), document).await {
+        tracing::warn!(run = %run.name, error = %e, "could not record spec.json for the run's sites");
+    }
+}
+
 /// Reads what the decision needs; fails only when the store is unreadable
 /// ([`Error::Storage`]).
 pub async fn dereference(ctx: &Context, run: &Run<'_>) -> Result<Dereferenced> {
@@ -47,6 +59,9 @@ pub async fn dereference(ctx: &Context, run: &Run<'_>) -> Result<Dereferenced> {
         .observe(&run.store_ref(), run.last_recorded_round())
         .await
         .map_err(Error::Storage)?;
+    if run.ft.spec.clients.iter().any(|c| c.is_remote()) {
+        record_spec(ctx, run).await;
+    }
     let jobs = observe_jobs(ctx, &run.namespace, &run.uid);
     let now = ctx.now();
     let (shapes, bridge) = shapes(ctx, run).await;

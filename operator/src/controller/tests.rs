@@ -1083,6 +1083,42 @@ async fn a_suspended_run_starts_nothing() {
     assert_eq!(cond(&status, "Progressing").status, "False");
 }
 
+/// A run with site clients has its spec document recorded in the store by
+/// the reconcile itself (a round of sites only has no Job to record it, and
+/// `heterotune site` checks it before training); a run without sites
+/// leaves that to its Jobs.
+#[tokio::test]
+async fn the_spec_of_a_run_with_sites_is_recorded_for_them() {
+    let clients = three_clients().replace(
+        "    - name: c2\n",
+        "    - name: c2\n      site: { name: bank }\n",
+    );
+    for (clients, sites) in [(clients, true), (three_clients(), false)] {
+        let f = ft(&clients, "  suspend: true\n");
+        let answer = f.clone();
+        let store = Arc::new(MemoryRunStore::default());
+        let _ = scenario(
+            &f,
+            store.clone(),
+            vec![],
+            |mut api| async move {
+                api.expect_status(&answer).await;
+                api.expect_event("Suspended").await;
+                (api, ())
+            },
+            ok,
+        )
+        .await;
+        let recorded = store.spec_document(RUN_DIR);
+        assert_eq!(recorded.is_some(), sites, "sites: {sites}");
+        if let Some(bytes) = recorded {
+            let doc: serde_json::Value = serde_json::from_slice(&bytes).expect("JSON");
+            assert_eq!(doc["metadata"]["uid"], UID);
+            assert_eq!(doc["spec"], serde_json::to_value(&f.spec).expect("spec"));
+        }
+    }
+}
+
 #[tokio::test]
 async fn deletion_applies_the_retention_policy_then_removes_the_finalizer() {
     let mut f = ft(&three_clients(), "  retention: { onDelete: delete }\n");

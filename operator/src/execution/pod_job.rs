@@ -311,11 +311,10 @@ pub async fn train(
 /// writes the same document of its generation; the operator's admission
 /// rules have already checked how it may change.
 async fn record_spec(run: &Loaded) -> Result<(), JobError> {
-    let key = run.layout.spec_file();
     let bytes = serde_json::to_vec_pretty(&run.value).unwrap_or_default();
-    if run.store.get(&key).await?.as_deref() != Some(bytes.as_slice()) {
-        run.store.put(&key, bytes.into()).await?;
-    }
+    run.store
+        .put_if_changed(&run.layout.spec_file(), bytes)
+        .await?;
     Ok(())
 }
 

@@ -275,6 +275,16 @@ impl Store {
         })
     }
 
+    /// Writes `bytes` at `key` unless the object already holds exactly
+    /// them; true when it wrote.
+    pub async fn put_if_changed(&self, key: &str, bytes: Vec<u8>) -> Result<bool, StoreError> {
+        if self.get(key).await?.as_deref() == Some(bytes.as_slice()) {
+            return Ok(false);
+        }
+        self.put(key, bytes.into()).await?;
+        Ok(true)
+    }
+
     /// The same store with transient errors retried for `budget` instead,
     /// unless `HETEROTUNE_STORE_RETRY_SECONDS` is set (it always wins).
     pub fn with_retry_budget(mut self, budget: Duration) -> Store {

@@ -32,12 +32,23 @@ pub struct MemoryRunStore {
     unavailable: Mutex<Option<String>>,
     retention: Mutex<Vec<(String, RetentionPolicy)>>,
     observations: Mutex<u64>,
+    /// `spec.json` documents by run folder.
+    specs: Mutex<HashMap<String, Vec<u8>>>,
 }
 
 impl MemoryRunStore {
     fn with_run<T>(&self, run_dir: &str, f: impl FnOnce(&mut MemRun) -> T) -> T {
         let mut runs = self.runs.lock().unwrap_or_else(|e| e.into_inner());
         f(runs.entry(run_dir.to_string()).or_default())
+    }
+
+    /// The spec document recorded for the run in `run_dir`, if any.
+    pub fn spec_document(&self, run_dir: &str) -> Option<Vec<u8>> {
+        self.specs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(run_dir)
+            .cloned()
     }
 
     /// Commits `client`'s artifact of `round` at time `at`.
@@ -160,6 +171,23 @@ impl RunStore for MemoryRunStore {
                     },
                 }
             }))
+        })
+    }
+
+    fn record_spec<'a>(
+        &'a self,
+        run: &'a RunRef,
+        document: Vec<u8>,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            self.check(&run.storage.uri)?;
+            let mut specs = self.specs.lock().unwrap_or_else(|e| e.into_inner());
+            let dir = run.layout.run_dir().to_string();
+            if specs.get(&dir) == Some(&document) {
+                return Ok(false);
+            }
+            specs.insert(dir, document);
+            Ok(true)
         })
     }
 

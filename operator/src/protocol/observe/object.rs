@@ -91,6 +91,19 @@ impl RunStore for ObjectRunStore {
         })
     }
 
+    fn record_spec<'a>(
+        &'a self,
+        run: &'a RunRef,
+        document: Vec<u8>,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let store = self.store(&run.storage)?;
+            store
+                .put_if_changed(&run.layout.spec_file(), document)
+                .await
+        })
+    }
+
     fn model_config<'a>(
         &'a self,
         storage: &'a StorageSpec,

@@ -128,6 +128,15 @@ pub trait RunStore: Send + Sync {
         uri: &'a str,
     ) -> BoxFuture<'a, Result<Option<Vec<u8>>, StoreError>>;
 
+    /// Records the run's spec document (`<run>/spec.json`, what site agents
+    /// check the spec they joined against) unless it already holds exactly
+    /// `document`; true when it wrote.
+    fn record_spec<'a>(
+        &'a self,
+        run: &'a RunRef,
+        document: Vec<u8>,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
+
     /// Applies `spec.retention.onDelete` to the run's artifacts; returns how
     /// many objects were deleted.
     fn apply_retention<'a>(
