@@ -673,3 +673,48 @@ fn a_rejected_client_is_set_aside_and_trained_again() {
     let participants = global["stats"]["participants"].as_array().map(Vec::len);
     assert_eq!(participants, Some(3), "{global}");
 }
+
+/// `evaluation.roundTestExamples`: every client scores the first 10 test
+/// examples in the rounds (its manifest's `test_examples`), and the final
+/// evaluation all 48 of the fixtures' test set; the report says so.
+#[test]
+fn rounds_score_a_subset_of_the_test_set_and_the_final_evaluation_all_of_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let store = root.join("store");
+    let spec = fixtures::write_federation(
+        root,
+        "subset-fed",
+        1,
+        &format!(
+            "  storage: {{ uri: \"file://{}\" }}\n  evaluation: {{ roundTestExamples: 10 }}",
+            store.display()
+        ),
+    );
+    let spec_file = root.join("spec.yaml");
+    std::fs::write(&spec_file, spec).expect("spec");
+    let out = run_command(root, &spec_file)
+        .output()
+        .expect("heterotune runs");
+    assert!(out.status.success(), "{}", output_text(&out));
+    let manifests = find(&store, "/manifest.json");
+    let clients: Vec<&PathBuf> = manifests
+        .iter()
+        .filter(|p| p.to_string_lossy().contains("/clients/"))
+        .collect();
+    assert_eq!(clients.len(), 3, "{manifests:?}");
+    for path in clients {
+        let m: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(path).expect("read")).expect("json");
+        assert_eq!(m["metrics"]["test_examples"], 10.0, "{}", path.display());
+    }
+    let r = report(root);
+    let finals = r["finalEvaluation"].as_array().expect("finalEvaluation");
+    assert_eq!(finals.len(), 3);
+    assert!(finals.iter().all(|e| e["testExamples"] == 48), "{finals:?}");
+    let md = std::fs::read_to_string(root.join("report/report.md")).expect("report.md");
+    assert!(
+        md.contains("Each round scores the first 10 test examples"),
+        "{md}"
+    );
+}

@@ -23,6 +23,16 @@ pub struct EvaluationSpec {
     /// succeeds).
     #[serde(default = "super::defaults::yes")]
     pub after_last_round: bool,
+    /// How many test examples each client scores in every round (the
+    /// global model it receives and its model after training): the first
+    /// this many of the global test set (the split's seeded order), the
+    /// same for every client. Unset: the whole test set
+    /// (`task.maxTestExamples`). The evaluation after the last round always
+    /// scores the whole test set. Fewer make every round cheaper at the
+    /// price of noisier per-round curves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub round_test_examples: Option<u32>,
 }
 
 impl Default for EvaluationSpec {
@@ -30,6 +40,7 @@ impl Default for EvaluationSpec {
         EvaluationSpec {
             each_round: true,
             after_last_round: true,
+            round_test_examples: None,
         }
     }
 }

@@ -187,6 +187,10 @@ pub struct Report {
     #[serde(deserialize_with = "nan_when_null")]
     pub total_seconds: f64,
     pub status: String,
+    /// `spec.evaluation.roundTestExamples`: the rounds' scores are on this
+    /// many test examples (the final evaluation on all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub round_test_examples: Option<u32>,
 }
 
 impl Report {
@@ -327,9 +331,15 @@ impl Report {
             "\n## Rounds\n\nGlobal-test accuracy, mean over clients: **global model** = the round's \
              aggregated model as the clients receive it (what the federation delivers; measured \
              before the next round's training, or by the final evaluation); **local** = each \
-             client's model after its local training in the round. Per family: global / local.\n\n\
-             | round | global model | local | local macro-F1 |",
+             client's model after its local training in the round. Per family: global / local.",
         );
+        if let Some(n) = self.round_test_examples {
+            md.push_str(&format!(
+                " Each round scores the first {n} test examples (`evaluation.roundTestExamples`); \
+                 the final evaluation scores the whole test set."
+            ));
+        }
+        md.push_str("\n\n| round | global model | local | local macro-F1 |");
         for f in &self.families {
             md.push_str(&format!(" {} |", f.name()));
         }

@@ -84,6 +84,7 @@ pub fn new_report(ft: &FederatedTune, run: &str) -> Report {
         final_evaluation: Vec::new(),
         total_seconds: 0.0,
         status: "Running".into(),
+        round_test_examples: spec.evaluation.round_test_examples,
     }
 }
 

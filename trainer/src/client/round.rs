@@ -86,6 +86,11 @@ pub struct TrainSummary {
 /// into `args.state_out`.
 pub fn train_round(opts: &ClientOptions, args: &TrainRound<'_>) -> Result<TrainSummary> {
     let mut c = load_client(opts, args.global, args.state_in)?;
+    // The rounds' scores on the first `roundTestExamples` of the test set;
+    // the evaluation after the last round (`eval`) scores all of it.
+    if let Some(n) = c.spec.evaluation.round_test_examples {
+        c.test.truncate(n as usize);
+    }
     let info = c.model.backbone().info().clone();
     let send = shared_names(&c.model, &c.spec);
     let before = exported(&c, &send)?;
