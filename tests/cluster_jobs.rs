@@ -98,6 +98,39 @@ fn manifest(server: &S3Server, key: &str) -> ArtifactManifest {
     serde_json::from_slice(&bytes).expect("a manifest")
 }
 
+/// The tiny federation `name` of `rounds` rounds on a fresh S3 server, the
+/// fixtures uploaded and named by `s3://` URIs (no pod sees the local
+/// copies), with `extra` lines after its `storage:` block and `edit` applied
+/// to its YAML: the server and the FederatedTune as the controller sees it
+/// (namespace team-a, a fixed UID).
+fn federation(
+    root: &Path,
+    name: &str,
+    rounds: u32,
+    extra: &str,
+    edit: impl Fn(String) -> String,
+) -> (S3Server, heterotune_crds::FederatedTune) {
+    let server = S3Server::start(&root.join("s3"), BUCKET);
+    let storage = format!(
+        "  storage:\n    uri: \"s3://{BUCKET}/runs\"\n    endpoint: \"http://127.0.0.1:{}\"\n    region: us-east-1\n    forcePathStyle: true\n    credentialsSecret: {{ name: s3-credentials }}\n{extra}",
+        server.port
+    );
+    let yaml = edit(server.put_federation(BUCKET, &root.join("fixtures"), name, rounds, &storage));
+    let mut ft = heterotune_crds::validate::parse_federated_tune(&yaml).expect("valid spec");
+    ft.metadata.namespace = Some("team-a".into());
+    ft.metadata.uid = Some(UID.into());
+    (server, ft)
+}
+
+/// Writes the ConfigMap's spec document where the pods read it
+/// (`root/spec.json`); returns its path and the ConfigMap's data.
+fn mounted_spec(root: &Path, run: &Run) -> (std::path::PathBuf, BTreeMap<String, String>) {
+    let spec_file = root.join("spec.json");
+    let data = jobs::spec_config_map(run).data.expect("data");
+    std::fs::write(&spec_file, &data[SPEC_FILE]).expect("spec file");
+    (spec_file, data)
+}
+
 #[test]
 fn the_controllers_jobs_run_a_federation_through_s3() {
     assert!(
@@ -106,26 +139,17 @@ fn the_controllers_jobs_run_a_federation_through_s3() {
     );
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path();
-    let server = S3Server::start(&root.join("s3"), BUCKET);
-    let storage = format!(
-        "  storage:\n    uri: \"s3://{BUCKET}/runs\"\n    endpoint: \"http://127.0.0.1:{}\"\n    region: us-east-1\n    forcePathStyle: true\n    credentialsSecret: {{ name: s3-credentials }}\n  retention: {{ keepClientRounds: 1 }}",
-        server.port
+    let (server, ft) = federation(
+        root,
+        "e2e",
+        2,
+        "  retention: { keepClientRounds: 1 }",
+        |y| y,
     );
-    // The fixtures are written locally, uploaded, and named by s3:// URIs:
-    // no pod sees the local copies.
-    let yaml = server.put_federation(BUCKET, &root.join("fixtures"), "e2e", 2, &storage);
-
-    let mut ft = heterotune_crds::validate::parse_federated_tune(&yaml).expect("valid spec");
-    ft.metadata.namespace = Some("team-a".into());
-    ft.metadata.uid = Some(UID.into());
     let run = Run::new(&ft).expect("run");
     let run_dir = run.layout.run_dir().to_string();
     assert_eq!(run_dir, "runs/team-a/e2e-0f1e2d3c");
-    // The ConfigMap's document, as the pods see it.
-    let spec_file = root.join("spec.json");
-    let config_map = jobs::spec_config_map(&run);
-    let data = config_map.data.expect("data");
-    std::fs::write(&spec_file, &data[SPEC_FILE]).expect("spec file");
+    let (spec_file, data) = mounted_spec(root, &run);
 
     let config = JobConfig::default();
     let placement = Placement::Explicit { estimate: None };
@@ -336,21 +360,12 @@ fn the_controllers_jobs_run_a_federation_through_s3() {
 fn the_aggregation_job_sets_a_rejected_artifact_aside_for_retraining() {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path();
-    let server = S3Server::start(&root.join("s3"), BUCKET);
-    let storage = format!(
-        "  storage:\n    uri: \"s3://{BUCKET}/runs\"\n    endpoint: \"http://127.0.0.1:{}\"\n    region: us-east-1\n    forcePathStyle: true\n    credentialsSecret: {{ name: s3-credentials }}\n  maxRetriesPerClient: 1",
-        server.port
-    );
-    let yaml = server.put_federation(BUCKET, &root.join("fixtures"), "reject", 1, &storage);
     // Every client is needed: the planted reject makes the quorum fail.
-    let yaml = yaml.replace("minClients: 2", "minClients: 3");
-    let mut ft = heterotune_crds::validate::parse_federated_tune(&yaml).expect("valid spec");
-    ft.metadata.namespace = Some("team-a".into());
-    ft.metadata.uid = Some(UID.into());
+    let (server, ft) = federation(root, "reject", 1, "  maxRetriesPerClient: 1", |y| {
+        y.replace("minClients: 2", "minClients: 3")
+    });
     let run = Run::new(&ft).expect("run");
-    let spec_file = root.join("spec.json");
-    let data = jobs::spec_config_map(&run).data.expect("data");
-    std::fs::write(&spec_file, &data[SPEC_FILE]).expect("spec file");
+    let (spec_file, _) = mounted_spec(root, &run);
     let config = JobConfig::default();
     let placement = Placement::Explicit { estimate: None };
     let clients: Vec<String> = ft.spec.clients.iter().map(|c| c.name.clone()).collect();
