@@ -118,10 +118,11 @@ pub struct RobustSpec {
     #[serde(default = "default_trim_fraction")]
     #[schemars(range(min = 0.0, max = 0.49))]
     pub trim_fraction: f64,
-    /// `multiKrum`: `f`, the hostile clients assumed in each group of
-    /// updates averaged together; the `n − f` updates with the lowest Krum
-    /// scores (each one's summed squared distance to its `n − f − 2`
-    /// nearest others) are averaged. A group of `f + 2` or fewer keeps all.
+    /// `multiKrum` and `bulyan`: `f`, the hostile clients assumed in each
+    /// group of updates averaged together. `multiKrum` averages the `n − f`
+    /// updates with the lowest Krum scores (each one's summed squared
+    /// distance to its `n − f − 2` nearest others); a group of `f + 2` or
+    /// fewer keeps all. `bulyan` takes at most `⌊(n − 3) / 4⌋` of a group.
     #[serde(default = "default_byzantine_clients")]
     #[schemars(range(min = 1, max = 1000))]
     pub byzantine_clients: u32,
@@ -175,6 +176,12 @@ pub enum RobustCombine {
     /// unweighted mean of the `n − byzantineClients` updates closest to
     /// their neighbours, per part (shared, own, bridge, pool) of each group.
     MultiKrum,
+    /// Bulyan (El Mhamdi et al. 2018), per part of each group: Krum picks
+    /// `n − 2f` updates one at a time, then each coordinate is the mean of
+    /// the `n − 4f` picked values closest to their median. Needs
+    /// `n ≥ 4f + 3`; a smaller group is combined with the largest `f` it
+    /// takes, `⌊(n − 3) / 4⌋` (0: the plain mean).
+    Bulyan,
 }
 
 impl RobustCombine {
@@ -185,6 +192,7 @@ impl RobustCombine {
             RobustCombine::Median => "median",
             RobustCombine::TrimmedMean => "trimmedMean",
             RobustCombine::MultiKrum => "multiKrum",
+            RobustCombine::Bulyan => "bulyan",
         }
     }
 }

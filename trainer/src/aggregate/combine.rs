@@ -1,12 +1,15 @@
 //! Robust combiners (`spec.aggregation.robust.combine: median |
-//! trimmedMean | multiKrum`), wrapped around the run's aggregator.
+//! trimmedMean | multiKrum | bulyan`), wrapped around the run's aggregator.
 //!
 //! Where they apply: to the updates the algorithm averages together,
 //! unweighted; `median` and `trimmedMean` tensor by tensor and coordinate
 //! by coordinate, `multiKrum` by whole part of an update (the tensors of
 //! one of [`super::robust::PARTS`] in one group, as one vector: it keeps
 //! the `n − f` updates whose summed squared distance to their `n − f − 2`
-//! nearest others is lowest, and averages them; [`krum_select`]). The
+//! nearest others is lowest, and averages them; [`krum_select`]), and
+//! `bulyan` likewise by whole part ([`bulyan_select`] picks `n − 2f` by
+//! Krum, one at a time; [`bulyan_coordinate`] averages, coordinate by
+//! coordinate, the `n − 4f` picked values closest to their median). The
 //! groups:
 //!
 //! * `bridge.*`: over all clients (the bridge is averaged over all clients);
@@ -154,23 +157,41 @@ impl Robust {
                     distances[b][a] = d;
                 }
             }
-            let kept = krum_select(&distances, self.byzantine);
+            let bulyan = self.mode == RobustCombine::Bulyan;
+            // Bulyan needs n ≥ 4f + 3: a smaller group takes a smaller f.
+            let f = if bulyan {
+                self.byzantine.min(n.saturating_sub(3) / 4)
+            } else {
+                self.byzantine
+            };
+            let kept = if bulyan {
+                bulyan_select(&distances, f)
+            } else {
+                krum_select(&distances, f)
+            };
             for (m, (i, _)) in members.iter().enumerate() {
                 if !kept.contains(&m) {
                     excluded.push(format!("{} ({part})", self.updates[*i].client));
                 }
             }
             for (t, (name, shape)) in first.iter().map(|(n, a)| (n, &a.shape)).enumerate() {
-                let mut mean = vec![0.0f64; shape.iter().product()];
-                for &m in &kept {
-                    for (acc, &v) in mean.iter_mut().zip(&members[m].1[t].1.data) {
-                        *acc += f64::from(v);
-                    }
-                }
-                mean.iter_mut().for_each(|v| *v /= kept.len() as f64);
+                let numel: usize = shape.iter().product();
+                let mut column = vec![0.0f64; kept.len()];
+                let value: Vec<f64> = (0..numel)
+                    .map(|c| {
+                        for (slot, &m) in column.iter_mut().zip(&kept) {
+                            *slot = f64::from(members[m].1[t].1.data[c]);
+                        }
+                        if bulyan {
+                            bulyan_coordinate(&mut column, f)
+                        } else {
+                            column.iter().sum::<f64>() / column.len() as f64
+                        }
+                    })
+                    .collect();
                 out.insert(
                     (scope.clone(), (*name).clone()),
-                    Array::from_f64(shape, &mean),
+                    Array::from_f64(shape, &value),
                 );
             }
         }
@@ -217,6 +238,63 @@ pub fn krum_select(distances: &[Vec<f64>], f: usize) -> Vec<usize> {
     let mut kept: Vec<usize> = scores[..n - f].iter().map(|&(_, i)| i).collect();
     kept.sort_unstable();
     kept
+}
+
+/// Bulyan's choice among `n` updates with pairwise squared distances
+/// `distances`, assuming `f` hostile (`n ≥ 4f + 3`): Krum applied `n − 2f`
+/// times, each time to the updates not picked yet (each one's score: its
+/// summed squared distances to its `m − f − 2` nearest others among the
+/// `m` left; the lowest is picked, ties to the earlier update). Returns the
+/// picked indices, ascending.
+pub fn bulyan_select(distances: &[Vec<f64>], f: usize) -> Vec<usize> {
+    let n = distances.len();
+    let mut left: Vec<usize> = (0..n).collect();
+    let mut picked = Vec::new();
+    while picked.len() < n.saturating_sub(2 * f) {
+        let neighbours = left.len().saturating_sub(f + 2);
+        let score = |i: usize| -> f64 {
+            let mut d: Vec<f64> = left
+                .iter()
+                .filter(|&&j| j != i)
+                .map(|&j| distances[i][j])
+                .collect();
+            d.sort_by(f64::total_cmp);
+            d[..neighbours.min(d.len())].iter().sum()
+        };
+        let mut best = 0;
+        let mut best_score = score(left[0]);
+        for (k, &i) in left.iter().enumerate().skip(1) {
+            let s = score(i);
+            if s < best_score {
+                (best, best_score) = (k, s);
+            }
+        }
+        picked.push(left.remove(best));
+    }
+    picked.sort_unstable();
+    picked
+}
+
+/// One coordinate of Bulyan: the mean of the `θ − 2f` of the picked
+/// values (`θ` = `values.len()`) closest to their median (ties: the
+/// smaller value first). Reorders `values`.
+pub fn bulyan_coordinate(values: &mut [f64], f: usize) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    let median = if n.is_multiple_of(2) {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    } else {
+        values[n / 2]
+    };
+    let beta = n.saturating_sub(2 * f).max(1);
+    let mut by_distance: Vec<f64> = values.to_vec();
+    by_distance.sort_by(|a, b| {
+        (a - median)
+            .abs()
+            .total_cmp(&(b - median).abs())
+            .then(a.total_cmp(b))
+    });
+    by_distance[..beta].iter().sum::<f64>() / beta as f64
 }
 
 /// The scope of tensor `name` of a client of `family` (`fedavg`: the run's
@@ -269,7 +347,7 @@ impl Aggregator for Robust {
 
     fn finish(mut self: Box<Self>, ctx: &RoundContext<'_>) -> Result<Aggregated> {
         let (combined, krum_excluded) = match self.mode {
-            RobustCombine::MultiKrum => self.krum_combined()?,
+            RobustCombine::MultiKrum | RobustCombine::Bulyan => self.krum_combined()?,
             _ => (self.combined()?, Vec::new()),
         };
         let updates = std::mem::take(&mut self.updates);
@@ -315,6 +393,29 @@ mod tests {
         assert_eq!(krum_select(&d[..3], 1), vec![0, 1, 2]);
         let small: Vec<Vec<f64>> = d[..3].iter().map(|r| r[..3].to_vec()).collect();
         assert_eq!(krum_select(&small, 1), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn bulyan_picks_by_krum_and_averages_around_the_median() {
+        // Seven updates on a line, one far outlier; f = 1 (7 = 4f + 3):
+        // θ = 5 picked by repeated Krum, the outlier never among them.
+        let x = [0.0f64, 1.0, 2.0, 3.0, 4.0, 5.0, 1000.0];
+        let d: Vec<Vec<f64>> = x
+            .iter()
+            .map(|a| x.iter().map(|b| (a - b) * (a - b)).collect())
+            .collect();
+        let picked = bulyan_select(&d, 1);
+        assert_eq!(picked.len(), 5);
+        assert!(!picked.contains(&6), "{picked:?}");
+        // f = 3, θ = 1: Krum's first pick. Scores over the 7 − 3 − 2 = 2
+        // nearest: 0: 1 + 4; 1, 2, 3, 4: 1 + 1; 5: 1 + 4: tie to index 1.
+        assert_eq!(bulyan_select(&d, 3), vec![1]);
+        // Coordinate: θ = 5 values, β = 5 − 2 = 3 closest to the median 2:
+        // 1, 2, 3 → 2; an outlier among the picked moves nothing.
+        assert_eq!(bulyan_coordinate(&mut [0.0, 1.0, 2.0, 3.0, 1e30], 1), 2.0);
+        assert_eq!(bulyan_coordinate(&mut [4.0, -1.0, 2.0], 1), 2.0);
+        // f = 0: the plain mean.
+        assert_eq!(bulyan_coordinate(&mut [1.0, 2.0, 6.0], 0), 3.0);
     }
 
     #[test]

@@ -21,7 +21,7 @@
 //!   water-filled ([`capped_weights`]) so that no weight exceeds
 //!   `maxExamplesShare` of the round's total.
 //!
-//! The combiners (`combine: median | trimmedMean | multiKrum`) are in
+//! The combiners (`combine: median | trimmedMean | multiKrum | bulyan`) are in
 //! [`super::combine`].
 
 use std::collections::BTreeMap;
