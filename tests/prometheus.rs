@@ -301,3 +301,139 @@ fn prometheus_scrapes_the_operator_and_every_dashboard_query_returns_series() {
     assert_eq!(started.len(), 1, "{started:?}");
     assert_eq!(started[0]["metric"]["ft_namespace"], "team-a");
 }
+
+/// A stand-in Kubernetes API server on loopback: every GET is answered with
+/// an empty list (a watch after a second), as in tests/images/smoke.sh. The
+/// operator runs against it with nothing to reconcile. Returns its port.
+fn stand_in_api_server() -> u16 {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(match stream.try_clone() {
+                    Ok(s) => s,
+                    Err(_) => return,
+                });
+                let mut first = String::new();
+                if reader.read_line(&mut first).is_err() {
+                    return;
+                }
+                // The rest of the request head.
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                    line.clear();
+                }
+                if first.contains("watch=") {
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                let body = r#"{"kind":"List","apiVersion":"v1","metadata":{"resourceVersion":"1"},"items":[]}"#;
+                let mut stream = stream;
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            });
+        }
+    });
+    port
+}
+
+/// `GET path` on loopback `port`; the status code and body.
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let code = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((code, body))
+}
+
+/// The operator binary itself (`heterotune-operator`, as the chart runs
+/// it), started against a stand-in API server, is scraped by a real
+/// Prometheus: the target is up and its build_info series carries the
+/// binary's version and the target's labels.
+#[test]
+fn prometheus_scrapes_the_running_operator_binary() {
+    if !tools_present() {
+        return;
+    }
+    let operator = heterotune_tests::binary("heterotune-operator");
+    assert!(
+        operator.exists(),
+        "run `cargo build --workspace --bins` first (scripts/test.sh does)"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let api = stand_in_api_server();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{ name: t, cluster: {{ server: \"http://127.0.0.1:{api}\" }} }}]\n\
+             users: [{{ name: t, user: {{ token: t }} }}]\ncontexts: [{{ name: t, context: {{ cluster: t, user: t }} }}]\n\
+             current-context: t\n"
+        ),
+    )
+    .expect("kubeconfig");
+    let http_port = free_port();
+    let log = std::fs::File::create(dir.path().join("operator.log")).expect("log");
+    let _operator = Server(
+        Command::new(&operator)
+            .args(["--http-addr", &format!("127.0.0.1:{http_port}")])
+            .env("KUBECONFIG", &kubeconfig)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("the operator starts"),
+    );
+    let start = Instant::now();
+    while http_get(http_port, "/healthz").map(|r| r.0) != Some(200) {
+        let log = std::fs::read_to_string(dir.path().join("operator.log")).unwrap_or_default();
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the operator never answered /healthz: {log}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let target: SocketAddr = format!("127.0.0.1:{http_port}").parse().expect("addr");
+    let port = free_port();
+    let _prometheus = start_prometheus(dir.path(), target, port);
+    let url = format!("http://127.0.0.1:{port}");
+    let start = Instant::now();
+    let build = loop {
+        let found = Command::new("promtool")
+            .args([
+                "query",
+                "instant",
+                "-o",
+                "json",
+                &url,
+                "heterotune_build_info",
+            ])
+            .output();
+        if let Ok(o) = found {
+            if let Ok(Value::Array(series)) = serde_json::from_slice::<Value>(&o.stdout) {
+                if !series.is_empty() {
+                    break series;
+                }
+            }
+        }
+        let log = std::fs::read_to_string(dir.path().join("prometheus.log")).unwrap_or_default();
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "Prometheus never scraped the operator binary: {log}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert_eq!(build.len(), 1, "{build:?}");
+    let m = &build[0]["metric"];
+    assert_eq!(m["version"], env!("CARGO_PKG_VERSION"), "{m}");
+    assert_eq!(m["job"], "heterotune-operator", "{m}");
+    assert_eq!(m["namespace"], "heterotune-system", "{m}");
+    let up = query(&url, "up{job=\"heterotune-operator\"} == 1");
+    assert_eq!(up.len(), 1, "{up:?}");
+}
