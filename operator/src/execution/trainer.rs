@@ -178,8 +178,17 @@ async fn run_to_end(
     let read_stderr = async {
         let mut kept = std::collections::VecDeque::with_capacity(KEPT_LOG_LINES);
         if let Some(err) = stderr {
-            let mut lines = BufReader::new(err).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
+            // Bytes, not `lines()`: a line that is not UTF-8 must not stop
+            // the reading (the trainer would block on a full pipe).
+            let mut reader = BufReader::new(err);
+            let mut buf = Vec::new();
+            while reader
+                .read_until(b'\n', &mut buf)
+                .await
+                .is_ok_and(|n| n > 0)
+            {
+                let line = String::from_utf8_lossy(&buf).trim_end().to_string();
+                buf.clear();
                 if live {
                     eprintln!("{line}");
                 }
