@@ -361,3 +361,34 @@ fn status_reads_the_store_and_the_report() {
     assert_eq!(verdicts[0]["valid"], true, "{out}");
     assert_eq!(verdicts[0]["name"], "quickstart", "{out}");
 }
+
+/// `heterotune crd | head -n 1`: a reader that stops early (its pipe
+/// closed before the 73 KB CRD is written, more than a pipe holds) ends
+/// the command quietly with 0, not with a panic.
+#[test]
+fn output_into_a_closed_pipe_is_not_a_panic() {
+    use std::io::Read as _;
+    for args in [["crd"].as_slice(), ["completions", "bash"].as_slice()] {
+        let mut child = Command::new(binary("heterotune"))
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("heterotune starts");
+        let mut first = [0u8; 16];
+        child
+            .stdout
+            .take()
+            .expect("stdout")
+            .read_exact(&mut first)
+            .expect("the first bytes");
+        // The pipe's reading end is dropped here.
+        let out = child.wait_with_output().expect("heterotune ends");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && !stderr.contains("panicked"),
+            "{args:?}: {:?} {stderr}",
+            out.status
+        );
+    }
+}

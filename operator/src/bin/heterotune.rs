@@ -527,6 +527,19 @@ fn job(command: JobCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Writes `bytes` to stdout; a reader that stopped early (`| head`) is not
+/// an error.
+fn emit(bytes: &[u8]) -> anyhow::Result<ExitCode> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(anyhow::Error::new(e).context("writing to stdout"))
+        }
+        _ => Ok(ExitCode::SUCCESS),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init(cli.log_format, "info");
@@ -570,16 +583,14 @@ fn main() -> ExitCode {
         Command::Bytes(args) => bytes(&args),
         Command::Site(args) => heterotune_operator::site::main(args),
         Command::Crd => match heterotune_crds::crd::crd_yaml() {
-            Ok(yaml) => {
-                print!("{yaml}");
-                Ok(ExitCode::SUCCESS)
-            }
+            Ok(yaml) => emit(yaml.as_bytes()),
             Err(e) => Err(anyhow::anyhow!("cannot serialise the CRD: {e}")),
         },
         Command::Completions { shell } => {
             let mut cli = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(shell, &mut cli, "heterotune", &mut std::io::stdout());
-            Ok(ExitCode::SUCCESS)
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cli, "heterotune", &mut script);
+            emit(&script)
         }
         Command::Job { job: command } => job(command),
     };
