@@ -118,6 +118,21 @@ fn validate_reads_files_folders_stdin_and_documents_like_kubectl() {
         3,
         "{stdout}"
     );
+    // One -f with several files, as a shell glob gives them.
+    let (a, b) = (folder.join("a.yaml"), folder.join("b.yml"));
+    let (code, stdout, stderr) = heterotune(&[
+        "validate",
+        "-f",
+        &a.to_string_lossy(),
+        &b.to_string_lossy(),
+        "examples/quickstart.yaml",
+    ]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert_eq!(
+        stdout.matches(": valid FederatedTune").count(),
+        3,
+        "{stdout}"
+    );
     // stdin, JSON output
     let out = Command::new(binary("heterotune"))
         .args(["validate", "-o", "json", "-f", "-"])

@@ -42,8 +42,8 @@ enum Command {
     Validate {
         /// A YAML or JSON file (several documents split by `---`), a folder
         /// (its .yaml, .yml and .json files) or `-` for standard input;
-        /// repeatable.
-        #[arg(short = 'f', long = "filename", required = true)]
+        /// repeatable, and one `-f` takes several (`-f examples/*.yaml`).
+        #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
         files: Vec<PathBuf>,
         /// Also check that local models and datasets exist and fit the spec.
         #[arg(long)]
