@@ -198,6 +198,28 @@ fn client_commits(manifests: &BTreeMap<PathBuf, Vec<u8>>, round: u32) -> BTreeMa
         .collect()
 }
 
+/// The clients a global manifest counted (`stats.participants`), sorted,
+/// a client counted twice listed twice.
+fn participants(global: &serde_json::Value) -> Vec<String> {
+    let mut names: Vec<String> = global["stats"]["participants"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v["client"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort_unstable();
+    names
+}
+
+/// Every client of the fixtures, sorted as [`participants`] lists them.
+fn all_clients() -> Vec<String> {
+    let mut all: Vec<String> = CLIENTS.iter().map(|c| c.to_string()).collect();
+    all.sort_unstable();
+    all
+}
+
 /// The truth a finished run must tell, whatever happened on the way.
 fn check_finished(run: &Run, case: &str) {
     let r = report(&run.root);
@@ -217,12 +239,8 @@ fn check_finished(run: &Run, case: &str) {
     for round in 1..=ROUNDS {
         let m = run.global_manifest(round);
         let counted = &m["stats"]["participants"];
-        let names: Vec<&str> = counted
-            .as_array()
-            .map(|a| a.iter().filter_map(|v| v["client"].as_str()).collect())
-            .unwrap_or_default();
+        let names = participants(&m);
         let mut unique = names.clone();
-        unique.sort_unstable();
         unique.dedup();
         assert_eq!(
             (names.len(), unique.len()),
@@ -407,23 +425,10 @@ fn a_deadline_passing_while_a_client_runs_cuts_it_off() {
         String::from_utf8_lossy(&sleeping.stdout).trim().is_empty(),
         "the hung trainer outlived its cut-off"
     );
-    let participants = |round: u32| -> Vec<String> {
-        let mut names: Vec<String> = run.global_manifest(round)["stats"]["participants"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|v| v["client"].as_str().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default();
-        names.sort();
-        names
-    };
-    let mut all: Vec<String> = CLIENTS.iter().map(|c| c.to_string()).collect();
-    all.sort();
-    assert_eq!(participants(1), all);
-    assert_eq!(participants(2), ["small-bert", "tiny-llama"]);
-    assert_eq!(participants(3), all, "the cut-off client trains again");
+    let counted = |round: u32| participants(&run.global_manifest(round));
+    assert_eq!(counted(1), all_clients());
+    assert_eq!(counted(2), ["small-bert", "tiny-llama"]);
+    assert_eq!(counted(3), all_clients(), "the cut-off client trains again");
     // Its round-2 work was never committed.
     assert!(!client_commits(&run.manifests(), 2).contains_key("wide-bert"));
     let r = report(&run.root);
@@ -511,14 +516,11 @@ fn an_s3_server_stopped_mid_round_and_restarted_changes_nothing() {
     for round in 1..=ROUNDS {
         let g =
             s3_global(&server, BUCKET, "outage", "outage", round).expect("every round's global");
-        let mut names: Vec<&str> = g["stats"]["participants"]
-            .as_array()
-            .map(|a| a.iter().filter_map(|v| v["client"].as_str()).collect())
-            .unwrap_or_default();
-        names.sort_unstable();
-        let mut all = CLIENTS.to_vec();
-        all.sort_unstable();
-        assert_eq!(names, all, "round {round}: each client exactly once");
+        assert_eq!(
+            participants(&g),
+            all_clients(),
+            "round {round}: each client exactly once"
+        );
     }
     assert_eq!(report(&run.root)["status"], "Succeeded");
 }
