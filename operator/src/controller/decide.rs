@@ -101,8 +101,16 @@ pub fn decide(run: &Run, world: &Dereferenced, config: &OperatorConfig) -> Decis
     };
     let acts = actor.act(&plan);
     let stale = stale_jobs(spec, &plan, &world.jobs, world.store.completed_rounds);
-    let status = next_status(run, world, &obs, &plan, &placements, &acts);
     let round_started_at = round_start(spec, &obs, &acts, world.now);
+    let status = next_status(
+        run,
+        world,
+        &obs,
+        &plan,
+        &placements,
+        &acts,
+        round_started_at,
+    );
     Decision {
         plan,
         jobs: JobIntents {
@@ -358,6 +366,7 @@ fn next_status(
     plan: &Plan,
     placements: &[Result<Placement, SizingError>],
     acts: &Acts,
+    round_started_at: Option<f64>,
 ) -> FederatedTuneStatus {
     let spec = &run.ft.spec;
     let prev = run.ft.status.as_ref();
@@ -372,7 +381,6 @@ fn next_status(
         started: &acts.started,
     });
     let held = !acts.unplaceable.is_empty();
-    let round_started_at = round_start(spec, obs, acts, world.now);
     let latest_global = (store.completed_rounds > 0).then(|| {
         run.layout
             .global_manifest(store.completed_rounds.min(spec.rounds))
