@@ -447,11 +447,16 @@ fn local_only_clients_keep_their_training_across_rounds() {
 }
 
 /// Runs the fixture federation `name` (2 rounds, fedavg) with a public
-/// pool and the tiny BERT as the bridge, `poolTeacher: teacher`; checks it
+/// pool and the tiny BERT as the bridge, `poolTeacher: teacher`, `training`
+/// appended to the training section (`""`: as written); checks it
 /// succeeded and its report.
-fn run_bridge_federation(root: &Path, name: &str, storage: &str, teacher: &str) {
+fn run_bridge_federation(root: &Path, name: &str, storage: &str, teacher: &str, training: &str) {
     let spec = fixtures::write_federation(root, name, 2, storage)
         .replace("algorithm: cmga", "algorithm: fedavg")
+        .replace(
+            "maxSeqLength: 16 }",
+            &format!("maxSeqLength: 16{training} }}"),
+        )
         .replace(
             "    maxTestExamples: 48",
             "    splits: { pool: 0.1 }\n    maxTestExamples: 48",
@@ -481,6 +486,7 @@ fn bridge_federation_shares_one_bridge_and_serves_by_the_auto_rule() {
         "bridge",
         "  storage: { uri: \"file://store\" }",
         "validated",
+        "",
     );
     let r = report(root);
     let evaluations = r["finalEvaluation"].as_array().expect("final evaluation");
@@ -591,7 +597,7 @@ fn the_pool_ensemble_is_averaged_into_the_global_and_taught_from() {
     let root = dir.path();
     let store = root.join("store");
     let storage = format!("  storage: {{ uri: \"file://{}\" }}", store.display());
-    run_bridge_federation(root, "ensemble", &storage, "ensemble");
+    run_bridge_federation(root, "ensemble", &storage, "ensemble", "");
     let uid = heterotune_operator::runner::local_uid("default", "ensemble");
     let layout = heterotune_crds::layout::RunLayout::new("", "default", "ensemble", &uid);
     let ensemble = |round: u32| -> (Vec<usize>, Vec<f32>) {
@@ -626,6 +632,61 @@ fn the_pool_ensemble_is_averaged_into_the_global_and_taught_from() {
         names.contains(&"pool.probs") && names.contains(&"pool.counts"),
         "{names:?}"
     );
+}
+
+/// `training.logitAdjustment: clientPrior` with the pool ensemble: each
+/// global from round 1 on holds the federation's label prior (`pool.prior`:
+/// the round's client class counts summed and normalised), which the next
+/// round's clients train against; round 0's global holds none (round 1
+/// adjusts against a uniform prior).
+#[test]
+fn logit_adjusted_clients_get_the_federations_label_prior_in_the_global() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let store = root.join("store");
+    let storage = format!("  storage: {{ uri: \"file://{}\" }}", store.display());
+    let name = "adjusted";
+    run_bridge_federation(
+        root,
+        name,
+        &storage,
+        "ensemble",
+        ", logitAdjustment: clientPrior",
+    );
+    assert!(!global_tensors(&store, name, 0).contains_key("pool.prior"));
+    let uid = heterotune_operator::runner::local_uid("default", name);
+    let layout = heterotune_crds::layout::RunLayout::new("", "default", name, &uid);
+    for round in [1, 2] {
+        let (shape, prior) = global_tensors(&store, name, round)
+            .remove("pool.prior")
+            .expect("pool.prior, f32, in the global");
+        assert_eq!(shape, [3], "round {round}");
+        // The clients' counts (bf16 in their artifacts: exact below 256).
+        let mut sums = [0f64; 3];
+        for client in ["small-bert", "wide-bert", "tiny-llama"] {
+            let files = find(
+                &store.join(layout.client_dir(round, client)),
+                ".safetensors",
+            );
+            let bytes = std::fs::read(&files[0]).expect("client data");
+            let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+            let counts = st.tensor("pool.counts").expect("pool.counts");
+            assert_eq!(counts.dtype(), safetensors::Dtype::BF16);
+            for (sum, b) in sums.iter_mut().zip(counts.data().chunks_exact(2)) {
+                *sum += f64::from(f32::from_bits(
+                    u32::from(u16::from_le_bytes([b[0], b[1]])) << 16,
+                ));
+            }
+        }
+        let total: f64 = sums.iter().sum();
+        assert!(total > 0.0);
+        for (p, n) in prior.iter().zip(sums) {
+            assert!(
+                (f64::from(*p) - n / total).abs() < 1e-5,
+                "round {round}: prior {prior:?}, counts {sums:?}"
+            );
+        }
+    }
 }
 
 /// A committed artifact that the aggregation rejects (here a manifest that

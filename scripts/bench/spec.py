@@ -168,6 +168,12 @@ BRIDGE_VALIDATED = "Bridge + pool (validated)"
 BRIDGE_ENSEMBLE = "Bridge + pool (FedDF ensemble)"
 BRIDGE_LORA = "Bridge + pool (FedDF ensemble) with LoRA own models"
 SMALLEST_FEDDF = "smallest-common FedDF (public pool)"
+# Logit adjustment (`training.logitAdjustment: clientPrior`): the same arms with the label-skew
+# correction of the training loss, the baselines too, so a gain is not the correction alone.
+ADJUSTED = {"logitAdjustment": "clientPrior"}
+SMALLEST_COMMON_LA = "smallest-common FedAvg + logit adjustment"
+SMALLEST_FEDDF_LA = "smallest-common FedDF (public pool) + logit adjustment"
+BRIDGE_ENSEMBLE_LA = "Bridge + pool (FedDF ensemble) + logit adjustment"
 # The public pool of the pool arm: this share of the training split, held out unlabeled.
 POOL_SHARE = 0.1
 # Every bridge arm's common model.
@@ -187,7 +193,7 @@ def bridge_arm(distillation: dict, serve: str, pool: bool = True, smallest: bool
 
 # The deployable baselines: what a platform team would run without HeteroTune's method.
 DEPLOYABLE = [SMALLEST_COMMON, SMALLEST_HELD_OUT, SMALLEST_FEDDF, FAMILY_FEDAVG, HETLORA, FLEXLORA,
-              HETLORA_LR, FLEXLORA_LR]
+              HETLORA_LR, FLEXLORA_LR, SMALLEST_COMMON_LA, SMALLEST_FEDDF_LA]
 # label: (aggregation, adapter overrides, whether clients get per-capacity LoRA ranks,
 #         whether every client runs the scenario's smallest model, training overrides,
 #         extra spec fields)
@@ -241,6 +247,14 @@ METHODS: dict[str, dict] = {
                                 "poolTeacher": "ensemble"}, "auto"),
                   "aggregation": {"algorithm": "hetlora"},
                   "lora": True, "training": {"learningRate": LORA_LR}, "bridge_lr": "shared"},
+    SMALLEST_COMMON_LA: {"aggregation": {"algorithm": "fedavg"}, "smallest": True,
+                         "training": dict(ADJUSTED)},
+    SMALLEST_FEDDF_LA: {**bridge_arm({"weight": 0.0, "bridgeWeight": 0.0, "poolWeight": 1.0,
+                                      "poolTeacher": "ensemble"}, "bridge", smallest=True),
+                        "training": dict(ADJUSTED)},
+    BRIDGE_ENSEMBLE_LA: {**bridge_arm({"weight": 1.0, "temperature": 2.0, "poolWeight": 1.0,
+                                       "poolTeacher": "ensemble"}, "auto"),
+                         "training": dict(ADJUSTED)},
 }
 # Rows derived from the bridge runs' finalEvaluation[].variants (no run of their own):
 # bridge method → {variant: row label}.
@@ -252,6 +266,7 @@ BRIDGE_VARIANTS = {
                        "ensemble": "validated: ensemble everywhere"},
     BRIDGE_ENSEMBLE: {"own": "FedDF ensemble: own model", "bridge": "FedDF ensemble: bridge model"},
     BRIDGE_LORA: {"own": "LoRA own models: own model", "bridge": "LoRA own models: bridge model"},
+    BRIDGE_ENSEMBLE_LA: {"own": "logit-adjusted: own model", "bridge": "logit-adjusted: bridge model"},
 }
 # Listed in the docs, not run yet.
 NOT_RUN: dict[str, str] = {}

@@ -22,6 +22,7 @@ pub mod error;
 pub mod exchange;
 pub mod init;
 pub mod job;
+pub mod logit_adjustment;
 pub mod metrics;
 pub mod models;
 pub mod mutual;

@@ -11,7 +11,9 @@
 //! ```
 //!
 //! the teacher side of each KL detached, so each model gets only its own
-//! loss's gradient; each has its own optimiser and gradient clipping.
+//! loss's gradient; each has its own optimiser and gradient clipping. With
+//! `training.logitAdjustment`, both CE terms see the adjusted logits
+//! ([`crate::logit_adjustment`]); the KL terms compare the plain ones.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -19,6 +21,7 @@ use std::time::Instant;
 use heterotune_crds::spec::{DistillationSpec, ServedModel};
 use tch::{Kind, Tensor};
 
+use crate::logit_adjustment::adjusted;
 use crate::metrics::Scores;
 use crate::train::{
     score_logits, set_step_lr, BatchSampler, ClientModel, Prepared, TrainReport, TrainSettings,
@@ -139,7 +142,8 @@ pub fn train_pair(
         }
         let mut total = Tensor::zeros([], (Kind::Float, logits[0].device()));
         for i in 0..2 {
-            let ce = logits[i].cross_entropy_for_logits(&labels[i]);
+            let ce = adjusted(&logits[i], settings.logit_offsets.as_deref())
+                .cross_entropy_for_logits(&labels[i]);
             let kd = distillation_loss(&logits[i], &logits[1 - i], distill.temperature);
             let weight = if i == 0 {
                 distill.weight

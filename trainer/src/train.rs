@@ -18,6 +18,7 @@ use crate::adapters::head::{ClassifierHead, Pooling};
 use crate::adapters::lora::Lora;
 use crate::data::source::Example;
 pub(crate) use crate::data::split::BatchSampler;
+use crate::logit_adjustment::adjusted;
 use crate::metrics::{peak_rss_bytes, scores, Scores};
 use crate::models::Backbone;
 use crate::prefix_cache::PrefixCache;
@@ -43,6 +44,9 @@ pub struct TrainSettings {
     pub prefix_cache_dir: Option<std::path::PathBuf>,
     /// Recompute window activations in the backward pass (less memory).
     pub gradient_checkpointing: bool,
+    /// Per-class offsets added to the logits in the cross-entropy on the
+    /// client's labels ([`crate::logit_adjustment`]); `None`: plain.
+    pub logit_offsets: Option<Vec<f64>>,
 }
 
 /// Example indices ordered by token count (ties by index): chunks of
@@ -340,7 +344,13 @@ impl ClientModel {
     /// gradient of its output. Same gradients as [`Self::window`]'s backward
     /// at the cost of one more forward; peak activation memory of one layer
     /// instead of the whole window. Returns the loss.
-    fn backward_checkpointed(&self, h0: Tensor, mask: &Tensor, labels: &Tensor) -> f64 {
+    fn backward_checkpointed(
+        &self,
+        h0: Tensor,
+        mask: &Tensor,
+        labels: &Tensor,
+        offsets: Option<&[f64]>,
+    ) -> f64 {
         let layers = self.backbone.info().num_layers;
         let mut segments: Vec<Option<usize>> = Vec::with_capacity(layers + 1);
         if let Adapter::Dema(d) = &self.adapter {
@@ -360,7 +370,7 @@ impl ClientModel {
         });
         let top_in = top.detach().set_requires_grad(true);
         let logits = self.head.forward(&self.backbone.final_norm(&top_in), mask);
-        let loss = logits.cross_entropy_for_logits(labels);
+        let loss = adjusted(&logits, offsets).cross_entropy_for_logits(labels);
         loss.backward();
         let mut grad = top_in.grad();
         for (s, input) in segments.iter().zip(inputs).rev() {
@@ -506,6 +516,7 @@ impl ClientModel {
         let n = data.len();
         let mut opt = self.optimizer(settings)?;
         let mut sampler = BatchSampler::new(settings.seed, n);
+        let offsets = settings.logit_offsets.as_deref();
         let mut losses = Vec::with_capacity(settings.steps);
         let mut tokens_seen = 0i64;
         let train_start = Instant::now();
@@ -517,10 +528,10 @@ impl ClientModel {
             let h = self.window_input(cache, &rows, &ids, &mask);
             opt.zero_grad();
             let value = if settings.gradient_checkpointing {
-                self.backward_checkpointed(h, &mask, &labels)
+                self.backward_checkpointed(h, &mask, &labels, offsets)
             } else {
                 let logits = self.window(h, &mask);
-                let loss = logits.cross_entropy_for_logits(&labels);
+                let loss = adjusted(&logits, offsets).cross_entropy_for_logits(&labels);
                 loss.backward();
                 loss.double_value(&[])
             };

@@ -11,6 +11,7 @@ use heterotune_trainer::adapters::head::Pooling;
 use heterotune_trainer::adapters::lora::{LoraConfig, ProjectionDims};
 use heterotune_trainer::adapters::LayerSelection;
 use heterotune_trainer::data::source::{load, DatasetConfig};
+use heterotune_trainer::logit_adjustment;
 use heterotune_trainer::models::load_backbone;
 use heterotune_trainer::tokenizer::TextTokenizer;
 use heterotune_trainer::train::{AdapterChoice, ClientModel, TrainSettings};
@@ -81,6 +82,7 @@ fn settings(steps: usize, cache: bool, dir: Option<&Path>) -> TrainSettings {
         prefix_cache_bytes: 64 << 20,
         prefix_cache_dir: dir.map(Path::to_path_buf),
         gradient_checkpointing: false,
+        logit_offsets: None,
     }
 }
 
@@ -237,4 +239,108 @@ fn an_auto_client_trains_on_the_cpu_in_the_dtype_the_rule_chooses() {
     );
     assert!(m.metrics["loss"].is_finite(), "{:?}", m.metrics);
     assert!(summary.to_string().contains(&expected.to_string()));
+}
+
+/// The share of `examples` that `m` puts in class 0.
+fn share_said_class_0(m: &ClientModel, data: &heterotune_trainer::train::Prepared) -> f64 {
+    let logits = m.logits(data, 32).expect("logits");
+    let said: Vec<i64> = Vec::try_from(logits.argmax(-1, false)).expect("argmax");
+    said.iter().filter(|&&c| c == 0).count() as f64 / said.len() as f64
+}
+
+/// `training.logitAdjustment`: a client whose data is one class learns to
+/// say that class for everything with plain cross-entropy, and does not
+/// with the adjusted loss (no cross-entropy over classes it holds no
+/// example of). On skewed two-class data the adjusted loss trains, and
+/// gradient checkpointing trains it to the same weights.
+#[test]
+fn logit_offsets_keep_a_one_class_client_from_saying_its_class_for_everything() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data_file = dir.path().join("data.jsonl");
+    fixtures::write_dataset(&data_file, 240, 3);
+    let mut cfg = DatasetConfig::new(data_file.display().to_string());
+    cfg.labels = Some(fixtures::LABELS.iter().map(|s| s.to_string()).collect());
+    let all = load(&cfg).expect("dataset").examples;
+    let one_class: Vec<_> = all.iter().filter(|e| e.label == 0).cloned().collect();
+    let offsets = logit_adjustment::offsets(one_class.iter().map(|e| e.label), 3, None);
+    for (family, path) in families(dir.path()) {
+        let plain_settings = settings(40, false, None);
+        let adjusted_settings = TrainSettings {
+            logit_offsets: Some(offsets.clone()),
+            ..plain_settings.clone()
+        };
+        let mut plain = model(&path, LayerSelection::SlotEnds);
+        let train = plain
+            .prepare(&one_class, &plain_settings, "tiny")
+            .expect("prepare");
+        let everything = plain
+            .prepare(&all, &plain_settings, "tiny")
+            .expect("prepare");
+        plain.train(&train, &plain_settings).expect("train");
+        let mut adjusted = model(&path, LayerSelection::SlotEnds);
+        adjusted.train(&train, &adjusted_settings).expect("train");
+        let untrained = model(&path, LayerSelection::SlotEnds)
+            .logits(&everything, 32)
+            .expect("logits");
+        let p = share_said_class_0(&plain, &everything);
+        assert!(
+            p > 0.95,
+            "{family}: class 0 said for {p:.2} of all examples"
+        );
+        // No cross-entropy, no step: the one class cannot be told apart
+        // from anything with this data alone.
+        let unmoved = (adjusted.logits(&everything, 32).expect("logits") - &untrained)
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(
+            unmoved < 1e-6,
+            "{family}: the adjusted model moved by {unmoved}"
+        );
+
+        // Skewed, two classes: the adjusted loss has a gradient.
+        let skewed: Vec<_> = all
+            .iter()
+            .filter(|e| e.label == 0)
+            .chain(all.iter().filter(|e| e.label == 1).take(8))
+            .cloned()
+            .collect();
+        let skewed_settings = TrainSettings {
+            logit_offsets: Some(logit_adjustment::offsets(
+                skewed.iter().map(|e| e.label),
+                3,
+                None,
+            )),
+            ..plain_settings.clone()
+        };
+        let skewed = plain
+            .prepare(&skewed, &plain_settings, "tiny")
+            .expect("prepare");
+        let mut straight = model(&path, LayerSelection::SlotEnds);
+        straight.train(&skewed, &skewed_settings).expect("train");
+        let mut checkpointed = model(&path, LayerSelection::SlotEnds);
+        checkpointed
+            .train(
+                &skewed,
+                &TrainSettings {
+                    gradient_checkpointing: true,
+                    ..skewed_settings.clone()
+                },
+            )
+            .expect("train");
+        let logits = straight.logits(&everything, 32).expect("logits");
+        let moved = (&logits - &untrained).abs().max().double_value(&[]);
+        assert!(
+            moved > 1e-3,
+            "{family}: the adjusted loss did not train ({moved})"
+        );
+        let diff = (logits - checkpointed.logits(&everything, 32).expect("logits"))
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(
+            diff < 1e-4,
+            "{family}: checkpointing changed the logits by {diff}"
+        );
+    }
 }

@@ -29,7 +29,7 @@ pub use client::{
 pub use evaluation::EvaluationSpec;
 pub use storage::{RetentionPolicy, RetentionSpec, SecretKeyRef, StorageSpec, TrainerSpec};
 pub use task::{DatasetFormat, DatasetSpec, PartitionSpec, PartitionStrategy, SplitSpec, TaskSpec};
-pub use training::{Pooling, PrefixCacheSpec, TrainingSpec};
+pub use training::{LogitAdjustment, Pooling, PrefixCacheSpec, TrainingSpec};
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};

@@ -55,6 +55,10 @@ pub struct TrainingSpec {
     /// Cache the frozen layers below the first adapted layer.
     #[serde(default)]
     pub prefix_cache: PrefixCacheSpec,
+    /// Correct the cross-entropy on the client's own data for its label
+    /// skew (logit adjustment): see [`LogitAdjustment`].
+    #[serde(default)]
+    pub logit_adjustment: LogitAdjustment,
 }
 
 fn default_local_steps() -> u32 {
@@ -95,6 +99,7 @@ impl Default for TrainingSpec {
             pooling: Pooling::default(),
             eval_batch_size: default_eval_batch_size(),
             prefix_cache: PrefixCacheSpec::default(),
+            logit_adjustment: LogitAdjustment::default(),
         }
     }
 }
@@ -110,6 +115,28 @@ pub enum Pooling {
     Mean,
     /// The last real token (the usual choice for causal decoders).
     LastToken,
+}
+
+/// Label-skew correction of the training loss (logit adjustment, Menon et
+/// al. 2021; FedLC). A client whose data holds mostly one class learns that
+/// class's prior along with the task, and a model fitted to one class says
+/// that class for everything it sees: on the federation's test set, and to
+/// the others through the pool ensemble and mutual distillation.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum LogitAdjustment {
+    /// Plain cross-entropy on the client's labels.
+    #[default]
+    None,
+    /// Cross-entropy on `logits + log π_client − log π_federation`, over the
+    /// classes the client holds (a class it has no example of is left out of
+    /// the softmax), with `π_client` the client's label shares and
+    /// `π_federation` the federation's (from the global when the run
+    /// exchanges a pool ensemble, uniform before and otherwise): the model's
+    /// own logits then predict under the federation's label prior, not the
+    /// client's. Evaluation and the exchanged predictions use the plain
+    /// logits.
+    ClientPrior,
 }
 
 /// The frozen-prefix activation cache: the layers below the first adapted

@@ -12,7 +12,8 @@ use std::collections::BTreeMap;
 
 use super::array::Array;
 use super::common::{
-    FamilySums, ServerStep, BRIDGE_PREFIX, POOL_COUNTS, POOL_ENSEMBLE, POOL_PREFIX, POOL_PROBS,
+    FamilySums, ServerStep, BRIDGE_PREFIX, POOL_COUNTS, POOL_ENSEMBLE, POOL_PREFIX, POOL_PRIOR,
+    POOL_PROBS,
 };
 use super::pool::PoolSums;
 use super::{Aggregated, Aggregator, ClientInfo, ClientUpdate, RoundContext};
@@ -100,13 +101,11 @@ impl Aggregator for Bridged {
                 None => step.carry(&mut aggregated.tensors, name, previous),
             }
         }
-        match (pool.ensemble(), ctx.previous.get(POOL_ENSEMBLE)) {
-            (Some(e), _) => aggregated.tensors.insert(POOL_ENSEMBLE.to_string(), e),
-            (None, Some(previous)) => aggregated
-                .tensors
-                .insert(POOL_ENSEMBLE.to_string(), previous.clone()),
-            (None, None) => None,
-        };
+        for (name, fresh) in [(POOL_ENSEMBLE, pool.ensemble()), (POOL_PRIOR, pool.prior())] {
+            if let Some(value) = fresh.or_else(|| ctx.previous.get(name).cloned()) {
+                aggregated.tensors.insert(name.to_string(), value);
+            }
+        }
         Ok(aggregated)
     }
 }

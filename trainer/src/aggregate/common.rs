@@ -36,6 +36,10 @@ pub const POOL_ENSEMBLE: &str = "pool.ensemble";
 pub const POOL_PROBS: &str = "pool.probs";
 /// A client's training examples per class, `[classes]`.
 pub const POOL_COUNTS: &str = "pool.counts";
+/// The global's label prior: the federation's share of training examples
+/// per class, `[classes]` (from the clients' [`POOL_COUNTS`]; the
+/// `clientPrior` logit adjustment reads it).
+pub const POOL_PRIOR: &str = "pool.prior";
 
 /// The tensors of the previous global under `family/<key>/<local_prefix>`,
 /// keyed by their local name (prefix `family/<key>/` stripped).

@@ -17,6 +17,9 @@
 //! row renormalised (a row of zeros counts as uniform), counts clamped to
 //! ≥ 0 and normalised to shares, so a client can move a class's ensemble by
 //! at most its weight's share, like any FedAvg update.
+//!
+//! The same weights, summed over clients and normalised, are the
+//! federation's label prior ([`super::common::POOL_PRIOR`]): `π(c) ∝ Σ_k w_kc`.
 
 use super::array::Array;
 use super::common::{POOL_COUNTS, POOL_ENSEMBLE, POOL_PROBS};
@@ -103,6 +106,17 @@ impl PoolSums {
         }
         Array::new(self.shape.clone(), data).ok()
     }
+
+    /// The federation's label prior (`[classes]`, summing to 1), or `None`
+    /// when no client sent counts.
+    pub fn prior(&self) -> Option<Array> {
+        let total: f64 = self.weights.iter().sum();
+        if self.clients == 0 || total <= 0.0 {
+            return None;
+        }
+        let data = self.weights.iter().map(|w| (w / total) as f32).collect();
+        Array::new(vec![self.weights.len()], data).ok()
+    }
 }
 
 /// `row` clamped to [0, 1] (NaN → 0) and normalised; uniform if it sums to 0.
@@ -171,6 +185,30 @@ mod tests {
         assert!(e.data[1] > e.data[0], "{:?}", e.data);
         // A plain mean would tie: the weighting is what decides.
         assert!(((0.9f32 + 0.1) / 2.0 - 0.5).abs() < 1e-6);
+    }
+
+    #[test]
+    fn the_prior_is_the_federations_share_of_examples_per_class() {
+        let mut sums = PoolSums::default();
+        assert!(sums.prior().is_none());
+        // a: 100 examples, all class 0; b: 300 examples, 1:2.
+        sums.add(
+            "a",
+            100,
+            &arr(&[1, 2], &[0.5; 2]),
+            &arr(&[2], &[100.0, 0.0]),
+        )
+        .unwrap();
+        sums.add("b", 300, &arr(&[1, 2], &[0.5; 2]), &arr(&[2], &[1.0, 2.0]))
+            .unwrap();
+        let p = sums.prior().unwrap();
+        assert_eq!(p.shape, [2]);
+        // class 0: 100 + 100 = 200 of 400.
+        assert!(
+            (p.data[0] - 0.5).abs() < 1e-6 && (p.data[1] - 0.5).abs() < 1e-6,
+            "{:?}",
+            p.data
+        );
     }
 
     #[test]

@@ -19,7 +19,9 @@ use crate::models::ModelConfig;
 use crate::train::{AdapterChoice, ClientModel};
 use crate::Result;
 
-pub use crate::aggregate::common::{BRIDGE_PREFIX, POOL_COUNTS, POOL_ENSEMBLE, POOL_PROBS};
+pub use crate::aggregate::common::{
+    BRIDGE_PREFIX, POOL_COUNTS, POOL_ENSEMBLE, POOL_PRIOR, POOL_PROBS,
+};
 use crate::data::partition::federate;
 use crate::error::Context as _;
 

@@ -13,7 +13,7 @@ use heterotune_crds::spec::{
 };
 use tch::Device;
 
-use super::bridge::{load_bridge, BridgeModel, POOL_ENSEMBLE};
+use super::bridge::{load_bridge, BridgeModel, POOL_ENSEMBLE, POOL_PRIOR};
 use crate::adapters::head::Pooling;
 use crate::adapters::lora::{LoraConfig, ProjectionDims};
 use crate::artifact;
@@ -74,6 +74,9 @@ pub struct LoadedClient {
     /// The federation's ensemble on the pool (`poolTeacher: ensemble`) when
     /// the global holds one: the run exchanges it.
     pub pool_ensemble: Option<PoolEnsemble>,
+    /// The federation's label prior (`[classes]`, sums to 1) when the
+    /// global holds one ([`POOL_PRIOR`]).
+    pub federation_prior: Option<Vec<f64>>,
 }
 
 /// The global's ensemble on the public pool.
@@ -181,6 +184,7 @@ pub fn train_settings(
         prefix_cache_bytes: training.prefix_cache.max_memory_mib as usize * 1024 * 1024,
         prefix_cache_dir: cache_dir.map(Path::to_path_buf),
         gradient_checkpointing: training.gradient_checkpointing,
+        logit_offsets: None,
     }
 }
 
@@ -251,6 +255,7 @@ pub fn load_client(
     let family_key = job::family_key(&spec, index);
     let mut base_round = 0;
     let mut pool_ensemble = None;
+    let mut federation_prior = None;
     if let Some(global) = global {
         // With a private state, the global only replaces what the client
         // exchanges: the rest of the global (the initial values a
@@ -268,6 +273,7 @@ pub fn load_client(
             import_bridge(b, &mapped, global)?;
         }
         pool_ensemble = pool_ensemble_of(&mapped, round, pool.len(), num_classes, global)?;
+        federation_prior = prior_of(&mapped, num_classes, global)?;
         if pool_ensemble.is_none() && spec.uses_pool_ensemble() {
             tracing::warn!(
                 "the global artifact in {} holds no pool ensemble: the run was started without \
@@ -292,8 +298,39 @@ pub fn load_client(
         model,
         bridge,
         pool_ensemble,
+        federation_prior,
         spec,
     })
+}
+
+/// The global's label prior, checked: `classes` finite shares, none
+/// negative, summing to 1 (a global is written by the aggregator, but it
+/// is read from the store).
+fn prior_of(
+    mapped: &BTreeMap<String, tch::Tensor>,
+    classes: usize,
+    global: &Path,
+) -> Result<Option<Vec<f64>>> {
+    let Some(p) = mapped.get(POOL_PRIOR) else {
+        return Ok(None);
+    };
+    let values: Vec<f64> = Vec::<f64>::try_from(p.to_kind(tch::Kind::Double).flatten(0, -1))
+        .map_err(|e| crate::Error::config("spec.training.logitAdjustment", e.to_string()))?;
+    let sum: f64 = values.iter().sum();
+    if values.len() != classes
+        || values.iter().any(|v| !v.is_finite() || *v < 0.0)
+        || (sum - 1.0).abs() > 1e-3
+    {
+        return Err(crate::Error::config(
+            "spec.task.labels",
+            format!(
+                "the global artifact in {} holds a label prior {values:?} that is not {classes} \
+                 shares summing to 1: the labels changed under the run (start a new run)",
+                global.display()
+            ),
+        ));
+    }
+    Ok(Some(values))
 }
 
 /// The global's ensemble on the pool, checked against the pool's shape.

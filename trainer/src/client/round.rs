@@ -6,13 +6,14 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use heterotune_crds::manifest::{ArtifactKind, ArtifactManifest};
-use heterotune_crds::spec::{Dtype, PoolTeacher};
+use heterotune_crds::spec::{Dtype, LogitAdjustment, PoolTeacher};
 use tch::Tensor;
 
 use super::bridge::{POOL_COUNTS, POOL_PROBS};
 use super::load::{load_client, settings, ClientOptions, LoadedClient};
 use crate::artifact::{self, StoreDtype, WRITER_VERSION};
 use crate::exchange::shared_names;
+use crate::logit_adjustment;
 use crate::metrics::Scores;
 use crate::mutual::{
     served_probabilities, train_pair, PairScores, Pool, PoolTeacher as Teacher, Side,
@@ -94,7 +95,14 @@ pub fn train_round(opts: &ClientOptions, args: &TrainRound<'_>) -> Result<TrainS
     let info = c.model.backbone().info().clone();
     let send = shared_names(&c.model, &c.spec);
     let before = exported(&c, &send)?;
-    let settings = settings(&c.spec, args.round, c.index, args.cache_dir);
+    let mut settings = settings(&c.spec, args.round, c.index, args.cache_dir);
+    if c.spec.training.logit_adjustment == LogitAdjustment::ClientPrior {
+        settings.logit_offsets = Some(logit_adjustment::offsets(
+            c.train.iter().map(|e| e.label),
+            c.num_classes,
+            c.federation_prior.as_deref(),
+        ));
+    }
     let (scores, prefix_from_disk, pool_values) = train_and_score(&mut c, &settings)?;
     if let Some(file) = args.state_out {
         let mut values = c.model.export(&c.all_names)?;
