@@ -50,8 +50,17 @@ fn runner(root: &Path, spec: &Path) -> Command {
 }
 
 /// A site's agent for `client`: its own folder (its copy of the spec, its
-/// work folder, its console) and its own credentials.
+/// work folder, its console) and its own credentials. The test server
+/// lets every key read every object, so the agent is told to accept a key
+/// that is not confined ([`strict_site`] is not).
 fn site(root: &Path, spec: &Path, client: &str) -> Command {
+    let mut cmd = strict_site(root, spec, client);
+    cmd.arg("--allow-unconfined-credentials");
+    cmd
+}
+
+/// [`site`] checking that its key is confined to its own uploads.
+fn strict_site(root: &Path, spec: &Path, client: &str) -> Command {
     let home = root.join("sites").join(client);
     std::fs::create_dir_all(&home).expect("site folder");
     let copy = home.join("federation.yaml");
@@ -276,6 +285,53 @@ fn local_clients_and_site_agents_federate_through_the_store_alone() {
             "{client} keeps no private state at its site"
         );
     }
+}
+
+/// The test server answers every key, as a bucket whose site keys are not
+/// confined would: an agent that checks refuses to train once it sees
+/// another client's upload it can read, names the key and the fix, and
+/// exits with an error; it commits nothing for the round it refused.
+#[test]
+fn an_agent_whose_key_reads_other_clients_uploads_refuses_to_train() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let server = S3Server::start(&root.join("s3"), "heterotune");
+    let spec = fixtures::write_federation(root, "open", 2, &server.storage_yaml("heterotune"));
+    let spec = with_sites(&spec, &[("wide-bert", "clinic-b")]);
+    let spec_file = root.join("federation.yaml");
+    std::fs::write(&spec_file, &spec).expect("spec");
+    let logs = root.join("logs");
+    let mut coordinator = spawn(runner(root, &spec_file), &logs, "coordinator");
+    let mut clinic = spawn(strict_site(root, &spec_file, "wide-bert"), &logs, "clinic");
+    let console = || {
+        ["coordinator", "clinic"]
+            .map(|n| format!("--- {n}:\n{}", log(&logs, n)))
+            .join("\n")
+    };
+    let refused = !wait(&mut clinic, Duration::from_secs(300), console);
+    let _ = coordinator.kill();
+    let _ = coordinator.wait();
+    assert!(refused, "the agent finished:\n{}", console());
+    let clinic_log = log(&logs, "clinic");
+    assert!(
+        clinic_log.contains("can read another client's upload")
+            && clinic_log.contains("--allow-unconfined-credentials")
+            && clinic_log.contains("/clients/"),
+        "{}",
+        console()
+    );
+    // It refused before training the round it looked at.
+    let started = training_started(&clinic_log);
+    let committed: Vec<u32> = (1..=2)
+        .filter(|r| {
+            server
+                .keys("heterotune", "runs/default/open-")
+                .iter()
+                .any(|k| k.ends_with(&format!("round-{r:04}/clients/wide-bert/manifest.json")))
+        })
+        .collect();
+    assert_eq!(committed, started, "{}", console());
+    assert!(started.len() < 2, "{}", console());
 }
 
 /// A site that never appears: below quorum the round fails at its

@@ -73,6 +73,15 @@ impl StoreError {
         matches!(self, StoreError::Operation { error, .. } if matches!(**error, object_store::Error::NotFound { .. }))
     }
 
+    /// True when the store refused the credentials (403/401): an answer
+    /// about the key's rights, not a passing failure.
+    pub fn is_permission_denied(&self) -> bool {
+        matches!(self, StoreError::Operation { error, .. } if matches!(
+            **error,
+            object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. }
+        ))
+    }
+
     /// True when a create-only write found the object already there.
     pub fn is_already_exists(&self) -> bool {
         matches!(self, StoreError::Operation { error, .. } if matches!(**error, object_store::Error::AlreadyExists { .. }))
@@ -134,11 +143,14 @@ fn retry_budget() -> Duration {
 }
 
 /// Whether an error may go away by itself: not an answer about the object
-/// (absent, already there, a failed precondition) or an unsupported call.
+/// (absent, already there, a failed precondition), about the credentials
+/// (refused: retrying a 403 for minutes helps nobody) or an unsupported call.
 fn transient(e: &object_store::Error) -> bool {
     !matches!(
         e,
         object_store::Error::NotFound { .. }
+            | object_store::Error::PermissionDenied { .. }
+            | object_store::Error::Unauthenticated { .. }
             | object_store::Error::NotSupported { .. }
             | object_store::Error::NotImplemented { .. }
             | object_store::Error::AlreadyExists { .. }
@@ -292,6 +304,12 @@ impl Store {
             self.retry_budget = budget;
         }
         self
+    }
+
+    /// True for a bucket (`s3://`), whose credentials may be confined per
+    /// key; false for a folder.
+    pub fn is_bucket(&self) -> bool {
+        self.uri.starts_with("s3://")
     }
 
     /// The storage URI (no credentials).
@@ -657,6 +675,30 @@ mod tests {
             ..StorageSpec::default()
         };
         Store::from_spec(&spec, dir).expect("local store")
+    }
+
+    #[test]
+    fn a_refused_key_is_an_answer_not_a_passing_failure() {
+        let denied = || object_store::Error::PermissionDenied {
+            path: "runs/x".into(),
+            source: "403 Forbidden".into(),
+        };
+        assert!(!transient(&denied()));
+        assert!(!transient(&object_store::Error::Unauthenticated {
+            path: "runs/x".into(),
+            source: "401".into(),
+        }));
+        let e = StoreError::Operation {
+            uri: "s3://b".into(),
+            op: "head",
+            key: "runs/x".into(),
+            error: Box::new(denied()),
+        };
+        assert!(e.is_permission_denied() && !e.is_not_found());
+        assert!(transient(&object_store::Error::Generic {
+            store: "S3",
+            source: "connection reset".into(),
+        }));
     }
 
     #[tokio::test]

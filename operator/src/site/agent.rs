@@ -4,7 +4,7 @@
 //! a restarted agent neither trains a committed round again nor skips one.
 
 use super::backoff::Backoff;
-use super::join::{Site, SiteError, SiteOptions};
+use super::join::{Confinement, Site, SiteError, SiteOptions};
 use super::SiteOutcome;
 use crate::execution::trainer::ClientDirs;
 use crate::protocol::commit::{self, Commit};
@@ -19,6 +19,15 @@ pub async fn run(opts: SiteOptions) -> Result<SiteOutcome, SiteError> {
     let mut evaluated = false;
     let mut completed = 0;
     let mut failures = Failures::default();
+    // Checked before each round it trains until the store shows the key
+    // confined; `--allow-unconfined-credentials` skips it.
+    let mut confined = site.opts.allow_unconfined_credentials;
+    if confined && site.store.is_bucket() {
+        tracing::warn!(
+            "--allow-unconfined-credentials: not checking whether this site's key can read other \
+             clients' uploads"
+        );
+    }
     tracing::info!(
         run = site.layout.run_dir(),
         client = %site.opts.client,
@@ -39,6 +48,12 @@ pub async fn run(opts: SiteOptions) -> Result<SiteOutcome, SiteError> {
             Step::Finished => return Ok(SiteOutcome::Finished { trained, evaluated }),
             Step::Wait => None,
             Step::Train(round) => {
+                if !confined && site.confinement(round).await? == Confinement::Confined {
+                    tracing::info!(
+                        "the store refuses this site's key another client's upload: confined"
+                    );
+                    confined = true;
+                }
                 Some((format!("training round {round}"), site.train(round).await))
             }
             Step::Evaluate(round) => Some((

@@ -49,6 +49,11 @@ pub struct SiteArgs {
     /// doubles while nothing changes).
     #[arg(long, default_value_t = 30.0)]
     pub poll_max: f64,
+    /// Run even when this site's store key can read other clients' uploads
+    /// (the agent refuses by default: docs/sites.md has the policies that
+    /// confine a key to its own prefix).
+    #[arg(long)]
+    pub allow_unconfined_credentials: bool,
 }
 
 /// Exit codes as `heterotune`'s: 0 done, 1 invalid input, 3 a runtime
@@ -79,6 +84,7 @@ pub fn main(args: SiteArgs) -> anyhow::Result<ExitCode> {
             seconds(args.poll_min, "--poll-min")?,
             seconds(args.poll_max, "--poll-max")?,
         ),
+        allow_unconfined_credentials: args.allow_unconfined_credentials,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

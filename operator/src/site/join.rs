@@ -44,6 +44,8 @@ pub struct SiteOptions {
     pub model_dir: Option<PathBuf>,
     /// The shortest and the longest wait between looks at the store.
     pub poll: (Duration, Duration),
+    /// Run even when the site's key can read other clients' uploads.
+    pub allow_unconfined_credentials: bool,
 }
 
 /// Site agent errors: each names the input and the fix.
@@ -69,6 +71,8 @@ pub enum SiteError {
         key: String,
         message: String,
     },
+    #[error("this site's store key can read another client's upload ({key} in {store}): a key that reads other sites' updates can learn about their data. Confine it to this site's prefix (docs/sites.md has bucket policies for AWS and MinIO), or pass --allow-unconfined-credentials where every party may read every upload")]
+    Unconfined { key: String, store: String },
     #[error(
         "{what} failed {attempts} times (maxRetriesPerClient is {retries}); the last error: {last}"
     )]
@@ -123,7 +127,50 @@ pub(super) struct Site {
     pub trainer: TrainerCommand,
 }
 
+/// What the store showed of the site key's reach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Confinement {
+    /// Reading another client's upload was refused.
+    Confined,
+    /// Nothing to try yet (no other upload, or listing refused), or a
+    /// folder store (no keys).
+    Unknown,
+}
+
 impl Site {
+    /// Whether the site's key is confined to its own uploads, as far as the
+    /// store shows in `round` and the round before: another client's upload
+    /// there is looked at (a HEAD, no data read); refused means confined,
+    /// and one that answers is [`SiteError::Unconfined`]. A folder store has
+    /// no keys to confine: [`Confinement::Unknown`].
+    pub async fn confinement(&self, round: u32) -> Result<Confinement, SiteError> {
+        if !self.store.is_bucket() {
+            return Ok(Confinement::Unknown);
+        }
+        for r in (round.saturating_sub(1).max(1)..=round).rev() {
+            let clients = format!("{}/clients/", self.layout.round_dir(r));
+            let own = format!("{}/", self.layout.client_dir(r, &self.opts.client));
+            let keys = match self.store.list(&clients).await {
+                Ok(keys) => keys,
+                Err(e) if e.is_permission_denied() => return Ok(Confinement::Unknown),
+                Err(e) => return Err(e.into()),
+            };
+            let Some(other) = keys.into_iter().find(|k| !k.starts_with(&own)) else {
+                continue;
+            };
+            return match self.store.exists(&other).await {
+                Ok(true) => Err(SiteError::Unconfined {
+                    key: other,
+                    store: self.store.uri().to_string(),
+                }),
+                Ok(false) => Ok(Confinement::Unknown),
+                Err(e) if e.is_permission_denied() => Ok(Confinement::Confined),
+                Err(e) => Err(e.into()),
+            };
+        }
+        Ok(Confinement::Unknown)
+    }
+
     /// Reads the spec, checks the client is this site's, writes the site's
     /// local copy (its data) and stages its inputs.
     pub async fn join(opts: SiteOptions) -> Result<Site, SiteError> {
@@ -337,6 +384,7 @@ spec:
             data_uri: None,
             model_dir: None,
             poll: (Duration::from_secs(1), Duration::from_secs(2)),
+            allow_unconfined_credentials: false,
         }
     }
 
