@@ -15,7 +15,9 @@
 //! A second test lets a deadline pass while a client's trainer hangs: the
 //! round goes on without it, and its process does not outlive the cut-off.
 //! A third stops the S3 server just as round 1 completes and starts it
-//! again on the same endpoint seconds later: the run rides it out.
+//! again on the same endpoint seconds later: the run rides it out. A fourth
+//! fills the folder store's disk mid-round: the run stops with an error
+//! that says so, and once space is freed it resumes to the same model.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -46,6 +48,7 @@ if [ "$sub $client $round" = "${FAULT:-}" ] && [ ! -e "$FIRED" ]; then
     after) "$REAL" "$@"; kill -9 "$PPID"; exit 0 ;;
     self) kill -9 $$ ;;
     hang) exec sleep "$HANG" ;;
+    fill) "$REAL" "$@"; rc=$?; dd if=/dev/zero of="$FILL" bs=64k 2>/dev/null; exit $rc ;;
   esac
 fi
 exec "$REAL" "$@"
@@ -523,4 +526,102 @@ fn an_s3_server_stopped_mid_round_and_restarted_changes_nothing() {
         );
     }
     assert_eq!(report(&run.root)["status"], "Succeeded");
+}
+
+/// A tmpfs mounted for the length of a test (unmounted on drop).
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// Mounts a `mib` MiB tmpfs at `at`, or says why it cannot.
+    fn mount(at: &Path, mib: u32) -> Result<Tmpfs, String> {
+        std::fs::create_dir_all(at).map_err(|e| e.to_string())?;
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(at)
+            .output()
+            .map_err(|e| format!("mount: {e}"))?;
+        if !out.status.success() {
+            return Err(output_text(&out));
+        }
+        Ok(Tmpfs(at.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// The folder store's disk fills up while round 2's clients train (after
+/// wide-bert's trainer, a file grows until the disk is full): the runner
+/// stops with an error that names the store and the full disk, having
+/// committed nothing half-written; once the space is freed, running it
+/// again resumes and ends with the uninterrupted run's final global, each
+/// client counted once per round and nothing committed before the fault
+/// trained again. Needs a tmpfs (mount privileges): skipped, saying so,
+/// where none can be mounted.
+#[test]
+fn a_full_store_disk_stops_the_run_and_freeing_it_resumes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = dir.path();
+    let spec = fixtures::write_federation(
+        &base.join("fixtures"),
+        "full",
+        ROUNDS,
+        "  storage: { uri: \"file://STORE\" }",
+    );
+    let clean = Run::new(base, "clean", &spec);
+    let out = clean.command("", "").output().expect("heterotune runs");
+    assert!(out.status.success(), "{}", output_text(&out));
+    let want = clean.final_global();
+
+    let run = Run::new(base, "full", &spec);
+    let _disk = match Tmpfs::mount(&run.store(), 64) {
+        Ok(m) => m,
+        Err(why) => {
+            eprintln!("skipping the disk-full case: no tmpfs can be mounted here ({why})");
+            return;
+        }
+    };
+    let filler = run.store().join("filler");
+    let first = run
+        .command("train wide-bert 2", "fill")
+        .env("FILL", &filler)
+        .output()
+        .expect("heterotune runs");
+    let text = output_text(&first);
+    assert!(
+        run.root.join("fired").exists(),
+        "the fault never fired\n{text}"
+    );
+    assert!(
+        !first.status.success(),
+        "the run went on with a full disk\n{text}"
+    );
+    assert!(
+        text.contains("No space left on device") && text.contains("storage file://"),
+        "the error does not say the store's disk is full:\n{text}"
+    );
+    let committed_at_fault = run.manifests();
+    for (path, bytes) in &committed_at_fault {
+        serde_json::from_slice::<serde_json::Value>(bytes)
+            .unwrap_or_else(|e| panic!("{} is half-written: {e}", path.display()));
+    }
+    std::fs::remove_file(&filler).expect("free the disk");
+    let again = run.command("", "").output().expect("heterotune resumes");
+    assert!(again.status.success(), "{}", output_text(&again));
+    check_finished(&run, "disk full");
+    assert_eq!(run.final_global(), want, "the final global differs");
+    let calls = run.calls();
+    for round in 1..=ROUNDS {
+        for client in client_commits(&committed_at_fault, round).keys() {
+            let call = format!("train {client} {round}");
+            assert_eq!(
+                calls.get(&call),
+                Some(&1),
+                "{call} trained again: {calls:?}"
+            );
+        }
+    }
 }
