@@ -202,6 +202,65 @@ for want in "kubectl get ft -w" "kubectl apply --server-side -f charts/heterotun
 done
 echo "NOTES.txt: ok"
 
+echo "== the site chart (charts/heterotune-site)"
+site="$root/charts/heterotune-site"
+python3 "$root/tests/helm/values_table.py" --chart heterotune-site --check
+site_set=(--set client=clinic-b --set-file "federation.spec=$root/examples/quickstart-sites.yaml")
+"$helm" lint --strict "$site" "${site_set[@]}"
+"$helm" template clinic "$site" --namespace clinic "${site_set[@]}" > "$tmp/site-defaults.yaml"
+"$helm" template clinic "$site" --namespace clinic "${site_set[@]}" --set credentialsSecret=clinic-s3 \
+  --set data.volume.persistentVolumeClaim.claimName=clinic-data --set data.uri=/data/clinic-b.jsonl \
+  --set persistence.existingClaim=clinic-work --set allowUnconfinedCredentials=true --set device=cuda \
+  --set 'resources.limits.nvidia\.com/gpu=1' --set 'imagePullSecrets[0].name=pull' > "$tmp/site-full.yaml"
+for name in site-defaults site-full; do
+  "$kv" --strict --quiet -k "$k8s_version" "$tmp/$name.yaml" || fail "$name does not validate"
+done
+python3 - "$tmp" <<'PY'
+import sys, yaml
+d = sys.argv[1]
+docs = lambda name: {x["kind"]: x for x in yaml.safe_load_all(open(f"{d}/{name}.yaml")) if x}
+base = docs("site-defaults")
+assert sorted(base) == ["ConfigMap", "Job", "PersistentVolumeClaim"], sorted(base)
+job = base["Job"]["spec"]
+assert job["parallelism"] == 1 and job["completions"] == 1 and job["podReplacementPolicy"] == "Failed", job
+pod = job["template"]["spec"]
+assert pod["automountServiceAccountToken"] is False and pod["restartPolicy"] == "OnFailure", pod
+c = pod["containers"][0]
+assert c["command"] == ["heterotune"] and c["args"][1] == "site", c["args"]
+assert "--client=clinic-b" in c["args"] and "--threads=2" in c["args"], c["args"]
+assert not any(a.startswith(("--data", "--model", "--allow-unconfined")) for a in c["args"]), c["args"]
+assert "AWS_ACCESS_KEY_ID" not in {e["name"] for e in c["env"]}
+spec = yaml.safe_load(base["ConfigMap"]["data"]["federation.yaml"])
+assert [x["name"] for x in spec["spec"]["clients"] if "site" in x] == ["clinic-b", "bank"], spec
+vols = {v["name"]: v for v in pod["volumes"]}
+assert vols["work"]["persistentVolumeClaim"]["claimName"] == base["PersistentVolumeClaim"]["metadata"]["name"]
+assert base["PersistentVolumeClaim"]["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+full = docs("site-full")
+assert "PersistentVolumeClaim" not in full, "persistence.existingClaim: no claim of the chart's own"
+pod = full["Job"]["spec"]["template"]["spec"]
+c = pod["containers"][0]
+for a in ["--data=/data/clinic-b.jsonl", "--allow-unconfined-credentials", "--device=cuda"]:
+    assert a in c["args"], (a, c["args"])
+assert {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in c["env"] if "valueFrom" in e} == \
+    {"AWS_ACCESS_KEY_ID": "clinic-s3", "AWS_SECRET_ACCESS_KEY": "clinic-s3"}, c["env"]
+vols = {v["name"]: v for v in pod["volumes"]}
+assert vols["work"]["persistentVolumeClaim"]["claimName"] == "clinic-work"
+assert vols["data"]["persistentVolumeClaim"]["claimName"] == "clinic-data"
+assert {"name": "data", "mountPath": "/data", "readOnly": True} in c["volumeMounts"], c["volumeMounts"]
+assert pod["imagePullSecrets"] == [{"name": "pull"}]
+print("site chart objects: ok")
+PY
+if "$helm" template x "$site" --set-file "federation.spec=$root/examples/quickstart-sites.yaml" > /dev/null 2>&1; then
+  fail "the site chart must refuse a release without client"
+fi
+if "$helm" template x "$site" --set client=clinic-b > /dev/null 2>&1; then
+  fail "the site chart must refuse a release without the federation's spec"
+fi
+if "$helm" template x "$site" "${site_set[@]}" --set device=tpu > /dev/null 2>&1; then
+  fail "the site chart's values.schema.json must refuse device=tpu"
+fi
+echo "site chart: ok"
+
 echo "== manifests/operator is the chart with defaults"
 "$helm" template heterotune "$chart" --namespace heterotune-system > "$tmp/plain.yaml"
 tail -n +3 "$root/manifests/operator/heterotune-operator.yaml" | diff -u - "$tmp/plain.yaml" \

@@ -3,6 +3,7 @@
 
     python3 tests/helm/values_table.py --write   # rewrite the table in charts/heterotune/README.md
     python3 tests/helm/values_table.py --check   # fail when it is stale or a value has no comment
+    python3 tests/helm/values_table.py --chart heterotune-site --write   # another chart's
 
 Each value is documented by the comment lines right above its key. A
 documented key whose children have no comments of their own is one value
@@ -17,8 +18,6 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-VALUES = ROOT / "charts/heterotune/values.yaml"
-README = ROOT / "charts/heterotune/README.md"
 BEGIN, END = "<!-- values-table:begin -->", "<!-- values-table:end -->"
 
 
@@ -53,9 +52,9 @@ def get(values, path):
     return values
 
 
-def rows():
+def rows(values_file):
     """(value, default, description) rows and the undocumented values."""
-    text = VALUES.read_text()
+    text = values_file.read_text()
     values = yaml.safe_load(text)
     keys = parse(text)
     described = {p: d for p, d, _ in keys}
@@ -78,8 +77,8 @@ def rows():
     return out, missing
 
 
-def table():
-    out, missing = rows()
+def table(values_file):
+    out, missing = rows(values_file)
     lines = ["| value | default | description |", "|---|---|---|"]
     for path, default, desc in out:
         lines.append(f"| `{path}` | `{default}` | {desc.replace('|', '/')} |")
@@ -87,10 +86,18 @@ def table():
 
 
 def main():
-    mode = sys.argv[1] if len(sys.argv) > 1 else "--check"
-    body, missing = table()
+    args = sys.argv[1:]
+    chart = "heterotune"
+    if "--chart" in args:
+        i = args.index("--chart")
+        chart = args[i + 1]
+        del args[i : i + 2]
+    mode = args[0] if args else "--check"
+    values_file = ROOT / "charts" / chart / "values.yaml"
+    README = ROOT / "charts" / chart / "README.md"
+    body, missing = table(values_file)
     if missing:
-        sys.exit("charts/heterotune/values.yaml: no comment above " + ", ".join(missing))
+        sys.exit(f"charts/{chart}/values.yaml: no comment above " + ", ".join(missing))
     readme = README.read_text()
     if BEGIN not in readme or END not in readme:
         sys.exit(f"{README}: no {BEGIN} ... {END} block")
@@ -101,7 +108,7 @@ def main():
         README.write_text(new)
         print(f"wrote {README}")
     elif new != readme:
-        sys.exit(f"{README}: the values table is stale: run python3 tests/helm/values_table.py --write")
+        sys.exit(f"{README}: the values table is stale: run python3 tests/helm/values_table.py --chart {chart} --write")
     else:
         print(f"values table: ok ({body.count(chr(10)) - 1} values, each described)")
 
