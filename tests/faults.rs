@@ -15,9 +15,10 @@
 //! A second test lets a deadline pass while a client's trainer hangs: the
 //! round goes on without it, and its process does not outlive the cut-off.
 //! A third stops the S3 server just as round 1 completes and starts it
-//! again on the same endpoint seconds later: the run rides it out. A fourth
-//! fills the folder store's disk mid-round: the run stops with an error
-//! that says so, and once space is freed it resumes to the same model.
+//! again on the same endpoint seconds later: the run rides it out. The
+//! matrix ends with the folder store's disk filling mid-round: the run
+//! stops with an error that says so, and once space is freed it resumes to
+//! the same model.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -375,6 +376,7 @@ fn every_fault_ends_in_the_uninterrupted_runs_global_model() {
             }
         }
     }
+    a_full_store_disk_stops_the_run_and_freeing_it_resumes(base, &spec, &want);
 }
 
 /// A client whose trainer hangs in round 2 is cut off at the round's
@@ -560,23 +562,10 @@ impl Drop for Tmpfs {
 /// again resumes and ends with the uninterrupted run's final global, each
 /// client counted once per round and nothing committed before the fault
 /// trained again. Needs a tmpfs (mount privileges): skipped, saying so,
-/// where none can be mounted.
-#[test]
-fn a_full_store_disk_stops_the_run_and_freeing_it_resumes() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let base = dir.path();
-    let spec = fixtures::write_federation(
-        &base.join("fixtures"),
-        "full",
-        ROUNDS,
-        "  storage: { uri: \"file://STORE\" }",
-    );
-    let clean = Run::new(base, "clean", &spec);
-    let out = clean.command("", "").output().expect("heterotune runs");
-    assert!(out.status.success(), "{}", output_text(&out));
-    let want = clean.final_global();
-
-    let run = Run::new(base, "full", &spec);
+/// where none can be mounted. A case of the matrix (its uninterrupted run
+/// is `want`'s).
+fn a_full_store_disk_stops_the_run_and_freeing_it_resumes(base: &Path, spec: &str, want: &str) {
+    let run = Run::new(base, "disk-full", spec);
     let _disk = match Tmpfs::mount(&run.store(), 64) {
         Ok(m) => m,
         Err(why) => {
@@ -612,7 +601,11 @@ fn a_full_store_disk_stops_the_run_and_freeing_it_resumes() {
     let again = run.command("", "").output().expect("heterotune resumes");
     assert!(again.status.success(), "{}", output_text(&again));
     check_finished(&run, "disk full");
-    assert_eq!(run.final_global(), want, "the final global differs");
+    assert_eq!(
+        run.final_global(),
+        want,
+        "disk full: the final global differs"
+    );
     let calls = run.calls();
     for round in 1..=ROUNDS {
         for client in client_commits(&committed_at_fault, round).keys() {
