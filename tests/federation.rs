@@ -638,7 +638,8 @@ fn the_pool_ensemble_is_averaged_into_the_global_and_taught_from() {
 /// global from round 1 on holds the federation's label prior (`pool.prior`:
 /// the round's client class counts summed and normalised), which the next
 /// round's clients train against; round 0's global holds none (round 1
-/// adjusts against a uniform prior).
+/// adjusts against a uniform prior). The ensemble is weighted by agreement
+/// (`poolWeighting: agreement`), which leaves the prior as it is.
 #[test]
 fn logit_adjusted_clients_get_the_federations_label_prior_in_the_global() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -650,7 +651,7 @@ fn logit_adjusted_clients_get_the_federations_label_prior_in_the_global() {
         root,
         name,
         &storage,
-        "ensemble",
+        "ensemble, poolWeighting: agreement",
         ", logitAdjustment: clientPrior",
     );
     assert!(!global_tensors(&store, name, 0).contains_key("pool.prior"));

@@ -174,6 +174,10 @@ ADJUSTED = {"logitAdjustment": "clientPrior"}
 SMALLEST_COMMON_LA = "smallest-common FedAvg + logit adjustment"
 SMALLEST_FEDDF_LA = "smallest-common FedDF (public pool) + logit adjustment"
 BRIDGE_ENSEMBLE_LA = "Bridge + pool (FedDF ensemble) + logit adjustment"
+# The pool's ensemble with each client weighted by its agreement with the federation's vote
+# (`distillation.poolWeighting: agreement`), the homogeneous FedDF baseline too.
+BRIDGE_AGREE = "Bridge + pool (FedDF ensemble agreement-weighted)"
+SMALLEST_FEDDF_AGREE = "smallest-common FedDF (public pool) agreement-weighted"
 # The public pool of the pool arm: this share of the training split, held out unlabeled.
 POOL_SHARE = 0.1
 # Every bridge arm's common model.
@@ -193,7 +197,7 @@ def bridge_arm(distillation: dict, serve: str, pool: bool = True, smallest: bool
 
 # The deployable baselines: what a platform team would run without HeteroTune's method.
 DEPLOYABLE = [SMALLEST_COMMON, SMALLEST_HELD_OUT, SMALLEST_FEDDF, FAMILY_FEDAVG, HETLORA, FLEXLORA,
-              HETLORA_LR, FLEXLORA_LR, SMALLEST_COMMON_LA, SMALLEST_FEDDF_LA]
+              HETLORA_LR, FLEXLORA_LR, SMALLEST_COMMON_LA, SMALLEST_FEDDF_LA, SMALLEST_FEDDF_AGREE]
 # label: (aggregation, adapter overrides, whether clients get per-capacity LoRA ranks,
 #         whether every client runs the scenario's smallest model, training overrides,
 #         extra spec fields)
@@ -255,6 +259,11 @@ METHODS: dict[str, dict] = {
     BRIDGE_ENSEMBLE_LA: {**bridge_arm({"weight": 1.0, "temperature": 2.0, "poolWeight": 1.0,
                                        "poolTeacher": "ensemble"}, "auto"),
                          "training": dict(ADJUSTED)},
+    BRIDGE_AGREE: bridge_arm({"weight": 1.0, "temperature": 2.0, "poolWeight": 1.0,
+                              "poolTeacher": "ensemble", "poolWeighting": "agreement"}, "auto"),
+    SMALLEST_FEDDF_AGREE: bridge_arm({"weight": 0.0, "bridgeWeight": 0.0, "poolWeight": 1.0,
+                                      "poolTeacher": "ensemble", "poolWeighting": "agreement"},
+                                     "bridge", smallest=True),
 }
 # Rows derived from the bridge runs' finalEvaluation[].variants (no run of their own):
 # bridge method → {variant: row label}.
@@ -267,6 +276,7 @@ BRIDGE_VARIANTS = {
     BRIDGE_ENSEMBLE: {"own": "FedDF ensemble: own model", "bridge": "FedDF ensemble: bridge model"},
     BRIDGE_LORA: {"own": "LoRA own models: own model", "bridge": "LoRA own models: bridge model"},
     BRIDGE_ENSEMBLE_LA: {"own": "logit-adjusted: own model", "bridge": "logit-adjusted: bridge model"},
+    BRIDGE_AGREE: {"own": "agreement-weighted: own model", "bridge": "agreement-weighted: bridge model"},
 }
 # Listed in the docs, not run yet.
 NOT_RUN: dict[str, str] = {}

@@ -74,6 +74,26 @@ pub struct DistillationSpec {
     /// federation's ensemble on the pool teaches both models, FedDF-style).
     #[serde(default)]
     pub pool_teacher: PoolTeacher,
+    /// How the aggregator weighs the clients' predictions in the pool's
+    /// ensemble (`poolTeacher: ensemble`): see [`PoolWeighting`].
+    #[serde(default)]
+    pub pool_weighting: PoolWeighting,
+}
+
+/// How the clients' predictions on the pool are weighted in the ensemble.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolWeighting {
+    /// Per class, by the client's training examples of that class.
+    #[default]
+    Examples,
+    /// As `examples`, each client's weight then scaled by its agreement
+    /// with the others (truth discovery): the share of pool texts on which
+    /// its top class is the top class of the ensemble of every other
+    /// client, corrected for chance (`(a − 1/C) / (1 − 1/C)`, at least 0).
+    /// A model that says one class for everything, or guesses, agrees at
+    /// chance and loses its say; the labels are never needed.
+    Agreement,
 }
 
 /// Which model of the pair teaches the other on the public pool.
@@ -106,6 +126,7 @@ impl Default for DistillationSpec {
             temperature: default_temperature(),
             pool_weight: default_weight(),
             pool_teacher: PoolTeacher::default(),
+            pool_weighting: PoolWeighting::default(),
         }
     }
 }

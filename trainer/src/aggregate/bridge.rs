@@ -10,6 +10,8 @@
 
 use std::collections::BTreeMap;
 
+use heterotune_crds::spec::PoolWeighting;
+
 use super::array::Array;
 use super::common::{
     FamilySums, ServerStep, BRIDGE_PREFIX, POOL_COUNTS, POOL_ENSEMBLE, POOL_PREFIX, POOL_PRIOR,
@@ -101,7 +103,15 @@ impl Aggregator for Bridged {
                 None => step.carry(&mut aggregated.tensors, name, previous),
             }
         }
-        for (name, fresh) in [(POOL_ENSEMBLE, pool.ensemble()), (POOL_PRIOR, pool.prior())] {
+        let weighting = ctx
+            .spec
+            .bridge
+            .as_ref()
+            .map_or(PoolWeighting::Examples, |b| b.distillation.pool_weighting);
+        for (name, fresh) in [
+            (POOL_ENSEMBLE, pool.ensemble(weighting)),
+            (POOL_PRIOR, pool.prior()),
+        ] {
             if let Some(value) = fresh.or_else(|| ctx.previous.get(name).cloned()) {
                 aggregated.tensors.insert(name.to_string(), value);
             }

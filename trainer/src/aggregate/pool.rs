@@ -21,19 +21,27 @@
 //! The same weights, summed over clients and normalised, are the
 //! federation's label prior ([`super::common::POOL_PRIOR`]): `π(c) ∝ Σ_k w_kc`.
 
+use heterotune_crds::spec::PoolWeighting;
+
 use super::array::Array;
 use super::common::{POOL_COUNTS, POOL_ENSEMBLE, POOL_PROBS};
 use crate::{Error, Result};
 
-/// Running sums of the round's pool probabilities.
+/// One client's cleaned probabilities and per-class weights.
+#[derive(Debug)]
+struct Entry {
+    client: String,
+    /// `w_kc`, `[classes]`.
+    weights: Vec<f64>,
+    /// Cleaned rows, row-major `[texts, classes]`.
+    probs: Vec<f64>,
+}
+
+/// The round's pool probabilities, client by client.
 #[derive(Debug, Default)]
 pub struct PoolSums {
-    /// `Σ_k w_kc p_k(c | x)`, row-major `[texts, classes]`.
-    weighted: Vec<f64>,
-    /// `Σ_k w_kc`, `[classes]`.
-    weights: Vec<f64>,
+    entries: Vec<Entry>,
     shape: Vec<usize>,
-    clients: usize,
 }
 
 impl PoolSums {
@@ -46,22 +54,20 @@ impl PoolSums {
         probs: &Array,
         counts: &Array,
     ) -> Result<()> {
-        let [texts, classes] = probs.shape[..] else {
+        let [_, classes] = probs.shape[..] else {
             return Err(shape_error(client, POOL_PROBS, &probs.shape));
         };
         if counts.shape != [classes] {
             return Err(shape_error(client, POOL_COUNTS, &counts.shape));
         }
-        if self.clients == 0 {
+        if self.entries.is_empty() {
             self.shape = probs.shape.clone();
-            self.weighted = vec![0.0; texts * classes];
-            self.weights = vec![0.0; classes];
         } else if self.shape != probs.shape {
             return Err(shape_error(client, POOL_PROBS, &probs.shape));
         }
         let counts: Vec<f64> = counts.data.iter().map(|&v| f64::from(v.max(0.0))).collect();
         let total: f64 = counts.iter().sum();
-        let w: Vec<f64> = counts
+        let weights = counts
             .iter()
             .map(|&n| {
                 let share = if total > 0.0 {
@@ -72,51 +78,161 @@ impl PoolSums {
                 num_examples as f64 * share
             })
             .collect();
-        for (row, sums) in probs
-            .data
-            .chunks(classes)
-            .zip(self.weighted.chunks_mut(classes))
-        {
-            let row = clean_row(row);
-            for c in 0..classes {
-                sums[c] += w[c] * row[c];
-            }
-        }
-        for (acc, wc) in self.weights.iter_mut().zip(&w) {
-            *acc += wc;
-        }
-        self.clients += 1;
+        let probs = probs.data.chunks(classes).flat_map(clean_row).collect();
+        self.entries.push(Entry {
+            client: client.to_string(),
+            weights,
+            probs,
+        });
         Ok(())
     }
 
-    /// The ensemble, or `None` when no client sent probabilities.
-    pub fn ensemble(&self) -> Option<Array> {
-        if self.clients == 0 {
+    fn classes(&self) -> usize {
+        self.shape.get(1).copied().unwrap_or(0)
+    }
+
+    /// The ensemble of the entries with their weights each scaled by
+    /// `scale[k]` (`[texts, classes]` rows, each normalised); `None` when
+    /// no entry has weight.
+    fn combine(&self, scale: &[f64]) -> Option<Vec<f64>> {
+        let classes = self.classes();
+        let texts = self.shape.first().copied().unwrap_or(0);
+        let mut weighted = vec![0.0; texts * classes];
+        let mut weights = vec![0.0; classes];
+        for (k, e) in self.entries.iter().enumerate() {
+            if scale[k] <= 0.0 {
+                continue;
+            }
+            let w: Vec<f64> = e.weights.iter().map(|w| w * scale[k]).collect();
+            for (sums, row) in weighted.chunks_mut(classes).zip(e.probs.chunks(classes)) {
+                for c in 0..classes {
+                    sums[c] += w[c] * row[c];
+                }
+            }
+            for (acc, wc) in weights.iter_mut().zip(&w) {
+                *acc += wc;
+            }
+        }
+        if weights.iter().all(|w| *w <= 0.0) {
             return None;
         }
-        let classes = self.weights.len();
-        let mut data = Vec::with_capacity(self.weighted.len());
-        for row in self.weighted.chunks(classes) {
+        let mut out = Vec::with_capacity(weighted.len());
+        for row in weighted.chunks(classes) {
             let means: Vec<f64> = row
                 .iter()
-                .zip(&self.weights)
+                .zip(&weights)
                 .map(|(s, w)| if *w > 0.0 { s / w } else { 0.0 })
                 .collect();
-            data.extend(clean_row_f64(&means).into_iter().map(|v| v as f32));
+            out.extend(clean_row_f64(&means));
         }
-        Array::new(self.shape.clone(), data).ok()
+        Some(out)
+    }
+
+    /// Each client's agreement with the federation, chance-corrected: the
+    /// share of texts on which its top class is the federation's vote (one
+    /// vote per client, its top class; a tie goes to the class with the
+    /// highest mean probability), `(a − 1/C) / (1 − 1/C)`, at least 0. One
+    /// vote each, not weighted by examples: a client with many examples that
+    /// says one class for everything cannot outvote the others.
+    pub fn agreements(&self) -> Vec<(String, f64)> {
+        let classes = self.classes().max(1);
+        let texts = self.shape.first().copied().unwrap_or(0);
+        let vote: Vec<usize> = (0..texts)
+            .map(|t| {
+                let mut votes = vec![0usize; classes];
+                let mut mass = vec![0.0; classes];
+                for e in &self.entries {
+                    let row = &e.probs[t * classes..(t + 1) * classes];
+                    votes[top(row)] += 1;
+                    for (m, p) in mass.iter_mut().zip(row) {
+                        *m += p;
+                    }
+                }
+                let most = votes.iter().copied().max().unwrap_or(0);
+                let tied: Vec<f64> = (0..classes)
+                    .map(|c| {
+                        if votes[c] == most {
+                            mass[c]
+                        } else {
+                            f64::NEG_INFINITY
+                        }
+                    })
+                    .collect();
+                top(&tied)
+            })
+            .collect();
+        let chance = 1.0 / classes as f64;
+        self.entries
+            .iter()
+            .map(|e| {
+                let agree = e
+                    .probs
+                    .chunks(classes)
+                    .zip(&vote)
+                    .filter(|(row, v)| top(row) == **v)
+                    .count() as f64
+                    / texts.max(1) as f64;
+                let score = ((agree - chance) / (1.0 - chance)).clamp(0.0, 1.0);
+                (e.client.clone(), score)
+            })
+            .collect()
+    }
+
+    /// The ensemble, or `None` when no client sent probabilities. With
+    /// `weighting` [`PoolWeighting::Agreement`], each client's weights are
+    /// scaled by its [`Self::agreements`] (the plain ensemble when every
+    /// agreement is 0).
+    pub fn ensemble(&self, weighting: PoolWeighting) -> Option<Array> {
+        let ones = vec![1.0; self.entries.len()];
+        let scale = match weighting {
+            PoolWeighting::Examples => ones.clone(),
+            PoolWeighting::Agreement => {
+                let agreements = self.agreements();
+                tracing::info!(
+                    ?agreements,
+                    "pool ensemble: each client's agreement with the others"
+                );
+                agreements.into_iter().map(|(_, a)| a).collect()
+            }
+        };
+        let data = self.combine(&scale).or_else(|| self.combine(&ones))?;
+        Array::new(
+            self.shape.clone(),
+            data.into_iter().map(|v| v as f32).collect(),
+        )
+        .ok()
     }
 
     /// The federation's label prior (`[classes]`, summing to 1), or `None`
     /// when no client sent counts.
     pub fn prior(&self) -> Option<Array> {
-        let total: f64 = self.weights.iter().sum();
-        if self.clients == 0 || total <= 0.0 {
+        let mut weights = vec![0.0; self.classes()];
+        for e in &self.entries {
+            for (acc, w) in weights.iter_mut().zip(&e.weights) {
+                *acc += w;
+            }
+        }
+        let total: f64 = weights.iter().sum();
+        if total <= 0.0 {
             return None;
         }
-        let data = self.weights.iter().map(|w| (w / total) as f32).collect();
-        Array::new(vec![self.weights.len()], data).ok()
+        let data = weights.iter().map(|w| (w / total) as f32).collect();
+        Array::new(vec![weights.len()], data).ok()
     }
+}
+
+/// The index of a row's largest value (the first of ties).
+fn top(row: &[f64]) -> usize {
+    row.iter()
+        .enumerate()
+        .fold((0, f64::NEG_INFINITY), |best, (i, &v)| {
+            if v > best.1 {
+                (i, v)
+            } else {
+                best
+            }
+        })
+        .0
 }
 
 /// `row` clamped to [0, 1] (NaN → 0) and normalised; uniform if it sums to 0.
@@ -174,7 +290,7 @@ mod tests {
             &arr(&[2], &[50.0, 50.0]),
         )
         .unwrap();
-        let e = sums.ensemble().unwrap();
+        let e = sums.ensemble(PoolWeighting::Examples).unwrap();
         // class 0: (100·0.9 + 50·0.1) / 150 = 0.633; class 1: 50·0.9 / 50 = 0.9.
         let (c0, c1) = (0.9 * 100.0 / 150.0 + 0.1 * 50.0 / 150.0, 0.9);
         assert!(
@@ -185,6 +301,56 @@ mod tests {
         assert!(e.data[1] > e.data[0], "{:?}", e.data);
         // A plain mean would tie: the weighting is what decides.
         assert!(((0.9f32 + 0.1) / 2.0 - 0.5).abs() < 1e-6);
+    }
+
+    #[test]
+    fn agreement_weighting_takes_the_say_from_a_model_that_says_one_class_for_everything() {
+        // Texts 0..4 are classes 0, 1, 0, 1. a and b are right; c, with ten
+        // times their examples, all of class 0, says class 0 for everything.
+        let right = arr(&[4, 2], &[0.8, 0.2, 0.2, 0.8, 0.8, 0.2, 0.2, 0.8]);
+        let mut sums = PoolSums::default();
+        sums.add("a", 100, &right, &arr(&[2], &[50.0, 50.0]))
+            .unwrap();
+        sums.add("b", 100, &right, &arr(&[2], &[50.0, 50.0]))
+            .unwrap();
+        sums.add(
+            "c",
+            1000,
+            &arr(&[4, 2], &[0.99, 0.01].repeat(4)),
+            &arr(&[2], &[1000.0, 0.0]),
+        )
+        .unwrap();
+        let said = |e: &Array| -> Vec<usize> {
+            e.data.chunks(2).map(|r| usize::from(r[1] > r[0])).collect()
+        };
+        // Weighted by examples, c's column 0 outweighs a and b.
+        assert_eq!(
+            said(&sums.ensemble(PoolWeighting::Examples).unwrap()),
+            [0, 0, 0, 0]
+        );
+        let agreements = sums.agreements();
+        assert_eq!(
+            agreements,
+            [("a".into(), 1.0), ("b".into(), 1.0), ("c".into(), 0.0)]
+        );
+        assert_eq!(
+            said(&sums.ensemble(PoolWeighting::Agreement).unwrap()),
+            [0, 1, 0, 1]
+        );
+    }
+
+    #[test]
+    fn a_tied_vote_goes_to_the_larger_mean_and_one_client_alone_keeps_its_say() {
+        let mut sums = PoolSums::default();
+        sums.add("a", 1, &arr(&[1, 2], &[0.9, 0.1]), &arr(&[2], &[1.0, 1.0]))
+            .unwrap();
+        assert_eq!(sums.agreements(), [("a".into(), 1.0)]);
+        // b disagrees with a, less sure: the tie goes to a's class.
+        sums.add("b", 1, &arr(&[1, 2], &[0.4, 0.6]), &arr(&[2], &[1.0, 1.0]))
+            .unwrap();
+        assert_eq!(sums.agreements(), [("a".into(), 1.0), ("b".into(), 0.0)]);
+        let e = sums.ensemble(PoolWeighting::Agreement).unwrap();
+        assert!((e.data[0] - 0.9).abs() < 1e-6, "{:?}", e.data);
     }
 
     #[test]
@@ -221,7 +387,7 @@ mod tests {
             &arr(&[2], &[1.0, 1e30]),
         )
         .unwrap();
-        let e = sums.ensemble().unwrap();
+        let e = sums.ensemble(PoolWeighting::Examples).unwrap();
         for row in e.data.chunks(2) {
             assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6, "{:?}", e.data);
             assert!(row.iter().all(|v| (0.0..=1.0).contains(v)), "{:?}", e.data);
@@ -232,7 +398,7 @@ mod tests {
     #[test]
     fn shapes_must_agree_across_clients() {
         let mut sums = PoolSums::default();
-        assert!(sums.ensemble().is_none());
+        assert!(sums.ensemble(PoolWeighting::Examples).is_none());
         sums.add("a", 1, &arr(&[1, 2], &[0.5, 0.5]), &arr(&[2], &[1.0, 1.0]))
             .unwrap();
         let err = sums
