@@ -9,6 +9,7 @@ method of a scenario and task.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -311,9 +312,18 @@ class RunKey:
                 "rounds": self.rounds, "steps": self.steps, "tag": self.tag}
 
     def name(self) -> str:
+        """At most 63 characters. Cut at the end, as long as the seed survives the cut (the
+        names of every run made so far); a longer method slug is shortened instead, with a hash
+        of the whole slug, so that seeds never share a name."""
         suffix = f"-{slug(self.tag)}" if self.tag else ""
-        return (f"b-{self.scenario.lower()}-{self.task}-{slug(self.method)}-s{self.seed}"
-                f"-r{self.rounds}-k{self.steps}{suffix}")[:63].rstrip("-")
+        method = slug(self.method)
+        base = f"b-{self.scenario.lower()}-{self.task}-{method}"
+        kept = f"-s{self.seed}"
+        tail = f"{kept}-r{self.rounds}-k{self.steps}{suffix}"
+        if len(base) + len(kept) > 63:
+            digest = hashlib.sha256(method.encode()).hexdigest()[:6]
+            base = f"{base[:63 - len(kept) - 7].rstrip('-')}-{digest}"
+        return (base + tail)[:63].rstrip("-")
 
 
 def build_spec(base: dict, key: RunKey, dataset: dict, store: Path,

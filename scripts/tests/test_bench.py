@@ -76,8 +76,11 @@ def test_every_method_same_data_and_training(base):
         if "learningRate" in METHODS[m].get("training", {}):
             assert training.pop("learningRate") == LORA_LR, m
             training["learningRate"] = specs["local-only"]["training"]["learningRate"]
+        # the logit-adjustment arms: the same training with the label-skew correction
+        if "logitAdjustment" in METHODS[m].get("training", {}):
+            assert training.pop("logitAdjustment") == "clientPrior", m
         assert training == specs["local-only"]["training"], m
-        assert set(METHODS[m].get("training", {})) <= {"learningRate"}, m
+        assert set(METHODS[m].get("training", {})) <= {"learningRate", "logitAdjustment"}, m
         assert s["rounds"] == 12 and s["minClients"] == 8
 
 
@@ -128,6 +131,15 @@ def test_run_names_unique_and_valid():
                     assert len(n) <= 63 and n == n.lower() and not n.endswith("-"), n
                     names.add(n)
     assert len(names) == len(SCENARIOS) * len(TASKS) * len(METHODS) * 3
+    # The names of runs made so far stay what they were (their folders and specs keep them);
+    # a slug too long to keep the seed is shortened with a hash instead.
+    lora = "Bridge + pool (FedDF ensemble) with LoRA own models"
+    assert RunKey("S2", "movie", lora, 1, 12, 20).name() == \
+        "b-s2-movie-bridge-pool-feddf-ensemble-with-lora-own-models-s1-r"
+    la = "smallest-common FedDF (public pool) + logit adjustment"
+    for seed in (0, 1, 2):
+        n = RunKey("S2", "movie", la, seed, 12, 20).name()
+        assert n.endswith(f"-s{seed}") and len(n) <= 63, n
 
 
 def test_overrides(base):
