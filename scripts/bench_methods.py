@@ -142,7 +142,9 @@ def setting_text(base: dict, args, seeds: list[int], records: dict) -> str:
         "public pool, the ensemble of the clients' MiniLM-L3 models teaching on it), family-FedAvg, "
         "HetLoRA and FlexLoRA (LoRA ranks 4 / 8 / 16 / 16 for MiniLM-L3 / MiniLM-L6 / MPNet / SmolLM2), "
         "each at the shared learning rate and at a LoRA one (0.001: at 0.003 the rank-16 MPNet client's "
-        "LoRA diverged, its validation accuracy falling from 0.95 to 0.49 in round 3). "
+        "LoRA diverged, its validation accuracy falling from 0.95 to 0.49 in round 3), and the "
+        "smallest-common arms with logit adjustment or an agreement-weighted pool ensemble, among the "
+        "baselines run on the most seeds (up to 3). "
         + ("The default method (judged by the per-client table and the targets) is the quickstart's, "
            "Bridge + pool (FedDF ensemble), where it has been measured." if args.default_method == "auto"
            else f"The default method (judged by the per-client table and the targets): {args.default_method}."),
