@@ -9,6 +9,14 @@
 //! the posterior under the federation's prior `π_fed`: the correction sits
 //! in the loss only; evaluation and everything exchanged use the plain
 //! logits.
+//!
+//! A class the client holds no example of is left out of the softmax
+//! (restricted softmax, FedRS): its own data says nothing about telling that
+//! class apart, and under Adam a loss that keeps pushing it down moves the
+//! weights a full step each time, however small the gradient. A client with
+//! one class then has no cross-entropy at all and learns from the
+//! distillation terms only. Measured on the heterogeneity benchmark and not
+//! the default (docs/method.md, "Logit adjustment").
 
 use tch::{Kind, Tensor};
 
