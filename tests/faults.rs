@@ -141,6 +141,27 @@ impl Run {
         cmd
     }
 
+    /// Runs with `fault` armed and the environment variable `var` set to
+    /// `value`, and checks that the fault fired: the output and its text.
+    fn fire(
+        &self,
+        fault: &str,
+        when: &str,
+        (var, value): (&str, &std::ffi::OsStr),
+    ) -> (std::process::Output, String) {
+        let out = self
+            .command(fault, when)
+            .env(var, value)
+            .output()
+            .expect("heterotune runs");
+        let text = output_text(&out);
+        assert!(
+            self.root.join("fired").exists(),
+            "{fault} ({when}): the fault never fired\n{text}"
+        );
+        (out, text)
+    }
+
     /// Every committed manifest and its bytes.
     fn manifests(&self) -> BTreeMap<PathBuf, Vec<u8>> {
         find(&self.store(), "manifest.json")
@@ -403,16 +424,7 @@ fn a_deadline_passing_while_a_client_runs_cuts_it_off() {
     let pid = std::process::id();
     let hang = format!("{}.{}", 600 + pid % 97, pid % 1000);
     let started = std::time::Instant::now();
-    let out = run
-        .command("train wide-bert 2", "hang")
-        .env("HANG", &hang)
-        .output()
-        .expect("heterotune runs");
-    let text = output_text(&out);
-    assert!(
-        run.root.join("fired").exists(),
-        "the fault never fired\n{text}"
-    );
+    let (out, text) = run.fire("train wide-bert 2", "hang", ("HANG", hang.as_ref()));
     assert!(out.status.success(), "{text}");
     assert!(
         started.elapsed().as_secs() >= deadline,
@@ -574,16 +586,7 @@ fn a_full_store_disk_stops_the_run_and_freeing_it_resumes(base: &Path, spec: &st
         }
     };
     let filler = run.store().join("filler");
-    let first = run
-        .command("train wide-bert 2", "fill")
-        .env("FILL", &filler)
-        .output()
-        .expect("heterotune runs");
-    let text = output_text(&first);
-    assert!(
-        run.root.join("fired").exists(),
-        "the fault never fired\n{text}"
-    );
+    let (first, text) = run.fire("train wide-bert 2", "fill", ("FILL", filler.as_os_str()));
     assert!(
         !first.status.success(),
         "the run went on with a full disk\n{text}"
