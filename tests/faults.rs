@@ -275,6 +275,32 @@ fn check_finished(run: &Run, case: &str) {
     }
 }
 
+/// Committed work is never redone: what was committed at the fault
+/// (`committed`) is byte-identical at the end, and its client trained only
+/// once.
+fn check_committed_kept(run: &Run, committed: &BTreeMap<PathBuf, Vec<u8>>, case: &str) {
+    let after = run.manifests();
+    for (path, bytes) in committed {
+        assert_eq!(
+            after.get(path),
+            Some(bytes),
+            "{case}: {} changed after the fault",
+            path.display()
+        );
+    }
+    let calls = run.calls();
+    for round in 1..=ROUNDS {
+        for client in client_commits(committed, round).keys() {
+            let call = format!("train {client} {round}");
+            assert_eq!(
+                calls.get(&call),
+                Some(&1),
+                "{case}: {call} was committed at the fault but trained again: {calls:?}"
+            );
+        }
+    }
+}
+
 #[test]
 fn every_fault_ends_in_the_uninterrupted_runs_global_model() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -349,29 +375,10 @@ fn every_fault_ends_in_the_uninterrupted_runs_global_model() {
             "{}: the final global differs from the uninterrupted run's",
             case.name
         );
-        // Committed work is never redone: what was committed at the fault
-        // is byte-identical at the end, and its client trained only once.
+        check_committed_kept(&run, &committed_at_fault, case.name);
         let after = run.manifests();
         let calls = run.calls();
-        for (path, bytes) in &committed_at_fault {
-            assert_eq!(
-                after.get(path),
-                Some(bytes),
-                "{}: {} changed after the fault",
-                case.name,
-                path.display()
-            );
-        }
         for round in 1..=ROUNDS {
-            for client in client_commits(&committed_at_fault, round).keys() {
-                let call = format!("train {client} {round}");
-                assert_eq!(
-                    calls.get(&call),
-                    Some(&1),
-                    "{}: {call} was committed at the fault but trained again",
-                    case.name
-                );
-            }
             assert_eq!(
                 client_commits(&after, round).len(),
                 CLIENTS.len(),
@@ -609,15 +616,5 @@ fn a_full_store_disk_stops_the_run_and_freeing_it_resumes(base: &Path, spec: &st
         want,
         "disk full: the final global differs"
     );
-    let calls = run.calls();
-    for round in 1..=ROUNDS {
-        for client in client_commits(&committed_at_fault, round).keys() {
-            let call = format!("train {client} {round}");
-            assert_eq!(
-                calls.get(&call),
-                Some(&1),
-                "{call} trained again: {calls:?}"
-            );
-        }
-    }
+    check_committed_kept(&run, &committed_at_fault, "disk full");
 }
