@@ -146,7 +146,8 @@ def setting_text(base: dict, args, seeds: list[int], records: dict) -> str:
         "smallest-common arms with logit adjustment or an agreement-weighted pool ensemble, among the "
         "baselines run on the most seeds (up to 3). "
         + ("The default method (judged by the per-client table and the targets) is the quickstart's, "
-           "Bridge + pool (FedDF ensemble), where it has been measured." if args.default_method == "auto"
+           "Bridge + pool (FedDF ensemble) calibrated, in each group where it has been run on as many seeds "
+           "as the bridge arm it replaced (else that arm)." if args.default_method == "auto"
            else f"The default method (judged by the per-client table and the targets): {args.default_method}."),
         "",
         f"Second task: {VADER_RULE}; written to the benchmark's work folder as JSONL.",
@@ -167,7 +168,6 @@ def _rel(p: Path) -> str:
 
 def regenerate(base: dict, args, records: dict, seeds: list[int], docs: Path, img_dir: Path) -> None:
     groups = analysis.group(records)
-    default = analysis.resolve_default(groups, args.default_method)
     images: dict = {}
     if not args.no_plots:
         try:
@@ -177,9 +177,9 @@ def regenerate(base: dict, args, records: dict, seeds: list[int], docs: Path, im
                      "or pass --no-plots")
         from bench import plots
 
-        for k, figs in plots.draw(groups, default, img_dir).items():
+        for k, figs in plots.draw(groups, args.default_method, img_dir).items():
             images[k] = [(os.path.relpath(p, docs.parent), cap) for p, cap in figs]
-    block = analysis.render(groups, default, setting_text(base, args, seeds, records), images)
+    block = analysis.render(groups, args.default_method, setting_text(base, args, seeds, records), images)
     text = docs.read_text() if docs.exists() else ""
     docs.parent.mkdir(parents=True, exist_ok=True)
     docs.write_text(analysis.update_block(text, block))

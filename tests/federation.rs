@@ -590,7 +590,8 @@ fn a_bridge_pairs_with_lora_own_models_at_its_own_learning_rate() {
 /// `poolTeacher: ensemble` (FedDF-style): every client sends its served
 /// probabilities on the public pool and its class counts; each global from
 /// round 1 on holds the federation's ensemble on the pool, a probability
-/// row per pool text, which round 2's clients distil from.
+/// row per pool text, which round 2's clients distil from, and which the
+/// final evaluation calibrates each own model against.
 #[test]
 fn the_pool_ensemble_is_averaged_into_the_global_and_taught_from() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -632,6 +633,24 @@ fn the_pool_ensemble_is_averaged_into_the_global_and_taught_from() {
         names.contains(&"pool.probs") && names.contains(&"pool.counts"),
         "{names:?}"
     );
+    // `calibration: poolEnsemble` (the default): the own model is served
+    // with its bias fitted to the ensemble; every evaluation also reports
+    // the variants it changes without the correction, and the bridge, which
+    // is never corrected, once.
+    let r = report(root);
+    for e in r["finalEvaluation"].as_array().expect("final evaluation") {
+        let variants = e["variants"].as_object().expect("variants");
+        for v in ["own", "ensemble", "confident"] {
+            let raw = format!("{v}-uncalibrated");
+            assert!(
+                variants[&raw].as_f64().is_some_and(f64::is_finite),
+                "{raw} in {e}"
+            );
+        }
+        assert!(!variants.contains_key("bridge-uncalibrated"), "{e}");
+        let served = e["served"].as_str().expect("served");
+        assert_eq!(e["accuracy"].as_f64(), variants[served].as_f64(), "{e}");
+    }
 }
 
 /// `training.logitAdjustment: clientPrior` with the pool ensemble: each

@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-from .spec import (BRIDGE, BRIDGE_ENSEMBLE, BRIDGE_POOL, BRIDGE_VALIDATED, BRIDGE_VARIANTS, DEPLOYABLE, FAMILY_FEDAVG, METHODS, MODEL_ORDER, NOT_RUN,
+from .spec import (BRIDGE, BRIDGE_CAL, BRIDGE_ENSEMBLE, BRIDGE_POOL, BRIDGE_VALIDATED, BRIDGE_VARIANTS, DEPLOYABLE, FAMILY_FEDAVG, METHODS, MODEL_ORDER, NOT_RUN,
                    SCENARIOS, SHIPPED_DEFAULT, TASKS, RunKey, model_label)
 
 # Issue 13's targets (points of mean global-test accuracy, paired over seeds).
@@ -128,16 +128,22 @@ def best_deployable(runs: dict[str, dict[int, dict]], exclude: str | None = None
     return max((mean_overall(runs, m), m) for m in ran if len(runs[m]) >= enough)[1]
 
 
-def resolve_default(groups: Groups, requested: str) -> str:
-    """`auto`: the bridge arm the quickstart ships (Bridge + pool with the FedDF ensemble teaching)
-    where it has been measured, else another bridge arm, else the method the quickstart shipped
-    before."""
+# The bridge arms the quickstart has shipped, newest first.
+SHIPPED_BRIDGE_ARMS = (BRIDGE_CAL, BRIDGE_ENSEMBLE, BRIDGE_POOL, BRIDGE_VALIDATED, BRIDGE)
+
+
+def resolve_default(runs: dict[str, dict[int, dict]], requested: str) -> str:
+    """The default method judged in one (scenario, task) group. `auto`: the newest bridge arm the
+    quickstart has shipped that was run here on as many seeds as any of them (so a new default
+    measured on one seed does not replace one measured on three), else the method the quickstart
+    shipped before the bridge."""
     if requested != "auto":
         return requested
-    for method in (BRIDGE_ENSEMBLE, BRIDGE_POOL, BRIDGE_VALIDATED, BRIDGE):
-        if any(runs.get(method) for runs in groups.values()):
-            return method
-    return SHIPPED_DEFAULT
+    counts = {m: len(runs.get(m, {})) for m in SHIPPED_BRIDGE_ARMS}
+    most = max(counts.values())
+    if most == 0:
+        return SHIPPED_DEFAULT
+    return next(m for m in SHIPPED_BRIDGE_ARMS if counts[m] == most)
 
 
 @dataclass
@@ -356,15 +362,17 @@ def scenario_block(scenario: str, task: str, runs: dict[str, dict[int, dict]], d
     return "\n".join(out)
 
 
-def render(groups: Groups, default: str, setting: str, images: dict[tuple[str, str], list]) -> str:
-    """The generated docs block (without its markers)."""
+def render(groups: Groups, requested: str, setting: str, images: dict[tuple[str, str], list]) -> str:
+    """The generated docs block (without its markers); `requested`: the default method, or `auto`
+    ([`resolve_default`] in each group)."""
     out = [setting, ""]
     if not groups:
         out.append("No results yet: run `scripts/bench_methods.py`.")
         return "\n".join(out) + "\n"
     order = {s: i for i, s in enumerate(SCENARIOS)} | {t: i for i, t in enumerate(TASKS)}
     for sc, tk in sorted(groups, key=lambda k: (order.get(k[0], 99), order.get(k[1], 99))):
-        out.append(scenario_block(sc, tk, groups[(sc, tk)], default, images.get((sc, tk), [])))
+        runs = groups[(sc, tk)]
+        out.append(scenario_block(sc, tk, runs, resolve_default(runs, requested), images.get((sc, tk), [])))
     return "\n".join(out).rstrip() + "\n"
 
 

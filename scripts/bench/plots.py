@@ -117,12 +117,14 @@ def paired_figure(runs: dict, default: str, title: str, out: Path) -> Path | Non
     return _save(plt, fig, ax, out)
 
 
-def draw(groups: analysis.Groups, default: str, img_dir: Path) -> dict[tuple[str, str], list[tuple[Path, str]]]:
-    """All figures; {(scenario, task): [(png, caption)]}."""
+def draw(groups: analysis.Groups, requested: str, img_dir: Path) -> dict[tuple[str, str], list[tuple[Path, str]]]:
+    """All figures; {(scenario, task): [(png, caption)]}. `requested`: the default method, or
+    `auto` (resolved in each group)."""
     out: dict[tuple[str, str], list[tuple[Path, str]]] = {}
     for (sc, tk), runs in groups.items():
         if not runs:
             continue
+        default = analysis.resolve_default(runs, requested)
         base = img_dir / f"bench-{sc.lower()}-{tk}"
         figs = [(accuracy_figure(runs, default, f"{sc}, {tk}: final global-model accuracy (mean ± std over seeds)",
                                  base.with_name(base.name + "-accuracy.png")),

@@ -179,19 +179,25 @@ BRIDGE_ENSEMBLE_LA = "Bridge + pool (FedDF ensemble) + logit adjustment"
 # (`distillation.poolWeighting: agreement`), the homogeneous FedDF baseline too.
 BRIDGE_AGREE = "Bridge + pool (FedDF ensemble agreement-weighted)"
 SMALLEST_FEDDF_AGREE = "smallest-common FedDF (public pool) agreement-weighted"
+# The default's arm with the own model's label-skew correction before it is served
+# (`bridge.calibration: poolEnsemble`, the product's default since 2026-12-07); the other bridge
+# arms run with it off, as they were measured.
+BRIDGE_CAL = "Bridge + pool (FedDF ensemble) calibrated"
 # The public pool of the pool arm: this share of the training split, held out unlabeled.
 POOL_SHARE = 0.1
 # Every bridge arm's common model.
 BRIDGE_MODEL = {"family": "bert", "uri": "cache://models/paraphrase-MiniLM-L3-v2"}
 
 
-def bridge_arm(distillation: dict, serve: str, pool: bool = True, smallest: bool = False) -> dict:
+def bridge_arm(distillation: dict, serve: str, pool: bool = True, smallest: bool = False,
+               calibration: str = "none") -> dict:
     """A fedavg arm with the MiniLM-L3 bridge (`spec.bridge`), optionally every client on the
     smallest model and the public pool held out."""
     arm: dict = {"aggregation": {"algorithm": "fedavg"}}
     if smallest:
         arm["smallest"] = True
-    arm["bridge"] = {"model": dict(BRIDGE_MODEL), "distillation": distillation, "serve": serve}
+    arm["bridge"] = {"model": dict(BRIDGE_MODEL), "distillation": distillation, "serve": serve,
+                     "calibration": calibration}
     if pool:
         arm["pool"] = POOL_SHARE
     return arm
@@ -262,6 +268,10 @@ METHODS: dict[str, dict] = {
                          "training": dict(ADJUSTED)},
     BRIDGE_AGREE: bridge_arm({"weight": 1.0, "temperature": 2.0, "poolWeight": 1.0,
                               "poolTeacher": "ensemble", "poolWeighting": "agreement"}, "auto"),
+    # The default's arm with the own model calibrated to the pool's ensemble before it is served:
+    # the training is the same (the correction is applied after it and never sent).
+    BRIDGE_CAL: bridge_arm({"weight": 1.0, "temperature": 2.0, "poolWeight": 1.0,
+                            "poolTeacher": "ensemble"}, "auto", calibration="poolEnsemble"),
     SMALLEST_FEDDF_AGREE: bridge_arm({"weight": 0.0, "bridgeWeight": 0.0, "poolWeight": 1.0,
                                       "poolTeacher": "ensemble", "poolWeighting": "agreement"},
                                      "bridge", smallest=True),
@@ -278,6 +288,7 @@ BRIDGE_VARIANTS = {
     BRIDGE_LORA: {"own": "LoRA own models: own model", "bridge": "LoRA own models: bridge model"},
     BRIDGE_ENSEMBLE_LA: {"own": "logit-adjusted: own model", "bridge": "logit-adjusted: bridge model"},
     BRIDGE_AGREE: {"own": "agreement-weighted: own model", "bridge": "agreement-weighted: bridge model"},
+    BRIDGE_CAL: {"own": "calibrated: own model", "ensemble-uncalibrated": "calibrated arm served uncalibrated"},
 }
 # Listed in the docs, not run yet.
 NOT_RUN: dict[str, str] = {}

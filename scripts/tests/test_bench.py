@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from bench import analysis, results
-from bench.spec import (BRIDGE, DEPLOYABLE, SMALLEST_FEDDF, SMALLEST_HELD_OUT, VADER_COUNTS, FAMILY_FEDAVG, FLEXLORA, HETLORA, LORA_LR, METHODS, MODELS, SCENARIOS,
+from bench.spec import (BRIDGE, BRIDGE_CAL, BRIDGE_ENSEMBLE, DEPLOYABLE, SMALLEST_FEDDF, SMALLEST_HELD_OUT, VADER_COUNTS, FAMILY_FEDAVG, FLEXLORA, HETLORA, LORA_LR, METHODS, MODELS, SCENARIOS,
                         SMALLEST_COMMON, TASKS, RunKey, build_spec, dataset_for, derive_vader_movie,
                         smallest_model)
 
@@ -102,7 +102,8 @@ def test_method_settings(base):
     b = spec(base, method=BRIDGE)
     assert b["aggregation"] == {"algorithm": "fedavg"}
     assert b["bridge"] == {"model": {"family": "bert", "uri": f"cache://models/{L3}"},
-                           "distillation": {"weight": 1.0, "temperature": 2.0}, "serve": "ensemble"}
+                           "distillation": {"weight": 1.0, "temperature": 2.0}, "serve": "ensemble",
+                           "calibration": "none"}
     assert "bridge" not in spec(base, method="DeMA+FedAvg")
     assert set(DEPLOYABLE) <= set(METHODS)
     # the held-out baseline: MiniLM-L3 everywhere, the bridge alone (no distillation), a pool
@@ -373,11 +374,24 @@ def test_targets_met_missed_and_margins():
 
 
 def test_default_resolution():
-    g = {("S2", "trec"): {"DeMA+FedAvg": {0: res([0.5] * 4)}}}
-    assert analysis.resolve_default(g, "auto") == "DeMA+CMGA (PCGrad)"
-    g[("S1", "trec")] = {BRIDGE: {0: res([0.5] * 4)}}
-    assert analysis.resolve_default(g, "auto") == BRIDGE
-    assert analysis.resolve_default(g, HETLORA) == HETLORA
+    runs = {"DeMA+FedAvg": {0: res([0.5] * 4)}}
+    assert analysis.resolve_default(runs, "auto") == "DeMA+CMGA (PCGrad)"
+    runs[BRIDGE] = {0: res([0.5] * 4)}
+    assert analysis.resolve_default(runs, "auto") == BRIDGE
+    assert analysis.resolve_default(runs, HETLORA) == HETLORA
+    # the newest shipped arm wins once it has as many seeds as the one it replaces
+    runs[BRIDGE_ENSEMBLE] = {s: res([0.5] * 4) for s in range(3)}
+    runs[BRIDGE_CAL] = {0: res([0.5] * 4)}
+    assert analysis.resolve_default(runs, "auto") == BRIDGE_ENSEMBLE
+    runs[BRIDGE_CAL] = {s: res([0.5] * 4) for s in range(3)}
+    assert analysis.resolve_default(runs, "auto") == BRIDGE_CAL
+
+
+def test_the_old_bridge_arms_run_uncalibrated_and_the_new_one_calibrated():
+    assert METHODS[BRIDGE_ENSEMBLE]["bridge"]["calibration"] == "none"
+    assert METHODS[BRIDGE_CAL]["bridge"]["calibration"] == "poolEnsemble"
+    assert {k: v for k, v in METHODS[BRIDGE_CAL]["bridge"].items() if k != "calibration"} == \
+        {k: v for k, v in METHODS[BRIDGE_ENSEMBLE]["bridge"].items() if k != "calibration"}
 
 
 def test_compute_rows_per_model_as_run():

@@ -15,6 +15,7 @@
 pub mod adapters;
 pub mod aggregate;
 pub mod artifact;
+pub mod calibration;
 pub mod client;
 pub mod cuda;
 pub mod data;

@@ -21,6 +21,7 @@ use std::time::Instant;
 use heterotune_crds::spec::{DistillationSpec, ServedModel};
 use tch::{Kind, Tensor};
 
+use crate::calibration::calibrated;
 use crate::logit_adjustment::adjusted;
 use crate::metrics::Scores;
 use crate::train::{
@@ -237,6 +238,30 @@ pub fn ensemble_logits(own: &Tensor, bridge: &Tensor) -> Tensor {
     p.clamp_min(1e-12).log()
 }
 
+/// Both models' logits on the same examples.
+pub struct PairLogits {
+    pub own: Tensor,
+    pub bridge: Tensor,
+}
+
+impl PairLogits {
+    /// `own` and `bridge` on the same examples (`own.1` and `bridge.1`
+    /// prepared from one list).
+    pub fn of(
+        own: (&ClientModel, &Prepared),
+        bridge: (&ClientModel, &Prepared),
+        batch_size: usize,
+    ) -> Result<Self> {
+        Ok(PairLogits {
+            own: own.0.logits(own.1, batch_size)?,
+            bridge: bridge.0.logits(bridge.1, batch_size)?,
+        })
+    }
+}
+
+/// The suffix of a variant's accuracy without the own model's calibration.
+pub const UNCALIBRATED: &str = "uncalibrated";
+
 /// Global-test (or validation) scores of each model a client with a bridge
 /// can serve, with their mean cross-entropy.
 #[derive(Debug, Clone)]
@@ -245,6 +270,9 @@ pub struct PairScores {
     pub bridge: (Scores, f64),
     pub ensemble: (Scores, f64),
     pub confident: (Scores, f64),
+    /// With a calibrated own model ([`crate::calibration`]): the scores
+    /// without the correction (the ablation every evaluation reports).
+    pub uncalibrated: Option<Box<PairScores>>,
 }
 
 impl PairScores {
@@ -256,13 +284,38 @@ impl PairScores {
         batch_size: usize,
         num_classes: usize,
     ) -> Result<Self> {
-        let a = own.0.logits(own.1, batch_size)?;
-        let b = bridge.0.logits(bridge.1, batch_size)?;
+        let logits = PairLogits::of(own, bridge, batch_size)?;
+        Self::from_logits(&logits, None, own.1, num_classes)
+    }
+
+    /// Scores the two models' `logits` on `data` (prepared for either:
+    /// only its labels are read), the own model's logits shifted by
+    /// `own_bias` when given.
+    pub fn from_logits(
+        logits: &PairLogits,
+        own_bias: Option<&Tensor>,
+        data: &Prepared,
+        num_classes: usize,
+    ) -> Result<Self> {
+        let a = match own_bias {
+            Some(bias) => calibrated(&logits.own, bias),
+            None => logits.own.shallow_clone(),
+        };
+        let b = &logits.bridge;
         Ok(PairScores {
-            own: score_logits(&a, own.1, num_classes)?,
-            bridge: score_logits(&b, bridge.1, num_classes)?,
-            ensemble: score_logits(&ensemble_logits(&a, &b), own.1, num_classes)?,
-            confident: score_logits(&confident_logits(&a, &b), own.1, num_classes)?,
+            own: score_logits(&a, data, num_classes)?,
+            bridge: score_logits(b, data, num_classes)?,
+            ensemble: score_logits(&ensemble_logits(&a, b), data, num_classes)?,
+            confident: score_logits(&confident_logits(&a, b), data, num_classes)?,
+            uncalibrated: match own_bias {
+                Some(_) => Some(Box::new(Self::from_logits(
+                    logits,
+                    None,
+                    data,
+                    num_classes,
+                )?)),
+                None => None,
+            },
         })
     }
 
@@ -279,12 +332,25 @@ impl PairScores {
         }
     }
 
-    /// Accuracy of every variant, by its spec name.
+    /// Accuracy of every variant, by its spec name; with a calibrated own
+    /// model, also those it changes without the correction
+    /// (`own-uncalibrated`, `ensemble-uncalibrated`, `confident-uncalibrated`).
     pub fn accuracies(&self) -> BTreeMap<String, f64> {
-        ServedModel::ALL
+        let mut out: BTreeMap<String, f64> = ServedModel::ALL
             .iter()
             .map(|&v| (v.as_str().to_string(), self.get(v).0.accuracy))
-            .collect()
+            .collect();
+        if let Some(raw) = &self.uncalibrated {
+            for v in ServedModel::ALL {
+                if v != ServedModel::Bridge {
+                    out.insert(
+                        format!("{}-{UNCALIBRATED}", v.as_str()),
+                        raw.get(v).0.accuracy,
+                    );
+                }
+            }
+        }
+        out
     }
 }
 

@@ -33,6 +33,17 @@ pub struct BridgeSpec {
     #[serde(default)]
     pub serve: ServedModel,
 
+    /// The correction of the own model's predictions before they are
+    /// served: `poolEnsemble` (the default) adds a per-class bias to its
+    /// logits, fitted on the public pool so that its predictions there
+    /// match the federation's ensemble on average, which takes out the
+    /// over-prediction of the client's own classes that its skewed labels
+    /// taught it; `none` serves them as they are. Needs `poolTeacher:
+    /// ensemble` and a pool (without them nothing is corrected). The
+    /// bridge is never corrected, and what a client sends is uncorrected.
+    #[serde(default)]
+    pub calibration: Calibration,
+
     /// The learning rate of the bridge's adapters; `training.learningRate`
     /// when unset. Set it where the own models' adapters want another rate
     /// than the bridge's DeMA: LoRA own models (`adapter.type: lora`) at a
@@ -78,6 +89,28 @@ pub struct DistillationSpec {
     /// ensemble (`poolTeacher: ensemble`): see [`PoolWeighting`].
     #[serde(default)]
     pub pool_weighting: PoolWeighting,
+}
+
+/// The correction a client applies to its own model's predictions before
+/// it serves them (alone or in the ensemble with the bridge).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Calibration {
+    /// The own model's predictions as they are.
+    None,
+    /// A per-class bias added to the own model's logits, fitted on the
+    /// public pool so that the own model's predictions there match the
+    /// federation's ensemble in the global (`poolTeacher: ensemble`) as
+    /// closely as a bias can (least cross-entropy: the bias is the one
+    /// whose predictions, averaged over the pool, equal the ensemble's).
+    /// A model trained on a client's skewed labels over-predicts the
+    /// client's classes; the bias takes that out without any label. The
+    /// bridge, averaged over every client, is served as it is; what a client
+    /// sends on the pool is its uncorrected view, so the ensemble does not
+    /// echo itself. Without a pool ensemble (no pool, round 1) nothing is
+    /// corrected.
+    #[default]
+    PoolEnsemble,
 }
 
 /// How the clients' predictions on the pool are weighted in the ensemble.

@@ -21,7 +21,9 @@ pub use aggregation::{
     AggregationAlgorithm, AggregationSpec, AlignmentRule, FamilyWeighting, NormBoundAction,
     PrivacySpec, RobustCombine, RobustSpec,
 };
-pub use bridge::{BridgeSpec, DistillationSpec, PoolTeacher, PoolWeighting, ServedModel};
+pub use bridge::{
+    BridgeSpec, Calibration, DistillationSpec, PoolTeacher, PoolWeighting, ServedModel,
+};
 pub use client::{
     ClientDataSpec, ClientResources, ClientSpec, Dtype, ModelFamily, ModelSpec, SiteSpec,
     Toleration,

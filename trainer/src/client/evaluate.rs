@@ -6,10 +6,12 @@ use std::path::Path;
 use heterotune_crds::manifest::{now_rfc3339, EvaluationResult, MANIFEST_SCHEMA_VERSION};
 use heterotune_crds::spec::ServedModel;
 
-use super::load::{load_client, settings, ClientOptions};
+use super::load::{load_client, settings, ClientOptions, LoadedClient};
 use crate::artifact::{self, WRITER_VERSION};
+use crate::calibration::fit_bias;
 use crate::data::source::Example;
-use crate::mutual::PairScores;
+use crate::mutual::{PairLogits, PairScores};
+use crate::train::TrainSettings;
 use crate::Result;
 
 /// Evaluates client `opts.client` with the global in `global` (and its
@@ -31,12 +33,14 @@ pub fn evaluate(
     let ((scores, loss), variants, served) = match (&loaded.bridge, &loaded.spec.bridge) {
         (Some(b), Some(spec)) => {
             let bridge_id = b.model_id(spec);
+            let bias = own_bias(&loaded, &settings, batch)?;
             let pair = |examples: &[Example]| -> Result<PairScores> {
                 let own = loaded
                     .model
                     .prepare(examples, &settings, &loaded.model_id())?;
                 let bridge = b.model.prepare(examples, &settings, &bridge_id)?;
-                PairScores::of((&loaded.model, &own), (&b.model, &bridge), batch, classes)
+                let logits = PairLogits::of((&loaded.model, &own), (&b.model, &bridge), batch)?;
+                PairScores::from_logits(&logits, bias.as_ref(), &own, classes)
             };
             let test_scores = pair(&loaded.test)?;
             // `validated` reads the client's validation split, as in training.
@@ -84,6 +88,23 @@ pub fn evaluate(
         artifact::write_atomic(file, &to_json(&result)?)?;
     }
     Ok(result)
+}
+
+/// The own model's calibration bias (`bridge.calibration`), fitted on the
+/// pool against the global's ensemble; `None` where the spec or the global
+/// calls for none.
+pub fn own_bias(
+    loaded: &LoadedClient,
+    settings: &TrainSettings,
+    batch: usize,
+) -> Result<Option<tch::Tensor>> {
+    let Some(teacher) = loaded.calibration_teacher() else {
+        return Ok(None);
+    };
+    let pool = loaded
+        .model
+        .prepare(&loaded.pool, settings, &loaded.model_id())?;
+    fit_bias(&loaded.model.logits(&pool, batch)?, teacher).map(Some)
 }
 
 /// An evaluation record as the trainer writes and prints it (compact JSON).

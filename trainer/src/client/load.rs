@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use heterotune_crds::dtype::Resolved;
 use heterotune_crds::model::LayerSelection;
 use heterotune_crds::spec::{
-    AdapterKind, ClientSpec, Dtype, FederatedTuneSpec, ModelSpec, Pooling as SpecPooling,
-    TrainingSpec,
+    AdapterKind, Calibration, ClientSpec, Dtype, FederatedTuneSpec, ModelSpec,
+    Pooling as SpecPooling, TrainingSpec,
 };
 use tch::Device;
 
@@ -98,6 +98,17 @@ impl LoadedClient {
     /// The client's entry in the spec.
     pub fn spec_client(&self) -> &ClientSpec {
         &self.spec.clients[self.index]
+    }
+
+    /// The ensemble the own model is calibrated against before it is
+    /// served (`bridge.calibration: poolEnsemble`, a pool, and an ensemble
+    /// in the global); `None` when nothing is corrected.
+    pub fn calibration_teacher(&self) -> Option<&tch::Tensor> {
+        let spec = self.spec.bridge.as_ref()?;
+        if spec.calibration != Calibration::PoolEnsemble || self.pool.is_empty() {
+            return None;
+        }
+        self.pool_ensemble.as_ref()?.teacher()
     }
 
     /// The key of this client's backbone in the prefix-cache fingerprints.

@@ -12,11 +12,12 @@ use tch::Tensor;
 use super::bridge::{POOL_COUNTS, POOL_PROBS};
 use super::load::{load_client, settings, ClientOptions, LoadedClient};
 use crate::artifact::{self, StoreDtype, WRITER_VERSION};
+use crate::calibration::fit_bias;
 use crate::exchange::shared_names;
 use crate::logit_adjustment;
 use crate::metrics::Scores;
 use crate::mutual::{
-    served_probabilities, train_pair, PairScores, Pool, PoolTeacher as Teacher, Side,
+    served_probabilities, train_pair, PairLogits, PairScores, Pool, PoolTeacher as Teacher, Side,
 };
 use crate::train::{ClientModel, Prepared, TrainReport, TrainSettings};
 use crate::Result;
@@ -232,6 +233,7 @@ fn train_and_score_pair(
     settings: &TrainSettings,
 ) -> Result<(RoundScores, bool, PoolValues)> {
     let own_id = c.model_id();
+    let calibration_teacher = c.calibration_teacher().map(|t| t.shallow_clone());
     let (Some(spec), Some(b)) = (c.spec.bridge.clone(), c.bridge.as_mut()) else {
         return Err(crate::Error::config(
             "spec.bridge",
@@ -250,17 +252,31 @@ fn train_and_score_pair(
     let train = prepare(&c.train)?;
     let validation = prepare(&c.validation)?;
     let pool = prepare(&c.pool)?;
-    let score = |m: &ClientModel, bm: &ClientModel, d: &(Prepared, Prepared)| {
-        PairScores::of((m, &d.0), (bm, &d.1), batch, classes)
+    // The own model's calibration bias (`bridge.calibration`) from its
+    // logits on the pool.
+    let own_bias = |own_pool: &Tensor| -> Result<Option<Tensor>> {
+        calibration_teacher
+            .as_ref()
+            .map(|t| fit_bias(own_pool, t))
+            .transpose()
     };
+    let score =
+        |m: &ClientModel, bm: &ClientModel, d: &(Prepared, Prepared), bias: Option<&Tensor>| {
+            let logits = PairLogits::of((m, &d.0), (bm, &d.1), batch)?;
+            PairScores::from_logits(&logits, bias, &d.0, classes)
+        };
     let received = if c.spec.evaluation.each_round && c.base_round > 0 {
-        Some(score(&c.model, &b.model, &test)?)
+        let bias = match calibration_teacher {
+            Some(_) => own_bias(&c.model.logits(&pool.0, batch)?)?,
+            None => None,
+        };
+        Some(score(&c.model, &b.model, &test, bias.as_ref())?)
     } else {
         None
     };
     let teacher = match (spec.distillation.pool_teacher, &c.pool_ensemble) {
         (PoolTeacher::Validated, _) if !c.pool.is_empty() => {
-            let before = score(&c.model, &b.model, &validation)?;
+            let before = score(&c.model, &b.model, &validation, None)?;
             if before.bridge.0.accuracy >= before.own.0.accuracy {
                 Teacher::Bridge
             } else {
@@ -291,16 +307,27 @@ fn train_and_score_pair(
         },
         &spec.distillation,
     )?;
-    let val = score(&c.model, &b.model, &validation)?;
-    let tst = score(&c.model, &b.model, &test)?;
+    // The own model's pool logits: the calibration's input and (with an
+    // ensemble) part of what is sent.
+    let own_pool = if calibration_teacher.is_some() || c.pool_ensemble.is_some() {
+        Some(c.model.logits(&pool.0, batch)?)
+    } else {
+        None
+    };
+    let bias = match &own_pool {
+        Some(logits) => own_bias(logits)?,
+        None => None,
+    };
+    let val = score(&c.model, &b.model, &validation, bias.as_ref())?;
+    let tst = score(&c.model, &b.model, &test, bias.as_ref())?;
     let served = spec
         .serve
         .choose(&c.spec.clients[c.index].model.uri, &spec.model.uri, |v| {
             val.get(v).0.accuracy
         });
-    // The run exchanges the ensemble when its global holds one.
-    let pool_values = if c.pool_ensemble.is_some() {
-        let own = c.model.logits(&pool.0, batch)?;
+    // The run exchanges the ensemble when its global holds one: the
+    // uncalibrated view, so that the ensemble does not echo itself.
+    let pool_values = if let (Some(own), Some(_)) = (own_pool, &c.pool_ensemble) {
         let bridge = b.model.logits(&pool.1, batch)?;
         let mut counts = vec![0f32; classes];
         for e in &c.train {
