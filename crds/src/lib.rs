@@ -20,6 +20,7 @@ pub mod layout;
 pub mod manifest;
 pub mod model;
 pub mod privacy;
+pub mod redact;
 pub mod spec;
 pub mod status;
 pub mod uri;

@@ -40,8 +40,8 @@ const MAX_FAILURE: usize = 400;
 /// Why a failed Job failed, in one line: its pod's container termination
 /// (`OOMKilled`, the exit code and the last lines of the log, which the
 /// container reports through `FallbackToLogsOnError`) or else the Job's
-/// `Failed` condition (`DeadlineExceeded`, ...). `None` for Jobs that did
-/// not fail.
+/// `Failed` condition (`DeadlineExceeded`, ...), credentials redacted
+/// ([`heterotune_crds::redact`]). `None` for Jobs that did not fail.
 pub fn failure_reason(job: &Job, pods: &[Arc<Pod>]) -> Option<String> {
     let status = job.status.as_ref()?;
     let condition = status.conditions.as_ref().and_then(|cs| {
@@ -101,6 +101,8 @@ pub fn failure_reason(job: &Job, pods: &[Arc<Pod>]) -> Option<String> {
         ),
         (None, None) => "Failed".to_string(),
     };
+    // The log's tail is a child process's words: no credential leaves in it.
+    let text = heterotune_crds::redact::credentials(&text).into_owned();
     Some(if text.len() > MAX_FAILURE {
         let mut end = MAX_FAILURE;
         while !text.is_char_boundary(end) {
@@ -176,4 +178,56 @@ pub(crate) fn active_jobs<'j>(
             j.active && j.role == role && j.round == round && j.client.as_deref() == Some(client)
         })
         .map(|j| j.name.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::batch::v1::JobStatus;
+    use k8s_openapi::api::core::v1::{
+        ContainerState, ContainerStateTerminated, ContainerStatus, PodStatus,
+    };
+
+    use super::*;
+
+    /// A failed Job named `j` and its pod, whose container's termination
+    /// message (its log's tail) is `message`.
+    fn failed(message: &str) -> (Job, Vec<Arc<Pod>>) {
+        let mut job = Job::default();
+        job.metadata.name = Some("j".into());
+        job.status = Some(JobStatus {
+            failed: Some(1),
+            ..JobStatus::default()
+        });
+        let mut pod = Pod::default();
+        pod.metadata.labels = Some([("job-name".to_string(), "j".to_string())].into());
+        pod.status = Some(PodStatus {
+            container_statuses: Some(vec![ContainerStatus {
+                state: Some(ContainerState {
+                    terminated: Some(ContainerStateTerminated {
+                        exit_code: 1,
+                        message: Some(message.into()),
+                        ..ContainerStateTerminated::default()
+                    }),
+                    ..ContainerState::default()
+                }),
+                ..ContainerStatus::default()
+            }]),
+            ..PodStatus::default()
+        });
+        (job, vec![Arc::new(pod)])
+    }
+
+    #[test]
+    fn a_credential_in_a_pods_last_lines_never_reaches_the_status() {
+        let canary = "htcanary-secret-9c41d2e8";
+        let (job, pods) = failed(&format!(
+            "loading\nError: available columns: `AWS_SECRET_ACCESS_KEY={canary}`\n"
+        ));
+        let why = failure_reason(&job, &pods).expect("failed");
+        assert!(!why.contains(canary), "{why}");
+        assert!(
+            why.contains("Error (exit 1)") && why.contains("AWS_SECRET_ACCESS_KEY=<redacted>"),
+            "{why}"
+        );
+    }
 }

@@ -148,7 +148,8 @@ fn tail(text: &str, lines: usize) -> String {
 const KEPT_LOG_LINES: usize = 20;
 
 /// Runs `cmd` to its end; its stdout on success. A failure says what
-/// failed, with the last lines of the trainer's log (stderr). With `live`
+/// failed, with the last lines of the trainer's log (stderr, credentials
+/// redacted: [`heterotune_crds::redact`]). With `live`
 /// the log also streams through to this process's stderr line by line (a
 /// pod's `kubectl logs`), and the error still carries its tail: the
 /// aggregation's "quorum not met: … rejected …" line is what the caller
@@ -187,7 +188,8 @@ async fn run_to_end(
                 .await
                 .is_ok_and(|n| n > 0)
             {
-                let line = String::from_utf8_lossy(&buf).trim_end().to_string();
+                let line = String::from_utf8_lossy(&buf);
+                let line = heterotune_crds::redact::credentials(line.trim_end()).into_owned();
                 buf.clear();
                 if live {
                     eprintln!("{line}");
@@ -521,6 +523,26 @@ mod tests {
     fn state_of(pid: u32) -> Option<char> {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
         stat.rsplit(')').next()?.trim_start().chars().next()
+    }
+
+    /// Whatever a child prints, a credential in its log's tail is redacted
+    /// before it reaches the error (the runner's console, report and a
+    /// pod's termination message).
+    #[tokio::test]
+    async fn a_credential_a_child_prints_is_redacted_from_its_error() {
+        let canary = "htcanary-secret-9c41d2e8";
+        let mut cmd = tokio::process::Command::new("sh");
+        cmd.arg("-c").arg(format!(
+            "echo 'AWS_SECRET_ACCESS_KEY={canary} HOME=/root' >&2; echo 'Error: boom' >&2; exit 1"
+        ));
+        let e = run_to_end(cmd, "aggregating round 1", false)
+            .await
+            .expect_err("exit 1");
+        assert!(!e.contains(canary), "{e}");
+        assert!(
+            e.contains("AWS_SECRET_ACCESS_KEY=<redacted> HOME=/root") && e.contains("Error: boom"),
+            "{e}"
+        );
     }
 
     /// A trainer that cannot load libtorch is refused with the fix; one
