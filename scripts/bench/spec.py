@@ -183,6 +183,10 @@ SMALLEST_FEDDF_AGREE = "smallest-common FedDF (public pool) agreement-weighted"
 # (`bridge.calibration: poolEnsemble`, the product's default since 2026-12-07); the other bridge
 # arms run with it off, as they were measured.
 BRIDGE_CAL = "Bridge + pool (FedDF ensemble) calibrated"
+# The same with one-way teaching on the client's data (`bridgeWeight: 0`): the own model learns
+# from the bridge there, the bridge only from the labels and the pool's ensemble, so an own model
+# fitted to a near-single-class partition cannot pull the shared bridge towards its classes.
+BRIDGE_CAL_ONEWAY = "Bridge + pool (FedDF ensemble) calibrated one-way"
 # The public pool of the pool arm: this share of the training split, held out unlabeled.
 POOL_SHARE = 0.1
 # Every bridge arm's common model.
@@ -272,6 +276,9 @@ METHODS: dict[str, dict] = {
     # the training is the same (the correction is applied after it and never sent).
     BRIDGE_CAL: bridge_arm({"weight": 1.0, "temperature": 2.0, "poolWeight": 1.0,
                             "poolTeacher": "ensemble"}, "auto", calibration="poolEnsemble"),
+    BRIDGE_CAL_ONEWAY: bridge_arm({"weight": 1.0, "bridgeWeight": 0.0, "temperature": 2.0,
+                                   "poolWeight": 1.0, "poolTeacher": "ensemble"}, "auto",
+                                  calibration="poolEnsemble"),
     SMALLEST_FEDDF_AGREE: bridge_arm({"weight": 0.0, "bridgeWeight": 0.0, "poolWeight": 1.0,
                                       "poolTeacher": "ensemble", "poolWeighting": "agreement"},
                                      "bridge", smallest=True),
@@ -288,7 +295,8 @@ BRIDGE_VARIANTS = {
     BRIDGE_LORA: {"own": "LoRA own models: own model", "bridge": "LoRA own models: bridge model"},
     BRIDGE_ENSEMBLE_LA: {"own": "logit-adjusted: own model", "bridge": "logit-adjusted: bridge model"},
     BRIDGE_AGREE: {"own": "agreement-weighted: own model", "bridge": "agreement-weighted: bridge model"},
-    BRIDGE_CAL: {"own": "calibrated: own model", "ensemble-uncalibrated": "calibrated arm served uncalibrated"},
+    BRIDGE_CAL: {"own": "calibrated: own model"},
+    BRIDGE_CAL_ONEWAY: {"own": "calibrated one-way: own model", "bridge": "calibrated one-way: bridge model"},
 }
 # Listed in the docs, not run yet.
 NOT_RUN: dict[str, str] = {}
