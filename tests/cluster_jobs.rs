@@ -10,126 +10,21 @@
 //! evaluation of the final global model.
 
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::process::{Command, Output};
+use std::path::PathBuf;
 
-use heterotune_crds::manifest::ArtifactManifest;
 use heterotune_crds::manifest::EvaluationResult;
-use heterotune_operator::controller::jobs::{self, Run, SPEC_DIR, SPEC_FILE, WORK_DIR};
+use heterotune_operator::controller::jobs::{self, Run, SPEC_FILE};
 use heterotune_operator::controller::JobConfig;
 use heterotune_operator::protocol::observe::{
     previous_global_from_manifest, summary_from_manifest,
 };
 use heterotune_operator::sizing::Placement;
+use heterotune_tests::pods::{
+    federation, manifest, mounted_spec, run_pod, run_pod_with, BUCKET, SECRET_KEY,
+};
 use heterotune_tests::s3::S3Server;
+use heterotune_tests::stand_in::{make_executable, WRAPPER};
 use heterotune_tests::{binary, output_text};
-
-const BUCKET: &str = "heterotune";
-const ACCESS_KEY: &str = "heterotune-test";
-const SECRET_KEY: &str = "heterotune-test-secret";
-const UID: &str = "0f1e2d3c-4b5a-6978-8091-a2b3c4d5e6f7";
-
-/// Runs a Job's single container as its pod would: the image's `heterotune`
-/// (with `heterotune-trainer` beside it), the ConfigMap mounted at
-/// `SPEC_DIR`, a fresh `WORK_DIR`, and the container's environment with the
-/// Secret references resolved.
-fn run_pod(job: &k8s_openapi::api::batch::v1::Job, spec_file: &Path, work: &Path) -> Output {
-    let pod = job
-        .spec
-        .as_ref()
-        .and_then(|s| s.template.spec.as_ref())
-        .expect("pod spec");
-    assert_eq!(pod.containers.len(), 1);
-    let c = &pod.containers[0];
-    let command = c.command.clone().expect("command");
-    let mounted = format!("{SPEC_DIR}/{SPEC_FILE}");
-    let args: Vec<String> = command[1..]
-        .iter()
-        .map(|a| {
-            if *a == mounted {
-                spec_file.display().to_string()
-            } else if a == WORK_DIR {
-                work.display().to_string()
-            } else {
-                a.clone()
-            }
-        })
-        .collect();
-    assert_eq!(command[0], "heterotune", "the image's entry binary");
-    std::fs::create_dir_all(work).expect("work");
-    let mut cmd = Command::new(binary("heterotune"));
-    cmd.args(&args)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default());
-    if let Some(v) = std::env::var_os("LD_LIBRARY_PATH") {
-        cmd.env("LD_LIBRARY_PATH", v);
-    }
-    for e in c.env.clone().unwrap_or_default() {
-        let value = match (&e.value, &e.value_from) {
-            (Some(v), _) => v.clone(),
-            (None, Some(from)) => {
-                let key = from
-                    .secret_key_ref
-                    .as_ref()
-                    .expect("only Secret references");
-                assert_eq!(key.name, "s3-credentials");
-                match key.key.as_str() {
-                    "AWS_ACCESS_KEY_ID" => ACCESS_KEY.to_string(),
-                    "AWS_SECRET_ACCESS_KEY" => SECRET_KEY.to_string(),
-                    other => panic!("unexpected secret key {other}"),
-                }
-            }
-            (None, None) => String::new(),
-        };
-        let value = if e.name == "HOME" {
-            work.display().to_string()
-        } else {
-            value
-        };
-        cmd.env(&e.name, value);
-    }
-    cmd.output().expect("heterotune job runs")
-}
-
-fn manifest(server: &S3Server, key: &str) -> ArtifactManifest {
-    let bytes = server
-        .get(BUCKET, key)
-        .unwrap_or_else(|| panic!("{key} is not in the bucket"));
-    serde_json::from_slice(&bytes).expect("a manifest")
-}
-
-/// The tiny federation `name` of `rounds` rounds on a fresh S3 server, the
-/// fixtures uploaded and named by `s3://` URIs (no pod sees the local
-/// copies), with `extra` lines after its `storage:` block and `edit` applied
-/// to its YAML: the server and the FederatedTune as the controller sees it
-/// (namespace team-a, a fixed UID).
-fn federation(
-    root: &Path,
-    name: &str,
-    rounds: u32,
-    extra: &str,
-    edit: impl Fn(String) -> String,
-) -> (S3Server, heterotune_crds::FederatedTune) {
-    let server = S3Server::start(&root.join("s3"), BUCKET);
-    let storage = format!(
-        "  storage:\n    uri: \"s3://{BUCKET}/runs\"\n    endpoint: \"http://127.0.0.1:{}\"\n    region: us-east-1\n    forcePathStyle: true\n    credentialsSecret: {{ name: s3-credentials }}\n{extra}",
-        server.port
-    );
-    let yaml = edit(server.put_federation(BUCKET, &root.join("fixtures"), name, rounds, &storage));
-    let mut ft = heterotune_crds::validate::parse_federated_tune(&yaml).expect("valid spec");
-    ft.metadata.namespace = Some("team-a".into());
-    ft.metadata.uid = Some(UID.into());
-    (server, ft)
-}
-
-/// Writes the ConfigMap's spec document where the pods read it
-/// (`root/spec.json`); returns its path and the ConfigMap's data.
-fn mounted_spec(root: &Path, run: &Run) -> (std::path::PathBuf, BTreeMap<String, String>) {
-    let spec_file = root.join("spec.json");
-    let data = jobs::spec_config_map(run).data.expect("data");
-    std::fs::write(&spec_file, &data[SPEC_FILE]).expect("spec file");
-    (spec_file, data)
-}
 
 #[test]
 fn the_controllers_jobs_run_a_federation_through_s3() {
@@ -423,4 +318,143 @@ fn the_aggregation_job_sets_a_rejected_artifact_aside_for_retraining() {
         3,
         "{global:?}"
     );
+}
+
+/// Where a pod dies in the cluster fault matrix: the stand-in trainer's
+/// `FAULT` and `WHEN` (`tests/stand_in.rs`).
+const POD_FAULTS: [(&str, &str, &str); 5] = [
+    (
+        "a trainer pod killed as its trainer starts",
+        "train wide-bert 2",
+        "before",
+    ),
+    (
+        "a trainer pod killed after training, before its upload",
+        "train tiny-llama 2",
+        "after",
+    ),
+    (
+        "a trainer process killed (its pod fails)",
+        "train small-bert 2",
+        "self",
+    ),
+    (
+        "an aggregation pod killed as it starts",
+        "aggregate - 2",
+        "before",
+    ),
+    (
+        "an aggregation pod killed after aggregating, before the global's commit",
+        "aggregate - 2",
+        "after",
+    ),
+];
+
+/// The fault matrix of the cluster path (issue 15, item 4): the controller's
+/// pods are SIGKILLed at each step of the round protocol (the stand-in
+/// trainer beside the image's `heterotune` kills its parent, the pod's
+/// `heterotune job`, or itself), and the Job's next attempt runs as the
+/// controller would create it (a fresh pod and `/work`). Every case must end
+/// with the final global bitwise equal to an uninterrupted run's, every
+/// manifest committed before the fault unchanged, each client counted once.
+#[test]
+fn a_pod_killed_at_each_protocol_step_ends_in_the_uninterrupted_runs_model() {
+    const ROUNDS: u32 = 2;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let (server, ft) = federation(root, "ref", ROUNDS, "", |y| y);
+    let clients: Vec<String> = ft.spec.clients.iter().map(|c| c.name.clone()).collect();
+    let config = JobConfig::default();
+    let placement = Placement::Explicit { estimate: None };
+    // The image: `heterotune` with the stand-in trainer beside it (the
+    // trainer is found next to the binary).
+    let image = root.join("image");
+    std::fs::create_dir_all(&image).expect("image");
+    let heterotune = image.join("heterotune");
+    if std::fs::hard_link(binary("heterotune"), &heterotune).is_err() {
+        std::fs::copy(binary("heterotune"), &heterotune).expect("copy heterotune");
+    }
+    let wrapper = image.join("heterotune-trainer");
+    std::fs::write(&wrapper, WRAPPER).expect("wrapper");
+    make_executable(&wrapper);
+
+    let mut pods = 0;
+    // Runs run `name`'s Jobs in the controller's order with `fault` armed;
+    // a pod that fails is followed by its Job's next attempt. Returns the
+    // final global's sha256, what was committed when the fault struck and
+    // what is committed at the end.
+    let mut federation_run = |name: &str, fault: &str, when: &str| {
+        let mut ft = ft.clone();
+        ft.metadata.name = Some(name.into());
+        let run = Run::new(&ft).expect("run");
+        let case = root.join(name);
+        std::fs::create_dir_all(&case).expect("case folder");
+        let (spec_file, _) = mounted_spec(&case, &run);
+        let env = [
+            ("REAL", binary("heterotune-trainer")),
+            ("LOG", case.join("calls.log")),
+            ("FIRED", case.join("fired")),
+            ("FAULT", PathBuf::from(fault)),
+            ("WHEN", PathBuf::from(when)),
+        ];
+        let mut at_fault: Option<BTreeMap<String, Vec<u8>>> = None;
+        let mut run_job = |make: &dyn Fn(u32) -> k8s_openapi::api::batch::v1::Job| {
+            for attempt in 1..=2 {
+                pods += 1;
+                let work = root.join(format!("pod-{pods}"));
+                let out = run_pod_with(&heterotune, &env, &make(attempt), &spec_file, &work);
+                if out.status.success() {
+                    return;
+                }
+                assert_eq!(attempt, 1, "the retry failed too: {}", output_text(&out));
+                assert!(case.join("fired").exists(), "{}", output_text(&out));
+                at_fault = Some(committed(&server, &run));
+            }
+        };
+        for round in 1..=ROUNDS {
+            for i in 0..clients.len() {
+                run_job(&|attempt| {
+                    jobs::trainer_job(&run, i, round, attempt, &placement, 600, &config, "1")
+                });
+            }
+            run_job(&|attempt| jobs::aggregation_job(&run, round, attempt, &clients, 600, &config));
+        }
+        let global = manifest(&server, &run.layout.global_manifest(ROUNDS));
+        for round in 1..=ROUNDS {
+            let g = manifest(&server, &run.layout.global_manifest(round));
+            assert_eq!(
+                summary_from_manifest(round, &g).participants as usize,
+                clients.len(),
+                "{name}: round {round} counts each client once"
+            );
+        }
+        (global.artifact.sha256, at_fault, committed(&server, &run))
+    };
+
+    let (reference, _, _) = federation_run("ref", "", "");
+    for (i, (what, fault, when)) in POD_FAULTS.iter().enumerate() {
+        let (global, at_fault, now) = federation_run(&format!("fault-{i}"), fault, when);
+        let at_fault = at_fault.unwrap_or_else(|| panic!("{what}: no pod failed"));
+        assert_eq!(global, reference, "{what}: the final global differs");
+        for (key, bytes) in &at_fault {
+            assert_eq!(
+                now.get(key),
+                Some(bytes),
+                "{what}: {key}, committed before the fault, changed or vanished"
+            );
+        }
+    }
+}
+
+/// Every manifest of `run` in the bucket, by key.
+fn committed(server: &S3Server, run: &Run) -> BTreeMap<String, Vec<u8>> {
+    server
+        .keys(BUCKET, &format!("{}/", run.layout.run_dir()))
+        .into_iter()
+        .filter(|k| k.ends_with("manifest.json"))
+        .map(|k| {
+            let bytes = server.get(BUCKET, &k).expect("listed");
+            (k, bytes)
+        })
+        .collect()
 }

@@ -27,33 +27,11 @@ use std::process::Command;
 use heterotune_crds::layout::RunLayout;
 use heterotune_tests::local_run::{built, find, report, run_command};
 use heterotune_tests::s3::S3Server;
+use heterotune_tests::stand_in::{make_executable, WRAPPER};
 use heterotune_tests::{fixtures, output_text};
 
 const ROUNDS: u32 = 3;
 const CLIENTS: [&str; 3] = ["small-bert", "wide-bert", "tiny-llama"];
-
-/// The stand-in trainer. `FAULT` is `<subcommand> <client or -> <round or
-/// ->`, `WHEN` one of `before`, `after`, `self`, `hang` (the call becomes
-/// `sleep $HANG`); `FIRED` is created when the fault fires, so it fires once.
-const WRAPPER: &str = r#"#!/usr/bin/env bash
-sub="${1:-}" client="-" round="-" prev=""
-for a in "$@"; do
-  case "$prev" in --client) client="$a" ;; --round) round="$a" ;; esac
-  prev="$a"
-done
-echo "$sub $client $round" >> "$LOG"
-if [ "$sub $client $round" = "${FAULT:-}" ] && [ ! -e "$FIRED" ]; then
-  touch "$FIRED"
-  case "$WHEN" in
-    before) kill -9 "$PPID"; exit 1 ;;
-    after) "$REAL" "$@"; kill -9 "$PPID"; exit 0 ;;
-    self) kill -9 $$ ;;
-    hang) exec sleep "$HANG" ;;
-    fill) "$REAL" "$@"; rc=$?; dd if=/dev/zero of="$FILL" bs=64k 2>/dev/null; exit $rc ;;
-  esac
-fi
-exec "$REAL" "$@"
-"#;
 
 /// One case of the matrix: where the fault strikes and whether the runner
 /// dies with it (and must be run again).
@@ -200,13 +178,6 @@ impl Run {
         let path = path.first().expect("the round's global manifest");
         serde_json::from_slice(&std::fs::read(path).expect("read")).expect("JSON")
     }
-}
-
-fn make_executable(path: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    let mut perms = std::fs::metadata(path).expect("stat").permissions();
-    perms.set_mode(0o755);
-    std::fs::set_permissions(path, perms).expect("chmod");
 }
 
 /// The client artifacts of `round` as `client -> manifest path`.

@@ -4,7 +4,9 @@
 pub mod fixtures;
 pub mod local_run;
 pub mod mutate;
+pub mod pods;
 pub mod s3;
+pub mod stand_in;
 
 use std::path::PathBuf;
 use std::process::Output;
