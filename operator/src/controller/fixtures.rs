@@ -76,6 +76,19 @@ pub enum JobEnd {
 
 /// Annotation on fixture Jobs: how their pod's container ended.
 const POD_END: &str = "test.heterotune.dev/pod-end";
+/// Annotation on fixture Jobs: their failed pod's termination message
+/// (the log's tail), instead of the default one.
+const POD_MESSAGE: &str = "test.heterotune.dev/pod-message";
+
+/// `job` (a [`JobEnd::Failed`] one) whose pod's termination message is
+/// `message`.
+pub fn with_pod_message(mut job: Job, message: &str) -> Job {
+    job.metadata
+        .annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(POD_MESSAGE.into(), message.into());
+    job
+}
 
 /// A trainer (client Some) or aggregation Job of run `trec`, created at `created`.
 pub fn job(round: u32, client: Option<&str>, attempt: u32, end: JobEnd, created: f64) -> Job {
@@ -167,12 +180,15 @@ fn failed_pod(job: &Job) -> Option<Pod> {
     let name = job.metadata.name.clone()?;
     let mut labels = job.metadata.labels.clone().unwrap_or_default();
     labels.insert("batch.kubernetes.io/job-name".into(), name.clone());
+    let custom = job.metadata.annotations.as_ref()?.get(POD_MESSAGE).cloned();
     let (exit_code, message) = if end == "OOMKilled" {
         (137, None)
     } else {
         (
             1,
-            Some("loading\nError: spec.task.dataset.uri: /data/x.csv: no such file\n".to_string()),
+            Some(custom.unwrap_or_else(|| {
+                "loading\nError: spec.task.dataset.uri: /data/x.csv: no such file\n".to_string()
+            })),
         )
     };
     Some(Pod {

@@ -426,6 +426,48 @@ async fn a_failed_job_is_retried_then_the_client_is_excluded() {
     assert_eq!(cond(&s2, "Ready").status, "True");
 }
 
+/// A credential a failed pod printed (its termination message, the log's
+/// tail) is redacted in everything the controller publishes: the client's
+/// status message and the Event that excludes it.
+#[tokio::test]
+async fn a_credential_in_a_failed_pods_log_reaches_no_status_or_event() {
+    const CANARY: &str = "htcanary-secret-9c41d2e8";
+    let leak = format!("loading\nError: bad row: `AWS_SECRET_ACCESS_KEY={CANARY}`\n");
+    let f = ft(&three_clients(), "  maxRetriesPerClient: 1\n");
+    let jobs = vec![
+        with_pod_message(job(1, Some("c0"), 1, JobEnd::Failed, NOW - 100.0), &leak),
+        with_pod_message(job(1, Some("c0"), 2, JobEnd::Failed, NOW - 50.0), &leak),
+        job(1, Some("c1"), 1, JobEnd::Running, NOW - 100.0),
+        job(1, Some("c2"), 1, JobEnd::Running, NOW - 100.0),
+    ];
+    let answer = f.clone();
+    let (_, (status, notes)) = scenario(
+        &f,
+        Arc::new(MemoryRunStore::default()),
+        jobs,
+        |mut api| async move {
+            let s = api.expect_status(&answer).await;
+            let mut notes = vec![api.expect_event("ClientsExcluded").await];
+            notes.push(api.expect_event("RoundStarted").await);
+            notes.push(api.expect_event("ClientExcluded").await);
+            (api, (s, notes))
+        },
+        ok,
+    )
+    .await;
+    assert_eq!(status.clients[0].state, "Excluded");
+    let published = format!(
+        "{}\n{}",
+        serde_json::to_string(&status).expect("status"),
+        notes.join("\n")
+    );
+    assert!(!published.contains(CANARY), "{published}");
+    assert!(
+        published.contains("AWS_SECRET_ACCESS_KEY=<redacted>"),
+        "the failure is still shown: {published}"
+    );
+}
+
 #[tokio::test]
 async fn quorum_in_the_store_starts_the_aggregation_and_cancels_stragglers() {
     let f = ft(
