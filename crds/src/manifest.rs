@@ -180,7 +180,11 @@ pub struct EvaluationResult {
     #[serde(default)]
     pub seconds: Option<f64>,
     /// With a bridge (`spec.bridge`): the accuracy of each model the client
-    /// can serve (`own`, `bridge`, `ensemble`); `accuracy` is the served one's.
+    /// can serve (`own`, `bridge`, `ensemble`, `confident`); `accuracy` is the
+    /// served one's. With `bridge.calibration` applied, those variants use
+    /// the calibrated own model and `own-uncalibrated`,
+    /// `ensemble-uncalibrated` and `confident-uncalibrated` hold the same
+    /// without the correction.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub variants: BTreeMap<String, f64>,
     /// With a bridge: the model served (`bridge.serve` resolved on the

@@ -93,7 +93,7 @@ pub fn evaluate(
 /// The own model's calibration bias (`bridge.calibration`), fitted on the
 /// pool against the global's ensemble; `None` where the spec or the global
 /// calls for none.
-pub fn own_bias(
+fn own_bias(
     loaded: &LoadedClient,
     settings: &TrainSettings,
     batch: usize,
