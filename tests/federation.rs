@@ -450,7 +450,15 @@ fn local_only_clients_keep_their_training_across_rounds() {
 /// pool and the tiny BERT as the bridge, `poolTeacher: teacher`, `training`
 /// appended to the training section (`""`: as written); checks it
 /// succeeded and its report.
-fn run_bridge_federation(root: &Path, name: &str, storage: &str, teacher: &str, training: &str) {
+/// `bridge` adds fields to `spec.bridge` (`, serve: own`).
+fn run_bridge_federation(
+    root: &Path,
+    name: &str,
+    storage: &str,
+    teacher: &str,
+    training: &str,
+    bridge: &str,
+) {
     let spec = fixtures::write_federation(root, name, 2, storage)
         .replace("algorithm: cmga", "algorithm: fedavg")
         .replace(
@@ -463,7 +471,7 @@ fn run_bridge_federation(root: &Path, name: &str, storage: &str, teacher: &str, 
         );
     let spec = format!(
         "{spec}  bridge: {{ model: {{ family: bert, uri: \"{}\" }}, \
-         distillation: {{ poolTeacher: {teacher} }} }}\n",
+         distillation: {{ poolTeacher: {teacher} }}{bridge} }}\n",
         root.join("models/tiny-bert-a").display()
     );
     run_to_success(root, &spec, 2);
@@ -486,6 +494,7 @@ fn bridge_federation_shares_one_bridge_and_serves_by_the_auto_rule() {
         "bridge",
         "  storage: { uri: \"file://store\" }",
         "validated",
+        "",
         "",
     );
     let r = report(root);
@@ -598,7 +607,7 @@ fn the_pool_ensemble_is_averaged_into_the_global_and_taught_from() {
     let root = dir.path();
     let store = root.join("store");
     let storage = format!("  storage: {{ uri: \"file://{}\" }}", store.display());
-    run_bridge_federation(root, "ensemble", &storage, "ensemble", "");
+    run_bridge_federation(root, "ensemble", &storage, "ensemble", "", "");
     let uid = heterotune_operator::runner::local_uid("default", "ensemble");
     let layout = heterotune_crds::layout::RunLayout::new("", "default", "ensemble", &uid);
     let ensemble = |round: u32| -> (Vec<usize>, Vec<f32>) {
@@ -653,6 +662,78 @@ fn the_pool_ensemble_is_averaged_into_the_global_and_taught_from() {
     }
 }
 
+/// `serve: agreement` changes what a client serves, not what it trains or
+/// sends: two runs of one spec, serving `auto` and `agreement`, commit the
+/// same globals, tensor for tensor, and evaluate every variant alike; each
+/// `agreement` client serves one of its candidates, at that one's accuracy.
+#[test]
+fn serving_by_agreement_changes_what_is_served_not_what_is_trained() {
+    let runs: Vec<_> = ["auto", "agreement"]
+        .iter()
+        .map(|serve| {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let root = dir.path();
+            let store = root.join("store");
+            let storage = format!("  storage: {{ uri: \"file://{}\" }}", store.display());
+            let bridge = format!(", serve: {serve}");
+            run_bridge_federation(root, "served", &storage, "ensemble", "", &bridge);
+            let globals: Vec<_> = (1..=2)
+                .map(|round| global_data(&store, "served", round))
+                .collect();
+            let r = report(root);
+            (dir, globals, r)
+        })
+        .collect();
+    let (auto, agreement) = (&runs[0], &runs[1]);
+    assert!(
+        auto.1[1].contains_key("pool.ensemble"),
+        "{:?}",
+        auto.1[1].keys()
+    );
+    for (round, (a, b)) in auto.1.iter().zip(&agreement.1).enumerate() {
+        let differ: Vec<_> = a.keys().filter(|k| b.get(*k) != Some(&a[*k])).collect();
+        assert!(differ.is_empty(), "round {}: {differ:?} differ", round + 1);
+    }
+    let evaluations =
+        |r: &serde_json::Value| r["finalEvaluation"].as_array().expect("final").clone();
+    for (a, b) in evaluations(&auto.2).iter().zip(&evaluations(&agreement.2)) {
+        assert_eq!(a["client"], b["client"]);
+        assert_eq!(a["variants"], b["variants"], "{a}\n{b}");
+        let served = b["served"].as_str().expect("served");
+        assert!(["ensemble", "bridge", "own"].contains(&served), "{b}");
+        assert_eq!(b["accuracy"], b["variants"][served], "{b}");
+    }
+}
+
+/// Every tensor's bytes in the global data of `round` of the local run
+/// `name` in `store`, by name, each family's key without the hash of its
+/// model's location (`family/tiny-bert-a.cb8c21/…` → `family/tiny-bert-a/…`).
+fn global_data(store: &Path, name: &str, round: u32) -> BTreeMap<String, Vec<u8>> {
+    let unhashed = |name: &str| -> String {
+        name.split('/')
+            .map(|part| match part.rsplit_once('.') {
+                Some((key, hash))
+                    if hash.len() == 6 && hash.chars().all(|c| c.is_ascii_hexdigit()) =>
+                {
+                    key
+                }
+                _ => part,
+            })
+            .collect::<Vec<_>>()
+            .join("/")
+    };
+    let uid = heterotune_operator::runner::local_uid("default", name);
+    let layout = heterotune_crds::layout::RunLayout::new("", "default", name, &uid);
+    let files = find(&store.join(layout.global_dir(round)), ".safetensors");
+    assert_eq!(files.len(), 1, "{files:?}");
+    let bytes = std::fs::read(&files[0]).expect("global data");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+    st.tensors()
+        .into_iter()
+        .map(|(n, t)| (unhashed(&n), t.data().to_vec()))
+        .collect()
+}
+
 /// `training.logitAdjustment: clientPrior` with the pool ensemble: each
 /// global from round 1 on holds the federation's label prior (`pool.prior`:
 /// the round's client class counts summed and normalised), which the next
@@ -672,6 +753,7 @@ fn logit_adjusted_clients_get_the_federations_label_prior_in_the_global() {
         &storage,
         "ensemble, poolWeighting: agreement",
         ", logitAdjustment: clientPrior",
+        "",
     );
     assert!(!global_tensors(&store, name, 0).contains_key("pool.prior"));
     let uid = heterotune_operator::runner::local_uid("default", name);

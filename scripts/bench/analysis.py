@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-from .spec import (BRIDGE, BRIDGE_CAL, BRIDGE_ENSEMBLE, BRIDGE_POOL, BRIDGE_VALIDATED, BRIDGE_VARIANTS, DEPLOYABLE, FAMILY_FEDAVG, METHODS, MODEL_ORDER, NOT_RUN,
+from .spec import (BRIDGE, BRIDGE_CAL, BRIDGE_ENSEMBLE, BRIDGE_MODEL, BRIDGE_POOL, BRIDGE_VALIDATED, BRIDGE_VARIANTS, DEPLOYABLE, FAMILY_FEDAVG, METHODS, MODEL_ORDER, NOT_RUN,
                    SCENARIOS, SHIPPED_DEFAULT, TASKS, RunKey, model_label)
 
 # Issue 13's targets (points of mean global-test accuracy, paired over seeds).
@@ -41,12 +41,11 @@ def serve_auto(runs: dict[str, dict[int, dict]]) -> None:
     """Bridge + pool runs serve `auto`: the ensemble, and the bridge for a client whose home model
     is the bridge's backbone (`ServedModel::choose`). Runs that served the ensemble everywhere get
     that rule applied to their variants: the same evaluations."""
-    bridge_model = METHODS[BRIDGE_POOL]["bridge"]["model"]["uri"].rsplit("/", 1)[-1]
     for res in runs.get(BRIDGE_POOL, {}).values():
         for c in res["clients"]:
             v = c.get("variants") or {}
             if "bridge" in v and "ensemble" in v:
-                c["served"] = "bridge" if c.get("home") == bridge_model else "ensemble"
+                c["served"] = auto_variant(c)
                 c["accuracy"] = v[c["served"]]
 
 
@@ -56,9 +55,18 @@ def expand_variants(runs: dict[str, dict[int, dict]]) -> None:
     for method, variants in BRIDGE_VARIANTS.items():
         for seed, res in runs.get(method, {}).items():
             for variant, label in variants.items():
-                if all(variant in c.get("variants", {}) for c in res["clients"]):
-                    clients = [dict(c, accuracy=c["variants"][variant]) for c in res["clients"]]
+                picks = [auto_variant(c) if variant == "auto" else variant for c in res["clients"]]
+                if all(p in c.get("variants", {}) for p, c in zip(picks, res["clients"])):
+                    clients = [dict(c, accuracy=c["variants"][p], served=p)
+                               for p, c in zip(picks, res["clients"])]
                     runs.setdefault(label, {})[seed] = dict(res, clients=clients, derived_from=method)
+
+
+def auto_variant(client: dict) -> str:
+    """What `serve: auto` serves (`ServedModel::choose`): the bridge for a client whose home model
+    is the bridge's backbone, the ensemble elsewhere."""
+    bridge_model = BRIDGE_MODEL["uri"].rsplit("/", 1)[-1]
+    return "bridge" if client.get("home") == bridge_model else "ensemble"
 
 
 def ordered(methods) -> list[str]:

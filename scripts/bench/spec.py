@@ -187,6 +187,10 @@ BRIDGE_CAL = "Bridge + pool (FedDF ensemble) calibrated"
 # from the bridge there, the bridge only from the labels and the pool's ensemble, so an own model
 # fitted to a near-single-class partition cannot pull the shared bridge towards its classes.
 BRIDGE_CAL_ONEWAY = "Bridge + pool (FedDF ensemble) calibrated one-way"
+# The calibrated default serving, per client, the model whose top class on the pool agrees most
+# often with the federation's ensemble (`serve: agreement`); what is sent, so the training, is the
+# calibrated default's (`auto`'s): each run is its own paired ablation (the derived row "… auto").
+BRIDGE_CAL_AGREE = "Bridge + pool (FedDF ensemble) calibrated served by agreement"
 # The public pool of the pool arm: this share of the training split, held out unlabeled.
 POOL_SHARE = 0.1
 # Every bridge arm's common model.
@@ -279,6 +283,9 @@ METHODS: dict[str, dict] = {
     BRIDGE_CAL_ONEWAY: bridge_arm({"weight": 1.0, "bridgeWeight": 0.0, "temperature": 2.0,
                                    "poolWeight": 1.0, "poolTeacher": "ensemble"}, "auto",
                                   calibration="poolEnsemble"),
+    BRIDGE_CAL_AGREE: bridge_arm({"weight": 1.0, "temperature": 2.0, "poolWeight": 1.0,
+                                  "poolTeacher": "ensemble"}, "agreement",
+                                 calibration="poolEnsemble"),
     SMALLEST_FEDDF_AGREE: bridge_arm({"weight": 0.0, "bridgeWeight": 0.0, "poolWeight": 1.0,
                                       "poolTeacher": "ensemble", "poolWeighting": "agreement"},
                                      "bridge", smallest=True),
@@ -297,6 +304,9 @@ BRIDGE_VARIANTS = {
     BRIDGE_AGREE: {"own": "agreement-weighted: own model", "bridge": "agreement-weighted: bridge model"},
     BRIDGE_CAL: {"own": "calibrated: own model"},
     BRIDGE_CAL_ONEWAY: {"own": "calibrated one-way: own model", "bridge": "calibrated one-way: bridge model"},
+    # "auto": the ensemble, or the bridge on the bridge's backbone (analysis.expand_variants).
+    BRIDGE_CAL_AGREE: {"auto": "served by agreement: auto in the same runs",
+                       "bridge": "served by agreement: bridge model"},
 }
 # Listed in the docs, not run yet.
 NOT_RUN: dict[str, str] = {}

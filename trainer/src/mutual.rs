@@ -225,9 +225,10 @@ pub fn served_probabilities(own: &Tensor, bridge: &Tensor, served: ServedModel) 
         ServedModel::Own => own.softmax(-1, Kind::Float),
         ServedModel::Bridge => bridge.softmax(-1, Kind::Float),
         ServedModel::Confident => confident_logits(own, bridge).exp(),
-        ServedModel::Auto | ServedModel::Validated | ServedModel::Ensemble => {
-            ensemble_logits(own, bridge).exp()
-        }
+        ServedModel::Auto
+        | ServedModel::Validated
+        | ServedModel::Agreement
+        | ServedModel::Ensemble => ensemble_logits(own, bridge).exp(),
     }
 }
 
@@ -257,6 +258,64 @@ impl PairLogits {
             bridge: bridge.0.logits(bridge.1, batch_size)?,
         })
     }
+}
+
+impl PairLogits {
+    /// For each model a client can serve ([`ServedModel::ALL`]), the share
+    /// of rows on which its top class is `teacher`'s (`[rows, classes]`
+    /// probabilities), the own model shifted by `own_bias` when given: the
+    /// evidence of `serve: agreement` on the pool.
+    pub fn agreement(
+        &self,
+        own_bias: Option<&Tensor>,
+        teacher: &Tensor,
+    ) -> Result<Vec<(ServedModel, f64)>> {
+        if teacher.size() != self.own.size() || teacher.size() != self.bridge.size() {
+            return Err(Error::config(
+                "pool.ensemble",
+                format!(
+                    "the global's ensemble is {:?}, the pool's logits {:?}: the global was made for another pool",
+                    teacher.size(),
+                    self.own.size()
+                ),
+            ));
+        }
+        let a = match own_bias {
+            Some(bias) => calibrated(&self.own, bias),
+            None => self.own.shallow_clone(),
+        };
+        let b = &self.bridge;
+        let target = teacher.to_device(a.device()).argmax(-1, false);
+        let share = |logits: Tensor| {
+            logits
+                .argmax(-1, false)
+                .eq_tensor(&target)
+                .to_kind(Kind::Float)
+                .mean(Kind::Float)
+                .double_value(&[])
+        };
+        Ok(ServedModel::ALL
+            .iter()
+            .map(|&v| {
+                let logits = match v {
+                    ServedModel::Own => a.shallow_clone(),
+                    ServedModel::Bridge => b.shallow_clone(),
+                    ServedModel::Confident => confident_logits(&a, b),
+                    _ => ensemble_logits(&a, b),
+                };
+                (v, share(logits))
+            })
+            .collect())
+    }
+}
+
+/// `v`'s share in [`PairLogits::agreement`]'s list; 0 when it is not there
+/// (no pool ensemble: every candidate equal, and the rule's first wins).
+pub fn evidence(agreement: &[(ServedModel, f64)], v: ServedModel) -> f64 {
+    agreement
+        .iter()
+        .find(|(candidate, _)| *candidate == v)
+        .map_or(0.0, |(_, share)| *share)
 }
 
 /// The suffix of a variant's accuracy without the own model's calibration.
@@ -325,7 +384,7 @@ impl PairScores {
     pub fn get(&self, served: ServedModel) -> &(Scores, f64) {
         match served {
             ServedModel::Own => &self.own,
-            ServedModel::Auto | ServedModel::Validated => &self.ensemble,
+            ServedModel::Auto | ServedModel::Validated | ServedModel::Agreement => &self.ensemble,
             ServedModel::Bridge => &self.bridge,
             ServedModel::Ensemble => &self.ensemble,
             ServedModel::Confident => &self.confident,
@@ -414,6 +473,30 @@ mod tests {
         for (x, y) in v.iter().zip(&swapped) {
             assert!((x - y).abs() < 1e-6, "symmetric: {v:?} {swapped:?}");
         }
+    }
+
+    #[test]
+    fn agreement_counts_the_rows_whose_top_class_is_the_teachers() {
+        // own says class 0 everywhere, the bridge follows the teacher.
+        let own = Tensor::from_slice(&[3.0f32, 0.0, 3.0, 0.0, 3.0, 0.0, 3.0, 0.0]).view([4, 2]);
+        let bridge = Tensor::from_slice(&[2.0f32, 0.0, 0.0, 2.0, 0.0, 2.0, 0.0, 2.0]).view([4, 2]);
+        let teacher = Tensor::from_slice(&[0.9f32, 0.1, 0.2, 0.8, 0.3, 0.7, 0.1, 0.9]).view([4, 2]);
+        let pair = PairLogits { own, bridge };
+        let get = evidence;
+        let raw = pair.agreement(None, &teacher).unwrap();
+        assert_eq!(get(&raw, ServedModel::Own), 0.25);
+        assert_eq!(get(&raw, ServedModel::Bridge), 1.0);
+        // a bias that takes out the own model's lean towards class 0
+        let bias = Tensor::from_slice(&[-3.0f32, 0.0]);
+        let fixed = pair.agreement(Some(&bias), &teacher).unwrap();
+        assert_eq!(get(&fixed, ServedModel::Own), 0.25, "ties go to class 0");
+        let bias = Tensor::from_slice(&[-4.0f32, 0.0]);
+        let fixed = pair.agreement(Some(&bias), &teacher).unwrap();
+        assert_eq!(get(&fixed, ServedModel::Own), 0.75);
+        let short = Tensor::from_slice(&[0.5f32, 0.5]).view([1, 2]);
+        let err = pair.agreement(None, &short).unwrap_err().to_string();
+        assert!(err.contains("another pool"), "{err}");
+        assert_eq!(evidence(&[], ServedModel::Own), 0.0);
     }
 
     #[test]

@@ -191,6 +191,16 @@ pub enum ServedModel {
     /// this favours a model fitted to the client's own distribution (what
     /// a site that serves its own traffic may want), not the federation's.
     Validated,
+    /// Of `auto`'s choice, `ensemble`, `bridge` and `own` (calibrated), the
+    /// one whose top class on the public pool agrees most often with the
+    /// federation's ensemble in the global (ties in that order). The pool
+    /// has every class in the federation's proportions, unlike the client's
+    /// skewed validation split, and the ensemble stands in for its labels:
+    /// a site whose own model adds only its skew serves the bridge. What
+    /// the client sends on the pool is `auto`'s, so the choice never feeds
+    /// back into training. Without a pool ensemble (no pool, round 1) it is
+    /// `auto`.
+    Agreement,
     /// The mean of the two models' class probabilities.
     Ensemble,
     /// The two models' class probabilities weighted, example by example, by
@@ -206,6 +216,7 @@ impl ServedModel {
         match self {
             ServedModel::Auto => "auto",
             ServedModel::Validated => "validated",
+            ServedModel::Agreement => "agreement",
             ServedModel::Own => "own",
             ServedModel::Bridge => "bridge",
             ServedModel::Ensemble => "ensemble",
@@ -214,34 +225,61 @@ impl ServedModel {
     }
 
     /// What a client whose own model is at `own_uri` serves: `auto`
-    /// resolved against `bridge_uri`, `validated` by `validation_accuracy`
-    /// of each candidate ([`ServedModel::VALIDATED_CANDIDATES`], the first
-    /// of equal ones wins); the other choices as they are.
+    /// resolved against `bridge_uri`; `validated` and `agreement` by
+    /// `evidence` of each candidate (the validation accuracy, the pool
+    /// agreement: whichever the rule reads), the first of equal ones
+    /// winning; the other choices as they are.
     pub fn choose(
         self,
         own_uri: &str,
         bridge_uri: &str,
-        validation_accuracy: impl Fn(ServedModel) -> f64,
+        evidence: impl Fn(ServedModel) -> f64,
     ) -> ServedModel {
-        let same = |u: &str| u.trim_end_matches('/').to_string();
-        match self {
-            ServedModel::Auto if same(own_uri) == same(bridge_uri) => ServedModel::Bridge,
-            ServedModel::Auto => ServedModel::Ensemble,
-            ServedModel::Validated => {
-                let mut best = (ServedModel::VALIDATED_CANDIDATES[0], f64::NEG_INFINITY);
-                for candidate in ServedModel::VALIDATED_CANDIDATES {
-                    let accuracy = validation_accuracy(candidate);
-                    if accuracy > best.1 {
-                        best = (candidate, accuracy);
-                    }
+        let best = |candidates: &[ServedModel]| {
+            let mut best = (candidates[0], f64::NEG_INFINITY);
+            for &candidate in candidates {
+                let score = evidence(candidate);
+                if score > best.1 {
+                    best = (candidate, score);
                 }
-                best.0
+            }
+            best.0
+        };
+        match self {
+            ServedModel::Auto => auto(own_uri, bridge_uri),
+            ServedModel::Validated => best(&ServedModel::VALIDATED_CANDIDATES),
+            ServedModel::Agreement => {
+                let auto = auto(own_uri, bridge_uri);
+                let mut candidates = vec![auto];
+                candidates.extend(
+                    ServedModel::VALIDATED_CANDIDATES
+                        .into_iter()
+                        .filter(|&c| c != auto),
+                );
+                best(&candidates)
             }
             fixed => fixed,
         }
     }
 
-    /// What `validated` chooses from, in order of preference among equals.
+    /// Whether the choice reads the pool's agreement with the ensemble
+    /// (the evidence [`ServedModel::choose`] then needs).
+    pub fn reads_pool(self) -> bool {
+        self == ServedModel::Agreement
+    }
+
+    /// The model whose probabilities a client sends on the pool, `served`
+    /// being its choice: `auto`'s for `agreement` (a choice made against
+    /// the ensemble must not feed the ensemble), `served` otherwise.
+    pub fn sent(self, own_uri: &str, bridge_uri: &str, served: ServedModel) -> ServedModel {
+        match self {
+            ServedModel::Agreement => auto(own_uri, bridge_uri),
+            _ => served,
+        }
+    }
+
+    /// What `validated` chooses from, in order of preference among equals
+    /// (`agreement` puts `auto`'s choice first).
     pub const VALIDATED_CANDIDATES: [ServedModel; 3] =
         [ServedModel::Ensemble, ServedModel::Bridge, ServedModel::Own];
 
@@ -252,6 +290,17 @@ impl ServedModel {
         ServedModel::Ensemble,
         ServedModel::Confident,
     ];
+}
+
+/// `auto` for a client whose own model is at `own_uri`: the bridge on the
+/// bridge's own backbone, the ensemble elsewhere.
+fn auto(own_uri: &str, bridge_uri: &str) -> ServedModel {
+    let same = |u: &str| u.trim_end_matches('/').to_string();
+    if same(own_uri) == same(bridge_uri) {
+        ServedModel::Bridge
+    } else {
+        ServedModel::Ensemble
+    }
 }
 
 #[cfg(test)]
@@ -299,5 +348,50 @@ mod tests {
         assert_eq!(v(0.9, 0.9, 0.7), ServedModel::Bridge);
         assert!(!ServedModel::ALL.contains(&ServedModel::Validated));
         assert!(!ServedModel::VALIDATED_CANDIDATES.contains(&ServedModel::Validated));
+    }
+
+    #[test]
+    fn agreement_serves_the_model_closest_to_the_ensemble_and_prefers_autos_choice() {
+        let bridge_uri = "cache://models/paraphrase-MiniLM-L3-v2";
+        let other = "cache://models/all-mpnet-base-v2";
+        let scores = |own: f64, bridge: f64, ensemble: f64| {
+            move |v: ServedModel| match v {
+                ServedModel::Own => own,
+                ServedModel::Bridge => bridge,
+                ServedModel::Ensemble => ensemble,
+                _ => 1.0, // never a candidate
+            }
+        };
+        let a = |uri: &str, own, bridge, ensemble| {
+            ServedModel::Agreement.choose(uri, bridge_uri, scores(own, bridge, ensemble))
+        };
+        assert_eq!(a(other, 0.7, 0.9, 0.8), ServedModel::Bridge);
+        assert_eq!(a(other, 0.95, 0.9, 0.8), ServedModel::Own);
+        // equal: auto's choice first, the ensemble for another backbone…
+        assert_eq!(a(other, 0.8, 0.8, 0.8), ServedModel::Ensemble);
+        // …the bridge on the bridge's own backbone
+        assert_eq!(a(bridge_uri, 0.8, 0.8, 0.8), ServedModel::Bridge);
+        assert_eq!(a(bridge_uri, 0.8, 0.7, 0.85), ServedModel::Ensemble);
+        assert!(!ServedModel::ALL.contains(&ServedModel::Agreement));
+    }
+
+    #[test]
+    fn a_client_sends_autos_choice_under_agreement_and_its_served_model_otherwise() {
+        let bridge_uri = "cache://models/paraphrase-MiniLM-L3-v2";
+        let other = "cache://models/all-mpnet-base-v2";
+        let agree = ServedModel::Agreement;
+        assert_eq!(
+            agree.sent(other, bridge_uri, ServedModel::Own),
+            ServedModel::Ensemble
+        );
+        assert_eq!(
+            agree.sent(bridge_uri, bridge_uri, ServedModel::Ensemble),
+            ServedModel::Bridge
+        );
+        assert_eq!(
+            ServedModel::Validated.sent(other, bridge_uri, ServedModel::Own),
+            ServedModel::Own
+        );
+        assert!(agree.reads_pool() && !ServedModel::Validated.reads_pool());
     }
 }

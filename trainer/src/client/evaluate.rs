@@ -6,12 +6,11 @@ use std::path::Path;
 use heterotune_crds::manifest::{now_rfc3339, EvaluationResult, MANIFEST_SCHEMA_VERSION};
 use heterotune_crds::spec::ServedModel;
 
-use super::load::{load_client, settings, ClientOptions, LoadedClient};
+use super::load::{load_client, settings, ClientOptions};
 use crate::artifact::{self, WRITER_VERSION};
 use crate::calibration::fit_bias;
 use crate::data::source::Example;
-use crate::mutual::{PairLogits, PairScores};
-use crate::train::TrainSettings;
+use crate::mutual::{evidence, PairLogits, PairScores};
 use crate::Result;
 
 /// Evaluates client `opts.client` with the global in `global` (and its
@@ -33,7 +32,35 @@ pub fn evaluate(
     let ((scores, loss), variants, served) = match (&loaded.bridge, &loaded.spec.bridge) {
         (Some(b), Some(spec)) => {
             let bridge_id = b.model_id(spec);
-            let bias = own_bias(&loaded, &settings, batch)?;
+            // The pool's ensemble, when the choice reads it (`agreement`).
+            let teacher = match &loaded.pool_ensemble {
+                Some(e) if spec.serve.reads_pool() && !loaded.pool.is_empty() => e.teacher(),
+                _ => None,
+            };
+            let own_pool = match (loaded.calibration_teacher(), teacher) {
+                (None, None) => None,
+                _ => Some(
+                    loaded.model.logits(
+                        &loaded
+                            .model
+                            .prepare(&loaded.pool, &settings, &loaded.model_id())?,
+                        batch,
+                    )?,
+                ),
+            };
+            // The own model's calibration bias (`bridge.calibration`).
+            let bias = match (loaded.calibration_teacher(), &own_pool) {
+                (Some(t), Some(logits)) => Some(fit_bias(logits, t)?),
+                _ => None,
+            };
+            let agreement = match (teacher, own_pool) {
+                (Some(t), Some(own)) => {
+                    let pool = b.model.prepare(&loaded.pool, &settings, &bridge_id)?;
+                    let bridge = b.model.logits(&pool, batch)?;
+                    PairLogits { own, bridge }.agreement(bias.as_ref(), t)?
+                }
+                _ => Vec::new(),
+            };
             let pair = |examples: &[Example]| -> Result<PairScores> {
                 let own = loaded
                     .model
@@ -48,9 +75,12 @@ pub fn evaluate(
                 ServedModel::Validated => Some(pair(&loaded.validation)?),
                 _ => None,
             };
-            let served = spec.serve.choose(&client.model.uri, &spec.model.uri, |v| {
-                val.as_ref().map_or(0.0, |s| s.get(v).0.accuracy)
-            });
+            let served = spec
+                .serve
+                .choose(&client.model.uri, &spec.model.uri, |v| match &val {
+                    Some(s) => s.get(v).0.accuracy,
+                    None => evidence(&agreement, v),
+                });
             (
                 *test_scores.get(served),
                 test_scores.accuracies(),
@@ -88,23 +118,6 @@ pub fn evaluate(
         artifact::write_atomic(file, &to_json(&result)?)?;
     }
     Ok(result)
-}
-
-/// The own model's calibration bias (`bridge.calibration`), fitted on the
-/// pool against the global's ensemble; `None` where the spec or the global
-/// calls for none.
-fn own_bias(
-    loaded: &LoadedClient,
-    settings: &TrainSettings,
-    batch: usize,
-) -> Result<Option<tch::Tensor>> {
-    let Some(teacher) = loaded.calibration_teacher() else {
-        return Ok(None);
-    };
-    let pool = loaded
-        .model
-        .prepare(&loaded.pool, settings, &loaded.model_id())?;
-    fit_bias(&loaded.model.logits(&pool, batch)?, teacher).map(Some)
 }
 
 /// An evaluation record as the trainer writes and prints it (compact JSON).

@@ -17,7 +17,8 @@ use crate::exchange::shared_names;
 use crate::logit_adjustment;
 use crate::metrics::Scores;
 use crate::mutual::{
-    served_probabilities, train_pair, PairLogits, PairScores, Pool, PoolTeacher as Teacher, Side,
+    evidence, served_probabilities, train_pair, PairLogits, PairScores, Pool,
+    PoolTeacher as Teacher, Side,
 };
 use crate::train::{ClientModel, Prepared, TrainReport, TrainSettings};
 use crate::Result;
@@ -320,23 +321,43 @@ fn train_and_score_pair(
     };
     let val = score(&c.model, &b.model, &validation, bias.as_ref())?;
     let tst = score(&c.model, &b.model, &test, bias.as_ref())?;
-    let served = spec
-        .serve
-        .choose(&c.spec.clients[c.index].model.uri, &spec.model.uri, |v| {
+    // Both models on the pool when the run exchanges the ensemble (its
+    // global holds one): what is sent, and `serve: agreement`'s evidence.
+    let pool_pair = match (own_pool, &c.pool_ensemble) {
+        (Some(own), Some(_)) => Some(PairLogits {
+            own,
+            bridge: b.model.logits(&pool.1, batch)?,
+        }),
+        _ => None,
+    };
+    let agreement = match (
+        &pool_pair,
+        c.pool_ensemble.as_ref().and_then(|e| e.teacher()),
+    ) {
+        (Some(pair), Some(teacher)) if spec.serve.reads_pool() => {
+            pair.agreement(bias.as_ref(), teacher)?
+        }
+        _ => Vec::new(),
+    };
+    let (own_uri, bridge_uri) = (&c.spec.clients[c.index].model.uri, &spec.model.uri);
+    let served = spec.serve.choose(own_uri, bridge_uri, |v| {
+        if spec.serve.reads_pool() {
+            evidence(&agreement, v)
+        } else {
             val.get(v).0.accuracy
-        });
-    // The run exchanges the ensemble when its global holds one: the
-    // uncalibrated view, so that the ensemble does not echo itself.
-    let pool_values = if let (Some(own), Some(_)) = (own_pool, &c.pool_ensemble) {
-        let bridge = b.model.logits(&pool.1, batch)?;
+        }
+    });
+    // The uncalibrated view, so that the ensemble does not echo itself.
+    let pool_values = if let Some(pair) = pool_pair {
         let mut counts = vec![0f32; classes];
         for e in &c.train {
             counts[e.label] += 1.0;
         }
+        let sent = spec.serve.sent(own_uri, bridge_uri, served);
         PoolValues::from([
             (
                 POOL_PROBS.to_string(),
-                served_probabilities(&own, &bridge, served),
+                served_probabilities(&pair.own, &pair.bridge, sent),
             ),
             (POOL_COUNTS.to_string(), Tensor::from_slice(&counts)),
         ])
