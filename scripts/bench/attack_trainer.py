@@ -8,10 +8,13 @@ Environment:
   HETEROTUNE_ATTACK_TRAINER  the real trainer binary (required)
   HETEROTUNE_ATTACK_CLIENT   the attacking client's name (unset: no attack)
   HETEROTUNE_ATTACK          scale:<k> (every delta ×k), flip (×−1), random (Gaussian values of
-                             the same RMS as each tensor, seeded by round), none
+                             the same RMS as each tensor, seeded by round), pool (see below), none
 
-Every tensor but the pool ensemble's values (`pool.*`: probabilities, clamped by the aggregator)
-is attacked: the shared part, the client's own parts and head, and its bridge.
+scale, flip and random attack every tensor but the pool ensemble's values (`pool.*`:
+probabilities, clamped by the aggregator): the shared part, the client's own parts and head, and
+its bridge. `pool` poisons only those: the client says class 0 with certainty for every pool text
+(`pool.probs` one-hot) and claims all its examples are of class 0 (`pool.counts`), which gives it
+its whole aggregation weight on that class of the ensemble every client distils from.
 """
 from __future__ import annotations
 
@@ -49,6 +52,22 @@ def attacked(t, mode: str, seed: int):
     return y.to(t.dtype)
 
 
+def poison(tensors: dict) -> None:
+    """`pool`: class 0 for every pool text, every example claimed for class 0 (a client without
+    pool values, before the federation has an ensemble, sends its update unchanged)."""
+    import torch
+
+    probs, counts = tensors.get("pool.probs"), tensors.get("pool.counts")
+    if probs is None or counts is None:
+        return
+    one_hot = torch.zeros(probs.shape, dtype=torch.float32)
+    one_hot[:, 0] = 1.0
+    claimed = torch.zeros(counts.shape, dtype=torch.float32)
+    claimed[0] = counts.to(torch.float32).sum()
+    tensors["pool.probs"] = one_hot.to(probs.dtype).contiguous()
+    tensors["pool.counts"] = claimed.to(counts.dtype).contiguous()
+
+
 def rewrite(out: Path, mode: str, round_: int) -> None:
     from safetensors.torch import load_file, save_file
 
@@ -56,9 +75,12 @@ def rewrite(out: Path, mode: str, round_: int) -> None:
     manifest = json.loads(manifest_path.read_text())
     data = out / manifest["artifact"]["path"]
     tensors = load_file(str(data))
-    for i, name in enumerate(sorted(tensors)):
-        if not name.startswith("pool."):
-            tensors[name] = attacked(tensors[name], mode, round_ * 1000 + i).contiguous()
+    if mode == "pool":
+        poison(tensors)
+    else:
+        for i, name in enumerate(sorted(tensors)):
+            if not name.startswith("pool."):
+                tensors[name] = attacked(tensors[name], mode, round_ * 1000 + i).contiguous()
     save_file(tensors, str(data))
     raw = data.read_bytes()
     manifest["artifact"]["sha256"] = hashlib.sha256(raw).hexdigest()

@@ -20,6 +20,7 @@ A result (one run) is:
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from pathlib import Path
 
@@ -98,8 +99,39 @@ def load(path: Path) -> dict[RunKey, dict]:
     return out
 
 
-def append(path: Path, key: RunKey, result: dict, wall_seconds: float, measured_on: str = "") -> dict:
-    record = {**key.as_dict(), "wall_seconds": wall_seconds, "measured_on": measured_on, "result": result}
+# Records made before runs named their CPU: every one of them ran on the project's first bench
+# machine.
+EARLIER_CPU = "AMD EPYC (2 cores), avx512_bf16"
+
+
+def cpu_model() -> str:
+    """This machine's CPU, as /proc/cpuinfo names it, and whether it computes bf16 natively."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown CPU"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                 if line.startswith("model name")), "unknown CPU")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines()
+                  if line.startswith("flags")), [])
+    units = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name} ({os.cpu_count()} cores), {' + '.join(units) if units else 'no bf16 units'}"
+
+
+def cpus(records) -> str:
+    """The CPUs the records ran on, in order of first appearance."""
+    seen: list[str] = []
+    for r in records:
+        cpu = r.get("cpu") or EARLIER_CPU
+        if cpu not in seen:
+            seen.append(cpu)
+    return "; ".join(seen) or "–"
+
+
+def append(path: Path, key: RunKey, result: dict, wall_seconds: float, measured_on: str = "",
+           cpu: str = "") -> dict:
+    record = {**key.as_dict(), "wall_seconds": wall_seconds, "measured_on": measured_on,
+              "cpu": cpu or cpu_model(), "result": result}
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")

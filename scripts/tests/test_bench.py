@@ -516,6 +516,29 @@ def test_the_hostile_client_rewrites_only_its_own_update(tmp_path, mode, want):
                                         "sha256": hashlib.sha256(raw).hexdigest()}
 
 
+def test_the_pool_poisoning_client_claims_class_0_for_everything_and_leaves_its_update(tmp_path):
+    import sys
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out = _artifact(tmp_path)
+    data = out / "adapter.safetensors"
+    t = load_file(str(data))
+    t["pool.counts"] = torch.tensor([3.0, 5.0], dtype=torch.bfloat16)
+    save_file(t, str(data))
+    env = {**os.environ, "HETEROTUNE_ATTACK_TRAINER": str(_fake_trainer(tmp_path)),
+           "HETEROTUNE_ATTACK_CLIENT": "edge", "HETEROTUNE_ATTACK": "pool"}
+    wrapper = ROOT / "scripts/bench/attack_trainer.py"
+    subprocess.run([sys.executable, str(wrapper), "train", "--client", "edge", "--round", "2", "--out", str(out)],
+                   env=env, check=True)
+    t = load_file(str(data))
+    assert t["pool.probs"].float().tolist() == [[1.0, 0.0]]
+    assert t["pool.counts"].float().tolist() == [8.0, 0.0]
+    assert t["pool.probs"].dtype == torch.bfloat16
+    assert t["shared.slot0.gate.bias"].float().tolist() == [1.0, -2.0, 0.5], "the update is not attacked"
+
+
 def test_the_hostile_client_fails_with_the_real_trainer(tmp_path):
     import sys
 
@@ -546,6 +569,26 @@ def test_the_byzantine_table_pairs_each_attack_with_its_clean_run():
     assert cells[1] == "0.200 (−64.0)", "the attacker's own accuracy is not counted"
     assert cells[5] == "0.820 (−1.0)"
     assert cells[2] == "not run"
+
+
+def test_the_default_federations_table_leaves_out_its_own_attacker_and_names_its_defences():
+    import bench_byzantine as bz
+
+    fed = bz.FEDERATIONS["default"]
+
+    def rec(attack, defence, honest_acc):
+        clients = [{"name": n, "accuracy": honest_acc} for n in ("clinic", "hospital", "bank")]
+        return {"tag": bz.tag(attack, defence), "measured_on": "2026-12-07",
+                "result": {"clients": clients + [{"name": fed.attacker, "accuracy": 0.0}]}}
+
+    records = {r["tag"]: r for r in [rec("none", "agreement", 0.86), rec("pool", "agreement", 0.85)]}
+    table = bz.render(records, fed)
+    assert "3 honest clients" in table and "--federation default" in table
+    assert "| attack | none | norm bound (default) | norm bound + agreement-weighted pool |" in table
+    row = next(line for line in table.splitlines() if line.startswith("| pool poisoning |"))
+    assert row.endswith("| not run | not run | 0.850 (−1.0) |")
+    assert fed.block[0] == "<!-- bench:byzantine-default:begin -->"
+    assert bz.FEDERATIONS["smallest"].block[0] == "<!-- bench:byzantine:begin -->"
 
 
 def test_overrides_reach_one_client_or_all():
