@@ -64,6 +64,31 @@ pub struct JobConfig {
     /// Image pull secrets of trainer and aggregation pods.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub image_pull_secrets: Vec<String>,
+    /// The trainer images a FederatedTune may name (`spec.trainer.image`):
+    /// each entry an image reference, or a prefix of one that ends at a
+    /// `/`, `:` or `@` boundary (`registry.example/ml` allows
+    /// `registry.example/ml/trainer:1`, not `registry.example/ml-evil`).
+    /// Empty: any image, which makes whoever may create a FederatedTune as
+    /// trusted as a pod creator in its namespace (docs/operator.md, "Threat
+    /// model"). The default image (`trainerImage`) is always allowed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_trainer_images: Vec<String>,
+}
+
+impl JobConfig {
+    /// Whether a FederatedTune may run its Jobs in `image`
+    /// ([`JobConfig::allowed_trainer_images`]).
+    pub fn allows_image(&self, image: &str) -> bool {
+        self.allowed_trainer_images.is_empty()
+            || image == self.trainer_image
+            || self.allowed_trainer_images.iter().any(|entry| {
+                let entry = entry.as_str();
+                image == entry
+                    || image.strip_prefix(entry).is_some_and(|rest| {
+                        entry.ends_with(['/', ':', '@']) || rest.starts_with(['/', ':', '@'])
+                    })
+            })
+    }
 }
 
 fn default_image() -> String {
@@ -92,6 +117,7 @@ impl Default for JobConfig {
             aggregator_memory: default_agg_memory(),
             work_size_limit: None,
             image_pull_secrets: Vec::new(),
+            allowed_trainer_images: Vec::new(),
         }
     }
 }
