@@ -524,6 +524,15 @@ fn bridge_federation_shares_one_bridge_and_serves_by_the_auto_rule() {
     }
 }
 
+/// The global data file of `round` of the local run `name` in `store`.
+fn global_file(store: &Path, name: &str, round: u32) -> Vec<u8> {
+    let uid = heterotune_operator::runner::local_uid("default", name);
+    let layout = heterotune_crds::layout::RunLayout::new("", "default", name, &uid);
+    let files = find(&store.join(layout.global_dir(round)), ".safetensors");
+    assert_eq!(files.len(), 1, "{files:?}");
+    std::fs::read(&files[0]).expect("global data")
+}
+
 /// The f32 tensors of the global data of `round` of the local run `name`
 /// in `store`: shape and values by name.
 fn global_tensors(
@@ -531,11 +540,7 @@ fn global_tensors(
     name: &str,
     round: u32,
 ) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
-    let uid = heterotune_operator::runner::local_uid("default", name);
-    let layout = heterotune_crds::layout::RunLayout::new("", "default", name, &uid);
-    let files = find(&store.join(layout.global_dir(round)), ".safetensors");
-    assert_eq!(files.len(), 1, "{files:?}");
-    let bytes = std::fs::read(&files[0]).expect("global data");
+    let bytes = global_file(store, name, round);
     let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
     st.tensors()
         .into_iter()
@@ -722,11 +727,7 @@ fn global_data(store: &Path, name: &str, round: u32) -> BTreeMap<String, Vec<u8>
             .collect::<Vec<_>>()
             .join("/")
     };
-    let uid = heterotune_operator::runner::local_uid("default", name);
-    let layout = heterotune_crds::layout::RunLayout::new("", "default", name, &uid);
-    let files = find(&store.join(layout.global_dir(round)), ".safetensors");
-    assert_eq!(files.len(), 1, "{files:?}");
-    let bytes = std::fs::read(&files[0]).expect("global data");
+    let bytes = global_file(store, name, round);
     let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
     st.tensors()
         .into_iter()

@@ -328,16 +328,18 @@ mod tests {
         assert!(!ServedModel::ALL.contains(&ServedModel::Auto));
     }
 
+    /// The evidence of a choice: `own`, `bridge` and `ensemble`'s scores.
+    fn scores(own: f64, bridge: f64, ensemble: f64) -> impl Fn(ServedModel) -> f64 {
+        move |v: ServedModel| match v {
+            ServedModel::Own => own,
+            ServedModel::Bridge => bridge,
+            ServedModel::Ensemble => ensemble,
+            _ => 1.0, // never a candidate
+        }
+    }
+
     #[test]
     fn validated_serves_the_best_validated_model_and_prefers_the_ensemble_among_equals() {
-        let scores = |own: f64, bridge: f64, ensemble: f64| {
-            move |v: ServedModel| match v {
-                ServedModel::Own => own,
-                ServedModel::Bridge => bridge,
-                ServedModel::Ensemble => ensemble,
-                _ => 1.0, // never a candidate
-            }
-        };
         let v = |own, bridge, ensemble| {
             ServedModel::Validated.choose("a", "b", scores(own, bridge, ensemble))
         };
@@ -354,14 +356,6 @@ mod tests {
     fn agreement_serves_the_model_closest_to_the_ensemble_and_prefers_autos_choice() {
         let bridge_uri = "cache://models/paraphrase-MiniLM-L3-v2";
         let other = "cache://models/all-mpnet-base-v2";
-        let scores = |own: f64, bridge: f64, ensemble: f64| {
-            move |v: ServedModel| match v {
-                ServedModel::Own => own,
-                ServedModel::Bridge => bridge,
-                ServedModel::Ensemble => ensemble,
-                _ => 1.0, // never a candidate
-            }
-        };
         let a = |uri: &str, own, bridge, ensemble| {
             ServedModel::Agreement.choose(uri, bridge_uri, scores(own, bridge, ensemble))
         };
