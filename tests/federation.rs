@@ -634,6 +634,16 @@ fn the_pool_ensemble_is_averaged_into_the_global_and_taught_from() {
         }
         assert_ne!(values, uniform, "round {round}: the ensemble moved");
     }
+    // The aggregator reads the partition (a local run can): each client's
+    // weight and its class counts are its partition's; honest counts, sent
+    // in bf16, are the partition's and are not reported as replaced.
+    for round in [1, 2] {
+        let m = std::fs::read(store.join(layout.global_manifest(round))).expect("global");
+        let m: serde_json::Value = serde_json::from_slice(&m).expect("json");
+        let robust = &m["stats"]["robust"];
+        assert_eq!(robust["examplesCap"], "partition", "{robust}");
+        assert!(robust.get("countsReplaced").is_none(), "{robust}");
+    }
     // Every client of round 2 sent its probabilities and counts.
     let manifest = std::fs::read(store.join(layout.client_manifest(2, "tiny-llama"))).expect("m");
     let manifest: serde_json::Value = serde_json::from_slice(&manifest).expect("json");

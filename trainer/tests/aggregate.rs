@@ -1681,6 +1681,22 @@ fn weights_are_capped_by_the_partition_when_the_data_is_readable() {
     s.task.partition.min_examples_per_client = 1;
     let sizes = aggregate::robust::partition_sizes(&s).expect("partition sizes");
     assert_eq!(sizes.len(), 5);
+    // Each client's examples per class, what replaces the class counts it
+    // reports with the pool ensemble: they sum to its size, and over the
+    // clients to each label's share of the training split.
+    let facts = aggregate::robust::partition_facts(&s).expect("partition facts");
+    let mut per_class = [0u64; 2];
+    for (name, f) in &facts {
+        assert_eq!(f.class_counts.len(), 2, "{name}: {f:?}");
+        assert_eq!(
+            f.class_counts.iter().sum::<u64>(),
+            sizes[name],
+            "{name}: {f:?}"
+        );
+        per_class[0] += f.class_counts[0];
+        per_class[1] += f.class_counts[1];
+    }
+    assert!(per_class[0].abs_diff(per_class[1]) <= 20, "{per_class:?}");
     assert!(sizes.values().all(|&n| (30..=34).contains(&n)), "{sizes:?}");
     let k = key(&s, "a");
     let run = Run::new(&shared(THETA0));

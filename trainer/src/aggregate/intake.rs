@@ -22,6 +22,8 @@ use std::path::{Path, PathBuf};
 
 use heterotune_crds::spec::{FederatedTuneSpec, NormBoundAction};
 
+use super::array::Array;
+use super::common::POOL_COUNTS;
 use super::reject::{Reject, RejectReason};
 use super::robust::{apply_scales, capped_weights, part_norms, NormBounds, PartNorm};
 use super::stats::{Participant, RoundStats};
@@ -42,6 +44,10 @@ pub struct RoundOptions {
     /// data when `robust.examplesFromPartition` is on and the data can be
     /// read here ([`super::robust::partition_sizes`]).
     pub partition_sizes: Option<BTreeMap<String, u64>>,
+    /// Each client's training examples per class, prepared with the sizes:
+    /// they replace the class counts a client reports with the pool
+    /// ensemble (`pool.counts`), which weigh its say on each class.
+    pub partition_classes: Option<BTreeMap<String, Vec<u64>>>,
 }
 
 impl Default for RoundOptions {
@@ -49,6 +55,7 @@ impl Default for RoundOptions {
         RoundOptions {
             retain_bytes: DEFAULT_RETAIN_BYTES,
             partition_sizes: None,
+            partition_classes: None,
         }
     }
 }
@@ -77,10 +84,18 @@ fn record_reject(stats: &mut RoundStats, reject: Reject) {
 pub(crate) fn examples_cap(spec: &FederatedTuneSpec, options: &mut RoundOptions) -> &'static str {
     if !spec.aggregation.robust.examples_from_partition {
         options.partition_sizes = None;
+        options.partition_classes = None;
         return "off";
     }
     if options.partition_sizes.is_none() {
-        options.partition_sizes = super::robust::partition_sizes(spec);
+        if let Some(facts) = super::robust::partition_facts(spec) {
+            let (sizes, classes) = facts
+                .into_iter()
+                .map(|(name, f)| ((name.clone(), f.examples), (name, f.class_counts)))
+                .unzip();
+            options.partition_sizes = Some(sizes);
+            options.partition_classes = Some(classes);
+        }
     }
     if options.partition_sizes.is_some() {
         "partition"
@@ -221,7 +236,11 @@ pub(crate) fn take_round(
         .collect();
     aggregator.plan(&plan);
     for ((c, scales), weight) in kept.into_iter().zip(weights) {
-        second_pass(ctx, schemas, c, &scales, weight, aggregator, stats)?;
+        let classes = options
+            .partition_classes
+            .as_ref()
+            .and_then(|m| m.get(&c.verified.update.client));
+        second_pass(ctx, schemas, c, &scales, weight, classes, aggregator, stats)?;
     }
     stats.missing = ctx
         .clients
@@ -233,13 +252,16 @@ pub(crate) fn take_round(
 }
 
 /// Pass 2 for one candidate: its values (kept, or re-read and checked to be
-/// the same file), scaled by `scales`, weighted `weight`, into `aggregator`.
+/// the same file), scaled by `scales`, weighted `weight`, its class counts
+/// replaced by its partition's `classes` when known, into `aggregator`.
+#[allow(clippy::too_many_arguments)]
 fn second_pass(
     ctx: &RoundContext<'_>,
     schemas: &BTreeMap<String, BTreeMap<String, Vec<usize>>>,
     c: Candidate,
     scales: &BTreeMap<&'static str, f64>,
     weight: u64,
+    classes: Option<&Vec<u64>>,
     aggregator: &mut dyn Aggregator,
     stats: &mut RoundStats,
 ) -> Result<()> {
@@ -270,6 +292,11 @@ fn second_pass(
         }
     }
     apply_scales(&mut v.update.tensors, scales);
+    if let (Some(counts), Some(truth)) = (v.update.tensors.get_mut(POOL_COUNTS), classes) {
+        if replace_counts(counts, truth) {
+            stats.robust.counts_replaced.push(v.update.client.clone());
+        }
+    }
     if !scales.is_empty() {
         stats.robust.clipped.push(v.update.client.clone());
     }
@@ -296,6 +323,25 @@ fn second_pass(
     aggregator.add(ctx, v.update)
 }
 
+/// Sets `counts` (a client's `pool.counts`) to its partition's `truth`;
+/// whether they differed. Counts of another length (a spec whose labels
+/// the partition does not have) are left as they are.
+fn replace_counts(counts: &mut Array, truth: &[u64]) -> bool {
+    if counts.data.len() != truth.len() {
+        return false;
+    }
+    let mut changed = false;
+    for (c, &t) in counts.data.iter_mut().zip(truth) {
+        let t = t as f32;
+        // bf16 on the wire: counts above 256 are rounded; compare loosely.
+        if (*c - t).abs() > t.abs() / 128.0 + 0.5 {
+            changed = true;
+        }
+        *c = t;
+    }
+    changed
+}
+
 /// [`Error::QuorumNotMet`] when fewer updates than the quorum were accepted.
 pub(crate) fn check_quorum(stats: &RoundStats) -> Result<()> {
     if (stats.participants.len() as u64) >= u64::from(stats.quorum) {
@@ -315,4 +361,33 @@ pub(crate) fn check_quorum(stats: &RoundStats) -> Result<()> {
         required: stats.quorum,
         summary: parts.join("; "),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counts(values: &[f32]) -> Array {
+        Array {
+            shape: vec![values.len()],
+            data: values.to_vec(),
+        }
+    }
+
+    #[test]
+    fn reported_class_counts_are_replaced_by_the_partitions() {
+        // A client claiming every example for class 0.
+        let mut claimed = counts(&[50.0, 0.0, 0.0]);
+        assert!(replace_counts(&mut claimed, &[10, 25, 15]));
+        assert_eq!(claimed.data, [10.0, 25.0, 15.0]);
+        // Honest counts, rounded to bf16 on the wire (301 → 300), are the
+        // same counts: replaced silently.
+        let mut honest = counts(&[300.0, 2.0, 0.0]);
+        assert!(!replace_counts(&mut honest, &[301, 2, 0]));
+        assert_eq!(honest.data, [301.0, 2.0, 0.0]);
+        // Another number of classes: left alone.
+        let mut other = counts(&[1.0, 2.0]);
+        assert!(!replace_counts(&mut other, &[1, 2, 3]));
+        assert_eq!(other.data, [1.0, 2.0]);
+    }
 }

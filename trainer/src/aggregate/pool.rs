@@ -16,7 +16,9 @@
 //! Client values are untrusted: probabilities are clamped to [0, 1] and each
 //! row renormalised (a row of zeros counts as uniform), counts clamped to
 //! ≥ 0 and normalised to shares, so a client can move a class's ensemble by
-//! at most its weight's share, like any FedAvg update.
+//! at most its weight's share, like any FedAvg update. Where the aggregator
+//! can read the partition, the counts reaching here are the partition's, not
+//! the client's (`intake`, `robust::partition_facts`).
 //!
 //! The same weights, summed over clients and normalised, are the
 //! federation's label prior ([`super::common::POOL_PRIOR`]): `π(c) ∝ Σ_k w_kc`.

@@ -203,6 +203,26 @@ pub fn capped_weights(reported: &[u64], share: f64) -> Vec<u64> {
 /// cap is then recorded as unavailable, and a failing dataset's content
 /// never reaches the statistics).
 pub fn partition_sizes(spec: &FederatedTuneSpec) -> Option<BTreeMap<String, u64>> {
+    partition_facts(spec).map(|facts| {
+        facts
+            .into_iter()
+            .map(|(name, f)| (name, f.examples))
+            .collect()
+    })
+}
+
+/// What the aggregator knows of one client's training partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionFacts {
+    /// Its training-set size.
+    pub examples: u64,
+    /// Its training examples per class id (`task.labels` order).
+    pub class_counts: Vec<u64>,
+}
+
+/// [`partition_sizes`] with each client's examples per class: what a client
+/// reports of its label counts (`pool.counts`) is replaced by these.
+pub fn partition_facts(spec: &FederatedTuneSpec) -> Option<BTreeMap<String, PartitionFacts>> {
     let cfg = crate::job::data_config(spec).ok()?;
     let data = crate::data::partition::federate(&cfg).ok()?;
     if data.clients.len() != spec.clients.len() {
@@ -212,7 +232,17 @@ pub fn partition_sizes(spec: &FederatedTuneSpec) -> Option<BTreeMap<String, u64>
         spec.clients
             .iter()
             .zip(&data.clients)
-            .map(|(c, d)| (c.name.clone(), d.train.len() as u64))
+            .map(|(c, d)| {
+                let facts = PartitionFacts {
+                    examples: d.train.len() as u64,
+                    class_counts: d
+                        .label_counts(data.labels.len())
+                        .into_iter()
+                        .map(|n| n as u64)
+                        .collect(),
+                };
+                (c.name.clone(), facts)
+            })
             .collect(),
     )
 }
@@ -273,6 +303,10 @@ pub struct RobustStats {
     pub weights_capped: Vec<String>,
     /// Clients with a part clipped by the adaptive bound.
     pub clipped: Vec<String>,
+    /// Clients whose reported class counts (`pool.counts`) were not their
+    /// partition's, which replaced them (with `examplesFromPartition`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub counts_replaced: Vec<String>,
     /// `combine: multiKrum`: the parts it left out, as `client (part)`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub krum_excluded: Vec<String>,
