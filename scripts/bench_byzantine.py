@@ -19,8 +19,11 @@ docs/benchmarks.md:
             attacks   none; scale:1000; flip; pool (pool.probs one-hot on class 0 for every text,
                       pool.counts all on class 0: the client's whole weight on one class of the
                       ensemble)
-            defences  none (as above); norm bound (the default); norm bound and the pool's
-                      ensemble weighted by agreement (`distillation.poolWeighting: agreement`)
+            defences  none (as above); norm bound; norm bound and the pool's ensemble
+                      weighted by agreement (`distillation.poolWeighting: agreement`); counts:
+                      the same settings as norm bound, run with a build that replaces each
+                      client's reported class counts by its partition's (`--binary`/`--trainer`
+                      of commit 2e61c68 or later; the other columns ran on 7391226, before it)
 
 The hostile client (scripts/bench/attack_trainer.py) rewrites its update after training:
 well-formed, right shapes, correct sha256. Each (attack, defence) is one `bench_methods.py` run
@@ -52,7 +55,8 @@ OFF = {"normBoundMultiple": 0.0, "maxExamplesShare": 1.0}
 LABELS = {"none": "none", "x10": "×10", "x1000": "×1000", "flip": "sign flip", "random": "random",
           "pool": "pool poisoning", "norm-bound": "norm bound (default)", "median": "median",
           "trimmed-mean": "trimmed mean 0.2", "multi-krum": "multi-Krum f=1",
-          "agreement": "norm bound + agreement-weighted pool"}
+          "agreement": "norm bound + agreement-weighted pool",
+          "counts": "norm bound + class counts from the partition (the default)"}
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,10 @@ class Federation:
     attacks: dict[str, str]
     defences: dict[str, dict]
     sets: dict[str, list[str]] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def label(self, key: str) -> str:
+        return self.labels.get(key) or LABELS.get(key, key)
 
     @property
     def block(self) -> tuple[str, str]:
@@ -101,8 +109,9 @@ FEDERATIONS = {f.name: f for f in [
         "model, seed 0, 6 rounds × 20 steps; client `edge` (MiniLM-L3, the bridge's backbone) hostile "
         "in every round",
         {"none": "none", "x1000": "scale:1000", "flip": "flip", "pool": "pool"},
-        {"none": {**OFF, "combine": "mean"}, "norm-bound": {}, "agreement": {}},
-        {"agreement": ["bridge.distillation.poolWeighting=agreement"]}),
+        {"none": {**OFF, "combine": "mean"}, "norm-bound": {}, "agreement": {}, "counts": {}},
+        {"agreement": ["bridge.distillation.poolWeighting=agreement"]},
+        {"norm-bound": "norm bound, reported class counts (before 2e61c68)"}),
 ]}
 # The first federation's names, as the tests and older notes use them.
 ATTACKER = FEDERATIONS["smallest"].attacker
@@ -171,7 +180,7 @@ def render(records: dict[str, dict], fed: Federation = FEDERATIONS["smallest"]) 
         f"Mean final accuracy of the {max(clients - 1, 0) or 'honest'} honest clients on the global test "
         "set; in brackets the difference in points from the all-honest run under the same defence.",
         "",
-        "| attack | " + " | ".join(LABELS.get(d, d) for d in fed.defences) + " |",
+        "| attack | " + " | ".join(fed.label(d) for d in fed.defences) + " |",
         "|---|" + "---|" * len(fed.defences),
     ]
     for attack in fed.attacks:
@@ -187,7 +196,7 @@ def render(records: dict[str, dict], fed: Federation = FEDERATIONS["smallest"]) 
             if attack != "none" and clean is not None:
                 cell += f" ({(value - honest(clean, fed.attacker)) * 100:+.1f})".replace("-", "−")
             cells.append(cell)
-        lines.append(f"| {LABELS.get(attack, attack)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {fed.label(attack)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -584,9 +584,10 @@ def test_the_default_federations_table_leaves_out_its_own_attacker_and_names_its
     records = {r["tag"]: r for r in [rec("none", "agreement", 0.86), rec("pool", "agreement", 0.85)]}
     table = bz.render(records, fed)
     assert "3 honest clients" in table and "--federation default" in table
-    assert "| attack | none | norm bound (default) | norm bound + agreement-weighted pool |" in table
+    assert ("| attack | none | norm bound, reported class counts (before 2e61c68) | norm bound + "
+            "agreement-weighted pool | norm bound + class counts from the partition (the default) |") in table
     row = next(line for line in table.splitlines() if line.startswith("| pool poisoning |"))
-    assert row.endswith("| not run | not run | 0.850 (−1.0) |")
+    assert row.endswith("| not run | not run | 0.850 (−1.0) | not run |")
     assert fed.block[0] == "<!-- bench:byzantine-default:begin -->"
     assert bz.FEDERATIONS["smallest"].block[0] == "<!-- bench:byzantine:begin -->"
 
