@@ -349,13 +349,18 @@ class RunKey:
         of the whole slug, so that seeds never share a name."""
         suffix = f"-{slug(self.tag)}" if self.tag else ""
         method = slug(self.method)
-        base = f"b-{self.scenario.lower()}-{self.task}-{method}"
+        base = full = f"b-{self.scenario.lower()}-{self.task}-{method}"
         kept = f"-s{self.seed}"
         tail = f"{kept}-r{self.rounds}-k{self.steps}{suffix}"
         if len(base) + len(kept) > 63:
             digest = hashlib.sha256(method.encode()).hexdigest()[:6]
             base = f"{base[:63 - len(kept) - 7].rstrip('-')}-{digest}"
-        return (base + tail)[:63].rstrip("-")
+        name = (base + tail)[:63].rstrip("-")
+        if suffix and not name.endswith(suffix):
+            # The tag was cut: two settings' runs would share a name (and a store folder).
+            digest = hashlib.sha256((full + tail).encode()).hexdigest()[:8]
+            name = f"{base[:63 - len(kept) - len(digest) - 1].rstrip('-')}{kept}-{digest}"
+        return name
 
 
 def build_spec(base: dict, key: RunKey, dataset: dict, store: Path,

@@ -141,6 +141,16 @@ def test_run_names_unique_and_valid():
     for seed in (0, 1, 2):
         n = RunKey("S2", "movie", la, seed, 12, 20).name()
         assert n.endswith(f"-s{seed}") and len(n) <= 63, n
+    # Tags cut at 63 characters would give two settings one name: the Byzantine cells of the
+    # default federation once shared `…-byz-p` (run one after another, each --fresh: their
+    # results stand, their logs and folders were overwritten).
+    cal = "Bridge + pool (FedDF ensemble) calibrated"
+    tags = [f"byz-{a}-{d}" for a in ("pool", "x1000", "none") for d in ("norm-bound", "agreement", "counts")]
+    names = [RunKey("S2", "trec", cal, 0, 6, 20, t).name() for t in tags]
+    assert len(set(names)) == len(names), names
+    assert all(len(n) <= 63 and "-s0-" in n for n in names), names
+    # a tag that fits is kept as it was
+    assert RunKey("S2", "trec", "DeMA+FedAvg", 0, 12, 20, "noclip").name() == "b-s2-trec-dema-fedavg-s0-r12-k20-noclip"
 
 
 def test_overrides(base):
