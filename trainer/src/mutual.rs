@@ -258,9 +258,16 @@ impl PairLogits {
             bridge: bridge.0.logits(bridge.1, batch_size)?,
         })
     }
-}
 
-impl PairLogits {
+    /// The own model's logits, shifted by `own_bias` (its calibration)
+    /// when given.
+    fn own_shifted(&self, own_bias: Option<&Tensor>) -> Tensor {
+        match own_bias {
+            Some(bias) => calibrated(&self.own, bias),
+            None => self.own.shallow_clone(),
+        }
+    }
+
     /// For each model a client can serve ([`ServedModel::ALL`]), the share
     /// of rows on which its top class is `teacher`'s (`[rows, classes]`
     /// probabilities), the own model shifted by `own_bias` when given: the
@@ -280,11 +287,7 @@ impl PairLogits {
                 ),
             ));
         }
-        let a = match own_bias {
-            Some(bias) => calibrated(&self.own, bias),
-            None => self.own.shallow_clone(),
-        };
-        let b = &self.bridge;
+        let a = self.own_shifted(own_bias);
         let target = teacher.to_device(a.device()).argmax(-1, false);
         let share = |logits: Tensor| {
             logits
@@ -296,16 +299,23 @@ impl PairLogits {
         };
         Ok(ServedModel::ALL
             .iter()
-            .map(|&v| {
-                let logits = match v {
-                    ServedModel::Own => a.shallow_clone(),
-                    ServedModel::Bridge => b.shallow_clone(),
-                    ServedModel::Confident => confident_logits(&a, b),
-                    _ => ensemble_logits(&a, b),
-                };
-                (v, share(logits))
-            })
+            .map(|&v| (v, share(served_logits(&a, &self.bridge, v))))
             .collect())
+    }
+}
+
+/// The logits of the model `v` serves from the two models' logits (the
+/// mixtures as log-probabilities; `auto`, `validated` and `agreement` read
+/// as `ensemble`, as in [`PairScores::get`]).
+fn served_logits(own: &Tensor, bridge: &Tensor, v: ServedModel) -> Tensor {
+    match v {
+        ServedModel::Own => own.shallow_clone(),
+        ServedModel::Bridge => bridge.shallow_clone(),
+        ServedModel::Confident => confident_logits(own, bridge),
+        ServedModel::Auto
+        | ServedModel::Validated
+        | ServedModel::Agreement
+        | ServedModel::Ensemble => ensemble_logits(own, bridge),
     }
 }
 
@@ -356,16 +366,13 @@ impl PairScores {
         data: &Prepared,
         num_classes: usize,
     ) -> Result<Self> {
-        let a = match own_bias {
-            Some(bias) => calibrated(&logits.own, bias),
-            None => logits.own.shallow_clone(),
-        };
-        let b = &logits.bridge;
+        let a = logits.own_shifted(own_bias);
+        let score = |v| score_logits(&served_logits(&a, &logits.bridge, v), data, num_classes);
         Ok(PairScores {
-            own: score_logits(&a, data, num_classes)?,
-            bridge: score_logits(b, data, num_classes)?,
-            ensemble: score_logits(&ensemble_logits(&a, b), data, num_classes)?,
-            confident: score_logits(&confident_logits(&a, b), data, num_classes)?,
+            own: score(ServedModel::Own)?,
+            bridge: score(ServedModel::Bridge)?,
+            ensemble: score(ServedModel::Ensemble)?,
+            confident: score(ServedModel::Confident)?,
             uncalibrated: match own_bias {
                 Some(_) => Some(Box::new(Self::from_logits(
                     logits,

@@ -1491,12 +1491,18 @@ fn an_inflated_weight_is_capped() {
 
     // Partition sizes known (the local runner): e's weight is its
     // partition's size, 10: Δ = (40 V + 10 W) / 50.
-    let sizes: BTreeMap<String, u64> = ["a", "b", "c", "d", "e"]
+    let sizes: BTreeMap<String, aggregate::robust::PartitionFacts> = ["a", "b", "c", "d", "e"]
         .iter()
-        .map(|c| (c.to_string(), 10))
+        .map(|c| {
+            let facts = aggregate::robust::PartitionFacts {
+                examples: 10,
+                class_counts: Vec::new(),
+            };
+            (c.to_string(), facts)
+        })
         .collect();
     let options = aggregate::RoundOptions {
-        partition_sizes: Some(sizes),
+        partition: Some(sizes),
         ..aggregate::RoundOptions::default()
     };
     let out_dir = run.dir.join("sized");

@@ -25,7 +25,9 @@ use heterotune_crds::spec::{FederatedTuneSpec, NormBoundAction};
 use super::array::Array;
 use super::common::POOL_COUNTS;
 use super::reject::{Reject, RejectReason};
-use super::robust::{apply_scales, capped_weights, part_norms, NormBounds, PartNorm};
+use super::robust::{
+    apply_scales, capped_weights, part_norms, NormBounds, PartNorm, PartitionFacts,
+};
 use super::stats::{Participant, RoundStats};
 use super::verify::{self, Verified};
 use super::{Aggregator, RoundContext};
@@ -40,22 +42,19 @@ pub struct RoundOptions {
     /// Decoded updates (f32 bytes) kept in memory between the two passes;
     /// beyond it, updates are re-read in the second pass.
     pub retain_bytes: u64,
-    /// Each client's training-set size; `None`: prepared from the spec's
-    /// data when `robust.examplesFromPartition` is on and the data can be
-    /// read here ([`super::robust::partition_sizes`]).
-    pub partition_sizes: Option<BTreeMap<String, u64>>,
-    /// Each client's training examples per class, prepared with the sizes:
-    /// they replace the class counts a client reports with the pool
-    /// ensemble (`pool.counts`), which weigh its say on each class.
-    pub partition_classes: Option<BTreeMap<String, Vec<u64>>>,
+    /// What the aggregator knows of each client's training partition (its
+    /// size, which caps `numExamples`, and its examples per class, which
+    /// replace the class counts it reports with the pool ensemble); `None`:
+    /// prepared from the spec's data when `robust.examplesFromPartition` is
+    /// on and the data can be read here ([`super::robust::partition_facts`]).
+    pub partition: Option<BTreeMap<String, PartitionFacts>>,
 }
 
 impl Default for RoundOptions {
     fn default() -> Self {
         RoundOptions {
             retain_bytes: DEFAULT_RETAIN_BYTES,
-            partition_sizes: None,
-            partition_classes: None,
+            partition: None,
         }
     }
 }
@@ -78,26 +77,18 @@ fn record_reject(stats: &mut RoundStats, reject: Reject) {
     stats.rejects.push(reject);
 }
 
-/// Fills `options.partition_sizes` from the spec's data when asked and
-/// possible; returns where `numExamples` is capped (`partition`,
-/// `unavailable`, `off`).
+/// Fills `options.partition` from the spec's data when asked and possible;
+/// returns where `numExamples` is capped (`partition`, `unavailable`,
+/// `off`).
 pub(crate) fn examples_cap(spec: &FederatedTuneSpec, options: &mut RoundOptions) -> &'static str {
     if !spec.aggregation.robust.examples_from_partition {
-        options.partition_sizes = None;
-        options.partition_classes = None;
+        options.partition = None;
         return "off";
     }
-    if options.partition_sizes.is_none() {
-        if let Some(facts) = super::robust::partition_facts(spec) {
-            let (sizes, classes) = facts
-                .into_iter()
-                .map(|(name, f)| ((name.clone(), f.examples), (name, f.class_counts)))
-                .unzip();
-            options.partition_sizes = Some(sizes);
-            options.partition_classes = Some(classes);
-        }
+    if options.partition.is_none() {
+        options.partition = super::robust::partition_facts(spec);
     }
-    if options.partition_sizes.is_some() {
+    if options.partition.is_some() {
         "partition"
     } else {
         "unavailable"
@@ -167,11 +158,11 @@ fn first_pass(
 }
 
 /// The candidate's weight before the share cap: `numExamples`, capped by
-/// its partition size when known (at least 1).
-fn partition_capped(c: &Candidate, sizes: Option<&BTreeMap<String, u64>>) -> u64 {
+/// its partition's size when known (`partition`, at least 1).
+fn partition_capped(c: &Candidate, partition: Option<&PartitionFacts>) -> u64 {
     let reported = c.verified.update.num_examples;
-    match sizes.and_then(|s| s.get(&c.verified.update.client)) {
-        Some(&size) => reported.min(size.max(1)),
+    match partition {
+        Some(p) => reported.min(p.examples.max(1)),
         None => reported,
     }
 }
@@ -219,10 +210,15 @@ pub(crate) fn take_round(
             kept.push((c, scales));
         }
     }
-    let sizes = options.partition_sizes.as_ref();
+    let partition = |c: &Candidate| {
+        options
+            .partition
+            .as_ref()
+            .and_then(|m| m.get(&c.verified.update.client))
+    };
     let reported: Vec<u64> = kept
         .iter()
-        .map(|(c, _)| partition_capped(c, sizes))
+        .map(|(c, _)| partition_capped(c, partition(c)))
         .collect();
     let weights = capped_weights(&reported, agg.robust.max_examples_share);
     let plan: Vec<(&str, &str)> = kept
@@ -236,10 +232,7 @@ pub(crate) fn take_round(
         .collect();
     aggregator.plan(&plan);
     for ((c, scales), weight) in kept.into_iter().zip(weights) {
-        let classes = options
-            .partition_classes
-            .as_ref()
-            .and_then(|m| m.get(&c.verified.update.client));
+        let classes = partition(&c).map(|p| p.class_counts.as_slice());
         second_pass(ctx, schemas, c, &scales, weight, classes, aggregator, stats)?;
     }
     stats.missing = ctx
@@ -261,7 +254,7 @@ fn second_pass(
     c: Candidate,
     scales: &BTreeMap<&'static str, f64>,
     weight: u64,
-    classes: Option<&Vec<u64>>,
+    classes: Option<&[u64]>,
     aggregator: &mut dyn Aggregator,
     stats: &mut RoundStats,
 ) -> Result<()> {

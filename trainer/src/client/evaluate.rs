@@ -32,12 +32,8 @@ pub fn evaluate(
     let ((scores, loss), variants, served) = match (&loaded.bridge, &loaded.spec.bridge) {
         (Some(b), Some(spec)) => {
             let bridge_id = b.model_id(spec);
-            // The pool's ensemble, when the choice reads it (`agreement`).
-            let teacher = match &loaded.pool_ensemble {
-                Some(e) if spec.serve.reads_pool() && !loaded.pool.is_empty() => e.teacher(),
-                _ => None,
-            };
-            let own_pool = match (loaded.calibration_teacher(), teacher) {
+            let (calibration, teacher) = (loaded.calibration_teacher(), loaded.agreement_teacher());
+            let own_pool = match (calibration, teacher) {
                 (None, None) => None,
                 _ => Some(
                     loaded.model.logits(
@@ -49,7 +45,7 @@ pub fn evaluate(
                 ),
             };
             // The own model's calibration bias (`bridge.calibration`).
-            let bias = match (loaded.calibration_teacher(), &own_pool) {
+            let bias = match (calibration, &own_pool) {
                 (Some(t), Some(logits)) => Some(fit_bias(logits, t)?),
                 _ => None,
             };

@@ -111,6 +111,16 @@ impl LoadedClient {
         self.pool_ensemble.as_ref()?.teacher()
     }
 
+    /// The ensemble `bridge.serve: agreement` compares each candidate with
+    /// (a pool, and an ensemble in the global); `None` for other choices.
+    pub fn agreement_teacher(&self) -> Option<&tch::Tensor> {
+        let spec = self.spec.bridge.as_ref()?;
+        if !spec.serve.reads_pool() || self.pool.is_empty() {
+            return None;
+        }
+        self.pool_ensemble.as_ref()?.teacher()
+    }
+
     /// The key of this client's backbone in the prefix-cache fingerprints.
     pub fn model_id(&self) -> String {
         model_id(self.spec_client(), self.dtype.dtype)

@@ -235,6 +235,7 @@ fn train_and_score_pair(
 ) -> Result<(RoundScores, bool, PoolValues)> {
     let own_id = c.model_id();
     let calibration_teacher = c.calibration_teacher().map(|t| t.shallow_clone());
+    let agreement_teacher = c.agreement_teacher().map(|t| t.shallow_clone());
     let (Some(spec), Some(b)) = (c.spec.bridge.clone(), c.bridge.as_mut()) else {
         return Err(crate::Error::config(
             "spec.bridge",
@@ -330,13 +331,8 @@ fn train_and_score_pair(
         }),
         _ => None,
     };
-    let agreement = match (
-        &pool_pair,
-        c.pool_ensemble.as_ref().and_then(|e| e.teacher()),
-    ) {
-        (Some(pair), Some(teacher)) if spec.serve.reads_pool() => {
-            pair.agreement(bias.as_ref(), teacher)?
-        }
+    let agreement = match (&pool_pair, &agreement_teacher) {
+        (Some(pair), Some(teacher)) => pair.agreement(bias.as_ref(), teacher)?,
         _ => Vec::new(),
     };
     let (own_uri, bridge_uri) = (&c.spec.clients[c.index].model.uri, &spec.model.uri);
