@@ -720,6 +720,73 @@ fn serving_by_agreement_changes_what_is_served_not_what_is_trained() {
     }
 }
 
+/// `bridge.distillation.serverSteps`: the aggregator distils the averaged
+/// bridge on the pool towards the round's ensemble. One spec run with and
+/// without it: round 1's clients start from the same global, so the
+/// round-1 globals agree on every tensor but the bridge's; the step's
+/// statistics in each global manifest show the bridge nearer the ensemble
+/// over the whole pool after it than before; the run without it has none.
+#[test]
+fn the_server_distils_the_averaged_bridge_towards_the_pool_ensemble() {
+    let runs: Vec<_> = ["", ", serverSteps: 40"]
+        .iter()
+        .map(|steps| {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let root = dir.path();
+            let store = root.join("store");
+            let storage = format!("  storage: {{ uri: \"file://{}\" }}", store.display());
+            run_bridge_federation(
+                root,
+                "server",
+                &storage,
+                &format!("ensemble{steps}"),
+                "",
+                "",
+            );
+            let uid = heterotune_operator::runner::local_uid("default", "server");
+            let layout = heterotune_crds::layout::RunLayout::new("", "default", "server", &uid);
+            let stats: Vec<serde_json::Value> = (1..=2)
+                .map(|round| {
+                    let m = std::fs::read(store.join(layout.global_manifest(round))).expect("m");
+                    let m: serde_json::Value = serde_json::from_slice(&m).expect("json");
+                    m["stats"]["serverDistillation"].clone()
+                })
+                .collect();
+            (dir, global_data(&store, "server", 1), stats)
+        })
+        .collect();
+    let (plain, distilled) = (&runs[0], &runs[1]);
+    assert!(
+        plain.2.iter().all(serde_json::Value::is_null),
+        "{:?}",
+        plain.2
+    );
+    for s in &distilled.2 {
+        assert_eq!(s["steps"], 40, "{s}");
+        assert!(s["poolTexts"].as_u64().is_some_and(|n| n > 0), "{s}");
+        let (before, after) = (s["klBefore"].as_f64(), s["klAfter"].as_f64());
+        assert!(
+            matches!((before, after), (Some(b), Some(a)) if a.is_finite() && a < b),
+            "the bridge moved towards the ensemble: {s}"
+        );
+    }
+    let differ: Vec<&String> = plain
+        .1
+        .keys()
+        .filter(|k| distilled.1.get(*k) != Some(&plain.1[*k]))
+        .collect();
+    assert!(!differ.is_empty(), "the server's step changed nothing");
+    assert!(
+        differ.iter().all(|k| k.starts_with("bridge.")),
+        "only the bridge may differ: {differ:?}"
+    );
+    assert!(
+        plain.1.contains_key("pool.ensemble"),
+        "{:?}",
+        plain.1.keys()
+    );
+}
+
 /// Every tensor's bytes in the global data of `round` of the local run
 /// `name` in `store`, by name, each family's key without the hash of its
 /// model's location (`family/tiny-bert-a.cb8c21/…` → `family/tiny-bert-a/…`).

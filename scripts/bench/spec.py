@@ -191,6 +191,17 @@ BRIDGE_CAL_ONEWAY = "Bridge + pool (FedDF ensemble) calibrated one-way"
 # often with the federation's ensemble (`serve: agreement`); what is sent, so the training, is the
 # calibrated default's (`auto`'s): each run is its own paired ablation (the derived row "… auto").
 BRIDGE_CAL_AGREE = "Bridge + pool (FedDF ensemble) calibrated served by agreement"
+# The calibrated default with the pool's ensemble weighted by each client's agreement with the
+# federation's vote (`poolWeighting: agreement`): the candidate default for untrusted sites (the
+# Byzantine table's pool poisoning: −10.8 under the default's class-count weighting, −0.1 with it).
+BRIDGE_CAL_AGREEW = "Bridge + pool (FedDF ensemble) calibrated agreement-weighted"
+# FedDF's server step (`distillation.serverSteps`): after each round's average the aggregator
+# distils the bridge on the pool against the round's ensemble, as many steps as a client's local
+# round (`training.localSteps` of the benchmark, 20; one value, not tuned). The homogeneous FedDF
+# baseline gets the same step, so a gain is the teacher's cross-family knowledge, not the step.
+SERVER_STEPS = 20
+BRIDGE_CAL_SERVER = "Bridge + pool (FedDF ensemble) calibrated + server distillation"
+SMALLEST_FEDDF_SERVER = "smallest-common FedDF (public pool) + server distillation"
 # The public pool of the pool arm: this share of the training split, held out unlabeled.
 POOL_SHARE = 0.1
 # Every bridge arm's common model.
@@ -212,7 +223,8 @@ def bridge_arm(distillation: dict, serve: str, pool: bool = True, smallest: bool
 
 # The deployable baselines: what a platform team would run without HeteroTune's method.
 DEPLOYABLE = [SMALLEST_COMMON, SMALLEST_HELD_OUT, SMALLEST_FEDDF, FAMILY_FEDAVG, HETLORA, FLEXLORA,
-              HETLORA_LR, FLEXLORA_LR, SMALLEST_COMMON_LA, SMALLEST_FEDDF_LA, SMALLEST_FEDDF_AGREE]
+              HETLORA_LR, FLEXLORA_LR, SMALLEST_COMMON_LA, SMALLEST_FEDDF_LA, SMALLEST_FEDDF_AGREE,
+              SMALLEST_FEDDF_SERVER]
 # label: (aggregation, adapter overrides, whether clients get per-capacity LoRA ranks,
 #         whether every client runs the scenario's smallest model, training overrides,
 #         extra spec fields)
@@ -286,6 +298,15 @@ METHODS: dict[str, dict] = {
     BRIDGE_CAL_AGREE: bridge_arm({"weight": 1.0, "temperature": 2.0, "poolWeight": 1.0,
                                   "poolTeacher": "ensemble"}, "agreement",
                                  calibration="poolEnsemble"),
+    BRIDGE_CAL_AGREEW: bridge_arm({"weight": 1.0, "temperature": 2.0, "poolWeight": 1.0,
+                                   "poolTeacher": "ensemble", "poolWeighting": "agreement"}, "auto",
+                                  calibration="poolEnsemble"),
+    BRIDGE_CAL_SERVER: bridge_arm({"weight": 1.0, "temperature": 2.0, "poolWeight": 1.0,
+                                   "poolTeacher": "ensemble", "serverSteps": SERVER_STEPS}, "auto",
+                                  calibration="poolEnsemble"),
+    SMALLEST_FEDDF_SERVER: bridge_arm({"weight": 0.0, "bridgeWeight": 0.0, "poolWeight": 1.0,
+                                       "poolTeacher": "ensemble", "serverSteps": SERVER_STEPS},
+                                      "bridge", smallest=True),
     SMALLEST_FEDDF_AGREE: bridge_arm({"weight": 0.0, "bridgeWeight": 0.0, "poolWeight": 1.0,
                                       "poolTeacher": "ensemble", "poolWeighting": "agreement"},
                                      "bridge", smallest=True),
@@ -303,6 +324,10 @@ BRIDGE_VARIANTS = {
     BRIDGE_ENSEMBLE_LA: {"own": "logit-adjusted: own model", "bridge": "logit-adjusted: bridge model"},
     BRIDGE_AGREE: {"own": "agreement-weighted: own model", "bridge": "agreement-weighted: bridge model"},
     BRIDGE_CAL: {"own": "calibrated: own model"},
+    BRIDGE_CAL_AGREEW: {"own": "calibrated agreement-weighted: own model",
+                        "bridge": "calibrated agreement-weighted: bridge model"},
+    BRIDGE_CAL_SERVER: {"own": "server-distilled: own model",
+                        "bridge": "server-distilled: bridge model"},
     BRIDGE_CAL_ONEWAY: {"own": "calibrated one-way: own model", "bridge": "calibrated one-way: bridge model"},
     # "auto": the ensemble, or the bridge on the bridge's backbone (analysis.expand_variants).
     BRIDGE_CAL_AGREE: {"auto": "served by agreement: auto in the same runs",

@@ -10,7 +10,8 @@
 //! * [`client`]: one client loaded (backbone, adapter, head, data, state),
 //!   trained for a round, evaluated; [`exchange`]: what it sends and
 //!   receives; [`init`]: the run's initial global; [`aggregate`]: a round's
-//!   aggregation on the server.
+//!   aggregation on the server, with [`server_distillation`], the server's
+//!   step on the bridge.
 
 pub mod adapters;
 pub mod aggregate;
@@ -28,6 +29,7 @@ pub mod metrics;
 pub mod models;
 pub mod mutual;
 pub(crate) mod prefix_cache;
+pub mod server_distillation;
 pub mod tokenizer;
 pub mod train;
 

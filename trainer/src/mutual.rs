@@ -202,19 +202,75 @@ fn pool_loss(
         PoolTeacher::Bridge => one_way(0, 1),
         PoolTeacher::Own => one_way(1, 0),
         PoolTeacher::Ensemble(probs) => {
-            let index = Tensor::from_slice(&rows.iter().map(|&r| r as i64).collect::<Vec<_>>())
-                .to_device(probs.device());
             let own = student(0);
-            // log-probabilities are logits of the same softmax
-            let teacher = probs
-                .index_select(0, &index)
-                .clamp_min(1e-8)
-                .log()
-                .to_device(own.device());
+            let teacher = teacher_rows(probs, rows, own.device());
             distillation_loss(&own, &teacher, t) + distillation_loss(&student(1), &teacher, t)
         }
     };
     loss * distill.pool_weight
+}
+
+/// Rows `rows` of the ensemble's `[pool texts, classes]` probabilities as
+/// logits on `device` (log-probabilities are logits of the same softmax).
+fn teacher_rows(probs: &Tensor, rows: &[usize], device: tch::Device) -> Tensor {
+    let index = Tensor::from_slice(&rows.iter().map(|&r| r as i64).collect::<Vec<_>>())
+        .to_device(probs.device());
+    probs
+        .index_select(0, &index)
+        .clamp_min(1e-8)
+        .log()
+        .to_device(device)
+}
+
+/// Trains `model` alone on the public pool against the ensemble's
+/// probabilities `teacher` (`[pool texts, classes]`, the rows of `pool` in
+/// order) for `settings.steps` batches of `settings.batch_size`:
+/// `T² KL(teacher ‖ model)` and nothing else, no label read (the
+/// aggregator's step, `bridge.distillation.serverSteps`). Returns each
+/// step's loss.
+pub fn distil_on_pool(
+    model: &mut ClientModel,
+    pool: &Prepared,
+    teacher: &Tensor,
+    settings: &TrainSettings,
+    temperature: f64,
+) -> Result<Vec<f64>> {
+    let n = pool.len();
+    let shape = teacher.size();
+    if n == 0 || shape.first().copied() != Some(n as i64) {
+        return Err(Error::config(
+            "spec.task.splits.pool",
+            format!(
+                "the pool has {n} texts and its ensemble {shape:?} rows: the pool changed \
+                 under the run (start a new run)"
+            ),
+        ));
+    }
+    let mut opt = model.optimizer(settings)?;
+    let mut sampler = BatchSampler::new(settings.seed, n);
+    let mut losses = Vec::with_capacity(settings.steps);
+    for step in 0..settings.steps {
+        set_step_lr(&mut opt, settings, step);
+        let rows = sampler.next(settings.batch_size);
+        let (logits, _, _) = batch_logits(model, pool, &rows);
+        let target = teacher_rows(teacher, &rows, logits.device());
+        let loss = distillation_loss(&logits, &target, temperature);
+        opt.zero_grad();
+        loss.backward();
+        if settings.max_grad_norm > 0.0 {
+            opt.clip_grad_norm(settings.max_grad_norm);
+        }
+        opt.step();
+        let value = loss.double_value(&[]);
+        if !value.is_finite() {
+            return Err(Error::config(
+                "spec.bridge.learningRate",
+                format!("the server's distillation loss became {value} at step {step}: lower the learning rate"),
+            ));
+        }
+        losses.push(value);
+    }
+    Ok(losses)
 }
 
 /// The class probabilities (`[examples, classes]`) of the model a client

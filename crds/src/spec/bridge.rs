@@ -89,6 +89,24 @@ pub struct DistillationSpec {
     /// ensemble (`poolTeacher: ensemble`): see [`PoolWeighting`].
     #[serde(default)]
     pub pool_weighting: PoolWeighting,
+    /// Steps the aggregator distils the averaged bridge on the public pool
+    /// against the round's ensemble before it writes the global (FedDF's
+    /// server step): the clients' bridges drift towards their own skewed
+    /// labels in their local steps, and the average of drifted models sits
+    /// below the ensemble that taught them. Each step is one batch of
+    /// `training.batchSize` pool texts at `temperature`, AdamW at the
+    /// bridge's learning rate, the batch order seeded by the spec's seed
+    /// and the round. 0 (the default) leaves the average as it is. Needs
+    /// `poolTeacher: ensemble` and a pool, and an aggregator that can read
+    /// the task's dataset and the bridge's model (the local runner always;
+    /// a cluster aggregation Job when both URIs are reachable from it).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    #[schemars(range(max = 10000))]
+    pub server_steps: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// The correction a client applies to its own model's predictions before
@@ -160,6 +178,7 @@ impl Default for DistillationSpec {
             pool_weight: default_weight(),
             pool_teacher: PoolTeacher::default(),
             pool_weighting: PoolWeighting::default(),
+            server_steps: 0,
         }
     }
 }

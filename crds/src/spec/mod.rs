@@ -121,6 +121,12 @@ use crate::status::FederatedTuneStatus;
         "reason": "FieldValueInvalid"
     },
     {
+        "rule": "!has(self.bridge) || !has(self.bridge.distillation) || !has(self.bridge.distillation.serverSteps) || self.bridge.distillation.serverSteps == 0 || (has(self.task.splits) && has(self.task.splits.pool) && self.task.splits.pool > 0.0 && (!has(self.bridge.distillation.poolTeacher) || self.bridge.distillation.poolTeacher == 'ensemble'))",
+        "message": "bridge.distillation.serverSteps distils the averaged bridge on the public pool against the federation's ensemble: it needs task.splits.pool above 0 and poolTeacher ensemble (the default); set serverSteps to 0 otherwise",
+        "fieldPath": ".bridge.distillation.serverSteps",
+        "reason": "FieldValueInvalid"
+    },
+    {
         "rule": "!has(self.aggregation.privacy) || (self.aggregation.algorithm in ['fedavg', 'family-fedavg'] && (!has(self.aggregation.robust) || !has(self.aggregation.robust.combine) || self.aggregation.robust.combine == 'mean'))",
         "message": "aggregation.privacy adds noise to sums of clipped updates: it needs algorithm fedavg or family-fedavg and robust.combine mean",
         "fieldPath": ".aggregation.privacy",

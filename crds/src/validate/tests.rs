@@ -77,6 +77,39 @@ fn base_spec_is_valid_and_gets_defaults() {
 }
 
 #[test]
+fn server_distillation_with_the_pool_ensemble_is_valid() {
+    let doc = set(
+        set(
+            base(),
+            "/spec/bridge",
+            Some(
+                json!({"model": {"family": "bert", "uri": "cache://models/m"},
+                        "distillation": {"serverSteps": 10}}),
+            ),
+        ),
+        "/spec/task/splits",
+        Some(json!({"pool": 0.1})),
+    );
+    let ft = validate_value(&mut doc.clone(), None).expect("valid");
+    let bridge = ft.spec.bridge.expect("a bridge");
+    assert_eq!(bridge.distillation.server_steps, 10);
+    // Off by default, and then not written back (the spec's bytes are unchanged).
+    let plain = set(
+        base(),
+        "/spec/bridge",
+        Some(json!({"model": {"family": "bert", "uri": "cache://models/m"}})),
+    );
+    let ft = validate_value(&mut plain.clone(), None).expect("valid");
+    let bridge = ft.spec.bridge.expect("a bridge");
+    assert_eq!(bridge.distillation.server_steps, 0);
+    let back = serde_json::to_value(&bridge).expect("serialises");
+    assert!(
+        back.pointer("/distillation/serverSteps").is_none(),
+        "{back}"
+    );
+}
+
+#[test]
 fn invalid_specs_name_their_field() {
     let cases: Vec<(&str, Value, &str)> = vec![
         (
@@ -119,6 +152,34 @@ fn invalid_specs_name_their_field() {
                             "privacy": {"clipNorm": 1.0, "noiseMultiplier": 1.0, "delta": 1e-5}})),
             ),
             "spec.bridge.distillation.poolTeacher",
+        ),
+        (
+            "server distillation without a pool",
+            set(
+                base(),
+                "/spec/bridge",
+                Some(
+                    json!({"model": {"family": "bert", "uri": "cache://models/m"},
+                            "distillation": {"serverSteps": 10}}),
+                ),
+            ),
+            "spec.bridge.distillation.serverSteps",
+        ),
+        (
+            "server distillation with the bridge teaching the pool",
+            set(
+                set(
+                    base(),
+                    "/spec/bridge",
+                    Some(
+                        json!({"model": {"family": "bert", "uri": "cache://models/m"},
+                                "distillation": {"serverSteps": 10, "poolTeacher": "bridge"}}),
+                    ),
+                ),
+                "/spec/task/splits",
+                Some(json!({"pool": 0.1})),
+            ),
+            "spec.bridge.distillation.serverSteps",
         ),
         (
             "an unknown served model",

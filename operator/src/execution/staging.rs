@@ -128,14 +128,8 @@ pub async fn stage_inputs(
             entry.0 = ModelFiles::All;
         }
     }
-    // The bridge: every client's trainer runs it, so it needs what the
-    // neediest client needs.
     if let Some(bridge) = &spec.bridge {
-        let need = if (0..spec.clients.len()).any(|i| models(i) == ModelFiles::All) {
-            ModelFiles::All
-        } else {
-            ModelFiles::Config
-        };
+        let need = bridge_files(spec, &models);
         let entry = wanted
             .entry(uri::staging_key(&bridge.model.uri))
             .or_insert((need, "spec.bridge.model.uri".into()));
@@ -163,6 +157,22 @@ pub async fn stage_inputs(
 }
 
 /// Stages one `s3://` model under `dir/models` (`None` for a local model).
+/// What of the bridge's model to stage: every client's trainer runs it, so
+/// it needs what the neediest client needs; the aggregator runs it too when
+/// it distils the bridge (`bridge.distillation.serverSteps`), so then all
+/// of it, whatever the clients need.
+fn bridge_files(spec: &FederatedTuneSpec, models: impl Fn(usize) -> ModelFiles) -> ModelFiles {
+    let distils = spec
+        .bridge
+        .as_ref()
+        .is_some_and(|b| b.distillation.server_steps > 0);
+    if distils || (0..spec.clients.len()).any(|i| models(i) == ModelFiles::All) {
+        ModelFiles::All
+    } else {
+        ModelFiles::Config
+    }
+}
+
 async fn stage_model(
     buckets: &mut Buckets<'_>,
     model_uri: &str,
@@ -351,6 +361,34 @@ pub async fn aggregate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The aggregator stages only config.json of the clients' models, and
+    /// all of the bridge's when it distils the bridge.
+    #[test]
+    fn the_bridge_is_staged_whole_for_an_aggregator_that_distils_it() {
+        let spec = |steps: u32| {
+            let yaml = format!(
+                r#"
+apiVersion: heterotune.dev/v1alpha1
+kind: FederatedTune
+metadata: {{ name: t }}
+spec:
+  clients:
+    - {{ name: a, model: {{ family: bert, uri: "s3://b/models/m" }} }}
+  task: {{ dataset: {{ uri: "s3://b/d.jsonl" }}, labels: [neg, pos], splits: {{ pool: 0.1 }} }}
+  aggregation: {{ algorithm: fedavg }}
+  bridge: {{ model: {{ family: bert, uri: "s3://b/models/l3" }}, distillation: {{ serverSteps: {steps} }} }}
+"#
+            );
+            heterotune_crds::validate::parse_federated_tune(&yaml)
+                .expect("valid")
+                .spec
+        };
+        let aggregator = |_| ModelFiles::Config;
+        assert_eq!(bridge_files(&spec(0), aggregator), ModelFiles::Config);
+        assert_eq!(bridge_files(&spec(20), aggregator), ModelFiles::All);
+        assert_eq!(bridge_files(&spec(0), |_| ModelFiles::All), ModelFiles::All);
+    }
 
     #[test]
     fn staging_folders_are_distinct_and_plain() {

@@ -72,7 +72,8 @@ pub use intake::RoundOptions;
 pub use reject::{Reject, RejectReason};
 pub use robust::RobustStats;
 pub use stats::{
-    FamilyStats, GroupStats, PairCosine, Participant, PrivacyStats, RoundStats, Timing,
+    FamilyStats, GroupStats, PairCosine, Participant, PrivacyStats, RoundStats,
+    ServerDistillationStats, Timing,
 };
 
 /// A client of the spec, as aggregation sees it.
@@ -413,7 +414,9 @@ pub fn aggregate_round_with(
     intake::check_quorum(&stats)?;
     let verified_at = Instant::now();
 
-    let tensors = finish_checked(aggregator, &ctx, &mut stats)?;
+    let mut tensors = finish_checked(aggregator, &ctx, &mut stats)?;
+    stats.server_distillation =
+        crate::server_distillation::distil_bridge(spec, round, &mut tensors)?;
     let aggregated_at = Instant::now();
     stats.timing = Timing {
         verify_seconds: (verified_at - started).as_secs_f64(),

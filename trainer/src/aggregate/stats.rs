@@ -52,6 +52,10 @@ pub struct RoundStats {
     /// and the clients whose update was clipped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub privacy: Option<PrivacyStats>,
+    /// `bridge.distillation.serverSteps`: the server's distillation of the
+    /// averaged bridge on the public pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_distillation: Option<ServerDistillationStats>,
     /// Where the time went.
     pub timing: Timing,
 }
@@ -70,6 +74,25 @@ pub struct PrivacyStats {
     pub epsilon: f64,
     /// Clients whose update was above `clipNorm` this round.
     pub clipped: Vec<String>,
+}
+
+/// The server's distillation of the bridge in one round
+/// (`bridge.distillation.serverSteps`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServerDistillationStats {
+    /// Steps run.
+    pub steps: u32,
+    /// Texts of the public pool.
+    pub pool_texts: usize,
+    /// The distillation loss, `T² KL(ensemble ‖ bridge)`, over the whole
+    /// pool: of the averaged bridge, and of the distilled one.
+    pub kl_before: f64,
+    pub kl_after: f64,
+    /// The loss of the last step's batch.
+    pub last_batch_loss: f64,
+    /// Seconds it took (loading the bridge and the pool included).
+    pub seconds: f64,
 }
 
 impl RoundStats {
