@@ -76,30 +76,31 @@ fn base_spec_is_valid_and_gets_defaults() {
     );
 }
 
+/// The base spec with a bridge on `cache://models/m` whose `distillation`
+/// is `distillation`, and a public pool of `pool` (none at 0).
+fn bridged(distillation: Value, pool: f64) -> Value {
+    let doc = set(
+        base(),
+        "/spec/bridge",
+        Some(
+            json!({"model": {"family": "bert", "uri": "cache://models/m"},
+                    "distillation": distillation}),
+        ),
+    );
+    if pool > 0.0 {
+        set(doc, "/spec/task/splits", Some(json!({ "pool": pool })))
+    } else {
+        doc
+    }
+}
+
 #[test]
 fn server_distillation_with_the_pool_ensemble_is_valid() {
-    let doc = set(
-        set(
-            base(),
-            "/spec/bridge",
-            Some(
-                json!({"model": {"family": "bert", "uri": "cache://models/m"},
-                        "distillation": {"serverSteps": 10}}),
-            ),
-        ),
-        "/spec/task/splits",
-        Some(json!({"pool": 0.1})),
-    );
-    let ft = validate_value(&mut doc.clone(), None).expect("valid");
+    let ft = validate_value(&mut bridged(json!({"serverSteps": 10}), 0.1), None).expect("valid");
     let bridge = ft.spec.bridge.expect("a bridge");
     assert_eq!(bridge.distillation.server_steps, 10);
     // Off by default, and then not written back (the spec's bytes are unchanged).
-    let plain = set(
-        base(),
-        "/spec/bridge",
-        Some(json!({"model": {"family": "bert", "uri": "cache://models/m"}})),
-    );
-    let ft = validate_value(&mut plain.clone(), None).expect("valid");
+    let ft = validate_value(&mut bridged(json!({}), 0.0), None).expect("valid");
     let bridge = ft.spec.bridge.expect("a bridge");
     assert_eq!(bridge.distillation.server_steps, 0);
     let back = serde_json::to_value(&bridge).expect("serialises");
@@ -155,30 +156,12 @@ fn invalid_specs_name_their_field() {
         ),
         (
             "server distillation without a pool",
-            set(
-                base(),
-                "/spec/bridge",
-                Some(
-                    json!({"model": {"family": "bert", "uri": "cache://models/m"},
-                            "distillation": {"serverSteps": 10}}),
-                ),
-            ),
+            bridged(json!({"serverSteps": 10}), 0.0),
             "spec.bridge.distillation.serverSteps",
         ),
         (
             "server distillation with the bridge teaching the pool",
-            set(
-                set(
-                    base(),
-                    "/spec/bridge",
-                    Some(
-                        json!({"model": {"family": "bert", "uri": "cache://models/m"},
-                                "distillation": {"serverSteps": 10, "poolTeacher": "bridge"}}),
-                    ),
-                ),
-                "/spec/task/splits",
-                Some(json!({"pool": 0.1})),
-            ),
+            bridged(json!({"serverSteps": 10, "poolTeacher": "bridge"}), 0.1),
             "spec.bridge.distillation.serverSteps",
         ),
         (
