@@ -10,6 +10,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
+from .results import EARLIER_CPU
 from .spec import (BRIDGE, BRIDGE_CAL, BRIDGE_ENSEMBLE, BRIDGE_MODEL, BRIDGE_POOL, BRIDGE_VALIDATED, BRIDGE_VARIANTS, DEPLOYABLE, FAMILY_FEDAVG, METHODS, MODEL_ORDER, NOT_RUN,
                    SCENARIOS, SHIPPED_DEFAULT, TASKS, RunKey, model_label)
 
@@ -29,7 +30,7 @@ def group(records: dict[RunKey, dict]) -> Groups:
     bridge's served variants become rows of their own."""
     out: Groups = {}
     for key, rec in records.items():
-        res = dict(rec["result"], wall_seconds=rec.get("wall_seconds"))
+        res = dict(rec["result"], wall_seconds=rec.get("wall_seconds"), cpu=rec.get("cpu") or EARLIER_CPU)
         out.setdefault((key.scenario, key.task), {}).setdefault(key.method, {})[key.seed] = res
     for runs in out.values():
         serve_auto(runs)
@@ -293,6 +294,9 @@ def scenario_block(scenario: str, task: str, runs: dict[str, dict[int, dict]], d
                                                             f"− {FAMILY_FEDAVG}", "KB up/client/round",
                                                             "wall s/run"]
     out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    # The table's CPU is its first run's; a row with a run on another CPU is marked (and footnoted).
+    table_cpu = next((r["cpu"] for m in methods for r in runs[m].values() if r.get("cpu")), None)
+    elsewhere: dict[str, list[str]] = {}
     for m in methods:
         rs = runs[m]
         cells = [fmt_acc([by_model(r, mod) for r in rs.values()]) for mod in models]
@@ -305,11 +309,20 @@ def scenario_block(scenario: str, task: str, runs: dict[str, dict[int, dict]], d
         cells.append(f"{statistics.mean(walls):.0f}" if walls and not rs[next(iter(rs))].get("derived_from")
                      else "(same run)" if walls else "–")
         name = f"**{m}**" if m == default else m
+        other = sorted({r["cpu"] for r in rs.values() if r.get("cpu") and r["cpu"] != table_cpu})
+        if other:
+            name += " †"
+            elsewhere[m] = other
         out.append("| " + " | ".join([name] + cells) + " |")
     for m in [m for m in METHODS if not runs.get(m)]:
         why = NOT_RUN.get(m, "not run on this scenario and task yet")
         out.append("| " + " | ".join([m, f"not run: {why}"] + [""] * (len(head) - 2)) + " |")
     out.append("")
+    if elsewhere:
+        out += [f"† Rows run, in part or whole, on another CPU than this table's ({table_cpu}): "
+                + "; ".join(f"{m} on {', '.join(c)}" for m, c in elsewhere.items())
+                + ". The same training can end several points apart on two CPUs (movie sentiment: "
+                  "8.5 points once): compare such a row with the others with care.", ""]
     # paired differences per seed
     lines, seen = [], set()
     for m in methods:

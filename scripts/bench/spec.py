@@ -335,6 +335,12 @@ BRIDGE_VARIANTS = {
 }
 # Listed in the docs, not run yet.
 NOT_RUN: dict[str, str] = {
+    BRIDGE_CAL_SERVER: "on seeds 0–2; run on movie seed 0 and on the unseen TREC-6 seeds 3 and 4 (Intel "
+                       "Xeon) and rejected there (method.md, \"The server's step on the bridge\")",
+    SMALLEST_FEDDF_SERVER: "on seeds 0–2; run beside the server-distilled arm on movie seed 0 and TREC-6 "
+                           "seed 3 (method.md, \"The server's step on the bridge\")",
+    BRIDGE_CAL_AGREEW: "on seeds 0–2; one run on movie seed 0 on another CPU (benchmarks.md, \"Two rules "
+                       "tried\")",
     BRIDGE_CAL_AGREE: "on seeds 0–2; run on the unseen seeds 3 and 4 of S2 TREC-6 and rejected there "
                       "(method.md, \"Serving by agreement with the pool ensemble\")",
 }

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from bench import analysis, results
+from bench.results import EARLIER_CPU
 from bench.spec import (BRIDGE, BRIDGE_CAL, BRIDGE_ENSEMBLE, DEPLOYABLE, SMALLEST_FEDDF, SMALLEST_HELD_OUT, VADER_COUNTS, FAMILY_FEDAVG, FLEXLORA, HETLORA, LORA_LR, METHODS, MODELS, SCENARIOS,
                         SMALLEST_COMMON, TASKS, RunKey, build_spec, dataset_for, derive_vader_movie,
                         smallest_model)
@@ -434,6 +435,19 @@ def test_render_and_docs_block():
     twice = analysis.update_block(once, "BLOCK 2\n")
     assert twice == once.replace("BLOCK 1", "BLOCK 2") and twice.count(analysis.BEGIN) == 1
     assert analysis.update_block("", "B").startswith("# Benchmarks\n\n" + analysis.SECTION)
+
+
+def test_rows_run_on_another_cpu_are_marked():
+    records = {RunKey("S2", "trec", m, s, 12, 20): {"wall_seconds": 5.0, "result": r,
+                                                    **({"cpu": "Other CPU"} if m == HETLORA else {})}
+               for m, by_seed in runs_fixture().items() for s, r in by_seed.items()}
+    runs = analysis.group(records)[("S2", "trec")]
+    assert runs[HETLORA][0]["cpu"] == "Other CPU" and runs[BRIDGE][0]["cpu"] == EARLIER_CPU
+    text = analysis.scenario_block("S2", "trec", runs, BRIDGE, [])
+    assert "| HetLoRA † |" in text and "| family-FedAvg |" in text
+    assert f"another CPU than this table's ({EARLIER_CPU}): HetLoRA on Other CPU." in text
+    del runs[HETLORA]
+    assert "†" not in analysis.scenario_block("S2", "trec", runs, BRIDGE, [])
 
 
 def test_plots_write_pngs(tmp_path):
