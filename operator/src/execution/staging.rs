@@ -156,7 +156,6 @@ pub async fn stage_inputs(
     Ok(Some(file))
 }
 
-/// Stages one `s3://` model under `dir/models` (`None` for a local model).
 /// What of the bridge's model to stage: every client's trainer runs it, so
 /// it needs what the neediest client needs; the aggregator runs it too when
 /// it distils the bridge (`bridge.distillation.serverSteps`), so then all
@@ -173,6 +172,7 @@ fn bridge_files(spec: &FederatedTuneSpec, models: impl Fn(usize) -> ModelFiles) 
     }
 }
 
+/// Stages one `s3://` model under `dir/models` (`None` for a local model).
 async fn stage_model(
     buckets: &mut Buckets<'_>,
     model_uri: &str,
