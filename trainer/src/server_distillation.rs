@@ -97,9 +97,10 @@ pub fn distil_bridge(
     let model_id = bridge.model_id(bridge_spec);
     let pool = bridge.model.prepare(&data.pool, &train, &model_id)?;
     let temperature = bridge_spec.distillation.temperature;
+    // The ensemble as logits (log-probabilities), once for both passes.
+    let target = teacher.clamp_min(1e-8).log();
     let whole_pool = |model: &crate::train::ClientModel| -> Result<f64> {
         let logits = model.logits(&pool, train.eval_batch_size)?;
-        let target = teacher.clamp_min(1e-8).log();
         Ok(mutual::distillation_loss(&logits, &target, temperature).double_value(&[]))
     };
     let kl_before = whole_pool(&bridge.model)?;
