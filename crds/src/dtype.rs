@@ -6,16 +6,29 @@
 //!
 //! | device | `auto` becomes |
 //! |---|---|
-//! | x86-64 CPU with AVX512-BF16 or AMX-BF16 | bfloat16 |
+//! | x86-64 CPU with AVX512-BF16 or AMX-BF16 | bfloat16 when a timed GEMM says it is at least [`BF16_SPEEDUP`]× faster than float32 there, else float32 |
 //! | any other CPU (AVX2 only, ARM, ...) | float32: bfloat16 would be emulated, several times slower |
 //! | CUDA GPU, compute capability >= 8.0 (Ampere and newer) | bfloat16 |
 //! | CUDA GPU below 8.0 | float32 |
 //!
-//! `HETEROTUNE_CPU_BF16=1` (or `0`) overrides what the CPU's flags say, for
-//! tests and benchmarks: forcing the float32 path on a CPU with bf16 units
-//! shows what a CPU without them would run. Explicit dtypes are never changed.
+//! The flags are not enough: a 2-core Intel Xeon with AVX512-BF16 (no AMX)
+//! ran libtorch's bfloat16 GEMMs 1.7× *slower* than its float32 ones, and
+//! the quickstart 388 s in bfloat16 against 250 s in float32, where an AMD
+//! EPYC with the same flag ran it 1.7× faster in bfloat16. So on a CPU whose
+//! flags name bf16 units the trainer times one GEMM forward and backward in
+//! both dtypes ([`resolve_cpu_timed`]); the tensor code lives in the
+//! trainer, the rule here.
+//!
+//! `HETEROTUNE_CPU_BF16=1` (or `0`) overrides what the CPU's flags and the
+//! timing say, for tests and benchmarks: forcing the float32 path on a CPU
+//! with bf16 units shows what a CPU without them would run. Explicit dtypes
+//! are never changed.
 
 use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::spec::Dtype;
 
@@ -23,6 +36,61 @@ use crate::spec::Dtype;
 /// (`1`, `true`, `yes`, `on`: bfloat16; `0`, `false`, `no`, `off`: float32;
 /// anything else is ignored).
 pub const CPU_BF16_ENV: &str = "HETEROTUNE_CPU_BF16";
+
+/// How much faster a bfloat16 GEMM must run than a float32 one for `auto`
+/// to pick bfloat16 on a CPU: clearly faster, so that timing noise near
+/// parity does not pick the dtype that loses precision.
+pub const BF16_SPEEDUP: f64 = 1.25;
+
+/// One GEMM's forward and backward timed in each dtype on this CPU
+/// (microseconds, the fastest of a few interleaved tries).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GemmTimes {
+    /// bfloat16.
+    pub bf16_us: u32,
+    /// float32.
+    pub f32_us: u32,
+}
+
+impl GemmTimes {
+    /// Whether bfloat16 is at least [`BF16_SPEEDUP`]× faster.
+    pub fn bf16_pays(self) -> bool {
+        f64::from(self.f32_us) >= BF16_SPEEDUP * f64::from(self.bf16_us.max(1))
+    }
+}
+
+/// Where a machine's [`GemmTimes`] are kept under the cache `root`
+/// (`$HETEROTUNE_CACHE`): `cpu/dtype-timing-<key>.json`, the key hashing
+/// `cpuinfo`'s model name and flags and this build's version, so that every
+/// trainer of a machine (every round, a resumed run) reads the first
+/// timing, and another CPU or build times again.
+pub fn timing_file(root: &Path, cpuinfo: &str) -> PathBuf {
+    let line = |key: &str| {
+        cpuinfo
+            .lines()
+            .find(|l| l.split_once(':').is_some_and(|(k, _)| k.trim() == key))
+            .unwrap_or_default()
+    };
+    let mut hash = Sha256::new();
+    for part in [line("model name"), line("flags"), env!("CARGO_PKG_VERSION")] {
+        hash.update(part.as_bytes());
+        hash.update([0]);
+    }
+    let key = hex::encode(&hash.finalize()[..8]);
+    root.join("cpu").join(format!("dtype-timing-{key}.json"))
+}
+
+/// This machine's [`timing_file`] (None without a cache root).
+pub fn this_timing_file() -> Option<PathBuf> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    crate::uri::cache_root().map(|root| timing_file(&root, &cpuinfo))
+}
+
+/// Kept timings (None when missing or unreadable).
+pub fn read_timing(file: &Path) -> Option<GemmTimes> {
+    serde_json::from_slice(&std::fs::read(file).ok()?).ok()
+}
 
 /// Why a dtype was chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +103,14 @@ pub enum Reason {
     AmxBf16,
     /// The CPU has no bf16 units (or is not x86-64).
     NoBf16Units,
+    /// The CPU has bf16 units (`units`, [`Reason::Avx512Bf16`] or
+    /// [`Reason::AmxBf16`]) and a timed GEMM decided.
+    Timed {
+        /// What the flags say.
+        units: Bf16Units,
+        /// The timing.
+        times: GemmTimes,
+    },
     /// [`CPU_BF16_ENV`] decided (`true`: bfloat16).
     Override(bool),
     /// A CUDA GPU of this compute capability (major, minor).
@@ -50,10 +126,34 @@ impl fmt::Display for Reason {
             Reason::Avx512Bf16 => f.write_str("AVX512-BF16"),
             Reason::AmxBf16 => f.write_str("AMX-BF16"),
             Reason::NoBf16Units => f.write_str("no bf16 units"),
+            Reason::Timed { units, times } => write!(
+                f,
+                "{units}; a GEMM timed {:.1} ms in bfloat16, {:.1} ms in float32",
+                f64::from(times.bf16_us) / 1000.0,
+                f64::from(times.f32_us) / 1000.0
+            ),
             Reason::Override(on) => write!(f, "{CPU_BF16_ENV}={}", u8::from(*on)),
             Reason::Cuda(major, minor) => write!(f, "CUDA compute capability {major}.{minor}"),
             Reason::CudaUnknown => f.write_str("CUDA compute capability unknown"),
         }
+    }
+}
+
+/// Which bf16 units a CPU's flags name (AVX512-BF16 first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bf16Units {
+    /// AVX512-BF16.
+    Avx512,
+    /// AMX-BF16 without AVX512-BF16.
+    Amx,
+}
+
+impl fmt::Display for Bf16Units {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Bf16Units::Avx512 => "AVX512-BF16",
+            Bf16Units::Amx => "AMX-BF16",
+        })
     }
 }
 
@@ -174,10 +274,42 @@ pub fn resolve_cpu(dtype: Dtype, units: CpuBf16Units, force: Option<bool>) -> Re
     }
 }
 
-/// `dtype` on this machine's CPU (its units and [`CPU_BF16_ENV`]).
+/// [`resolve_cpu`], with a timed GEMM deciding on a CPU whose flags name
+/// bf16 units: `time` runs only there (and only for `auto` without an
+/// override); bfloat16 when [`GemmTimes::bf16_pays`]. When `time` cannot
+/// measure (`None`) the flags decide, as in [`resolve_cpu`].
+pub fn resolve_cpu_timed(
+    dtype: Dtype,
+    units: CpuBf16Units,
+    force: Option<bool>,
+    time: impl FnOnce() -> Option<GemmTimes>,
+) -> Resolved {
+    let by_flags = resolve_cpu(dtype, units, force);
+    let units = match by_flags.reason {
+        Reason::Avx512Bf16 => Bf16Units::Avx512,
+        Reason::AmxBf16 => Bf16Units::Amx,
+        _ => return by_flags,
+    };
+    match time() {
+        Some(times) => Resolved::auto(times.bf16_pays(), Reason::Timed { units, times }),
+        None => by_flags,
+    }
+}
+
+/// The [`CPU_BF16_ENV`] override of this process, if any.
+pub fn this_override() -> Option<bool> {
+    parse_override(std::env::var(CPU_BF16_ENV).ok().as_deref())
+}
+
+/// `dtype` on this machine's CPU as far as it is known without tensors
+/// (what `heterotune plan` prints): its flags, [`CPU_BF16_ENV`], and the
+/// GEMM timing a trainer kept here ([`this_timing_file`]); before any
+/// trainer timed it, the flags alone (the trainer's own rule:
+/// `heterotune_trainer::cpu_dtype`).
 pub fn resolve_this_cpu(dtype: Dtype) -> Resolved {
-    let force = parse_override(std::env::var(CPU_BF16_ENV).ok().as_deref());
-    resolve_cpu(dtype, CpuBf16Units::detect(), force)
+    resolve_cpu_timed(dtype, CpuBf16Units::detect(), this_override(), || {
+        this_timing_file().and_then(|f| read_timing(&f))
+    })
 }
 
 /// `dtype` on a CUDA GPU of compute `capability` (major, minor; `None`:
@@ -246,6 +378,76 @@ mod tests {
         ] {
             assert_eq!(parse_override(value), expected, "{value:?}");
         }
+    }
+
+    #[test]
+    fn a_timed_gemm_decides_where_the_flags_name_bf16_units() {
+        let times = |bf16_us, f32_us| GemmTimes { bf16_us, f32_us };
+        // This Intel Xeon: bfloat16 1.7x slower.
+        let slow = times(71_300, 41_500);
+        let r = resolve_cpu_timed(Dtype::Auto, AVX512, None, || Some(slow));
+        assert_eq!(r.dtype, Dtype::Float32);
+        assert_eq!(
+            r.to_string(),
+            "auto → float32 (AVX512-BF16; a GEMM timed 71.3 ms in bfloat16, 41.5 ms in float32)"
+        );
+        // Clearly faster: bfloat16; faster by less than BF16_SPEEDUP: not.
+        let r = resolve_cpu_timed(Dtype::Auto, AMX, None, || Some(times(10_000, 12_500)));
+        assert_eq!(r.dtype, Dtype::Bfloat16);
+        assert!(
+            r.to_string().starts_with("auto → bfloat16 (AMX-BF16; "),
+            "{r}"
+        );
+        let r = resolve_cpu_timed(Dtype::Auto, AVX512, None, || Some(times(10_000, 12_499)));
+        assert_eq!(r.dtype, Dtype::Float32);
+        // No timing: the flags decide.
+        let r = resolve_cpu_timed(Dtype::Auto, AVX512, None, || None);
+        assert_eq!((r.dtype, r.reason), (Dtype::Bfloat16, Reason::Avx512Bf16));
+        // Nothing is timed without units, with an override, or for an
+        // explicit dtype.
+        let never = || -> Option<GemmTimes> { panic!("timed") };
+        assert_eq!(
+            resolve_cpu_timed(Dtype::Auto, NONE, None, never).reason,
+            Reason::NoBf16Units
+        );
+        assert_eq!(
+            resolve_cpu_timed(Dtype::Auto, AVX512, Some(true), never).reason,
+            Reason::Override(true)
+        );
+        assert_eq!(
+            resolve_cpu_timed(Dtype::Bfloat16, AVX512, None, never).reason,
+            Reason::Explicit
+        );
+        // A zero bf16 time does not divide by zero.
+        assert!(times(0, 2).bf16_pays());
+    }
+
+    #[test]
+    fn the_timing_file_names_the_cpu_and_reads_back() {
+        let root = Path::new("/cache");
+        let a = "model name\t: Xeon\nflags\t\t: avx2 avx512_bf16\n";
+        let file = timing_file(root, a);
+        assert!(file.starts_with("/cache/cpu"), "{}", file.display());
+        assert_eq!(file, timing_file(root, a), "the same CPU, the same file");
+        assert_ne!(file, timing_file(root, "model name: Xeon\nflags: avx2\n"));
+        assert_ne!(
+            file,
+            timing_file(root, "model name: EPYC\nflags: avx2 avx512_bf16\n")
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = timing_file(dir.path(), a);
+        assert_eq!(read_timing(&file), None, "none kept");
+        std::fs::create_dir_all(file.parent().expect("dir")).expect("mkdir");
+        std::fs::write(&file, br#"{"bf16Us":71300,"f32Us":41500}"#).expect("write");
+        assert_eq!(
+            read_timing(&file),
+            Some(GemmTimes {
+                bf16_us: 71_300,
+                f32_us: 41_500
+            })
+        );
+        std::fs::write(&file, b"{").expect("write");
+        assert_eq!(read_timing(&file), None, "a damaged file is no timing");
     }
 
     #[test]

@@ -214,10 +214,18 @@ fn dtype_line(spec: &FederatedTuneSpec, on_cpu: dtype::Resolved) -> Option<Strin
         .collect();
     (!auto.is_empty()).then(|| {
         format!(
-            "dtype of {}: {on_cpu} on this machine's CPU; on a CUDA GPU bfloat16 at compute \
+            "dtype of {}: {on_cpu} on this machine's CPU{}; on a CUDA GPU bfloat16 at compute \
              capability 8.0 or more, float32 below (memory is sized as bfloat16 on a GPU \
              and, on a CPU, as this machine's CPU runs it)",
-            auto.join(", ")
+            auto.join(", "),
+            match on_cpu.reason {
+                dtype::Reason::Avx512Bf16 | dtype::Reason::AmxBf16 => format!(
+                    " by its flags, until the first trainer here times a GEMM in both dtypes \
+                     (bfloat16 only when it is {}× faster)",
+                    dtype::BF16_SPEEDUP
+                ),
+                _ => String::new(),
+            }
         )
     })
 }

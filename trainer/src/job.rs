@@ -185,8 +185,9 @@ pub fn dema_config(
 
 /// What `dtype` (a client's `model.dtype`) is on `device`: `auto` resolved
 /// by the rule of [`heterotune_crds::dtype`] (a CUDA GPU by the compute
-/// capability its driver reports, any other device by this CPU's bf16 units
-/// and `HETEROTUNE_CPU_BF16`); explicit dtypes as they are.
+/// capability its driver reports, any other device by this CPU's bf16 units,
+/// `HETEROTUNE_CPU_BF16` and, where the units exist, a timed GEMM:
+/// [`crate::cpu_dtype`]); explicit dtypes as they are.
 pub fn resolve_dtype(dtype: Dtype, device: tch::Device) -> Resolved {
     match device {
         tch::Device::Cuda(index) => {
@@ -195,7 +196,7 @@ pub fn resolve_dtype(dtype: Dtype, device: tch::Device) -> Resolved {
                 .flatten();
             dtype::resolve_cuda(dtype, capability)
         }
-        _ => dtype::resolve_this_cpu(dtype),
+        _ => crate::cpu_dtype::resolve(dtype),
     }
 }
 

@@ -18,6 +18,7 @@ pub mod aggregate;
 pub mod artifact;
 pub mod calibration;
 pub mod client;
+pub mod cpu_dtype;
 pub mod cuda;
 pub mod data;
 pub mod error;
