@@ -73,8 +73,10 @@ def summarise(report: dict, homes: dict[str, str]) -> dict:
     if not clients:
         raise ValueError("report.json has no finalEvaluation records")
     durations = [r["durationSeconds"] for r in report.get("rounds", [])]
+    dtypes = sorted({d for f in report.get("families", []) for d in f.get("dtypesRun", [])})
     return {
         "clients": clients,
+        "dtypes": dtypes,
         "total_seconds": report.get("totalSeconds"),
         "round_seconds": statistics.median(durations[1:] if len(durations) > 1 else durations)
         if durations else None,
@@ -130,8 +132,13 @@ def cpus(records) -> str:
 
 def append(path: Path, key: RunKey, result: dict, wall_seconds: float, measured_on: str = "",
            cpu: str = "") -> dict:
+    cpu = cpu or cpu_model()
+    if result.get("dtypes"):
+        # What `dtype: auto` became: the same CPU ran bfloat16 before the trainer timed its GEMMs
+        # (2026-12-07) and may run float32 after, so rows differing in it are marked apart.
+        cpu += f"; ran {' + '.join(result['dtypes'])}"
     record = {**key.as_dict(), "wall_seconds": wall_seconds, "measured_on": measured_on,
-              "cpu": cpu or cpu_model(), "result": result}
+              "cpu": cpu, "result": result}
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")

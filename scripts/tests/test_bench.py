@@ -235,7 +235,9 @@ def _report(variants=False):
         final[0]["variants"] = {"own": 0.78, "bridge": 0.75, "ensemble": 0.8}
         final[1]["variants"] = {"own": 0.55, "bridge": 0.7, "ensemble": 0.6}
         final[1]["served"] = "bridge"
-    return {"rounds": rounds, "finalEvaluation": final, "totalSeconds": 30.0}
+    families = [{"key": f"{L3}.ef204a", "dtypesRun": ["float32"]},
+                {"key": f"{SM}.b280af", "dtypesRun": ["bfloat16", "float32"]}]
+    return {"rounds": rounds, "finalEvaluation": final, "totalSeconds": 30.0, "families": families}
 
 
 def test_summarise_report():
@@ -245,6 +247,7 @@ def test_summarise_report():
                     "bytes_up": 200, "train_seconds": 2.0, "peak_rss": 3e8}
     assert bank["model"] == SM and "variants" not in bank
     assert r["round_seconds"] == 7.0 and r["total_seconds"] == 30.0
+    assert r["dtypes"] == ["bfloat16", "float32"]
     # smallest-common: the client's home differs from the model it ran
     r = results.summarise(_report(), {"edge": L3, "bank": MP})
     assert r["clients"][1]["home"] == MP and r["clients"][1]["model"] == SM
@@ -276,6 +279,10 @@ def test_results_file_roundtrip(tmp_path):
     loaded = results.load(f)
     assert list(loaded) == [k] and loaded[k]["result"]["x"] == 2 and loaded[k]["wall_seconds"] == 4.0
     assert results.load(tmp_path / "none.jsonl") == {}
+    # What `dtype: auto` ran joins the CPU, so that rows differing in it are marked apart.
+    rec = results.append(f, k, {"clients": [], "dtypes": ["float32"]}, 1.0, cpu="Some CPU")
+    assert rec["cpu"] == "Some CPU; ran float32"
+    assert results.append(f, k, {"clients": []}, 1.0, cpu="Some CPU")["cpu"] == "Some CPU"
 
 
 # --- tables on synthetic results -------------------------------------------------------------------
