@@ -37,6 +37,38 @@ pub fn resolve(dtype: Dtype) -> Resolved {
     )
 }
 
+/// `heterotune-trainer cpu-dtype`: a fresh timing, the kept one and the
+/// choice `auto` makes here, one per line.
+pub fn report() -> String {
+    let fresh = time_gemm();
+    let file = dtype::this_timing_file();
+    let kept = file.as_deref().and_then(dtype::read_timing);
+    let ms = |t: Option<GemmTimes>| match t {
+        Some(t) => format!(
+            "bfloat16 {:.2} ms, float32 {:.2} ms ({:.2}× {})",
+            f64::from(t.bf16_us) / 1000.0,
+            f64::from(t.f32_us) / 1000.0,
+            f64::from(t.f32_us.max(t.bf16_us)) / f64::from(t.f32_us.min(t.bf16_us).max(1)),
+            if t.bf16_us < t.f32_us {
+                "faster in bfloat16"
+            } else {
+                "slower in bfloat16"
+            }
+        ),
+        None => "none".to_string(),
+    };
+    format!(
+        "GEMM {ROWS}×{WIDTH} by {}×{WIDTH}, forward and backward, fastest of {TRIES}, {} threads\n\
+         timed now: {}\nkept ({}): {}\nauto: {}\n",
+        4 * WIDTH,
+        tch::get_num_threads(),
+        ms(fresh),
+        file.map_or("no cache".to_string(), |f| f.display().to_string()),
+        ms(kept),
+        resolve(Dtype::Auto)
+    )
+}
+
 /// The machine's timing: kept by a trainer before, else measured now (and
 /// kept, the first writer winning). Once per process.
 fn this_machine() -> Option<GemmTimes> {

@@ -126,6 +126,13 @@ enum Command {
         #[arg(long, default_value = "local")]
         run: String,
     },
+    /// Time the GEMM that decides `dtype: auto` on this CPU afresh, and
+    /// print it beside the timing kept for this machine and the choice.
+    CpuDtype {
+        /// libtorch threads (default: libtorch's own).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
 }
 
 impl Common {
@@ -183,6 +190,12 @@ fn run(command: &Command) -> anyhow::Result<()> {
         Command::Init { spec, out, run } => {
             let spec = job::read_spec(spec)?;
             print!("{}", init::write_initial_global(&spec, out, run)?);
+        }
+        Command::CpuDtype { threads } => {
+            if let Some(t) = threads {
+                tch::set_num_threads(*t as i32);
+            }
+            print!("{}", heterotune_trainer::cpu_dtype::report());
         }
         Command::Aggregate {
             spec,
