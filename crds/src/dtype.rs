@@ -12,7 +12,7 @@
 //! | CUDA GPU below 8.0 | float32 |
 //!
 //! The flags are not enough: a 2-core Intel Xeon with AVX512-BF16 (no AMX)
-//! ran libtorch's bfloat16 GEMMs 1.7× *slower* than its float32 ones, and
+//! ran libtorch's bfloat16 GEMMs 1.25–1.7× *slower* than its float32 ones, and
 //! the quickstart 388 s in bfloat16 against 250 s in float32, where an AMD
 //! EPYC with the same flag ran it 1.7× faster in bfloat16. So on a CPU whose
 //! flags name bf16 units the trainer times one GEMM forward and backward in

@@ -5,10 +5,10 @@
 //! The timing is kept per machine in the model cache
 //! ([`heterotune_crds::dtype::timing_file`]: the key names the CPU model,
 //! its flags and this build's version), and the first trainer to write it
-//! wins: every trainer of a machine, every
-//! round and a resumed run then compute in the same dtype, whatever the
-//! noise of a later timing. Where the cache cannot be written (a read-only
-//! image), each process times for itself, once.
+//! wins: every trainer of a machine, every round and a resumed run then
+//! compute in the same dtype, whatever the noise of a later timing. Where
+//! the cache cannot be written (a read-only image) or the kept file is
+//! damaged, each process times for itself, once.
 
 use std::io::Write;
 use std::path::Path;
@@ -87,7 +87,7 @@ fn this_machine() -> Option<GemmTimes> {
 }
 
 /// Keeps `times` in `file` unless another trainer got there first, and
-/// returns the kept verdict. The file appears whole or not at all (written
+/// returns the kept timing. The file appears whole or not at all (written
 /// beside it, then hard-linked into place, which fails when it exists).
 fn keep_first(file: &Path, times: GemmTimes) -> GemmTimes {
     let write = || -> std::io::Result<()> {
