@@ -16,8 +16,9 @@
 //! the quickstart 388 s in bfloat16 against 250 s in float32, where an AMD
 //! EPYC with the same flag ran it 1.7× faster in bfloat16. So on a CPU whose
 //! flags name bf16 units the trainer times one GEMM forward and backward in
-//! both dtypes ([`resolve_cpu_timed`]); the tensor code lives in the
-//! trainer, the rule here.
+//! both dtypes ([`resolve_cpu_timed`]) where it can keep the timing for
+//! the machine ([`TIMING_ENV`]); the tensor code lives in the trainer, the
+//! rule here.
 //!
 //! `HETEROTUNE_CPU_BF16=1` (or `0`) overrides what the CPU's flags and the
 //! timing say, for tests and benchmarks: forcing the float32 path on a CPU
@@ -36,6 +37,16 @@ use crate::spec::Dtype;
 /// (`1`, `true`, `yes`, `on`: bfloat16; `0`, `false`, `no`, `off`: float32;
 /// anything else is ignored).
 pub const CPU_BF16_ENV: &str = "HETEROTUNE_CPU_BF16";
+
+/// Set (to `1`) by the processes that start trainers on one machine whose
+/// cache outlives them (`heterotune run`, `heterotune site`): only there
+/// does a trainer time a GEMM and keep the timing, so that every trainer,
+/// round and resumed run of the machine computes in the same dtype. A
+/// trainer without it (a Kubernetes pod, whose home and cache are its own
+/// and gone after it, a bare `heterotune-trainer`) decides by the flags, as
+/// every pod of a run then does: a timing per pod could differ between pods
+/// and rounds and change the trained values. Read by the trainer.
+pub const TIMING_ENV: &str = "HETEROTUNE_CPU_DTYPE_TIMING";
 
 /// How much faster a bfloat16 GEMM must run than a float32 one for `auto`
 /// to pick bfloat16 on a CPU: clearly faster, so that timing noise near

@@ -2,8 +2,10 @@
 //!
 //! For each packaged model in `$HETEROTUNE_CACHE/models` (made by
 //! `scripts/setup.sh`) with the quickstart's DeMA (r = 8, K = 4, S = 3;
-//! MiniLM-L6 and MiniLM-L3 with slot ends, SmolLM2 with the top-6 window),
-//! f32, `tch::set_num_threads(2)`, batch 16 of real TREC questions
+//! MiniLM-L6, MiniLM-L3 and MPNet with slot ends, SmolLM2 with the top-6
+//! window), f32 (or the backbone in bfloat16 with `--bf16`, as `dtype:
+//! bfloat16` runs it), `tch::set_num_threads(2)`, batch 16 of real TREC
+//! questions
 //! (right-padded to the longest in the batch, at most 32 tokens):
 //!
 //! * the Rust side is the trainer itself: [`ClientModel::prepare`] (the
@@ -15,7 +17,9 @@
 //!   transformers on the same model folder: the same token ids, batches and
 //!   batch order (a JSON file this example writes), the same initial adapter
 //!   and head values (a safetensors file), a DeMA written in torch with the
-//!   same operations, the same optimiser settings.
+//!   same operations, the same optimiser settings. It covers the BERT and
+//!   LLaMA families in float32; MPNet and `--bf16` rows are the trainer's
+//!   alone.
 //!
 //! The pool of `steps × 16` questions is a seeded sample of
 //! `$HETEROTUNE_CACHE/data/trec/trec.jsonl`; the batches are the ones the
@@ -29,7 +33,7 @@
 //! ```text
 //! source scripts/env.sh
 //! cargo run -p heterotune-trainer --release --example step_bench -- \
-//!     [--steps 20] [--warmup 3] [--rounds 5] [--no-torch] [--bucket] [--prefix-check] [--out DIR] [MODEL ...]
+//!     [--steps 20] [--warmup 3] [--rounds 5] [--no-torch] [--bf16] [--bucket] [--prefix-check] [--out DIR] [MODEL ...]
 //! ```
 //!
 //! `--bucket` places the same questions so that each of the trainer's
@@ -73,7 +77,7 @@ struct ModelCase {
     prototype: f64,
 }
 
-const MODELS: [ModelCase; 3] = [
+const MODELS: [ModelCase; 4] = [
     ModelCase {
         name: "all-MiniLM-L6-v2",
         selection: LayerSelection::SlotEnds,
@@ -83,6 +87,12 @@ const MODELS: [ModelCase; 3] = [
         name: "paraphrase-MiniLM-L3-v2",
         selection: LayerSelection::SlotEnds,
         prototype: 0.045,
+    },
+    ModelCase {
+        name: "all-mpnet-base-v2",
+        selection: LayerSelection::SlotEnds,
+        // The prototype predates the MPNet tier.
+        prototype: f64::NAN,
     },
     ModelCase {
         name: "SmolLM2-135M-Instruct",
@@ -245,6 +255,8 @@ struct Options {
     warmup: usize,
     rounds: usize,
     with_torch: bool,
+    /// The backbone's dtype (`--bf16`: bfloat16).
+    kind: Kind,
     /// Length-bucketed batches (same questions, sorted into batches by length).
     bucket: bool,
     /// Also time the prefix cache built from the pool sorted by length.
@@ -259,7 +271,7 @@ fn bench_model(case: &ModelCase, all: &[Example], opt: &Options) -> anyhow::Resu
         "{} missing: run scripts/setup.sh",
         dir.display()
     );
-    let backbone = load_backbone(&dir, Device::Cpu, Kind::Float)?;
+    let backbone = load_backbone(&dir, Device::Cpu, opt.kind)?;
     let info = backbone.info().clone();
     let tokenizer = TextTokenizer::for_model(&dir, info.vocab_size)?;
     let cfg = DemaConfig {
@@ -407,7 +419,17 @@ fn bench_model(case: &ModelCase, all: &[Example], opt: &Options) -> anyhow::Resu
     let mut torch = None;
     let mut torch_trainable = None;
     let mut torch_warm = Vec::new();
-    if opt.with_torch {
+    // The PyTorch side writes the BERT and LLaMA families in float32.
+    let torch_runs_here =
+        opt.kind == Kind::Float && matches!(info.family.as_str(), "bert" | "llama");
+    if opt.with_torch && !torch_runs_here {
+        eprintln!(
+            "  torch: not run ({} in {:?}: the PyTorch side covers bert and llama in float32)",
+            info.family.as_str(),
+            opt.kind
+        );
+    }
+    if opt.with_torch && torch_runs_here {
         let (t, ready) = Torch::spawn(&job)?;
         torch_trainable = ready["trainable_parameters"].as_u64().map(|v| v as usize);
         torch_warm = as_f64s(&ready["warmup_losses"]);
@@ -512,6 +534,7 @@ fn main() -> anyhow::Result<()> {
         warmup: 3,
         rounds: 5,
         with_torch: true,
+        kind: Kind::Float,
         bucket: false,
         prefix_check: false,
         out: heterotune_tests::repo_root()
@@ -527,6 +550,7 @@ fn main() -> anyhow::Result<()> {
             "--warmup" => opt.warmup = num(opt.warmup),
             "--rounds" => opt.rounds = num(opt.rounds),
             "--no-torch" => opt.with_torch = false,
+            "--bf16" => opt.kind = Kind::BFloat16,
             "--bucket" => opt.bucket = true,
             "--prefix-check" => opt.prefix_check = true,
             "--out" => opt.out = args.next().map(PathBuf::from).unwrap_or(opt.out),
@@ -553,7 +577,8 @@ fn main() -> anyhow::Result<()> {
             .collect::<anyhow::Result<_>>()?
     };
     println!(
-        "one training step: batch {BATCH} TREC questions (<= {MAX_SEQ} tokens, padded to the batch's longest), f32, {THREADS} threads, DeMA r=8 K=4 S=3"
+        "one training step: batch {BATCH} TREC questions (<= {MAX_SEQ} tokens, padded to the batch's longest), backbone in {}, {THREADS} threads, DeMA r=8 K=4 S=3",
+        if opt.kind == Kind::Float { "float32" } else { "bfloat16" }
     );
     println!(
         "{} steps per round after {} warm-up steps, {} rounds alternating rust/pytorch; seconds per step: min (median) over rounds{}",
@@ -593,14 +618,18 @@ fn main() -> anyhow::Result<()> {
             row.trainable.1.map_or("-".into(), |t| t.to_string())
         );
         println!(
-            "{:<24} {:>7.2} {:>7.1} {:<18} {:>15} {:>18} {torch_cell:>18} {ratio:>11} {:>10.3}",
+            "{:<24} {:>7.2} {:>7.1} {:<18} {:>15} {:>18} {torch_cell:>18} {ratio:>11} {:>10}",
             row.name,
             row.mean_len,
             row.mean_tokens,
             row.grad_layers,
             trainable,
             format!("{r_min:.4} ({r_med:.4})"),
-            row.prototype
+            if row.prototype.is_nan() {
+                "-".to_string()
+            } else {
+                format!("{:.3}", row.prototype)
+            }
         );
         summary.insert(
             row.name.clone(),

@@ -2,13 +2,16 @@
 //! and backward, timed in bfloat16 and in float32, and bfloat16 only where
 //! it is clearly faster (the rule: [`heterotune_crds::dtype::resolve_cpu_timed`]).
 //!
+//! Only trainers started by `heterotune run` or `heterotune site` time (they
+//! set [`heterotune_crds::dtype::TIMING_ENV`]); a pod decides by the flags.
+//!
 //! The timing is kept per machine in the model cache
 //! ([`heterotune_crds::dtype::timing_file`]: the key names the CPU model,
 //! its flags and this build's version), and the first trainer to write it
 //! wins: every trainer of a machine, every round and a resumed run then
 //! compute in the same dtype, whatever the noise of a later timing. Where
-//! the cache cannot be written (a read-only image) or the kept file is
-//! damaged, each process times for itself, once.
+//! the cache cannot be written or the kept file is damaged, each process
+//! times for itself, once.
 
 use std::io::Write;
 use std::path::Path;
@@ -27,13 +30,16 @@ const ROWS: i64 = 256;
 const TRIES: usize = 3;
 
 /// `dtype` on this machine's CPU: its flags, `HETEROTUNE_CPU_BF16`, and
-/// where the flags name bf16 units, the timed GEMM.
+/// where the flags name bf16 units and the process that started this
+/// trainer asks for it ([`dtype::TIMING_ENV`]), the timed GEMM. Without
+/// that, the flags alone decide: deterministic for every pod of a run.
 pub fn resolve(dtype: Dtype) -> Resolved {
+    let timed = std::env::var(dtype::TIMING_ENV).is_ok_and(|v| v == "1");
     dtype::resolve_cpu_timed(
         dtype,
         CpuBf16Units::detect(),
         dtype::this_override(),
-        this_machine,
+        || if timed { this_machine() } else { None },
     )
 }
 

@@ -202,7 +202,7 @@ fn lora_starts_exact_and_learns() {
 
 #[test]
 fn an_auto_client_trains_on_the_cpu_in_the_dtype_the_rule_chooses() {
-    use heterotune_crds::dtype::{resolve_this_cpu, this_timing_file};
+    use heterotune_crds::dtype::{resolve_cpu, this_override, CpuBf16Units, Reason, TIMING_ENV};
     use heterotune_crds::spec::Dtype;
     use heterotune_trainer::client::{train_round, ClientOptions, TrainRound};
 
@@ -211,8 +211,8 @@ fn an_auto_client_trains_on_the_cpu_in_the_dtype_the_rule_chooses() {
     let yaml = fixtures::write_federation(dir.path(), "auto", 1, "  storage: { uri: \"/tmp\" }");
     let spec_file = dir.path().join("spec.yaml");
     std::fs::write(&spec_file, yaml).expect("spec");
-    // The trainer's rule on this CPU (flags, override, a timed GEMM where
-    // the flags name bf16 units; timed once per process).
+    // The trainer's rule on this CPU (flags, override, and a timed GEMM
+    // where the flags name bf16 units and the runner asks for it).
     let expected = heterotune_trainer::job::resolve_dtype(Dtype::Auto, tch::Device::Cpu);
     assert_ne!(expected.dtype, Dtype::Auto);
     let opts = ClientOptions {
@@ -235,10 +235,18 @@ fn an_auto_client_trains_on_the_cpu_in_the_dtype_the_rule_chooses() {
     let m = &summary.manifest;
     assert_eq!(m.stats["dtype"], expected.dtype.as_str());
     assert_eq!(m.stats["dtypeChoice"], expected.to_string());
-    // Where the timing could be kept, `heterotune plan` (which has no
-    // tensors) reads the same choice from it.
-    if this_timing_file().is_some_and(|f| f.is_file()) {
-        assert_eq!(resolve_this_cpu(Dtype::Auto), expected);
+    // A trainer not started by `heterotune run` or `heterotune site` (here:
+    // in-process, as a pod's) does not time: the flags decide, the same in
+    // every process, whatever a kept timing says.
+    if std::env::var_os(TIMING_ENV).is_none() {
+        assert!(
+            !matches!(expected.reason, Reason::Timed { .. }),
+            "{expected}"
+        );
+        assert_eq!(
+            expected,
+            resolve_cpu(Dtype::Auto, CpuBf16Units::detect(), this_override())
+        );
     }
     assert_eq!(
         m.metrics.get("backbone_dtype_bytes"),

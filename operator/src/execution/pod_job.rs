@@ -225,6 +225,7 @@ async fn staged_trainer(
         run: run.layout.run_dir().to_string(),
         staged,
         live_logs: true,
+        time_cpu_dtype: false,
     })
 }
 

@@ -25,6 +25,11 @@ pub struct TrainerCommand {
     /// Also pass the trainer's log (stderr) through live, line by line
     /// (pods: `kubectl logs` shows it); its tail is in errors either way.
     pub live_logs: bool,
+    /// Let `dtype: auto` time a GEMM on this CPU and keep the timing in the
+    /// machine's cache (`heterotune_crds::dtype::TIMING_ENV`): for trainers
+    /// of one machine with a lasting cache (`heterotune run`, `heterotune
+    /// site`), not for pods, which decide by the CPU's flags.
+    pub time_cpu_dtype: bool,
 }
 
 /// A client's local folders for one round.
@@ -285,6 +290,11 @@ impl TrainerCommand {
         if let Some(staged) = &self.staged {
             cmd.env(heterotune_crds::uri::STAGED_ENV, staged);
         }
+        if self.time_cpu_dtype {
+            cmd.env(heterotune_crds::dtype::TIMING_ENV, "1");
+        } else {
+            cmd.env_remove(heterotune_crds::dtype::TIMING_ENV);
+        }
         cmd
     }
 
@@ -523,6 +533,36 @@ mod tests {
     fn state_of(pid: u32) -> Option<char> {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
         stat.rsplit(')').next()?.trim_start().chars().next()
+    }
+
+    /// Trainers of `heterotune run` and `heterotune site` may time the CPU's
+    /// dtype and keep it; a pod's may not (and does not inherit the switch).
+    #[test]
+    fn only_local_trainers_time_the_cpu_dtype() {
+        let switch = std::ffi::OsStr::new(heterotune_crds::dtype::TIMING_ENV);
+        for local in [true, false] {
+            let t = TrainerCommand {
+                binary: PathBuf::from("heterotune-trainer"),
+                spec: PathBuf::from("spec.json"),
+                threads: 1,
+                run: "r".into(),
+                staged: None,
+                live_logs: !local,
+                time_cpu_dtype: local,
+            };
+            let cmd = t.command("train");
+            let set = cmd
+                .as_std()
+                .get_envs()
+                .find(|(k, _)| *k == switch)
+                .map(|(_, v)| v.map(|v| v.to_os_string()));
+            let expected = if local {
+                Some(Some("1".into()))
+            } else {
+                Some(None)
+            };
+            assert_eq!(set, expected, "local: {local}");
+        }
     }
 
     /// Whatever a child prints, a credential in its log's tail is redacted

@@ -78,6 +78,7 @@ impl Runner {
             run: layout.run_dir().to_string(),
             staged,
             live_logs: false,
+            time_cpu_dtype: true,
         };
         let progress = Progress::new(opts.json, spec.rounds, spec.clients.len());
         let report = summary::new_report(&ft, layout.run_dir());

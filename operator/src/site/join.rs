@@ -200,6 +200,7 @@ impl Site {
             run: layout.run_dir().to_string(),
             staged,
             live_logs: false,
+            time_cpu_dtype: true,
         };
         Ok(Site {
             opts,
