@@ -44,7 +44,8 @@ pub fn resolve(dtype: Dtype) -> Resolved {
 }
 
 /// `heterotune-trainer cpu-dtype`: a fresh timing, the kept one and the
-/// choice `auto` makes here, one per line.
+/// choice `auto` makes here (in the local runner's trainers, which time,
+/// and in pods, which go by the flags), one per line.
 pub fn report() -> String {
     let fresh = time_gemm();
     let file = dtype::this_timing_file();
@@ -63,15 +64,18 @@ pub fn report() -> String {
         ),
         None => "none".to_string(),
     };
+    let (units, force) = (CpuBf16Units::detect(), dtype::this_override());
     format!(
         "GEMM {ROWS}×{WIDTH} by {}×{WIDTH}, forward and backward, fastest of {TRIES}, {} threads\n\
-         timed now: {}\nkept ({}): {}\nauto: {}\n",
+         timed now: {}\nkept ({}): {}\n\
+         auto in trainers of heterotune run and site: {}\nauto in pods (the flags): {}\n",
         4 * WIDTH,
         tch::get_num_threads(),
         ms(fresh),
         file.map_or("no cache".to_string(), |f| f.display().to_string()),
         ms(kept),
-        resolve(Dtype::Auto)
+        dtype::resolve_cpu_timed(Dtype::Auto, units, force, this_machine),
+        dtype::resolve_cpu(Dtype::Auto, units, force)
     )
 }
 
