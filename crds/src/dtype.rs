@@ -77,19 +77,28 @@ impl GemmTimes {
 /// trainer of a machine (every round, a resumed run) reads the first
 /// timing, and another CPU or build times again.
 pub fn timing_file(root: &Path, cpuinfo: &str) -> PathBuf {
-    let line = |key: &str| {
-        cpuinfo
-            .lines()
-            .find(|l| l.split_once(':').is_some_and(|(k, _)| k.trim() == key))
-            .unwrap_or_default()
-    };
     let mut hash = Sha256::new();
-    for part in [line("model name"), line("flags"), env!("CARGO_PKG_VERSION")] {
+    for part in [
+        cpuinfo_field(cpuinfo, "model name"),
+        cpuinfo_field(cpuinfo, "flags"),
+        env!("CARGO_PKG_VERSION"),
+    ] {
         hash.update(part.as_bytes());
         hash.update([0]);
     }
     let key = hex::encode(&hash.finalize()[..8]);
     root.join("cpu").join(format!("dtype-timing-{key}.json"))
+}
+
+/// The value of the first `key : value` line of /proc/cpuinfo's `text`
+/// (trimmed; empty when there is none).
+fn cpuinfo_field<'a>(text: &'a str, key: &str) -> &'a str {
+    text.lines()
+        .find_map(|line| {
+            let (k, value) = line.split_once(':')?;
+            (k.trim() == key).then_some(value.trim())
+        })
+        .unwrap_or_default()
 }
 
 /// This machine's [`timing_file`] (None without a cache root).
@@ -246,13 +255,7 @@ impl CpuBf16Units {
 
     /// The units named in the first `flags` line of /proc/cpuinfo's `text`.
     pub fn from_cpuinfo(text: &str) -> CpuBf16Units {
-        let flags = text
-            .lines()
-            .find_map(|line| {
-                let (key, value) = line.split_once(':')?;
-                (key.trim() == "flags").then_some(value)
-            })
-            .unwrap_or_default();
+        let flags = cpuinfo_field(text, "flags");
         let has = |name: &str| flags.split_whitespace().any(|f| f == name);
         CpuBf16Units {
             avx512_bf16: has("avx512_bf16"),
