@@ -10,7 +10,9 @@ initial adapter and head values, and a pool of tokenised TREC questions with
 the batches (indices into the pool) the trainer draws, in its order.
 
 The step is the trainer's (trainer/src/train.rs, `ClientModel::train`), in
-eager PyTorch with the Hugging Face model's own layers (frozen, eval mode):
+eager PyTorch with the Hugging Face model's own layers (frozen, eval mode;
+BERT, MPNet and LLaMA; the backbone in the job's `dtype`, float32 or
+bfloat16, with the adapters and head in float32 as the trainer keeps them):
 
   * frozen prefix: embeddings and layers 0..prefix_layers-1 (through the first
     adapted layer) computed once, under no_grad, in chunks of eval_batch_size
@@ -110,6 +112,37 @@ def load_backbone(job, dtype=torch.float32):
         def final(h):
             return model.norm(h)
 
+    elif job["family"] == "mpnet":
+        from transformers import MPNetModel
+
+        model = MPNetModel.from_pretrained(model_dir, dtype=dtype, add_pooling_layer=False).eval()
+        layers = list(model.encoder.layer)
+        biases = {}
+
+        def embed(ids):
+            # MPNet numbers positions from the padding index, as the Rust encoder does.
+            return model.embeddings(input_ids=ids)
+
+        def keys(mask):
+            # transformers' MPNet adds the padding as the most negative value of the dtype.
+            b, t = mask.shape
+            return (1.0 - mask.to(dtype)).view(b, 1, 1, t) * torch.finfo(dtype).min
+
+        def rope_for(t):
+            # The relative position bias, computed once per length and shared by all layers
+            # (MPNetEncoder.compute_position_bias; the Rust side computes it once at load).
+            if t not in biases:
+                with torch.no_grad():
+                    biases[t] = model.encoder.compute_position_bias(torch.zeros(1, t, 1, dtype=dtype))
+            return biases[t]
+
+        def run_layer(i, h, key_mask, bias):
+            out = layers[i](h, attention_mask=key_mask, position_bias=bias)
+            return out[0] if isinstance(out, tuple) else out
+
+        def final(h):
+            return h
+
     else:
         raise SystemExit(f"unsupported family {job['family']!r}")
     for p in model.parameters():
@@ -120,7 +153,7 @@ def load_backbone(job, dtype=torch.float32):
 
 
 class Dema(torch.nn.Module):
-    """DeMA exactly as trainer/src/adapters/dema.rs `Dema::apply` (f32)."""
+    """DeMA exactly as trainer/src/adapters/dema.rs `Dema::apply` (f32 values and arithmetic)."""
 
     def __init__(self, job, init):
         super().__init__()
@@ -149,15 +182,17 @@ class Dema(torch.nn.Module):
     def is_adapted(self, layer):
         return layer in self.slot_of
 
-    def apply(self, layer, x):
+    def apply(self, layer, h):
+        # An f32 adapter on a bf16 backbone: computed in f32, returned in the backbone's dtype.
         s = self.slot_of[layer]
         down, up = self.down[str(layer)], self.up[str(layer)]
+        x = h.float()
         normed = x * (x.square().mean(-1, keepdim=True) + self.eps).rsqrt()
         z = normed.matmul(down.t())  # [..., r]
         gate = (z.matmul(self.gate_weight[s].t()) + self.gate_bias[s]).softmax(-1)  # [..., K]
         experts = torch.einsum("...i,koi->...ko", z, self.experts_weight[s]) + self.experts_bias[s]
         mixed = (gate.unsqueeze(-1) * experts).sum(-2)  # [..., r]
-        return x + mixed.matmul(up.t()) * self.scale
+        return (x + mixed.matmul(up.t()) * self.scale).to(h.dtype)
 
 
 class Head(torch.nn.Module):
@@ -187,7 +222,8 @@ def main():
     from safetensors.torch import load_file
 
     init = load_file(job["init"])
-    embed, keys, rope_for, run_layer, final, n_layers, impl = load_backbone(job)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[job.get("dtype", "float32")]
+    embed, keys, rope_for, run_layer, final, n_layers, impl = load_backbone(job, dtype)
     dema = Dema(job, init)
     head = Head(init)
     adapter_params = list(dema.parameters())
@@ -311,6 +347,7 @@ def main():
             {
                 "ready": True,
                 "torch": torch.__version__,
+                "dtype": str(dtype).removeprefix("torch."),
                 "attn_implementation": impl,
                 "threads": torch.get_num_threads(),
                 "trainable_parameters": trainable,

@@ -17,9 +17,8 @@
 //!   transformers on the same model folder: the same token ids, batches and
 //!   batch order (a JSON file this example writes), the same initial adapter
 //!   and head values (a safetensors file), a DeMA written in torch with the
-//!   same operations, the same optimiser settings. It covers the BERT and
-//!   LLaMA families in float32; MPNet and `--bf16` rows are the trainer's
-//!   alone.
+//!   same operations, the same optimiser settings, the backbone in the
+//!   same dtype (every family, float32 or `--bf16`).
 //!
 //! The pool of `steps × 16` questions is a seeded sample of
 //! `$HETEROTUNE_CACHE/data/trec/trec.jsonl`; the batches are the ones the
@@ -217,6 +216,15 @@ impl Torch {
     }
 }
 
+/// The spec's name of the backbone dtype `kind` (float32 or bfloat16).
+fn dtype_name(kind: Kind) -> &'static str {
+    if kind == Kind::Float {
+        "float32"
+    } else {
+        "bfloat16"
+    }
+}
+
 fn min_median(runs: &[f64]) -> (f64, f64) {
     let mut sorted = runs.to_vec();
     sorted.sort_by(f64::total_cmp);
@@ -363,6 +371,7 @@ fn bench_model(case: &ModelCase, all: &[Example], opt: &Options) -> anyhow::Resu
         "model": case.name,
         "model_dir": dir,
         "family": info.family.as_str(),
+        "dtype": dtype_name(opt.kind),
         "num_layers": info.num_layers,
         "hidden_size": info.hidden_size,
         "labels": LABELS,
@@ -419,17 +428,7 @@ fn bench_model(case: &ModelCase, all: &[Example], opt: &Options) -> anyhow::Resu
     let mut torch = None;
     let mut torch_trainable = None;
     let mut torch_warm = Vec::new();
-    // The PyTorch side writes the BERT and LLaMA families in float32.
-    let torch_runs_here =
-        opt.kind == Kind::Float && matches!(info.family.as_str(), "bert" | "llama");
-    if opt.with_torch && !torch_runs_here {
-        eprintln!(
-            "  torch: not run ({} in {:?}: the PyTorch side covers bert and llama in float32)",
-            info.family.as_str(),
-            opt.kind
-        );
-    }
-    if opt.with_torch && torch_runs_here {
+    if opt.with_torch {
         let (t, ready) = Torch::spawn(&job)?;
         torch_trainable = ready["trainable_parameters"].as_u64().map(|v| v as usize);
         torch_warm = as_f64s(&ready["warmup_losses"]);
@@ -578,7 +577,7 @@ fn main() -> anyhow::Result<()> {
     };
     println!(
         "one training step: batch {BATCH} TREC questions (<= {MAX_SEQ} tokens, padded to the batch's longest), backbone in {}, {THREADS} threads, DeMA r=8 K=4 S=3",
-        if opt.kind == Kind::Float { "float32" } else { "bfloat16" }
+        dtype_name(opt.kind)
     );
     println!(
         "{} steps per round after {} warm-up steps, {} rounds alternating rust/pytorch; seconds per step: min (median) over rounds{}",
