@@ -456,6 +456,7 @@ impl<'a> Builder<'a> {
             *per_label.entry(name).or_default() += 1;
             examples.push(Example { text, label });
         }
+        check_classes(self.path, self.cfg, &per_label)?;
         let report = LoadReport {
             rows: self.rows,
             examples: examples.len(),
@@ -471,6 +472,49 @@ impl<'a> Builder<'a> {
             report,
         })
     }
+}
+
+/// Refuses a dataset whose kept examples all carry one class: a one-class
+/// task scores 1.000 whatever the model learns. Warns of listed classes
+/// with no example (they cannot be learned).
+fn check_classes(
+    path: &Path,
+    cfg: &DatasetConfig,
+    per_label: &BTreeMap<String, usize>,
+) -> Result<()> {
+    let present: Vec<&str> = per_label
+        .iter()
+        .filter(|(_, &n)| n > 0)
+        .map(|(l, _)| l.as_str())
+        .collect();
+    if let [only] = present.as_slice() {
+        let cut = match cfg.max_examples {
+            Some(n) => format!(" (only the first {n} unique examples are read: `maxExamples`)"),
+            None => String::new(),
+        };
+        return Err(Error::data(
+            path,
+            format!(
+                "every kept example has the label `{only}`{cut}: a classifier needs examples of at \
+                 least two classes (one class scores accuracy 1.000 whatever is learned); check \
+                 `labelField` (`{}`), `labelAliases` and the file",
+                cfg.label_field
+            ),
+        ));
+    }
+    let absent: Vec<&str> = per_label
+        .iter()
+        .filter(|(_, &n)| n == 0)
+        .map(|(l, _)| l.as_str())
+        .collect();
+    if !absent.is_empty() {
+        tracing::warn!(
+            path = %path.display(),
+            classes = ?absent,
+            "these classes of `labels` have no example in the file: no client can learn them"
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -667,6 +711,41 @@ mod tests {
         assert_eq!(ds.examples[0].label, 0);
         assert_eq!(ds.report.per_label["a"], 1);
         assert_eq!(ds.report.per_label["b"], 2);
+    }
+
+    #[test]
+    fn a_file_with_one_class_is_refused_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let uri = write(&dir, "d.csv", "text,label\na,x\nb,x\nc,x\n");
+        // Inferred labels, and a fixed list whose other class never occurs.
+        let inferred = load(&DatasetConfig::new(uri.clone()))
+            .unwrap_err()
+            .to_string();
+        let mut cfg = DatasetConfig::new(uri.clone());
+        cfg.labels = Some(vec!["x".into(), "y".into()]);
+        let listed = load(&cfg).unwrap_err().to_string();
+        for err in [&inferred, &listed] {
+            assert!(
+                err.contains("label `x`")
+                    && err.contains("at least two classes")
+                    && err.contains("d.csv"),
+                "{err}"
+            );
+            assert!(!err.contains("maxExamples"), "{err}");
+        }
+        // Cut to one class by maxExamples: the message says so.
+        let uri = write(&dir, "e.csv", "text,label\na,x\nb,x\nc,y\n");
+        let mut cfg = DatasetConfig::new(uri);
+        cfg.max_examples = Some(2);
+        let err = load(&cfg).unwrap_err().to_string();
+        assert!(
+            err.contains("first 2 unique examples") && err.contains("maxExamples"),
+            "{err}"
+        );
+        // Two classes present and a third listed but absent: loads (with a warning).
+        let mut cfg = DatasetConfig::new(write(&dir, "f.csv", "text,label\na,x\nb,y\n"));
+        cfg.labels = Some(vec!["x".into(), "y".into(), "z".into()]);
+        assert_eq!(load(&cfg).unwrap().report.per_label["z"], 0);
     }
 
     #[test]
