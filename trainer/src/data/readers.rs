@@ -48,7 +48,7 @@ const MAX_NAME_CHARS: usize = 32;
 
 /// Column or field names for an error message: at most [`MAX_NAMES`], each
 /// cut to [`MAX_NAME_CHARS`] and escaped.
-fn quoted_names<'a>(names: impl Iterator<Item = &'a str>) -> String {
+pub(crate) fn quoted_names<'a>(names: impl Iterator<Item = &'a str>) -> String {
     let names: Vec<&str> = names.collect();
     let mut shown: Vec<String> = names
         .iter()

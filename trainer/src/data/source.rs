@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::readers::{read_delimited, read_jsonl, Fields, RawRecord};
+use super::readers::{quoted_names, read_delimited, read_jsonl, Fields, RawRecord};
 use crate::error::{Error, Result};
 
 /// File format of a dataset.
@@ -384,18 +384,20 @@ impl<'a> Builder<'a> {
             .unwrap_or(raw);
         if let (Some(fixed), Some(labels)) = (&self.fixed, &self.cfg.labels) {
             if !fixed.contains_key(name) {
+                // Both are file content: cut and escaped.
                 let via = if name != raw {
-                    format!(" (`{raw}` via labelAliases)")
+                    format!(" ({} via labelAliases)", quoted_names(std::iter::once(raw)))
                 } else {
                     String::new()
                 };
                 return Err(Error::data(
                     self.path,
                     format!(
-                        "line {}: field `{}`: label `{name}`{via} is not one of the allowed \
+                        "line {}: field `{}`: label {}{via} is not one of the allowed \
                          labels [{}]; add it to `labels` or map it with `labelAliases`",
                         record.line,
                         self.cfg.label_field,
+                        quoted_names(std::iter::once(name)),
                         labels.join(", ")
                     ),
                 ));
@@ -495,9 +497,11 @@ fn check_classes(
         return Err(Error::data(
             path,
             format!(
-                "every kept example has the label `{only}`{cut}: a classifier needs examples of at \
+                "every kept example has the label {}{cut}: a classifier needs examples of at \
                  least two classes (one class scores accuracy 1.000 whatever is learned); check \
                  `labelField` (`{}`), `labelAliases` and the file",
+                // An inferred label is file content: cut and escaped.
+                quoted_names(std::iter::once(*only)),
                 cfg.label_field
             ),
         ));
@@ -746,6 +750,27 @@ mod tests {
         let mut cfg = DatasetConfig::new(write(&dir, "f.csv", "text,label\na,x\nb,y\n"));
         cfg.labels = Some(vec!["x".into(), "y".into(), "z".into()]);
         assert_eq!(load(&cfg).unwrap().report.per_label["z"], 0);
+    }
+
+    #[test]
+    fn a_label_outside_the_list_is_cut_and_escaped_in_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        // A wrong labelField can point at a column of secrets: the error
+        // must not carry the value whole.
+        let secret = format!("AWS_SECRET_ACCESS_KEY={}\u{7}", "k".repeat(60));
+        let uri = write(&dir, "d.csv", &format!("text,label\na,x\nb,{secret}\n"));
+        let mut cfg = DatasetConfig::new(uri);
+        cfg.labels = Some(vec!["x".into(), "y".into()]);
+        let err = load(&cfg).unwrap_err().to_string();
+        assert!(
+            err.contains("is not one of the allowed labels [x, y]"),
+            "{err}"
+        );
+        assert!(err.contains("`AWS_SECRET_ACCESS_KEY=kkkkkkkkkk…`"), "{err}");
+        assert!(
+            !err.contains(&"k".repeat(20)) && !err.contains('\u{7}'),
+            "{err}"
+        );
     }
 
     #[test]
