@@ -46,17 +46,18 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Instant;
 
 use anyhow::Context as _;
-use heterotune_crds::spec::TrainingSpec;
+use heterotune_crds::spec::{Dtype, TrainingSpec};
 use heterotune_trainer::adapters::{DemaConfig, LayerSelection, Pooling};
 use heterotune_trainer::artifact::{self, StoreDtype};
 use heterotune_trainer::client::train_settings;
 use heterotune_trainer::data::source::Example;
 use heterotune_trainer::data::split::{seeded_rng, shuffle};
+use heterotune_trainer::job::kind_of;
 use heterotune_trainer::models::load_backbone;
 use heterotune_trainer::tokenizer::TextTokenizer;
 use heterotune_trainer::train::{Adapter, AdapterChoice, ClientModel, TrainSettings};
 use serde_json::{json, Value};
-use tch::{Device, Kind};
+use tch::Device;
 
 const BATCH: usize = 16;
 const MAX_SEQ: usize = 32;
@@ -216,15 +217,6 @@ impl Torch {
     }
 }
 
-/// The spec's name of the backbone dtype `kind` (float32 or bfloat16).
-fn dtype_name(kind: Kind) -> &'static str {
-    if kind == Kind::Float {
-        "float32"
-    } else {
-        "bfloat16"
-    }
-}
-
 fn min_median(runs: &[f64]) -> (f64, f64) {
     let mut sorted = runs.to_vec();
     sorted.sort_by(f64::total_cmp);
@@ -264,7 +256,7 @@ struct Options {
     rounds: usize,
     with_torch: bool,
     /// The backbone's dtype (`--bf16`: bfloat16).
-    kind: Kind,
+    dtype: Dtype,
     /// Length-bucketed batches (same questions, sorted into batches by length).
     bucket: bool,
     /// Also time the prefix cache built from the pool sorted by length.
@@ -279,7 +271,7 @@ fn bench_model(case: &ModelCase, all: &[Example], opt: &Options) -> anyhow::Resu
         "{} missing: run scripts/setup.sh",
         dir.display()
     );
-    let backbone = load_backbone(&dir, Device::Cpu, opt.kind)?;
+    let backbone = load_backbone(&dir, Device::Cpu, kind_of(opt.dtype))?;
     let info = backbone.info().clone();
     let tokenizer = TextTokenizer::for_model(&dir, info.vocab_size)?;
     let cfg = DemaConfig {
@@ -371,7 +363,7 @@ fn bench_model(case: &ModelCase, all: &[Example], opt: &Options) -> anyhow::Resu
         "model": case.name,
         "model_dir": dir,
         "family": info.family.as_str(),
-        "dtype": dtype_name(opt.kind),
+        "dtype": opt.dtype.as_str(),
         "num_layers": info.num_layers,
         "hidden_size": info.hidden_size,
         "labels": LABELS,
@@ -533,7 +525,7 @@ fn main() -> anyhow::Result<()> {
         warmup: 3,
         rounds: 5,
         with_torch: true,
-        kind: Kind::Float,
+        dtype: Dtype::Float32,
         bucket: false,
         prefix_check: false,
         out: heterotune_tests::repo_root()
@@ -549,7 +541,7 @@ fn main() -> anyhow::Result<()> {
             "--warmup" => opt.warmup = num(opt.warmup),
             "--rounds" => opt.rounds = num(opt.rounds),
             "--no-torch" => opt.with_torch = false,
-            "--bf16" => opt.kind = Kind::BFloat16,
+            "--bf16" => opt.dtype = Dtype::Bfloat16,
             "--bucket" => opt.bucket = true,
             "--prefix-check" => opt.prefix_check = true,
             "--out" => opt.out = args.next().map(PathBuf::from).unwrap_or(opt.out),
@@ -577,7 +569,7 @@ fn main() -> anyhow::Result<()> {
     };
     println!(
         "one training step: batch {BATCH} TREC questions (<= {MAX_SEQ} tokens, padded to the batch's longest), backbone in {}, {THREADS} threads, DeMA r=8 K=4 S=3",
-        dtype_name(opt.kind)
+        opt.dtype.as_str()
     );
     println!(
         "{} steps per round after {} warm-up steps, {} rounds alternating rust/pytorch; seconds per step: min (median) over rounds{}",
